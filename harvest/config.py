@@ -1,0 +1,108 @@
+"""``HarvestConfig``: every option of stage 1, shared by the Python API and ``run_harvest.py``.
+
+Each field is a CLI flag of the same name (underscores become dashes). Defaults harvest the
+demo cache: the toy model pair on the built-in mixed prose+code corpus.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from shared.config import config_to_json, field_help
+from shared.normalization import NORM_METHODS
+
+__all__ = ["HarvestConfig", "CONTENT_FIELDS"]
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    """Options of one harvest. Validated on construction."""
+
+    models: list[str] = field_help(
+        "Models to harvest, aligned on the same tokens: toy names (toy-base, toy-code, "
+        "toy-prose), local HF folders, or HF ids (NAME@REVISION pins a revision).",
+        default_factory=lambda: ["toy-base", "toy-code"],
+    )
+    hooks: list[str] = field_help(
+        "transformer-lens hook names, e.g. blocks.2.hook_resid_post; all must have width d_model.",
+        default_factory=lambda: ["blocks.2.hook_resid_post"],
+    )
+    dataset: str = field_help(
+        "builtin:docs | builtin:code | builtin:mixed, a local .txt/.jsonl/.parquet file, or an "
+        "HF dataset id (streamed).",
+        default="builtin:mixed",
+    )
+    split: str = field_help("Dataset split (built-ins: train, eval, all).", default="train")
+    text_column: str = field_help(
+        "Column with the text; a column named input_ids (pre-tokenized) is used instead when present.",
+        default="text",
+    )
+    meta_columns: list[str] | None = field_help(
+        "Per-document columns copied into tokens.arrow per sequence (default: 'source' when the "
+        "dataset has it). Sequences never mix documents with different metadata.",
+        default=None,
+    )
+    tokens: int = field_help("Rows (tokens) to write, after excluding special tokens.", default=200_000)
+    context_size: int = field_help("Tokens per sequence, BOS included.", default=128)
+    out: str = field_help("Output cache folder.", default="caches/toy-diff")
+    dtype: Literal["bfloat16", "float16", "float32"] = field_help(
+        "Storage dtype of the shards (bf16 halves the bytes the trainer streams).", default="bfloat16"
+    )
+    model_dtype: Literal["float32", "bfloat16", "float16"] = field_help(
+        "dtype the models run in.", default="float32"
+    )
+    device: str = field_help("Device for the forward passes: auto (cuda if available), cpu, cuda, cuda:1, ...", default="auto")
+    batch_size: int = field_help("Sequences per forward pass.", default=32)
+    normalize: Literal["norm_scale", "mean_std", "none"] = field_help(
+        "Per-(model, hook) normalization: norm_scale makes E|x| = sqrt(d_model).", default="norm_scale"
+    )
+    calibration_tokens: int = field_help(
+        "Rows used to estimate the normalization (the first rows of the seeded stream).", default=32_768
+    )
+    shard_size: float = field_help("Target shard size in MiB.", default=32.0)
+    shuffle_shards: int = field_help(
+        "Write-time shuffle buffer, in shards: this many shards' rows are permuted together.", default=8
+    )
+    seed: int = field_help("Seed for document order and the write-time shuffle.", default=0)
+    exclude_special: bool = field_help(
+        "Exclude BOS, padding and every other special token from the rows (their norms are outliers).",
+        default=True,
+    )
+    exclude_token_ids: list[int] = field_help("Further token ids to exclude.", default_factory=list)
+    progress: bool = field_help("Show progress bars.", default=True)
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("models: give at least one model")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"models: duplicate names in {self.models}")
+        if not self.hooks:
+            raise ValueError("hooks: give at least one hook, e.g. blocks.2.hook_resid_post")
+        if len(set(self.hooks)) != len(self.hooks):
+            raise ValueError(f"hooks: duplicate names in {self.hooks}")
+        for name in ("tokens", "context_size", "batch_size", "calibration_tokens", "shuffle_shards"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.context_size < 2:
+            raise ValueError("context_size must be >= 2 (BOS plus at least one token)")
+        if not (self.shard_size > 0 and math.isfinite(self.shard_size)):
+            raise ValueError(f"shard_size must be a positive number of MiB, got {self.shard_size}")
+        if self.normalize not in NORM_METHODS:
+            raise ValueError(f"normalize must be one of {NORM_METHODS}, got {self.normalize!r}")
+
+    def content_signature(self) -> dict:
+        """The fields that determine the cache's bytes; a resume must match them exactly."""
+        d = config_to_json(self)
+        return {k: d[k] for k in CONTENT_FIELDS}
+
+
+CONTENT_FIELDS = (
+    "models", "hooks", "dataset", "split", "text_column", "meta_columns", "tokens",
+    "context_size", "dtype", "model_dtype", "normalize", "calibration_tokens", "shard_size",
+    "shuffle_shards", "seed", "exclude_special", "exclude_token_ids", "batch_size",
+)
+"""Fields a resumed harvest must share with the interrupted one (batch_size included: it
+changes the floating-point summation order, so the bytes). ``device``, ``out`` and
+``progress`` may differ."""

@@ -1,0 +1,323 @@
+"""Stage 1: run the models over one token stream and write an aligned, normalized cache.
+
+Order of work (each step's output is on disk before the next needs it, so a killed harvest
+resumes from what is there):
+1. check the output folder (a different harvest there is refused; a finished one is kept);
+2. load the models and check hooks, tokenizers, widths, context size (no data forward yet);
+3. estimate the cache size against free disk;
+4. pack the token stream into sequences and write ``tokens.arrow``;
+5. forward the first ``calibration_tokens`` rows, estimate normalization, write the manifest
+   (``complete: false``);
+6. forward the rest chunk by chunk while the writer thread shuffles and writes shards;
+7. mark the manifest complete and write the dataset card.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harvest.config import HarvestConfig
+from harvest.models import HarvestInputError, LoadedModels, load_models, resolve_device
+from harvest.token_stream import TokenPlan, build_token_plan
+from harvest.writer import Piece, ShardWriterThread
+from shared.cache import CacheWriter, remove_stale_temp_files
+from shared.cache_format import (
+    MANIFEST_NAME,
+    NORMALIZATION_NAME,
+    SHARD_DIR,
+    TOKENS_NAME,
+    CacheError,
+    Manifest,
+    dtype_from_name,
+)
+from shared.config import config_to_json
+from shared.normalization import Normalization
+from shared.token_table import read_token_table, write_token_table
+
+__all__ = ["harvest", "estimate_cache_bytes", "HarvestLayout"]
+
+_OWN_FILES = {MANIFEST_NAME, TOKENS_NAME, NORMALIZATION_NAME, SHARD_DIR, "README.md"}
+
+
+def estimate_cache_bytes(n_rows: int, n_models: int, n_hooks: int, d_model: int, dtype: str, context_size: int) -> int:
+    """Bytes a cache will take: activations + per-row index + token table (approximate)."""
+    itemsize = dtype_from_name(dtype).itemsize
+    acts = n_rows * n_models * n_hooks * d_model * itemsize
+    index = n_rows * (8 + 4 + 4)
+    tokens = int(n_rows * 4 * context_size / max(context_size - 1, 1)) + 4096
+    return acts + index + tokens
+
+
+@dataclass(frozen=True)
+class HarvestLayout:
+    """How rows are cut: shards of ``shard_rows``, chunks of ``shuffle_shards`` shards."""
+
+    n_rows: int
+    shard_rows: int
+    shuffle_shards: int
+
+    @property
+    def chunk_size(self) -> int:
+        return self.shard_rows * self.shuffle_shards
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.n_rows / self.chunk_size)
+
+    def chunk_rows(self) -> list[int]:
+        return [min(self.chunk_size, self.n_rows - c * self.chunk_size) for c in range(self.n_chunks)]
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+def _existing_manifest(out: Path, cfg: HarvestConfig) -> Manifest | None:
+    """The manifest of a resumable harvest of the same config, or None for a fresh start."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise HarvestInputError(f"--out {out} exists and is not a folder")
+    if not (out / MANIFEST_NAME).is_file():
+        foreign = [p.name for p in out.iterdir() if p.name not in _OWN_FILES and ".tmp-" not in p.name]
+        if foreign:
+            raise HarvestInputError(
+                f"--out {out} is not empty and holds no cache manifest (found {sorted(foreign)[:5]}); "
+                "choose an empty or new folder"
+            )
+        return None  # only leftovers of a harvest killed before its first manifest: start over
+    manifest = Manifest.load(out)
+    previous = manifest.extra.get("harvest", {}).get("signature")
+    ours = cfg.content_signature()
+    if previous != ours:
+        diffs = (
+            [f"{k}: {previous.get(k)!r} there vs {ours[k]!r} now" for k in ours if previous.get(k) != ours[k]]
+            if isinstance(previous, dict)
+            else ["no harvest signature in its manifest"]
+        )
+        raise HarvestInputError(
+            f"--out {out} holds a different harvest ({'; '.join(diffs[:6])}). Use another --out, "
+            "delete the folder, or repeat the original command to resume it"
+        )
+    return manifest
+
+
+def _plan_from_table(out: Path, manifest: Manifest, excluded: list[int]) -> TokenPlan:
+    """Rebuild the plan of an interrupted harvest from its token table (no re-tokenizing)."""
+    table = read_token_table(out)
+    ids = [np.asarray(x, dtype=np.int32) for x in table.column("input_ids").to_pylist()]
+    meta_names = [c for c in table.column_names if c not in ("seq", "input_ids")]
+    excluded_arr = np.asarray(excluded, dtype=np.int64)
+    counts = np.array([int((~np.isin(x, excluded_arr)).sum()) for x in ids], dtype=np.int64)
+    target = int(manifest.extra["harvest"]["planned_rows"])
+    surplus = int(counts.sum()) - target
+    if surplus < 0 or (len(counts) and surplus >= counts[-1]):
+        raise CacheError(f"{out / TOKENS_NAME} does not match the manifest's planned rows; delete {out} and re-run")
+    counts[-1] -= surplus
+    return TokenPlan(ids, {n: table.column(n).to_pylist() for n in meta_names}, counts)
+
+
+class _Forward:
+    """Runs every model on batches of planned sequences and yields the included rows."""
+
+    def __init__(self, models: LoadedModels, plan: TokenPlan, hooks: list[str], device: torch.device, batch_size: int) -> None:
+        self.models, self.plan, self.hooks = models, plan, hooks
+        self.device, self.batch_size = device, batch_size
+        self.row_start = plan.row_start
+        self.row_end = self.row_start + plan.rows_per_seq
+        self.excluded = torch.tensor(models.excluded_ids, dtype=torch.long, device=device)
+
+    def rows(self, a: int, b: int):
+        """Yield ``(first_row, acts_NMPD, seq_N, pos_N, token_N)`` covering rows [a, b) in order."""
+        s0 = int(np.searchsorted(self.row_end, a, side="right"))
+        s1 = int(np.searchsorted(self.row_start, b, side="left"))
+        # Batches are fixed slices of the plan ([k*B, (k+1)*B)), whatever [a, b) is, so a
+        # resumed harvest runs the very same batches and writes byte-identical shards.
+        for lo in range((s0 // self.batch_size) * self.batch_size, s1, self.batch_size):
+            hi = min(lo + self.batch_size, self.plan.n_sequences)
+            tokens_BS = torch.from_numpy(np.stack(self.plan.input_ids[lo:hi])).to(self.device, torch.long)
+            start_B = torch.from_numpy(self.row_start[lo:hi]).to(self.device)
+            take_B = torch.from_numpy(self.plan.rows_per_seq[lo:hi]).to(self.device)
+            mask_BS = ~torch.isin(tokens_BS, self.excluded)
+            rank_BS = mask_BS.cumsum(dim=1)  # 1-based rank of each included position
+            row_BS = start_B[:, None] + rank_BS - 1
+            mask_BS &= (rank_BS <= take_B[:, None]) & (row_BS >= a) & (row_BS < b)
+            per_model = []
+            for bridge in self.models.bridges:
+                with torch.inference_mode():
+                    _, cache = bridge.run_with_cache(
+                        tokens_BS, names_filter=self.hooks, stop_at_layer=self.models.stop_at_layer
+                    )
+                per_model.append(torch.stack([cache[h][mask_BS] for h in self.hooks], dim=1))  # [N, P, D]
+                del cache
+            acts_NMPD = torch.stack(per_model, dim=1)
+            seq_BS = torch.arange(lo, hi, device=self.device)[:, None].expand_as(tokens_BS)
+            pos_BS = torch.arange(tokens_BS.shape[1], device=self.device)[None, :].expand_as(tokens_BS)
+            if acts_NMPD.shape[0]:
+                yield int(row_BS[mask_BS][0]), acts_NMPD, seq_BS[mask_BS], pos_BS[mask_BS], tokens_BS[mask_BS]
+
+
+def harvest(cfg: HarvestConfig) -> Manifest:
+    """Run a harvest (or resume / finish an interrupted one) and return the final manifest."""
+    out = Path(cfg.out)
+    existing = _existing_manifest(out, cfg)
+    if existing is not None and existing.complete:
+        print(f"{out}: harvest already complete ({existing.n_rows:,} rows in {len(existing.shards)} shards)")
+        return existing
+    device = resolve_device(cfg.device)
+    models = load_models(
+        cfg.models, cfg.hooks, context_size=cfg.context_size, device=device,
+        model_dtype=dtype_from_name(cfg.model_dtype), exclude_special=cfg.exclude_special,
+        exclude_token_ids=cfg.exclude_token_ids,
+    )
+    m, p, d = len(cfg.models), len(cfg.hooks), models.d_model
+    storage = dtype_from_name(cfg.dtype)
+    row_bytes = m * p * d * storage.itemsize
+
+    estimate = estimate_cache_bytes(cfg.tokens, m, p, d, cfg.dtype, cfg.context_size)
+    written = sum(s.bytes for s in existing.shards) if existing else 0
+    probe_dir = out if out.exists() else next(q for q in out.absolute().parents if q.exists())
+    free = shutil.disk_usage(probe_dir).free
+    print(f"estimated cache size: {_fmt_bytes(estimate)} ({cfg.tokens:,} rows x {row_bytes} bytes); "
+          f"free disk at {probe_dir}: {_fmt_bytes(free)}")
+    if estimate - written > free:
+        raise HarvestInputError(
+            f"not enough disk: the cache needs about {_fmt_bytes(estimate - written)} more, {probe_dir} has "
+            f"{_fmt_bytes(free)} free. Free space, lower --tokens, use --dtype bfloat16, or pick another --out"
+        )
+
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)
+    layout = HarvestLayout(cfg.tokens, max(1, int(cfg.shard_size * 2**20) // row_bytes), cfg.shuffle_shards)
+    forward = None
+    t0 = time.perf_counter()
+    if existing is not None:
+        plan = _plan_from_table(out, existing, models.excluded_ids)
+        norm = Normalization.from_manifest(out, existing.normalization)
+        start_chunk = len(existing.shards) // layout.shuffle_shards
+        existing.shards = existing.shards[: start_chunk * layout.shuffle_shards]
+        manifest, held = existing, []
+        print(f"resuming {out}: {len(manifest.shards)} shards already written, from chunk {start_chunk} of {layout.n_chunks}")
+    else:
+        plan = build_token_plan(
+            dataset=cfg.dataset, split=cfg.split, text_column=cfg.text_column, meta_columns=cfg.meta_columns,
+            seed=cfg.seed, tokenizer=models.tokenizer, context_size=cfg.context_size, bos_id=models.bos_id,
+            eos_id=models.eos_id, excluded_ids=models.excluded_ids, n_rows=cfg.tokens,
+        )
+        write_token_table(out, [x.tolist() for x in plan.input_ids], plan.metadata)
+        # Calibration: the first rows of the (seeded, shuffled-by-document) stream. Their
+        # activations are kept and written afterwards, so calibration costs no extra forward.
+        forward = _Forward(models, plan, cfg.hooks, device, cfg.batch_size)
+        calib_rows = min(cfg.calibration_tokens, cfg.tokens)
+        held = list(forward.rows(0, calib_rows))
+        norm = Normalization.estimate(torch.cat([h[1] for h in held]).float().cpu(), cfg.normalize)
+        norm.write_side_file(out)
+        manifest = _new_manifest(cfg, models, plan, norm, calib_rows, layout)
+        start_chunk = 0
+    forward = forward or _Forward(models, plan, cfg.hooks, device, cfg.batch_size)
+    writer = CacheWriter(out, manifest)
+    writer.save_manifest()
+
+    from tqdm import tqdm
+
+    done_rows = start_chunk * layout.chunk_size
+    bar = tqdm(total=cfg.tokens, initial=done_rows, unit="tok", unit_scale=True, desc="harvest",
+               disable=not cfg.progress, dynamic_ncols=True)
+    thread = ShardWriterThread(
+        writer, chunk_rows=layout.chunk_rows(), shard_rows=layout.shard_rows,
+        shuffle_shards=layout.shuffle_shards, seed=cfg.seed, row_shape=(m, p, d), dtype=storage,
+    )
+    scale = norm.scale_MP.to(device)
+    mean = None if norm.mean_MPD is None else norm.mean_MPD.to(device)
+    std = None if norm.std_MPD is None else norm.std_MPD.to(device)
+
+    def send(first: int, acts_NMPD: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, tok: torch.Tensor) -> None:
+        # Rows of one batch can straddle a chunk boundary: split them.
+        x = acts_NMPD.float()
+        x = (x - mean) / std if mean is not None else x * scale[..., None]
+        x = x.to(storage)
+        i = 0
+        while i < x.shape[0]:
+            row = first + i
+            c, off = divmod(row, layout.chunk_size)
+            n = min(x.shape[0] - i, layout.chunk_size - off)
+            thread.put(Piece(c, off, x[i : i + n], seq[i : i + n], pos[i : i + n], tok[i : i + n]))
+            i += n
+        bar.update(x.shape[0])
+        bar.set_postfix_str(f"{thread.bytes_written / 1e9:.2f} GB written", refresh=False)
+
+    try:
+        for item in held:
+            send(*item)
+        held.clear()
+        resume_from = start_chunk * layout.chunk_size if existing is not None else min(cfg.calibration_tokens, cfg.tokens)
+        for item in forward.rows(resume_from, cfg.tokens):
+            send(*item)
+        thread.close()
+    except BaseException:
+        thread.abort()
+        bar.close()
+        raise
+    bar.close()
+    seconds = time.perf_counter() - t0
+    manifest.created_by["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    final = writer.finish()
+    print(f"harvested {final.n_rows:,} rows into {len(final.shards)} shards at {out} "
+          f"({final.n_rows / max(seconds, 1e-9):,.0f} tokens/s this run)")
+    return final
+
+
+def _new_manifest(cfg: HarvestConfig, models: LoadedModels, plan: TokenPlan, norm: Normalization,
+                  calib_rows: int, layout: HarvestLayout) -> Manifest:
+    import transformers
+
+    import shared
+
+    return Manifest(
+        models=models.manifest_models(),
+        hooks=list(cfg.hooks),
+        d_model=models.d_model,
+        dtype=cfg.dtype,
+        context_size=cfg.context_size,
+        n_rows=0,
+        shards=[],
+        normalization=norm.to_manifest(calib_rows),
+        excluded_tokens={"special": cfg.exclude_special, "token_ids": models.excluded_ids},
+        dataset={
+            "name": cfg.dataset, "split": cfg.split, "text_column": cfg.text_column,
+            "meta_columns": list(plan.metadata), "seed": cfg.seed,
+        },
+        tokenizer=models.manifest_tokenizer(),
+        created_by={
+            "tool": "crosscache", "version": shared.__version__,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:]),
+        },
+        complete=False,
+        extra={
+            "n_sequences": plan.n_sequences,
+            "harvest": {
+                "signature": cfg.content_signature(),
+                "config": config_to_json(cfg),
+                "planned_rows": cfg.tokens,
+                "shard_rows": layout.shard_rows,
+                "shuffle_chunk_rows": layout.chunk_size,
+                "stop_at_layer": models.stop_at_layer,
+            },
+        },
+    )

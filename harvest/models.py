@@ -1,0 +1,212 @@
+"""Resolve model names, load them with transformer-lens 4, and check they can be harvested together.
+
+Everything here runs before the first forward pass on data: unknown hooks, tokenizers or
+widths that differ, or a context longer than a model accepts fail here with a clear error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["ResolvedModel", "resolve_model", "load_models", "LoadedModels", "stop_layer_for", "HarvestInputError"]
+
+
+class HarvestInputError(ValueError):
+    """Bad harvest input (hook, model, tokenizer, width, context, dataset), with the fix."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model name points: a local HF folder (toy or path) or a Hub id."""
+
+    name: str
+    load_from: str  # local folder or HF id
+    path: str | None  # resolved local folder, None for a Hub id
+    revision: str | None
+
+
+def resolve_model(name: str) -> ResolvedModel:
+    """Map a toy name, a local folder, or ``HF_ID[@REVISION]`` to what to load."""
+    from harvest.toy_models import ensure_toy_model, is_toy_name
+
+    if is_toy_name(name):
+        path = ensure_toy_model(name)
+        return ResolvedModel(name, str(path), str(path), None)
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise HarvestInputError(
+                f"model folder {local} has no config.json; expected a Hugging Face model folder "
+                "(save_pretrained output)"
+            )
+        return ResolvedModel(name, str(local.resolve()), str(local.resolve()), None)
+    base, _, revision = name.partition("@")
+    return ResolvedModel(name, base, None, revision or None)
+
+
+def stop_layer_for(hooks: list[str], n_layers: int) -> int | None:
+    """``stop_at_layer`` that still runs every block a hook needs (None: run the whole model)."""
+    last = -1
+    for hook in hooks:
+        m = re.match(r"blocks\.(\d+)\.", hook)
+        if m:
+            last = max(last, int(m.group(1)))
+        elif hook.startswith(("ln_final", "unembed", "hook_unembed")):
+            return None
+    return min(last + 1, n_layers) if last >= 0 else 1
+
+
+def _close_hooks(hook: str, names: list[str]) -> list[str]:
+    close = difflib.get_close_matches(hook, names, n=5, cutoff=0.6)
+    return close or sorted(n for n in names if n.split(".")[-1] == hook.split(".")[-1])[:5]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the vocabulary (token -> id), the identity that row alignment relies on."""
+    vocab = tokenizer.get_vocab()
+    return hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
+
+
+@dataclass
+class LoadedModels:
+    """Bridges ready to harvest, plus what the manifest records about them."""
+
+    bridges: list[Any]
+    resolved: list[ResolvedModel]
+    tokenizer: Any
+    d_model: int
+    stop_at_layer: int | None
+    excluded_ids: list[int]
+    bos_id: int | None
+    eos_id: int | None
+
+    def manifest_models(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": r.name,
+                "path": r.path,
+                "revision": r.revision,
+                "d_model": int(b.cfg.d_model),
+                "n_layers": int(b.cfg.n_layers),
+            }
+            for r, b in zip(self.resolved, self.bridges)
+        ]
+
+    def manifest_tokenizer(self) -> dict[str, Any]:
+        t = self.tokenizer
+        return {
+            "name": getattr(t, "name_or_path", None),
+            "path": self.resolved[0].path,
+            "vocab_size": len(t),
+            "sha256": tokenizer_fingerprint(t),
+            "bos_token_id": self.bos_id,
+            "eos_token_id": self.eos_id,
+            "pad_token_id": t.pad_token_id,
+        }
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HarvestInputError(f"device {device!r} asked for, but CUDA is not available; use --device cpu")
+    return dev
+
+
+def load_models(
+    names: list[str],
+    hooks: list[str],
+    *,
+    context_size: int,
+    device: torch.device,
+    model_dtype: torch.dtype,
+    exclude_special: bool = True,
+    exclude_token_ids: list[int] | None = None,
+) -> LoadedModels:
+    """Load every model and check hooks, tokenizers, widths and context size (no data forward)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    resolved = [resolve_model(n) for n in names]
+    bridges = []
+    for r in resolved:
+        try:
+            bridge = TransformerBridge.boot_transformers(
+                r.load_from, device=device, dtype=model_dtype, revision=r.revision
+            )
+        except OSError as e:
+            raise HarvestInputError(
+                f"cannot load model {r.name!r}: {e}. Give a toy name (toy-base, toy-code, "
+                "toy-prose), a local Hugging Face folder, or a Hub id reachable from here."
+            ) from e
+        bridge.eval()
+        bridges.append(bridge)
+
+    # Hooks must exist in every model; suggest close names.
+    for r, b in zip(resolved, bridges):
+        names_available = list(b.hook_dict.keys())
+        for hook in hooks:
+            if hook not in b.hook_dict:
+                close = _close_hooks(hook, names_available)
+                raise HarvestInputError(
+                    f"unknown hook {hook!r} for model {r.name!r}. Close names: {close}. "
+                    f"Layers run 0..{b.cfg.n_layers - 1}."
+                )
+
+    # Same tokenizer (vocabulary), or rows would not be the same tokens.
+    fps = [tokenizer_fingerprint(b.tokenizer) for b in bridges]
+    if len(set(fps)) > 1:
+        sizes = [len(b.tokenizer) for b in bridges]
+        raise HarvestInputError(
+            "models do not share a tokenizer (vocabularies differ: "
+            + ", ".join(f"{r.name}: {s} tokens, sha256 {f[:10]}" for r, s, f in zip(resolved, sizes, fps))
+            + "); crosscoding needs the same tokens in every model: harvest them separately"
+        )
+    widths = [int(b.cfg.d_model) for b in bridges]
+    if len(set(widths)) > 1:
+        raise HarvestInputError(
+            "models have different widths (d_model: "
+            + ", ".join(f"{r.name}={w}" for r, w in zip(resolved, widths))
+            + "); format v1 stores one d_model for all slots: harvest them into separate caches"
+        )
+    for r, b in zip(resolved, bridges):
+        n_ctx = int(getattr(b.cfg, "n_ctx", 0) or 0)
+        if n_ctx and context_size > n_ctx:
+            raise HarvestInputError(
+                f"context_size {context_size} exceeds model {r.name!r}'s maximum of {n_ctx} positions; "
+                f"use --context-size {n_ctx} or less"
+            )
+
+    tokenizer = bridges[0].tokenizer
+    bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos_id
+    excluded = set(exclude_token_ids or [])
+    if exclude_special:
+        excluded |= set(int(i) for i in tokenizer.all_special_ids)
+        if bos_id is not None:
+            excluded.add(int(bos_id))
+    stop = stop_layer_for(hooks, int(bridges[0].cfg.n_layers))
+
+    # Widths per hook: a two-token probe (not data) catches e.g. mlp.hook_pre (d_mlp wide).
+    probe = torch.tensor([[bos_id if bos_id is not None else 0] * 2], device=device)
+    d_model = widths[0]
+    for r, b in zip(resolved, bridges):
+        with torch.no_grad():
+            _, cache = b.run_with_cache(probe, names_filter=list(hooks), stop_at_layer=stop)
+        for hook in hooks:
+            shape = tuple(cache[hook].shape)
+            if len(shape) != 3 or shape[-1] != d_model:
+                raise HarvestInputError(
+                    f"hook {hook!r} of model {r.name!r} gives activations of shape {shape} "
+                    f"(batch, pos, ...); v1 caches need [batch, pos, d_model={d_model}] for every "
+                    "hook: choose residual-stream-width hooks (hook_resid_*, hook_mlp_out, hook_attn_out)"
+                )
+    return LoadedModels(bridges, resolved, tokenizer, d_model, stop, sorted(excluded), bos_id, eos_id)

@@ -1,0 +1,198 @@
+"""The token stream: documents from a dataset, packed into fixed-length sequences with BOS.
+
+Sources (``--dataset``):
+- ``builtin:docs`` / ``builtin:code`` / ``builtin:mixed``: corpora every CPython carries
+  (see :mod:`harvest.corpora`), with a ``source`` column;
+- a local ``.txt`` (documents separated by blank lines), ``.jsonl``/``.json`` or ``.parquet``
+  file, or a folder of them;
+- a Hugging Face dataset id, streamed (``--split``, ``--text-column``).
+A row with an ``input_ids`` column is taken as pre-tokenized (ids of the models' tokenizer).
+
+Packing: each document's tokens are followed by EOS and appended to a buffer; every
+``context_size - 1`` tokens become one sequence ``[BOS] + tokens``. Documents with different
+metadata (e.g. ``source``) go to separate buffers, so a sequence's metadata is exact.
+Pre-tokenized rows that already are ``[BOS] + context_size - 1`` tokens are kept as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from harvest.models import HarvestInputError
+
+__all__ = ["TokenPlan", "iter_documents", "build_token_plan"]
+
+LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SHUFFLE_BUFFER = 10_000
+"""Documents held by the seeded streaming shuffle of file and Hub datasets."""
+TOKENIZE_BATCH = 256
+
+
+@dataclass
+class TokenPlan:
+    """The sequences a harvest runs, and how many rows each contributes."""
+
+    input_ids: list[np.ndarray]  # each int32 [context_size]
+    metadata: dict[str, list[Any]] = field(default_factory=dict)
+    rows_per_seq: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # rows each seq contributes
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.rows_per_seq.sum())
+
+    @property
+    def row_start(self) -> np.ndarray:
+        """Index of each sequence's first row in the unshuffled row stream."""
+        return np.concatenate([[0], np.cumsum(self.rows_per_seq)[:-1]]).astype(np.int64)
+
+
+def _local_files(path: Path) -> tuple[str, list[str]]:
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
+    if not files:
+        raise HarvestInputError(f"dataset folder {path} holds no {'/'.join(LOCAL_SUFFIXES)} files")
+    kinds = {LOCAL_SUFFIXES.get(p.suffix) for p in files}
+    if None in kinds or len(kinds) > 1:
+        raise HarvestInputError(
+            f"dataset {path}: expected files of one kind among {', '.join(LOCAL_SUFFIXES)}, got "
+            + ", ".join(sorted({p.suffix or '(no suffix)' for p in files}))
+        )
+    return kinds.pop(), [str(p) for p in files]  # type: ignore[return-value]
+
+
+def iter_documents(dataset: str, split: str = "train", seed: int = 0) -> Iterator[dict[str, Any]]:
+    """Documents (dicts) in a seeded order, from a built-in, local file(s), or the Hub."""
+    if dataset.startswith("builtin:"):
+        from harvest.corpora import builtin_documents
+
+        try:
+            yield from builtin_documents(dataset, split=split, seed=seed)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise HarvestInputError(str(e)) from None
+        return
+    import datasets
+
+    path = Path(dataset).expanduser()
+    if path.exists():
+        builder, files = _local_files(path)
+        kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
+        ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+    elif path.suffix in LOCAL_SUFFIXES or dataset.startswith((".", "/", "~")):
+        raise HarvestInputError(f"dataset file {dataset} does not exist")
+    else:
+        try:
+            ds = datasets.load_dataset(dataset, split=split, streaming=True)
+        except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean "cannot open"
+            raise HarvestInputError(
+                f"cannot open Hugging Face dataset {dataset!r} (split {split!r}): {e}. Check the id "
+                "and split, or pass a local .txt/.jsonl/.parquet file or builtin:mixed"
+            ) from e
+    yield from ds.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
+
+
+def _doc_tokens(batch: list[dict[str, Any]], tokenizer: Any, text_column: str) -> list[list[int]]:
+    if "input_ids" in batch[0]:
+        return [list(map(int, d["input_ids"])) for d in batch]
+    if text_column not in batch[0]:
+        raise HarvestInputError(
+            f"dataset rows have no text column {text_column!r} (columns: {sorted(batch[0])}); "
+            "pass --text-column NAME, or provide an input_ids column"
+        )
+    texts = [d[text_column] or "" for d in batch]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def build_token_plan(
+    *,
+    dataset: str,
+    split: str,
+    text_column: str,
+    meta_columns: list[str] | None,
+    seed: int,
+    tokenizer: Any,
+    context_size: int,
+    bos_id: int | None,
+    eos_id: int | None,
+    excluded_ids: list[int],
+    n_rows: int,
+) -> TokenPlan:
+    """Pack documents into sequences until they hold ``n_rows`` non-excluded tokens.
+
+    The last sequence may contribute only part of its rows, so the plan holds exactly
+    ``n_rows`` rows. Raises :class:`HarvestInputError` for an empty or too small dataset.
+    """
+    excluded = np.array(sorted(excluded_ids), dtype=np.int64)
+    body = context_size - (1 if bos_id is not None else 0)
+    plan = TokenPlan([])
+    counts: list[int] = []
+    buffers: dict[tuple, list[int]] = {}
+    total, n_docs = 0, 0
+    docs = iter_documents(dataset, split, seed)
+
+    def emit(ids: list[int], key: tuple, meta_names: list[str]) -> bool:
+        nonlocal total
+        arr = np.asarray(ids, dtype=np.int32)
+        included = int((~np.isin(arr, excluded)).sum())
+        if included == 0:
+            return False
+        take = min(included, n_rows - total)
+        plan.input_ids.append(arr)
+        for name, value in zip(meta_names, key):
+            plan.metadata[name].append(value)
+        counts.append(take)
+        total += take
+        return total >= n_rows
+
+    meta_names: list[str] | None = None
+    done = False
+    while not done:
+        batch = [d for _, d in zip(range(TOKENIZE_BATCH), docs)]
+        if not batch:
+            break
+        if meta_names is None:
+            meta_names = meta_columns if meta_columns is not None else (["source"] if "source" in batch[0] else [])
+            for name in meta_names:
+                if name not in batch[0]:
+                    raise HarvestInputError(f"meta column {name!r} not in dataset columns {sorted(batch[0])}")
+            plan.metadata = {n: [] for n in meta_names}
+        for doc, ids in zip(batch, _doc_tokens(batch, tokenizer, text_column)):
+            n_docs += 1
+            key = tuple(doc[n] for n in meta_names)
+            if bos_id is not None and len(ids) == context_size and ids[0] == bos_id:
+                done = emit(ids, key, meta_names)  # already a packed sequence
+            else:
+                if bos_id is not None and ids and ids[0] == bos_id:
+                    ids = ids[1:]
+                buf = buffers.setdefault(key, [])
+                buf.extend(ids)
+                if eos_id is not None:
+                    buf.append(eos_id)
+                while len(buf) >= body and not done:
+                    seq = ([bos_id] if bos_id is not None else []) + buf[:body]
+                    del buf[:body]
+                    done = emit(seq, key, meta_names)
+            if done:
+                break
+    if n_docs == 0:
+        raise HarvestInputError(f"dataset {dataset!r} (split {split!r}) yielded no documents")
+    if total == 0:
+        raise HarvestInputError(
+            f"dataset {dataset!r} yielded {n_docs} documents but not one full sequence of "
+            f"{context_size} tokens; lower --context-size or use a bigger dataset"
+        )
+    if total < n_rows:
+        raise HarvestInputError(
+            f"dataset {dataset!r} (split {split!r}) holds only {total:,} usable tokens in "
+            f"{len(counts):,} sequences of {context_size}; --tokens asks for {n_rows:,}. "
+            f"Lower --tokens to at most {total:,} or use a bigger dataset"
+        )
+    plan.rows_per_seq = np.asarray(counts, dtype=np.int64)
+    return plan
+

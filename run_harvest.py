@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Stage 1 CLI: harvest activations into a cache, or verify one.
+
+    python run_harvest.py [--models ...] [--hooks ...] [--dataset ...] [--out DIR] ...
+    python run_harvest.py verify DIR
+
+With no arguments it harvests the default demo cache (toy pair on builtin:mixed).
+Every flag is a field of ``harvest.HarvestConfig``; ``--config FILE.yaml`` loads them from a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from harvest.config import HarvestConfig
+from shared.config import add_dataclass_arguments, config_from_namespace
+
+
+def _harvest_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_harvest.py",
+        description="Harvest aligned, normalized activations of one or more models into a cache. "
+        "Subcommand: `verify DIR` checks a cache against its manifest.",
+    )
+    parser.add_argument("--config", help="YAML or JSON file of HarvestConfig fields (flags override it)")
+    add_dataclass_arguments(parser, HarvestConfig)
+    return parser
+
+
+def _verify(argv: list[str]) -> int:
+    from shared.cache import verify_cache
+
+    parser = argparse.ArgumentParser(prog="run_harvest.py verify", description="Check every shard against the manifest.")
+    parser.add_argument("cache", help="cache folder")
+    parser.add_argument("--no-checksums", action="store_true", help="skip sha256 (sizes and headers only)")
+    args = parser.parse_args(argv)
+    report = verify_cache(args.cache, checksums=not args.no_checksums, progress=True)
+    if report.ok:
+        print(f"OK: {args.cache}: {report.n_shards} shards, {report.n_rows:,} rows match the manifest")
+        return 0
+    print(f"FAILED: {args.cache}: {len(report.problems)} problem(s):", file=sys.stderr)
+    for problem in report.problems:
+        print(f"  - {problem}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "verify":
+        return _verify(argv[1:])
+    args = _harvest_parser().parse_args(argv)
+    try:
+        cfg = config_from_namespace(HarvestConfig, args, args.config)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from harvest.harvester import harvest
+    from harvest.models import HarvestInputError
+    from shared.cache_format import CacheError
+
+    try:
+        harvest(cfg)
+    except (HarvestInputError, CacheError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

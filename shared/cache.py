@@ -1,0 +1,217 @@
+"""Open, verify and write activation caches (format v1).
+
+- :func:`open_cache` reads and validates a manifest and gives memory-mapped shards.
+- :func:`verify_cache` checks every shard against the manifest (size, checksum, header).
+- :class:`CacheWriter` writes shards atomically and keeps the manifest current, so a crash
+  never leaves a half shard listed; the harvester and synthetic-cache tests both use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from shared.cache_format import (
+    CARD_NAME,
+    MANIFEST_NAME,
+    TOKENS_NAME,
+    CacheError,
+    Manifest,
+    ShardRecord,
+)
+from shared.card import render_card
+from shared.normalization import Normalization
+from shared.shard_io import ShardReader, atomic_write_bytes, sha256_file, write_shard
+from shared.token_table import read_token_table
+
+__all__ = ["Cache", "open_cache", "verify_cache", "CacheWriter", "VerifyReport"]
+
+
+class Cache:
+    """A cache folder opened for reading. Shards open lazily and are memory-mapped."""
+
+    def __init__(self, cache_dir: str | Path, manifest: Manifest) -> None:
+        self.dir = Path(cache_dir)
+        self.manifest = manifest
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.manifest.shards)
+
+    def shard(self, index: int) -> ShardReader:
+        """Open shard ``index`` (validated against its manifest record on open)."""
+        rec = self.manifest.shards[index]
+        return ShardReader(
+            self.dir / rec.file,
+            row_shape=self.manifest.row_shape,
+            dtype=self.manifest.torch_dtype,
+            n_rows=rec.n_rows,
+            expected_bytes=rec.bytes,
+        )
+
+    def token_table(self) -> pa.Table:
+        return read_token_table(self.dir)
+
+    def normalization(self) -> Normalization:
+        return Normalization.from_manifest(self.dir, self.manifest.normalization)
+
+    def model_index(self, name: str) -> int:
+        names = self.manifest.model_names
+        if name not in names:
+            raise CacheError(f"model {name!r} is not in cache {self.dir}; it holds {names}")
+        return names.index(name)
+
+    def hook_index(self, hook: str) -> int:
+        hooks = self.manifest.hooks
+        if hook not in hooks:
+            raise CacheError(f"hook {hook!r} is not in cache {self.dir}; it holds {hooks}")
+        return hooks.index(hook)
+
+
+def open_cache(cache_dir: str | Path, *, allow_incomplete: bool = False) -> Cache:
+    """Open a cache folder: read and validate the manifest and check every shard file exists.
+
+    Raises :class:`CacheError` naming the problem. An unfinished harvest is refused unless
+    ``allow_incomplete``.
+    """
+    manifest = Manifest.load(cache_dir)
+    if not manifest.complete and not allow_incomplete:
+        raise CacheError(
+            f"cache {cache_dir} is incomplete ({sum(s.n_rows for s in manifest.shards)} rows "
+            "written so far): its harvest was interrupted or is still running; re-run the same "
+            "harvest command to finish it"
+        )
+    missing = [s.file for s in manifest.shards if not (Path(cache_dir) / s.file).is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CacheError(
+            f"cache {cache_dir}: {len(missing)} shard(s) listed in the manifest are missing: "
+            f"{shown}; run `python run_harvest.py verify {cache_dir}` and re-harvest"
+        )
+    return Cache(cache_dir, manifest)
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of :func:`verify_cache`: ``problems`` names each missing or corrupted file."""
+
+    cache_dir: Path
+    n_shards: int = 0
+    n_rows: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: bool = False) -> VerifyReport:
+    """Check every shard against the manifest: present, size, sha256, header shapes and dtypes.
+
+    Also checks the token table (readable, covers every ``seq`` the shards use is not checked
+    row by row for speed; its sequence count must cover the manifest's ``n_sequences``).
+    Never raises for a bad shard: every problem is collected in the report.
+    """
+    cache_dir = Path(cache_dir)
+    report = VerifyReport(cache_dir)
+    try:
+        manifest = Manifest.load(cache_dir)
+    except CacheError as e:
+        report.problems.append(str(e))
+        return report
+    report.n_shards = len(manifest.shards)
+    if not manifest.complete:
+        report.problems.append(f"{MANIFEST_NAME}: harvest not complete; re-run it to finish")
+    shards = manifest.shards
+    if progress:
+        from tqdm import tqdm
+
+        shards = tqdm(shards, desc="verify", unit="shard")
+    for rec in shards:
+        path = cache_dir / rec.file
+        if not path.is_file():
+            report.problems.append(f"{rec.file}: missing")
+            continue
+        size = path.stat().st_size
+        if size != rec.bytes:
+            report.problems.append(f"{rec.file}: {size} bytes, manifest says {rec.bytes} (truncated or replaced)")
+            continue
+        if checksums and sha256_file(path) != rec.sha256:
+            report.problems.append(f"{rec.file}: sha256 mismatch (corrupted)")
+            continue
+        try:
+            ShardReader(path, row_shape=manifest.row_shape, dtype=manifest.torch_dtype, n_rows=rec.n_rows).close()
+        except CacheError as e:
+            report.problems.append(f"{rec.file}: {e}")
+            continue
+        report.n_rows += rec.n_rows
+    try:
+        table = read_token_table(cache_dir)
+        n_seq = manifest.extra.get("n_sequences")
+        if n_seq is not None and table.num_rows != n_seq:
+            report.problems.append(f"{TOKENS_NAME}: {table.num_rows} sequences, manifest says {n_seq}")
+    except CacheError as e:
+        report.problems.append(str(e))
+    return report
+
+
+class CacheWriter:
+    """Writes shards atomically and records each in the manifest right after its rename.
+
+    Start from a manifest with ``complete=False`` (and, when resuming, the shards already
+    listed); call :meth:`add_shard` per shard and :meth:`finish` at the end.
+    """
+
+    def __init__(self, cache_dir: str | Path, manifest: Manifest) -> None:
+        self.dir = Path(cache_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.manifest = manifest
+
+    def save_manifest(self) -> None:
+        data = json.dumps(self.manifest.to_json(), indent=1).encode() + b"\n"
+        atomic_write_bytes(self.dir / MANIFEST_NAME, data)
+
+    def add_shard(
+        self,
+        rel_file: str,
+        acts_NMPD: torch.Tensor,
+        seq_N: torch.Tensor,
+        pos_N: torch.Tensor,
+        token_N: torch.Tensor,
+    ) -> ShardRecord:
+        """Write one shard (storage dtype must already be applied) and list it in the manifest."""
+        if acts_NMPD.dtype != self.manifest.torch_dtype:
+            raise ValueError(f"acts dtype {acts_NMPD.dtype} != cache dtype {self.manifest.dtype}")
+        if tuple(acts_NMPD.shape[1:]) != self.manifest.row_shape:
+            raise ValueError(
+                f"acts rows have shape {tuple(acts_NMPD.shape[1:])}, cache rows are {self.manifest.row_shape}"
+            )
+        record = write_shard(self.dir, rel_file, acts_NMPD, seq_N, pos_N, token_N)
+        self.manifest.shards.append(record)
+        self.manifest.n_rows = sum(s.n_rows for s in self.manifest.shards)
+        self.save_manifest()
+        return record
+
+    def finish(self) -> Manifest:
+        """Mark the cache complete, write the final manifest and the dataset card."""
+        self.manifest.n_rows = sum(s.n_rows for s in self.manifest.shards)
+        self.manifest.complete = True
+        atomic_write_bytes(self.dir / CARD_NAME, render_card(self.manifest).encode())
+        self.save_manifest()
+        return self.manifest
+
+
+def remove_stale_temp_files(cache_dir: str | Path) -> int:
+    """Delete temp files a killed writer left behind (they are never listed). Returns the count."""
+    n = 0
+    for root, _, files in os.walk(cache_dir):
+        for name in files:
+            if name.startswith(".") and ".tmp-" in name:
+                Path(root, name).unlink(missing_ok=True)
+                n += 1
+    return n

@@ -1,0 +1,250 @@
+"""Cache format v1: the manifest schema, file layout and dtype names (the contract between stages).
+
+The prose spec lives in README.md ("Cache format v1"); this module is its executable form.
+
+Dimension key (shape suffixes used across the project):
+    N rows of a shard, B batch, M models, P hooks (hookpoints), D d_model, L latents,
+    S sequence positions, Xi / Xo input / output crosscoding slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "TOKENS_NAME",
+    "CARD_NAME",
+    "NORMALIZATION_NAME",
+    "SHARD_DIR",
+    "STORAGE_DTYPES",
+    "CacheError",
+    "ShardRecord",
+    "Manifest",
+    "shard_file_name",
+    "dtype_from_name",
+    "dtype_name",
+]
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TOKENS_NAME = "tokens.arrow"
+CARD_NAME = "README.md"
+NORMALIZATION_NAME = "normalization.safetensors"
+SHARD_DIR = "shards"
+
+STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+"""Storage dtype names allowed in ``manifest.dtype`` and their torch dtypes."""
+
+# safetensors header dtype codes for the tensors a shard holds.
+SAFETENSORS_DTYPE_CODES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "I64": torch.int64,
+    "I32": torch.int32,
+}
+
+
+class CacheError(Exception):
+    """A cache on disk is missing, malformed, or disagrees with its manifest.
+
+    The message names the file and field at fault and, where there is one, the fix.
+    """
+
+
+def shard_file_name(index: int, rank: int | None = None) -> str:
+    """Relative path of shard ``index``; per-rank harvests add ``-rank{r}`` so names never clash."""
+    suffix = "" if rank is None else f"-rank{rank}"
+    return f"{SHARD_DIR}/acts{suffix}-{index:05d}.safetensors"
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """Storage dtype for a manifest dtype name, with a clear error for anything else."""
+    try:
+        return STORAGE_DTYPES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown storage dtype {name!r}; expected one of {', '.join(STORAGE_DTYPES)}"
+        ) from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Inverse of :func:`dtype_from_name`."""
+    for name, dt in STORAGE_DTYPES.items():
+        if dt == dtype:
+            return name
+    raise ValueError(f"dtype {dtype} is not a storage dtype ({', '.join(STORAGE_DTYPES)})")
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One entry of ``manifest.shards``: a shard file (relative path), its rows, bytes and checksum."""
+
+    file: str
+    n_rows: int
+    sha256: str
+    bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_json(obj: dict[str, Any], where: str) -> "ShardRecord":
+        try:
+            return ShardRecord(
+                file=str(obj["file"]),
+                n_rows=int(obj["n_rows"]),
+                sha256=str(obj["sha256"]),
+                bytes=int(obj["bytes"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheError(f"{where}: malformed shard entry {obj!r} ({e})") from None
+
+
+_REQUIRED = (
+    "format_version",
+    "models",
+    "hooks",
+    "d_model",
+    "dtype",
+    "context_size",
+    "n_rows",
+    "shards",
+    "normalization",
+    "excluded_tokens",
+    "dataset",
+    "tokenizer",
+    "created_by",
+)
+
+
+@dataclass
+class Manifest:
+    """``manifest.json``: everything needed to read, verify and interpret a cache.
+
+    Required keys are typed fields; any further keys round-trip through ``extra``.
+    ``complete`` is false while a harvest is running (shards listed so far are whole and
+    verified; more will come) and true once it has finished.
+    """
+
+    models: list[dict[str, Any]]
+    hooks: list[str]
+    d_model: int
+    dtype: str
+    context_size: int
+    n_rows: int
+    shards: list[ShardRecord]
+    normalization: dict[str, Any]
+    excluded_tokens: dict[str, Any]
+    dataset: dict[str, Any]
+    tokenizer: dict[str, Any]
+    created_by: dict[str, Any]
+    complete: bool = True
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_models(self) -> int:
+        return len(self.models)
+
+    @property
+    def n_hooks(self) -> int:
+        return len(self.hooks)
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m["name"] for m in self.models]
+
+    @property
+    def row_shape(self) -> tuple[int, int, int]:
+        """Shape of one row of ``acts``: ``(n_models, n_hooks, d_model)``."""
+        return (self.n_models, self.n_hooks, self.d_model)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return dtype_from_name(self.dtype)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"format_version": self.format_version, "complete": self.complete}
+        for f in dataclasses.fields(self):
+            if f.name in ("format_version", "complete", "extra"):
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = [s.to_json() for s in value] if f.name == "shards" else value
+        out.update(self.extra)
+        return out
+
+    @staticmethod
+    def from_json(obj: dict[str, Any], where: str = MANIFEST_NAME) -> "Manifest":
+        """Parse and validate a manifest object; raise :class:`CacheError` naming what is wrong."""
+        if not isinstance(obj, dict):
+            raise CacheError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        missing = [k for k in _REQUIRED if k not in obj]
+        if missing:
+            raise CacheError(f"{where}: missing required key(s) {missing}")
+        version = obj["format_version"]
+        if version != FORMAT_VERSION:
+            raise CacheError(
+                f"{where}: format_version {version!r} is not supported (this code reads "
+                f"version {FORMAT_VERSION}); upgrade crosscache or re-harvest the cache"
+            )
+        if obj["dtype"] not in STORAGE_DTYPES:
+            raise CacheError(
+                f"{where}: dtype {obj['dtype']!r} is not one of {', '.join(STORAGE_DTYPES)}"
+            )
+        if not obj["models"] or not obj["hooks"]:
+            raise CacheError(f"{where}: a cache needs at least one model and one hook")
+        shards = [ShardRecord.from_json(s, where) for s in obj["shards"]]
+        n_listed = sum(s.n_rows for s in shards)
+        complete = bool(obj.get("complete", True))
+        if complete and n_listed != obj["n_rows"]:
+            raise CacheError(
+                f"{where}: shards hold {n_listed} rows but n_rows says {obj['n_rows']}"
+            )
+        known = set(_REQUIRED) | {"complete"}
+        return Manifest(
+            models=list(obj["models"]),
+            hooks=[str(h) for h in obj["hooks"]],
+            d_model=int(obj["d_model"]),
+            dtype=str(obj["dtype"]),
+            context_size=int(obj["context_size"]),
+            n_rows=int(obj["n_rows"]),
+            shards=shards,
+            normalization=dict(obj["normalization"]),
+            excluded_tokens=dict(obj["excluded_tokens"]),
+            dataset=dict(obj["dataset"]),
+            tokenizer=dict(obj["tokenizer"]),
+            created_by=dict(obj["created_by"]),
+            complete=complete,
+            format_version=int(version),
+            extra={k: v for k, v in obj.items() if k not in known},
+        )
+
+    @staticmethod
+    def load(cache_dir: str | Path) -> "Manifest":
+        """Read ``<cache_dir>/manifest.json``."""
+        path = Path(cache_dir) / MANIFEST_NAME
+        if not Path(cache_dir).is_dir():
+            raise CacheError(f"cache folder {cache_dir} does not exist")
+        if not path.is_file():
+            raise CacheError(
+                f"{path} not found: {cache_dir} is not an activation cache (or its harvest "
+                "never wrote a shard); run `python run_harvest.py ... --out {cache_dir}` first"
+            )
+        try:
+            obj = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CacheError(f"{path}: not valid JSON ({e})") from None
+        return Manifest.from_json(obj, where=str(path))

@@ -1,0 +1,82 @@
+"""The dataset card (``README.md`` in a cache folder, and the Hub dataset card)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shared.cache_format import Manifest
+
+__all__ = ["render_card"]
+
+
+def render_card(manifest: "Manifest") -> str:
+    """Markdown card describing a cache: models, hooks, size, dtype, normalization, how to load."""
+    m = manifest
+    models = "\n".join(
+        f"| {i} | `{x['name']}` | {x.get('revision') or '-'} |" for i, x in enumerate(m.models)
+    )
+    hooks = "\n".join(f"| {i} | `{h}` |" for i, h in enumerate(m.hooks))
+    row_bytes = m.n_models * m.n_hooks * m.d_model * {"bfloat16": 2, "float16": 2, "float32": 4}[m.dtype]
+    norm = m.normalization
+    ds = m.dataset
+    return f"""---
+tags:
+- activations
+- crosscoder
+- sparse-autoencoder
+- crosscache
+---
+
+# Activation cache: {', '.join(x['name'] for x in m.models)} @ {', '.join(m.hooks)}
+
+Aligned, normalized language-model activations in **crosscache format v{m.format_version}**,
+written by `run_harvest.py`. Row *r* of every model is the same token of the same sequence.
+
+| | |
+|---|---|
+| rows (tokens) | {m.n_rows:,} |
+| shards | {len(m.shards)} |
+| row shape `(n_models, n_hooks, d_model)` | {m.row_shape} |
+| storage dtype | `{m.dtype}` ({row_bytes} bytes per row) |
+| context size | {m.context_size} |
+| dataset | `{ds.get('name')}` (split `{ds.get('split')}`) |
+| normalization | `{norm.get('method')}` (calibrated on {norm.get('calibration_rows')} rows, special tokens excluded) |
+| excluded tokens | special tokens: {m.excluded_tokens.get('special')}, ids {m.excluded_tokens.get('token_ids')} |
+| tokenizer | `{m.tokenizer.get('name')}` (vocab {m.tokenizer.get('vocab_size')}, sha256 `{str(m.tokenizer.get('sha256'))[:12]}…`) |
+
+## Models (axis M)
+
+| index | model | revision |
+|---|---|---|
+{models}
+
+## Hooks (axis P)
+
+| index | hook |
+|---|---|
+{hooks}
+
+## Files
+
+- `manifest.json`: format version, models, hooks, shapes, dtype, normalization, shard list with sha256.
+- `shards/*.safetensors`: `acts` `[n_rows, n_models, n_hooks, d_model]`, `seq` int64, `pos` int32, `token` int32.
+  Rows are shuffled across sequences; `(seq, pos)` locate each row in `tokens.arrow`.
+- `tokens.arrow`: Arrow IPC file, one row per sequence: `seq`, `input_ids` (BOS included), metadata columns.
+
+Shards hold **normalized** activations. Raw activations: `norm_scale` divides by
+`normalization.scale[m][p]`; `mean_std` computes `x * std + mean` with the tensors in
+`normalization.safetensors`.
+
+## Loading
+
+```python
+from shared import open_cache                 # crosscache
+cache = open_cache("path/to/cache")
+shard = cache.shard(0)                        # memory-mapped
+acts_NMPD = shard.acts                        # normalized activations
+raw_NMPD = cache.normalization().undo(acts_NMPD)
+```
+
+Without crosscache: `safetensors.torch.load_file(shard_path)` and `pyarrow.ipc.open_file("tokens.arrow")`.
+"""

@@ -1,0 +1,138 @@
+"""Typed dataclass configs <-> command-line flags and YAML/JSON files.
+
+Each config field carries its help text in ``field(metadata={"help": ...})``; the CLI is
+generated from the dataclass, so flags, defaults, saved JSON and docs share one source.
+Precedence: dataclass defaults < ``--config FILE`` < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+__all__ = ["add_dataclass_arguments", "config_from_namespace", "load_config_file", "config_to_json", "field_help"]
+
+T = TypeVar("T")
+
+
+def field_help(help: str, **kwargs: Any) -> Any:
+    """``dataclasses.field`` with help text stored for the CLI generator."""
+    metadata = {"help": help, **kwargs.pop("metadata", {})}
+    return dataclasses.field(metadata=metadata, **kwargs)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per dataclass field. Flags not given are absent from the namespace."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init or f.metadata.get("cli") is False:
+            continue
+        tp, optional = _unwrap_optional(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        )
+        help_text = f"{help_text} (default: {default!r})"
+        kw: dict[str, Any] = {"dest": f.name, "help": help_text, "default": argparse.SUPPRESS}
+        origin = get_origin(tp)
+        if tp is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if origin is Literal:
+            choices = list(get_args(tp))
+            parser.add_argument(_flag(f.name), type=type(choices[0]), choices=choices, **kw)
+            continue
+        if origin in (list, tuple):
+            args = get_args(tp)
+            elem = args[0] if args else str
+            elem, _ = _unwrap_optional(elem)
+            nargs: Any = "+" if origin is list or (len(args) == 2 and args[1] is Ellipsis) else len(args)
+            if get_origin(elem) is Literal:
+                parser.add_argument(_flag(f.name), nargs=nargs, choices=list(get_args(elem)), **kw)
+            else:
+                parser.add_argument(_flag(f.name), nargs=nargs, type=elem, **kw)
+            continue
+        if tp in (int, float, str):
+            parser.add_argument(_flag(f.name), type=tp, metavar=f.name.upper() if not optional else None, **kw)
+            continue
+        raise TypeError(f"config field {cls.__name__}.{f.name}: unsupported type {tp!r} for the CLI")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or JSON config file into a dict of field values."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of field names to values")
+    # Accept dashed keys too (as written on the command line).
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _coerce(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        import difflib
+
+        hints = {u: difflib.get_close_matches(u, names, n=1) for u in unknown}
+        msg = ", ".join(f"{u!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for u, h in hints.items())
+        raise ValueError(f"{source}: unknown {cls.__name__} field(s): {msg}")
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for k, v in values.items():
+        tp, _ = _unwrap_optional(hints[k])
+        if get_origin(tp) is tuple and isinstance(v, list):
+            v = tuple(v)
+        out[k] = v
+    return out
+
+
+def config_from_namespace(cls: type[T], ns: argparse.Namespace, config_file: str | Path | None = None) -> T:
+    """Build ``cls`` from defaults, an optional config file, then the flags present in ``ns``."""
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(_coerce(cls, load_config_file(config_file), str(config_file)))
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    values.update(_coerce(cls, {k: v for k, v in vars(ns).items() if k in names}, "command line"))
+    return cls(**values)
+
+
+def config_to_json(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (tuples become lists, paths strings)."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return {f.name: conv(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}

@@ -1,0 +1,121 @@
+"""Per-(model, hook) normalization of activations, estimated on a calibration sample.
+
+Methods (``manifest.normalization.method``):
+- ``norm_scale`` (default): one scalar per (model, hook) so that E‖x‖ = √d_model after
+  scaling, as in the crosscoder replications. Keeps directions and relative norms, which the
+  model-diffing decoder-norm analysis depends on.
+- ``mean_std``: per-dimension ``(x - mean) / std``; mean and std live in the side file
+  ``normalization.safetensors`` (tensors ``mean`` and ``std``, float32 ``[M, P, D]``).
+- ``none``: stored as harvested.
+
+Shards hold normalized values; :meth:`Normalization.undo` maps them back to raw space.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save
+
+from shared.cache_format import NORMALIZATION_NAME, CacheError
+from shared.shard_io import atomic_write_bytes
+
+__all__ = ["NormMethod", "NORM_METHODS", "Normalization"]
+
+NormMethod = Literal["norm_scale", "mean_std", "none"]
+NORM_METHODS: tuple[str, ...] = ("norm_scale", "mean_std", "none")
+
+_STD_FLOOR = 1e-6
+"""Dimensions with (almost) no variance are divided by this instead of ~0."""
+
+
+@dataclass
+class Normalization:
+    """Normalization factors for every (model, hook) slot of a cache."""
+
+    method: NormMethod
+    scale_MP: torch.Tensor  # float32 [M, P]; 1.0 for mean_std and none
+    mean_MPD: torch.Tensor | None = None
+    std_MPD: torch.Tensor | None = None
+
+    @staticmethod
+    def estimate(raw_NMPD: torch.Tensor, method: NormMethod) -> "Normalization":
+        """Estimate factors from calibration rows (special tokens must already be excluded)."""
+        if method not in NORM_METHODS:
+            raise ValueError(f"normalize must be one of {NORM_METHODS}, got {method!r}")
+        if raw_NMPD.shape[0] == 0:
+            raise ValueError("cannot estimate normalization from an empty calibration sample")
+        x = raw_NMPD.to(torch.float64)
+        _, m, p, d = x.shape
+        if method == "norm_scale":
+            mean_norm_MP = x.norm(dim=-1).mean(dim=0)
+            if (mean_norm_MP == 0).any():
+                raise ValueError("an activation slot is all zeros on the calibration sample")
+            scale = (math.sqrt(d) / mean_norm_MP).to(torch.float32)
+            return Normalization("norm_scale", scale)
+        if method == "mean_std":
+            mean = x.mean(dim=0)
+            std = x.std(dim=0, unbiased=False).clamp_min(_STD_FLOOR)
+            return Normalization(
+                "mean_std", torch.ones(m, p), mean.to(torch.float32), std.to(torch.float32)
+            )
+        return Normalization("none", torch.ones(m, p))
+
+    def apply(self, raw_NMPD: torch.Tensor) -> torch.Tensor:
+        """Raw activations -> normalized (float32)."""
+        x = raw_NMPD.to(torch.float32)
+        if self.method == "mean_std":
+            assert self.mean_MPD is not None and self.std_MPD is not None
+            return (x - self.mean_MPD.to(x.device)) / self.std_MPD.to(x.device)
+        return x * self.scale_MP.to(x.device)[..., None]
+
+    def undo(self, norm_NMPD: torch.Tensor) -> torch.Tensor:
+        """Normalized activations -> raw (float32)."""
+        x = norm_NMPD.to(torch.float32)
+        if self.method == "mean_std":
+            assert self.mean_MPD is not None and self.std_MPD is not None
+            return x * self.std_MPD.to(x.device) + self.mean_MPD.to(x.device)
+        return x / self.scale_MP.to(x.device)[..., None]
+
+    def select(self, models: list[int], hooks: list[int]) -> "Normalization":
+        """The factors of a subset of slots, in the order asked."""
+        mi, hi = torch.tensor(models), torch.tensor(hooks)
+        pick = lambda t: None if t is None else t[mi][:, hi]  # noqa: E731
+        return Normalization(self.method, pick(self.scale_MP), pick(self.mean_MPD), pick(self.std_MPD))
+
+    def to_manifest(self, calibration_rows: int) -> dict[str, Any]:
+        """The ``normalization`` manifest entry (side-file tensors are written separately)."""
+        return {
+            "method": self.method,
+            "scale": [[float(s) for s in row] for row in self.scale_MP.tolist()],
+            "file": NORMALIZATION_NAME if self.method == "mean_std" else None,
+            "calibration_rows": int(calibration_rows),
+            "target": "E|x| = sqrt(d_model)" if self.method == "norm_scale" else None,
+        }
+
+    def write_side_file(self, cache_dir: str | Path) -> None:
+        """Write ``normalization.safetensors`` (only for ``mean_std``)."""
+        if self.method != "mean_std":
+            return
+        assert self.mean_MPD is not None and self.std_MPD is not None
+        data = save({"mean": self.mean_MPD.contiguous(), "std": self.std_MPD.contiguous()})
+        atomic_write_bytes(Path(cache_dir) / NORMALIZATION_NAME, data)
+
+    @staticmethod
+    def from_manifest(cache_dir: str | Path, entry: dict[str, Any]) -> "Normalization":
+        """Rebuild from a manifest's ``normalization`` entry (and side file)."""
+        method = entry.get("method")
+        if method not in NORM_METHODS:
+            raise CacheError(f"manifest normalization.method {method!r} is not one of {NORM_METHODS}")
+        scale = torch.tensor(entry["scale"], dtype=torch.float32)
+        if method != "mean_std":
+            return Normalization(method, scale)
+        path = Path(cache_dir) / (entry.get("file") or NORMALIZATION_NAME)
+        if not path.is_file():
+            raise CacheError(f"{path} is missing: a mean_std cache keeps its mean and std there")
+        tensors = load_file(path)
+        return Normalization(method, scale, tensors["mean"], tensors["std"])

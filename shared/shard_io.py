@@ -1,0 +1,241 @@
+"""Atomic file writes and shard read/write.
+
+A shard is a safetensors file holding ``acts`` ``[N, M, P, D]`` (storage dtype), ``seq``
+int64 ``[N]``, ``pos`` int32 ``[N]`` and ``token`` int32 ``[N]``. Reads memory-map the file
+and build tensors over the mapping (zero copy), so only the rows touched are paged in.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as safetensors_save
+
+from shared.cache_format import (
+    SAFETENSORS_DTYPE_CODES,
+    CacheError,
+    ShardRecord,
+)
+
+__all__ = [
+    "SHARD_TENSORS",
+    "atomic_write_bytes",
+    "fsync_dir",
+    "sha256_file",
+    "write_shard",
+    "ShardReader",
+    "DiskFullError",
+]
+
+SHARD_TENSORS: dict[str, torch.dtype | None] = {
+    "acts": None,  # storage dtype, from the manifest
+    "seq": torch.int64,
+    "pos": torch.int32,
+    "token": torch.int32,
+}
+"""Tensors every shard holds and their dtypes (``None``: the cache's storage dtype)."""
+
+SHARD_METADATA = {"format": "pt", "crosscache_format_version": "1"}
+
+
+class DiskFullError(OSError):
+    """Raised when a write fails for lack of space; nothing already written is lost."""
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it survives a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename.
+
+    A crash leaves either the old file or the new one, never a mix. A full disk raises
+    :class:`DiskFullError` and removes the temp file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(
+                e.errno,
+                f"disk full while writing {path}: free space on {path.parent} and re-run the "
+                "same command; it resumes from the shards already written",
+            ) from e
+        raise
+    fsync_dir(path.parent)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_shard(
+    cache_dir: str | Path,
+    rel_file: str,
+    acts_NMPD: torch.Tensor,
+    seq_N: torch.Tensor,
+    pos_N: torch.Tensor,
+    token_N: torch.Tensor,
+) -> ShardRecord:
+    """Serialise one shard atomically and return its manifest record (rows, bytes, sha256).
+
+    The bytes depend only on the tensors, so re-writing the same rows gives the same file.
+    """
+    n = acts_NMPD.shape[0]
+    if acts_NMPD.ndim != 4:
+        raise ValueError(f"acts must be [N, M, P, D], got shape {tuple(acts_NMPD.shape)}")
+    for name, t in (("seq", seq_N), ("pos", pos_N), ("token", token_N)):
+        if t.shape != (n,):
+            raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+    tensors = {
+        "acts": acts_NMPD.contiguous(),
+        "seq": seq_N.to(torch.int64).contiguous(),
+        "pos": pos_N.to(torch.int32).contiguous(),
+        "token": token_N.to(torch.int32).contiguous(),
+    }
+    data = safetensors_save(tensors, metadata=SHARD_METADATA)
+    path = Path(cache_dir) / rel_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data)
+    return ShardRecord(
+        file=rel_file, n_rows=n, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data)
+    )
+
+
+class ShardReader:
+    """A memory-mapped shard. ``reader.acts`` etc. are tensors over the mapping (no copy).
+
+    Validates on open: the safetensors header parses, the four tensors exist with the
+    expected dtypes and shapes, and their byte ranges exactly cover the file.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        row_shape: tuple[int, int, int],
+        dtype: torch.dtype,
+        n_rows: int | None = None,
+        expected_bytes: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CacheError(f"shard {self.path} is missing; re-run the harvest to rewrite it")
+        size = self.path.stat().st_size
+        if expected_bytes is not None and size != expected_bytes:
+            raise CacheError(
+                f"shard {self.path} has {size} bytes but the manifest says {expected_bytes}: "
+                "it is truncated or was replaced; delete it and re-run the harvest to rewrite it"
+            )
+        with open(self.path, "rb") as f:
+            # ACCESS_COPY: a private mapping, so tensors over it are writable without ever
+            # touching the file (torch warns on read-only buffers).
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        header, data_start = self._parse_header(size)
+        self.metadata: dict[str, Any] = header.pop("__metadata__", {}) or {}
+        self.tensors: dict[str, torch.Tensor] = {}
+        end_max = 0
+        for name, want_dtype in SHARD_TENSORS.items():
+            if name not in header:
+                raise CacheError(f"shard {self.path}: tensor {name!r} missing from header")
+            info = header[name]
+            got = SAFETENSORS_DTYPE_CODES.get(info.get("dtype"))
+            want = dtype if want_dtype is None else want_dtype
+            if got != want:
+                raise CacheError(
+                    f"shard {self.path}: tensor {name!r} has dtype {info.get('dtype')}, expected {want}"
+                )
+            shape = tuple(info["shape"])
+            begin, end = info["data_offsets"]
+            count = 1
+            for s in shape:
+                count *= s
+            if end - begin != count * want.itemsize or data_start + end > size:
+                raise CacheError(
+                    f"shard {self.path}: tensor {name!r} byte range {begin}..{end} does not "
+                    f"match shape {shape} (file truncated or corrupted)"
+                )
+            end_max = max(end_max, end)
+            t = torch.frombuffer(self._mmap, dtype=want, count=count, offset=data_start + begin)
+            self.tensors[name] = t.view(shape) if count else torch.empty(shape, dtype=want)
+        if data_start + end_max != size:
+            raise CacheError(f"shard {self.path}: {size - data_start - end_max} unexpected trailing bytes")
+        n = self.tensors["acts"].shape[0]
+        if self.tensors["acts"].shape[1:] != row_shape:
+            raise CacheError(
+                f"shard {self.path}: acts rows have shape {tuple(self.tensors['acts'].shape[1:])}, "
+                f"manifest says (n_models, n_hooks, d_model) = {row_shape}"
+            )
+        for name in ("seq", "pos", "token"):
+            if self.tensors[name].shape != (n,):
+                raise CacheError(f"shard {self.path}: {name} has shape {tuple(self.tensors[name].shape)}, expected ({n},)")
+        if n_rows is not None and n != n_rows:
+            raise CacheError(f"shard {self.path}: holds {n} rows, manifest says {n_rows}")
+        self.n_rows = n
+
+    def _parse_header(self, size: int) -> tuple[dict[str, Any], int]:
+        if size < 8:
+            raise CacheError(f"shard {self.path}: {size} bytes is too short for a safetensors file")
+        (header_len,) = struct.unpack("<Q", self._mmap[:8])
+        if header_len > size - 8 or header_len > 100_000_000:
+            raise CacheError(f"shard {self.path}: header length {header_len} exceeds the file (corrupted)")
+        try:
+            header = json.loads(bytes(self._mmap[8 : 8 + header_len]))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CacheError(f"shard {self.path}: safetensors header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise CacheError(f"shard {self.path}: safetensors header is not an object")
+        return header, 8 + header_len
+
+    @property
+    def acts(self) -> torch.Tensor:
+        return self.tensors["acts"]
+
+    @property
+    def seq(self) -> torch.Tensor:
+        return self.tensors["seq"]
+
+    @property
+    def pos(self) -> torch.Tensor:
+        return self.tensors["pos"]
+
+    @property
+    def token(self) -> torch.Tensor:
+        return self.tensors["token"]
+
+    def close(self) -> None:
+        self.tensors.clear()
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass  # a tensor view is still alive; the mapping closes when it is collected
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
