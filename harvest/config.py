@@ -15,6 +15,9 @@ from shared.normalization import NORM_METHODS
 
 __all__ = ["HarvestConfig", "CONTENT_FIELDS"]
 
+AUTO_SHARDS = 32
+"""Shards an automatically sized cache is cut into (unless that makes shards < 1 MiB or > 64 MiB)."""
+
 
 @dataclass(frozen=True)
 class HarvestConfig:
@@ -61,7 +64,12 @@ class HarvestConfig:
     calibration_tokens: int = field_help(
         "Rows used to estimate the normalization (the first rows of the seeded stream).", default=32_768
     )
-    shard_size: float = field_help("Target shard size in MiB.", default=32.0)
+    shard_size: float | None = field_help(
+        "Target shard size in MiB. Default: the cache's size / 32, clamped to [1, 64] MiB, so a "
+        "small cache still has enough shards for a held-out split and the loader's mixing window, "
+        "and a large one does not become 100k files.",
+        default=None,
+    )
     shuffle_shards: int = field_help(
         "Write-time shuffle buffer, in shards: this many shards' rows are permuted together.", default=8
     )
@@ -87,10 +95,17 @@ class HarvestConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.context_size < 2:
             raise ValueError("context_size must be >= 2 (BOS plus at least one token)")
-        if not (self.shard_size > 0 and math.isfinite(self.shard_size)):
+        if self.shard_size is not None and not (self.shard_size > 0 and math.isfinite(self.shard_size)):
             raise ValueError(f"shard_size must be a positive number of MiB, got {self.shard_size}")
         if self.normalize not in NORM_METHODS:
             raise ValueError(f"normalize must be one of {NORM_METHODS}, got {self.normalize!r}")
+
+    def shard_rows(self, row_bytes: int) -> int:
+        """Rows per shard for rows of ``row_bytes`` bytes (see ``shard_size``)."""
+        mib = self.shard_size
+        if mib is None:
+            mib = min(max(self.tokens * row_bytes / 2**20 / AUTO_SHARDS, 1.0), 64.0)
+        return max(1, int(mib * 2**20) // row_bytes)
 
     def content_signature(self) -> dict:
         """The fields that determine the cache's bytes; a resume must match them exactly."""

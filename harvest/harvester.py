@@ -202,7 +202,7 @@ def harvest(cfg: HarvestConfig) -> Manifest:
 
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out)
-    layout = HarvestLayout(cfg.tokens, max(1, int(cfg.shard_size * 2**20) // row_bytes), cfg.shuffle_shards)
+    layout = HarvestLayout(cfg.tokens, cfg.shard_rows(row_bytes), cfg.shuffle_shards)
     forward = None
     t0 = time.perf_counter()
     if existing is not None:
@@ -211,6 +211,7 @@ def harvest(cfg: HarvestConfig) -> Manifest:
         start_chunk = len(existing.shards) // layout.shuffle_shards
         existing.shards = existing.shards[: start_chunk * layout.shuffle_shards]
         manifest, held = existing, []
+        t_forward = time.perf_counter()
         print(f"resuming {out}: {len(manifest.shards)} shards already written, from chunk {start_chunk} of {layout.n_chunks}")
     else:
         plan = build_token_plan(
@@ -223,6 +224,7 @@ def harvest(cfg: HarvestConfig) -> Manifest:
         # activations are kept and written afterwards, so calibration costs no extra forward.
         forward = _Forward(models, plan, cfg.hooks, device, cfg.batch_size)
         calib_rows = min(cfg.calibration_tokens, cfg.tokens)
+        t_forward = time.perf_counter()
         held = list(forward.rows(0, calib_rows))
         norm = Normalization.estimate(torch.cat([h[1] for h in held]).float().cpu(), cfg.normalize)
         norm.write_side_file(out)
@@ -273,12 +275,20 @@ def harvest(cfg: HarvestConfig) -> Manifest:
         bar.close()
         raise
     bar.close()
-    seconds = time.perf_counter() - t0
+    end = time.perf_counter()
+    seconds, forward_seconds = end - t0, end - t_forward
     manifest.created_by["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    # Timings of this run (a resumed run reports its own); kept with the timestamps.
+    manifest.created_by["last_run"] = {"seconds": round(seconds, 3), "forward_and_write_seconds": round(forward_seconds, 3),
+                                       "rows": final_rows_this_run(manifest, start_chunk, layout), "device": str(device)}
     final = writer.finish()
     print(f"harvested {final.n_rows:,} rows into {len(final.shards)} shards at {out} "
           f"({final.n_rows / max(seconds, 1e-9):,.0f} tokens/s this run)")
     return final
+
+
+def final_rows_this_run(manifest: Manifest, start_chunk: int, layout: HarvestLayout) -> int:
+    return sum(s.n_rows for s in manifest.shards) - start_chunk * layout.chunk_size
 
 
 def _new_manifest(cfg: HarvestConfig, models: LoadedModels, plan: TokenPlan, norm: Normalization,

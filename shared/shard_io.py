@@ -43,7 +43,10 @@ SHARD_TENSORS: dict[str, torch.dtype | None] = {
 }
 """Tensors every shard holds and their dtypes (``None``: the cache's storage dtype)."""
 
-SHARD_METADATA = {"format": "pt", "crosscache_format_version": "1"}
+# One key only: safetensors serialises __metadata__ from a hash map, so with two keys their
+# order (and the file's bytes) would vary between processes, breaking byte-identical resumes.
+# The format version lives in the manifest.
+SHARD_METADATA = {"format": "pt"}
 
 
 class DiskFullError(OSError):

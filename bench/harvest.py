@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Benchmark: harvest throughput against bare forward passes of the same models.
+
+One run, same process, same batches, same dtype, stopped at the same layer:
+- bare: each model's forward (`bridge(tokens, stop_at_layer=k)`), no hooks, nothing kept;
+- harvest: the real `harvest()` (hooks, row selection, normalization, device->host copies,
+  write-time shuffle, shard writes, sha256, manifest), timed from its first forward pass.
+The bare pass runs before and after the harvest and the mean is used (machines are noisy).
+Prints one table and appends it to bench/RESULTS.md. Target: ratio >= 0.90 (CPU, toy pair),
+>= 0.95 on a GPU with a pythia-70m-sized model.
+
+    python bench/harvest.py [--tokens 200000] [--model-size toy|pythia-70m] [--device auto] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from harvest.config import HarvestConfig  # noqa: E402
+from harvest.harvester import harvest  # noqa: E402
+from harvest.models import load_models, resolve_device  # noqa: E402
+from shared.cache_format import Manifest, dtype_from_name  # noqa: E402
+from shared.token_table import read_token_table  # noqa: E402
+
+
+def random_pythia70m_pair(folder: Path) -> list[str]:
+    """Two random-weight models with pythia-70m's shape (d 512, 6 layers, 8 heads) and the toy tokenizer."""
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from harvest.toy_models import ensure_toy_model
+
+    tok = AutoTokenizer.from_pretrained(ensure_toy_model("toy-base"))
+    paths = []
+    for i in range(2):
+        path = folder / f"pythia70m-random-{i}"
+        if not (path / "config.json").exists():
+            torch.manual_seed(i)
+            cfg = GPTNeoXConfig(vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
+                                intermediate_size=2048, max_position_embeddings=2048, bos_token_id=0, eos_token_id=0,
+                                rotary_pct=0.25)
+            GPTNeoXForCausalLM(cfg).save_pretrained(path)
+            tok.save_pretrained(path)
+        paths.append(str(path))
+    return paths
+
+
+def bare_forward_seconds(cfg: HarvestConfig, cache_dir: Path) -> float:
+    """Time each model's plain forward over the harvest's own batches (no hooks)."""
+    device = resolve_device(cfg.device)
+    models = load_models(cfg.models, cfg.hooks, context_size=cfg.context_size, device=device,
+                         model_dtype=dtype_from_name(cfg.model_dtype))
+    ids = read_token_table(cache_dir).column("input_ids").to_pylist()
+    batches = [torch.tensor(np.array(ids[i : i + cfg.batch_size])) for i in range(0, len(ids), cfg.batch_size)]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        for bridge in models.bridges:  # warm-up
+            bridge(batches[0].to(device), stop_at_layer=models.stop_at_layer)
+        sync()
+        t = time.perf_counter()
+        for batch in batches:
+            x = batch.to(device)
+            for bridge in models.bridges:
+                bridge(x, stop_at_layer=models.stop_at_layer)
+        sync()
+        return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=200_000)
+    ap.add_argument("--model-size", choices=["toy", "pythia-70m"], default="toy")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--context-size", type=int, default=128)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 20k tokens")
+    ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    args = ap.parse_args()
+    tokens = 20_000 if args.quick else args.tokens
+
+    with tempfile.TemporaryDirectory() as tmp:
+        models = ["toy-base", "toy-code"] if args.model_size == "toy" else random_pythia70m_pair(Path(tmp))
+        hook = "blocks.2.hook_resid_post" if args.model_size == "toy" else "blocks.3.hook_resid_post"
+        cfg = HarvestConfig(models=models, hooks=[hook], tokens=tokens, context_size=args.context_size,
+                            out=str(Path(tmp) / "cache"), device=args.device, batch_size=args.batch_size,
+                            progress=False)
+        # Warm the page cache and the toy build; the measured harvest goes to a fresh folder.
+        harvest(HarvestConfig(**{**cfg.__dict__, "tokens": min(tokens, 5000), "out": str(Path(tmp) / "warm")}))
+        harvest(cfg)
+        run = Manifest.load(cfg.out).created_by["last_run"]
+        harvest_s = float(run["forward_and_write_seconds"])
+        bare_s = [bare_forward_seconds(cfg, Path(cfg.out))]
+        bare_s.append(bare_forward_seconds(cfg, Path(cfg.out)))
+        bare = sum(bare_s) / len(bare_s)
+        device = run["device"]
+
+    ratio = bare / harvest_s
+    target = 0.90 if device == "cpu" else 0.95
+    rows = [
+        ("rows", f"{tokens:,}"),
+        ("models x hooks", f"{len(models)} x 1 ({args.model_size}, {hook})"),
+        ("bare forward tokens/s", f"{tokens / bare:,.0f}  (runs: {', '.join(f'{s:.2f}s' for s in bare_s)})"),
+        ("harvest tokens/s", f"{tokens / harvest_s:,.0f}  ({harvest_s:.2f}s)"),
+        ("ratio harvest / bare", f"{ratio:.3f}  (target >= {target})"),
+    ]
+    machine = f"{platform.node() or 'unknown'}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, device {device}"
+    if device.startswith("cuda"):
+        machine += f" ({torch.cuda.get_device_name()})"
+    table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    print(table)
+    if not args.no_record:
+        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+            f.write(f"\n## harvest — {dt.date.today().isoformat()} — {machine}\n\n"
+                    f"`python bench/harvest.py {' '.join(sys.argv[1:])}` (torch {torch.__version__})\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

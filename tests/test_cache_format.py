@@ -1,0 +1,197 @@
+"""Cache format v1 on disk: round trips, golden header bytes, and corrupt or truncated files."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.cache import CacheWriter, open_cache, verify_cache
+from shared.cache_format import CacheError, Manifest, shard_file_name
+from shared.normalization import Normalization
+from shared.shard_io import ShardReader, write_shard
+from shared.token_table import read_token_table, write_token_table
+
+
+def _manifest(n_models=2, n_hooks=1, d=8, dtype="bfloat16") -> Manifest:
+    return Manifest(
+        models=[{"name": f"m{i}", "path": None} for i in range(n_models)],
+        hooks=[f"blocks.{i}.hook_resid_post" for i in range(n_hooks)],
+        d_model=d, dtype=dtype, context_size=4, n_rows=0, shards=[],
+        normalization={"method": "none", "scale": [[1.0] * n_hooks] * n_models, "file": None},
+        excluded_tokens={"special": True, "token_ids": [0]},
+        dataset={"name": "synthetic"}, tokenizer={"name": "none", "vocab_size": 10},
+        created_by={"tool": "test"}, complete=False,
+    )
+
+
+def _write_cache(tmp_path: Path, n_shards=3, rows=5, dtype=torch.bfloat16, dtype_name="bfloat16") -> Path:
+    w = CacheWriter(tmp_path, _manifest(dtype=dtype_name))
+    g = torch.Generator().manual_seed(0)
+    for i in range(n_shards):
+        acts = torch.randn(rows, 2, 1, 8, generator=g).to(dtype)
+        seq = torch.arange(rows) + i * rows
+        w.add_shard(shard_file_name(i), acts, seq, torch.ones(rows), torch.full((rows,), 7))
+    write_token_table(tmp_path, [[0, 1, 2, 3]] * (n_shards * rows))
+    w.finish()
+    return tmp_path
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_shard_round_trip(tmp_path, dtype):
+    acts = torch.randn(6, 2, 3, 4).to(dtype)
+    seq, pos, tok = torch.arange(6), torch.arange(6) + 1, torch.arange(6) + 2
+    rec = write_shard(tmp_path, "shards/a.safetensors", acts, seq, pos, tok)
+    assert rec.n_rows == 6 and rec.bytes == (tmp_path / rec.file).stat().st_size
+    r = ShardReader(tmp_path / rec.file, row_shape=(2, 3, 4), dtype=dtype, n_rows=6, expected_bytes=rec.bytes)
+    assert torch.equal(r.acts, acts) and torch.equal(r.seq, seq)
+    assert r.pos.dtype == torch.int32 and r.token.dtype == torch.int32 and r.seq.dtype == torch.int64
+    assert torch.equal(r.pos, pos.int()) and torch.equal(r.token, tok.int())
+    # Readable by plain safetensors too (the format is the documented one, not ours).
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(tmp_path / rec.file)["acts"], acts)
+
+
+def test_shard_golden_header(tmp_path):
+    """The header layout a reader in another language relies on (README: Cache format v1)."""
+    acts = torch.zeros(2, 1, 1, 2, dtype=torch.bfloat16)
+    rec = write_shard(tmp_path, "s.safetensors", acts, torch.tensor([5, 6]), torch.tensor([1, 2]), torch.tensor([9, 9]))
+    raw = (tmp_path / rec.file).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    assert header["__metadata__"] == {"format": "pt"}
+    assert header["acts"]["dtype"] == "BF16" and header["acts"]["shape"] == [2, 1, 1, 2]
+    assert header["seq"]["dtype"] == "I64" and header["pos"]["dtype"] == "I32" and header["token"]["dtype"] == "I32"
+    start = 8 + n
+    b, e = header["seq"]["data_offsets"]
+    assert struct.unpack("<2q", raw[start + b : start + e]) == (5, 6)
+    # Same tensors -> same bytes (resume relies on it).
+    rec2 = write_shard(tmp_path, "t.safetensors", acts, torch.tensor([5, 6]), torch.tensor([1, 2]), torch.tensor([9, 9]))
+    assert rec2.sha256 == rec.sha256
+
+
+def test_truncated_and_corrupt_shards_are_named(tmp_path):
+    cache = _write_cache(tmp_path)
+    m = Manifest.load(cache)
+    p0, p1, p2 = (cache / s.file for s in m.shards)
+    p0.write_bytes(p0.read_bytes()[:-3])  # truncated
+    data = bytearray(p1.read_bytes())
+    data[-5] ^= 0xFF  # flipped byte in the payload
+    p1.write_bytes(bytes(data))
+    p2.unlink()  # missing
+    report = verify_cache(cache)
+    assert not report.ok
+    text = "\n".join(report.problems)
+    assert m.shards[0].file in text and "truncated" in text
+    assert m.shards[1].file in text and "sha256" in text
+    assert m.shards[2].file in text and "missing" in text
+    with pytest.raises(CacheError, match="missing"):
+        open_cache(cache)
+    c = Cache_open_without_missing(cache, m)
+    with pytest.raises(CacheError, match="bytes but the manifest says"):
+        c.shard(0)
+
+
+def Cache_open_without_missing(cache, m):
+    from shared.cache import Cache
+
+    return Cache(cache, m)
+
+
+def test_corrupt_header_is_refused(tmp_path):
+    acts = torch.zeros(2, 1, 1, 2, dtype=torch.bfloat16)
+    rec = write_shard(tmp_path, "s.safetensors", acts, torch.tensor([5, 6]), torch.tensor([1, 2]), torch.tensor([9, 9]))
+    path = tmp_path / rec.file
+    raw = bytearray(path.read_bytes())
+    raw[8] = ord("x")  # the header's opening brace
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CacheError, match="header"):
+        ShardReader(path, row_shape=(1, 1, 2), dtype=torch.bfloat16)
+    with pytest.raises(CacheError, match="dtype"):
+        rec = write_shard(tmp_path, "f.safetensors", acts.float(), torch.tensor([5, 6]), torch.tensor([1, 2]), torch.tensor([9, 9]))
+        ShardReader(tmp_path / rec.file, row_shape=(1, 1, 2), dtype=torch.bfloat16)
+    with pytest.raises(CacheError, match="rows have shape"):
+        ShardReader(tmp_path / rec.file, row_shape=(1, 1, 3), dtype=torch.float32)
+
+
+def test_manifest_validation(tmp_path):
+    with pytest.raises(CacheError, match="not an activation cache"):
+        Manifest.load(tmp_path)
+    cache = _write_cache(tmp_path / "c")
+    obj = json.loads((cache / "manifest.json").read_text())
+    for key, value, match in [
+        ("format_version", 2, "format_version 2 is not supported"),
+        ("dtype", "int8", "dtype 'int8'"),
+        ("n_rows", 999, "shards hold 15 rows but n_rows says 999"),
+    ]:
+        bad = dict(obj, **{key: value})
+        with pytest.raises(CacheError, match=match):
+            Manifest.from_json(bad)
+    bad = dict(obj)
+    del bad["hooks"]
+    with pytest.raises(CacheError, match="missing required key"):
+        Manifest.from_json(bad)
+    # Round trip keeps extra keys.
+    m = Manifest.from_json(dict(obj, my_key={"a": 1}))
+    assert m.to_json()["my_key"] == {"a": 1}
+
+
+def test_incomplete_cache_is_refused_until_finished(tmp_path):
+    w = CacheWriter(tmp_path, _manifest())
+    w.add_shard(shard_file_name(0), torch.zeros(3, 2, 1, 8, dtype=torch.bfloat16), torch.arange(3), torch.ones(3), torch.ones(3))
+    with pytest.raises(CacheError, match="incomplete"):
+        open_cache(tmp_path)
+    assert open_cache(tmp_path, allow_incomplete=True).n_shards == 1
+    w.finish()
+    assert open_cache(tmp_path).manifest.n_rows == 3
+    assert (tmp_path / "README.md").read_text().startswith("---")
+
+
+def test_token_table_round_trip(tmp_path):
+    write_token_table(tmp_path, [[0, 5, 6], [0, 7, 8]], {"source": ["docs", "code"]})
+    t = read_token_table(tmp_path)
+    assert t.column_names == ["seq", "input_ids", "source"]
+    assert t.column("input_ids").to_pylist() == [[0, 5, 6], [0, 7, 8]]
+    assert t.column("source").to_pylist() == ["docs", "code"]
+
+
+@pytest.mark.parametrize("method", ["norm_scale", "mean_std", "none"])
+def test_normalization_round_trip(tmp_path, method):
+    x = torch.randn(500, 2, 3, 16) * torch.tensor([1.0, 5.0])[None, :, None, None] + 3
+    norm = Normalization.estimate(x, method)
+    y = norm.apply(x)
+    assert torch.allclose(norm.undo(y), x, atol=1e-4)
+    if method == "norm_scale":
+        assert torch.allclose(y.norm(dim=-1).mean(0), torch.full((2, 3), 4.0), rtol=1e-4)
+    if method == "mean_std":
+        assert y.mean(0).abs().max() < 1e-4 and (y.std(0, unbiased=False) - 1).abs().max() < 1e-3
+    norm.write_side_file(tmp_path)
+    again = Normalization.from_manifest(tmp_path, norm.to_manifest(500))
+    assert torch.allclose(again.apply(x), y)
+
+
+def test_config_cli_and_file(tmp_path):
+    import argparse
+
+    from harvest.config import HarvestConfig
+    from shared.config import add_dataclass_arguments, config_from_namespace
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, HarvestConfig)
+    cfg_file = tmp_path / "h.yaml"
+    cfg_file.write_text("hooks: [blocks.0.hook_resid_post]\ncontext-size: 32\ntokens: 100\n")
+    ns = parser.parse_args(["--tokens", "50", "--models", "a", "b", "--no-exclude-special", "--dtype", "float16"])
+    cfg = config_from_namespace(HarvestConfig, ns, cfg_file)
+    assert cfg.tokens == 50 and cfg.context_size == 32 and cfg.models == ["a", "b"]
+    assert cfg.hooks == ["blocks.0.hook_resid_post"] and cfg.exclude_special is False and cfg.dtype == "float16"
+    cfg_file.write_text("tokenz: 5\n")
+    with pytest.raises(ValueError, match="did you mean 'tokens'"):
+        config_from_namespace(HarvestConfig, parser.parse_args([]), cfg_file)
+    with pytest.raises(ValueError, match="tokens must be >= 1"):
+        HarvestConfig(tokens=0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dtype", "int8"])

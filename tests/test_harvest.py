@@ -1,0 +1,123 @@
+"""Stage 1 end to end on the toy pair: what the cache holds, and that it is the models' own activations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import small_harvest_config
+from harvest.harvester import harvest
+from shared.cache import open_cache, verify_cache
+from shared.cache_format import Manifest
+
+
+def _all_rows(cache_dir):
+    cache = open_cache(cache_dir)
+    acts, seq, pos, tok = [], [], [], []
+    for i in range(cache.n_shards):
+        s = cache.shard(i)
+        acts.append(s.acts.clone()), seq.append(s.seq.clone()), pos.append(s.pos.clone()), tok.append(s.token.clone())
+    return cache, torch.cat(acts), torch.cat(seq), torch.cat(pos), torch.cat(tok)
+
+
+def test_manifest_has_the_required_keys(toy_cache, toy_dirs):
+    obj = json.loads((toy_cache / "manifest.json").read_text())
+    for key in ["format_version", "models", "hooks", "d_model", "dtype", "context_size", "n_rows", "shards",
+                "normalization", "excluded_tokens", "dataset", "tokenizer", "created_by"]:
+        assert key in obj, key
+    assert obj["format_version"] == 1 and obj["complete"] is True and obj["dtype"] == "bfloat16"
+    assert [m["name"] for m in obj["models"]] == ["toy-base", "toy-code"]
+    assert obj["models"][0]["path"] == str(toy_dirs["toy-base"])
+    assert obj["n_rows"] == 6000 == sum(s["n_rows"] for s in obj["shards"])
+    assert all(s["file"].startswith("shards/") and len(s["sha256"]) == 64 for s in obj["shards"])
+    norm = obj["normalization"]
+    assert norm["method"] == "norm_scale" and len(norm["scale"]) == 2 and len(norm["scale"][0]) == 2
+    assert obj["tokenizer"]["vocab_size"] == 4096 and len(obj["tokenizer"]["sha256"]) == 64
+    assert 0 in obj["excluded_tokens"]["token_ids"]
+    assert (toy_cache / "README.md").read_text().count("toy-code") >= 1
+    assert verify_cache(toy_cache).ok
+
+
+def test_rows_are_aligned_and_exclude_special_tokens(toy_cache):
+    cache, acts, seq, pos, tok = _all_rows(toy_cache)
+    table = cache.token_table()
+    ids = table.column("input_ids").to_pylist()
+    assert acts.shape == (6000, 2, 2, 128)
+    # Every row is unique and points at its token in tokens.arrow.
+    keys = seq * 1000 + pos.long()
+    assert keys.unique().numel() == 6000
+    assert all(ids[s][p] == t for s, p, t in zip(seq.tolist(), pos.tolist(), tok.tolist()))
+    # BOS (position 0) and every special token are absent.
+    assert (pos > 0).all()
+    excluded = set(cache.manifest.excluded_tokens["token_ids"])
+    assert not excluded & set(tok.tolist())
+    # Exactly the planned positions: every non-special token of every sequence but the last.
+    seqs = sorted(set(seq.tolist()))
+    for s in seqs[:-1]:
+        expected = {p for p, t in enumerate(ids[s]) if t not in excluded}
+        assert set(pos[seq == s].tolist()) == expected
+    # Shards are shuffled across many sequences, not runs of one document.
+    first = open_cache(toy_cache).shard(0)
+    assert first.seq.unique().numel() > 10 and not torch.all(first.seq[1:] >= first.seq[:-1])
+    # Both sources of builtin:mixed are there, and each sequence has one source.
+    assert set(table.column("source").to_pylist()) == {"docs", "code"}
+
+
+def test_norm_scale_gives_sqrt_d_mean_norm(toy_cache):
+    _, acts, *_ = _all_rows(toy_cache)
+    mean_norm_MP = acts.float().norm(dim=-1).mean(0)
+    target = 128**0.5
+    assert ((mean_norm_MP - target).abs() / target < 0.05).all(), mean_norm_MP
+
+
+def test_rows_reproduce_the_models_own_activations(toy_cache, toy_dirs):
+    """Recompute a random sample of rows with a plain transformers forward pass."""
+    from transformers import AutoModelForCausalLM
+
+    cache, acts, seq, pos, tok = _all_rows(toy_cache)
+    raw = cache.normalization().undo(acts)
+    ids = cache.token_table().column("input_ids").to_pylist()
+    sample = torch.randperm(len(seq), generator=torch.Generator().manual_seed(1))[:64]
+    for m, name in enumerate(["toy-base", "toy-code"]):
+        model = AutoModelForCausalLM.from_pretrained(toy_dirs[name], attn_implementation="eager").eval()
+        for h, layer in enumerate([1, 2]):  # blocks.L.hook_resid_post == hidden_states[L + 1]
+            for r in sample.tolist():
+                with torch.no_grad():
+                    out = model(torch.tensor([ids[seq[r]]]), output_hidden_states=True)
+                ref = out.hidden_states[layer + 1][0, pos[r]]
+                got = raw[r, m, h]
+                # bf16 keeps 8 bits of mantissa: relative error per element <= 2^-8 of its magnitude.
+                torch.testing.assert_close(got, ref, rtol=2**-7, atol=2**-7 * ref.abs().max().item())
+            # And the other model's activation differs (the rows are not one model twice).
+        assert not torch.allclose(raw[sample, 0], raw[sample, 1], atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["mean_std", "none"])
+def test_other_normalizations(toy_dirs, tmp_path, method):
+    out = tmp_path / method
+    harvest(small_harvest_config(out, models=["toy-base"], hooks=["blocks.2.hook_resid_post"], tokens=3000,
+                                 normalize=method, dtype="float32", calibration_tokens=3000))
+    cache, acts, *_ = _all_rows(out)
+    if method == "mean_std":
+        assert (out / "normalization.safetensors").is_file()
+        assert acts.mean(0).abs().max() < 1e-3 and (acts.std(0, unbiased=False) - 1).abs().max() < 1e-3
+    else:
+        assert cache.manifest.normalization["scale"] == [[1.0]]
+        assert not torch.allclose(acts.norm(dim=-1).mean(), torch.tensor(128**0.5), rtol=0.05)
+
+
+def test_rerun_of_a_finished_harvest_changes_nothing(toy_cache):
+    before = (toy_cache / "manifest.json").read_bytes()
+    m = harvest(Manifest_config(toy_cache))
+    assert m.complete and (toy_cache / "manifest.json").read_bytes() == before
+
+
+def Manifest_config(cache_dir):
+    """The HarvestConfig a cache was made with, from its manifest."""
+    from harvest.config import HarvestConfig
+
+    cfg = Manifest.load(cache_dir).extra["harvest"]["config"]
+    return HarvestConfig(**cfg)

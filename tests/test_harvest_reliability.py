@@ -1,0 +1,208 @@
+"""Crash resume, disk full, verify, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, small_harvest_config
+from harvest.harvester import harvest
+from harvest.models import HarvestInputError
+from shared.cache_format import Manifest
+
+# Many tiny shards and chunks so that a kill lands mid-harvest.
+CRASH_ARGS = ["--models", "toy-base", "toy-code", "--hooks", "blocks.2.hook_resid_post", "--tokens", "40000",
+              "--context-size", "64", "--shard-size", "0.0625", "--shuffle-shards", "2", "--batch-size", "8",
+              "--calibration-tokens", "1000", "--device", "cpu", "--no-progress"]
+
+
+def _run_cli(args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(ROOT / "run_harvest.py"), *args], env=env, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+def _comparable(manifest_path: Path) -> dict:
+    obj = json.loads(manifest_path.read_text())
+    obj.pop("created_by")
+    obj["harvest"]["config"].pop("out")
+    return obj
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_is_byte_identical(toy_dirs, tmp_path):
+    ref, crashed = tmp_path / "ref", tmp_path / "crashed"
+    done = _run_cli([*CRASH_ARGS, "--out", str(ref)])
+    assert done.returncode == 0, done.stderr
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_harvest.py"), *CRASH_ARGS, "--out", str(crashed)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    listed = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            listed = len(json.loads((crashed / "manifest.json").read_text())["shards"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            listed = 0
+        if listed >= 5:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "harvest finished before it could be killed; make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = Manifest.load(crashed)
+    assert not partial.complete and 5 <= len(partial.shards) < len(Manifest.load(ref).shards)
+
+    resumed = _run_cli([*CRASH_ARGS, "--out", str(crashed)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    m_ref, m_res = Manifest.load(ref), Manifest.load(crashed)
+    assert [s.sha256 for s in m_ref.shards] == [s.sha256 for s in m_res.shards]
+    for s in m_ref.shards:
+        assert (ref / s.file).read_bytes() == (crashed / s.file).read_bytes()
+    assert (ref / "tokens.arrow").read_bytes() == (crashed / "tokens.arrow").read_bytes()
+    assert _comparable(ref / "manifest.json") == _comparable(crashed / "manifest.json")
+    assert not [p for p in crashed.rglob("*") if ".tmp-" in p.name]
+
+
+def test_disk_full_loses_nothing_and_resumes(toy_dirs, tmp_path, monkeypatch):
+    import shared.shard_io as shard_io
+
+    cfg = small_harvest_config(tmp_path / "full", models=["toy-base"], hooks=["blocks.2.hook_resid_post"],
+                               tokens=3000, shard_size=0.0625, shuffle_shards=2, calibration_tokens=500)
+    real_open = open
+    writes = {"n": 0}
+
+    class FullFile:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fake_open(path, mode="r", *a, **kw):
+        f = real_open(path, mode, *a, **kw)
+        if "shards" in str(path) and "w" in mode:
+            writes["n"] += 1
+            if writes["n"] > 4:
+                return FullFile(f)
+        return f
+
+    monkeypatch.setattr(shard_io, "open", fake_open, raising=False)
+    with pytest.raises(shard_io.DiskFullError, match="disk full"):
+        harvest(cfg)
+    partial = Manifest.load(cfg.out)
+    assert len(partial.shards) == 4 and not partial.complete
+    assert not [p for p in Path(cfg.out).rglob("*") if ".tmp-" in p.name]
+    monkeypatch.undo()
+    final = harvest(cfg)
+    ref = harvest(small_harvest_config(tmp_path / "ref", **{k: getattr(cfg, k) for k in
+                                       ("models", "hooks", "tokens", "shard_size", "shuffle_shards", "calibration_tokens")}))
+    assert [s.sha256 for s in final.shards] == [s.sha256 for s in ref.shards]
+
+
+def test_verify_cli_names_a_flipped_byte(toy_cache, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(toy_cache, copy)
+    ok = _run_cli(["verify", str(copy)])
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    victim = Manifest.load(copy).shards[3]
+    data = bytearray((copy / victim.file).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / victim.file).write_bytes(bytes(data))
+    (copy / Manifest.load(copy).shards[5].file).unlink()
+    bad = _run_cli(["verify", str(copy)])
+    assert bad.returncode == 1
+    assert victim.file in bad.stderr and "sha256" in bad.stderr
+    assert Manifest.load(copy).shards[5].file in bad.stderr and "missing" in bad.stderr
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+
+def _tiny_model(path: Path, toy_dir: Path, *, d_model=128, other_tokenizer=False) -> Path:
+    """A random GPT-NeoX folder; same tokenizer as the toys unless asked otherwise."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=4096, hidden_size=d_model, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=4 * d_model, max_position_embeddings=512, bos_token_id=0, eos_token_id=0)
+    GPTNeoXForCausalLM(cfg).save_pretrained(path)
+    if other_tokenizer:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.train_from_iterator(["some other corpus entirely"] * 50, trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>").save_pretrained(path)
+    else:
+        AutoTokenizer.from_pretrained(toy_dir).save_pretrained(path)
+    return path
+
+
+def _bad(tmp_path, match, **overrides):
+    with pytest.raises(HarvestInputError, match=match):
+        harvest(small_harvest_config(tmp_path / "out", **overrides))
+    return True
+
+
+def test_unknown_hook_lists_close_names(toy_dirs, tmp_path):
+    with pytest.raises(HarvestInputError, match=r"unknown hook 'blocks\.2\.hook_resid_pots'") as e:
+        harvest(small_harvest_config(tmp_path / "o", hooks=["blocks.2.hook_resid_pots"]))
+    assert "blocks.2.hook_resid_post" in str(e.value)
+    _bad(tmp_path, "unknown hook 'blocks.9.hook_resid_post'", hooks=["blocks.9.hook_resid_post"])
+    _bad(tmp_path, "shape", hooks=["blocks.1.mlp.hook_pre"])  # 512 wide, not d_model
+
+
+def test_models_that_differ_are_refused_before_any_forward(toy_dirs, tmp_path):
+    narrow = _tiny_model(tmp_path / "narrow", toy_dirs["toy-base"], d_model=64)
+    _bad(tmp_path, r"different widths \(d_model: toy-base=128, .*=64\)", models=["toy-base", str(narrow)])
+    other = _tiny_model(tmp_path / "othertok", toy_dirs["toy-base"], other_tokenizer=True)
+    _bad(tmp_path, "do not share a tokenizer", models=["toy-base", str(other)])
+    same = _tiny_model(tmp_path / "same", toy_dirs["toy-base"])
+    assert harvest(small_harvest_config(tmp_path / "ok", models=["toy-base", str(same)], tokens=300)).complete
+    _bad(tmp_path, "no config.json", models=[str(tmp_path)])
+
+
+def test_context_dataset_and_output_errors(toy_dirs, tmp_path):
+    _bad(tmp_path, "exceeds model 'toy-base'.s maximum of 512", context_size=1024)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    _bad(tmp_path, "yielded no documents", dataset=str(empty))
+    _bad(tmp_path, "does not exist", dataset=str(tmp_path / "missing.jsonl"))
+    _bad(tmp_path, "holds only .* usable tokens", dataset="builtin:docs", split="eval", tokens=10_000_000)
+    _bad(tmp_path, "not enough disk", tokens=10**13)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(HarvestInputError, match="not empty and holds no cache manifest"):
+        harvest(small_harvest_config(foreign))
+
+
+def test_output_folder_with_a_different_harvest_is_refused(toy_cache):
+    with pytest.raises(HarvestInputError, match=r"holds a different harvest \(hooks: "):
+        harvest(small_harvest_config(toy_cache, hooks=["blocks.0.hook_resid_post"]))
+
+
+def test_cli_reports_errors_without_traceback(toy_dirs, tmp_path):
+    res = _run_cli(["--hooks", "blocks.2.hook_resid_pots", "--out", str(tmp_path / "x"), "--no-progress"])
+    assert res.returncode == 2
+    assert "error: unknown hook" in res.stderr and "Traceback" not in res.stderr

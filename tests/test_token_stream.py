@@ -1,0 +1,110 @@
+"""The token stream: sources, packing with BOS, metadata per sequence, exact row counts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from harvest.models import HarvestInputError
+from harvest.token_stream import build_token_plan
+
+
+@pytest.fixture(scope="module")
+def tokenizer(toy_dirs):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(toy_dirs["toy-base"])
+
+
+def _plan(tokenizer, dataset, n_rows=300, context_size=32, **kw):
+    args = dict(dataset=dataset, split="train", text_column="text", meta_columns=None, seed=0, tokenizer=tokenizer,
+                context_size=context_size, bos_id=0, eos_id=0, excluded_ids=[0, 1], n_rows=n_rows)
+    args.update(kw)
+    return build_token_plan(**args)
+
+
+def _texts(n=60):
+    return [f"Paragraph {i} talks about the assert statement and the import system, part {i}." for i in range(n)]
+
+
+def test_packing_invariants(tokenizer):
+    plan = _plan(tokenizer, "builtin:mixed", n_rows=2000)
+    assert plan.n_rows == 2000
+    for ids in plan.input_ids:
+        assert len(ids) == 32 and ids[0] == 0
+    # Every sequence but the last contributes all its non-special tokens.
+    for ids, n in zip(plan.input_ids[:-1], plan.rows_per_seq[:-1]):
+        assert n == int((~np.isin(ids, [0, 1])).sum())
+    assert set(plan.metadata["source"]) == {"docs", "code"}
+    # Seeded: same seed same plan, other seed other order.
+    again = _plan(tokenizer, "builtin:mixed", n_rows=2000)
+    assert all(np.array_equal(a, b) for a, b in zip(plan.input_ids, again.input_ids))
+    other = _plan(tokenizer, "builtin:mixed", n_rows=2000, seed=1)
+    assert not all(np.array_equal(a, b) for a, b in zip(plan.input_ids, other.input_ids))
+
+
+def test_sequences_never_mix_sources(tokenizer, tmp_path):
+    """Two sources with disjoint words, interleaved document by document: no sequence mixes them."""
+    jl = tmp_path / "two.jsonl"
+    rows = [{"text": " ".join(["alpha"] * (5 + i % 7)), "source": "a"} if i % 2 else
+            {"text": " ".join(["omega"] * (5 + i % 5)), "source": "b"} for i in range(400)]
+    jl.write_text("\n".join(json.dumps(r) for r in rows))
+    plan = _plan(tokenizer, str(jl), n_rows=1500)
+    assert set(plan.metadata["source"]) == {"a", "b"}
+    for ids, src in zip(plan.input_ids, plan.metadata["source"]):
+        text = tokenizer.decode(ids[1:], skip_special_tokens=True)
+        assert ("alpha" in text) == (src == "a") and ("omega" in text) == (src == "b"), (src, text)
+
+
+def test_local_text_jsonl_parquet_and_pretokenized(tokenizer, tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_text("\n\n".join(_texts()))
+    p_txt = _plan(tokenizer, str(txt), n_rows=200)
+    assert p_txt.n_rows == 200 and p_txt.metadata == {}
+
+    jl = tmp_path / "b.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": t, "source": "x" if i % 2 else "y"}) for i, t in enumerate(_texts())))
+    p_jl = _plan(tokenizer, str(jl), n_rows=200)
+    assert set(p_jl.metadata["source"]) <= {"x", "y"} and len(p_jl.metadata["source"]) == p_jl.n_sequences
+
+    pq.write_table(pa.table({"body": _texts(), "lang": ["en"] * 60}), tmp_path / "c.parquet")
+    p_pq = _plan(tokenizer, str(tmp_path / "c.parquet"), n_rows=200, text_column="body", meta_columns=["lang"])
+    assert p_pq.metadata["lang"][0] == "en"
+    with pytest.raises(HarvestInputError, match="no text column 'text'"):
+        _plan(tokenizer, str(tmp_path / "c.parquet"))
+    with pytest.raises(HarvestInputError, match="meta column 'nope'"):
+        _plan(tokenizer, str(jl), meta_columns=["nope"])
+
+    # Pre-tokenized: already-packed rows are kept as they are; shorter rows are packed.
+    ids = [[0] + list(range(10 + i, 41 + i)) for i in range(20)]
+    pt = tmp_path / "d.jsonl"
+    pt.write_text("\n".join(json.dumps({"input_ids": x}) for x in ids))
+    p_pt = _plan(tokenizer, str(pt), n_rows=31 * 20)
+    got = sorted(tuple(x.tolist()) for x in p_pt.input_ids)
+    assert got == sorted(tuple(x) for x in ids)
+    short = tmp_path / "e.jsonl"
+    short.write_text("\n".join(json.dumps({"input_ids": list(range(5, 15))}) for _ in range(30)))
+    p_short = _plan(tokenizer, str(short), n_rows=100)
+    assert all(len(x) == 32 and x[0] == 0 for x in p_short.input_ids)
+
+
+def test_metadata_travels_into_the_token_table(toy_dirs, tmp_path):
+    from conftest import small_harvest_config
+    from harvest.harvester import harvest
+    from shared.cache import open_cache
+
+    jl = tmp_path / "b.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": t, "source": "x" if i % 2 else "y"}) for i, t in enumerate(_texts())))
+    harvest(small_harvest_config(tmp_path / "c", models=["toy-base"], dataset=str(jl), tokens=300, context_size=32))
+    table = open_cache(tmp_path / "c").token_table()
+    assert table.column_names == ["seq", "input_ids", "source"]
+    assert set(table.column("source").to_pylist()) <= {"x", "y"}
+
+
+def test_unknown_builtin(tokenizer):
+    with pytest.raises(HarvestInputError, match="builtin:docs, builtin:code, builtin:mixed"):
+        _plan(tokenizer, "builtin:nope")
