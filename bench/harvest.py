@@ -18,6 +18,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--context-size", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved bare/harvest pairs; medians are reported")
     ap.add_argument("--quick", action="store_true", help="smoke run: 20k tokens")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = ap.parse_args()
@@ -96,14 +98,16 @@ def main() -> None:
         cfg = HarvestConfig(models=models, hooks=[hook], tokens=tokens, context_size=args.context_size,
                             out=str(Path(tmp) / "cache"), device=args.device, batch_size=args.batch_size,
                             progress=False)
-        # Warm the page cache and the toy build; the measured harvest goes to a fresh folder.
+        # Warm the page cache and the toy build; measured harvests go to fresh folders.
         harvest(HarvestConfig(**{**cfg.__dict__, "tokens": min(tokens, 5000), "out": str(Path(tmp) / "warm")}))
-        harvest(cfg)
-        run = Manifest.load(cfg.out).created_by["last_run"]
-        harvest_s = float(run["forward_and_write_seconds"])
-        bare_s = [bare_forward_seconds(cfg, Path(cfg.out))]
-        bare_s.append(bare_forward_seconds(cfg, Path(cfg.out)))
-        bare = sum(bare_s) / len(bare_s)
+        harvest_runs, bare_runs = [], []
+        for r in range(args.repeats):  # interleaved, so background load hits both alike
+            run_cfg = HarvestConfig(**{**cfg.__dict__, "out": str(Path(tmp) / f"cache{r}")})
+            harvest(run_cfg)
+            run = Manifest.load(run_cfg.out).created_by["last_run"]
+            harvest_runs.append(float(run["forward_and_write_seconds"]))
+            bare_runs.append(bare_forward_seconds(run_cfg, Path(run_cfg.out)))
+        harvest_s, bare = statistics.median(harvest_runs), statistics.median(bare_runs)
         device = run["device"]
 
     ratio = bare / harvest_s
@@ -111,8 +115,8 @@ def main() -> None:
     rows = [
         ("rows", f"{tokens:,}"),
         ("models x hooks", f"{len(models)} x 1 ({args.model_size}, {hook})"),
-        ("bare forward tokens/s", f"{tokens / bare:,.0f}  (runs: {', '.join(f'{s:.2f}s' for s in bare_s)})"),
-        ("harvest tokens/s", f"{tokens / harvest_s:,.0f}  ({harvest_s:.2f}s)"),
+        ("bare forward tokens/s (median)", f"{tokens / bare:,.0f}  (runs: {', '.join(f'{s:.2f}s' for s in bare_runs)})"),
+        ("harvest tokens/s (median)", f"{tokens / harvest_s:,.0f}  (runs: {', '.join(f'{s:.2f}s' for s in harvest_runs)})"),
         ("ratio harvest / bare", f"{ratio:.3f}  (target >= {target})"),
     ]
     machine = f"{platform.node() or 'unknown'}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, device {device}"

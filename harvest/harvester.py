@@ -139,7 +139,7 @@ class _Forward:
         self.device, self.batch_size = device, batch_size
         self.row_start = plan.row_start
         self.row_end = self.row_start + plan.rows_per_seq
-        self.excluded = torch.tensor(models.excluded_ids, dtype=torch.long, device=device)
+        self.excluded = torch.tensor(models.excluded_ids, dtype=torch.long)
 
     def rows(self, a: int, b: int):
         """Yield ``(first_row, acts_NMPD, seq_N, pos_N, token_N)`` covering rows [a, b) in order."""
@@ -149,26 +149,33 @@ class _Forward:
         # resumed harvest runs the very same batches and writes byte-identical shards.
         for lo in range((s0 // self.batch_size) * self.batch_size, s1, self.batch_size):
             hi = min(lo + self.batch_size, self.plan.n_sequences)
-            tokens_BS = torch.from_numpy(np.stack(self.plan.input_ids[lo:hi])).to(self.device, torch.long)
-            start_B = torch.from_numpy(self.row_start[lo:hi]).to(self.device)
-            take_B = torch.from_numpy(self.plan.rows_per_seq[lo:hi]).to(self.device)
+            # Row selection happens on the host (the tokens are there), so the device never
+            # syncs for a boolean mask; the device only gathers with a precomputed index.
+            tokens_BS = torch.from_numpy(np.stack(self.plan.input_ids[lo:hi])).long()
+            start_B = torch.from_numpy(self.row_start[lo:hi])
+            take_B = torch.from_numpy(self.plan.rows_per_seq[lo:hi])
             mask_BS = ~torch.isin(tokens_BS, self.excluded)
             rank_BS = mask_BS.cumsum(dim=1)  # 1-based rank of each included position
             row_BS = start_B[:, None] + rank_BS - 1
             mask_BS &= (rank_BS <= take_B[:, None]) & (row_BS >= a) & (row_BS < b)
+            flat_N = mask_BS.flatten().nonzero().squeeze(1)
+            if flat_N.numel() == 0:
+                continue
+            flat_dev_N = flat_N.to(self.device, non_blocking=True)
+            tokens_dev_BS = tokens_BS.to(self.device, non_blocking=True)
             per_model = []
             for bridge in self.models.bridges:
                 with torch.inference_mode():
                     _, cache = bridge.run_with_cache(
-                        tokens_BS, names_filter=self.hooks, stop_at_layer=self.models.stop_at_layer
+                        tokens_dev_BS, names_filter=self.hooks, stop_at_layer=self.models.stop_at_layer
                     )
-                per_model.append(torch.stack([cache[h][mask_BS] for h in self.hooks], dim=1))  # [N, P, D]
+                # [B, S, D] per hook -> rows [N, P, D]
+                per_model.append(torch.stack([cache[h].flatten(0, 1).index_select(0, flat_dev_N) for h in self.hooks], dim=1))
                 del cache
             acts_NMPD = torch.stack(per_model, dim=1)
-            seq_BS = torch.arange(lo, hi, device=self.device)[:, None].expand_as(tokens_BS)
-            pos_BS = torch.arange(tokens_BS.shape[1], device=self.device)[None, :].expand_as(tokens_BS)
-            if acts_NMPD.shape[0]:
-                yield int(row_BS[mask_BS][0]), acts_NMPD, seq_BS[mask_BS], pos_BS[mask_BS], tokens_BS[mask_BS]
+            seq_N = (torch.arange(lo, hi)[:, None].expand_as(tokens_BS)).flatten()[flat_N]
+            pos_N = (torch.arange(tokens_BS.shape[1])[None, :].expand_as(tokens_BS)).flatten()[flat_N]
+            yield int(row_BS.flatten()[flat_N[0]]), acts_NMPD, seq_N, pos_N, tokens_BS.flatten()[flat_N]
 
 
 def harvest(cfg: HarvestConfig) -> Manifest:

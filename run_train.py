@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Stage 2 CLI: train a dictionary (crosscoder, transcoder, CLT, SAE) on an activation cache.
+
+    python run_train.py --cache DIR --arch crosscoder --activation batchtopk --k 32 --latents 4096 \
+        --steps N --batch-size B --lr X --out runs/NAME
+    python run_train.py --config run.yaml [--flags that override it]
+
+Re-running the same command resumes from the newest checkpoint in --out.
+Every flag is a field of ``train.config.TrainConfig``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shared.config import add_dataclass_arguments, config_from_namespace
+from train.config import TrainConfig
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run_train.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML or JSON file of TrainConfig fields (flags override it)")
+    add_dataclass_arguments(parser, TrainConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _train_parser().parse_args(argv)
+    try:
+        cfg = config_from_namespace(TrainConfig, args, args.config)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from shared.cache_format import CacheError
+    from train.trainer import NonFiniteLossError, TrainingInterrupted, train
+
+    try:
+        result = train(cfg)
+    except (CacheError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
+    ev = result.eval_metrics.get("eval/ev/overall")
+    l0 = result.eval_metrics.get("eval/l0/mean")
+    print(f"trained {result.steps} steps -> {result.run_dir}"
+          + (f" (eval: explained variance {ev:.3f}, L0 {l0:.1f})" if ev is not None else ""))
+    print(f"exported dictionary (raw activations): {result.run_dir / 'export'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
