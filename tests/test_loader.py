@@ -1,0 +1,435 @@
+"""Tests of train.loader.ActivationLoader: exactly-once epochs, ranks, determinism, resume,
+shuffle quality, thread shutdown, peak memory, and every bad input the issue names."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.cache_format import MANIFEST_NAME, CacheError
+from tests.cache_factory import check_tags, make_cache, shard_rows
+from train.loader import ActivationLoader, default_eval_shards
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = [100, 130, 90, 110, 120, 75]  # uneven shards: batches straddle shards and windows
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cache")
+    make_cache(path, n_shards=len(SIZES), rows_per_shard=SIZES, n_models=2, n_hooks=3, d_model=8)
+    return path
+
+
+def rows_of(batches: list) -> list[tuple[int, int]]:
+    return [tuple(r) for _, index in batches for r in index.tolist()]
+
+
+def epoch_chunks(loader: ActivationLoader, batches: list) -> list[list]:
+    n = loader.batches_per_epoch
+    return [batches[i : i + n] for i in range(0, len(batches), n)]
+
+
+def loader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("ActivationLoader")]
+
+
+def wait_no_loader_threads(timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while loader_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not loader_threads(), f"leaked loader threads: {loader_threads()}"
+
+
+def run_with_timeout(fn, timeout: float = 30.0) -> None:
+    """Run ``fn`` in a watchdog thread, so a hang fails the test instead of freezing it."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "consumer hung"
+    if errors:
+        raise errors[0]
+
+
+# ---- exactly once, splits, ranks ----
+
+
+def test_exactly_once_per_epoch(cache: Path) -> None:
+    loader = ActivationLoader(cache, 32, window=2, epochs=3, with_index=True, eval_shards=1)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 3 * loader.batches_per_epoch
+    expected = Counter(shard_rows(cache, range(len(SIZES) - 1)))
+    orders = []
+    for chunk in epoch_chunks(loader, batches):
+        assert Counter(rows_of(chunk)) == expected  # every row once, nothing else
+        orders.append(rows_of(chunk))
+        assert [len(a) for a, _ in chunk[:-1]] == [32] * (len(chunk) - 1)
+    assert orders[0] != orders[1] != orders[2]  # reshuffled each epoch
+    for acts, index in batches:
+        check_tags(acts, index, [0, 1], [0, 1, 2])
+        assert acts.dtype == torch.float32
+
+
+def test_eval_split_is_held_out_and_seed_independent(cache: Path) -> None:
+    n = len(SIZES)
+    assert default_eval_shards(1) == 0 and default_eval_shards(2) == 1 and default_eval_shards(60) == 3
+    for seed in (0, 7):
+        train = rows_of(list(ActivationLoader(cache, 16, split="train", seed=seed, with_index=True)))
+        ev = rows_of(list(ActivationLoader(cache, 16, split="eval", seed=seed, with_index=True)))
+        assert Counter(ev) == Counter(shard_rows(cache, [n - 1]))  # the last shard
+        assert not set(train) & set(ev)
+        assert Counter(train + ev) == Counter(shard_rows(cache))
+    ev2 = rows_of(list(ActivationLoader(cache, 16, split="eval", eval_shards=2, with_index=True)))
+    assert Counter(ev2) == Counter(shard_rows(cache, [n - 2, n - 1]))
+
+
+@pytest.mark.parametrize("batch_size", [17, 40])
+def test_ranks_disjoint_covering_and_aligned(cache: Path, batch_size: int) -> None:
+    world = 3
+    kw = dict(window=2, epochs=2, with_index=True, eval_shards=0, seed=3)
+    single = list(ActivationLoader(cache, batch_size, **kw))
+    ranks = [list(ActivationLoader(cache, batch_size, rank=r, world_size=world, **kw)) for r in range(world)]
+    lens = {len(b) for b in ranks}
+    assert len(lens) == 1  # DDP: every rank steps the same number of times
+    loaders = [ActivationLoader(cache, batch_size, rank=r, world_size=world, **kw) for r in range(world)]
+    assert loaders[0].dropped_rows_per_epoch == 0  # 625 rows: tails 625 mod 51 = 13, mod 120 = 25 (>= 3)
+    for e in range(2):
+        per_rank = [Counter(rows_of(epoch_chunks(loaders[0], b)[e])) for b in ranks]
+        union = sum(per_rank, Counter())
+        assert union == Counter(shard_rows(cache))  # covering, and each row once: disjoint
+    # Rank r's batch j is batch j*world + r of the single-rank stream (same rows).
+    n_full = loaders[0]._n_full
+    for r in range(world):
+        for j in range(n_full):
+            assert sorted(rows_of([ranks[r][j]])) == sorted(rows_of([single[j * world + r]]))
+
+
+def test_ranks_tiny_tail_is_dropped_with_warning(tmp_path: Path) -> None:
+    make_cache(tmp_path, n_shards=2, rows_per_shard=[50, 51], d_model=8)  # 101 = 2 * (2 * 25) + 1
+    with pytest.warns(UserWarning, match="not served"):
+        loaders = [ActivationLoader(tmp_path, 25, rank=r, world_size=2, eval_shards=0, with_index=True)
+                   for r in range(2)]
+    assert loaders[0].dropped_rows_per_epoch == 1 and len(loaders[0]) == len(loaders[1]) == 2
+    served = rows_of(list(loaders[0])) + rows_of(list(loaders[1]))
+    assert len(served) == len(set(served)) == 100
+
+
+def test_drop_last(cache: Path) -> None:
+    loader = ActivationLoader(cache, 64, drop_last=True, eval_shards=0, with_index=True)
+    batches = list(loader)
+    assert len(batches) == 625 // 64 and all(len(a) == 64 for a, _ in batches)
+    assert len(set(rows_of(batches))) == 64 * len(batches)
+
+
+def test_model_hook_selection_in_order_asked(cache: Path) -> None:
+    hooks = ["blocks.2.hook_resid_post", "blocks.0.hook_resid_post"]
+    loader = ActivationLoader(cache, 50, models=["model1", "model0"], hooks=hooks, with_index=True, dtype=torch.bfloat16)
+    for acts, index in loader:
+        assert acts.shape[1:] == (2, 2, 8) and acts.dtype == torch.bfloat16
+        check_tags(acts, index, [1, 0], [2, 0])
+    assert ActivationLoader(cache, 50, hooks=["blocks.1.hook_resid_post"]).normalization().scale_MP.shape == (2, 1)
+
+
+def test_values_equal_the_stored_rows(cache: Path) -> None:
+    from shared.cache import open_cache
+
+    c = open_cache(cache)
+    stored = {}
+    for i in range(c.n_shards):
+        with c.shard(i) as r:
+            for k, (s, p) in enumerate(zip(r.seq.tolist(), r.pos.tolist())):
+                stored[(s, p)] = r.acts[k].clone()
+    for acts, index in ActivationLoader(c, 64, with_index=True, dtype=torch.float64):
+        for row, (s, p) in zip(acts, index.tolist()):
+            assert torch.equal(row, stored[(s, p)].to(torch.float64))
+
+
+# ---- determinism and resume ----
+
+
+def test_same_seed_same_stream(cache: Path) -> None:
+    def stream(seed: int) -> list:
+        return list(ActivationLoader(cache, 32, seed=seed, window=3, epochs=2, with_index=True))
+
+    a, b, c = stream(5), stream(5), stream(6)
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b, strict=True))
+    assert rows_of(a) != rows_of(c)
+
+
+def test_gather_threads_serve_the_same_stream(tmp_path: Path) -> None:
+    make_cache(tmp_path, n_shards=3, rows_per_shard=[2000, 1700, 2300], n_hooks=2, d_model=8)
+    kw = dict(window=2, eval_shards=0, with_index=True, hooks=["blocks.1.hook_resid_post"])
+    one = list(ActivationLoader(tmp_path, 1500, gather_threads=1, **kw))
+    many = list(ActivationLoader(tmp_path, 1500, gather_threads=3, **kw))  # jobs cut below one shard-run
+    for (x, i), (y, j) in zip(one, many, strict=True):
+        assert torch.equal(x, y) and torch.equal(i, j)
+        check_tags(y, j, [0, 1], [1])
+
+
+@pytest.mark.parametrize("consumed", [1, 5, 10, 14])  # 10: first batch of epoch 1 (10 per epoch)
+def test_resume_mid_epoch_continues_identical_stream(cache: Path, consumed: int) -> None:
+    kw = dict(window=2, epochs=2, with_index=True, seed=1, prefetch=3)
+    full = list(ActivationLoader(cache, 60, **kw))
+    first = ActivationLoader(cache, 60, **kw)
+    it = iter(first)
+    head = [next(it) for _ in range(consumed)]
+    time.sleep(0.05)  # let the thread prefetch ahead: prefetched batches must not count
+    state = json.loads(json.dumps(first.state_dict()))
+    del it
+    assert state["epoch"] * first.batches_per_epoch + state["batch"] == consumed
+    second = ActivationLoader(cache, 60, **kw)
+    second.load_state_dict(state)
+    rest = list(second)
+    assert len(head) + len(rest) == len(full)
+    for x, y in zip(head + rest, full, strict=True):
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+    # Breaking out and iterating the same loader again also continues where it stopped.
+    again = list(first)
+    assert rows_of(again) == rows_of(rest)
+
+
+def test_finished_loader_yields_nothing_and_rewinds(cache: Path) -> None:
+    loader = ActivationLoader(cache, 64, with_index=True)
+    first = rows_of(list(loader))
+    assert list(loader) == []
+    loader.rewind()
+    assert rows_of(list(loader)) == first
+
+
+def test_state_from_another_stream_is_refused(cache: Path) -> None:
+    state = ActivationLoader(cache, 32, seed=1).state_dict()
+    with pytest.raises(ValueError, match="seed"):
+        ActivationLoader(cache, 32, seed=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="batch_size"):
+        ActivationLoader(cache, 16, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="out of range"):
+        ActivationLoader(cache, 32, seed=1).load_state_dict({**state, "batch": 10_000})
+    with pytest.raises(ValueError, match="format"):
+        ActivationLoader(cache, 32, seed=1).load_state_dict({"epoch": 0})
+
+
+# ---- shuffle quality ----
+
+
+def same_seq_pair_share(batches: list[list[tuple[int, int]]]) -> float:
+    pairs = same = 0
+    for rows in batches:
+        counts = Counter(s for s, _ in rows)
+        n = len(rows)
+        pairs += n * (n - 1) // 2
+        same += sum(c * (c - 1) // 2 for c in counts.values())
+    return same / pairs
+
+
+def test_shuffle_quality(tmp_path: Path) -> None:
+    # Harvest-like: 64-token sequences, write-time shuffle spanning 4 shards only.
+    make_cache(tmp_path, n_shards=16, rows_per_shard=512, seq_len=64, shuffle_buffer_shards=4, d_model=8)
+    rows = shard_rows(tmp_path)
+    counts = Counter(s for s, _ in rows)
+    n = len(rows)
+    uniform = sum(c * (c - 1) for c in counts.values()) / (n * (n - 1))
+    loader = ActivationLoader(tmp_path, 256, eval_shards=0, epochs=2, with_index=True)
+    served = [[tuple(r) for r in index.tolist()] for _, index in loader]
+    assert same_seq_pair_share(served) <= 2 * uniform
+    # The test has teeth: serving the shards in file order would fail it.
+    in_order = [rows[i : i + 256] for i in range(0, n, 256)]
+    assert same_seq_pair_share(in_order) > 2 * uniform
+
+
+# ---- threads ----
+
+
+@pytest.mark.parametrize("gather_threads", [1, 3])
+def test_thread_stops_on_break(cache: Path, gather_threads: int) -> None:
+    wait_no_loader_threads()
+    loader = ActivationLoader(cache, 8, prefetch=2, gather_threads=gather_threads)
+    for i, _ in enumerate(loader):
+        assert 1 <= len(loader_threads()) <= 1 + gather_threads
+        if i == 2:
+            break
+    wait_no_loader_threads(timeout=1.0)
+    assert loader.state_dict()["batch"] == 3
+
+
+def test_thread_stops_on_exception_in_consumer(cache: Path) -> None:
+    loader = ActivationLoader(cache, 8, prefetch=2, gather_threads=2)
+
+    def consume() -> None:
+        for _ in loader:
+            raise KeyError("boom")
+
+    with pytest.raises(KeyError, match="boom"):
+        run_with_timeout(consume)
+    wait_no_loader_threads(timeout=1.0)
+
+
+def test_thread_stops_on_garbage_collection_and_new_iter(cache: Path) -> None:
+    loader = ActivationLoader(cache, 8, prefetch=2)
+    it = iter(loader)
+    next(it)
+    it2 = iter(loader)  # a new iterator stops the previous one
+    assert len(loader_threads()) == 1
+    with pytest.raises(StopIteration):
+        next(it)
+    del it, it2
+    gc.collect()
+    wait_no_loader_threads(timeout=1.0)
+
+
+def test_error_in_thread_reaches_consumer(tmp_path: Path) -> None:
+    make_cache(tmp_path, n_shards=3, rows_per_shard=64, d_model=8)
+    loader = ActivationLoader(tmp_path, 16, eval_shards=0, window=1)
+    for f in (tmp_path / "shards").iterdir():  # damaged after construction, before reading
+        f.write_bytes(f.read_bytes()[:-8])
+
+    def consume() -> None:
+        list(loader)
+
+    with pytest.raises(CacheError, match="bytes"):
+        run_with_timeout(consume)
+    wait_no_loader_threads(timeout=1.0)
+
+
+# ---- memory ----
+
+_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from train.loader import ActivationLoader
+
+    def status_kib(key):  # VmHWM is this process's own peak (ru_maxrss inherits the parent's)
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
+
+    def mapped():
+        return {l.split()[-1] for l in open("/proc/self/maps") if "acts-" in l}
+
+    loader = ActivationLoader(sys.argv[1], 512, window=2, eval_shards=0, prefetch=2, dtype=torch.bfloat16)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak to the current RSS
+    base = status_kib("VmRSS")
+    max_mapped = n = 0
+    for acts in loader:
+        n += len(acts)
+        max_mapped = max(max_mapped, len(mapped()))
+    growth = (status_kib("VmHWM") - base) * 1024
+    print(json.dumps({"growth": growth, "rows": n, "max_mapped": max_mapped, "after": len(mapped())}))
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_peak_memory_bounded_by_window(tmp_path: Path) -> None:
+    # 16 shards of 8.5 MB: the cache is 8x the 2-shard window.
+    man = make_cache(tmp_path, n_shards=16, rows_per_shard=8192, n_models=2, d_model=256, tag=False)
+    cache_bytes, window_bytes = sum(s.bytes for s in man.shards), 2 * man.shards[0].bytes
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=120, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["rows"] == man.n_rows
+    assert res["max_mapped"] <= 2 and res["after"] == 0  # finished windows are unmapped
+    # One window's pages plus a constant (prefetched batches, thread arena), not the cache:
+    # without releasing windows the growth would be the whole 136 MB.
+    assert res["growth"] < window_bytes + 24 * 2**20, res
+    assert res["growth"] < cache_bytes / 3, res
+
+
+# ---- bad input ----
+
+
+def test_bad_cache_folders(tmp_path: Path) -> None:
+    with pytest.raises(CacheError, match="does not exist"):
+        ActivationLoader(tmp_path / "nowhere", 8)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CacheError, match="manifest.json not found"):
+        ActivationLoader(tmp_path / "empty", 8)
+    make_cache(tmp_path / "c", n_shards=3, rows_per_shard=32, d_model=8)
+    (tmp_path / "c" / "shards" / "acts-00001.safetensors").unlink()
+    with pytest.raises(CacheError, match="missing"):
+        ActivationLoader(tmp_path / "c", 8)
+
+
+def test_shard_disagreeing_with_manifest(tmp_path: Path) -> None:
+    make_cache(tmp_path, n_shards=3, rows_per_shard=32, d_model=8)
+    shard = tmp_path / "shards" / "acts-00000.safetensors"
+    good = shard.read_bytes()
+    shard.write_bytes(good + b"\0" * 4)  # size
+    with pytest.raises(CacheError, match="manifest says"):
+        ActivationLoader(tmp_path, 8, eval_shards=0)
+    shard.write_bytes(good.replace(b'"I32"', b'"F32"', 1))  # header (same size): pos dtype
+    with pytest.raises(CacheError, match="dtype"):
+        ActivationLoader(tmp_path, 8, eval_shards=0)
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    manifest["shards"][0]["n_rows"] += 1
+    manifest["n_rows"] += 1
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    shard.write_bytes(good)
+    with pytest.raises(CacheError, match="rows"):
+        ActivationLoader(tmp_path, 8, eval_shards=0)
+
+
+def test_verify_checks_checksums(tmp_path: Path) -> None:
+    make_cache(tmp_path, n_shards=2, rows_per_shard=32, d_model=8)
+    assert len(list(ActivationLoader(tmp_path, 8, verify=True))) == 4
+    shard = tmp_path / "shards" / "acts-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # same size, valid header, wrong payload
+    shard.write_bytes(bytes(data))
+    ActivationLoader(tmp_path, 8)  # only a checksum can tell
+    with pytest.raises(CacheError, match="sha256"):
+        ActivationLoader(tmp_path, 8, verify=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(models=["model9"]), r"model 'model9' is not in the cache; it holds \['model0', 'model1'\]"),
+        (dict(hooks=["blocks.7.hook_mlp_out"]), "hook 'blocks.7.hook_mlp_out' is not in the cache; it holds"),
+        (dict(batch_size=10_000), "larger than the train split"),
+        (dict(window=0), "window must be an integer >= 1"),
+        (dict(window=-3), "window must be an integer >= 1"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(rank=2, world_size=2), "rank"),
+        (dict(split="test"), "split"),
+        (dict(split="eval", eval_shards=0), "eval_shards"),
+        (dict(eval_shards=6), "eval_shards"),
+        (dict(dtype=torch.int32), "floating"),
+        (dict(models=["model0", "model0"]), "must not repeat"),
+        (dict(batch_size=400, world_size=2, drop_last=True), "no batch"),
+    ],
+)
+def test_bad_arguments(cache: Path, kwargs: dict, match: str) -> None:
+    kwargs = {"batch_size": 8, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        ActivationLoader(cache, **kwargs)
+
+
+# ---- CUDA (skipped without a GPU) ----
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pinned_non_blocking(cache: Path) -> None:
+    loader = ActivationLoader(cache, 32, device="cuda", dtype=torch.float32, with_index=True)
+    cpu = list(ActivationLoader(cache, 32, with_index=True))
+    for (acts, index), (ref, ref_index) in zip(loader, cpu, strict=True):
+        assert acts.is_cuda and acts.dtype == torch.float32
+        assert torch.equal(acts.cpu(), ref) and torch.equal(index, ref_index)
