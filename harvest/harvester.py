@@ -328,6 +328,9 @@ def _new_manifest(cfg: HarvestConfig, models: LoadedModels, plan: TokenPlan, nor
         complete=False,
         extra={
             "n_sequences": plan.n_sequences,
+            # Rows of each buffer of `buffer_rows` consecutive stream rows were permuted before being
+            # cut into shards: neighbouring rows of a shard come from different sequences.
+            "write_shuffle": {"buffer_rows": layout.chunk_size, "seed": cfg.seed},
             "harvest": {
                 "signature": cfg.content_signature(),
                 "config": config_to_json(cfg),

@@ -183,8 +183,11 @@ class ShardReader:
                     f"match shape {shape} (file truncated or corrupted)"
                 )
             end_max = max(end_max, end)
-            t = torch.frombuffer(self._mmap, dtype=want, count=count, offset=data_start + begin)
-            self.tensors[name] = t.view(shape) if count else torch.empty(shape, dtype=want)
+            if count:
+                t = torch.frombuffer(self._mmap, dtype=want, count=count, offset=data_start + begin)
+                self.tensors[name] = t.view(shape)
+            else:  # frombuffer refuses count=0
+                self.tensors[name] = torch.empty(shape, dtype=want)
         if data_start + end_max != size:
             raise CacheError(f"shard {self.path}: {size - data_start - end_max} unexpected trailing bytes")
         n = self.tensors["acts"].shape[0]
@@ -230,12 +233,15 @@ class ShardReader:
     def token(self) -> torch.Tensor:
         return self.tensors["token"]
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Drop our tensors and unmap the file. Returns False if a view of the tensors is still
+        alive elsewhere (the mapping then stays until that view is garbage-collected)."""
         self.tensors.clear()
         try:
             self._mmap.close()
         except BufferError:
-            pass  # a tensor view is still alive; the mapping closes when it is collected
+            return False
+        return True
 
     def __enter__(self) -> "ShardReader":
         return self
