@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Stage 1 CLI: harvest activations into a cache, or verify one.
+"""Stage 1 CLI: harvest activations into a cache, verify one, or push one to the Hugging Face Hub.
 
     python run_harvest.py [--models ...] [--hooks ...] [--dataset ...] [--out DIR] ...
     python run_harvest.py verify DIR
+    python run_harvest.py push DIR --repo USER/NAME [--private] [--revision R] [--dry-run]
 
 With no arguments it harvests the default demo cache (toy pair on builtin:mixed).
 Every flag is a field of ``harvest.HarvestConfig``; ``--config FILE.yaml`` loads them from a file.
@@ -21,7 +22,8 @@ def _harvest_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_harvest.py",
         description="Harvest aligned, normalized activations of one or more models into a cache. "
-        "Subcommand: `verify DIR` checks a cache against its manifest.",
+        "Subcommands: `verify DIR` checks a cache against its manifest; `push DIR --repo USER/NAME` "
+        "uploads it to the Hugging Face Hub.",
     )
     parser.add_argument("--config", help="YAML or JSON file of HarvestConfig fields (flags override it)")
     add_dataclass_arguments(parser, HarvestConfig)
@@ -45,10 +47,49 @@ def _verify(argv: list[str]) -> int:
     return 1
 
 
+def _push(argv: list[str]) -> int:
+    from shared.cache_format import CacheError
+    from shared.hub import push_cache, token_status
+
+    parser = argparse.ArgumentParser(
+        prog="run_harvest.py push",
+        description="Verify a cache and upload it to a Hugging Face dataset repo (resumable: re-run to resume), "
+        "with a generated dataset card. The token comes from HF_TOKEN or `hf auth login`.",
+    )
+    parser.add_argument("cache", help="cache folder (or hf://USER/NAME[@REV])")
+    parser.add_argument("--repo", required=True, help="dataset repo USER/NAME (created if missing)")
+    parser.add_argument("--private", action="store_true",
+                        help="create the repo private (an existing repo keeps its visibility)")
+    parser.add_argument("--revision", help="branch to push to (created from main if missing; default main)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="verify, print the card and the file list; upload nothing")
+    args = parser.parse_args(argv)
+    try:
+        plan = push_cache(args.cache, args.repo, private=args.private, revision=args.revision,
+                          dry_run=args.dry_run, progress=True)
+    except (CacheError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(plan.card)
+        print(f"--- files for {plan.url} ---")
+        print(plan.file_list())
+        print(f"auth: {token_status()}")
+        print("dry run: nothing uploaded")
+        return 0
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"pushed {len(plan.files)} files ({plan.total_bytes:,} bytes) to {plan.url}"
+          + (f"\ncommit: {plan.commit_url}" if plan.commit_url else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "verify":
         return _verify(argv[1:])
+    if argv and argv[0] == "push":
+        return _push(argv[1:])
     args = _harvest_parser().parse_args(argv)
     try:
         cfg = config_from_namespace(HarvestConfig, args, args.config)

@@ -52,6 +52,17 @@ def resolve_model(name: str) -> ResolvedModel:
     return ResolvedModel(name, base, None, revision or None)
 
 
+_GATES = {
+    "hook_mlp_in": "set_use_hook_mlp_in",
+    "hook_attn_in": "set_use_attn_in",
+    "hook_q_input": "set_use_split_qkv_input",
+    "hook_k_input": "set_use_split_qkv_input",
+    "hook_v_input": "set_use_split_qkv_input",
+    "attn.hook_result": "set_use_attn_result",
+}
+"""Hook-name suffix -> the transformer-lens setter that must be on for that hook to fire."""
+
+
 def stop_layer_for(hooks: list[str], n_layers: int) -> int | None:
     """``stop_at_layer`` that still runs every block a hook needs (None: run the whole model)."""
     last = -1
@@ -161,6 +172,12 @@ def load_models(
                     f"Layers run 0..{b.cfg.n_layers - 1}."
                 )
 
+    # Some hooks are gated off in transformer-lens until a setter turns them on; turn on
+    # exactly the gates the requested hooks need (each costs some forward-pass work).
+    for b in bridges:
+        for setter in sorted({_GATES[s] for h in hooks for s in _GATES if h.endswith(s)}):
+            getattr(b, setter)(True)
+
     # Same tokenizer (vocabulary), or rows would not be the same tokens.
     fps = [tokenizer_fingerprint(b.tokenizer) for b in bridges]
     if len(set(fps)) > 1:
@@ -202,6 +219,11 @@ def load_models(
         with torch.no_grad():
             _, cache = b.run_with_cache(probe, names_filter=list(hooks), stop_at_layer=stop)
         for hook in hooks:
+            if hook not in cache.cache_dict:
+                raise HarvestInputError(
+                    f"hook {hook!r} of model {r.name!r} never fired in a forward pass (gated off or unused by "
+                    "this architecture); choose another hook"
+                )
             shape = tuple(cache[hook].shape)
             if len(shape) != 3 or shape[-1] != d_model:
                 raise HarvestInputError(

@@ -73,12 +73,18 @@ class Cache:
         return hooks.index(hook)
 
 
-def open_cache(cache_dir: str | Path, *, allow_incomplete: bool = False) -> Cache:
+def open_cache(cache_dir: str | Path, *, allow_incomplete: bool = False, max_shards: int | None = None) -> Cache:
     """Open a cache folder: read and validate the manifest and check every shard file exists.
 
+    ``cache_dir`` may be ``hf://USER/NAME[@REV]``: downloaded first, only its first
+    ``max_shards`` shards if given (see :func:`shared.hub.resolve_cache`).
     Raises :class:`CacheError` naming the problem. An unfinished harvest is refused unless
     ``allow_incomplete``.
     """
+    if max_shards is not None or (isinstance(cache_dir, str) and cache_dir.startswith("hf://")):
+        from shared.hub import resolve_cache  # lazy: huggingface_hub is needed for Hub caches only
+
+        cache_dir = resolve_cache(cache_dir, max_shards=max_shards)
     manifest = Manifest.load(cache_dir)
     if not manifest.complete and not allow_incomplete:
         raise CacheError(
@@ -114,8 +120,16 @@ def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: boo
     """Check every shard against the manifest: present, size, sha256, header shapes and dtypes.
 
     Also checks that the token table is readable and holds the manifest's ``n_sequences``.
+    ``hf://USER/NAME[@REV]`` is downloaded first (a failed download is a problem).
     Never raises for a bad shard: every problem is collected in the report.
     """
+    if isinstance(cache_dir, str) and cache_dir.startswith("hf://"):
+        from shared.hub import resolve_cache  # lazy: huggingface_hub is needed for Hub caches only
+
+        try:
+            cache_dir = resolve_cache(cache_dir)
+        except (CacheError, ValueError) as e:
+            return VerifyReport(Path(cache_dir), problems=[str(e)])
     cache_dir = Path(cache_dir)
     report = VerifyReport(cache_dir)
     try:

@@ -10,8 +10,12 @@ if TYPE_CHECKING:
 __all__ = ["render_card"]
 
 
-def render_card(manifest: "Manifest") -> str:
-    """Markdown card describing a cache: models, hooks, size, dtype, normalization, how to load."""
+def render_card(manifest: "Manifest", *, hub_repo: str | None = None, hub_revision: str | None = None) -> str:
+    """Markdown card describing a cache: models, hooks, size, dtype, normalization, how to load.
+
+    With ``hub_repo`` (``USER/NAME``; ``hub_revision`` a branch or tag) the card ends with a
+    "Loading from the Hub" section for that repo: the card ``run_harvest.py push`` uploads.
+    """
     m = manifest
     models = "\n".join(
         f"| {i} | `{x['name']}` | {x.get('revision') or '-'} |" for i, x in enumerate(m.models)
@@ -20,7 +24,7 @@ def render_card(manifest: "Manifest") -> str:
     row_bytes = m.n_models * m.n_hooks * m.d_model * {"bfloat16": 2, "float16": 2, "float32": 4}[m.dtype]
     norm = m.normalization
     ds = m.dataset
-    return f"""---
+    card = f"""---
 tags:
 - activations
 - crosscoder
@@ -79,4 +83,30 @@ raw_NMPD = cache.normalization().undo(acts_NMPD)
 ```
 
 Without crosscache: `safetensors.torch.load_file(shard_path)` and `pyarrow.ipc.open_file("tokens.arrow")`.
+"""
+    return card if hub_repo is None else card + _hub_section(hub_repo, hub_revision)
+
+
+def _hub_section(repo: str, revision: str | None) -> str:
+    spec = f"hf://{repo}" + (f"@{revision}" if revision else "")
+    rev_arg = f", revision={revision!r}" if revision else ""
+    return f"""
+## Loading from the Hub
+
+Any crosscache command or function that takes a cache folder also takes `{spec}`; it
+downloads through `huggingface_hub` into its local cache (offline use: `HF_HUB_OFFLINE=1`
+once downloaded).
+
+```python
+from shared import open_cache
+cache = open_cache("{spec}")                # the whole cache
+quick = open_cache("{spec}", max_shards=2)  # manifest, token table and the first 2 shards only
+```
+
+```bash
+python run_harvest.py verify {spec}
+python run_train.py --cache {spec} ...
+```
+
+Without crosscache: `huggingface_hub.snapshot_download("{repo}", repo_type="dataset"{rev_arg})`.
 """
