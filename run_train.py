@@ -4,6 +4,9 @@
     python run_train.py --cache DIR --arch crosscoder --activation batchtopk --k 32 --latents 4096 \
         --steps N --batch-size B --lr X --out runs/NAME
     python run_train.py --config run.yaml [--flags that override it]
+    python run_train.py --sweep sweep.yaml --cache DIR --out runs/sweep   # many dictionaries, one stream
+    torchrun --nproc-per-node N run_train.py ...                           # DDP
+    python run_train.py analyze RUN_DIR                                    # report on a trained run
 
 Re-running the same command resumes from the newest checkpoint in --out.
 Every flag is a field of ``train.config.TrainConfig``.
@@ -12,6 +15,7 @@ Every flag is a field of ``train.config.TrainConfig``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from shared.config import add_dataclass_arguments, config_from_namespace
@@ -21,12 +25,18 @@ from train.config import TrainConfig
 def _train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run_train.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML or JSON file of TrainConfig fields (flags override it)")
+    parser.add_argument("--sweep", help="YAML/JSON sweep file (members: and/or grid:): train every member from one "
+                                        "loader stream, each in <--out>/<name>")
     add_dataclass_arguments(parser, TrainConfig)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "analyze":  # run_train.py analyze RUN_DIR [flags]: report on a trained run
+        from train.analysis import analyze_cli
+
+        return analyze_cli(argv[1:])
     args = _train_parser().parse_args(argv)
     try:
         cfg = config_from_namespace(TrainConfig, args, args.config)
@@ -34,10 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from shared.cache_format import CacheError
-    from train.trainer import NonFiniteLossError, TrainingInterrupted, train
+    from train.sweep import expand_sweep
+    from train.trainer import NonFiniteLossError, TrainingInterrupted, train_many
 
     try:
-        result = train(cfg)
+        cfgs = expand_sweep(args.sweep, cfg) if args.sweep else [cfg]
+        results = train_many(cfgs)
     except (CacheError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -47,11 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(str(e), file=sys.stderr)
         return 130
-    ev = result.eval_metrics.get("eval/ev/overall")
-    l0 = result.eval_metrics.get("eval/l0/mean")
-    print(f"trained {result.steps} steps -> {result.run_dir}"
-          + (f" (eval: explained variance {ev:.3f}, L0 {l0:.1f})" if ev is not None else ""))
-    print(f"exported dictionary (raw activations): {result.run_dir / 'export'}")
+    for result in results:
+        if not result.eval_metrics and int(os.environ.get("RANK", "0")) != 0:
+            continue  # under torchrun only rank 0 reports
+        ev = result.eval_metrics.get("eval/ev/overall")
+        l0 = result.eval_metrics.get("eval/l0/mean")
+        print(f"trained {result.steps} steps -> {result.run_dir}"
+              + (f" (eval: explained variance {ev:.3f}, L0 {l0:.1f})" if ev is not None else ""))
+        print(f"exported dictionary (raw activations): {result.run_dir / 'export'}")
     return 0
 
 

@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from shared.shard_io import fsync_dir
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "CHECKPOINT_DIR"]
+__all__ = ["save_checkpoint", "prune_checkpoints", "checkpoint_steps", "latest_checkpoint", "load_checkpoint",
+           "CHECKPOINT_DIR"]
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -41,9 +42,13 @@ def save_checkpoint(
     optimizer_state: dict[str, Any],
     tensors: dict[str, torch.Tensor],
     state: dict[str, Any],
-    keep: int,
+    keep: int | None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and prune all but the last ``keep``. Returns its path."""
+    """Write checkpoint ``step`` atomically; with ``keep``, prune all but the last ``keep``.
+
+    A sweep passes ``keep=None`` and calls :func:`prune_checkpoints` once every member has saved
+    the step, so a crash between members never leaves one without the step the others resume from.
+    """
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
@@ -61,9 +66,25 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_dir(root)
+    if keep is not None:
+        prune_checkpoints(run_dir, keep)
+    return final
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints of a run."""
+    root = Path(run_dir) / CHECKPOINT_DIR
     for old in sorted(p for p in root.iterdir() if p.name.startswith("step-"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def checkpoint_steps(run_dir: str | Path) -> list[int]:
+    """Steps of the complete checkpoints of a run, ascending."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name.split("-")[1]) for p in root.iterdir()
+                  if p.name.startswith("step-") and (p / "state.json").is_file())
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

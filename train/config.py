@@ -14,17 +14,22 @@ from shared.config import config_to_json, field_help
 
 __all__ = ["TrainConfig", "RESUME_FIELDS", "DEFAULT_SPARSITY"]
 
-DEFAULT_SPARSITY = {"relu": 2.0, "jumprelu": 2.0, "topk": 0.0, "batchtopk": 0.0}
+DEFAULT_SPARSITY = {"relu": 2.0, "jumprelu": 0.5, "topk": 0.0, "batchtopk": 0.0}
 """λ when --sparsity-coeff is not given. ReLU: decoder-norm-weighted L1 with λ = 2 on inputs
-normalized to E|x| = sqrt(d) (ckkissane's crosscoder replication); JumpReLU: tanh sparsity at
-the same scale (crosscode's default range); TopK/BatchTopK need none (k sets the sparsity)."""
+normalized to E|x| = sqrt(d) (ckkissane's crosscoder replication). JumpReLU: the tanh penalty
+costs up to λ per active latent whatever its size, so it bites harder than L1: λ = 0.5 recovers
+the planted dictionary of tests/test_train.py (L0 2.9 for a true 3), λ = 2 over-sparsifies it
+(EV 0.48). TopK/BatchTopK need none (k sets the sparsity)."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Options of one training run. Validated on construction; saved as ``config.json`` in the run."""
 
-    cache: str = field_help("Activation cache folder (from run_harvest.py).", default="caches/toy-diff")
+    cache: str = field_help("Activation cache folder (from run_harvest.py), or hf://USER/NAME[@REV] on the Hub.",
+                            default="caches/toy-diff")
+    max_shards: int | None = field_help(
+        "With an hf:// cache: download and use only its first N shards (a quick start).", default=None)
     out: str = field_help("Run folder: checkpoints, metrics.jsonl, plots, exported dictionary.", default="runs/toy-diff")
     arch: Literal["crosscoder", "directional", "clt"] = field_help(
         "crosscoder: reconstruct all chosen slots from all of them (model diffing, SAE); directional: "
@@ -55,7 +60,7 @@ class TrainConfig:
     warmup_frac: float = field_help("Linear LR warm-up over this fraction of steps (5%: crosscode).", default=0.05)
     decay_frac: float = field_help("Linear LR decay to 0 over this final fraction of steps (20%).", default=0.2)
     sparsity_coeff: float | None = field_help(
-        "λ of the sparsity loss (default per activation: relu/jumprelu 2.0, topk/batchtopk 0).", default=None)
+        "λ of the sparsity loss (default per activation: relu 2.0, jumprelu 0.5, topk/batchtopk 0).", default=None)
     sparsity_warmup_frac: float = field_help("λ ramps linearly from 0 over this fraction of steps (5%).",
                                              default=0.05)
     pre_act_coeff: float = field_help("λ_p of the JumpReLU pre-activation loss (Jan 2025 update: 3e-6).",
@@ -84,6 +89,9 @@ class TrainConfig:
     log_every: int = field_help("Write a metrics.jsonl line every N steps.", default=20)
     checkpoint_every: int = field_help("Checkpoint every N steps (and on SIGINT/SIGTERM).", default=500)
     keep_checkpoints: int = field_help("Keep the last K checkpoints.", default=2)
+    dist_timeout: float = field_help(
+        "Seconds a process waits for the others under torchrun before failing (a dead rank stops the rest).",
+        default=300.0)
     wandb_project: str | None = field_help("Log to this wandb project (off when not given).", default=None)
     wandb_mode: Literal["online", "offline"] = field_help("wandb mode when a project is given.", default="offline")
     progress: bool = field_help("Show progress bars.", default=True)
@@ -93,7 +101,7 @@ class TrainConfig:
                      "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "shared_sparsity_ratio", "pre_act_coeff", "aux_k_coeff", "grad_clip", "warmup_frac",
+        for name in ("dist_timeout", "lr", "shared_sparsity_ratio", "pre_act_coeff", "aux_k_coeff", "grad_clip", "warmup_frac",
                      "decay_frac", "sparsity_warmup_frac", "eval_every"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
@@ -119,6 +127,8 @@ class TrainConfig:
             raise ValueError(f"--arch {self.arch} needs --in-hooks and --out-hooks")
         if self.arch != "crosscoder" and self.hooks:
             raise ValueError(f"--hooks is for crosscoders; --arch {self.arch} uses --in-hooks/--out-hooks")
+        if self.max_shards is not None and self.max_shards < 1:
+            raise ValueError(f"max_shards must be >= 1, got {self.max_shards}")
         if self.dead_tokens is not None and self.dead_tokens < 1:
             raise ValueError(f"dead_tokens must be >= 1, got {self.dead_tokens}")
 
@@ -155,6 +165,6 @@ RESUME_FIELDS = (
     "arch", "activation", "k", "latents", "models", "hooks", "in_hooks", "out_hooks", "skip", "shared_latents",
     "shared_sparsity_ratio", "steps", "batch_size", "lr", "betas", "warmup_frac", "decay_frac", "sparsity_coeff",
     "sparsity_warmup_frac", "pre_act_coeff", "tanh_c", "jumprelu_bandwidth", "aux_k_coeff", "k_aux", "dead_tokens",
-    "dec_init_norm", "grad_clip", "seed", "window", "eval_shards",
+    "dec_init_norm", "grad_clip", "seed", "window", "eval_shards", "max_shards",
 )
 """Fields a resumed run must share with the interrupted one (the stream and the math)."""

@@ -80,7 +80,7 @@ def resolve_slots(
                 or in_layers != sorted(set(in_layers))):
             raise SlotError(
                 "a CLT needs one input and one output hook per layer, in ascending layer order, pairing the "
-                f"same layer (e.g. --in-hooks blocks.0.hook_resid_mid blocks.1.hook_resid_mid --out-hooks "
+                f"same layer (e.g. --in-hooks blocks.0.hook_mlp_in blocks.1.hook_mlp_in --out-hooks "
                 f"blocks.0.hook_mlp_out blocks.1.hook_mlp_out); got in {in_hooks} (layers {in_layers}) and out "
                 f"{out_hooks} (layers {out_layers})")
     spec = SlotSpec(model_names, hook_names, [], [])

@@ -1,10 +1,13 @@
-"""Stage 2: train one dictionary on a cache. The loop reads top to bottom in :func:`train`.
+"""Stage 2: train dictionaries on a cache. The loop reads top to bottom in :func:`train_many`.
 
-Per step: set LR and λ, forward, loss terms, finiteness check, backward, clip, Adam step,
-inference-state update (BatchTopK threshold), dead-latent counters, log, checkpoint.
-Resuming (re-running the same command) restores weights, optimizer, loader position, RNG and
-counters from the newest checkpoint and reproduces the uninterrupted run's metrics.
-SIGINT/SIGTERM finish the current step, save a checkpoint and exit.
+One loader stream feeds every dictionary ("member"): each batch is read and moved to the
+device once, and every member steps on it (a sweep; a single run is a sweep of one). Per step
+and member: set LR and λ, forward, loss terms, finiteness check, backward (DDP all-reduces),
+clip, Adam step, inference-state update (BatchTopK threshold), dead-latent counters, log.
+Checkpoints are committed when every member has saved the step; re-running the same command
+resumes from the newest committed step and reproduces the uninterrupted run's metrics.
+SIGINT/SIGTERM finish the current step, save a checkpoint and exit. Under torchrun, ranks read
+disjoint parts of each epoch and only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -21,20 +24,28 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from shared.cache import open_cache
+from shared.cache import Cache, open_cache
 from shared.config import config_to_json
 from shared.shard_io import atomic_write_bytes
-from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from train.checkpoint import checkpoint_steps, load_checkpoint, prune_checkpoints, save_checkpoint
 from train.config import TrainConfig
 from train.dictionary import Dictionary, DictionaryConfig
+from train.distributed import DistContext
 from train.export import fold_normalization, save_dictionary
-from train.loader import ActivationLoader
+from train.loader import ActivationLoader, default_eval_shards
 from train.losses import loss_terms
 from train.metrics import MetricsLogger, batch_metrics, plot_metrics
 from train.slots import SlotSpec, resolve_slots
 
-__all__ = ["train", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "RunMismatchError",
-           "build_dictionary_config"]
+__all__ = ["train", "train_many", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "RunMismatchError",
+           "SweepError", "build_dictionary_config", "STREAM_FIELDS"]
+
+JUMPRELU_INIT_RATE = 0.2
+"""Largest share of tokens a JumpReLU latent fires on at initialisation."""
+
+STREAM_FIELDS = ("cache", "max_shards", "steps", "batch_size", "seed", "window", "eval_shards", "device",
+                 "dist_timeout")
+"""Fields every member of a sweep must share: they define the one loader stream (and its length)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,6 +58,10 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 class RunMismatchError(ValueError):
     """The run folder holds a different run (config or cache width)."""
+
+
+class SweepError(ValueError):
+    """Sweep members that cannot share one loader stream."""
 
 
 @dataclass
@@ -76,85 +91,174 @@ def _device(name: str) -> torch.device:
     return dev
 
 
-def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, d_model: int) -> Path | None:
-    """Refuse a folder holding a different run; return the checkpoint to resume from, if any."""
+def _check_run_dir(cfg: TrainConfig, run_dir: Path, d_model: int) -> bool:
+    """Refuse a folder holding a different run. True if it holds this run (resume)."""
     cfg_path = run_dir / "config.json"
     if cfg_path.exists():
         saved = json.loads(cfg_path.read_text())
         prev = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in saved["config"].items()})
-        diffs = [f"{k}: {getattr(prev, k)!r} there vs {getattr(cfg, k)!r} now"
-                 for k in prev.resume_signature() if prev.resume_signature()[k] != cfg.resume_signature()[k]]
+        mine, theirs = cfg.resume_signature(), prev.resume_signature()
+        diffs = [f"{k}: {theirs[k]!r} there vs {mine[k]!r} now" for k in mine if theirs[k] != mine[k]]
         if diffs:
             raise RunMismatchError(f"--out {run_dir} holds a different run ({'; '.join(diffs[:6])}); use another "
                                    "--out, delete it, or repeat the original command to resume")
         if saved.get("d_model") != d_model:
             raise RunMismatchError(f"--out {run_dir} was trained on d_model={saved.get('d_model')} activations; the "
                                    f"cache {cfg.cache} has d_model={d_model}: use a cache of the same width")
-        return latest_checkpoint(run_dir)
+        return True
     if run_dir.exists() and any(run_dir.iterdir()):
         raise RunMismatchError(f"--out {run_dir} is not empty and holds no run config; choose a new folder")
-    return None
+    return False
+
+
+def _eval_rows(cache: Cache, cfg: TrainConfig) -> int:
+    """Rows in the held-out split (the loader's rule: the last shards in manifest order)."""
+    n_eval = default_eval_shards(cache.n_shards) if cfg.eval_shards is None else cfg.eval_shards
+    return sum(s.n_rows for s in cache.manifest.shards[cache.n_shards - n_eval:]) if n_eval else 0
+
+
+class _Member:
+    """One dictionary of a (possibly one-member) sweep: its model, optimizer, counters, folder."""
+
+    def __init__(self, cfg: TrainConfig, cache: Cache, union: list[str], device: torch.device,
+                 dist: DistContext) -> None:
+        man = cache.manifest
+        self.cfg, self.run_dir, self.dist = cfg, Path(cfg.out), dist
+        self.spec = resolve_slots(man, arch=cfg.arch, models=cfg.models, hooks=cfg.hooks, in_hooks=cfg.in_hooks,
+                                  out_hooks=cfg.out_hooks, cache_dir=cfg.cache)
+        self.dict_cfg = build_dictionary_config(cfg, self.spec, man.d_model)
+        self.resuming = _check_run_dir(cfg, self.run_dir, man.d_model)
+        names = self.spec.slot_names
+        self.in_idx = torch.tensor([union.index(names[s]) for s in self.spec.in_slots], device=device)
+        self.out_idx = torch.tensor([union.index(names[s]) for s in self.spec.out_slots], device=device)
+        self.out_names = [names[s] for s in self.spec.out_slots]
+        self.run_info = {
+            "config": config_to_json(cfg), "dictionary": config_to_json(self.dict_cfg), "d_model": man.d_model,
+            "d_in": len(self.spec.in_slots) * man.d_model, "slots": names, "in_slots": self.spec.in_slots,
+            "out_slots": self.spec.out_slots, "sparsity_coeff": cfg.resolved_sparsity_coeff,
+            "dead_tokens": cfg.resolved_dead_tokens, "device": str(device), "world_size": dist.world_size,
+            "cache": {"path": str(cache.dir.resolve()), "spec": cfg.cache, "models": man.models, "hooks": man.hooks,
+                      "n_rows": man.n_rows, "dtype": man.dtype, "normalization": man.normalization["method"]},
+        }
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not self.resuming:
+                atomic_write_bytes(self.run_dir / "config.json", (json.dumps(self.run_info, indent=1) + "\n").encode())
+        torch.manual_seed(cfg.seed)  # same seed, same init on every rank
+        self.model = Dictionary(self.dict_cfg).to(device)
+        self.ddp: torch.nn.Module = self.model
+        if dist.enabled:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.fwd = torch.compile(self.ddp) if cfg.compile else self.ddp
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas)
+        self.since_fired_L = torch.zeros(cfg.latents, dtype=torch.int64, device=device)  # tokens since it fired
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.autocast and device.type == "cuda"
+                         else contextlib.nullcontext())
+        self.logger: MetricsLogger | None = None
+        self.last: dict[str, Any] = {}
+
+    def calibrate_jumprelu(self, cache: Cache, union: list[str], spec_models: list[str], spec_hooks: list[str],
+                           device: torch.device) -> None:
+        """Data-dependent init (Jan 2025 update): each latent fires on 10k/L of the tokens at step 0,
+        capped at 20% for small dictionaries (crosscode uses 0.2-0.8 there; at rate 1 every latent fires
+        everywhere and the planted-dictionary test collapses). Uses the eval split's first batch, so the
+        training stream is untouched."""
+        eval_rows = _eval_rows(cache, self.cfg)
+        calib = ActivationLoader(cache, min(self.cfg.batch_size, eval_rows or self.cfg.batch_size), models=spec_models,
+                                 hooks=spec_hooks, seed=self.cfg.seed, split="eval" if eval_rows else "train",
+                                 eval_shards=self.cfg.eval_shards, device=device)
+        x_BXD = rearrange(next(iter(calib)), "b m p d -> b (m p) d")
+        self.model.calibrate_encoder_bias(x_BXD.index_select(1, self.in_idx),
+                                          firing_rate=min(JUMPRELU_INIT_RATE, 10_000 / self.cfg.latents))
+
+    def state(self, step: int, tokens: int, loader: ActivationLoader) -> dict[str, Any]:
+        return dict(model_state=self.model.state_dict(), optimizer_state=self.opt.state_dict(),
+                    tensors={"since_fired_L": self.since_fired_L, "rng": torch.get_rng_state()},
+                    state={"step": step, "tokens": tokens, "loader": loader.state_dict(),
+                           "signature": self.cfg.resume_signature()})
+
+    def load(self, step: int, device: torch.device) -> dict[str, Any]:
+        ck = load_checkpoint(self.run_dir / "checkpoints" / f"step-{step:07d}", device)
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.since_fired_L.copy_(ck["tensors"]["since_fired_L"].to(device))
+        torch.set_rng_state(ck["tensors"]["rng"])
+        return ck["state"]
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) the dictionary ``cfg`` describes; export it and plot its curves."""
-    run_dir = Path(cfg.out)
-    cache = open_cache(cfg.cache)
+    return train_many([cfg])[0]
+
+
+def _check_sweep(cfgs: list[TrainConfig]) -> None:
+    if not cfgs:
+        raise SweepError("a sweep needs at least one member")
+    first = cfgs[0]
+    for i, c in enumerate(cfgs[1:], 1):
+        diffs = [f"{f}: {getattr(first, f)!r} vs {getattr(c, f)!r}" for f in STREAM_FIELDS
+                 if getattr(first, f) != getattr(c, f)]
+        if diffs:
+            raise SweepError(f"sweep member {i} ({c.out}) cannot share member 0's loader stream: "
+                             f"{'; '.join(diffs)}. Members must share {', '.join(STREAM_FIELDS)}")
+    outs = [str(Path(c.out).resolve()) for c in cfgs]
+    if len(set(outs)) != len(outs):
+        raise SweepError(f"sweep members need distinct --out folders, got {outs}")
+
+
+def train_many(cfgs: list[TrainConfig]) -> list[TrainResult]:
+    """Train every configuration on one shared loader stream (each batch read once)."""
+    _check_sweep(cfgs)
+    first = cfgs[0]
+    cache = open_cache(first.cache, max_shards=first.max_shards)
+    device = _device(first.device)
+    dist = DistContext.from_env(device, first.dist_timeout)
+    device = dist.device_for(device)
+    try:
+        return _train_many(cfgs, cache, device, dist)
+    finally:
+        dist.close()
+
+
+def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dist: DistContext) -> list[TrainResult]:
+    first = cfgs[0]
     man = cache.manifest
-    spec = resolve_slots(man, arch=cfg.arch, models=cfg.models, hooks=cfg.hooks, in_hooks=cfg.in_hooks,
-                         out_hooks=cfg.out_hooks, cache_dir=cfg.cache)
-    dict_cfg = build_dictionary_config(cfg, spec, man.d_model)
-    device = _device(cfg.device)
-    resume_from = _prepare_run_dir(cfg, run_dir, man.d_model)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run_info = {
-        "config": config_to_json(cfg), "dictionary": config_to_json(dict_cfg), "d_model": man.d_model,
-        "d_in": len(spec.in_slots) * man.d_model, "slots": spec.slot_names, "in_slots": spec.in_slots,
-        "out_slots": spec.out_slots, "sparsity_coeff": cfg.resolved_sparsity_coeff,
-        "dead_tokens": cfg.resolved_dead_tokens, "device": str(device),
-        "cache": {"path": str(Path(cfg.cache).resolve()), "models": man.models, "hooks": man.hooks,
-                  "n_rows": man.n_rows, "dtype": man.dtype, "normalization": man.normalization["method"]},
-    }
-    if resume_from is None:
-        atomic_write_bytes(run_dir / "config.json", (json.dumps(run_info, indent=1) + "\n").encode())
+    specs = [resolve_slots(man, arch=c.arch, models=c.models, hooks=c.hooks, in_hooks=c.in_hooks,
+                           out_hooks=c.out_hooks, cache_dir=c.cache) for c in cfgs]
+    # The loader serves the union of every member's models and hooks, in cache order.
+    models = [m for m in man.model_names if any(m in s.models for s in specs)]
+    hooks = [h for h in man.hooks if any(h in s.hooks for s in specs)]
+    union = [f"{m}/{h}" for m in models for h in hooks]
+    members = [_Member(c, cache, union, device, dist) for c in cfgs]
 
-    torch.manual_seed(cfg.seed)
-    model = Dictionary(dict_cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
-    probe = ActivationLoader(cache, cfg.batch_size, models=spec.models, hooks=spec.hooks, seed=cfg.seed,
-                             window=cfg.window, eval_shards=cfg.eval_shards)
-    epochs = math.ceil(cfg.steps / probe.batches_per_epoch)
-    loader = ActivationLoader(cache, cfg.batch_size, models=spec.models, hooks=spec.hooks, seed=cfg.seed,
-                              epochs=epochs, window=cfg.window, eval_shards=cfg.eval_shards, device=device)
-    in_idx = torch.tensor(spec.in_slots, device=device)
-    out_idx = torch.tensor(spec.out_slots, device=device)
-    since_fired_L = torch.zeros(cfg.latents, dtype=torch.int64, device=device)  # tokens since each latent fired
+    loader_kw = dict(models=models, hooks=hooks, seed=first.seed, window=first.window, eval_shards=first.eval_shards,
+                     rank=dist.rank, world_size=dist.world_size)
+    probe = ActivationLoader(cache, first.batch_size, **loader_kw)
+    loader = ActivationLoader(cache, first.batch_size, epochs=math.ceil(first.steps / probe.batches_per_epoch),
+                              device=device, **loader_kw)
+    del probe
+
+    # Resume from the newest step every member has saved (a sweep commits steps all together).
+    resumable = [set(checkpoint_steps(m.run_dir)) if m.resuming else set() for m in members]
+    common = set.intersection(*resumable) if all(resumable) else set()
     step, tokens = 0, 0
+    if common:
+        step = max(common)
+        for m in members:
+            state = m.load(step, device)
+        loader.load_state_dict(state["loader"])
+        tokens = int(state["tokens"])
+        if dist.is_main:
+            print(f"resuming {', '.join(str(m.run_dir) for m in members)} at step {step} of {first.steps}")
+    else:
+        for m in members:
+            if m.cfg.activation == "jumprelu":
+                m.calibrate_jumprelu(cache, union, models, hooks, device)
+    for m in members:
+        m.logger = MetricsLogger(m.run_dir, resume_step=step, wandb_project=m.cfg.wandb_project,
+                                 wandb_mode=m.cfg.wandb_mode, config=m.run_info, enabled=dist.is_main)
 
-    if resume_from is not None:
-        ck = load_checkpoint(resume_from, device)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        loader.load_state_dict(ck["state"]["loader"])
-        since_fired_L.copy_(ck["tensors"]["since_fired_L"].to(device))
-        torch.set_rng_state(ck["tensors"]["rng"])
-        step, tokens = int(ck["state"]["step"]), int(ck["state"]["tokens"])
-        print(f"resuming {run_dir} from {resume_from.name} (step {step} of {cfg.steps})")
-    elif cfg.activation == "jumprelu":
-        # Data-dependent init (Jan 2025 update): each latent fires on ~10k/L of the tokens at step 0.
-        # The eval split's first batch is used so the training stream is untouched.
-        calib = ActivationLoader(cache, cfg.batch_size, models=spec.models, hooks=spec.hooks, seed=cfg.seed,
-                                 split="eval" if probe.eval_shards else "train", eval_shards=cfg.eval_shards,
-                                 device=device)
-        x_BXD = rearrange(next(iter(calib)), "b m p d -> b (m p) d")
-        model.calibrate_encoder_bias(x_BXD[:, in_idx], firing_rate=min(1.0, 10_000 / cfg.latents))
-        del calib
-
-    logger = MetricsLogger(run_dir, resume_step=step, wandb_project=cfg.wandb_project, wandb_mode=cfg.wandb_mode,
-                           config=run_info)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.autocast and device.type == "cuda"
-                else contextlib.nullcontext())
-    fwd = torch.compile(model) if cfg.compile else model
     stop: dict[str, int] = {}
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -162,117 +266,143 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    def checkpoint() -> Path:
-        return save_checkpoint(
-            run_dir, step, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
-            tensors={"since_fired_L": since_fired_L, "rng": torch.get_rng_state()},
-            state={"step": step, "tokens": tokens, "loader": loader.state_dict(),
-                   "signature": cfg.resume_signature()},
-            keep=cfg.keep_checkpoints)
+    def checkpoint() -> list[Path]:
+        paths = []
+        if dist.is_main:
+            paths = [save_checkpoint(m.run_dir, step, keep=None, **m.state(step, tokens, loader)) for m in members]
+            for m in members:  # prune only once every member holds the step
+                prune_checkpoints(m.run_dir, m.cfg.keep_checkpoints)
+        dist.barrier()
+        return paths
 
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=step, unit="step", desc="train", disable=not cfg.progress,
-               dynamic_ncols=True)
-    last: dict[str, Any] = {}
+    bar = tqdm(total=first.steps, initial=step, unit="step", desc="train" if len(members) == 1 else
+               f"sweep x{len(members)}", disable=not (first.progress and dist.is_main), dynamic_ncols=True)
     t_start, tokens_start = time.perf_counter(), tokens
     it = iter(loader)
     try:
-        while step < cfg.steps:
-            x_BXD = rearrange(next(it), "b m p d -> b (m p) d")
-            x_in_BXiD, x_out_BXoD = x_BXD.index_select(1, in_idx), x_BXD.index_select(1, out_idx)
-            lr, lam = cfg.lr_at(step), cfg.sparsity_at(step)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            dead_L = since_fired_L >= cfg.resolved_dead_tokens
-            with autocast:
-                out = fwd(x_in_BXiD)
-                terms = loss_terms(model, x_in_BXiD, x_out_BXoD, out, sparsity_coeff=lam, dead_mask_L=dead_L)
-            bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
-            if bad:
-                path = checkpoint()
+        while step < first.steps:
+            x_BXD = rearrange(next(it), "b m p d -> b (m p) d")  # read and moved once for every member
+            batch_tokens = x_BXD.shape[0] * dist.world_size
+            bad_terms: list[tuple[int, list[str]]] = []
+            outs = []
+            for i, m in enumerate(members):
+                x_in_BXiD, x_out_BXoD = x_BXD.index_select(1, m.in_idx), x_BXD.index_select(1, m.out_idx)
+                lr, lam = m.cfg.lr_at(step), m.cfg.sparsity_at(step)
+                for group in m.opt.param_groups:
+                    group["lr"] = lr
+                dead_L = m.since_fired_L >= m.cfg.resolved_dead_tokens
+                with m.autocast:
+                    out = m.fwd(x_in_BXiD)
+                    terms = loss_terms(m.model, x_in_BXiD, x_out_BXoD, out, sparsity_coeff=lam, dead_mask_L=dead_L)
+                finite = torch.stack([torch.isfinite(v).all() for v in terms.values()])
+                flags = dist.any(torch.cat([~finite, torch.tensor([bool(stop)], device=finite.device)]))
+                if flags[:-1].any():
+                    bad_terms.append((i, [n for n, f in zip(terms, flags[:-1].tolist()) if f]))
+                    continue
+                if flags[-1]:
+                    stop.setdefault("signal", signal.SIGTERM)
+                outs.append((m, out, terms, x_out_BXoD, dead_L, lr, lam))
+            if bad_terms:
+                paths = checkpoint()  # the state before this step: nothing stepped yet
+                i, names = bad_terms[0]
                 raise NonFiniteLossError(
-                    f"loss term(s) {bad} became non-finite at step {step} (lr {lr:.3g}, λ {lam:.3g}); the state "
-                    f"before this step is saved in {path}. Lower --lr or raise --grad-clip, then resume.")
-            terms["total"].backward()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip
-                         else torch.tensor(float("nan")))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            model.update_inference_state(out)
-            fired_L = (out.latents_BL > 0).any(dim=0)
-            since_fired_L = torch.where(fired_L, 0, since_fired_L + x_BXD.shape[0])
+                    f"loss term(s) {names} of {members[i].run_dir} became non-finite at step {step} "
+                    f"(lr {members[i].cfg.lr_at(step):.3g}, λ {members[i].cfg.sparsity_at(step):.3g}); the state "
+                    f"before this step is saved in {paths[i] if paths else members[i].run_dir}. Lower --lr or "
+                    "raise --grad-clip, then resume.")
+            for m, out, terms, x_out_BXoD, dead_L, lr, lam in outs:
+                terms["total"].backward()  # DDP averages gradients over ranks here
+                grad_norm = (torch.nn.utils.clip_grad_norm_(m.model.parameters(), m.cfg.grad_clip) if m.cfg.grad_clip
+                             else torch.tensor(float("nan")))
+                m.opt.step()
+                m.opt.zero_grad(set_to_none=True)
+                m.model.update_inference_state(out)
+                fired_L = dist.any((out.latents_BL > 0).any(dim=0))
+                m.since_fired_L = torch.where(fired_L, 0, m.since_fired_L + batch_tokens)
+                if (step + 1) % m.cfg.log_every == 0 or step + 1 == first.steps:
+                    elapsed = time.perf_counter() - t_start
+                    m.last = {"step": step + 1, "tokens": tokens + batch_tokens,
+                              **{f"loss/{k}": v.item() for k, v in terms.items()},
+                              **batch_metrics(out.latents_BL, x_out_BXoD, out.recon_BXoD, m.out_names),
+                              "dead_frac": dead_L.float().mean().item(), "lr": lr, "sparsity_coeff": lam,
+                              "grad_norm": float(grad_norm),
+                              "tokens_per_s": (tokens + batch_tokens - tokens_start) / max(elapsed, 1e-9)}
+                    m.logger.log(m.last)
             step += 1
-            tokens += x_BXD.shape[0]
+            tokens += batch_tokens
             bar.update(1)
-
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                elapsed = time.perf_counter() - t_start
-                last = {"step": step, "tokens": tokens, **{f"loss/{k}": v.item() for k, v in terms.items()},
-                        **batch_metrics(out.latents_BL, x_out_BXoD, out.recon_BXoD, [spec.slot_names[s] for s in spec.out_slots]),
-                        "dead_frac": dead_L.float().mean().item(), "lr": lr, "sparsity_coeff": lam,
-                        "grad_norm": float(grad_norm), "tokens_per_s": (tokens - tokens_start) / max(elapsed, 1e-9)}
-                logger.log(last)
+            if len(members) == 1 and members[0].last:
+                last = members[0].last
                 bar.set_postfix_str(f"loss {last['loss/total']:.3g} L0 {last['l0/mean']:.1f} "
                                     f"EV {last['ev/overall']:.3f} {last['tokens_per_s']:,.0f} tok/s", refresh=False)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                logger.log({"step": step, **evaluate(model, cache, cfg, spec, device)})
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            for m in members:
+                if m.cfg.eval_every and step % m.cfg.eval_every == 0 and step < first.steps and dist.is_main:
+                    m.logger.log({"step": step, **evaluate(m, cache, models, hooks, device)})
+            if step % first.checkpoint_every == 0 or step == first.steps:
                 checkpoint()
             if stop:
-                path = checkpoint()
-                raise TrainingInterrupted(f"signal {stop['signal']} at step {step}: checkpoint saved to {path}; "
-                                          "re-run the same command to resume")
+                paths = checkpoint()
+                raise TrainingInterrupted(f"signal {stop['signal']} at step {step}: checkpoint saved to "
+                                          f"{', '.join(map(str, paths)) or 'rank 0'}; re-run the same command to resume")
     finally:
         bar.close()
         for s, h in handlers.items():
             signal.signal(s, h)
-        it.close() if hasattr(it, "close") else None
+        if hasattr(it, "close"):
+            it.close()
 
-    eval_metrics = evaluate(model, cache, cfg, spec, device)
-    logger.log({"step": step, **eval_metrics})
-    logger.close()
-    export(model, loader, run_dir, cfg, spec, step, eval_metrics)
-    plot_metrics(run_dir)
-    return TrainResult(run_dir, step, last, eval_metrics)
+    results = []
+    for m in members:
+        eval_metrics = evaluate(m, cache, models, hooks, device) if dist.is_main else {}
+        if dist.is_main:
+            m.logger.log({"step": step, **eval_metrics})
+            export(m, cache, step, eval_metrics)
+            plot_metrics(m.run_dir)
+        m.logger.close()
+        results.append(TrainResult(m.run_dir, step, m.last, eval_metrics))
+    dist.barrier()
+    return results
 
 
 @torch.no_grad()
-def evaluate(model: Dictionary, cache: Any, cfg: TrainConfig, spec: SlotSpec, device: torch.device) -> dict[str, Any]:
+def evaluate(m: _Member, cache: Cache, models: list[str], hooks: list[str], device: torch.device) -> dict[str, Any]:
     """Inference-mode metrics on the held-out split (``eval/`` keys); empty if there is none."""
-    try:
-        loader = ActivationLoader(cache, cfg.batch_size, models=spec.models, hooks=spec.hooks, split="eval",
-                                  seed=cfg.seed, eval_shards=cfg.eval_shards, device=device)
-    except ValueError:
+    eval_rows = _eval_rows(cache, m.cfg)
+    if eval_rows == 0:
         return {}
+    loader = ActivationLoader(cache, min(m.cfg.batch_size, eval_rows), models=models, hooks=hooks, split="eval",
+                              seed=m.cfg.seed, eval_shards=m.cfg.eval_shards, device=device)
     sums: dict[str, float] = {}
     n = 0
+    model = m.model
     was_training = model.training
     model.eval()
-    in_idx = torch.tensor(spec.in_slots, device=device)
-    out_idx = torch.tensor(spec.out_slots, device=device)
     for i, acts_BMPD in enumerate(loader):
-        if i >= cfg.eval_batches:
+        if i >= m.cfg.eval_batches:
             break
         x_BXD = rearrange(acts_BMPD, "b m p d -> b (m p) d")
-        x_in, x_out = x_BXD.index_select(1, in_idx), x_BXD.index_select(1, out_idx)
+        x_in, x_out = x_BXD.index_select(1, m.in_idx), x_BXD.index_select(1, m.out_idx)
         out = model(x_in, inference=True)
-        m = batch_metrics(out.latents_BL, x_out, out.recon_BXoD, [spec.slot_names[s] for s in spec.out_slots])
-        m["recon"] = (x_out - out.recon_BXoD).pow(2).sum(dim=(1, 2)).mean().item()
-        for k, v in m.items():
+        mets = batch_metrics(out.latents_BL, x_out, out.recon_BXoD, m.out_names)
+        mets["recon"] = (x_out - out.recon_BXoD).pow(2).sum(dim=(1, 2)).mean().item()
+        for k, v in mets.items():
             sums[k] = sums.get(k, 0.0) + v
         n += 1
     model.train(was_training)
     return {f"eval/{k}": v / n for k, v in sums.items()} if n else {}
 
 
-def export(model: Dictionary, loader: ActivationLoader, run_dir: Path, cfg: TrainConfig, spec: SlotSpec,
-           step: int, eval_metrics: dict[str, Any]) -> None:
+def export(m: _Member, cache: Cache, step: int, eval_metrics: dict[str, Any]) -> None:
     """Save the trained dictionary twice: as trained (normalized space) and folded (raw activations)."""
-    meta = {"step": step, "cache": str(Path(cfg.cache).resolve()), "slots": spec.slot_names,
-            "models": spec.models, "hooks": spec.hooks, "eval": eval_metrics, "train_config": config_to_json(cfg)}
-    model = model.eval()
-    save_dictionary(run_dir / "dictionary", model, {**meta, "space": "normalized"})
-    norm = loader.normalization()
+    cfg, spec = m.cfg, m.spec
+    meta = {"step": step, "cache": cfg.cache, "slots": spec.slot_names, "models": spec.models, "hooks": spec.hooks,
+            "eval": eval_metrics, "train_config": config_to_json(cfg)}
+    model = m.model.eval()
+    save_dictionary(m.run_dir / "dictionary", model, {**meta, "space": "normalized"})
+    man = cache.manifest
+    norm = cache.normalization().select([man.model_names.index(x) for x in spec.models],
+                                        [man.hooks.index(h) for h in spec.hooks])
     folded = fold_normalization(model, norm, norm)
-    save_dictionary(run_dir / "export", folded, {**meta, "space": "raw", "normalization_folded": norm.method})
+    save_dictionary(m.run_dir / "export", folded, {**meta, "space": "raw", "normalization_folded": norm.method})

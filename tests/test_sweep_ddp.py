@@ -1,0 +1,144 @@
+"""Many dictionaries from one stream (sweeps) and DDP training under torchrun (gloo, 2 processes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+from train.config import TrainConfig
+from train.export import load_dictionary
+from train.metrics import TIMING_KEYS, read_metrics
+from train.sweep import expand_sweep
+from train.trainer import SweepError, train, train_many
+
+
+def _cfg(cache, out, **kw) -> TrainConfig:
+    args = dict(cache=str(cache), out=str(out), latents=64, steps=30, batch_size=128, lr=3e-3, log_every=5,
+                checkpoint_every=10, progress=False, device="cpu")
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(run)]
+
+
+def test_sweep_file_expands_grid_and_members(tmp_path):
+    f = tmp_path / "sweep.yaml"
+    f.write_text("grid:\n  activation: [relu, topk]\n  latents: [32, 64]\nmembers:\n  - {}\n  - {lr: 0.01, name: fast}\n")
+    base = _cfg(tmp_path / "c", tmp_path / "sweep", k=None)
+    with pytest.raises(ValueError, match="needs --k"):
+        expand_sweep(f, base)
+    f.write_text("grid:\n  latents: [32, 64]\nmembers:\n  - {activation: relu}\n  - {activation: topk, k: 8}\n")
+    cfgs = expand_sweep(f, base)
+    assert [Path(c.out).name for c in cfgs] == ["activation-relu_latents-32", "activation-relu_latents-64",
+                                                "activation-topk_k-8_latents-32", "activation-topk_k-8_latents-64"]
+    assert {(c.activation, c.latents, c.k) for c in cfgs} == {("relu", 32, None), ("relu", 64, None),
+                                                             ("topk", 32, 8), ("topk", 64, 8)}
+    f.write_text("members:\n  - {latentz: 3}\n")
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['latentz'\]"):
+        expand_sweep(f, base)
+
+
+def test_sweep_members_equal_their_single_runs(toy_cache, tmp_path):
+    """Each member of a sweep ends exactly where it would have trained alone (same stream)."""
+    base = _cfg(toy_cache, tmp_path / "sweep")
+    members = [
+        dataclasses.replace(base, out=str(tmp_path / "sweep" / "a"), activation="batchtopk", k=8),
+        dataclasses.replace(base, out=str(tmp_path / "sweep" / "b"), activation="relu", latents=32,
+                            hooks=["blocks.2.hook_resid_post"]),
+        dataclasses.replace(base, out=str(tmp_path / "sweep" / "c"), arch="directional", skip=True,
+                            in_hooks=["blocks.1.hook_resid_post"], out_hooks=["blocks.2.hook_resid_post"]),
+    ]
+    train_many(members)
+    for m in members:
+        alone = dataclasses.replace(m, out=str(tmp_path / "alone" / Path(m.out).name))
+        train(alone)
+        assert _metrics(Path(m.out)) == _metrics(Path(alone.out))
+        a, b = load_dictionary(Path(m.out) / "export"), load_dictionary(Path(alone.out) / "export")
+        for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+            torch.testing.assert_close(v, w, rtol=0, atol=0, msg=k)
+
+
+def test_sweep_resume_continues_every_member(toy_cache, tmp_path):
+    base = _cfg(toy_cache, tmp_path / "sweep")
+    members = [dataclasses.replace(base, out=str(tmp_path / "sweep" / n), latents=lat) for n, lat in (("a", 32), ("b", 64))]
+    train_many(members)
+    ref = {m.out: _metrics(Path(m.out)) for m in members}
+    # Simulate a crash after step 20: drop the final checkpoint and exports of both members.
+    for m in members:
+        shutil.rmtree(Path(m.out) / "checkpoints" / "step-0000030")
+        shutil.rmtree(Path(m.out) / "export")
+    # ... and one member lost its step-20 checkpoint too (killed while saving): resume from 10.
+    shutil.rmtree(Path(members[1].out) / "checkpoints" / "step-0000020")
+    train_many(members)
+    for m in members:
+        assert _metrics(Path(m.out)) == ref[m.out]
+
+
+def test_sweep_bad_members_fail_before_training(toy_cache, tmp_path):
+    base = _cfg(toy_cache, tmp_path / "s")
+    with pytest.raises(SweepError, match="cannot share member 0's loader stream: batch_size: 128 vs 64"):
+        train_many([base, dataclasses.replace(base, out=str(tmp_path / "s2"), batch_size=64)])
+    with pytest.raises(SweepError, match="cache: "):
+        train_many([base, dataclasses.replace(base, out=str(tmp_path / "s2"), cache=str(tmp_path))])
+    with pytest.raises(SweepError, match="distinct --out"):
+        train_many([base, dataclasses.replace(base, latents=32)])
+    from train.slots import SlotError
+
+    with pytest.raises(SlotError, match="not in cache"):
+        train_many([base, dataclasses.replace(base, out=str(tmp_path / "s3"), hooks=["blocks.7.hook_resid_post"])])
+    assert not (tmp_path / "s" / "checkpoints").exists()
+
+
+def _torchrun(args: list[str], nproc: int, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                           "--master-port", str(29500 + os.getpid() % 1000), str(ROOT / "run_train.py"), *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+DDP_ARGS = ["--latents", "64", "--steps", "6", "--log-every", "1", "--lr", "1e-3", "--checkpoint-every", "3",
+            "--device", "cpu", "--no-progress", "--eval-shards", "2", "--activation", "topk", "--k", "8"]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(toy_cache, tmp_path):
+    one = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--cache", str(toy_cache), "--out",
+                          str(tmp_path / "one"), "--batch-size", "256", *DDP_ARGS],
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = _torchrun(["--cache", str(toy_cache), "--out", str(tmp_path / "two"), "--batch-size", "128", *DDP_ARGS], 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = load_dictionary(tmp_path / "one" / "export"), load_dictionary(tmp_path / "two" / "export")
+    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(v, w, rtol=1e-4, atol=1e-5, msg=k)
+    # Only rank 0 wrote: one metrics file, one line per step, one set of checkpoints.
+    lines = [r for r in read_metrics(tmp_path / "two") if "loss/total" in r]
+    assert [r["step"] for r in lines] == list(range(1, 7))
+    assert lines[-1]["tokens"] == 6 * 256
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-0000003", "step-0000006"]
+
+
+@pytest.mark.slow
+def test_ddp_resume_after_a_lost_rank(toy_cache, tmp_path):
+    """A finished DDP run, truncated back to its step-3 checkpoint, resumes under torchrun to the same weights."""
+    args = ["--cache", str(toy_cache), "--batch-size", "128", *DDP_ARGS]
+    ref = _torchrun([*args, "--out", str(tmp_path / "ref")], 2)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    shutil.copytree(tmp_path / "ref", tmp_path / "res")
+    shutil.rmtree(tmp_path / "res" / "checkpoints" / "step-0000006")
+    shutil.rmtree(tmp_path / "res" / "export")
+    res = _torchrun([*args, "--out", str(tmp_path / "res")], 2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming" in res.stdout
+    assert _metrics(tmp_path / "res") == _metrics(tmp_path / "ref")

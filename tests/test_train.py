@@ -1,0 +1,260 @@
+"""Stage 2 trainer: known answers (planted dictionary), every architecture, resume, signals, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, small_harvest_config
+from planted import make_planted_cache, recovery
+from shared.cache import open_cache
+from train.config import TrainConfig
+from train.export import load_dictionary
+from train.metrics import TIMING_KEYS, read_metrics
+from train.slots import SlotError
+from train.trainer import NonFiniteLossError, RunMismatchError, train
+
+
+def _cfg(cache, out, **kw) -> TrainConfig:
+    args = dict(cache=str(cache), out=str(out), latents=64, steps=40, batch_size=256, lr=3e-3, log_every=10,
+                checkpoint_every=1000, progress=False, device="cpu")
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+@pytest.fixture(scope="module")
+def planted_cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("planted") / "cache"
+    return path, make_planted_cache(path)
+
+
+# ---- known answers ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("activation,extra", [("relu", {}), ("jumprelu", {}), ("topk", {"k": 3}),
+                                              ("batchtopk", {"k": 3})])
+def test_planted_dictionary_is_recovered(planted_cache, tmp_path, activation, extra):
+    """Rows are sparse sums of known atoms: shared, A-only and B-only (tests/planted.py)."""
+    cache, planted = planted_cache
+    steps = 800 if activation != "batchtopk" else 1000
+    train(_cfg(cache, tmp_path / activation, activation=activation, steps=steps, batch_size=512, **extra))
+    model = load_dictionary(tmp_path / activation / "dictionary")
+    best, which = recovery(model.decoder_weight().detach(), planted)
+    assert (best >= 0.9).float().mean() >= 0.9, best
+    norms_LX = model.decoder_norms().detach()
+    r = norms_LX[:, 1] / norms_LX.sum(dim=1)  # relative decoder norm of model B (the "fine-tune")
+    for i, kind in enumerate(planted.kind):
+        if best[i] < 0.9:
+            continue
+        ri = r[which[i]].item()
+        if kind == "A":
+            assert ri < 0.2, (i, kind, ri)
+        elif kind == "B":
+            assert ri > 0.8, (i, kind, ri)
+        else:
+            assert 0.2 < ri < 0.8, (i, kind, ri)
+
+
+@pytest.fixture(scope="module")
+def clt_cache(toy_dirs, tmp_path_factory):
+    from harvest.harvester import harvest
+
+    out = tmp_path_factory.mktemp("clt") / "cache"
+    harvest(small_harvest_config(out, models=["toy-base"], tokens=3000, hooks=[
+        "blocks.0.hook_mlp_in", "blocks.0.hook_mlp_out", "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"]))
+    return out
+
+
+ARCHS = {
+    "crosscoder": {},
+    "directional": {"in_hooks": ["blocks.1.hook_resid_post"], "out_hooks": ["blocks.2.hook_resid_post"], "skip": True},
+    "clt": {"models": ["toy-base"], "in_hooks": ["blocks.0.hook_mlp_in", "blocks.1.hook_mlp_in"],
+            "out_hooks": ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"], "skip": True},
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("activation,extra", [("relu", {}), ("jumprelu", {}), ("topk", {"k": 8}),
+                                              ("batchtopk", {"k": 8})])
+def test_every_architecture_trains_on_the_toy_pair(toy_cache, clt_cache, tmp_path, arch, activation, extra):
+    cache = clt_cache if arch == "clt" else toy_cache
+    res = train(_cfg(cache, tmp_path / "run", arch=arch, activation=activation, steps=60, log_every=5,
+                     **ARCHS[arch], **extra))
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss/recon" in r]
+    assert rows[-1]["loss/recon"] < 0.7 * rows[0]["loss/recon"], [r["loss/recon"] for r in rows]
+    assert rows[-1]["ev/overall"] > rows[0]["ev/overall"]
+    assert res.eval_metrics["eval/ev/overall"] > 0.3
+    for f in ["config.json", "metrics.jsonl", "curves.png", "export/model.safetensors", "dictionary/config.json"]:
+        assert (tmp_path / "run" / f).exists(), f
+
+
+def test_export_runs_on_raw_activations(toy_cache, tmp_path):
+    train(_cfg(toy_cache, tmp_path / "run", activation="batchtopk", k=8, steps=30))
+    trained = load_dictionary(tmp_path / "run" / "dictionary")
+    exported = load_dictionary(tmp_path / "run" / "export")
+    cache = open_cache(toy_cache)
+    acts = cache.shard(0).acts[:200].float()
+    raw = cache.normalization().undo(acts)
+    x_norm, x_raw = acts.flatten(1, 2), raw.flatten(1, 2)
+    with torch.no_grad():
+        a, b = trained(x_norm, inference=True), exported(x_raw, inference=True)
+    torch.testing.assert_close(a.latents_BL, b.latents_BL, rtol=1e-4, atol=1e-4)
+    scale = cache.normalization().scale_MP.flatten()[None, :, None]
+    torch.testing.assert_close(a.recon_BXoD / scale, b.recon_BXoD, rtol=1e-4, atol=1e-3)
+
+
+# ---- crash, signals, resume ------------------------------------------------------------------
+
+RESUME_ARGS = ["--activation", "batchtopk", "--k", "8", "--latents", "128", "--steps", "300", "--batch-size", "128",
+               "--lr", "3e-3", "--log-every", "10", "--checkpoint-every", "20", "--keep-checkpoints", "3",
+               "--device", "cpu", "--no-progress", "--dead-tokens", "2000"]
+
+
+def _train_cli(args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(ROOT / "run_train.py"), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _comparable(run: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(run)]
+
+
+def _wait_for_checkpoint(run: Path, proc, min_step: int) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        ck = sorted((run / "checkpoints").glob("step-*")) if (run / "checkpoints").exists() else []
+        if ck and int(ck[-1].name.split("-")[1]) >= min_step:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no checkpoint >= {min_step} before the run ended: {proc.communicate()}")
+
+
+@pytest.fixture(scope="module")
+def reference_run(toy_cache, tmp_path_factory):
+    run = tmp_path_factory.mktemp("ref") / "run"
+    proc = _train_cli([*RESUME_ARGS, "--cache", str(toy_cache), "--out", str(run)])
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return run
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_reproduces_the_metrics(toy_cache, reference_run, tmp_path):
+    run = tmp_path / "run"
+    proc = _train_cli([*RESUME_ARGS, "--cache", str(toy_cache), "--out", str(run)])
+    _wait_for_checkpoint(run, proc, 60)
+    proc.kill()
+    proc.communicate()
+    assert not (run / "export").exists()
+    proc = _train_cli([*RESUME_ARGS, "--cache", str(toy_cache), "--out", str(run)])
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert "resuming" in out
+    assert _comparable(run) == _comparable(reference_run)
+    a, b = load_dictionary(run / "export"), load_dictionary(reference_run / "export")
+    for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    assert len(list((run / "checkpoints").glob("step-*"))) == 3  # keep the last K
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_resumes(toy_cache, reference_run, tmp_path):
+    run = tmp_path / "run"
+    proc = _train_cli([*RESUME_ARGS, "--cache", str(toy_cache), "--out", str(run)])
+    _wait_for_checkpoint(run, proc, 20)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "checkpoint saved" in err
+    step = json.loads(sorted((run / "checkpoints").glob("step-*"))[-1].joinpath("state.json").read_text())["step"]
+    assert step < 300
+    proc = _train_cli([*RESUME_ARGS, "--cache", str(toy_cache), "--out", str(run)])
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert _comparable(run) == _comparable(reference_run)
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+
+def test_bad_input_errors(toy_cache, tmp_path):
+    with pytest.raises(SlotError, match=r"hook \['blocks\.9\.hook_resid_post'\] not in cache"):
+        train(_cfg(toy_cache, tmp_path / "a", hooks=["blocks.9.hook_resid_post"]))
+    with pytest.raises(SlotError, match=r"model \['toy-prose'\] not in cache .* holds models \['toy-base', 'toy-code'\]"):
+        train(_cfg(toy_cache, tmp_path / "b", models=["toy-prose"]))
+    with pytest.raises(SlotError, match="a cross-layer transcoder reads one model"):
+        train(_cfg(toy_cache, tmp_path / "c", arch="clt", in_hooks=["blocks.1.hook_resid_post"],
+                   out_hooks=["blocks.2.hook_resid_post"]))
+    with pytest.raises(SlotError, match="one input and one output hook per layer"):
+        train(_cfg(toy_cache, tmp_path / "d", arch="clt", models=["toy-base"], in_hooks=["blocks.1.hook_resid_post"],
+                   out_hooks=["blocks.2.hook_resid_post"]))
+    with pytest.raises(ValueError, match=r"k must be in \[1, latents=64\)"):
+        _cfg(toy_cache, tmp_path / "e", activation="topk", k=64)
+    with pytest.raises(ValueError, match="needs --k"):
+        _cfg(toy_cache, tmp_path / "e", activation="batchtopk")
+    with pytest.raises(ValueError, match="sparsity_coeff must be a finite number >= 0"):
+        _cfg(toy_cache, tmp_path / "e", sparsity_coeff=-1.0)
+    with pytest.raises(ValueError, match="aux_k_coeff must be"):
+        _cfg(toy_cache, tmp_path / "e", aux_k_coeff=-0.1)
+    with pytest.raises(ValueError, match="--arch directional needs --in-hooks and --out-hooks"):
+        _cfg(toy_cache, tmp_path / "e", arch="directional")
+
+
+def test_resumed_run_refuses_another_width_or_config(tmp_path):
+    from cache_factory import make_cache
+
+    make_cache(tmp_path / "c16", d_model=16)
+    make_cache(tmp_path / "c32", d_model=32)
+    train(_cfg(tmp_path / "c16", tmp_path / "run", steps=5))
+    with pytest.raises(RunMismatchError, match="d_model=16 .* d_model=32"):
+        train(_cfg(tmp_path / "c32", tmp_path / "run", steps=5))
+    with pytest.raises(RunMismatchError, match="holds a different run .*latents: 64 there vs 32 now"):
+        train(_cfg(tmp_path / "c16", tmp_path / "run", steps=5, latents=32))
+
+
+def test_non_finite_loss_stops_with_a_checkpoint(tmp_path):
+    from shared.cache import CacheWriter
+    from shared.cache_format import Manifest, shard_file_name
+    from shared.token_table import write_token_table
+
+    m = Manifest(models=[{"name": "a"}], hooks=["h"], d_model=8, dtype="float32", context_size=2, n_rows=0,
+                 shards=[], normalization={"method": "none", "scale": [[1.0]], "file": None},
+                 excluded_tokens={}, dataset={}, tokenizer={}, created_by={}, complete=False)
+    w = CacheWriter(tmp_path / "cache", m)
+    x = torch.randn(512, 1, 1, 8)
+    x[300, 0, 0, 0] = 1e30  # squares overflow float32
+    w.add_shard(shard_file_name(0), x, torch.arange(512), torch.ones(512), torch.ones(512))
+    write_token_table(tmp_path / "cache", [[0, 1]] * 512)
+    w.finish()
+    with pytest.raises(NonFiniteLossError, match=r"loss term\(s\) \[.recon., .*\] of .* became non-finite at step \d+"):
+        train(_cfg(tmp_path / "cache", tmp_path / "run", steps=20, batch_size=64, eval_shards=0, latents=16))
+    assert list((tmp_path / "run" / "checkpoints").glob("step-*"))
+
+
+def test_cli_config_file_and_wandb_offline(toy_cache, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"cache: {toy_cache}\nlatents: 32\nsteps: 10\nbatch-size: 128\nlog_every: 5\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline", WANDB_API_KEY="secret-key-never-logged")
+    res = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--config", str(cfg), "--out", str(tmp_path / "r"),
+                          "--steps", "8", "--wandb-project", "crosscache-test", "--no-progress"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
+    assert saved["steps"] == 8 and saved["latents"] == 32 and saved["batch_size"] == 128
+    assert list((tmp_path / "r" / "wandb").glob("offline-run-*"))
+    for f in (tmp_path / "r").rglob("*"):
+        if f.is_file() and f.stat().st_size < 5_000_000:
+            assert b"secret-key-never-logged" not in f.read_bytes(), f
+    bad = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--cache", str(tmp_path / "nope")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,73 @@
+"""Sweep files: many dictionaries trained from one loader stream.
+
+A sweep file (YAML or JSON) holds ``members:`` (a list of config overrides) and/or ``grid:``
+(a mapping of config field -> list of values, crossed). With both, every member is crossed
+with the grid. Each member may set ``name`` (its run folder under the sweep's ``--out``);
+otherwise the name is built from its overrides. Everything else comes from the base config
+(the command line). Example::
+
+    grid:
+      activation: [relu, batchtopk]
+      latents: [2048, 4096]
+    members:
+      - {}
+      - {lr: 3.0e-4}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from pathlib import Path
+from typing import Any
+
+from shared.config import load_config_file
+from train.config import TrainConfig
+
+__all__ = ["expand_sweep", "member_name"]
+
+
+def member_name(overrides: dict[str, Any]) -> str:
+    """A folder name from overrides, e.g. ``activation-batchtopk_k-32``."""
+    if not overrides:
+        return "base"
+    parts = [f"{k}-{'-'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in overrides.items()]
+    return re.sub(r"[^A-Za-z0-9._=-]+", "-", "_".join(parts))[:120]
+
+
+def expand_sweep(path: str | Path, base: TrainConfig) -> list[TrainConfig]:
+    """The member configs of a sweep file, each with ``out = <base.out>/<name>``."""
+    spec = load_config_file(path)
+    unknown = set(spec) - {"members", "grid"}
+    if unknown:
+        raise ValueError(f"sweep file {path}: unknown top-level key(s) {sorted(unknown)}; use 'members' and/or 'grid'")
+    members = spec.get("members") or [{}]
+    grid = spec.get("grid") or {}
+    if not isinstance(members, list) or not all(isinstance(m, dict) for m in members):
+        raise ValueError(f"sweep file {path}: 'members' must be a list of mappings of config overrides")
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ValueError(f"sweep file {path}: 'grid' must map config fields to non-empty lists of values")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    configs, names = [], []
+    for member in members:
+        for combo in itertools.product(*grid.values()) if grid else [()]:
+            overrides = {k.replace("-", "_"): v for k, v in {**member, **dict(zip(grid, combo))}.items()}
+            name = overrides.pop("name", None) or member_name(overrides)
+            bad = sorted(set(overrides) - fields)
+            if bad:
+                raise ValueError(f"sweep file {path}: unknown config field(s) {bad} in member {name!r}")
+            if "out" in overrides or "cache" in overrides:
+                raise ValueError(f"sweep file {path}: members share the base --cache and live under --out; "
+                                 f"remove 'out'/'cache' from member {name!r}")
+            if "betas" in overrides:
+                overrides["betas"] = tuple(overrides["betas"])
+            try:
+                configs.append(dataclasses.replace(base, out=str(Path(base.out) / name), **overrides))
+            except ValueError as e:
+                raise ValueError(f"sweep member {name!r}: {e}") from None
+            names.append(name)
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"sweep file {path}: members share the name(s) {dupes}; give them distinct 'name' keys")
+    return configs
