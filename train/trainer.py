@@ -70,6 +70,7 @@ class TrainResult:
     steps: int
     final_metrics: dict[str, Any]
     eval_metrics: dict[str, Any]
+    loop_seconds: float = 0.0  # wall time of the training loop in this call (the whole sweep's, for members)
 
 
 def build_dictionary_config(cfg: TrainConfig, spec: SlotSpec, d_model: int) -> DictionaryConfig:
@@ -353,6 +354,7 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
         if hasattr(it, "close"):
             it.close()
 
+    loop_seconds = time.perf_counter() - t_start
     results = []
     for m in members:
         eval_metrics = evaluate(m, cache, models, hooks, device) if dist.is_main else {}
@@ -361,7 +363,7 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
             export(m, cache, step, eval_metrics)
             plot_metrics(m.run_dir)
         m.logger.close()
-        results.append(TrainResult(m.run_dir, step, m.last, eval_metrics))
+        results.append(TrainResult(m.run_dir, step, m.last, eval_metrics, loop_seconds))
     dist.barrier()
     return results
 
