@@ -121,3 +121,29 @@ def Manifest_config(cache_dir):
 
     cfg = Manifest.load(cache_dir).extra["harvest"]["config"]
     return HarvestConfig(**cfg)
+
+
+def test_forward_stops_after_the_last_harvested_block(toy_dirs, tmp_path, monkeypatch):
+    from harvest.models import stop_layer_for
+
+    assert stop_layer_for(["blocks.1.hook_resid_post"], 4) == 2
+    assert stop_layer_for(["blocks.0.hook_mlp_out", "blocks.2.hook_resid_pre"], 4) == 3
+    assert stop_layer_for(["blocks.3.hook_resid_post"], 4) == 4
+    assert stop_layer_for(["ln_final.hook_normalized"], 4) is None
+    from transformer_lens.model_bridge import TransformerBridge
+
+    seen, fired = [], []
+    real = TransformerBridge.run_with_cache
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("stop_at_layer"))
+        # Would block 2 run? Listen on its output: it must never fire.
+        handle = self.hook_dict["blocks.2.hook_resid_post"].register_forward_hook(lambda *a: fired.append(1))
+        try:
+            return real(self, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(TransformerBridge, "run_with_cache", spy)
+    harvest(small_harvest_config(tmp_path / "c", hooks=["blocks.1.hook_resid_post"], tokens=500))
+    assert seen and set(seen) == {2} and not fired
