@@ -142,3 +142,29 @@ def test_ddp_resume_after_a_lost_rank(toy_cache, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming" in res.stdout
     assert _metrics(tmp_path / "res") == _metrics(tmp_path / "ref")
+
+
+@pytest.mark.slow
+def test_ddp_a_dead_rank_stops_the_others(toy_cache, tmp_path):
+    import psutil
+    import time as _time
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                             str(29600 + os.getpid() % 300), str(ROOT / "run_train.py"), "--cache", str(toy_cache),
+                             "--out", str(run), "--batch-size", "64", "--latents", "64", "--steps", "100000",
+                             "--checkpoint-every", "5", "--dist-timeout", "30", "--device", "cpu", "--no-progress"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = _time.time() + 300
+    while _time.time() < deadline and not list(run.glob("checkpoints/step-*")):
+        assert proc.poll() is None, proc.communicate()
+        _time.sleep(0.1)
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "run_train.py" in " ".join(c.cmdline())]
+    assert len(workers) == 2
+    workers[1].kill()
+    t = _time.time()
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0 and _time.time() - t < 120
+    assert "run_train.py FAILED" in err or "ChildFailedError" in err or "Error" in err
+    assert list(run.glob("checkpoints/step-*"))  # what was saved is still there
