@@ -26,6 +26,7 @@ from einops import rearrange
 
 from shared.cache import Cache, open_cache
 from shared.config import config_to_json
+from shared.devices import resolve_device
 from shared.shard_io import atomic_write_bytes
 from train.checkpoint import checkpoint_steps, load_checkpoint, prune_checkpoints, save_checkpoint
 from train.config import TrainConfig
@@ -81,15 +82,6 @@ def build_dictionary_config(cfg: TrainConfig, spec: SlotSpec, d_model: int) -> D
         dec_init_norm=cfg.dec_init_norm, jumprelu_bandwidth=cfg.jumprelu_bandwidth, tanh_c=cfg.tanh_c,
         pre_act_coeff=cfg.pre_act_coeff, aux_k_coeff=cfg.aux_k_coeff, k_aux=cfg.k_aux,
     )
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available; use --device cpu")
-    return dev
 
 
 def _check_run_dir(cfg: TrainConfig, run_dir: Path, d_model: int) -> bool:
@@ -213,7 +205,7 @@ def train_many(cfgs: list[TrainConfig]) -> list[TrainResult]:
     _check_sweep(cfgs)
     first = cfgs[0]
     cache = open_cache(first.cache, max_shards=first.max_shards)
-    device = _device(first.device)
+    device = resolve_device(first.device)
     dist = DistContext.from_env(device, first.dist_timeout)
     device = dist.device_for(device)
     try:
