@@ -125,12 +125,13 @@ class LoadedModels:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HarvestInputError(f"device {device!r} asked for, but CUDA is not available; use --device cpu")
-    return dev
+    """:func:`shared.devices.resolve_device`, raising :class:`HarvestInputError`."""
+    from shared.devices import resolve_device as resolve
+
+    try:
+        return resolve(device)
+    except ValueError as e:
+        raise HarvestInputError(str(e)) from None
 
 
 def load_models(
