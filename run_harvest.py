@@ -6,6 +6,8 @@
     python run_harvest.py push DIR --repo USER/NAME [--private] [--revision R] [--dry-run]
 
 With no arguments it harvests the default demo cache (toy pair on builtin:mixed).
+Under ``torchrun --nproc-per-node N run_harvest.py ...`` N processes share the work (see
+``harvest/distributed.py``).
 Every flag is a field of ``harvest.HarvestConfig``; ``--config FILE.yaml`` loads them from a file.
 """
 
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from harvest.distributed import DistributedHarvestError
     from harvest.harvester import harvest
     from harvest.models import HarvestInputError
     from shared.cache_format import CacheError
@@ -105,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except (HarvestInputError, CacheError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DistributedHarvestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -80,6 +80,9 @@ class HarvestConfig:
     )
     exclude_token_ids: list[int] = field_help("Further token ids to exclude.", default_factory=list)
     progress: bool = field_help("Show progress bars.", default=True)
+    dist_timeout: float | None = field_help(
+        "Under torchrun: seconds a process waits for the others before it stops with an error (a dead rank is "
+        "reported by torchrun at once). Default: $CROSSCACHE_DIST_TIMEOUT or 300.", default=None)
 
     def __post_init__(self) -> None:
         if not self.models:

@@ -178,13 +178,27 @@ class _Forward:
             yield int(row_BS.flatten()[flat_N[0]]), acts_NMPD, seq_N, pos_N, tokens_BS.flatten()[flat_N]
 
 
-def harvest(cfg: HarvestConfig) -> Manifest:
-    """Run a harvest (or resume / finish an interrupted one) and return the final manifest."""
+def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifest:
+    """Run a harvest (or resume / finish an interrupted one) and return the final manifest.
+
+    Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) this is one rank of a multi-process
+    harvest (:mod:`harvest.distributed`); ``dist_timeout`` is then how many seconds a rank
+    waits for the others in a collective (default ``$CROSSCACHE_DIST_TIMEOUT`` or 300).
+    """
+    from harvest.distributed import RANK_MANIFEST_GLOB, harvest_distributed, torchrun_env
+
+    if torchrun_env() is not None:
+        return harvest_distributed(cfg, dist_timeout=dist_timeout if dist_timeout is not None else cfg.dist_timeout)
     out = Path(cfg.out)
     existing = _existing_manifest(out, cfg)
     if existing is not None and existing.complete:
         print(f"{out}: harvest already complete ({existing.n_rows:,} rows in {len(existing.shards)} shards)")
         return existing
+    if existing is not None and any(out.glob(RANK_MANIFEST_GLOB)):
+        raise HarvestInputError(
+            f"--out {out} holds an interrupted multi-process harvest (manifest.rank*.json); resume it under "
+            "torchrun with the same flags (`torchrun --nproc-per-node N run_harvest.py ...`, N = 1 works too)"
+        )
     device = resolve_device(cfg.device)
     models = load_models(
         cfg.models, cfg.hooks, context_size=cfg.context_size, device=device,

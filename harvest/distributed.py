@@ -1,0 +1,696 @@
+"""Multi-process harvesting under ``torchrun``: one cache, written by N processes at once.
+
+    torchrun --nproc-per-node N run_harvest.py [harvest flags] [--dist-timeout SECONDS]
+
+:func:`harvest.harvester.harvest` switches to :func:`harvest_distributed` when it finds the
+variables ``torchrun`` sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``). Every rank must see the
+same ``--out`` folder (one machine, or a shared filesystem).
+
+How the work is split (every step is a deterministic function of the config, so a re-run of
+the same command resumes):
+
+1. rank 0 inspects ``--out`` (fresh, resumable, or finished) and tells the others;
+2. every rank loads the models (on ``cuda:LOCAL_RANK`` when the device is CUDA);
+3. rank 0 checks free disk and, when resuming, collects the shards already written from
+   ``manifest.json`` and every ``manifest.rank{r}.json``: only chunks (write-shuffle buffers,
+   see :class:`~harvest.harvester.HarvestLayout`) whose shards are all there are kept; shards
+   of partly written chunks are deleted;
+4. every rank builds the (seeded) token plan itself, or reads it back from ``tokens.arrow``
+   when resuming; rank 0 writes ``tokens.arrow``; the ranks compare the plans' sha256;
+5. the chunks still to write are cut into ``world_size`` contiguous runs of about equal rows;
+   rank r writes the chunks of run r. Batches stay fixed slices of the plan and a chunk's
+   shuffle depends only on (seed, chunk), so every shard holds the very bytes a one-process
+   harvest writes for it; only the file name differs (``shards/acts-rank{r}-{index}``);
+6. normalization: rank 0 forwards the calibration rows (the first rows of the stream, which
+   lie in its own chunks unless ``calibration_tokens`` exceeds its share), estimates the
+   factors, writes ``manifest.json`` (``complete: false``) and broadcasts the factors. The
+   other ranks forward as many rows of their own chunks meanwhile and hold them until the
+   factors arrive. Calibration rows are written once, by the rank that owns their chunk;
+7. each rank writes its shards and lists each one, right after its atomic rename, in its
+   own ``manifest.rank{r}.json`` (written atomically), so a crash of one rank loses nothing
+   that was written;
+8. at the end rank 0 merges every record into ``manifest.json`` (shards in global index
+   order, the order a one-process harvest lists them), marks it complete, writes the card
+   and deletes the per-rank manifests.
+
+A rank that fails or dies: ``torchrun`` stops the others at once (each says so, naming its
+rank); where no launcher does, the others give up when a collective has waited longer than
+the timeout (``--dist-timeout``, env ``CROSSCACHE_DIST_TIMEOUT``, default 300 s), with a
+message naming the step. Re-running the same command (any number of processes) resumes.
+
+The ranks only exchange a few small CPU objects (status, plan digests, normalization factors,
+shard records), so the process group is gloo on every device: its timeouts raise a Python
+error, where NCCL's watchdog would abort the process.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from harvest.config import HarvestConfig
+from harvest.models import HarvestInputError, load_models, resolve_device
+from harvest.token_stream import TokenPlan, build_token_plan
+from harvest.writer import Piece, ShardWriterThread
+from shared.cache import CacheWriter, remove_stale_temp_files
+from shared.cache_format import SHARD_DIR, CacheError, Manifest, ShardRecord, dtype_from_name
+from shared.normalization import Normalization
+from shared.shard_io import atomic_write_bytes, write_shard
+from shared.token_table import write_token_table
+
+__all__ = [
+    "DistributedHarvestError",
+    "DEFAULT_DIST_TIMEOUT",
+    "DIST_TIMEOUT_ENV",
+    "torchrun_env",
+    "dist_timeout_seconds",
+    "harvest_distributed",
+    "assign_chunks",
+    "rank_manifest_name",
+    "RANK_MANIFEST_GLOB",
+]
+
+DEFAULT_DIST_TIMEOUT = 300.0
+"""Seconds a rank waits in a collective (for the other ranks) before it gives up."""
+DIST_TIMEOUT_ENV = "CROSSCACHE_DIST_TIMEOUT"
+RANK_MANIFEST_GLOB = "manifest.rank*.json"
+_RANK_MANIFEST_RE = re.compile(r"^manifest\.rank(\d+)\.json$")
+_SHARD_RE = re.compile(r"^acts(?:-rank(\d+))?-(\d+)\.safetensors$")
+_RESUME_HINT = "Shards already written are kept; re-run the same command (any --nproc-per-node) to resume"
+
+
+class DistributedHarvestError(RuntimeError):
+    """A multi-process harvest stopped because of another rank (died, failed, hung, disagreed)."""
+
+
+def rank_manifest_name(rank: int) -> str:
+    return f"manifest.rank{rank}.json"
+
+
+def torchrun_env() -> tuple[int, int, int] | None:
+    """``(rank, world_size, local_rank)`` when launched by torchrun (or alike), else None."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    except ValueError:
+        raise HarvestInputError(
+            f"RANK={os.environ['RANK']!r} / WORLD_SIZE={os.environ['WORLD_SIZE']!r} / LOCAL_RANK are not "
+            "integers; launch multi-process harvests with torchrun"
+        ) from None
+    if world < 1 or not 0 <= rank < world:
+        raise HarvestInputError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    return rank, world, local
+
+
+def dist_timeout_seconds(value: float | None = None) -> float:
+    """The collective timeout: ``value``, else ``$CROSSCACHE_DIST_TIMEOUT``, else 300 s."""
+    if value is None:
+        raw = os.environ.get(DIST_TIMEOUT_ENV)
+        if raw is None:
+            return DEFAULT_DIST_TIMEOUT
+        try:
+            value = float(raw)
+        except ValueError:
+            raise HarvestInputError(f"{DIST_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise HarvestInputError(f"--dist-timeout must be a positive number of seconds, got {value}")
+    return float(value)
+
+
+# -- the process group -----------------------------------------------------------------------
+
+
+class _Group:
+    """A gloo process group with rank-naming, timeout-explaining collectives."""
+
+    def __init__(self, rank: int, world: int, timeout: float) -> None:
+        import torch.distributed as dist
+
+        self.dist, self.timeout = dist, timeout
+        td = dt.timedelta(seconds=timeout)
+        self._own_default = not dist.is_initialized()
+        try:
+            if self._own_default:
+                dist.init_process_group(backend="gloo", timeout=td)
+                self.pg = None  # the default group
+            else:  # called from a program that already set up torch.distributed
+                self.pg = dist.new_group(backend="gloo", timeout=td)
+        except Exception as e:  # noqa: BLE001 - rendezvous errors come in many types
+            raise DistributedHarvestError(
+                f"rank {rank}: could not join the other {world - 1} rank(s) within {timeout:g}s "
+                f"(--dist-timeout): {e}"
+            ) from e
+        self.rank, self.world = dist.get_rank(self.pg), dist.get_world_size(self.pg)
+        if (self.rank, self.world) != (rank, world):
+            raise DistributedHarvestError(
+                f"process group has rank {self.rank} of {self.world}, but RANK/WORLD_SIZE say {rank} of {world}"
+            )
+
+    def _call(self, step: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except RuntimeError as e:  # gloo: timeouts and closed connections (DistBackendError too)
+            text = str(e)
+            why = ("no answer within --dist-timeout "
+                   f"{self.timeout:g}s") if "imed out" in text or "imeout" in text else "lost contact"
+            raise DistributedHarvestError(
+                f"rank {self.rank}: {why} while {step}: another rank died, failed or hangs (see its "
+                f"output; torchrun's report names it). {_RESUME_HINT}. [{text.strip()[:300]}]"
+            ) from e
+
+    def all_gather(self, obj: Any, step: str) -> list[Any]:
+        out: list[Any] = [None] * self.world
+        self._call(step, lambda: self.dist.all_gather_object(out, obj, group=self.pg))
+        return out
+
+    def broadcast(self, obj: Any, step: str) -> Any:
+        box = [obj]
+        self._call(step, lambda: self.dist.broadcast_object_list(box, src=0, group=self.pg))
+        return box[0]
+
+    def broadcast_tensor(self, t: torch.Tensor, step: str) -> torch.Tensor:
+        self._call(step, lambda: self.dist.broadcast(t, src=0, group=self.pg))
+        return t
+
+    def agree(self, step: str, error: BaseException | None) -> None:
+        """Every rank reports how ``step`` went; if one failed, every rank raises (naming it)."""
+        report = None if error is None else f"{type(error).__name__}: {error}"
+        reports = self.all_gather(report, step)
+        if error is not None:
+            raise error
+        failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
+        if failed:
+            r, msg = failed[0]
+            raise DistributedHarvestError(f"rank {self.rank}: stopping: rank {r} failed while {step}: {msg}")
+
+    def close(self) -> None:
+        try:
+            if self._own_default:
+                self.dist.destroy_process_group()
+            elif self.pg is not None:
+                self.dist.destroy_process_group(self.pg)
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+
+
+def _attempt(fn: Callable[[], Any]) -> tuple[Any, BaseException | None]:
+    """Run one rank's part of a step; its error is handed to :meth:`_Group.agree` (a SIGTERM or a
+    lost peer is raised at once: there is nobody left to agree with)."""
+    try:
+        return fn(), None
+    except DistributedHarvestError:
+        raise
+    except Exception as e:  # noqa: BLE001 - handed to Group.agree
+        return None, e
+
+
+# -- work split ------------------------------------------------------------------------------
+
+
+def assign_chunks(chunk_rows: list[int], todo: list[int], world: int) -> list[list[int]]:
+    """Cut the chunks still to write (``todo``, ascending) into ``world`` contiguous runs of
+    about equal rows (within one chunk); run r is rank r's. Rank r takes the chunks that start
+    in its r-th share of the rows, so the first chunk (the calibration rows, on a fresh
+    harvest) is always rank 0's. A pure function of its arguments."""
+    total = sum(chunk_rows[c] for c in todo)
+    runs: list[list[int]] = [[] for _ in range(world)]
+    before = 0
+    for c in todo:
+        runs[min(world - 1, world * before // max(total, 1))].append(c)
+        before += chunk_rows[c]
+    return runs
+
+
+def _row_ranges(chunks: list[int], chunk_size: int, n_rows: int) -> list[tuple[int, int]]:
+    """Maximal contiguous row ranges ``[a, b)`` covered by ``chunks``."""
+    ranges: list[tuple[int, int]] = []
+    for c in chunks:
+        a, b = c * chunk_size, min((c + 1) * chunk_size, n_rows)
+        if ranges and ranges[-1][1] == a:
+            ranges[-1] = (ranges[-1][0], b)
+        else:
+            ranges.append((a, b))
+    return ranges
+
+
+def _procs(n: int) -> str:
+    return f"{n} process" + ("" if n == 1 else "es")
+
+
+def _shard_index(rel_file: str) -> int:
+    m = _SHARD_RE.match(Path(rel_file).name)
+    if m is None:
+        raise CacheError(f"shard file name {rel_file!r} is not acts[-rankR]-NNNNN.safetensors")
+    return int(m.group(2))
+
+
+def _plan_digest(plan: TokenPlan) -> str:
+    h = hashlib.sha256()
+    for ids in plan.input_ids:
+        h.update(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+    h.update(np.asarray(plan.rows_per_seq, dtype=np.int64).tobytes())
+    h.update(json.dumps(plan.metadata, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+class RankShardLog:
+    """One rank's shard writer: writes shards atomically and lists each, right after its
+    rename, in ``manifest.rank{r}.json`` (itself written atomically). Used by
+    :class:`~harvest.writer.ShardWriterThread` in place of a :class:`CacheWriter`."""
+
+    def __init__(self, out: Path, rank: int, world: int, *, signature: dict, dtype: torch.dtype,
+                 row_shape: tuple[int, int, int], records: list[ShardRecord]) -> None:
+        self.out, self.rank, self.world = out, rank, world
+        self.signature, self.dtype, self.row_shape = signature, dtype, row_shape
+        self.records = list(records)
+
+    def save(self) -> None:
+        obj = {"rank": self.rank, "world_size": self.world, "signature": self.signature,
+               "shards": [r.to_json() for r in self.records]}
+        atomic_write_bytes(self.out / rank_manifest_name(self.rank), json.dumps(obj, indent=1).encode() + b"\n")
+
+    def add_shard(self, rel_file: str, acts_NMPD: torch.Tensor, seq_N: torch.Tensor, pos_N: torch.Tensor,
+                  token_N: torch.Tensor) -> ShardRecord:
+        if acts_NMPD.dtype != self.dtype or tuple(acts_NMPD.shape[1:]) != self.row_shape:
+            raise ValueError(f"acts {acts_NMPD.dtype} {tuple(acts_NMPD.shape)} do not match the cache's rows")
+        record = write_shard(self.out, rel_file, acts_NMPD, seq_N, pos_N, token_N)
+        self.records.append(record)
+        self.save()
+        return record
+
+
+def _read_rank_manifest(path: Path, signature: dict) -> list[ShardRecord]:
+    try:
+        obj = json.loads(path.read_text())
+        shards = obj["shards"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CacheError(f"{path}: unreadable per-rank manifest ({e}); delete the cache folder and re-run") from None
+    if obj.get("signature") != signature:
+        raise CacheError(
+            f"{path} belongs to a different harvest than manifest.json; delete the cache folder and re-run"
+        )
+    return [ShardRecord.from_json(s, str(path)) for s in shards]
+
+
+def _collect_written(
+    out: Path, manifest: Manifest, layout: Any, world: int
+) -> tuple[list[int], dict[int, list[ShardRecord]], list[ShardRecord], int]:
+    """Rank 0, resuming: keep every whole chunk already written; delete the rest.
+
+    Returns (complete chunks, records by active rank, records to carry over as they are
+    (``manifest.json``'s own and those of ranks >= world), bytes kept)."""
+    signature = manifest.extra["harvest"]["signature"]
+    sources: dict[Path, list[ShardRecord]] = {out / "manifest.json": list(manifest.shards)}
+    for path in sorted(out.glob(RANK_MANIFEST_GLOB)):
+        if _RANK_MANIFEST_RE.match(path.name):
+            sources[path] = _read_rank_manifest(path, signature)
+    chunk_rows = layout.chunk_rows()
+    found: dict[int, dict[int, ShardRecord]] = {}
+    bad: set[int] = set()  # chunks with a missing, duplicated or damaged shard
+    for recs in sources.values():
+        for rec in recs:
+            idx = _shard_index(rec.file)
+            c, j = divmod(idx, layout.shuffle_shards)
+            recs_c = found.setdefault(c, {})
+            path = out / rec.file
+            ok = (c < layout.n_chunks and rec.n_rows == min(layout.shard_rows, chunk_rows[c] - j * layout.shard_rows)
+                  and idx not in recs_c and path.is_file() and path.stat().st_size == rec.bytes)
+            recs_c.setdefault(idx, rec)
+            if not ok:
+                bad.add(c)
+    complete = sorted(c for c, recs_c in found.items() if c not in bad
+                      and len(recs_c) == math.ceil(chunk_rows[c] / layout.shard_rows))
+    keep = {id(r) for c in complete for r in found[c].values()}
+    kept_files = set()
+    by_rank: dict[int, list[ShardRecord]] = {}
+    carried: list[ShardRecord] = []
+    for path, recs in sources.items():
+        kept = [r for r in recs if id(r) in keep]
+        kept_files.update(r.file for r in kept)
+        m = _RANK_MANIFEST_RE.match(path.name)
+        if m is not None and int(m.group(1)) < world:
+            by_rank[int(m.group(1))] = kept
+        else:
+            carried.extend(kept)
+        if m is not None and kept != recs:
+            obj = json.loads(path.read_text())
+            obj["shards"] = [r.to_json() for r in kept]
+            atomic_write_bytes(path, json.dumps(obj, indent=1).encode() + b"\n")
+    # Shard files no whole chunk lists (partly written chunks, or renamed but never listed)
+    # would be rewritten under another rank's name: delete them.
+    shard_dir = out / SHARD_DIR
+    if shard_dir.is_dir():
+        for p in shard_dir.iterdir():
+            if _SHARD_RE.match(p.name) and f"{SHARD_DIR}/{p.name}" not in kept_files:
+                p.unlink(missing_ok=True)
+    if len(manifest.shards) != len(kept_main := [r for r in manifest.shards if id(r) in keep]):
+        manifest.shards = kept_main
+        manifest.n_rows = sum(r.n_rows for r in manifest.shards)
+        CacheWriter(out, manifest).save_manifest()
+    kept_bytes = sum(r.bytes for recs in sources.values() for r in recs if id(r) in keep)
+    return complete, by_rank, carried, kept_bytes
+
+
+# -- the harvest -----------------------------------------------------------------------------
+
+
+def _rank_device(spec: str, local_rank: int) -> torch.device:
+    device = resolve_device(spec)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def _norm_size(method: str, m: int, p: int, d: int) -> int:
+    return 1 + m * p + (2 * m * p * d if method == "mean_std" else 0)
+
+
+def _pack_norm(norm: Normalization | None, method: str, m: int, p: int, d: int) -> torch.Tensor:
+    """[status, scale (M*P), mean (M*P*D), std (M*P*D)] as float32; status 0 = rank 0 failed."""
+    flat = torch.zeros(_norm_size(method, m, p, d), dtype=torch.float32)
+    if norm is not None:
+        parts = [torch.ones(1), norm.scale_MP.float().flatten()]
+        if method == "mean_std":
+            assert norm.mean_MPD is not None and norm.std_MPD is not None
+            parts += [norm.mean_MPD.float().flatten(), norm.std_MPD.float().flatten()]
+        flat = torch.cat(parts).contiguous()
+    return flat
+
+
+def _unpack_norm(flat: torch.Tensor, method: str, m: int, p: int, d: int) -> Normalization:
+    scale = flat[1 : 1 + m * p].reshape(m, p).clone()
+    if method == "mean_std":
+        k = 1 + m * p
+        mean = flat[k : k + m * p * d].reshape(m, p, d).clone()
+        std = flat[k + m * p * d :].reshape(m, p, d).clone()
+        return Normalization("mean_std", scale, mean, std)
+    return Normalization(method, scale)  # type: ignore[arg-type]
+
+
+def harvest_distributed(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifest:
+    """The multi-process harvest (one call per rank; see the module docstring)."""
+    env = torchrun_env()
+    if env is None:
+        raise HarvestInputError("harvest_distributed needs RANK and WORLD_SIZE (launch with torchrun)")
+    rank, world, local_rank = env
+    timeout = dist_timeout_seconds(dist_timeout)
+    group = _Group(rank, world, timeout)
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = None
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise DistributedHarvestError(
+            f"rank {rank}: stopped by SIGTERM (torchrun stops every rank when one fails; its report "
+            f"names the rank that failed first). {_RESUME_HINT}"
+        )
+
+    if on_main:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return _run(cfg, group, local_rank)
+    except (HarvestInputError, CacheError, DistributedHarvestError) as e:
+        if str(e).startswith(f"rank {rank}"):
+            raise
+        raise type(e)(f"rank {rank}: {e}") from e
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
+        group.close()
+
+
+def _run(cfg: HarvestConfig, group: _Group, local_rank: int) -> Manifest:
+    from harvest.harvester import (
+        HarvestLayout, _existing_manifest, _Forward, _fmt_bytes, _new_manifest, _plan_from_table,
+        estimate_cache_bytes,
+    )
+
+    rank, world = group.rank, group.world
+    is0 = rank == 0
+    out = Path(cfg.out)
+    say = print if is0 else (lambda *a, **k: None)
+
+    # 1. rank 0 decides: fresh, resume, or already complete.
+    existing: Manifest | None = None
+    if is0:
+        existing, err = _attempt(lambda: _existing_manifest(out, cfg))
+    else:
+        err = None
+    group.agree("checking --out", err)
+    state = group.broadcast(
+        ("complete" if existing.complete else "resume") if existing is not None else "fresh", "checking --out"
+    )
+    if state == "complete":
+        if is0:
+            assert existing is not None
+            for p in out.glob(RANK_MANIFEST_GLOB):
+                p.unlink(missing_ok=True)  # left by a run stopped right after its merge
+            say(f"{out}: harvest already complete ({existing.n_rows:,} rows in {len(existing.shards)} shards)")
+        return Manifest.load(out)
+
+    # 2. every rank loads the models.
+    device: torch.device | None = None
+
+    def load() -> Any:
+        nonlocal device
+        device = _rank_device(cfg.device, local_rank)
+        return load_models(
+            cfg.models, cfg.hooks, context_size=cfg.context_size, device=device,
+            model_dtype=dtype_from_name(cfg.model_dtype), exclude_special=cfg.exclude_special,
+            exclude_token_ids=cfg.exclude_token_ids,
+        )
+
+    models, err = _attempt(load)
+    group.agree("loading the models", err)
+    assert device is not None
+    m, p, d = len(cfg.models), len(cfg.hooks), models.d_model
+    storage = dtype_from_name(cfg.dtype)
+    row_bytes = m * p * d * storage.itemsize
+    layout = HarvestLayout(cfg.tokens, cfg.shard_rows(row_bytes), cfg.shuffle_shards)
+    chunk_rows = layout.chunk_rows()
+
+    # 3. rank 0: disk check, stale temp files, and (resuming) the chunks already whole.
+    done: list[int] = []
+    records: dict[int, list[ShardRecord]] = {}
+    carried: list[ShardRecord] = []
+
+    def prepare() -> dict:
+        nonlocal carried
+        kept_bytes = 0
+        by_rank: dict[int, list[ShardRecord]] = {}
+        chunks: list[int] = []
+        if existing is not None:
+            chunks, by_rank, carried, kept_bytes = _collect_written(out, existing, layout, world)
+        estimate = estimate_cache_bytes(cfg.tokens, m, p, d, cfg.dtype, cfg.context_size)
+        probe_dir = out if out.exists() else next(q for q in out.absolute().parents if q.exists())
+        free = shutil.disk_usage(probe_dir).free
+        say(f"estimated cache size: {_fmt_bytes(estimate)} ({cfg.tokens:,} rows x {row_bytes} bytes); "
+            f"free disk at {probe_dir}: {_fmt_bytes(free)}; {_procs(world)}")
+        if estimate - kept_bytes > free:
+            raise HarvestInputError(
+                f"not enough disk: the cache needs about {_fmt_bytes(estimate - kept_bytes)} more, {probe_dir} has "
+                f"{_fmt_bytes(free)} free. Free space, lower --tokens, use --dtype bfloat16, or pick another --out"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(out)
+        return {"done": chunks, "records": {r: [x.to_json() for x in v] for r, v in by_rank.items()}}
+
+    info, err = _attempt(prepare) if is0 else (None, None)
+    group.agree("preparing --out", err)
+    info = group.broadcast(info, "preparing --out")
+    t0 = time.perf_counter()
+    done = list(info["done"])
+    records = {int(r): [ShardRecord.from_json(x, "rank manifest") for x in v] for r, v in info["records"].items()}
+
+    # 4. the token plan: built by every rank (it is seeded), or read back when resuming.
+    def plan_step() -> TokenPlan:
+        if state == "resume":
+            return _plan_from_table(out, Manifest.load(out), models.excluded_ids)
+        plan = build_token_plan(
+            dataset=cfg.dataset, split=cfg.split, text_column=cfg.text_column, meta_columns=cfg.meta_columns,
+            seed=cfg.seed, tokenizer=models.tokenizer, context_size=cfg.context_size, bos_id=models.bos_id,
+            eos_id=models.eos_id, excluded_ids=models.excluded_ids, n_rows=cfg.tokens,
+        )
+        if is0:
+            write_token_table(out, [x.tolist() for x in plan.input_ids], plan.metadata)
+        return plan
+
+    plan, err = _attempt(plan_step)
+    group.agree("building the token plan", err)
+    digests = group.all_gather(_plan_digest(plan), "comparing token plans")
+    if len(set(digests)) != 1:
+        odd = [r for r, h in enumerate(digests) if h != digests[0]]
+        raise DistributedHarvestError(
+            f"rank {rank}: rank(s) {odd} built a different token plan than rank 0; every rank must read "
+            "the same dataset and see the same --out folder (a shared filesystem)"
+        )
+
+    # 5. the split.
+    todo = [c for c in range(layout.n_chunks) if c not in set(done)]
+    mine = assign_chunks(chunk_rows, todo, world)[rank]
+    ranges = _row_ranges(mine, layout.chunk_size, cfg.tokens)
+    my_rows = sum(b - a for a, b in ranges)
+    if state == "resume":
+        say(f"resuming {out}: {len(done)} of {layout.n_chunks} chunks already written; "
+            f"{len(todo)} chunks left for {_procs(world)}")
+
+    forward = _Forward(models, plan, cfg.hooks, device, cfg.batch_size)
+    log = RankShardLog(out, rank, world, signature=cfg.content_signature(), dtype=storage, row_shape=(m, p, d),
+                       records=records.get(rank, []))
+    manifest = existing
+    calib_rows = min(cfg.calibration_tokens, cfg.tokens)
+    held: list[tuple] = []
+    own_items = (item for a, b in ranges for item in forward.rows(a, b))
+    t_forward = time.perf_counter()
+
+    # 6. normalization factors: one set for all ranks.
+    if state == "resume":
+        norm = Normalization.from_manifest(out, Manifest.load(out).normalization)
+    else:
+        norm_err: BaseException | None = None
+        if is0:
+            def calibrate() -> Normalization:
+                nonlocal manifest
+                held.extend(forward.rows(0, calib_rows))
+                estimate = Normalization.estimate(torch.cat([h[1] for h in held]).float().cpu(), cfg.normalize)
+                estimate.write_side_file(out)
+                manifest = _new_manifest(cfg, models, plan, estimate, calib_rows, layout)
+                CacheWriter(out, manifest).save_manifest()
+                return estimate
+
+            norm0, norm_err = _attempt(calibrate)
+            flat = _pack_norm(norm0, cfg.normalize, m, p, d)
+            # rank 0's own rows beyond the calibration rows come next
+            own_items = (item for a, b in ranges if b > calib_rows for item in forward.rows(max(a, calib_rows), b))
+        else:
+            # Forward our own first rows meanwhile (as many as rank 0 calibrates on) and hold them.
+            def prefetch() -> None:
+                n = 0
+                while n < calib_rows:
+                    item = next(own_items, None)
+                    if item is None:
+                        return
+                    held.append(item)
+                    n += item[1].shape[0]
+
+            _, norm_err = _attempt(prefetch)
+            flat = _pack_norm(None, cfg.normalize, m, p, d)
+        group.broadcast_tensor(flat, "waiting for rank 0's normalization factors")
+        if norm_err is not None:
+            raise norm_err
+        if flat[0].item() != 1.0:
+            raise DistributedHarvestError(f"rank {rank}: stopping: rank 0 failed while calibrating the normalization")
+        norm = _unpack_norm(flat, cfg.normalize, m, p, d)
+
+    # 7. write our chunks.
+    from tqdm import tqdm
+
+    bar = tqdm(total=my_rows, unit="tok", unit_scale=True, desc=f"harvest (rank 0 of {world})",
+               disable=not (cfg.progress and is0), dynamic_ncols=True)
+    thread = ShardWriterThread(
+        log, chunk_rows=chunk_rows, shard_rows=layout.shard_rows, shuffle_shards=layout.shuffle_shards,
+        seed=cfg.seed, row_shape=(m, p, d), dtype=storage, rank=rank,
+    )
+    scale = norm.scale_MP.to(device)
+    mean = None if norm.mean_MPD is None else norm.mean_MPD.to(device)
+    std = None if norm.std_MPD is None else norm.std_MPD.to(device)
+
+    def send(first: int, acts_NMPD: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, tok: torch.Tensor) -> None:
+        # Keep only rows of our own ranges (rank 0's calibration rows may reach into others').
+        n_all = acts_NMPD.shape[0]
+        for a, b in ranges:
+            lo, hi = max(a, first) - first, min(b, first + n_all) - first
+            if lo >= hi:
+                continue
+            x = acts_NMPD[lo:hi].float()
+            x = (x - mean) / std if mean is not None else x * scale[..., None]
+            x = x.to(storage)
+            i = 0
+            while i < x.shape[0]:
+                c, off = divmod(first + lo + i, layout.chunk_size)
+                n = min(x.shape[0] - i, layout.chunk_size - off)
+                j = lo + i
+                thread.put(Piece(c, off, x[i : i + n], seq[j : j + n], pos[j : j + n], tok[j : j + n]))
+                i += n
+            bar.update(hi - lo)
+        bar.set_postfix_str(f"{thread.bytes_written / 1e9:.2f} GB written", refresh=False)
+
+    try:
+        for item in held:
+            send(*item)
+        held.clear()
+        for item in own_items:
+            send(*item)
+        thread.close()
+    except BaseException:
+        thread.abort()
+        bar.close()
+        raise
+    bar.close()
+
+    # 8. merge.
+    gathered = group.all_gather({"records": [r.to_json() for r in log.records], "rows": thread.rows_written},
+                                "waiting for the other ranks to finish their shards")
+    final: Manifest | None = None
+
+    def merge() -> Manifest:
+        assert manifest is not None
+        recs = list(carried)
+        for g in gathered:
+            recs += [ShardRecord.from_json(x, "rank manifest") for x in g["records"]]
+        by_index: dict[int, ShardRecord] = {}
+        for rec in recs:
+            idx = _shard_index(rec.file)
+            if idx in by_index:
+                raise CacheError(f"shard {idx} was written twice ({by_index[idx].file}, {rec.file})")
+            by_index[idx] = rec
+        want = {c * layout.shuffle_shards + j for c in range(layout.n_chunks)
+                for j in range(math.ceil(chunk_rows[c] / layout.shard_rows))}
+        if set(by_index) != want:
+            missing = sorted(want - set(by_index))
+            raise CacheError(f"merging the ranks' manifests: shard(s) {missing[:10]} missing. {_RESUME_HINT}")
+        manifest.shards = [by_index[i] for i in sorted(by_index)]
+        end = time.perf_counter()
+        manifest.created_by["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        manifest.created_by["last_run"] = {
+            "seconds": round(end - t0, 3), "forward_and_write_seconds": round(end - t_forward, 3),
+            "rows": sum(g["rows"] for g in gathered), "device": str(device), "world_size": world,
+        }
+        merged = CacheWriter(out, manifest).finish()
+        for path in out.glob(RANK_MANIFEST_GLOB):
+            path.unlink(missing_ok=True)
+        return merged
+
+    if is0:
+        final, err = _attempt(merge)
+    else:
+        err = None
+    group.agree("merging the manifests", err)
+    if is0:
+        assert final is not None
+        seconds = time.perf_counter() - t0
+        print(f"harvested {final.n_rows:,} rows into {len(final.shards)} shards at {out} with {_procs(world)} "
+              f"({final.created_by['last_run']['rows'] / max(seconds, 1e-9):,.0f} tokens/s this run)")
+        return final
+    return Manifest.load(out)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use run_harvest.py (under torchrun)")
