@@ -10,8 +10,9 @@ that it got the rows and the slots it asked for (:func:`decode_tags`, :func:`che
 Layout emulates the harvester: sequences of ``seq_len`` tokens (positions ``1..seq_len``;
 BOS at position 0 is excluded, as in a real harvest) are laid out in order, then permuted in
 buffers spanning ``shuffle_buffer_shards`` shards before being cut into shards (the write-time
-shuffle). ``shuffle_buffer_shards=0`` leaves rows in sequence order: the worst case for a
-loader's own shuffle.
+shuffle), which the manifest records as the harvester does (``write_shuffle``).
+``shuffle_buffer_shards=0`` leaves rows in sequence order and records no ``write_shuffle``: the
+worst case for a loader's own shuffle.
 """
 
 from __future__ import annotations
@@ -78,7 +79,10 @@ def make_cache(
         model_names, hook_names: names in the manifest (default ``model0..``, ``blocks.{j}.hook_resid_post``).
 
     Tags need ``seq < 65536`` and ``seq_len < 65536``. The manifest's ``normalization`` is
-    ``none`` and ``n_sequences`` is recorded, so :func:`shared.cache.verify_cache` passes.
+    ``none`` and ``n_sequences`` is recorded, so :func:`shared.cache.verify_cache` passes. With a
+    write-time shuffle the manifest's ``write_shuffle`` is ``{"buffer_rows": N, "seed": seed}``,
+    ``N`` being the rows of a full buffer (the fewest of any buffer but the last, which may hold
+    fewer, like the harvester's last chunk).
     """
     sizes = [rows_per_shard] * n_shards if isinstance(rows_per_shard, int) else list(rows_per_shard)
     if len(sizes) != n_shards or any(s < 0 for s in sizes):
@@ -104,11 +108,16 @@ def make_cache(
 
     # Write-time shuffle: permute buffers spanning `shuffle_buffer_shards` shards, then cut.
     order = np.arange(n_rows)
+    extra: dict = {"n_sequences": n_seqs}
     if shuffle_buffer_shards > 0:
         cuts = np.cumsum([0] + sizes)
+        buffer_rows = []
         for b0 in range(0, n_shards, shuffle_buffer_shards):
             lo, hi = cuts[b0], cuts[min(b0 + shuffle_buffer_shards, n_shards)]
             order[lo:hi] = lo + rng.permutation(hi - lo)
+            buffer_rows.append(int(hi - lo))
+        full = buffer_rows[:-1] or buffer_rows  # the last buffer may be a partial one
+        extra["write_shuffle"] = {"buffer_rows": max(1, min(full)), "seed": seed}
 
     manifest = Manifest(
         models=[{"name": name, "revision": None} for name in models],
@@ -130,7 +139,7 @@ def make_cache(
         tokenizer={"name": "synthetic", "vocab_size": vocab, "sha256": None},
         created_by={"tool": "tests.cache_factory", "seed": seed},
         complete=False,
-        extra={"n_sequences": n_seqs},
+        extra=extra,
     )
     writer = CacheWriter(path, manifest)
     start = 0

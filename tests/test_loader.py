@@ -1,5 +1,6 @@
 """Tests of train.loader.ActivationLoader: exactly-once epochs, ranks, determinism, resume,
-shuffle quality, thread shutdown, peak memory, and every bad input the issue names."""
+shuffle quality (single rows and runs), thread shutdown, buffer recycling, peak memory, and
+every bad input the issue names."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from shared.cache import open_cache
 from shared.cache_format import MANIFEST_NAME, CacheError
 from tests.cache_factory import check_tags, make_cache, shard_rows
-from train.loader import ActivationLoader, default_eval_shards
+from train.loader import ActivationLoader, auto_run_rows, default_eval_shards
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [100, 130, 90, 110, 120, 75]  # uneven shards: batches straddle shards and windows
@@ -102,10 +104,11 @@ def test_eval_split_is_held_out_and_seed_independent(cache: Path) -> None:
     assert Counter(ev2) == Counter(shard_rows(cache, [n - 2, n - 1]))
 
 
+@pytest.mark.parametrize("run_rows", [None, 1, 16])
 @pytest.mark.parametrize("batch_size", [17, 40])
-def test_ranks_disjoint_covering_and_aligned(cache: Path, batch_size: int) -> None:
+def test_ranks_disjoint_covering_and_aligned(cache: Path, batch_size: int, run_rows: int | None) -> None:
     world = 3
-    kw = dict(window=2, epochs=2, with_index=True, eval_shards=0, seed=3)
+    kw = dict(window=2, epochs=2, with_index=True, eval_shards=0, seed=3, run_rows=run_rows)
     single = list(ActivationLoader(cache, batch_size, **kw))
     ranks = [list(ActivationLoader(cache, batch_size, rank=r, world_size=world, **kw)) for r in range(world)]
     lens = {len(b) for b in ranks}
@@ -175,19 +178,23 @@ def test_same_seed_same_stream(cache: Path) -> None:
     assert rows_of(a) != rows_of(c)
 
 
-def test_gather_threads_serve_the_same_stream(tmp_path: Path) -> None:
+@pytest.mark.parametrize("run_rows", [1, 7, None])  # None: long runs here (see the assert)
+@pytest.mark.parametrize("hooks", [["blocks.1.hook_resid_post"], None])  # a slot subset, all slots
+def test_gather_threads_serve_the_same_stream(tmp_path: Path, run_rows: int | None, hooks: list | None) -> None:
     make_cache(tmp_path, n_shards=3, rows_per_shard=[2000, 1700, 2300], n_hooks=2, d_model=8)
-    kw = dict(window=2, eval_shards=0, with_index=True, hooks=["blocks.1.hook_resid_post"])
-    one = list(ActivationLoader(tmp_path, 1500, gather_threads=1, **kw))
+    kw = dict(window=2, eval_shards=0, with_index=True, hooks=hooks, run_rows=run_rows)
+    one = ActivationLoader(tmp_path, 1500, gather_threads=1, **kw)
+    assert run_rows is not None or one.run_rows > 100
     many = list(ActivationLoader(tmp_path, 1500, gather_threads=3, **kw))  # jobs cut below one shard-run
-    for (x, i), (y, j) in zip(one, many, strict=True):
+    for (x, i), (y, j) in zip(list(one), many, strict=True):
         assert torch.equal(x, y) and torch.equal(i, j)
-        check_tags(y, j, [0, 1], [1])
+        check_tags(y, j, [0, 1], [1] if hooks else [0, 1])
 
 
+@pytest.mark.parametrize("run_rows", [None, 1, 16])
 @pytest.mark.parametrize("consumed", [1, 5, 10, 14])  # 10: first batch of epoch 1 (10 per epoch)
-def test_resume_mid_epoch_continues_identical_stream(cache: Path, consumed: int) -> None:
-    kw = dict(window=2, epochs=2, with_index=True, seed=1, prefetch=3)
+def test_resume_mid_epoch_continues_identical_stream(cache: Path, consumed: int, run_rows: int | None) -> None:
+    kw = dict(window=2, epochs=2, with_index=True, seed=1, prefetch=3, run_rows=run_rows)
     full = list(ActivationLoader(cache, 60, **kw))
     first = ActivationLoader(cache, 60, **kw)
     it = iter(first)
@@ -225,6 +232,110 @@ def test_state_from_another_stream_is_refused(cache: Path) -> None:
         ActivationLoader(cache, 32, seed=1).load_state_dict({**state, "batch": 10_000})
     with pytest.raises(ValueError, match="format"):
         ActivationLoader(cache, 32, seed=1).load_state_dict({"epoch": 0})
+    with pytest.raises(ValueError, match="run_rows"):
+        ActivationLoader(cache, 32, seed=1, run_rows=5).load_state_dict(state)
+
+
+def test_state_without_run_rows_is_a_single_row_stream(cache: Path) -> None:
+    state = ActivationLoader(cache, 32, seed=1, run_rows=1).state_dict()
+    assert state["run_rows"] == 1
+    del state["run_rows"]  # as saved before runs existed
+    ActivationLoader(cache, 32, seed=1, run_rows=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="run_rows: state 1"):
+        ActivationLoader(cache, 32, seed=1, run_rows=3).load_state_dict(state)
+
+
+# ---- runs ----
+
+
+def test_factory_records_write_shuffle(tmp_path: Path) -> None:
+    make_cache(tmp_path / "a", n_shards=5, rows_per_shard=[10, 20, 30, 40, 5], shuffle_buffer_shards=2, seed=3)
+    assert open_cache(tmp_path / "a").manifest.extra["write_shuffle"] == {"buffer_rows": 30, "seed": 3}
+    make_cache(tmp_path / "b", n_shards=2, rows_per_shard=8, shuffle_buffer_shards=4)
+    assert open_cache(tmp_path / "b").manifest.extra["write_shuffle"]["buffer_rows"] == 16
+    make_cache(tmp_path / "c", n_shards=2, rows_per_shard=8, shuffle_buffer_shards=0)
+    assert "write_shuffle" not in open_cache(tmp_path / "c").manifest.extra
+
+
+def test_automatic_run_rows(tmp_path: Path) -> None:
+    shuffled = {"buffer_rows": 4096, "seed": 0}
+    assert auto_run_rows(512, 1024, 4096, None) == 1  # no write-time shuffle: single rows
+    assert auto_run_rows(512, 1024, 4096, {"seed": 0}) == 1  # malformed: single rows
+    assert auto_run_rows(512, 1024, 4096, shuffled) == 64  # 32 KiB
+    assert auto_run_rows(9216, 1024, 4096, shuffled) == 3  # wide rows: 27 KiB
+    assert auto_run_rows(512, 64, 4096, shuffled) == 8  # small batches: capped by mixing
+    assert auto_run_rows(512, 1024, 10**6, {"buffer_rows": 1000}) == 1  # tiny write buffers
+    make_cache(tmp_path / "s", n_shards=4, rows_per_shard=256, d_model=8)
+    make_cache(tmp_path / "u", n_shards=4, rows_per_shard=256, d_model=8, shuffle_buffer_shards=0)
+    assert ActivationLoader(tmp_path / "s", 64, eval_shards=0).run_rows > 1
+    assert ActivationLoader(tmp_path / "u", 64, eval_shards=0).run_rows == 1
+    with pytest.warns(UserWarning, match="consecutive tokens"):
+        assert ActivationLoader(tmp_path / "u", 64, eval_shards=0, run_rows=8).run_rows == 8
+
+
+def _location(path: Path) -> dict[tuple[int, int], tuple[int, int]]:
+    """(seq, pos) -> (shard, row) of every row of a cache."""
+    cache = open_cache(path)
+    out = {}
+    for i in range(cache.n_shards):
+        with cache.shard(i) as r:
+            out.update({(s, p): (i, k) for k, (s, p) in enumerate(zip(r.seq.tolist(), r.pos.tolist()))})
+    return out
+
+
+@pytest.mark.parametrize(("run_rows", "batch_size"), [(7, 32), (16, 50), (64, 17), (1000, 60)])
+def test_runs_exactly_once_and_contiguous(cache: Path, run_rows: int, batch_size: int) -> None:
+    # 7 and 64 do not divide the shard sizes (short last runs); 1000: one run per shard.
+    loader = ActivationLoader(cache, batch_size, window=2, epochs=2, eval_shards=0, with_index=True, run_rows=run_rows)
+    batches = list(loader)
+    where = _location(cache)
+    for chunk in epoch_chunks(loader, batches):
+        assert Counter(rows_of(chunk)) == Counter(shard_rows(cache))
+        assert [len(a) for a, _ in chunk[:-1]] == [batch_size] * (len(chunk) - 1)
+        # Runs are copied whole, in stream order: a new run starts only where the stream jumps.
+        stream = [where[r] for r in rows_of(chunk)]
+        jumps = sum(b != (a[0], a[1] + 1) for a, b in zip(stream, stream[1:]))
+        runs = sum(-(-n // run_rows) for n in SIZES)
+        assert jumps <= runs - 1
+    for acts, index in batches:
+        check_tags(acts, index, [0, 1], [0, 1, 2])
+
+
+def test_run_rows_one_is_sorted_single_rows(cache: Path) -> None:
+    where = _location(cache)
+    for _, index in ActivationLoader(cache, 40, window=2, with_index=True, run_rows=1):
+        located = [where[r] for r in map(tuple, index.tolist())]
+        shards = [s for s, _ in located]
+        blocks = [s for k, s in enumerate(shards) if k == 0 or s != shards[k - 1]]
+        assert len(blocks) == len(set(blocks))  # grouped by shard
+        for s in blocks:
+            rows = [k for t, k in located if t == s]
+            assert rows == sorted(rows)  # ascending within a shard
+
+
+def test_recycled_buffers_never_change_under_the_consumer(tmp_path: Path) -> None:
+    make_cache(tmp_path, n_shards=4, rows_per_shard=2048, d_model=64, dtype=torch.bfloat16)
+    # bf16 on the CPU: the batches handed out *are* views of the loader's recycled host buffers.
+    loader = ActivationLoader(tmp_path, 256, eval_shards=0, epochs=3, dtype=torch.bfloat16, prefetch=2)
+    held: list = []  # (what the consumer keeps, how to read the batch back from it, a copy)
+    storages = set()
+    for i, acts in enumerate(loader):
+        storages.add(acts.untyped_storage().data_ptr())
+        if i % 7 == 0:  # keep some, in every way one can hold memory
+            off, shape = acts.storage_offset(), acts.shape
+            keep, read = [
+                (acts, lambda k: k),
+                (acts[3:], lambda k: k),
+                (acts.view(torch.int16).numpy(), lambda k: torch.from_numpy(k).view(torch.bfloat16)),
+                (acts.untyped_storage(), lambda k, o=off, s=shape: torch.empty(0, dtype=torch.bfloat16).set_(k, o, s)),
+            ][i // 7 % 4]
+            held.append((keep, read, read(keep).clone()))
+        for keep, read, copy in held:
+            assert torch.equal(read(keep), copy), "a batch the consumer holds was overwritten"
+    assert len(storages) > len(held)  # held buffers were never reused, yet others were
+    # A consumer that drops each batch gets a handful of buffers, recycled (chunks of 2 batches here).
+    loader.rewind()
+    assert len({acts.untyped_storage().data_ptr() for acts in loader}) <= loader._depth + 3
 
 
 # ---- shuffle quality ----
@@ -253,6 +364,38 @@ def test_shuffle_quality(tmp_path: Path) -> None:
     # The test has teeth: serving the shards in file order would fail it.
     in_order = [rows[i : i + 256] for i in range(0, n, 256)]
     assert same_seq_pair_share(in_order) > 2 * uniform
+
+
+def uniform_share(path: Path) -> float:
+    counts = Counter(s for s, _ in shard_rows(path))
+    n = sum(counts.values())
+    return sum(c * (c - 1) for c in counts.values()) / (n * (n - 1))
+
+
+def served_share(path: Path, **kw) -> tuple[float, int]:
+    loader = ActivationLoader(path, 256, eval_shards=0, epochs=2, with_index=True, **kw)
+    return same_seq_pair_share([[tuple(r) for r in index.tolist()] for _, index in loader]), loader.run_rows
+
+
+def test_shuffle_quality_with_runs_on_a_write_shuffled_cache(tmp_path: Path) -> None:
+    make_cache(tmp_path, n_shards=16, rows_per_shard=512, seq_len=64, shuffle_buffer_shards=4, d_model=8)
+    uniform = uniform_share(tmp_path)
+    share, run_rows = served_share(tmp_path)
+    assert run_rows > 1  # automatic runs are on: the manifest records the write-time shuffle
+    assert share <= 2 * uniform
+    # Teeth: runs of a whole shard (a batch from one or two write buffers) fail the bound.
+    assert served_share(tmp_path, run_rows=512)[0] > 2 * uniform
+
+
+def test_shuffle_quality_on_an_unshuffled_cache(tmp_path: Path) -> None:
+    # Rows in sequence order (no write-time shuffle): only single rows are safe.
+    make_cache(tmp_path, n_shards=16, rows_per_shard=512, seq_len=64, shuffle_buffer_shards=0, d_model=8)
+    uniform = uniform_share(tmp_path)
+    share, run_rows = served_share(tmp_path, window=16)
+    assert run_rows == 1 and share <= 2 * uniform
+    # Teeth: forced runs would be consecutive tokens of one sequence.
+    with pytest.warns(UserWarning, match="consecutive tokens"):
+        assert served_share(tmp_path, window=16, run_rows=16)[0] > 2 * uniform
 
 
 # ---- threads ----
@@ -415,6 +558,8 @@ def test_verify_checks_checksums(tmp_path: Path) -> None:
         (dict(dtype=torch.int32), "floating"),
         (dict(models=["model0", "model0"]), "must not repeat"),
         (dict(batch_size=400, world_size=2, drop_last=True), "no batch"),
+        (dict(run_rows=0), "run_rows must be None or an integer >= 1"),
+        (dict(run_rows=2.5), "run_rows"),
     ],
 )
 def test_bad_arguments(cache: Path, kwargs: dict, match: str) -> None:

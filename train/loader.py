@@ -1,33 +1,39 @@
 """Stage-2 data path: a shuffled, prefetching loader over memory-mapped activation shards.
 
-The epoch stream (the same on every rank, a function of ``seed`` and the epoch alone):
-shuffle the split's shards (seeded by ``(seed, epoch)``), cut that order into windows of
-``window`` shards, and permute the rows of each window together (seeded by ``(seed, epoch,
+The epoch stream (the same on every rank, a function of ``seed`` and the epoch alone): shuffle
+the split's shards (seeded by ``(seed, epoch)``), cut that order into windows of ``window``
+shards, cut each shard into *runs* of ``run_rows`` consecutive rows (never spanning shards; a
+shard's last run may be shorter), and permute each window's runs (seeded by ``(seed, epoch,
 window)``). The concatenation is the epoch stream; every row of the split is in it once.
 
-Batches are consecutive pieces of that stream. Rank ``r`` of ``w`` takes batches ``r, r+w,
-r+2w, ...`` of ``batch_size`` rows (one "round" is ``w`` batches); the rows left after the last
-full round (``T = rows mod (w * batch_size)``) are dealt as one final batch per rank of
-``floor(T/w)`` or ``ceil(T/w)`` rows. So all ranks yield the same number of batches (DDP's
-all-reduce never waits for a rank that finished early) and together serve every row once.
-Remainders:
+Runs because copying 512-byte rows one by one from random places is bound by memory latency; a
+run is one sequential copy. They are safe only in a cache shuffled at write time (the manifest's
+``write_shuffle``), where neighbouring rows of a shard come from different sequences. By default
+(:func:`auto_run_rows`) runs are about ``RUN_BYTES``, capped so a batch draws from many runs, and
+single rows when the manifest records no write-time shuffle: there a run would be consecutive
+tokens of one sequence.
 
-- ``world_size == 1``: the last batch of an epoch is shorter; nothing is dropped.
-- ``world_size > 1`` and ``0 < T < world_size``: a final round would leave some rank empty, so
-  those ``T`` rows (fewer than ``world_size``; which ones changes each epoch) are not served,
-  with a warning at construction. ``dropped_rows_per_epoch`` says how many.
-- ``drop_last=True``: every batch has exactly ``batch_size`` rows; the ``T`` rows are not served.
+Batches are consecutive pieces of the stream (one may start or end inside a run). Rank ``r`` of
+``w`` takes batches ``r, r+w, r+2w, ...`` of ``batch_size`` rows (one "round" is ``w`` batches);
+the ``T = rows mod (w * batch_size)`` rows after the last full round are dealt as one final batch
+per rank of ``floor(T/w)`` or ``ceil(T/w)`` rows. So all ranks yield the same number of batches
+(DDP's all-reduce never waits for a rank that finished early) and together serve every row once.
+Remainders: with ``world_size == 1`` the last batch is shorter and nothing is dropped; with
+``world_size > 1`` and ``0 < T < world_size`` those ``T`` rows are not served (a warning at
+construction, ``dropped_rows_per_epoch``); ``drop_last=True`` serves only full batches.
+
+Within a batch, rows are in stream order when ``run_rows > 1`` (a copy per run) and ordered by
+shard and row when ``run_rows == 1`` (sorted single-row reads keep page access local).
 
 Memory: only the windows a batch touches are mapped, and a window is unmapped as soon as this
-rank's batches have passed it: peak memory is about one window's pages plus ``prefetch``
-batches, whatever the cache size. Within a batch rows are ordered by shard and row (the
-batch's *content* is random; sorted reads keep page access local).
+rank's batches have passed it: peak memory is about one window's pages plus ``prefetch`` batches
+and a few recycled buffers of about ``CHUNK_BYTES``, whatever the cache size.
 
-Threading: one background thread per active iterator builds batches into host buffers in the
-storage dtype (pinned when the device is CUDA) and puts them on a bounded queue of ``prefetch``
-batches; the row copies (numpy ``take``, which releases the GIL) may fan out to a small pool of
-``gather_threads``. The consuming thread copies each batch to the device with
-``non_blocking=True`` and casts it there. Breaking out of the loop, an exception in its body,
+Threading (:mod:`train.prefetch`): one background thread per active iterator copies batches, a
+chunk of about ``CHUNK_BYTES`` at a time, into host buffers in the storage dtype (pinned for CUDA;
+on the CPU recycled once the consumer has dropped them), queues about ``prefetch`` batches ahead,
+and may fan the copies out to ``gather_threads``. The consumer copies each batch to the device
+(``non_blocking=True``) and casts it there. Breaking out of the loop, an exception in its body,
 or garbage collection of the iterator stops and joins the threads.
 """
 
@@ -37,12 +43,11 @@ import bisect
 import hashlib
 import json
 import os
-import queue
 import threading
 import warnings
 import weakref
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +58,19 @@ from shared.cache import Cache, open_cache, verify_cache
 from shared.cache_format import CacheError
 from shared.normalization import Normalization
 from shared.shard_io import ShardReader
+from train.prefetch import CopyPool, HostBufferPool, Prefetcher, Put
 
-__all__ = ["ActivationLoader", "default_eval_shards", "STATE_FORMAT"]
+__all__ = ["ActivationLoader", "auto_run_rows", "default_eval_shards", "STATE_FORMAT"]
 
 STATE_FORMAT = "crosscache.ActivationLoader/1"
-_STREAM_KEYS = ("seed", "batch_size", "window", "world_size", "split", "drop_last", "split_fingerprint")
+_STREAM_KEYS = ("seed", "batch_size", "window", "world_size", "split", "drop_last", "split_fingerprint",
+                "run_rows")
+_STATE_DEFAULTS = {"run_rows": 1}  # states saved before runs existed describe single-row streams
+# Automatic runs of about 32 KiB: each run costs ~1 us of Python besides its copy, and 16 KiB runs
+# measured ~20% slower per epoch than 32 KiB ones (bench/RESULTS.md).
+RUN_BYTES = 32 * 1024
+RUN_MIX = 8  # automatic runs add at most ~1/RUN_MIX to a batch's same-sequence pairs (auto_run_rows)
+CHUNK_BYTES = 2 * 2**20  # batches are copied and queued about this much at a time: fewer hand-offs
 
 
 def default_eval_shards(n_shards: int) -> int:
@@ -65,6 +78,25 @@ def default_eval_shards(n_shards: int) -> int:
     cache with two or more shards, none for a one-shard cache. They are the *last* shards in
     manifest order, chosen independently of ``seed``, so train and eval never overlap."""
     return 0 if n_shards < 2 else max(1, round(0.05 * n_shards))
+
+
+def auto_run_rows(row_bytes: int, batch_size: int, window_rows: int, write_shuffle: Any) -> int:
+    """``run_rows`` when it is None: 1 without a valid manifest ``write_shuffle``, else at least 1 and
+    ``min(RUN_BYTES // row_bytes, 1 + (batch_size-1) * Nb // (RUN_MIX * max(Nb, window_rows)))``,
+    ``Nb`` being its ``buffer_rows``.
+
+    Why the second cap: a run's rows come from one write buffer, so two of them share a sequence
+    with the odds ``p`` of two rows of that buffer. A share ``(R-1)/(batch_size-1)`` of a batch's
+    row pairs lie within one run, while mixing a window gives same-buffer odds of about
+    ``p * Nb / max(Nb, window_rows)``: runs add about ``1/RUN_MIX`` to the same-sequence pairs of
+    single-row mixing (measured: +12% for the benchmark's cache, +14% in the tests).
+    """
+    if not isinstance(write_shuffle, dict) or not isinstance(write_shuffle.get("buffer_rows"), int) \
+            or write_shuffle["buffer_rows"] < 1:
+        return 1
+    n_buf = write_shuffle["buffer_rows"]
+    by_mix = 1 + (batch_size - 1) * n_buf // (RUN_MIX * max(n_buf, window_rows))
+    return max(1, min(RUN_BYTES // max(1, row_bytes), by_mix))
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -78,18 +110,28 @@ def _lookup(kind: str, name: str, names: list[str]) -> int:
 
 
 class _Window:
-    """A window of one epoch: its shards (manifest indices) and where it sits in the stream."""
+    """A window of one epoch: its shards (manifest indices), its runs, and where it sits in the stream."""
 
-    def __init__(self, shards: list[int], sizes: list[int], start: int) -> None:
-        self.shards = shards
-        self.offsets = np.cumsum([0, *sizes])  # window-local row id of each shard's first row
+    def __init__(self, shards: list[int], sizes: list[int], start: int, run_rows: int) -> None:
+        self.shards, self.run_rows = shards, run_rows
+        self.offsets = np.cumsum([0, *sizes])  # window-local row of each shard's first row
         self.start, self.end = start, start + int(self.offsets[-1])
-        self.perm: np.ndarray | None = None  # window-local row ids in stream order
+        self.perm: np.ndarray | None = None  # window-order run ids, in stream order
+        self.end_U: np.ndarray | None = None  # window-stream position just past each run
         self.readers: list[ShardReader] = []
         self.arrays: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (acts, seq, pos) views
+        self._runs: dict[int, list[np.ndarray]] = {}  # i -> views of arrays[s][i], one per run, stream order
 
     def open(self, cache: Cache, seed: int, epoch: int, k: int, n_slots: int, slot_bytes: int) -> None:
-        self.perm = _rng(seed, epoch, k + 1).permutation(self.end - self.start)
+        # Runs in window order: shard by shard, ascending. With run_rows=1 run w is window-local
+        # row w, so this is exactly the single-row permutation.
+        R, size_S = self.run_rows, np.diff(self.offsets)
+        n_runs_S = -(-size_S // R)
+        self.perm = _rng(seed, epoch, k + 1).permutation(int(n_runs_S.sum()))
+        if R > 1:
+            first_W = np.arange(len(self.perm)) - np.repeat(np.cumsum(n_runs_S) - n_runs_S, n_runs_S)  # in shard
+            len_W = np.minimum(R, np.repeat(size_S, n_runs_S) - first_W * R)
+            self.end_U = np.cumsum(len_W[self.perm])
         for i in self.shards:
             r = cache.shard(i)
             self.readers.append(r)
@@ -97,25 +139,55 @@ class _Window:
             acts = r.acts.view(torch.uint8).numpy().reshape(r.n_rows, n_slots, slot_bytes)
             self.arrays.append((acts, r.seq.numpy(), r.pos.numpy()))
 
+    def runs(self, lo: int, hi: int, i: int) -> list[np.ndarray]:
+        """Views of array ``i`` (0: acts, 1: seq, 2: pos) holding window-stream positions ``[lo, hi)``, in order."""
+        assert self.perm is not None and self.end_U is not None, "window not open"
+        if i not in self._runs:  # once per window, views made in C: a batch then only slices a list
+            R, runs_W = self.run_rows, []
+            for arrays in self.arrays:
+                x, n_full = arrays[i], len(arrays[i]) // R
+                runs_W.extend(x[: n_full * R].reshape(n_full, R, *x.shape[1:]))
+                runs_W.extend([x[n_full * R :]] if len(x) % R else [])
+            self._runs[i] = [runs_W[w] for w in self.perm.tolist()]
+        runs = self._runs[i]
+        u0, u1 = (int(u) for u in np.searchsorted(self.end_U, [lo, hi - 1], side="right"))
+        s0, s1 = int(self.end_U[u0]) - len(runs[u0]), int(self.end_U[u1]) - len(runs[u1])  # run starts
+        if u0 == u1:
+            return [runs[u0][lo - s0 : hi - s0]]
+        return [runs[u0][lo - s0 :], *runs[u0 + 1 : u1], runs[u1][: hi - s1]]
+
     def copies(
         self, lo: int, hi: int, out: np.ndarray, index: torch.Tensor | None, slots: np.ndarray | None, pieces: int
     ) -> list[tuple]:
-        """:func:`_copy_rows` jobs for window-stream positions ``[lo, hi)``, about ``pieces`` of them."""
+        """About ``pieces`` jobs ``(fn, *args)`` filling ``out`` (and ``index``) from window-stream
+        positions ``[lo, hi)``: runs in stream order, a slice copy each; single rows sorted, one
+        ``take`` per shard."""
         assert self.perm is not None, "window not open"
+        jobs: list[tuple] = []
+        if self.run_rows > 1:
+            acts = self.runs(lo, hi, 0)
+            seq, pos = (self.runs(lo, hi, 1), self.runs(lo, hi, 2)) if index is not None else ([], [])
+            step, o = -(-len(acts) // pieces), 0
+            for k in range(0, len(acts), step):
+                n = sum(len(v) for v in acts[k : k + step]) if step < len(acts) else hi - lo
+                jobs.append((_copy_runs, acts[k : k + step], seq[k : k + step], pos[k : k + step], out[o : o + n],
+                             None if index is None else index[o : o + n], slots))
+                o += n
+            return jobs
         local = np.sort(self.perm[lo:hi])
         cuts = np.searchsorted(local, self.offsets)  # where each shard's rows start in `local`
         step = max(256, -(-(hi - lo) // pieces))
-        jobs = []
-        for s, (src, seq, pos) in enumerate(self.arrays):
+        for s, (src, seq_N, pos_N) in enumerate(self.arrays):
             for i0 in range(int(cuts[s]), int(cuts[s + 1]), step):
                 i1 = min(i0 + step, int(cuts[s + 1]))
-                rows = local[i0:i1] - self.offsets[s]
-                jobs.append((src, seq, pos, rows, out[i0:i1], None if index is None else index[i0:i1], slots))
+                jobs.append((_copy_rows, src, seq_N, pos_N, local[i0:i1] - self.offsets[s], out[i0:i1],
+                             None if index is None else index[i0:i1], slots))
         return jobs
 
     def close(self) -> None:
+        self._runs.clear()
         self.arrays.clear()  # drop views first: a live view keeps the mapping from closing
-        self.perm = None
+        self.perm = self.end_U = None
         for r in self.readers:
             r.close()
         self.readers.clear()
@@ -132,6 +204,9 @@ class ActivationLoader:
         seed: seeds the shard order and the window permutations of every epoch.
         epochs: passes over the split one iteration of the loader makes.
         window: shards mixed together (memory holds about this many shards' pages).
+        run_rows: consecutive rows of a shard moved together by the shuffle (see the module
+            docstring). None: :func:`auto_run_rows` (about 32 KiB of rows for a cache shuffled at
+            write time, 1 otherwise); 1: row by row. Part of the stream's identity (state dicts).
         rank, world_size: this process's part of every epoch (DDP).
         device, dtype: where batches go and the dtype they are cast to *on the device*.
         with_index: also yield ``index_B2`` (int64, on the CPU): each row's ``(seq, pos)``.
@@ -154,6 +229,7 @@ class ActivationLoader:
         seed: int = 0,
         epochs: int = 1,
         window: int = 8,
+        run_rows: int | None = None,
         rank: int = 0,
         world_size: int = 1,
         device: str | torch.device = "cpu",
@@ -174,6 +250,8 @@ class ActivationLoader:
                                  ("gather_threads", gather_threads, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if run_rows is not None and (not isinstance(run_rows, int) or run_rows < 1):
+            raise ValueError(f"run_rows must be None or an integer >= 1, got {run_rows!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if split not in ("train", "eval"):
@@ -243,6 +321,22 @@ class ActivationLoader:
                 f"world_size={world_size} and are not served, so every rank yields the same batch count",
                 stacklevel=2,
             )
+        # Runs: the shuffle's unit (see the module docstring and auto_run_rows).
+        write_shuffle = man.extra.get("write_shuffle")
+        if run_rows is None:
+            window_rows = min(window, len(self.shard_ids)) * self.split_rows // len(self.shard_ids)
+            row_bytes = man.n_models * man.n_hooks * self._slot_bytes  # a run is contiguous over all slots
+            run_rows = auto_run_rows(row_bytes, batch_size, window_rows, write_shuffle)
+        elif run_rows > 1 and write_shuffle is None:
+            warnings.warn(
+                f"run_rows={run_rows} on a cache the manifest does not record as shuffled at write time "
+                "(no 'write_shuffle'): a run may be consecutive tokens of one sequence",
+                stacklevel=2,
+            )
+        self.run_rows = run_rows
+        batch_bytes = batch_size * len(self._slots) * self._slot_bytes
+        self._chunk = max(1, min(prefetch, CHUNK_BYTES // batch_bytes))  # batches gathered per step
+        self._depth = max(1, prefetch // self._chunk)  # chunks queued ahead: about `prefetch` batches
         self._epoch, self._batch = 0, 0  # position: next batch the consumer will receive
         self._active: weakref.ref[_LoaderIterator] | None = None
 
@@ -260,7 +354,7 @@ class ActivationLoader:
         sizes = [self.cache.manifest.shards[i].n_rows for i in shards]
         out, start = [], 0
         for w0 in range(0, len(shards), self.window):
-            out.append(_Window(shards[w0 : w0 + self.window], sizes[w0 : w0 + self.window], start))
+            out.append(_Window(shards[w0 : w0 + self.window], sizes[w0 : w0 + self.window], start, self.run_rows))
             start = out[-1].end
         return out
 
@@ -275,61 +369,65 @@ class ActivationLoader:
         return a, a + q + (r < m)
 
     def _gather(
-        self, windows: list[_Window], epoch: int, a: int, b: int, pin: bool, pool: ThreadPoolExecutor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rows ``[a, b)`` of the epoch stream into fresh host tensors (storage dtype)."""
+        self, windows: list[_Window], epoch: int, ranges: list[tuple[int, int]], buffers: HostBufferPool,
+        copier: CopyPool,
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Stream rows ``[a, b)`` of each range into host tensors ``(acts_BMPD, index_B2)``, one pair
+        per range: views of one buffer in the storage dtype (and of one index tensor)."""
         man = self.cache.manifest
-        shape = (b - a, len(self.models), len(self.hooks), man.d_model)
-        acts = torch.empty(shape, dtype=man.torch_dtype, pin_memory=pin)
-        out = acts.view(torch.uint8).numpy().reshape(b - a, len(self._slots), self._slot_bytes)
-        index = torch.empty((b - a, 2), dtype=torch.int64) if self.with_index else None
-        filled = 0
-        k = bisect.bisect_right([w.start for w in windows], a) - 1  # the window holding row a
-        while filled < b - a:
-            win = windows[k]
-            if win.perm is None:
-                win.open(self.cache, self.seed, epoch, k, man.n_models * man.n_hooks, self._slot_bytes)
-            lo, hi = max(a, win.start) - win.start, min(b, win.end) - win.start
-            part = slice(filled, filled + hi - lo)
-            slots = None if self._all_slots else self._slots
-            pieces = 1 if pool is None else 2 * self.gather_threads
-            jobs = win.copies(lo, hi, out[part], None if index is None else index[part], slots, pieces)
-            if pool is None:
-                for job in jobs:
-                    _copy_rows(*job)
+        total = sum(b - a for a, b in ranges)
+        acts = buffers.take(total)
+        out = acts.view(torch.uint8).numpy().reshape(total, len(self._slots), self._slot_bytes)
+        index = torch.empty((total, 2), dtype=torch.int64) if self.with_index else None
+        # Runs are served in stream order, so adjacent ranges (consecutive batches) copy as one.
+        spans: list[list[int]] = []
+        for a, b in ranges:
+            if spans and spans[-1][1] == a and self.run_rows > 1:
+                spans[-1][1] = b
             else:
-                list(pool.map(lambda job: _copy_rows(*job), jobs))
-            del jobs  # the jobs hold views of the mapping, which would keep it from closing
-            filled += hi - lo
-            if win.end <= b:  # this rank's later batches start past it: release its pages now
-                win.close()
-            k += 1
-        return acts, index
+                spans.append([a, b])
+        slots = None if self._all_slots else self._slots
+        pieces = 1 if self.gather_threads == 1 else 2 * self.gather_threads
+        filled = 0
+        for n, (a, b) in enumerate(spans):
+            done = spans[n + 1][0] if n + 1 < len(spans) else ranges[-1][1]  # no later span reads before this
+            k = bisect.bisect_right([w.start for w in windows], a) - 1  # the window holding row a
+            while a < b:
+                win = windows[k]
+                if win.perm is None:
+                    win.open(self.cache, self.seed, epoch, k, man.n_models * man.n_hooks, self._slot_bytes)
+                lo, hi = a - win.start, min(b, win.end) - win.start
+                part = slice(filled, filled + hi - lo)
+                copier.run(win.copies(lo, hi, out[part], None if index is None else index[part], slots, pieces))
+                if win.end <= done:  # this rank's later batches start past it: release its pages now
+                    win.close()
+                filled, a, k = filled + hi - lo, win.end, k + 1
+        cuts = np.cumsum([0, *(b - a for a, b in ranges)]).tolist()
+        return [(acts[c0:c1], None if index is None else index[c0:c1]) for c0, c1 in zip(cuts, cuts[1:])]
 
-    def _produce(self, epoch0: int, batch0: int, q: queue.Queue, stop: threading.Event) -> None:
-        """Background thread: put ``(epoch, j, acts, index)`` items, then ``_END`` (or an error)."""
-        pin = self.device.type == "cuda"
+    def _produce(self, epoch0: int, batch0: int, put: Put, stop: threading.Event) -> None:
+        """Background thread (:class:`Prefetcher`): put lists of ``(epoch, j, acts, index)``, one per chunk."""
+        man = self.cache.manifest
+        row_shape = (len(self.models), len(self.hooks), man.d_model)
+        buffers = HostBufferPool(self._chunk * self.batch_size, row_shape, man.torch_dtype, self._depth + 3,
+                                 pin=self.device.type == "cuda")
         windows: list[_Window] = []
-        pool = None
-        if self.gather_threads > 1:
-            pool = ThreadPoolExecutor(self.gather_threads, thread_name_prefix="ActivationLoader-gather")
+        copier = CopyPool(self.gather_threads, "ActivationLoader-gather")
         try:
             for epoch in range(epoch0, self.epochs):
                 windows = self._windows(epoch)
-                for j in range(batch0 if epoch == epoch0 else 0, self.batches_per_epoch):
+                for j0 in range(batch0 if epoch == epoch0 else 0, self.batches_per_epoch, self._chunk):
                     if stop.is_set():
                         return
-                    a, b = self._batch_range(j)
-                    if not _put(q, (epoch, j, *self._gather(windows, epoch, a, b, pin, pool)), stop):
+                    js = range(j0, min(j0 + self._chunk, self.batches_per_epoch))
+                    chunk = self._gather(windows, epoch, [self._batch_range(j) for j in js], buffers, copier)
+                    if not put([(epoch, j, acts, index) for j, (acts, index) in zip(js, chunk)]):
                         return
+                    del chunk  # now held by the queue and the consumer only: recycled once they drop it
                 for win in windows:
                     win.close()
-            _put(q, _END, stop)
-        except BaseException as e:  # noqa: BLE001 -- handed to the consumer, which re-raises it
-            _put(q, _Failure(e), stop)
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True)
+            copier.close()
             for win in windows:
                 win.close()
 
@@ -354,7 +452,7 @@ class ActivationLoader:
 
     def _to_device(self, acts: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
-            return acts.to(self.dtype)
+            return acts if acts.dtype == self.dtype else acts.to(self.dtype)
         # Host buffer is pinned: the copy overlaps compute; the cast runs on the device, after it.
         return acts.to(self.device, non_blocking=True).to(self.dtype)
 
@@ -370,8 +468,8 @@ class ActivationLoader:
         """Continue the exact stream a :meth:`state_dict` describes (the next ``iter`` starts there)."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"not an ActivationLoader state: format {state.get('format')!r}, want {STATE_FORMAT!r}")
-        diff = [f"{k}: state {state.get(k)!r}, loader {getattr(self, k)!r}"
-                for k in _STREAM_KEYS if state.get(k) != getattr(self, k)]
+        diff = [f"{k}: state {state.get(k, _STATE_DEFAULTS.get(k))!r}, loader {getattr(self, k)!r}"
+                for k in _STREAM_KEYS if state.get(k, _STATE_DEFAULTS.get(k)) != getattr(self, k)]
         if diff:
             raise ValueError(
                 f"loader state is from a different stream ({'; '.join(diff)}); build the loader with the "
@@ -392,7 +490,7 @@ def _copy_rows(
     src: np.ndarray, seq: np.ndarray, pos: np.ndarray, rows: np.ndarray,
     out: np.ndarray, index: torch.Tensor | None, slots: np.ndarray | None,
 ) -> None:
-    """One gather job: ``out[i] = src[rows[i]]`` (selected slots only), ``index[i] = (seq, pos)``."""
+    """Row job: ``out[i] = src[rows[i]]`` (selected slots only), ``index[i] = (seq, pos)``."""
     if slots is None:  # whole rows: one contiguous copy per row; numpy releases the GIL here
         np.take(src, rows, axis=0, out=out, mode="clip")
     else:
@@ -402,84 +500,50 @@ def _copy_rows(
         index[:, 1] = torch.from_numpy(pos[rows].astype(np.int64))
 
 
-_END = object()  # queue item: the stream is finished
-
-
-class _Failure:  # queue item: the thread failed with ``error``
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
-def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
-    """Blocking put that gives up once ``stop`` is set (so the thread can always exit)."""
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.05)
-            return True
-        except queue.Full:
-            pass
-    return False
+def _copy_runs(
+    acts: list[np.ndarray], seq: list[np.ndarray], pos: list[np.ndarray],
+    out: np.ndarray, index: torch.Tensor | None, slots: np.ndarray | None,
+) -> None:
+    """Run job: the ``acts`` views one after another into ``out`` (selected slots only); their
+    ``seq`` and ``pos`` into ``index``."""
+    if slots is None:
+        np.concatenate(acts, axis=0, out=out)  # one memcpy per run
+    else:
+        o = 0
+        for v in acts:
+            np.take(v, slots, axis=1, out=out[o : o + len(v)])
+            o += len(v)
+    if index is not None:
+        index[:, 0] = torch.from_numpy(np.concatenate(seq))
+        index[:, 1] = torch.from_numpy(np.concatenate(pos).astype(np.int64))
 
 
 class _LoaderIterator:
-    """One pass from the loader's position; owns the background thread.
+    """One pass from the loader's position; owns the :class:`Prefetcher` and so the thread.
 
-    The thread holds the loader, the queue and the stop event but never this object, so when
-    the consumer drops it (break, exception, end of scope) ``__del__`` runs and stops the thread.
+    The thread holds the loader but never this object, so when the consumer drops it (break,
+    exception, end of scope) the prefetcher is collected with it and stops the thread.
     """
 
     def __init__(self, loader: ActivationLoader) -> None:
         self.loader = loader
-        self._queue: queue.Queue = queue.Queue(maxsize=loader.prefetch)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._prefetcher: Prefetcher | None = None
         if loader._epoch < loader.epochs:
-            self._thread = threading.Thread(
-                target=loader._produce, args=(loader._epoch, loader._batch, self._queue, self._stop),
-                name="ActivationLoader", daemon=True,
-            )
-            self._thread.start()
+            produce = partial(loader._produce, loader._epoch, loader._batch)
+            self._prefetcher = Prefetcher(produce, loader._depth, name="ActivationLoader")
 
     def __iter__(self) -> "_LoaderIterator":
         return self
 
     def __next__(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if self._thread is None:
+        if self._prefetcher is None:
             raise StopIteration
-        item = None
-        while item is None:
-            try:
-                item = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                if not self._thread.is_alive() and self._queue.empty():  # cannot happen; never hang
-                    self.close()
-                    raise RuntimeError("ActivationLoader thread ended without a result") from None
-        if item is _END or isinstance(item, _Failure):
-            self.close()
-            if item is _END:
-                raise StopIteration
-            raise item.error
-        epoch, j, acts, index = item
+        epoch, j, acts, index = next(self._prefetcher)  # StopIteration, or the thread's exception
         self.loader._advance(epoch, j)
         acts_BMPD = self.loader._to_device(acts)
         return (acts_BMPD, index) if self.loader.with_index else acts_BMPD
 
     def close(self) -> None:
-        """Stop and join the background thread (idempotent)."""
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        self._stop.set()
-        while True:  # unblock a pending put and free prefetched buffers
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        if thread is not threading.current_thread():
-            thread.join(timeout=30)
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 -- at interpreter exit module globals may be gone
-            pass
+        """Stop and join the background thread (idempotent); undelivered batches are dropped."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()

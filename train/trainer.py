@@ -228,9 +228,13 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
     loader_kw = dict(models=models, hooks=hooks, seed=first.seed, window=first.window, eval_shards=first.eval_shards,
                      rank=dist.rank, world_size=dist.world_size)
     probe = ActivationLoader(cache, first.batch_size, **loader_kw)
+    # The read-run length follows the *global* batch, so N ranks with batch B read the same
+    # stream as one process with batch N*B (and give the same weights).
+    global_probe = ActivationLoader(cache, first.batch_size * dist.world_size,
+                                    **{**loader_kw, "rank": 0, "world_size": 1})
     loader = ActivationLoader(cache, first.batch_size, epochs=math.ceil(first.steps / probe.batches_per_epoch),
-                              device=device, **loader_kw)
-    del probe
+                              device=device, run_rows=global_probe.run_rows, **loader_kw)
+    del probe, global_probe
 
     # Resume from the newest step every member has saved (a sweep commits steps all together).
     resumable = [set(checkpoint_steps(m.run_dir)) if m.resuming else set() for m in members]
