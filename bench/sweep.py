@@ -64,7 +64,7 @@ def compute_only_seconds(cfg: TrainConfig, batches: list[torch.Tensor]) -> float
         x_in, x_out = x.index_select(1, in_idx), x.index_select(1, out_idx)
         for g in opt.param_groups:
             g["lr"] = cfg.lr_at(step)
-        dead = since >= cfg.resolved_dead_tokens
+        dead = since >= cfg.resolved_dead_tokens()
         out = model(x_in)
         terms = loss_terms(model, x_in, x_out, out, sparsity_coeff=cfg.sparsity_at(step), dead_mask_L=dead)
         torch.stack([torch.isfinite(v).all() for v in terms.values()]).all().item()

@@ -175,7 +175,7 @@ def make_step(arch: str, activation: str, *, d_model: int, latents: int, batch: 
         x_in_BXiD, x_out_BXoD = x_BXD.index_select(1, in_idx), x_BXD.index_select(1, out_idx)
         for group in opt.param_groups:
             group["lr"] = lr
-        dead_L = (since_fired_L >= tcfg.resolved_dead_tokens) | pinned_dead_L
+        dead_L = (since_fired_L >= tcfg.resolved_dead_tokens()) | pinned_dead_L
         with autocast:
             out = fwd(x_in_BXiD)
             terms = loss_terms(model, x_in_BXiD, x_out_BXoD, out, sparsity_coeff=lam, dead_mask_L=dead_L)

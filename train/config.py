@@ -136,9 +136,9 @@ class TrainConfig:
     def resolved_sparsity_coeff(self) -> float:
         return DEFAULT_SPARSITY[self.activation] if self.sparsity_coeff is None else self.sparsity_coeff
 
-    @property
-    def resolved_dead_tokens(self) -> int:
-        return self.dead_tokens or max(1, min(10_000_000, self.steps * self.batch_size // 4))
+    def resolved_dead_tokens(self, world_size: int = 1) -> int:
+        """Tokens without firing after which a latent counts as dead (global batch under DDP)."""
+        return self.dead_tokens or max(1, min(10_000_000, self.steps * self.batch_size * world_size // 4))
 
     def lr_at(self, step: int) -> float:
         """Learning rate at ``step`` (0-based): linear warm-up, constant, linear decay to 0."""

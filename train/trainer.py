@@ -129,10 +129,11 @@ class _Member:
             "config": config_to_json(cfg), "dictionary": config_to_json(self.dict_cfg), "d_model": man.d_model,
             "d_in": len(self.spec.in_slots) * man.d_model, "slots": names, "in_slots": self.spec.in_slots,
             "out_slots": self.spec.out_slots, "sparsity_coeff": cfg.resolved_sparsity_coeff,
-            "dead_tokens": cfg.resolved_dead_tokens, "device": str(device), "world_size": dist.world_size,
+            "dead_tokens": cfg.resolved_dead_tokens(dist.world_size), "device": str(device), "world_size": dist.world_size,
             "cache": {"path": str(cache.dir.resolve()), "spec": cfg.cache, "models": man.models, "hooks": man.hooks,
                       "n_rows": man.n_rows, "dtype": man.dtype, "normalization": man.normalization["method"]},
         }
+        dist.barrier()  # every rank has looked at the run folder before rank 0 writes into it
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not self.resuming:
@@ -289,7 +290,7 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
                 lr, lam = m.cfg.lr_at(step), m.cfg.sparsity_at(step)
                 for group in m.opt.param_groups:
                     group["lr"] = lr
-                dead_L = m.since_fired_L >= m.cfg.resolved_dead_tokens
+                dead_L = m.since_fired_L >= m.cfg.resolved_dead_tokens(dist.world_size)
                 with m.autocast:
                     out = m.fwd(x_in_BXiD)
                     terms = loss_terms(m.model, x_in_BXiD, x_out_BXoD, out, sparsity_coeff=lam, dead_mask_L=dead_L)
