@@ -19,9 +19,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 install: $(STAMP)
 
-# The main job on the built-in default: the toy model pair, no network.
+# The main job on the built-in default, no network: toy trio -> harvest -> diffing crosscoders
+# (toy-code, and the toy-prose control) -> analysis reports; prints a five-line summary. Resumes.
 demo: install
-	$(PY) run_harvest.py
+	$(PY) demo.py
 
 test: install
 	$(PY) -m pytest -q
