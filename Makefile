@@ -31,4 +31,4 @@ bench: install
 	$(PY) bench/harvest.py
 
 clean-demo:
-	rm -rf caches/toy-diff
+	rm -rf caches/toy-diff caches/toy-prose-diff runs/demo-toy-code runs/demo-toy-prose
