@@ -182,7 +182,7 @@ class _Forward:
                 # [B, S, D] per hook -> rows [N, P, D]
                 per_model.append(torch.stack([captured[h].flatten(0, 1).index_select(0, flat_dev_N)
                                               for h in self.hooks], dim=1))
-                del captured
+                captured.clear()  # drop the full [B, S, D] activations now
             acts_NMPD = torch.stack(per_model, dim=1)
             seq_N = (torch.arange(lo, hi)[:, None].expand_as(tokens_BS)).flatten()[flat_N]
             pos_N = (torch.arange(tokens_BS.shape[1])[None, :].expand_as(tokens_BS)).flatten()[flat_N]
