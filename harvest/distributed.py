@@ -51,7 +51,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -438,8 +437,8 @@ def harvest_distributed(cfg: HarvestConfig, *, dist_timeout: float | None = None
 
 def _run(cfg: HarvestConfig, group: _Group, local_rank: int) -> Manifest:
     from harvest.harvester import (
-        HarvestLayout, _existing_manifest, _Forward, _fmt_bytes, _new_manifest, _plan_from_table,
-        estimate_cache_bytes,
+        HarvestLayout, _existing_manifest, _Forward, _new_manifest, _plan_from_table,
+        check_free_disk,
     )
 
     rank, world = group.rank, group.world
@@ -498,16 +497,7 @@ def _run(cfg: HarvestConfig, group: _Group, local_rank: int) -> Manifest:
         chunks: list[int] = []
         if existing is not None:
             chunks, by_rank, carried, kept_bytes = _collect_written(out, existing, layout, world)
-        estimate = estimate_cache_bytes(cfg.tokens, m, p, d, cfg.dtype, cfg.context_size)
-        probe_dir = out if out.exists() else next(q for q in out.absolute().parents if q.exists())
-        free = shutil.disk_usage(probe_dir).free
-        say(f"estimated cache size: {_fmt_bytes(estimate)} ({cfg.tokens:,} rows x {row_bytes} bytes); "
-            f"free disk at {probe_dir}: {_fmt_bytes(free)}; {_procs(world)}")
-        if estimate - kept_bytes > free:
-            raise HarvestInputError(
-                f"not enough disk: the cache needs about {_fmt_bytes(estimate - kept_bytes)} more, {probe_dir} has "
-                f"{_fmt_bytes(free)} free. Free space, lower --tokens, use --dtype bfloat16, or pick another --out"
-            )
+        check_free_disk(cfg, out, (m, p, d), row_bytes, kept_bytes, say=say, suffix=f"; {_procs(world)}")
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(out)
         return {"done": chunks, "records": {r: [x.to_json() for x in v] for r, v in by_rank.items()}}

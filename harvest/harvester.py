@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -131,6 +132,23 @@ def _plan_from_table(out: Path, manifest: Manifest, excluded: list[int]) -> Toke
     return TokenPlan(ids, {n: table.column(n).to_pylist() for n in meta_names}, counts)
 
 
+def check_free_disk(cfg: HarvestConfig, out: Path, row_shape: tuple[int, int, int], row_bytes: int,
+                    written: int, *, say: Callable[[str], None] = print, suffix: str = "") -> None:
+    """Print the estimated cache size and refuse to start when it exceeds free disk.
+
+    ``written``: bytes of shards already on disk (a resume needs only the rest)."""
+    estimate = estimate_cache_bytes(cfg.tokens, *row_shape, cfg.dtype, cfg.context_size)
+    probe_dir = out if out.exists() else next(q for q in out.absolute().parents if q.exists())
+    free = shutil.disk_usage(probe_dir).free
+    say(f"estimated cache size: {_fmt_bytes(estimate)} ({cfg.tokens:,} rows x {row_bytes} bytes); "
+        f"free disk at {probe_dir}: {_fmt_bytes(free)}{suffix}")
+    if estimate - written > free:
+        raise HarvestInputError(
+            f"not enough disk: the cache needs about {_fmt_bytes(estimate - written)} more, {probe_dir} has "
+            f"{_fmt_bytes(free)} free. Free space, lower --tokens, use --dtype bfloat16, or pick another --out"
+        )
+
+
 class _Forward:
     """Runs every model on batches of planned sequences and yields the included rows."""
 
@@ -220,17 +238,7 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
     storage = dtype_from_name(cfg.dtype)
     row_bytes = m * p * d * storage.itemsize
 
-    estimate = estimate_cache_bytes(cfg.tokens, m, p, d, cfg.dtype, cfg.context_size)
-    written = sum(s.bytes for s in existing.shards) if existing else 0
-    probe_dir = out if out.exists() else next(q for q in out.absolute().parents if q.exists())
-    free = shutil.disk_usage(probe_dir).free
-    print(f"estimated cache size: {_fmt_bytes(estimate)} ({cfg.tokens:,} rows x {row_bytes} bytes); "
-          f"free disk at {probe_dir}: {_fmt_bytes(free)}")
-    if estimate - written > free:
-        raise HarvestInputError(
-            f"not enough disk: the cache needs about {_fmt_bytes(estimate - written)} more, {probe_dir} has "
-            f"{_fmt_bytes(free)} free. Free space, lower --tokens, use --dtype bfloat16, or pick another --out"
-        )
+    check_free_disk(cfg, out, (m, p, d), row_bytes, sum(s.bytes for s in existing.shards) if existing else 0)
 
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out)
