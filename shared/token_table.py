@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 
@@ -65,8 +65,3 @@ def read_token_table(cache_dir: str | Path, path: str | Path | None = None) -> p
     except pa.ArrowInvalid as e:
         raise CacheError(f"token table {path} is not a readable Arrow IPC file ({e})") from None
 
-
-def iter_sequences(table: pa.Table) -> Iterable[tuple[int, list[int]]]:
-    """Yield ``(seq, input_ids)`` pairs from a token table."""
-    for seq, ids in zip(table.column("seq").to_pylist(), table.column("input_ids").to_pylist()):
-        yield seq, ids
