@@ -546,6 +546,7 @@ def _run(cfg: HarvestConfig, group: _Group, local_rank: int) -> Manifest:
                        records=records.get(rank, []))
     manifest = existing
     calib_rows = min(cfg.calibration_tokens, cfg.tokens)
+    calib_end = min(forward.batch_end(calib_rows), cfg.tokens)  # whole batches (see harvester.harvest)
     held: list[tuple] = []
     own_items = (item for a, b in ranges for item in forward.rows(a, b))
     t_forward = time.perf_counter()
@@ -558,8 +559,9 @@ def _run(cfg: HarvestConfig, group: _Group, local_rank: int) -> Manifest:
         if is0:
             def calibrate() -> Normalization:
                 nonlocal manifest
-                held.extend(forward.rows(0, calib_rows))
-                estimate = Normalization.estimate(torch.cat([h[1] for h in held]).float().cpu(), cfg.normalize)
+                held.extend(forward.rows(0, calib_end))
+                estimate = Normalization.estimate(torch.cat([h[1] for h in held])[:calib_rows].float().cpu(),
+                                                  cfg.normalize)
                 estimate.write_side_file(out)
                 manifest = _new_manifest(cfg, models, plan, estimate, calib_rows, layout)
                 CacheWriter(out, manifest).save_manifest()
@@ -568,7 +570,7 @@ def _run(cfg: HarvestConfig, group: _Group, local_rank: int) -> Manifest:
             norm0, norm_err = _attempt(calibrate)
             flat = _pack_norm(norm0, cfg.normalize, m, p, d)
             # rank 0's own rows beyond the calibration rows come next
-            own_items = (item for a, b in ranges if b > calib_rows for item in forward.rows(max(a, calib_rows), b))
+            own_items = (item for a, b in ranges if b > calib_end for item in forward.rows(max(a, calib_end), b))
         else:
             # Forward our own first rows meanwhile (as many as rank 0 calibrates on) and hold them.
             def prefetch() -> None:

@@ -14,6 +14,7 @@ import queue
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from shared.cache import CacheWriter
@@ -38,6 +39,15 @@ def chunk_permutation(seed: int, chunk: int, n: int) -> torch.Tensor:
     """The write-time shuffle of chunk ``chunk`` (``n`` rows); depends on nothing else."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
     return torch.randperm(n, generator=g)
+
+
+def _take_rows(x: torch.Tensor, idx) -> torch.Tensor:
+    """``x[idx]`` along dim 0 as whole-row copies: numpy's take is ~8x cheaper here than torch's
+    advanced indexing (111 ms vs 15 ms of CPU for 51 MB of bf16 rows), which competes with the
+    forward pass for the same cores."""
+    if x.dtype == torch.bfloat16:  # numpy has no bfloat16: move the same bytes as int16
+        return _take_rows(x.view(torch.int16), idx).view(torch.bfloat16)
+    return torch.from_numpy(np.take(x.numpy(), idx, axis=0))
 
 
 class ShardWriterThread:
@@ -138,7 +148,7 @@ class ShardWriterThread:
 
     def _write_chunk(self, chunk: int, buf: dict) -> None:
         n = self.chunk_rows[chunk]
-        perm = chunk_permutation(self.seed, chunk, n)
+        perm = chunk_permutation(self.seed, chunk, n).numpy()
         first_shard = chunk * self.shuffle_shards
         for j, start in enumerate(range(0, n, self.shard_rows)):
             if self._stop.is_set():
@@ -146,10 +156,7 @@ class ShardWriterThread:
             idx = perm[start : start + self.shard_rows]
             record = self.writer.add_shard(
                 shard_file_name(first_shard + j, self.rank),
-                buf["acts"][idx],
-                buf["seq"][idx],
-                buf["pos"][idx],
-                buf["token"][idx],
+                *(_take_rows(buf[name], idx) for name in ("acts", "seq", "pos", "token")),
             )
             self.bytes_written += record.bytes
             self.rows_written += record.n_rows

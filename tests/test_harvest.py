@@ -149,3 +149,31 @@ def test_forward_stops_after_the_last_harvested_block(toy_dirs, tmp_path, monkey
     # Data batches pass stop_at_layer=2 (the load-time probe uses run_with_cache, which stops by
     # raising instead); block 2 never runs in either.
     assert 2 in seen and {s for s in seen if s is not None} == {2} and not fired
+
+
+def test_every_forward_batch_runs_once(tmp_path, monkeypatch):
+    """The batch that holds the end of the calibration rows is not forwarded a second time."""
+    import harvest.harvester as harvester
+
+    calls = {"n": 0}
+    real_load = harvester.load_models
+
+    def counting_load(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        for bridge in loaded.bridges:
+            forward = bridge.forward
+
+            def counted(*a, _forward=forward, **kw):
+                calls["n"] += 1
+                return _forward(*a, **kw)
+
+            bridge.forward = counted
+        return loaded
+
+    monkeypatch.setattr(harvester, "load_models", counting_load)
+    # 63 rows per sequence, 16 sequences per batch: 1100 calibration rows end inside the second batch.
+    cfg = small_harvest_config(tmp_path / "c", tokens=3000, calibration_tokens=1100, hooks=["blocks.1.hook_resid_post"])
+    man = harvest(cfg)
+    n_batches = -(-man.extra["n_sequences"] // cfg.batch_size)
+    assert n_batches >= 3 and calls["n"] == len(cfg.models) * n_batches
+    assert man.n_rows == 3000 and man.normalization["calibration_rows"] == 1100
