@@ -153,7 +153,7 @@ def test_forward_stops_after_the_last_harvested_block(toy_dirs, tmp_path, monkey
 
 def test_every_forward_batch_runs_once(tmp_path, monkeypatch):
     """The batch that holds the end of the calibration rows is not forwarded a second time."""
-    import harvest.harvester as harvester
+    from harvest import harvester
 
     calls = {"n": 0}
     real_load = harvester.load_models
