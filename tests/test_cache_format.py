@@ -56,6 +56,24 @@ def test_shard_round_trip(tmp_path, dtype):
     assert torch.equal(load_file(tmp_path / rec.file)["acts"], acts)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [0, 1, 37])
+def test_shard_bytes_are_what_safetensors_writes(tmp_path, dtype, n):
+    """write_shard streams the file itself (no bytes copy); it must stay the library's exact output."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    from shared.shard_io import SHARD_METADATA
+
+    acts = torch.randn(n, 2, 3, 8).to(dtype)
+    seq, pos = torch.arange(n) * 7, torch.arange(n, dtype=torch.int32)
+    rec = write_shard(tmp_path, "s.safetensors", acts, seq, pos, pos * 3)
+    ref = save({"acts": acts, "seq": seq, "pos": pos, "token": pos * 3}, metadata=SHARD_METADATA)
+    assert (tmp_path / "s.safetensors").read_bytes() == ref
+    assert rec.sha256 == hashlib.sha256(ref).hexdigest() and rec.bytes == len(ref)
+
+
 def test_shard_golden_header(tmp_path):
     """The header layout a reader in another language relies on (README: Cache format v1)."""
     acts = torch.zeros(2, 1, 1, 2, dtype=torch.bfloat16)
