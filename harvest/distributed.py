@@ -285,12 +285,14 @@ class RankShardLog:
         atomic_write_bytes(self.out / rank_manifest_name(self.rank), json.dumps(obj, indent=1).encode() + b"\n")
 
     def add_shard(self, rel_file: str, acts_NMPD: torch.Tensor, seq_N: torch.Tensor, pos_N: torch.Tensor,
-                  token_N: torch.Tensor) -> ShardRecord:
+                  token_N: torch.Tensor, *, save: bool = True) -> ShardRecord:
+        """Write one shard and record it (``save``: rewrite the rank manifest now; see CacheWriter.add_shard)."""
         if acts_NMPD.dtype != self.dtype or tuple(acts_NMPD.shape[1:]) != self.row_shape:
             raise ValueError(f"acts {acts_NMPD.dtype} {tuple(acts_NMPD.shape)} do not match the cache's rows")
         record = write_shard(self.out, rel_file, acts_NMPD, seq_N, pos_N, token_N)
         self.records.append(record)
-        self.save()
+        if save:
+            self.save()
         return record
 
 

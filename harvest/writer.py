@@ -150,13 +150,17 @@ class ShardWriterThread:
         n = self.chunk_rows[chunk]
         perm = chunk_permutation(self.seed, chunk, n).numpy()
         first_shard = chunk * self.shuffle_shards
-        for j, start in enumerate(range(0, n, self.shard_rows)):
+        starts = range(0, n, self.shard_rows)
+        for j, start in enumerate(starts):
             if self._stop.is_set():
                 return
             idx = perm[start : start + self.shard_rows]
             record = self.writer.add_shard(
                 shard_file_name(first_shard + j, self.rank),
                 *(_take_rows(buf[name], idx) for name in ("acts", "seq", "pos", "token")),
+                # The manifest once per chunk: a resume restarts from whole chunks, so listing a
+                # chunk's first shards earlier gains nothing (and cost ~3.5 ms of fsyncs per shard).
+                save=j == len(starts) - 1,
             )
             self.bytes_written += record.bytes
             self.rows_written += record.n_rows

@@ -196,8 +196,13 @@ class CacheWriter:
         seq_N: torch.Tensor,
         pos_N: torch.Tensor,
         token_N: torch.Tensor,
+        *,
+        save: bool = True,
     ) -> ShardRecord:
-        """Write one shard (storage dtype must already be applied) and list it in the manifest."""
+        """Write one shard (storage dtype must already be applied) and list it in the manifest.
+
+        ``save=False`` leaves the manifest on disk as it is until a later ``save_manifest`` (the
+        harvest saves once per shuffle chunk: it resumes from whole chunks anyway)."""
         if acts_NMPD.dtype != self.manifest.torch_dtype:
             raise ValueError(f"acts dtype {acts_NMPD.dtype} != cache dtype {self.manifest.dtype}")
         if tuple(acts_NMPD.shape[1:]) != self.manifest.row_shape:
@@ -207,7 +212,8 @@ class CacheWriter:
         record = write_shard(self.dir, rel_file, acts_NMPD, seq_N, pos_N, token_N)
         self.manifest.shards.append(record)
         self.manifest.n_rows = sum(s.n_rows for s in self.manifest.shards)
-        self.save_manifest()
+        if save:
+            self.save_manifest()
         return record
 
     def finish(self) -> Manifest:
