@@ -60,7 +60,7 @@ def random_pythia70m_pair(folder: Path) -> list[str]:
 
 
 def bare_forward_seconds(cfg: HarvestConfig, cache_dir: Path) -> float:
-    """Time each model's plain forward over the harvest's own batches (no hooks)."""
+    """Time each model's plain forward over the harvest's own batches (no hooks), from freshly loaded models."""
     device = resolve_device(cfg.device)
     models = load_models(cfg.models, cfg.hooks, context_size=cfg.context_size, device=device,
                          model_dtype=dtype_from_name(cfg.model_dtype))
@@ -68,8 +68,8 @@ def bare_forward_seconds(cfg: HarvestConfig, cache_dir: Path) -> float:
     batches = [torch.tensor(np.array(ids[i : i + cfg.batch_size])) for i in range(0, len(ids), cfg.batch_size)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
-        for bridge in models.bridges:  # warm-up
-            bridge(batches[0].to(device), stop_at_layer=models.stop_at_layer)
+        # No warm-up pass: the harvest's clock also starts before its models' first (slower, by
+        # ~40 ms each on the toy models) forward, so both start from freshly loaded models.
         sync()
         t = time.perf_counter()
         for batch in batches:

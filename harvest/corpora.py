@@ -69,11 +69,10 @@ def prose_topics() -> dict[str, str]:
 def stdlib_source_files() -> list[Path]:
     """The standard library's ``.py`` files, sorted, without tests and third-party packages."""
     root = Path(os.__file__).resolve().parent
-    files = [
-        p
-        for p in root.rglob("*.py")
-        if not _EXCLUDED_DIRS.intersection(p.relative_to(root).parts)
-    ]
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _EXCLUDED_DIRS]  # prune: never walk site-packages at all
+        files.extend(Path(folder) / n for n in names if n.endswith(".py"))
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
