@@ -41,7 +41,7 @@ def chunk_permutation(seed: int, chunk: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def _take_rows(x: torch.Tensor, idx) -> torch.Tensor:
+def _take_rows(x: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
     """``x[idx]`` along dim 0 as whole-row copies: numpy's take is ~8x cheaper here than torch's
     advanced indexing (111 ms vs 15 ms of CPU for 51 MB of bf16 rows), which competes with the
     forward pass for the same cores."""

@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -136,11 +137,16 @@ def write_shard(
         "pos": pos_N.to("cpu", torch.int32).contiguous(),
         "token": token_N.to("cpu", torch.int32).contiguous(),
     }
+    if sys.byteorder != "little":  # the format is little-endian: let the library swap the bytes
+        from safetensors.torch import save
+
+        parts: list[Buffer] = [save(tensors, metadata=SHARD_METADATA)]
+        return _write_parts(cache_dir, rel_file, n, parts, len(parts[0]))
     # The safetensors layout: JSON header (metadata first, then the tensors in data order, that
     # is by dtype as safetensors ranks them, highest first, then by name), padded with spaces to
     # 8 bytes, then the tensors' bytes back to back.
     header: dict[str, Any] = {"__metadata__": SHARD_METADATA}
-    parts: list[Buffer] = []
+    parts = []
     offset = 0
     for name, t in sorted(tensors.items(), key=_tensor_order):
         nbytes = t.numel() * t.element_size()
@@ -151,13 +157,17 @@ def write_shard(
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     parts.insert(0, struct.pack("<Q", len(head)) + head)
+    return _write_parts(cache_dir, rel_file, n, parts, len(parts[0]) + offset)
+
+
+def _write_parts(cache_dir: str | Path, rel_file: str, n: int, parts: list[Buffer], nbytes: int) -> ShardRecord:
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part)
     path = Path(cache_dir) / rel_file
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, parts)
-    return ShardRecord(file=rel_file, n_rows=n, sha256=digest.hexdigest(), bytes=len(parts[0]) + offset)
+    return ShardRecord(file=rel_file, n_rows=n, sha256=digest.hexdigest(), bytes=nbytes)
 
 
 class ShardReader:
