@@ -313,7 +313,7 @@ def test_run_rows_one_is_sorted_single_rows(cache: Path) -> None:
             assert rows == sorted(rows)  # ascending within a shard
 
 
-def test_recycled_buffers_never_change_under_the_consumer(tmp_path: Path) -> None:
+def test_recycled_buffers_never_change_under_the_consumer(tmp_path: Path, one_batch_chunks: None) -> None:
     make_cache(tmp_path, n_shards=4, rows_per_shard=2048, d_model=64, dtype=torch.bfloat16)
     # bf16 on the CPU: the batches handed out *are* views of the loader's recycled host buffers.
     loader = ActivationLoader(tmp_path, 256, eval_shards=0, epochs=3, dtype=torch.bfloat16, prefetch=2)
@@ -333,7 +333,7 @@ def test_recycled_buffers_never_change_under_the_consumer(tmp_path: Path) -> Non
         for keep, read, copy in held:
             assert torch.equal(read(keep), copy), "a batch the consumer holds was overwritten"
     assert len(storages) > len(held)  # held buffers were never reused, yet others were
-    # A consumer that drops each batch gets a handful of buffers, recycled (chunks of 2 batches here).
+    # A consumer that drops each batch gets a handful of buffers, recycled.
     loader.rewind()
     assert len({acts.untyped_storage().data_ptr() for acts in loader}) <= loader._depth + 3
 
@@ -401,8 +401,17 @@ def test_shuffle_quality_on_an_unshuffled_cache(tmp_path: Path) -> None:
 # ---- threads ----
 
 
+@pytest.fixture
+def one_batch_chunks(monkeypatch) -> None:
+    """Gather one batch per chunk, so a small test cache takes many hand-offs (the default ~4 MiB
+    chunk would hold its whole epoch, and the thread could finish before the consumer looks)."""
+    import train.loader
+
+    monkeypatch.setattr(train.loader, "CHUNK_BYTES", 1)
+
+
 @pytest.mark.parametrize("gather_threads", [1, 3])
-def test_thread_stops_on_break(cache: Path, gather_threads: int) -> None:
+def test_thread_stops_on_break(cache: Path, gather_threads: int, one_batch_chunks: None) -> None:
     wait_no_loader_threads()
     loader = ActivationLoader(cache, 8, prefetch=2, gather_threads=gather_threads)
     for i, _ in enumerate(loader):

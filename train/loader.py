@@ -27,12 +27,12 @@ shard and row when ``run_rows == 1`` (sorted single-row reads keep page access l
 
 Memory: only the windows a batch touches are mapped, and a window is unmapped as soon as this
 rank's batches have passed it: peak memory is about one window's pages plus ``prefetch`` batches
-and a few recycled buffers of about ``CHUNK_BYTES``, whatever the cache size.
+(or one chunk) and a few recycled buffers of about ``CHUNK_BYTES``, whatever the cache size.
 
 Threading (:mod:`train.prefetch`): one background thread per active iterator copies batches, a
 chunk of about ``CHUNK_BYTES`` at a time, into host buffers in the storage dtype (pinned for CUDA;
-on the CPU recycled once the consumer has dropped them), queues about ``prefetch`` batches ahead,
-and may fan the copies out to ``gather_threads``. The consumer copies each batch to the device
+on the CPU recycled once the consumer has dropped them), queues about ``prefetch`` batches (at
+least one chunk) ahead, and may fan the copies out to ``gather_threads``. The consumer copies each batch to the device
 (``non_blocking=True``) and casts it there. Breaking out of the loop, an exception in its body,
 or garbage collection of the iterator stops and joins the threads.
 """
@@ -70,7 +70,9 @@ _STATE_DEFAULTS = {"run_rows": 1}  # states saved before runs existed describe s
 # measured ~20% slower per epoch than 32 KiB ones (bench/RESULTS.md).
 RUN_BYTES = 32 * 1024
 RUN_MIX = 8  # automatic runs add at most ~1/RUN_MIX to a batch's same-sequence pairs (auto_run_rows)
-CHUNK_BYTES = 2 * 2**20  # batches are copied and queued about this much at a time: fewer hand-offs
+# Small batches are gathered and queued about this much at a time: each hand-off to the consumer
+# costs ~100 us on a 2-core VM, and 4 MiB chunks read ~10% faster than 2 MiB ones (bench/loader.py).
+CHUNK_BYTES = 4 * 2**20
 
 
 def default_eval_shards(n_shards: int) -> int:
@@ -213,7 +215,8 @@ class ActivationLoader:
         eval_shards: shards held out for eval, the last ones in manifest order (default
             :func:`default_eval_shards`; 0 serves every shard as train).
         drop_last: serve only full batches (see the module docstring for remainders).
-        prefetch: batches the background thread may prepare ahead.
+        prefetch: batches the background thread may prepare ahead (at least one chunk: batches
+            smaller than ``CHUNK_BYTES`` are gathered that many bytes at a time).
         gather_threads: threads copying each batch's rows (default: a quarter of the CPUs, 1 to 4).
         verify: check every shard's sha256 against the manifest before serving.
     """
@@ -335,8 +338,8 @@ class ActivationLoader:
             )
         self.run_rows = run_rows
         batch_bytes = batch_size * len(self._slots) * self._slot_bytes
-        self._chunk = max(1, min(prefetch, CHUNK_BYTES // batch_bytes))  # batches gathered per step
-        self._depth = max(1, prefetch // self._chunk)  # chunks queued ahead: about `prefetch` batches
+        self._chunk = max(1, CHUNK_BYTES // batch_bytes)  # batches gathered per step
+        self._depth = max(1, prefetch // self._chunk)  # chunks queued ahead: `prefetch` batches, or one chunk
         self._epoch, self._batch = 0, 0  # position: next batch the consumer will receive
         self._active: weakref.ref[_LoaderIterator] | None = None
 
