@@ -55,6 +55,7 @@ import signal
 import sys
 import threading
 import time
+from itertools import chain
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,7 +65,7 @@ import torch
 from harvest.config import HarvestConfig
 from harvest.models import HarvestInputError, load_models, resolve_device
 from harvest.token_stream import TokenPlan, build_token_plan
-from harvest.writer import Piece, ShardWriterThread
+from harvest.writer import ShardWriterThread, drain
 from shared.cache import CacheWriter, remove_stale_temp_files
 from shared.cache_format import SHARD_DIR, CacheError, Manifest, ShardRecord, dtype_from_name
 from shared.normalization import Normalization
@@ -602,42 +603,23 @@ def _run(cfg: HarvestConfig, group: _Group, local_rank: int) -> Manifest:
         log, chunk_rows=chunk_rows, shard_rows=layout.shard_rows, shuffle_shards=layout.shuffle_shards,
         seed=cfg.seed, row_shape=(m, p, d), dtype=storage, rank=rank,
     )
-    scale = norm.scale_MP.to(device)
-    mean = None if norm.mean_MPD is None else norm.mean_MPD.to(device)
-    std = None if norm.std_MPD is None else norm.std_MPD.to(device)
+    norm_dev = norm.to(device)  # the factors move once, not per batch
 
     def send(first: int, acts_NMPD: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, tok: torch.Tensor) -> None:
         # Keep only rows of our own ranges (rank 0's calibration rows may reach into others').
         n_all = acts_NMPD.shape[0]
         for a, b in ranges:
             lo, hi = max(a, first) - first, min(b, first + n_all) - first
-            if lo >= hi:
-                continue
-            x = acts_NMPD[lo:hi].float()
-            x = (x - mean) / std if mean is not None else x * scale[..., None]
-            x = x.to(storage)
-            i = 0
-            while i < x.shape[0]:
-                c, off = divmod(first + lo + i, layout.chunk_size)
-                n = min(x.shape[0] - i, layout.chunk_size - off)
-                j = lo + i
-                thread.put(Piece(c, off, x[i : i + n], seq[j : j + n], pos[j : j + n], tok[j : j + n]))
-                i += n
-            bar.update(hi - lo)
+            if lo < hi:
+                thread.put_rows(first + lo, norm_dev.apply(acts_NMPD[lo:hi]).to(storage), seq[lo:hi], pos[lo:hi],
+                                tok[lo:hi])
+                bar.update(hi - lo)
         bar.set_postfix_str(f"{thread.bytes_written / 1e9:.2f} GB written", refresh=False)
 
     try:
-        for item in held:
-            send(*item)
-        held.clear()
-        for item in own_items:
-            send(*item)
-        thread.close()
-    except BaseException:
-        thread.abort()
+        thread.write_all(chain(drain(held), own_items), send)
+    finally:
         bar.close()
-        raise
-    bar.close()
 
     # 8. merge.
     gathered = group.all_gather({"records": [r.to_json() for r in log.records], "rows": thread.rows_written},

@@ -20,6 +20,7 @@ import platform
 import shutil
 import sys
 import time
+from itertools import chain
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,7 +31,7 @@ import torch
 from harvest.config import HarvestConfig
 from harvest.models import HarvestInputError, LoadedModels, load_models, resolve_device
 from harvest.token_stream import TokenPlan, build_token_plan
-from harvest.writer import Piece, ShardWriterThread
+from harvest.writer import ShardWriterThread, drain
 from shared.cache import CacheWriter, remove_stale_temp_files
 from shared.cache_format import (
     MANIFEST_NAME,
@@ -295,38 +296,18 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
         writer, chunk_rows=layout.chunk_rows(), shard_rows=layout.shard_rows,
         shuffle_shards=layout.shuffle_shards, seed=cfg.seed, row_shape=(m, p, d), dtype=storage,
     )
-    scale = norm.scale_MP.to(device)
-    mean = None if norm.mean_MPD is None else norm.mean_MPD.to(device)
-    std = None if norm.std_MPD is None else norm.std_MPD.to(device)
+    norm_dev = norm.to(device)  # the factors move once, not per batch
 
     def send(first: int, acts_NMPD: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, tok: torch.Tensor) -> None:
-        # Rows of one batch can straddle a chunk boundary: split them.
-        x = acts_NMPD.float()
-        x = (x - mean) / std if mean is not None else x * scale[..., None]
-        x = x.to(storage)
-        i = 0
-        while i < x.shape[0]:
-            row = first + i
-            c, off = divmod(row, layout.chunk_size)
-            n = min(x.shape[0] - i, layout.chunk_size - off)
-            thread.put(Piece(c, off, x[i : i + n], seq[i : i + n], pos[i : i + n], tok[i : i + n]))
-            i += n
-        bar.update(x.shape[0])
+        thread.put_rows(first, norm_dev.apply(acts_NMPD).to(storage), seq, pos, tok)
+        bar.update(acts_NMPD.shape[0])
         bar.set_postfix_str(f"{thread.bytes_written / 1e9:.2f} GB written", refresh=False)
 
+    resume_from = start_chunk * layout.chunk_size if existing is not None else calib_end
     try:
-        for item in held:
-            send(*item)
-        held.clear()
-        resume_from = start_chunk * layout.chunk_size if existing is not None else calib_end
-        for item in forward.rows(resume_from, cfg.tokens):
-            send(*item)
-        thread.close()
-    except BaseException:
-        thread.abort()
+        thread.write_all(chain(drain(held), forward.rows(resume_from, cfg.tokens)), send)
+    finally:
         bar.close()
-        raise
-    bar.close()
     end = time.perf_counter()
     seconds, forward_seconds = end - t0, end - t_forward
     manifest.created_by["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

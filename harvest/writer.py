@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from shared.cache import CacheWriter
 from shared.cache_format import shard_file_name
 
-__all__ = ["Piece", "ShardWriterThread", "chunk_permutation"]
+__all__ = ["Piece", "ShardWriterThread", "chunk_permutation", "drain"]
 
 
 @dataclass
@@ -39,6 +40,13 @@ def chunk_permutation(seed: int, chunk: int, n: int) -> torch.Tensor:
     """The write-time shuffle of chunk ``chunk`` (``n`` rows); depends on nothing else."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
     return torch.randperm(n, generator=g)
+
+
+def drain(items: list) -> Iterator:
+    """Yield a list's items and remove each as it goes, so held rows are freed once sent."""
+    items.reverse()
+    while items:
+        yield items.pop()
 
 
 def _take_rows(x: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
@@ -92,6 +100,28 @@ class ShardWriterThread:
                 return
             except queue.Full:
                 continue
+
+    def put_rows(self, first_row: int, acts_NMPD: torch.Tensor, seq_N: torch.Tensor, pos_N: torch.Tensor,
+                 token_N: torch.Tensor) -> None:
+        """Queue stream rows ``first_row, first_row + 1, ...``, split where they cross a chunk boundary."""
+        chunk_size = self.shard_rows * self.shuffle_shards
+        i = 0
+        while i < acts_NMPD.shape[0]:
+            chunk, offset = divmod(first_row + i, chunk_size)
+            n = min(acts_NMPD.shape[0] - i, chunk_size - offset)
+            self.put(Piece(chunk, offset, acts_NMPD[i : i + n], seq_N[i : i + n], pos_N[i : i + n], token_N[i : i + n]))
+            i += n
+
+    def write_all(self, items: Iterable[tuple], send: Callable[..., None]) -> None:
+        """``send(*item)`` for every item (it queues rows), then :meth:`close`. On any error, including
+        KeyboardInterrupt, :meth:`abort` and re-raise: the shards already written stay listed."""
+        try:
+            for item in items:
+                send(*item)
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
 
     def close(self) -> None:
         """Flush everything queued, wait for the thread, and re-raise any error it hit."""

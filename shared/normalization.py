@@ -81,6 +81,11 @@ class Normalization:
             return x * self.std_MPD.to(x.device) + self.mean_MPD.to(x.device)
         return x / self.scale_MP.to(x.device)[..., None]
 
+    def to(self, device: torch.device | str) -> "Normalization":
+        """The same factors on ``device`` (so :meth:`apply` moves nothing per call)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Normalization(self.method, move(self.scale_MP), move(self.mean_MPD), move(self.std_MPD))
+
     def select(self, models: list[int], hooks: list[int]) -> "Normalization":
         """The factors of a subset of slots, in the order asked."""
         mi, hi = torch.tensor(models), torch.tensor(hooks)
