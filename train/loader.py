@@ -32,8 +32,8 @@ rank's batches have passed it: peak memory is about one window's pages plus ``pr
 Threading (:mod:`train.prefetch`): one background thread per active iterator copies batches, a
 chunk of about ``CHUNK_BYTES`` at a time, into host buffers in the storage dtype (pinned for CUDA;
 on the CPU recycled once the consumer has dropped them), queues about ``prefetch`` batches (at
-least one chunk) ahead, and may fan the copies out to ``gather_threads``. The consumer copies each batch to the device
-(``non_blocking=True``) and casts it there. Breaking out of the loop, an exception in its body,
+least one chunk) ahead, and may fan the copies out to ``gather_threads``. The consumer copies
+each batch to the device (``non_blocking=True``) and casts it there. Breaking out of the loop, an exception in its body,
 or garbage collection of the iterator stops and joins the threads.
 """
 
