@@ -8,9 +8,11 @@ One run, same process, same batches, same dtype, stopped at the same layer:
 Bare passes and harvests alternate; each harvest is compared with the mean of the bare passes
 just before and after it, and the median of those ratios is reported (machines are noisy).
 Prints one table and appends it to bench/RESULTS.md. Target: ratio >= 0.90 (CPU, toy pair),
->= 0.95 on a GPU with a pythia-70m-sized model.
+>= 0.95 on a GPU with a pythia-70m-sized model. The toy pair reads ``builtin:mixed`` (~276k
+usable tokens); the pythia-70m-sized pair (random weights) reads random token ids written to a
+local parquet file, so a GPU run can be long enough to measure (default 2M tokens).
 
-    python bench/harvest.py [--tokens 200000] [--model-size toy|pythia-70m] [--device auto] [--quick]
+    python bench/harvest.py [--tokens N] [--model-size toy|pythia-70m] [--device auto] [--batch-size 32] [--quick]
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch  # noqa: E402
 from harvest.config import HarvestConfig  # noqa: E402
 from harvest.harvester import harvest  # noqa: E402
 from harvest.models import load_models, resolve_device  # noqa: E402
+from harvest.writer import default_write_threads  # noqa: E402
 from shared.cache_format import Manifest, dtype_from_name  # noqa: E402
 from shared.token_table import read_token_table  # noqa: E402
 
@@ -59,6 +62,19 @@ def random_pythia70m_pair(folder: Path) -> list[str]:
     return paths
 
 
+def random_token_dataset(path: Path, tokens: int, context_size: int, low: int = 2, high: int = 4096) -> str:
+    """A pre-tokenized parquet (``input_ids``, one document per row) of random ids in ``[low, high)``
+    (the toy tokenizer's ids, past its two special ones), with room for ``tokens`` rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    doc = 4 * context_size
+    n_docs = -(-tokens * 11 // 10 // (doc - 1)) + 1  # 10% spare: BOS and the packing's cuts
+    ids = np.random.default_rng(0).integers(low, high, size=(n_docs, doc), dtype=np.int32)
+    pq.write_table(pa.table({"input_ids": list(ids)}), path)
+    return str(path)
+
+
 def bare_forward_seconds(cfg: HarvestConfig, cache_dir: Path) -> float:
     """Time each model's plain forward over the harvest's own batches (no hooks), from freshly loaded models."""
     device = resolve_device(cfg.device)
@@ -82,32 +98,36 @@ def bare_forward_seconds(cfg: HarvestConfig, cache_dir: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=200_000)
+    ap.add_argument("--tokens", type=int, default=None, help="rows to harvest (default 200k toy, 2M pythia-70m)")
     ap.add_argument("--model-size", choices=["toy", "pythia-70m"], default="toy")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--context-size", type=int, default=128)
+    ap.add_argument("--write-threads", type=int, default=None, help="harvest write threads (default: auto)")
     ap.add_argument("--repeats", type=int, default=5, help="harvests, each between two bare passes")
     ap.add_argument("--quick", action="store_true", help="smoke run: 20k tokens")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = ap.parse_args()
-    tokens = 20_000 if args.quick else args.tokens
+    tokens = 20_000 if args.quick else args.tokens or (200_000 if args.model_size == "toy" else 2_000_000)
 
     with tempfile.TemporaryDirectory() as tmp:
         models = ["toy-base", "toy-code"] if args.model_size == "toy" else random_pythia70m_pair(Path(tmp))
         hook = "blocks.2.hook_resid_post" if args.model_size == "toy" else "blocks.3.hook_resid_post"
-        cfg = HarvestConfig(models=models, hooks=[hook], tokens=tokens, context_size=args.context_size,
-                            out=str(Path(tmp) / "cache"), device=args.device, batch_size=args.batch_size,
-                            progress=False)
+        dataset = "builtin:mixed" if args.model_size == "toy" else \
+            random_token_dataset(Path(tmp) / "random-tokens.parquet", tokens, args.context_size)
+        cfg = HarvestConfig(models=models, hooks=[hook], dataset=dataset, tokens=tokens,
+                            context_size=args.context_size, out=str(Path(tmp) / "cache"), device=args.device,
+                            batch_size=args.batch_size, write_threads=args.write_threads, progress=False)
         # Warm the page cache and the toy build; measured harvests go to fresh folders.
         harvest(HarvestConfig(**{**cfg.__dict__, "tokens": min(tokens, 5000), "out": str(Path(tmp) / "warm")}))
-        harvest_runs, bare_runs, pair_ratios = [], [], []
+        harvest_runs, bare_runs, pair_ratios, flushes = [], [], [], []
         bare_before = None
         for r in range(args.repeats):  # interleaved, so background load hits both alike
             run_cfg = HarvestConfig(**{**cfg.__dict__, "out": str(Path(tmp) / f"cache{r}")})
             harvest(run_cfg)
             run = Manifest.load(run_cfg.out).created_by["last_run"]
             harvest_runs.append(float(run["forward_and_write_seconds"]))
+            flushes.append(float(run["final_flush_seconds"]))
             if bare_before is None:  # the same batches as every harvest here (same seed and dataset)
                 bare_before = bare_forward_seconds(run_cfg, Path(run_cfg.out))
             bare_after = bare_forward_seconds(run_cfg, Path(run_cfg.out))
@@ -124,8 +144,12 @@ def main() -> None:
     rows = [
         ("rows", f"{tokens:,}"),
         ("models x hooks", f"{len(models)} x 1 ({args.model_size}, {hook})"),
+        ("dataset, batch, write threads", f"{'builtin:mixed' if args.model_size == 'toy' else 'random ids'}, "
+                                          f"{args.batch_size} x {args.context_size}, {args.write_threads or default_write_threads()}"),
         ("bare forward tokens/s (median)", f"{tokens / bare:,.0f}  (runs: {', '.join(f'{s:.2f}s' for s in bare_runs)})"),
         ("harvest tokens/s (median)", f"{tokens / harvest_s:,.0f}  (runs: {', '.join(f'{s:.2f}s' for s in harvest_runs)})"),
+        ("of which the final flush (last chunk's shards after the last forward), median",
+         f"{statistics.median(flushes):.2f}s"),
         ("ratio harvest / bare (median over harvests, each against the bare passes around it)",
          f"{ratio:.3f}  (target >= {target}; per harvest: {', '.join(f'{x:.3f}' for x in pair_ratios)}; "
          f"ratio of the medians {bare / harvest_s:.3f})"),

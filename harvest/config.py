@@ -79,6 +79,10 @@ class HarvestConfig:
         default=True,
     )
     exclude_token_ids: list[int] = field_help("Further token ids to exclude.", default_factory=list)
+    write_threads: int | None = field_help(
+        "Threads writing shards (gather, sha256, write, fsync), while the next shuffle chunk fills. "
+        "Default: a quarter of the CPUs, 1 to 4 (one core's sha256 runs at ~1 GB/s; a GPU harvest of "
+        "a small model produces more than that).", default=None)
     progress: bool = field_help("Show progress bars.", default=True)
     dist_timeout: float | None = field_help(
         "Under torchrun: seconds a process waits for the others before it stops with an error (a dead rank is "
@@ -96,6 +100,8 @@ class HarvestConfig:
         for name in ("tokens", "context_size", "batch_size", "calibration_tokens", "shuffle_shards"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.write_threads is not None and self.write_threads < 1:
+            raise ValueError(f"write_threads must be >= 1 or None, got {self.write_threads}")
         if self.context_size < 2:
             raise ValueError("context_size must be >= 2 (BOS plus at least one token)")
         if self.shard_size is not None and not (self.shard_size > 0 and math.isfinite(self.shard_size)):
@@ -122,5 +128,5 @@ CONTENT_FIELDS = (
     "shuffle_shards", "seed", "exclude_special", "exclude_token_ids", "batch_size",
 )
 """Fields a resumed harvest must share with the interrupted one (batch_size included: it
-changes the floating-point summation order, so the bytes). ``device``, ``out`` and
-``progress`` may differ."""
+changes the floating-point summation order, so the bytes). ``device``, ``out``,
+``write_threads`` and ``progress`` may differ."""

@@ -288,9 +288,17 @@ class RankShardLog:
     def add_shard(self, rel_file: str, acts_NMPD: torch.Tensor, seq_N: torch.Tensor, pos_N: torch.Tensor,
                   token_N: torch.Tensor, *, save: bool = True) -> ShardRecord:
         """Write one shard and record it (``save``: rewrite the rank manifest now; see CacheWriter.add_shard)."""
+        return self.add_record(self.write_shard_file(rel_file, acts_NMPD, seq_N, pos_N, token_N), save=save)
+
+    def write_shard_file(self, rel_file: str, acts_NMPD: torch.Tensor, seq_N: torch.Tensor, pos_N: torch.Tensor,
+                         token_N: torch.Tensor) -> ShardRecord:
+        """Write one shard atomically without recording it (safe to call from several threads)."""
         if acts_NMPD.dtype != self.dtype or tuple(acts_NMPD.shape[1:]) != self.row_shape:
             raise ValueError(f"acts {acts_NMPD.dtype} {tuple(acts_NMPD.shape)} do not match the cache's rows")
-        record = write_shard(self.out, rel_file, acts_NMPD, seq_N, pos_N, token_N)
+        return write_shard(self.out, rel_file, acts_NMPD, seq_N, pos_N, token_N)
+
+    def add_record(self, record: ShardRecord, *, save: bool = True) -> ShardRecord:
+        """Record a shard :meth:`write_shard_file` wrote (``save``: rewrite the rank manifest now)."""
         self.records.append(record)
         if save:
             self.save()
@@ -601,7 +609,7 @@ def _run(cfg: HarvestConfig, group: _Group, local_rank: int) -> Manifest:
                disable=not (cfg.progress and is0), dynamic_ncols=True)
     thread = ShardWriterThread(
         log, chunk_rows=chunk_rows, shard_rows=layout.shard_rows, shuffle_shards=layout.shuffle_shards,
-        seed=cfg.seed, row_shape=(m, p, d), dtype=storage, rank=rank,
+        seed=cfg.seed, row_shape=(m, p, d), dtype=storage, rank=rank, write_threads=cfg.write_threads,
     )
     norm_dev = norm.to(device)  # the factors move once, not per batch
 

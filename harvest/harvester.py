@@ -158,7 +158,10 @@ class _Forward:
         self.device, self.batch_size = device, batch_size
         self.row_start = plan.row_start
         self.row_end = self.row_start + plan.rows_per_seq
-        self.excluded = torch.tensor(models.excluded_ids, dtype=torch.long)
+        self.excluded = np.array(models.excluded_ids, dtype=np.int64)
+        # Resolved once: bridge.hook_dict rebuilds its alias table on every access (~3% of a
+        # launch-bound GPU harvest's main thread when it ran per batch).
+        self.hook_points = [[bridge.hook_dict[h] for h in hooks] for bridge in models.bridges]
 
     def batch_end(self, row: int) -> int:
         """The first row after the forward batch holding row ``row - 1``: cut a row range there and
@@ -178,26 +181,26 @@ class _Forward:
         for lo in range((s0 // self.batch_size) * self.batch_size, s1, self.batch_size):
             hi = min(lo + self.batch_size, self.plan.n_sequences)
             # Row selection happens on the host (the tokens are there), so the device never
-            # syncs for a boolean mask; the device only gathers with a precomputed index.
-            tokens_BS = torch.from_numpy(np.stack(self.plan.input_ids[lo:hi])).long()
-            start_B = torch.from_numpy(self.row_start[lo:hi])
-            take_B = torch.from_numpy(self.plan.rows_per_seq[lo:hi])
-            mask_BS = ~torch.isin(tokens_BS, self.excluded)
-            rank_BS = mask_BS.cumsum(dim=1)  # 1-based rank of each included position
-            row_BS = start_B[:, None] + rank_BS - 1
-            mask_BS &= (rank_BS <= take_B[:, None]) & (row_BS >= a) & (row_BS < b)
-            flat_N = mask_BS.flatten().nonzero().squeeze(1)
-            if flat_N.numel() == 0:
+            # syncs for a boolean mask; the device only gathers with a precomputed index. numpy,
+            # not torch: on these small arrays its per-call overhead is a fraction of torch's,
+            # and with a small model on a GPU this loop's Python is what bounds the harvest.
+            tokens_BS = np.stack(self.plan.input_ids[lo:hi]).astype(np.int64)
+            mask_BS = ~np.isin(tokens_BS, self.excluded)
+            rank_BS = mask_BS.cumsum(axis=1)  # 1-based rank of each included position
+            row_BS = self.row_start[lo:hi, None] + rank_BS - 1
+            mask_BS &= (rank_BS <= self.plan.rows_per_seq[lo:hi, None]) & (row_BS >= a) & (row_BS < b)
+            flat_N = np.flatnonzero(mask_BS)
+            if flat_N.size == 0:
                 continue
-            flat_dev_N = flat_N.to(self.device, non_blocking=True)
-            tokens_dev_BS = tokens_BS.to(self.device, non_blocking=True)
+            flat_dev_N = torch.from_numpy(flat_N).to(self.device, non_blocking=True)
+            tokens_dev_BS = torch.from_numpy(tokens_BS).to(self.device, non_blocking=True)
             per_model = []
-            for bridge in self.models.bridges:
+            for bridge, points in zip(self.models.bridges, self.hook_points):
                 # Forward hooks on the hook points around the plain forward pass: the same path as a
                 # bare forward. (run_with_cache's per-call machinery cost ~18% of the harvest.)
                 captured: dict[str, torch.Tensor] = {}
-                handles = [bridge.hook_dict[h].register_forward_hook(
-                    lambda _mod, _inp, out, h=h: captured.__setitem__(h, out)) for h in self.hooks]
+                handles = [point.register_forward_hook(lambda _mod, _inp, out, h=h: captured.__setitem__(h, out))
+                           for h, point in zip(self.hooks, points)]
                 try:
                     with torch.inference_mode():
                         bridge(tokens_dev_BS, stop_at_layer=self.models.stop_at_layer)
@@ -212,9 +215,9 @@ class _Forward:
                                               for h in self.hooks], dim=1))
                 captured.clear()  # drop the full [B, S, D] activations now
             acts_NMPD = torch.stack(per_model, dim=1)
-            seq_N = (torch.arange(lo, hi)[:, None].expand_as(tokens_BS)).flatten()[flat_N]
-            pos_N = (torch.arange(tokens_BS.shape[1])[None, :].expand_as(tokens_BS)).flatten()[flat_N]
-            yield int(row_BS.flatten()[flat_N[0]]), acts_NMPD, seq_N, pos_N, tokens_BS.flatten()[flat_N]
+            seq_N, pos_N = np.divmod(flat_N, tokens_BS.shape[1])
+            yield (int(row_BS.flat[flat_N[0]]), acts_NMPD, torch.from_numpy(seq_N + lo), torch.from_numpy(pos_N),
+                   torch.from_numpy(tokens_BS.ravel()[flat_N]))
 
 
 def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifest:
@@ -295,6 +298,7 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
     thread = ShardWriterThread(
         writer, chunk_rows=layout.chunk_rows(), shard_rows=layout.shard_rows,
         shuffle_shards=layout.shuffle_shards, seed=cfg.seed, row_shape=(m, p, d), dtype=storage,
+        write_threads=cfg.write_threads,
     )
     norm_dev = norm.to(device)  # the factors move once, not per batch
 
@@ -313,7 +317,8 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
     manifest.created_by["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     # Timings of this run (a resumed run reports its own); kept with the timestamps.
     manifest.created_by["last_run"] = {"seconds": round(seconds, 3), "forward_and_write_seconds": round(forward_seconds, 3),
-                                       "rows": final_rows_this_run(manifest, start_chunk, layout), "device": str(device)}
+                                       "rows": final_rows_this_run(manifest, start_chunk, layout), "device": str(device),
+                                       "final_flush_seconds": round(thread.flush_seconds, 3)}
     final = writer.finish()
     print(f"harvested {final.n_rows:,} rows into {len(final.shards)} shards at {out} "
           f"({final.n_rows / max(seconds, 1e-9):,.0f} tokens/s this run)")

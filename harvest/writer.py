@@ -1,27 +1,40 @@
 """The background shard writer: device->host copies, the write-time shuffle, atomic shard writes.
 
 The forward loop hands over each batch's rows (already normalized and cast to the storage
-dtype) and goes straight on to the next batch; this thread copies them to host memory into
-the current chunk's buffer. When a chunk (``shuffle_shards`` shards of rows) is full, its rows
-are permuted with a generator seeded by ``(seed, chunk)``, cut into shards, and each shard is
-written atomically and recorded in the manifest. The permutation depends only on the seed and
-the chunk index, so a resumed harvest rewrites byte-identical shards.
+dtype) and goes straight on to the next batch. Rows on a CUDA device start their copy into
+pinned host memory at once, on a side stream (the forward's stream never waits for it). This
+thread then copies them into the current chunk's buffer. When a chunk (``shuffle_shards``
+shards of rows) is full, its rows are permuted with a generator seeded by ``(seed, chunk)``,
+cut into shards, and the shards are written atomically by ``write_threads`` threads (gather,
+sha256, write, fsync) while the next chunk fills; the chunk's shards are then listed in the
+manifest in order, and it is saved. The permutation depends only on the seed and the chunk
+index, so a resumed harvest rewrites byte-identical shards.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from shared.cache import CacheWriter
-from shared.cache_format import shard_file_name
+from shared.cache_format import ShardRecord, shard_file_name
 
-__all__ = ["Piece", "ShardWriterThread", "chunk_permutation", "drain"]
+__all__ = ["Piece", "ShardWriterThread", "chunk_permutation", "default_write_threads", "drain"]
+
+
+def default_write_threads() -> int:
+    """Shard-writing threads when none are asked for: a quarter of the CPUs, 1 to 4. One core
+    hashes ~1 GB/s (sha256) and gathers ~3 GB/s, so one thread caps a harvest at a few hundred
+    MB/s of rows; on small machines more threads would only take cores from the forward pass."""
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
 @dataclass
@@ -30,10 +43,11 @@ class Piece:
 
     chunk: int
     offset: int  # first row's index within the chunk
-    acts_NMPD: torch.Tensor  # storage dtype, any device
+    acts_NMPD: torch.Tensor  # storage dtype, any device (a pinned host copy for CUDA rows)
     seq_N: torch.Tensor
     pos_N: torch.Tensor
     token_N: torch.Tensor
+    ready: torch.cuda.Event | None = None  # recorded after the copy into acts_NMPD, if one is in flight
 
 
 def chunk_permutation(seed: int, chunk: int, n: int) -> torch.Tensor:
@@ -73,6 +87,7 @@ class ShardWriterThread:
         dtype: torch.dtype,
         rank: int | None = None,
         max_pending: int = 8,
+        write_threads: int | None = None,
     ) -> None:
         self.writer = writer
         self.chunk_rows = chunk_rows  # rows in each chunk (the last may be short)
@@ -84,9 +99,13 @@ class ShardWriterThread:
         self.rank = rank
         self.bytes_written = 0
         self.rows_written = 0
+        self.flush_seconds = 0.0  # write_all: from the last rows queued to the last shard listed
         self._queue: queue.Queue[Piece | None] = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(write_threads or default_write_threads(), "crosscache-shard-write")
+        self._writing: list[Future] = []  # the chunk being written: one future per shard, in order
+        self._copy_stream: torch.cuda.Stream | None = None
         self._thread = threading.Thread(target=self._run, name="crosscache-shard-writer", daemon=True)
         self._thread.start()
 
@@ -104,13 +123,33 @@ class ShardWriterThread:
     def put_rows(self, first_row: int, acts_NMPD: torch.Tensor, seq_N: torch.Tensor, pos_N: torch.Tensor,
                  token_N: torch.Tensor) -> None:
         """Queue stream rows ``first_row, first_row + 1, ...``, split where they cross a chunk boundary."""
+        acts_NMPD, ready = self._start_copy_to_host(acts_NMPD)
         chunk_size = self.shard_rows * self.shuffle_shards
         i = 0
         while i < acts_NMPD.shape[0]:
             chunk, offset = divmod(first_row + i, chunk_size)
             n = min(acts_NMPD.shape[0] - i, chunk_size - offset)
-            self.put(Piece(chunk, offset, acts_NMPD[i : i + n], seq_N[i : i + n], pos_N[i : i + n], token_N[i : i + n]))
+            self.put(Piece(chunk, offset, acts_NMPD[i : i + n], seq_N[i : i + n], pos_N[i : i + n], token_N[i : i + n],
+                           ready))
             i += n
+
+    def _start_copy_to_host(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """CUDA rows: queue their copy into pinned host memory on a side stream, after the work
+        that made them, and return that host tensor and an event recorded after the copy. A copy
+        on the forward's own stream would sit between its kernels (and a pageable one blocks)."""
+        if acts.device.type != "cuda":
+            return acts, None
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(acts.device)
+        stream = self._copy_stream
+        stream.wait_stream(torch.cuda.current_stream(acts.device))
+        with torch.cuda.stream(stream):
+            host = torch.empty(acts.shape, dtype=acts.dtype, pin_memory=True)
+            host.copy_(acts, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        acts.record_stream(stream)  # the caller drops acts now: its memory waits for the copy
+        return host, ready
 
     def write_all(self, items: Iterable[tuple], send: Callable[..., None]) -> None:
         """``send(*item)`` for every item (it queues rows), then :meth:`close`. On any error, including
@@ -118,13 +157,15 @@ class ShardWriterThread:
         try:
             for item in items:
                 send(*item)
+            t = time.perf_counter()
             self.close()
+            self.flush_seconds = time.perf_counter() - t
         except BaseException:
             self.abort()
             raise
 
     def close(self) -> None:
-        """Flush everything queued, wait for the thread, and re-raise any error it hit."""
+        """Flush everything queued, wait for the threads, and re-raise any error they hit."""
         self._queue.put(None)
         self._thread.join()
         self._raise_if_failed()
@@ -149,8 +190,9 @@ class ShardWriterThread:
         try:
             chunk, buf = None, None
             while True:
-                piece = self._queue.get()
+                piece = self._next_piece()
                 if piece is None or self._stop.is_set():
+                    self._list_written(wait=True)  # lists it only if all its shards were written
                     return
                 if chunk != piece.chunk:
                     chunk = piece.chunk
@@ -164,33 +206,60 @@ class ShardWriterThread:
                     }
                 assert buf is not None
                 end = piece.offset + piece.acts_NMPD.shape[0]
-                # The device->host copy happens here, off the forward loop's thread.
+                if piece.ready is not None:
+                    piece.ready.synchronize()  # this thread waits for the copy, never the forward loop
                 buf["acts"][piece.offset : end] = piece.acts_NMPD.to("cpu")
                 buf["seq"][piece.offset : end] = piece.seq_N.to("cpu")
                 buf["pos"][piece.offset : end] = piece.pos_N.to("cpu")
                 buf["token"][piece.offset : end] = piece.token_N.to("cpu")
                 buf["filled"] += end - piece.offset
+                del piece  # frees a pinned staging buffer for reuse
                 if buf["filled"] == self.chunk_rows[chunk]:
-                    self._write_chunk(chunk, buf)
+                    self._list_written(wait=True)  # at most one chunk in the writers' hands
+                    self._start_chunk(chunk, buf)
                     chunk, buf = None, None
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             self._error = e
+        finally:
+            self._pool.shutdown(wait=True)  # no shard write outlives the writer
 
-    def _write_chunk(self, chunk: int, buf: dict) -> None:
+    def _next_piece(self) -> Piece | None:
+        """The next queued piece; while waiting, list the chunk being written as soon as it is done
+        (so a crash after it loses nothing it wrote)."""
+        while True:
+            try:
+                return self._queue.get(timeout=0.05 if self._writing else None)
+            except queue.Empty:
+                self._list_written(wait=False)
+
+    def _start_chunk(self, chunk: int, buf: dict) -> None:
         n = self.chunk_rows[chunk]
         perm = chunk_permutation(self.seed, chunk, n).numpy()
         first_shard = chunk * self.shuffle_shards
-        starts = range(0, n, self.shard_rows)
-        for j, start in enumerate(starts):
-            if self._stop.is_set():
-                return
-            idx = perm[start : start + self.shard_rows]
-            record = self.writer.add_shard(
-                shard_file_name(first_shard + j, self.rank),
-                *(_take_rows(buf[name], idx) for name in ("acts", "seq", "pos", "token")),
-                # The manifest once per chunk: a resume restarts from whole chunks, so listing a
-                # chunk's first shards earlier gains nothing (and cost ~3.5 ms of fsyncs per shard).
-                save=j == len(starts) - 1,
-            )
+        self._writing = [
+            self._pool.submit(self._write_shard, shard_file_name(first_shard + j, self.rank), buf,
+                              perm[start : start + self.shard_rows])
+            for j, start in enumerate(range(0, n, self.shard_rows))
+        ]
+
+    def _write_shard(self, rel_file: str, buf: dict, idx: np.ndarray) -> ShardRecord | None:
+        """Pool job: gather one shard's rows and write it (None once the writer is aborted)."""
+        if self._stop.is_set():
+            return None
+        return self.writer.write_shard_file(rel_file, *(_take_rows(buf[k], idx) for k in ("acts", "seq", "pos", "token")))
+
+    def _list_written(self, *, wait: bool) -> None:
+        """List the shards of the chunk being written, in order, and save the manifest once: now
+        if ``wait``, else only if every shard is done. A failed shard write re-raises here."""
+        if not self._writing or not (wait or all(f.done() for f in self._writing)):
+            return
+        futures, self._writing = self._writing, []
+        records = [f.result() for f in futures]
+        if any(r is None for r in records):  # aborted: the chunk is rewritten on resume
+            return
+        for j, record in enumerate(records):
+            # The manifest once per chunk: a resume restarts from whole chunks, so listing a
+            # chunk's first shards earlier gains nothing (and cost ~3.5 ms of fsyncs per shard).
+            self.writer.add_record(record, save=j == len(records) - 1)
             self.bytes_written += record.bytes
             self.rows_written += record.n_rows

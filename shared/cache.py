@@ -203,13 +203,22 @@ class CacheWriter:
 
         ``save=False`` leaves the manifest on disk as it is until a later ``save_manifest`` (the
         harvest saves once per shuffle chunk: it resumes from whole chunks anyway)."""
+        return self.add_record(self.write_shard_file(rel_file, acts_NMPD, seq_N, pos_N, token_N), save=save)
+
+    def write_shard_file(
+        self, rel_file: str, acts_NMPD: torch.Tensor, seq_N: torch.Tensor, pos_N: torch.Tensor, token_N: torch.Tensor
+    ) -> ShardRecord:
+        """Write one shard atomically without listing it (safe to call from several threads)."""
         if acts_NMPD.dtype != self.manifest.torch_dtype:
             raise ValueError(f"acts dtype {acts_NMPD.dtype} != cache dtype {self.manifest.dtype}")
         if tuple(acts_NMPD.shape[1:]) != self.manifest.row_shape:
             raise ValueError(
                 f"acts rows have shape {tuple(acts_NMPD.shape[1:])}, cache rows are {self.manifest.row_shape}"
             )
-        record = write_shard(self.dir, rel_file, acts_NMPD, seq_N, pos_N, token_N)
+        return write_shard(self.dir, rel_file, acts_NMPD, seq_N, pos_N, token_N)
+
+    def add_record(self, record: ShardRecord, *, save: bool = True) -> ShardRecord:
+        """List a shard :meth:`write_shard_file` wrote (``save``: rewrite the manifest now)."""
         self.manifest.shards.append(record)
         self.manifest.n_rows = sum(s.n_rows for s in self.manifest.shards)
         if save:

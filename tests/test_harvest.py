@@ -177,3 +177,16 @@ def test_every_forward_batch_runs_once(tmp_path, monkeypatch):
     n_batches = -(-man.extra["n_sequences"] // cfg.batch_size)
     assert n_batches >= 3 and calls["n"] == len(cfg.models) * n_batches
     assert man.n_rows == 3000 and man.normalization["calibration_rows"] == 1100
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_harvest_matches_cpu(toy_cache, tmp_path):
+    """The CUDA path (rows copied to pinned memory on a side stream, several write threads) stores
+    the same rows as the CPU harvest, to within the storage dtype and the devices' arithmetic."""
+    man = harvest(small_harvest_config(tmp_path / "cuda", device="cuda", write_threads=3))
+    assert man.created_by["last_run"]["device"].startswith("cuda") and verify_cache(tmp_path / "cuda").ok
+    _, ref, ref_seq, ref_pos, _ = _all_rows(toy_cache)
+    _, acts, seq, pos, _ = _all_rows(tmp_path / "cuda")
+    assert torch.equal(seq, ref_seq) and torch.equal(pos, ref_pos)  # the same rows in the same places
+    err = (acts.float() - ref.float()).norm(dim=-1) / ref.float().norm(dim=-1)
+    assert err.max() < 0.03, err.max()

@@ -75,11 +75,13 @@ def test_resume_after_kill_9_is_byte_identical(toy_dirs, tmp_path):
     assert not [p for p in crashed.rglob("*") if ".tmp-" in p.name]
 
 
-def test_disk_full_loses_nothing_and_resumes(toy_dirs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("write_threads", [1, 3])
+def test_disk_full_loses_nothing_and_resumes(toy_dirs, tmp_path, monkeypatch, write_threads):
     import shared.shard_io as shard_io
 
     cfg = small_harvest_config(tmp_path / "full", models=["toy-base"], hooks=["blocks.2.hook_resid_post"],
-                               tokens=3000, shard_size=0.0625, shuffle_shards=2, calibration_tokens=500)
+                               tokens=3000, shard_size=0.0625, shuffle_shards=2, calibration_tokens=500,
+                               write_threads=write_threads)
     real_open = open
     writes = {"n": 0}
 
@@ -115,6 +117,18 @@ def test_disk_full_loses_nothing_and_resumes(toy_dirs, tmp_path, monkeypatch):
     ref = harvest(small_harvest_config(tmp_path / "ref", **{k: getattr(cfg, k) for k in
                                        ("models", "hooks", "tokens", "shard_size", "shuffle_shards", "calibration_tokens")}))
     assert [s.sha256 for s in final.shards] == [s.sha256 for s in ref.shards]
+
+
+def test_write_threads_write_the_same_cache(toy_dirs, tmp_path):
+    """Shards written by several threads while the next chunk fills: the same bytes, listed in
+    the same order, as one thread writing them one after another."""
+    one = harvest(small_harvest_config(tmp_path / "one", write_threads=1))
+    many = harvest(small_harvest_config(tmp_path / "many", write_threads=4))
+    assert len(one.shards) > 2 * 4  # several chunks of shuffle_shards=4
+    assert [(s.file, s.sha256) for s in one.shards] == [(s.file, s.sha256) for s in many.shards]
+    a, b = _comparable(tmp_path / "one" / "manifest.json"), _comparable(tmp_path / "many" / "manifest.json")
+    assert (a["harvest"]["config"].pop("write_threads"), b["harvest"]["config"].pop("write_threads")) == (1, 4)
+    assert a == b
 
 
 def test_verify_cli_names_a_flipped_byte(toy_cache, tmp_path):
