@@ -166,7 +166,12 @@ class ShardWriterThread:
 
     def close(self) -> None:
         """Flush everything queued, wait for the threads, and re-raise any error they hit."""
-        self._queue.put(None)
+        while self._thread.is_alive():  # a writer that died on an error no longer empties the queue
+            try:
+                self._queue.put(None, timeout=0.5)
+                break
+            except queue.Full:
+                continue
         self._thread.join()
         self._raise_if_failed()
 

@@ -220,3 +220,30 @@ def test_cli_reports_errors_without_traceback(toy_dirs, tmp_path):
     res = _run_cli(["--hooks", "blocks.2.hook_resid_pots", "--out", str(tmp_path / "x"), "--no-progress"])
     assert res.returncode == 2
     assert "error: unknown hook" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_writer_that_died_does_not_hang_close(tmp_path):
+    """The writer thread fails while the queue is full: close() re-raises its error instead of
+    blocking forever on a queue nobody empties."""
+    import threading
+
+    from harvest.writer import Piece, ShardWriterThread
+
+    class Unused:  # no shard is ever written: the thread fails on its first piece
+        def write_shard_file(self, *a, **kw):
+            raise AssertionError("not reached")
+
+    w = ShardWriterThread(Unused(), chunk_rows=[4], shard_rows=4, shuffle_shards=1, seed=0, row_shape=(1, 1, 8),
+                          dtype=torch.bfloat16, max_pending=2, write_threads=2)
+    bad = Piece(0, 0, torch.zeros(4, 1, 1, 3, dtype=torch.bfloat16), *(torch.zeros(4, dtype=torch.int64),) * 3)
+    w._queue.put(bad)  # wrong width: the copy into the chunk buffer raises in the thread
+    w._thread.join(timeout=10)
+    assert not w._thread.is_alive()
+    for _ in range(2):
+        w._queue.put(bad)  # the queue is full now
+    result: list[BaseException] = []
+    t = threading.Thread(target=lambda: result.append(pytest.raises(RuntimeError, w.close).value), daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive(), "close() hung on a dead writer"
+    assert "size" in str(result[0]) or "shape" in str(result[0])
