@@ -9,7 +9,9 @@ One run, one process, on a synthetic cache it writes itself (tests/cache_factory
    automatic ``run_rows`` (runs of ~32 KiB: the cache is shuffled at write time), with 2 gather
    threads, and with ``run_rows=1`` (single rows, the loader before runs) for comparison. An
    "ideal gather" (the same runs copied by one thread with no loader machinery) shows how much of
-   the gap to the sequential read is the machine's rather than the loader's.
+   the gap to the sequential read is the machine's rather than the loader's. Then the loader alone
+   on the CPU at d_model 2304 (2 models x 1 hook, bf16, batch 4096: runs of 3 rows, one batch per
+   chunk) with 1, 2 and 4 gather threads.
 2. Train: a reference ReLU crosscoder (2 models x 1 hook at the toy width 128, 4096 latents,
    batch 1024, Adam, CPU) stepped on batches from the loader against the same steps on slices
    of one in-memory float32 tensor; segments alternate. Target ratio >= 0.97.
@@ -109,15 +111,17 @@ def ideal_gather(cache_dir: Path, window: int, run_rows: int, seed: int = 0) -> 
 
 
 def loader_read(cache_dir: Path, batch: int, window: int, threads: int | None,
-                run_rows: int | None = None) -> tuple[float, float, int, int]:
+                run_rows: int | None = None, device: str = "cpu") -> tuple[float, float, int, int]:
     """Iterate one epoch of the loader: (seconds, CPU seconds, rows, bytes of acts)."""
     loader = ActivationLoader(cache_dir, batch, eval_shards=0, window=window, dtype=torch.bfloat16,
-                              gather_threads=threads, run_rows=run_rows)
+                              gather_threads=threads, run_rows=run_rows, device=device)
     rows = nbytes = 0
     t, c = time.perf_counter(), time.process_time()
     for acts in loader:
         rows += acts.shape[0]
         nbytes += acts.numel() * acts.element_size()
+    if device != "cpu":
+        torch.cuda.synchronize()
     return time.perf_counter() - t, time.process_time() - c, rows, nbytes
 
 
@@ -190,9 +194,9 @@ def main() -> None:
         # 1. IO: warm the page cache, then alternate.
         seq_read(toy)
         loader_read(toy, 1024, args.window, threads)
-        # (gather threads, run_rows): the default, 2 threads, and single rows (the loader before runs).
+        # (gather threads, run_rows): the default, 1 and 2 threads, and single rows (the loader before runs).
         variants = [(loader_threads, None)]
-        variants += [(2, None)] if loader_threads != 2 and (os.cpu_count() or 1) >= 2 else []
+        variants += [(t, None) for t in (1, 2) if t != loader_threads and t <= (os.cpu_count() or 1)]
         variants += [(loader_threads, 1)] if auto_runs != 1 else []
         seq, load, ideal = [], {v: [] for v in variants}, []
         for _ in range(1 if q else args.rounds):
@@ -226,6 +230,25 @@ def main() -> None:
                  f"loader / ideal gather {ideal_s / load_s:.3f})"),
             ]
 
+        # 1b. Wide rows on the CPU: few rows per run, one batch per chunk (the GPU-scale shape).
+        wide = Path(tmp) / "wide"
+        d, wide_batch = 2304, 4096
+        make_cache(wide, n_shards=4 if q else 16, rows_per_shard=8192, n_models=2, n_hooks=1, d_model=d,
+                   tag=False, seq_len=128)
+        wide_threads = [1, 2, 4]
+        wide_default = ActivationLoader(wide, wide_batch, eval_shards=0, window=args.window).gather_threads
+        loader_read(wide, wide_batch, args.window, 1)  # warm the page cache
+        wide_load: dict[int, list] = {t: [] for t in wide_threads}
+        for r in range(1 if q else args.rounds):
+            for t in wide_threads if r % 2 == 0 else wide_threads[::-1]:
+                wide_load[t].append(loader_read(wide, wide_batch, args.window, t))
+        for t in wide_threads:
+            w_s = statistics.median(x[0] for x in wide_load[t])
+            w = wide_load[t][0]
+            rows.append((f"loader alone (CPU), 2x1x{d} bf16, batch {wide_batch}, {t} gather thread(s)"
+                         + (", default" if t == wide_default else ""),
+                         f"{w[2] / w_s:,.0f} rows/s, {w[3] / w_s / 1e9:.2f} GB/s"))
+
         # 2. Training fed by the loader vs by one in-memory tensor (CPU, toy width).
         steps, segments, latents = (3, 1, 512) if q else (15, 3, 4096)
         res = train_ratio(toy, d_model=TOY_D_MODEL, latents=latents, batch=1024, steps=steps, segments=segments,
@@ -238,11 +261,14 @@ def main() -> None:
 
         # 3. GPU scale (only where CUDA is available).
         if torch.cuda.is_available():
-            wide = Path(tmp) / "wide"
-            d, batch = 2304, 4096
-            make_cache(wide, n_shards=4 if q else 16, rows_per_shard=8192, n_models=2, n_hooks=1, d_model=d,
-                       tag=False, seq_len=128)
+            batch = wide_batch
             g_steps, g_segments = (3, 1) if q else (30, 3)
+            for t in sorted({1, 2, loader_threads}):  # what the loader alone feeds the GPU
+                loader_read(wide, batch, args.window, t, device="cuda")
+                g = [loader_read(wide, batch, args.window, t, device="cuda") for _ in range(1 if q else args.rounds)]
+                g_s = statistics.median(x[0] for x in g)
+                rows.append((f"loader alone to GPU, 2x1x{d}, batch {batch}, {t} gather thread(s)",
+                             f"{g[0][3] / g_s / 1e9:.2f} GB/s ({g[0][2] / g_s:,.0f} rows/s)"))
             res = train_ratio(wide, d_model=d, latents=2048 if q else 16_384, batch=batch, steps=g_steps,
                               segments=g_segments, device=torch.device("cuda"), window=args.window, threads=threads)
             rows += [

@@ -21,7 +21,7 @@ import torch
 from shared.cache import open_cache
 from shared.cache_format import MANIFEST_NAME, CacheError
 from tests.cache_factory import check_tags, make_cache, shard_rows
-from train.loader import ActivationLoader, auto_run_rows, default_eval_shards
+from train.loader import CHUNK_BYTES, ActivationLoader, auto_run_rows, default_eval_shards, default_gather_threads
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [100, 130, 90, 110, 120, 75]  # uneven shards: batches straddle shards and windows
@@ -257,6 +257,16 @@ def test_factory_records_write_shuffle(tmp_path: Path) -> None:
     assert "write_shuffle" not in open_cache(tmp_path / "c").manifest.extra
 
 
+def test_default_gather_threads(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert default_gather_threads(CHUNK_BYTES - 1) == 1  # several batches per chunk: one thread
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert default_gather_threads(CHUNK_BYTES) == 2  # a chunk or more per batch: two
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert default_gather_threads(CHUNK_BYTES) == 1
+    assert ActivationLoader(cache, 32).gather_threads == 1
+    assert ActivationLoader(cache, 32, gather_threads=3).gather_threads == 3
+
+
 def test_automatic_run_rows(tmp_path: Path) -> None:
     shuffled = {"buffer_rows": 4096, "seed": 0}
     assert auto_run_rows(512, 1024, 4096, None) == 1  # no write-time shuffle: single rows
@@ -311,6 +321,43 @@ def test_run_rows_one_is_sorted_single_rows(cache: Path) -> None:
         for s in blocks:
             rows = [k for t, k in located if t == s]
             assert rows == sorted(rows)  # ascending within a shard
+
+
+def _reference_stream(path: Path, seed: int, epoch: int, window: int, run_rows: int) -> list[list[tuple[int, int]]]:
+    """The epoch stream as the module docstring defines it, as its runs of ``(shard, row)``."""
+    from train.loader import _rng
+
+    sizes = [s.n_rows for s in open_cache(path).manifest.shards]
+    order = _rng(seed, epoch, 0).permutation(len(sizes)).tolist()
+    runs: list[list[tuple[int, int]]] = []
+    for k, w0 in enumerate(range(0, len(order), window)):
+        window_runs = [[(i, r) for r in range(r0, min(r0 + run_rows, sizes[i]))]
+                       for i in order[w0 : w0 + window] for r0 in range(0, sizes[i], run_rows)]
+        runs += [window_runs[u] for u in _rng(seed, epoch, k + 1).permutation(len(window_runs)).tolist()]
+    return runs
+
+
+@pytest.mark.parametrize(("run_rows", "batch_size", "world"), [(7, 100, 1), (7, 45, 2), (16, 130, 1), (3, 64, 3)])
+@pytest.mark.parametrize("gather_threads", [1, 3])
+def test_run_batches_are_the_documented_stream(
+    cache: Path, run_rows: int, batch_size: int, world: int, gather_threads: int
+) -> None:
+    """Each batch is exactly its piece of the stream the module docstring defines (computed here
+    independently of the loader), in stream order, on every rank and with any gather threads."""
+    where = _location(cache)
+    epochs, window = 2, 3
+    runs = [_reference_stream(cache, 4, e, window, run_rows) for e in range(epochs)]
+    for rank in range(world):
+        loader = ActivationLoader(cache, batch_size, window=window, epochs=epochs, eval_shards=0, seed=4,
+                                  with_index=True, run_rows=run_rows, rank=rank, world_size=world,
+                                  gather_threads=gather_threads)
+        batches = list(loader)
+        for e, chunk in enumerate(epoch_chunks(loader, batches)):
+            stream = [row for run in runs[e] for row in run]
+            for j, (acts, index) in enumerate(chunk):
+                a, b = loader._batch_range(j)
+                assert [where[r] for r in map(tuple, index.tolist())] == stream[a:b]
+                check_tags(acts, index, [0, 1], [0, 1, 2])
 
 
 def test_recycled_buffers_never_change_under_the_consumer(tmp_path: Path, one_batch_chunks: None) -> None:
@@ -587,3 +634,58 @@ def test_cuda_pinned_non_blocking(cache: Path) -> None:
     for (acts, index), (ref, ref_index) in zip(loader, cpu, strict=True):
         assert acts.is_cuda and acts.dtype == torch.float32
         assert torch.equal(acts.cpu(), ref) and torch.equal(index, ref_index)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_staging_keeps_the_stream_position_and_stops(cache: Path) -> None:
+    """The batch staged ahead on the device is not consumed: a mid-epoch state resumes at the
+    first batch not returned, and breaking out still stops the thread."""
+    kw = dict(window=2, epochs=2, with_index=True, seed=3, run_rows=16)
+    full = list(ActivationLoader(cache, 60, **kw))
+    first = ActivationLoader(cache, 60, device="cuda", **kw)
+    head = []
+    for i, (acts, index) in enumerate(first):
+        head.append((acts.cpu(), index))
+        if i == 6:
+            break
+    wait_no_loader_threads(timeout=1.0)
+    state = first.state_dict()
+    assert state["epoch"] * first.batches_per_epoch + state["batch"] == 7
+    second = ActivationLoader(cache, 60, device="cuda", **kw)
+    second.load_state_dict(state)
+    rest = [(acts.cpu(), index) for acts, index in second]
+    for (x, i), (y, j) in zip(head + rest, full, strict=True):
+        assert torch.equal(x, y.float()) and torch.equal(i, j)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_survive_a_busy_consumer_stream(cache: Path) -> None:
+    """Each batch is complete on the consumer's stream even while that stream is busy (the copy
+    ran on a side stream; the consumer waited on its event) and after its memory is recycled."""
+    ref = [b.float() for b in ActivationLoader(cache, 32, seed=5)]
+    big = torch.randn(2048, 2048, device="cuda")
+    got = []
+    for acts in ActivationLoader(cache, 32, seed=5, device="cuda", dtype=torch.float32):
+        for _ in range(3):
+            big = (big @ big).clamp_(-1, 1)  # keep the consumer stream busy past the next copy
+        got.append(acts.sum(dim=-1).cpu())  # read on the consumer stream, then drop the batch
+    for x, y in zip(got, ref, strict=True):
+        torch.testing.assert_close(x, y.sum(dim=-1))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_error_in_thread_comes_after_the_batches_before_it(tmp_path: Path, device: str, one_batch_chunks: None) -> None:
+    """A shard failing mid-epoch: every batch before it is served (on CUDA too, where the next
+    batch is staged ahead), then the error; the position counts the served batches."""
+    make_cache(tmp_path, n_shards=3, rows_per_shard=64, d_model=8)
+    loader = ActivationLoader(tmp_path, 64, eval_shards=0, window=1, run_rows=1, device=device)
+    second = loader._windows(0)[1].shards[0]  # one shard per window and per batch
+    bad = tmp_path / open_cache(tmp_path).manifest.shards[second].file
+    bad.write_bytes(bad.read_bytes()[:-8])
+    served = []
+    with pytest.raises(CacheError, match="bytes"):
+        for acts in loader:
+            served.append(acts)
+    assert len(served) == 1 and loader.state_dict()["batch"] == 1
+    wait_no_loader_threads(timeout=1.0)

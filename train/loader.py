@@ -33,8 +33,10 @@ Threading (:mod:`train.prefetch`): one background thread per active iterator cop
 chunk of about ``CHUNK_BYTES`` at a time, into host buffers in the storage dtype (pinned for CUDA;
 on the CPU recycled once the consumer has dropped them), queues about ``prefetch`` batches (at
 least one chunk) ahead, and may fan the copies out to ``gather_threads``. The consumer copies
-each batch to the device (``non_blocking=True``) and casts it there. Breaking out of the loop, an exception in its body,
-or garbage collection of the iterator stops and joins the threads.
+each batch to the device and casts it there; on CUDA from pinned memory on a side stream, one
+batch ahead (:class:`_CudaStager`), so the copy overlaps the kernels of the step before. Breaking
+out of the loop, an exception in its body, or garbage collection of the iterator stops and joins
+the threads.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from shared.normalization import Normalization
 from shared.shard_io import ShardReader
 from train.prefetch import CopyPool, HostBufferPool, Prefetcher, Put
 
-__all__ = ["ActivationLoader", "auto_run_rows", "default_eval_shards", "STATE_FORMAT"]
+__all__ = ["ActivationLoader", "auto_run_rows", "default_eval_shards", "default_gather_threads", "STATE_FORMAT"]
 
 STATE_FORMAT = "crosscache.ActivationLoader/1"
 _STREAM_KEYS = ("seed", "batch_size", "window", "world_size", "split", "drop_last", "split_fingerprint",
@@ -80,6 +82,19 @@ def default_eval_shards(n_shards: int) -> int:
     cache with two or more shards, none for a one-shard cache. They are the *last* shards in
     manifest order, chosen independently of ``seed``, so train and eval never overlap."""
     return 0 if n_shards < 2 else max(1, round(0.05 * n_shards))
+
+
+def default_gather_threads(batch_bytes: int) -> int:
+    """``gather_threads`` when it is None: 2 for batches of ``CHUNK_BYTES`` or more (on 2+ CPUs), else 1.
+
+    The copy is Python planning plus one memcpy per run, and the threads share the GIL: each run
+    copied releases and retakes it. Small batches are many short copies, where a second thread
+    mostly adds GIL hand-offs: on the benchmark's toy cache (batch 1024 x 512 B rows) a 16-CPU
+    host read 4.06 GB/s with 1 thread, 3.84 with 2 and 2.02 with 4 (the old default there). Big
+    batches (one per chunk) have long copies that two threads overlap: batch 4096 x 9216 B read
+    5.50 GB/s with 2 threads against 4.14 with 1 and 3.13 with 4 (H100 host, 2026-11-22).
+    """
+    return 2 if batch_bytes >= CHUNK_BYTES and (os.cpu_count() or 1) >= 2 else 1
 
 
 def auto_run_rows(row_bytes: int, batch_size: int, window_rows: int, write_shuffle: Any) -> int:
@@ -217,7 +232,8 @@ class ActivationLoader:
         drop_last: serve only full batches (see the module docstring for remainders).
         prefetch: batches the background thread may prepare ahead (at least one chunk: batches
             smaller than ``CHUNK_BYTES`` are gathered that many bytes at a time).
-        gather_threads: threads copying each batch's rows (default: a quarter of the CPUs, 1 to 4).
+        gather_threads: threads copying the rows (default :func:`default_gather_threads`). Any
+            value serves the same stream.
         verify: check every shard's sha256 against the manifest before serving.
     """
 
@@ -246,11 +262,9 @@ class ActivationLoader:
     ) -> None:
         self.cache = cache if isinstance(cache, Cache) else open_cache(cache)
         man = self.cache.manifest
-        if gather_threads is None:  # random row reads are latency-bound: threads add GB/s
-            gather_threads = max(1, min(4, (os.cpu_count() or 1) // 4))
         for name, value, low in (("batch_size", batch_size, 1), ("window", window, 1), ("epochs", epochs, 1),
                                  ("world_size", world_size, 1), ("prefetch", prefetch, 1), ("seed", seed, 0),
-                                 ("gather_threads", gather_threads, 1)):
+                                 ("gather_threads", 1 if gather_threads is None else gather_threads, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if run_rows is not None and (not isinstance(run_rows, int) or run_rows < 1):
@@ -339,6 +353,8 @@ class ActivationLoader:
         self.run_rows = run_rows
         batch_bytes = batch_size * len(self._slots) * self._slot_bytes
         self._chunk = max(1, CHUNK_BYTES // batch_bytes)  # batches gathered per step
+        if gather_threads is None:
+            self.gather_threads = default_gather_threads(batch_bytes)
         self._depth = max(1, prefetch // self._chunk)  # chunks queued ahead: `prefetch` batches, or one chunk
         self._epoch, self._batch = 0, 0  # position: next batch the consumer will receive
         self._active: weakref.ref[_LoaderIterator] | None = None
@@ -454,9 +470,9 @@ class ActivationLoader:
         self._epoch, self._batch = (epoch + 1, 0) if j + 1 == self.batches_per_epoch else (epoch, j + 1)
 
     def _to_device(self, acts: torch.Tensor) -> torch.Tensor:
+        """A host batch on ``device`` in ``dtype`` (CUDA goes through :class:`_CudaStager` instead)."""
         if self.device.type == "cpu":
             return acts if acts.dtype == self.dtype else acts.to(self.dtype)
-        # Host buffer is pinned: the copy overlaps compute; the cast runs on the device, after it.
         return acts.to(self.device, non_blocking=True).to(self.dtype)
 
     def state_dict(self) -> dict[str, Any]:
@@ -521,11 +537,41 @@ def _copy_runs(
         index[:, 1] = torch.from_numpy(np.concatenate(pos).astype(np.int64))
 
 
+class _CudaStager:
+    """Copies host batches to a CUDA device on a side stream, one batch ahead of the consumer.
+
+    A ``non_blocking`` copy on the compute stream still runs *between* its kernels: at d_model
+    2304 and batch 4096 that left an H100 idle ~5% of every step (bench/loader.py). Here batch
+    ``j+1`` is copied from pinned memory (and cast) on its own stream while the consumer's
+    kernels for batch ``j`` run; the consumer's stream waits on an event for exactly that copy,
+    never on the CPU, and ``record_stream`` keeps the allocator from reusing its memory early.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+        self.stream = torch.cuda.Stream(device)
+
+    def stage(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        with torch.cuda.stream(self.stream):
+            acts_dev = acts.to(self.device, non_blocking=True).to(self.dtype)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return acts_dev, done
+
+    def release(self, acts_dev: torch.Tensor, done: torch.cuda.Event) -> torch.Tensor:
+        consumer = torch.cuda.current_stream(self.device)
+        consumer.wait_event(done)
+        acts_dev.record_stream(consumer)
+        return acts_dev
+
+
 class _LoaderIterator:
     """One pass from the loader's position; owns the :class:`Prefetcher` and so the thread.
 
     The thread holds the loader but never this object, so when the consumer drops it (break,
-    exception, end of scope) the prefetcher is collected with it and stops the thread.
+    exception, end of scope) the prefetcher is collected with it and stops the thread. On CUDA
+    it keeps one batch staged on the device ahead of the one it returns (:class:`_CudaStager`);
+    the loader's position counts returned batches only, so a staged one is not "consumed".
     """
 
     def __init__(self, loader: ActivationLoader) -> None:
@@ -534,19 +580,51 @@ class _LoaderIterator:
         if loader._epoch < loader.epochs:
             produce = partial(loader._produce, loader._epoch, loader._batch)
             self._prefetcher = Prefetcher(produce, loader._depth, name="ActivationLoader")
+        self._stager = _CudaStager(loader.device, loader.dtype) if loader.device.type == "cuda" else None
+        self._staged: tuple | None = None  # (epoch, j, acts on the device, copy event, index)
+        self._error: BaseException | None = None  # raised by the prefetcher while staging ahead
 
     def __iter__(self) -> "_LoaderIterator":
         return self
 
-    def __next__(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def _next_host(self) -> tuple:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
         if self._prefetcher is None:
             raise StopIteration
-        epoch, j, acts, index = next(self._prefetcher)  # StopIteration, or the thread's exception
+        return next(self._prefetcher)  # StopIteration, or the thread's exception
+
+    def _stage_next(self) -> None:
+        assert self._stager is not None
+        try:
+            epoch, j, acts, index = self._next_host()
+        except StopIteration:
+            self._staged = None
+            return
+        except BaseException as e:  # noqa: BLE001 -- the batch in hand is still valid: raise at the next call
+            self._staged, self._error = None, e
+            return
+        self._staged = (epoch, j, *self._stager.stage(acts), index)
+
+    def __next__(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self._stager is None:
+            epoch, j, acts, index = self._next_host()
+            acts_BMPD = self.loader._to_device(acts)
+        else:
+            if self._staged is None:
+                epoch, j, acts, index = self._next_host()
+                staged = (epoch, j, *self._stager.stage(acts), index)
+            else:
+                staged = self._staged
+            self._stage_next()  # batch j+1's copy overlaps the consumer's work on batch j
+            epoch, j, acts_dev, done, index = staged
+            acts_BMPD = self._stager.release(acts_dev, done)
         self.loader._advance(epoch, j)
-        acts_BMPD = self.loader._to_device(acts)
         return (acts_BMPD, index) if self.loader.with_index else acts_BMPD
 
     def close(self) -> None:
         """Stop and join the background thread (idempotent); undelivered batches are dropped."""
+        self._staged = None
         if self._prefetcher is not None:
             self._prefetcher.close()
