@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from shared.cache_format import (
@@ -225,9 +226,12 @@ class ShardReader:
                 )
             end_max = max(end_max, end)
             if count:
-                t = torch.frombuffer(self._mmap, dtype=want, count=count, offset=data_start + begin)
-                self.tensors[name] = t.view(shape)
-            else:  # frombuffer refuses count=0
+                # Through numpy, whose array holds a buffer export of the mapping for as long as any
+                # tensor or view over it lives: close() then cannot unmap memory still in use
+                # (torch.frombuffer holds none, so a view outliving close() read freed pages).
+                raw = np.frombuffer(self._mmap, dtype=np.uint8, count=end - begin, offset=data_start + begin)
+                self.tensors[name] = torch.from_numpy(raw).view(want).view(shape)
+            else:  # an empty tensor needs no mapping
                 self.tensors[name] = torch.empty(shape, dtype=want)
         if data_start + end_max != size:
             raise CacheError(f"shard {self.path}: {size - data_start - end_max} unexpected trailing bytes")
@@ -275,8 +279,9 @@ class ShardReader:
         return self.tensors["token"]
 
     def close(self) -> bool:
-        """Drop our tensors and unmap the file. Returns False if a view of the tensors is still
-        alive elsewhere (the mapping then stays until that view is garbage-collected)."""
+        """Drop our tensors and unmap the file. Returns False if a tensor or view over the mapping
+        is still alive elsewhere: the mapping then stays, valid, until that view and this reader
+        are garbage-collected."""
         self.tensors.clear()
         try:
             self._mmap.close()

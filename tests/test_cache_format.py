@@ -56,6 +56,20 @@ def test_shard_round_trip(tmp_path, dtype):
     assert torch.equal(load_file(tmp_path / rec.file)["acts"], acts)
 
 
+def test_a_view_outliving_close_keeps_the_mapping(tmp_path):
+    """close() must not unmap pages a live tensor still points into (reading them would crash):
+    it reports the mapping as still in use, and the view stays valid."""
+    acts = torch.randn(64, 1, 1, 32)
+    rec = write_shard(tmp_path, "shards/a.safetensors", acts, torch.arange(64), torch.ones(64), torch.ones(64))
+    r = ShardReader(tmp_path / rec.file, row_shape=(1, 1, 32), dtype=torch.float32)
+    view = r.acts[10:20]
+    assert r.close() is False
+    assert torch.equal(view.clone(), acts[10:20])
+    del view
+    r2 = ShardReader(tmp_path / rec.file, row_shape=(1, 1, 32), dtype=torch.float32)
+    assert r2.close() is True
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n", [0, 1, 37])
 def test_shard_bytes_are_what_safetensors_writes(tmp_path, dtype, n):
