@@ -602,7 +602,7 @@ class _LoaderIterator:
         except StopIteration:
             self._staged = None
             return
-        except BaseException as e:  # noqa: BLE001 -- the batch in hand is still valid: raise at the next call
+        except Exception as e:  # noqa: BLE001 -- the batch in hand is still valid: raise at the next call
             self._staged, self._error = None, e
             return
         self._staged = (epoch, j, *self._stager.stage(acts), index)
