@@ -6,8 +6,9 @@ One run, one process, on a synthetic cache it writes itself (tests/cache_factory
 1. IO: ``ActivationLoader`` (all slots, storage dtype, no cast) against reading the same shard
    files sequentially with ``readinto`` into one buffer; page cache warm, the two alternate over
    ``--rounds`` and the medians are compared. Target ratio >= 0.8. The loader runs with its
-   automatic ``run_rows`` (runs of ~32 KiB: the cache is shuffled at write time), with 2 gather
-   threads, and with ``run_rows=1`` (single rows, the loader before runs) for comparison. An
+   automatic ``run_rows`` (runs of ~32 KiB: the cache is shuffled at write time) and its default
+   gather threads, with 1 and 2 threads, and with ``run_rows=1`` (single rows, the loader before
+   runs) for comparison. An
    "ideal gather" (the same runs copied by one thread with no loader machinery) shows how much of
    the gap to the sequential read is the machine's rather than the loader's. Then the loader alone
    on the CPU at d_model 2304 (2 models x 1 hook, bf16, batch 4096: runs of 3 rows, one batch per

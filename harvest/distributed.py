@@ -570,9 +570,8 @@ def _run(cfg: HarvestConfig, group: _Group, local_rank: int) -> Manifest:
         if is0:
             def calibrate() -> Normalization:
                 nonlocal manifest
-                held.extend(forward.rows(0, calib_end))
-                estimate = Normalization.estimate(torch.cat([h[1] for h in held])[:calib_rows].float().cpu(),
-                                                  cfg.normalize)
+                items, estimate = forward.calibrate(calib_rows, calib_end, cfg.normalize)
+                held.extend(items)
                 estimate.write_side_file(out)
                 manifest = _new_manifest(cfg, models, plan, estimate, calib_rows, layout)
                 CacheWriter(out, manifest).save_manifest()

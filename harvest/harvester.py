@@ -172,6 +172,14 @@ class _Forward:
         e = min((s // self.batch_size + 1) * self.batch_size, self.plan.n_sequences)
         return int(self.row_start[e]) if e < self.plan.n_sequences else int(self.row_end[-1])
 
+    def calibrate(self, calib_rows: int, end: int, method: str) -> tuple[list[tuple], Normalization]:
+        """Forward rows ``[0, end)`` (``end``: a :meth:`batch_end` at or past ``calib_rows``) and estimate
+        the normalization on exactly the first ``calib_rows`` of them. The forwarded items are returned
+        to be written afterwards, so calibration costs no extra forward."""
+        held = list(self.rows(0, end))
+        norm = Normalization.estimate(torch.cat([h[1] for h in held])[:calib_rows].float().cpu(), method)
+        return held, norm
+
     def rows(self, a: int, b: int):
         """Yield ``(first_row, acts_NMPD, seq_N, pos_N, token_N)`` covering rows [a, b) in order."""
         s0 = int(np.searchsorted(self.row_end, a, side="right"))
@@ -281,8 +289,7 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
         # batch is not forwarded again (it cost ~4% of a 100k-token harvest).
         calib_end = min(forward.batch_end(calib_rows), cfg.tokens)
         t_forward = time.perf_counter()
-        held = list(forward.rows(0, calib_end))
-        norm = Normalization.estimate(torch.cat([h[1] for h in held])[:calib_rows].float().cpu(), cfg.normalize)
+        held, norm = forward.calibrate(calib_rows, calib_end, cfg.normalize)
         norm.write_side_file(out)
         manifest = _new_manifest(cfg, models, plan, norm, calib_rows, layout)
         start_chunk = 0

@@ -53,6 +53,7 @@ import torch
 from einops import rearrange
 
 from shared.config import add_dataclass_arguments, config_from_namespace, field_help
+from shared.devices import resolve_device
 
 __all__ = ["AnalysisConfig", "RunData", "DiffSpec", "analyze", "analyze_cli", "load_run", "diff_spec",
            "relative_norms", "classify", "scaling_betas", "StreamStats", "RunError"]
@@ -404,12 +405,6 @@ def meta_table(token_table: Any, columns: list[str] | None
     return out, notes
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def stream_eval(run: RunData, cache: Any, cfg: AnalysisConfig, meta: dict[str, tuple[list[Any], np.ndarray]],
                 scaling: tuple[torch.Tensor, torch.Tensor, DiffSpec] | None, device: torch.device
                 ) -> tuple[StreamStats, str, list[str]]:
@@ -504,7 +499,7 @@ def analyze(cfg: AnalysisConfig) -> dict[str, Any]:
                      "need activations (firing, top contexts, metadata, latent scaling) are skipped and everything "
                      "below comes from the weights alone")
     else:
-        device = _device(cfg.device)
+        device = resolve_device(cfg.device)
         meta, meta_notes = meta_table(tokens, cfg.meta_columns)
         notes.extend(meta_notes)
         if scaling is not None:
