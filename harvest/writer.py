@@ -3,11 +3,12 @@
 The forward loop hands over each batch's rows (already normalized and cast to the storage
 dtype) and goes straight on to the next batch. Rows on a CUDA device start their copy into
 pinned host memory at once, on a side stream (the forward's stream never waits for it). This
-thread then copies them into the current chunk's buffer. When a chunk (``shuffle_shards``
-shards of rows) is full, its rows are permuted with a generator seeded by ``(seed, chunk)``,
-cut into shards, and the shards are written atomically by ``write_threads`` threads (gather,
-sha256, write, fsync) while the next chunk fills; the chunk's shards are then listed in the
-manifest in order, and it is saved. The permutation depends only on the seed and the chunk
+thread then copies them into the current chunk's buffer (``shuffle_shards`` shards of rows),
+each row straight to its place in the chunk's permutation, a generator seeded by ``(seed,
+chunk)``: the buffer fills already shuffled, and each shard is a contiguous slice of it. When
+the chunk is full, ``write_threads`` threads write its shards atomically (sha256, write, fsync)
+while the next chunk fills; the chunk's shards are then listed in the manifest in order, and it
+is saved. Two chunk buffers alternate. The permutation depends only on the seed and the chunk
 index, so a resumed harvest rewrites byte-identical shards.
 """
 
@@ -63,13 +64,20 @@ def drain(items: list) -> Iterator:
         yield items.pop()
 
 
-def _take_rows(x: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
-    """``x[idx]`` along dim 0 as whole-row copies: numpy's take is ~8x cheaper here than torch's
-    advanced indexing (111 ms vs 15 ms of CPU for 51 MB of bf16 rows), which competes with the
-    forward pass for the same cores."""
-    if x.dtype == torch.bfloat16:  # numpy has no bfloat16: move the same bytes as int16
-        return _take_rows(x.view(torch.int16), idx).view(torch.bfloat16)
-    return torch.from_numpy(np.take(x.numpy(), idx, axis=0))
+def _scatter_rows(out: torch.Tensor, idx: np.ndarray, rows: torch.Tensor) -> None:
+    """``out[idx] = rows`` along dim 0 as whole-row copies, on the CPU: numpy's indexing is ~8x
+    cheaper here than torch's (which competes with the forward pass for the same cores)."""
+    rows = rows.to("cpu", out.dtype)
+    if out.dtype == torch.bfloat16:  # numpy has no bfloat16: move the same bytes as int16
+        out, rows = out.view(torch.int16), rows.view(torch.int16)
+    out.numpy()[idx] = rows.numpy()
+
+
+def _inverse(perm: np.ndarray) -> np.ndarray:
+    """``dest`` with ``dest[perm[k]] = k``: where each stream row of a chunk goes in its buffer."""
+    dest = np.empty_like(perm)
+    dest[perm] = np.arange(len(perm), dtype=perm.dtype)
+    return dest
 
 
 class ShardWriterThread:
@@ -105,6 +113,8 @@ class ShardWriterThread:
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(write_threads or default_write_threads(), "crosscache-shard-write")
         self._writing: list[Future] = []  # the chunk being written: one future per shard, in order
+        self._writing_buf: dict | None = None  # its buffer, free again once it is listed
+        self._spare_buf: dict | None = None  # a written chunk's buffer, for the next chunk
         self._copy_stream: torch.cuda.Stream | None = None
         self._thread = threading.Thread(target=self._run, name="crosscache-shard-writer", daemon=True)
         self._thread.start()
@@ -201,22 +211,15 @@ class ShardWriterThread:
                     return
                 if chunk != piece.chunk:
                     chunk = piece.chunk
-                    n = self.chunk_rows[chunk]
-                    buf = {
-                        "acts": torch.empty((n, *self.row_shape), dtype=self.dtype),
-                        "seq": torch.empty(n, dtype=torch.int64),
-                        "pos": torch.empty(n, dtype=torch.int32),
-                        "token": torch.empty(n, dtype=torch.int32),
-                        "filled": 0,
-                    }
+                    buf = self._chunk_buffer(chunk)
                 assert buf is not None
                 end = piece.offset + piece.acts_NMPD.shape[0]
                 if piece.ready is not None:
                     piece.ready.synchronize()  # this thread waits for the copy, never the forward loop
-                buf["acts"][piece.offset : end] = piece.acts_NMPD.to("cpu")
-                buf["seq"][piece.offset : end] = piece.seq_N.to("cpu")
-                buf["pos"][piece.offset : end] = piece.pos_N.to("cpu")
-                buf["token"][piece.offset : end] = piece.token_N.to("cpu")
+                idx = buf["dest"][piece.offset : end]
+                for key, rows in (("acts", piece.acts_NMPD), ("seq", piece.seq_N), ("pos", piece.pos_N),
+                                  ("token", piece.token_N)):
+                    _scatter_rows(buf[key], idx, rows)
                 buf["filled"] += end - piece.offset
                 del piece  # frees a pinned staging buffer for reuse
                 if buf["filled"] == self.chunk_rows[chunk]:
@@ -237,21 +240,38 @@ class ShardWriterThread:
             except queue.Empty:
                 self._list_written(wait=False)
 
+    def _chunk_buffer(self, chunk: int) -> dict:
+        """An empty buffer for chunk ``chunk``, with ``dest``: where each of its stream rows goes.
+        Reuses the buffer of the chunk written before the last one (pages already faulted in)."""
+        n = self.chunk_rows[chunk]
+        spare, self._spare_buf = self._spare_buf, None
+        if spare is None or spare["acts"].shape[0] < n:
+            spare = {
+                "acts": torch.empty((n, *self.row_shape), dtype=self.dtype),
+                "seq": torch.empty(n, dtype=torch.int64),
+                "pos": torch.empty(n, dtype=torch.int32),
+                "token": torch.empty(n, dtype=torch.int32),
+            }
+        buf = {key: spare[key][:n] for key in ("acts", "seq", "pos", "token")}
+        buf.update(dest=_inverse(chunk_permutation(self.seed, chunk, n).numpy()), filled=0, whole=spare)
+        return buf
+
     def _start_chunk(self, chunk: int, buf: dict) -> None:
         n = self.chunk_rows[chunk]
-        perm = chunk_permutation(self.seed, chunk, n).numpy()
         first_shard = chunk * self.shuffle_shards
+        self._writing_buf = buf["whole"]
         self._writing = [
             self._pool.submit(self._write_shard, shard_file_name(first_shard + j, self.rank), buf,
-                              perm[start : start + self.shard_rows])
+                              start, min(start + self.shard_rows, n))
             for j, start in enumerate(range(0, n, self.shard_rows))
         ]
 
-    def _write_shard(self, rel_file: str, buf: dict, idx: np.ndarray) -> ShardRecord | None:
-        """Pool job: gather one shard's rows and write it (None once the writer is aborted)."""
+    def _write_shard(self, rel_file: str, buf: dict, start: int, end: int) -> ShardRecord | None:
+        """Pool job: write one shard, rows ``[start, end)`` of the (shuffled) chunk buffer (None once
+        the writer is aborted)."""
         if self._stop.is_set():
             return None
-        return self.writer.write_shard_file(rel_file, *(_take_rows(buf[k], idx) for k in ("acts", "seq", "pos", "token")))
+        return self.writer.write_shard_file(rel_file, *(buf[k][start:end] for k in ("acts", "seq", "pos", "token")))
 
     def _list_written(self, *, wait: bool) -> None:
         """List the shards of the chunk being written, in order, and save the manifest once: now
@@ -260,6 +280,7 @@ class ShardWriterThread:
             return
         futures, self._writing = self._writing, []
         records = [f.result() for f in futures]
+        self._spare_buf, self._writing_buf = self._writing_buf, None  # no job reads it any more
         if any(r is None for r in records):  # aborted: the chunk is rewritten on resume
             return
         for j, record in enumerate(records):

@@ -242,8 +242,54 @@ def test_writer_that_died_does_not_hang_close(tmp_path):
     for _ in range(2):
         w._queue.put(bad)  # the queue is full now
     result: list[BaseException] = []
-    t = threading.Thread(target=lambda: result.append(pytest.raises(RuntimeError, w.close).value), daemon=True)
+    t = threading.Thread(target=lambda: result.append(pytest.raises((RuntimeError, ValueError), w.close).value), daemon=True)
     t.start()
     t.join(timeout=10)
     assert not t.is_alive(), "close() hung on a dead writer"
     assert "size" in str(result[0]) or "shape" in str(result[0])
+
+
+@pytest.mark.parametrize("write_threads", [1, 3])
+def test_writer_shards_are_the_documented_shuffle(write_threads):
+    """Each shard holds its chunk's rows in the order ``chunk_permutation`` gives, computed here
+    independently of the writer: pieces cross chunk boundaries, the last chunk is short, and
+    chunk buffers are reused (bfloat16 acts travel as raw bytes, so every bit must survive)."""
+    from harvest.writer import ShardWriterThread, chunk_permutation
+    from shared.cache_format import ShardRecord
+
+    class Capture:  # stands in for CacheWriter: keeps what would be written
+        def __init__(self) -> None:
+            self.files: dict[str, tuple[torch.Tensor, ...]] = {}
+            self.listed: list[str] = []
+
+        def write_shard_file(self, rel_file, *tensors):
+            self.files[rel_file] = tuple(t.clone() for t in tensors)
+            return ShardRecord(file=rel_file, n_rows=len(tensors[0]), sha256="-", bytes=0)
+
+        def add_record(self, record, save):
+            self.listed.append(record.file)
+
+    shard_rows, shuffle_shards, n = 5, 3, 38  # chunks of 15, 15 and 8 rows
+    chunk_rows = [15, 15, 8]
+    gen = torch.Generator().manual_seed(1)
+    acts = torch.randn(n, 2, 1, 4, generator=gen).to(torch.bfloat16)
+    seq, pos, tok = torch.arange(n) * 7, torch.arange(n, dtype=torch.int32) % 11, torch.arange(n, dtype=torch.int32) + 100
+    cap = Capture()
+    w = ShardWriterThread(cap, chunk_rows=chunk_rows, shard_rows=shard_rows, shuffle_shards=shuffle_shards, seed=9,
+                          row_shape=(2, 1, 4), dtype=torch.bfloat16, write_threads=write_threads)
+    cuts = [0, 4, 13, 20, 31, 38]  # pieces of the stream, some across chunk boundaries
+    w.write_all(((a, acts[a:b], seq[a:b], pos[a:b], tok[a:b]) for a, b in zip(cuts, cuts[1:])), w.put_rows)
+
+    expected_files = []
+    first = 0
+    for chunk, rows in enumerate(chunk_rows):
+        perm = chunk_permutation(9, chunk, rows) + first  # stream rows of the chunk, in shard order
+        for j, start in enumerate(range(0, rows, shard_rows)):
+            idx = perm[start : start + shard_rows]
+            name = next(f for f in cap.files if f.endswith(f"{chunk * shuffle_shards + j:05d}.safetensors"))
+            got = cap.files[name]
+            assert torch.equal(got[0].view(torch.int16), acts[idx].view(torch.int16)), name
+            assert torch.equal(got[1], seq[idx]) and torch.equal(got[2], pos[idx]) and torch.equal(got[3], tok[idx])
+            expected_files.append(name)
+        first += rows
+    assert cap.listed == expected_files  # listed in order, each once
