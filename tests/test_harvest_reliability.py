@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import signal
@@ -278,7 +279,7 @@ def test_writer_shards_are_the_documented_shuffle(write_threads):
     w = ShardWriterThread(cap, chunk_rows=chunk_rows, shard_rows=shard_rows, shuffle_shards=shuffle_shards, seed=9,
                           row_shape=(2, 1, 4), dtype=torch.bfloat16, write_threads=write_threads)
     cuts = [0, 4, 13, 20, 31, 38]  # pieces of the stream, some across chunk boundaries
-    w.write_all(((a, acts[a:b], seq[a:b], pos[a:b], tok[a:b]) for a, b in zip(cuts, cuts[1:])), w.put_rows)
+    w.write_all(((a, acts[a:b], seq[a:b], pos[a:b], tok[a:b]) for a, b in itertools.pairwise(cuts)), w.put_rows)
 
     expected_files = []
     first = 0
