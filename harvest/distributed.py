@@ -626,6 +626,8 @@ def _run(cfg: HarvestConfig, group: _Group, local_rank: int) -> Manifest:
     try:
         thread.write_all(chain(drain(held), own_items), send)
     finally:
+        # Shards are counted once listed, mostly after their rows were sent: show the final figure.
+        bar.set_postfix_str(f"{thread.bytes_written / 1e9:.2f} GB written", refresh=False)
         bar.close()
 
     # 8. merge.

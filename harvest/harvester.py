@@ -318,6 +318,8 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
     try:
         thread.write_all(chain(drain(held), forward.rows(resume_from, cfg.tokens)), send)
     finally:
+        # Shards are counted once listed, mostly after their rows were sent: show the final figure.
+        bar.set_postfix_str(f"{thread.bytes_written / 1e9:.2f} GB written", refresh=False)
         bar.close()
     end = time.perf_counter()
     seconds, forward_seconds = end - t0, end - t_forward
