@@ -324,16 +324,16 @@ def test_run_rows_one_is_sorted_single_rows(cache: Path) -> None:
 
 
 def _reference_stream(path: Path, seed: int, epoch: int, window: int, run_rows: int) -> list[list[tuple[int, int]]]:
-    """The epoch stream as the module docstring defines it, as its runs of ``(shard, row)``."""
-    from train.loader import _rng
+    """The epoch stream as train.epoch_stream's docstring defines it, as its runs of ``(shard, row)``."""
+    from train.epoch_stream import stream_rng
 
     sizes = [s.n_rows for s in open_cache(path).manifest.shards]
-    order = _rng(seed, epoch, 0).permutation(len(sizes)).tolist()
+    order = stream_rng(seed, epoch, 0).permutation(len(sizes)).tolist()
     runs: list[list[tuple[int, int]]] = []
     for k, w0 in enumerate(range(0, len(order), window)):
         window_runs = [[(i, r) for r in range(r0, min(r0 + run_rows, sizes[i]))]
                        for i in order[w0 : w0 + window] for r0 in range(0, sizes[i], run_rows)]
-        runs += [window_runs[u] for u in _rng(seed, epoch, k + 1).permutation(len(window_runs)).tolist()]
+        runs += [window_runs[u] for u in stream_rng(seed, epoch, k + 1).permutation(len(window_runs)).tolist()]
     return runs
 
 
@@ -342,7 +342,7 @@ def _reference_stream(path: Path, seed: int, epoch: int, window: int, run_rows: 
 def test_run_batches_are_the_documented_stream(
     cache: Path, run_rows: int, batch_size: int, world: int, gather_threads: int
 ) -> None:
-    """Each batch is exactly its piece of the stream the module docstring defines (computed here
+    """Each batch is exactly its piece of the stream train.epoch_stream defines (computed here
     independently of the loader), in stream order, on every rank and with any gather threads."""
     where = _location(cache)
     epochs, window = 2, 3

@@ -1,17 +1,8 @@
 """Stage-2 data path: a shuffled, prefetching loader over memory-mapped activation shards.
 
-The epoch stream (the same on every rank, a function of ``seed`` and the epoch alone): shuffle
-the split's shards (seeded by ``(seed, epoch)``), cut that order into windows of ``window``
-shards, cut each shard into *runs* of ``run_rows`` consecutive rows (never spanning shards; a
-shard's last run may be shorter), and permute each window's runs (seeded by ``(seed, epoch,
-window)``). The concatenation is the epoch stream; every row of the split is in it once.
-
-Runs because copying 512-byte rows one by one from random places is bound by memory latency; a
-run is one sequential copy. They are safe only in a cache shuffled at write time (the manifest's
-``write_shuffle``), where neighbouring rows of a shard come from different sequences. By default
-(:func:`auto_run_rows`) runs are about ``RUN_BYTES``, capped so a batch draws from many runs, and
-single rows when the manifest records no write-time shuffle: there a run would be consecutive
-tokens of one sequence.
+The epoch stream, the order in which one epoch serves the split's rows (shards shuffled per
+epoch, mixed in windows of ``window`` shards as runs of ``run_rows`` rows), is defined in
+:mod:`train.epoch_stream`; it is the same on every rank, a function of ``seed`` and the epoch.
 
 Batches are consecutive pieces of the stream (one may start or end inside a run). Rank ``r`` of
 ``w`` takes batches ``r, r+w, r+2w, ...`` of ``batch_size`` rows (one "round" is ``w`` batches);
@@ -22,8 +13,8 @@ Remainders: with ``world_size == 1`` the last batch is shorter and nothing is dr
 ``world_size > 1`` and ``0 < T < world_size`` those ``T`` rows are not served (a warning at
 construction, ``dropped_rows_per_epoch``); ``drop_last=True`` serves only full batches.
 
-Within a batch, rows are in stream order when ``run_rows > 1`` (a copy per run) and ordered by
-shard and row when ``run_rows == 1`` (sorted single-row reads keep page access local).
+Within a batch, rows are in stream order when ``run_rows > 1`` and ordered by shard and row when
+``run_rows == 1`` (see :mod:`train.epoch_stream`).
 
 Memory: only the windows a batch touches are mapped, and a window is unmapped as soon as this
 rank's batches have passed it: peak memory is about one window's pages plus ``prefetch`` batches
@@ -34,7 +25,7 @@ chunk of about ``CHUNK_BYTES`` at a time, into host buffers in the storage dtype
 on the CPU recycled once the consumer has dropped them), queues about ``prefetch`` batches (at
 least one chunk) ahead, and may fan the copies out to ``gather_threads``. The consumer copies
 each batch to the device and casts it there; on CUDA from pinned memory on a side stream, one
-batch ahead (:class:`_CudaStager`), so the copy overlaps the kernels of the step before. Breaking
+batch ahead (:class:`CudaStager`), so the copy overlaps the kernels of the step before. Breaking
 out of the loop, an exception in its body, or garbage collection of the iterator stops and joins
 the threads.
 """
@@ -59,7 +50,8 @@ import torch
 from shared.cache import Cache, open_cache, verify_cache
 from shared.cache_format import CacheError
 from shared.normalization import Normalization
-from shared.shard_io import ShardReader
+from train.device_staging import CudaStager
+from train.epoch_stream import Window, auto_run_rows, stream_rng
 from train.prefetch import CopyPool, HostBufferPool, Prefetcher, Put
 
 __all__ = ["ActivationLoader", "auto_run_rows", "default_eval_shards", "default_gather_threads", "STATE_FORMAT"]
@@ -68,10 +60,6 @@ STATE_FORMAT = "crosscache.ActivationLoader/1"
 _STREAM_KEYS = ("seed", "batch_size", "window", "world_size", "split", "drop_last", "split_fingerprint",
                 "run_rows")
 _STATE_DEFAULTS = {"run_rows": 1}  # states saved before runs existed describe single-row streams
-# Automatic runs of about 32 KiB: each run costs ~1 us of Python besides its copy, and 16 KiB runs
-# measured ~20% slower per epoch than 32 KiB ones (bench/RESULTS.md).
-RUN_BYTES = 32 * 1024
-RUN_MIX = 8  # automatic runs add at most ~1/RUN_MIX to a batch's same-sequence pairs (auto_run_rows)
 # Small batches are gathered and queued about this much at a time: each hand-off to the consumer
 # costs ~100 us on a 2-core VM, and 4 MiB chunks read ~10% faster than 2 MiB ones (bench/loader.py).
 CHUNK_BYTES = 4 * 2**20
@@ -97,117 +85,10 @@ def default_gather_threads(batch_bytes: int) -> int:
     return 2 if batch_bytes >= CHUNK_BYTES and (os.cpu_count() or 1) >= 2 else 1
 
 
-def auto_run_rows(row_bytes: int, batch_size: int, window_rows: int, write_shuffle: Any) -> int:
-    """``run_rows`` when it is None: 1 without a valid manifest ``write_shuffle``, else at least 1 and
-    ``min(RUN_BYTES // row_bytes, 1 + (batch_size-1) * Nb // (RUN_MIX * max(Nb, window_rows)))``,
-    ``Nb`` being its ``buffer_rows``.
-
-    Why the second cap: a run's rows come from one write buffer, so two of them share a sequence
-    with the odds ``p`` of two rows of that buffer. A share ``(R-1)/(batch_size-1)`` of a batch's
-    row pairs lie within one run, while mixing a window gives same-buffer odds of about
-    ``p * Nb / max(Nb, window_rows)``: runs add about ``1/RUN_MIX`` to the same-sequence pairs of
-    single-row mixing (measured: +12% for the benchmark's cache, +14% in the tests).
-    """
-    if not isinstance(write_shuffle, dict) or not isinstance(write_shuffle.get("buffer_rows"), int) \
-            or write_shuffle["buffer_rows"] < 1:
-        return 1
-    n_buf = write_shuffle["buffer_rows"]
-    by_mix = 1 + (batch_size - 1) * n_buf // (RUN_MIX * max(n_buf, window_rows))
-    return max(1, min(RUN_BYTES // max(1, row_bytes), by_mix))
-
-
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence(list(key)))
-
-
 def _lookup(kind: str, name: str, names: list[str]) -> int:
     if name not in names:
         raise ValueError(f"{kind} {name!r} is not in the cache; it holds {names}")
     return names.index(name)
-
-
-class _Window:
-    """A window of one epoch: its shards (manifest indices), its runs, and where it sits in the stream."""
-
-    def __init__(self, shards: list[int], sizes: list[int], start: int, run_rows: int) -> None:
-        self.shards, self.run_rows = shards, run_rows
-        self.offsets = np.cumsum([0, *sizes])  # window-local row of each shard's first row
-        self.start, self.end = start, start + int(self.offsets[-1])
-        self.perm: np.ndarray | None = None  # window-order run ids, in stream order
-        self.end_U: np.ndarray | None = None  # window-stream position just past each run
-        self.readers: list[ShardReader] = []
-        self.arrays: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (acts, seq, pos) views
-        self._runs: dict[int, list[np.ndarray]] = {}  # i -> views of arrays[s][i], one per run, stream order
-
-    def open(self, cache: Cache, seed: int, epoch: int, k: int, n_slots: int, slot_bytes: int) -> None:
-        # Runs in window order: shard by shard, ascending. With run_rows=1 run w is window-local
-        # row w, so this is exactly the single-row permutation.
-        R, size_S = self.run_rows, np.diff(self.offsets)
-        n_runs_S = -(-size_S // R)
-        self.perm = _rng(seed, epoch, k + 1).permutation(int(n_runs_S.sum()))
-        if R > 1:
-            first_W = np.arange(len(self.perm)) - np.repeat(np.cumsum(n_runs_S) - n_runs_S, n_runs_S)  # in shard
-            len_W = np.minimum(R, np.repeat(size_S, n_runs_S) - first_W * R)
-            self.end_U = np.cumsum(len_W[self.perm])
-        for i in self.shards:
-            r = cache.shard(i)
-            self.readers.append(r)
-            # Byte views of [N, M*P, D] rows: one code path for every storage dtype.
-            acts = r.acts.view(torch.uint8).numpy().reshape(r.n_rows, n_slots, slot_bytes)
-            self.arrays.append((acts, r.seq.numpy(), r.pos.numpy()))
-
-    def runs(self, lo: int, hi: int, i: int) -> list[np.ndarray]:
-        """Views of array ``i`` (0: acts, 1: seq, 2: pos) holding window-stream positions ``[lo, hi)``, in order."""
-        assert self.perm is not None and self.end_U is not None, "window not open"
-        if i not in self._runs:  # once per window, views made in C: a batch then only slices a list
-            R, runs_W = self.run_rows, []
-            for arrays in self.arrays:
-                x, n_full = arrays[i], len(arrays[i]) // R
-                runs_W.extend(x[: n_full * R].reshape(n_full, R, *x.shape[1:]))
-                runs_W.extend([x[n_full * R :]] if len(x) % R else [])
-            self._runs[i] = [runs_W[w] for w in self.perm.tolist()]
-        runs = self._runs[i]
-        u0, u1 = (int(u) for u in np.searchsorted(self.end_U, [lo, hi - 1], side="right"))
-        s0, s1 = int(self.end_U[u0]) - len(runs[u0]), int(self.end_U[u1]) - len(runs[u1])  # run starts
-        if u0 == u1:
-            return [runs[u0][lo - s0 : hi - s0]]
-        return [runs[u0][lo - s0 :], *runs[u0 + 1 : u1], runs[u1][: hi - s1]]
-
-    def copies(
-        self, lo: int, hi: int, out: np.ndarray, index: torch.Tensor | None, slots: np.ndarray | None, pieces: int
-    ) -> list[tuple]:
-        """About ``pieces`` jobs ``(fn, *args)`` filling ``out`` (and ``index``) from window-stream
-        positions ``[lo, hi)``: runs in stream order, a slice copy each; single rows sorted, one
-        ``take`` per shard."""
-        assert self.perm is not None, "window not open"
-        jobs: list[tuple] = []
-        if self.run_rows > 1:
-            acts = self.runs(lo, hi, 0)
-            seq, pos = (self.runs(lo, hi, 1), self.runs(lo, hi, 2)) if index is not None else ([], [])
-            step, o = -(-len(acts) // pieces), 0
-            for k in range(0, len(acts), step):
-                n = sum(len(v) for v in acts[k : k + step]) if step < len(acts) else hi - lo
-                jobs.append((_copy_runs, acts[k : k + step], seq[k : k + step], pos[k : k + step], out[o : o + n],
-                             None if index is None else index[o : o + n], slots))
-                o += n
-            return jobs
-        local = np.sort(self.perm[lo:hi])
-        cuts = np.searchsorted(local, self.offsets)  # where each shard's rows start in `local`
-        step = max(256, -(-(hi - lo) // pieces))
-        for s, (src, seq_N, pos_N) in enumerate(self.arrays):
-            for i0 in range(int(cuts[s]), int(cuts[s + 1]), step):
-                i1 = min(i0 + step, int(cuts[s + 1]))
-                jobs.append((_copy_rows, src, seq_N, pos_N, local[i0:i1] - self.offsets[s], out[i0:i1],
-                             None if index is None else index[i0:i1], slots))
-        return jobs
-
-    def close(self) -> None:
-        self._runs.clear()
-        self.arrays.clear()  # drop views first: a live view keeps the mapping from closing
-        self.perm = self.end_U = None
-        for r in self.readers:
-            r.close()
-        self.readers.clear()
 
 
 class ActivationLoader:
@@ -221,8 +102,8 @@ class ActivationLoader:
         seed: seeds the shard order and the window permutations of every epoch.
         epochs: passes over the split one iteration of the loader makes.
         window: shards mixed together (memory holds about this many shards' pages).
-        run_rows: consecutive rows of a shard moved together by the shuffle (see the module
-            docstring). None: :func:`auto_run_rows` (about 32 KiB of rows for a cache shuffled at
+        run_rows: consecutive rows of a shard moved together by the shuffle (see
+            :mod:`train.epoch_stream`). None: :func:`auto_run_rows` (about 32 KiB of rows for a cache shuffled at
             write time, 1 otherwise); 1: row by row. Part of the stream's identity (state dicts).
         rank, world_size: this process's part of every epoch (DDP).
         device, dtype: where batches go and the dtype they are cast to *on the device*.
@@ -338,7 +219,7 @@ class ActivationLoader:
                 f"world_size={world_size} and are not served, so every rank yields the same batch count",
                 stacklevel=2,
             )
-        # Runs: the shuffle's unit (see the module docstring and auto_run_rows).
+        # Runs: the shuffle's unit (see train.epoch_stream and auto_run_rows).
         write_shuffle = man.extra.get("write_shuffle")
         if run_rows is None:
             window_rows = min(window, len(self.shard_ids)) * self.split_rows // len(self.shard_ids)
@@ -367,13 +248,13 @@ class ActivationLoader:
         """The cache's normalization factors for the served slots (to fold into exported weights)."""
         return self.cache.normalization().select(self.model_ids, self.hook_ids)
 
-    def _windows(self, epoch: int) -> list[_Window]:
-        order = _rng(self.seed, epoch, 0).permutation(len(self.shard_ids))
+    def _windows(self, epoch: int) -> list[Window]:
+        order = stream_rng(self.seed, epoch, 0).permutation(len(self.shard_ids))
         shards = [self.shard_ids[i] for i in order]
         sizes = [self.cache.manifest.shards[i].n_rows for i in shards]
         out, start = [], 0
         for w0 in range(0, len(shards), self.window):
-            out.append(_Window(shards[w0 : w0 + self.window], sizes[w0 : w0 + self.window], start, self.run_rows))
+            out.append(Window(shards[w0 : w0 + self.window], sizes[w0 : w0 + self.window], start, self.run_rows))
             start = out[-1].end
         return out
 
@@ -388,7 +269,7 @@ class ActivationLoader:
         return a, a + q + (r < m)
 
     def _gather(
-        self, windows: list[_Window], epoch: int, ranges: list[tuple[int, int]], buffers: HostBufferPool,
+        self, windows: list[Window], epoch: int, ranges: list[tuple[int, int]], buffers: HostBufferPool,
         copier: CopyPool,
     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Stream rows ``[a, b)`` of each range into host tensors ``(acts_BMPD, index_B2)``, one pair
@@ -430,7 +311,7 @@ class ActivationLoader:
         row_shape = (len(self.models), len(self.hooks), man.d_model)
         buffers = HostBufferPool(self._chunk * self.batch_size, row_shape, man.torch_dtype, self._depth + 3,
                                  pin=self.device.type == "cuda")
-        windows: list[_Window] = []
+        windows: list[Window] = []
         copier = CopyPool(self.gather_threads, "ActivationLoader-gather")
         try:
             for epoch in range(epoch0, self.epochs):
@@ -470,7 +351,7 @@ class ActivationLoader:
         self._epoch, self._batch = (epoch + 1, 0) if j + 1 == self.batches_per_epoch else (epoch, j + 1)
 
     def _to_device(self, acts: torch.Tensor) -> torch.Tensor:
-        """A host batch on ``device`` in ``dtype`` (CUDA goes through :class:`_CudaStager` instead)."""
+        """A host batch on ``device`` in ``dtype`` (CUDA goes through :class:`CudaStager` instead)."""
         if self.device.type == "cpu":
             return acts if acts.dtype == self.dtype else acts.to(self.dtype)
         return acts.to(self.device, non_blocking=True).to(self.dtype)
@@ -505,72 +386,12 @@ class ActivationLoader:
         self.load_state_dict({**self.state_dict(), "epoch": 0, "batch": 0})
 
 
-def _copy_rows(
-    src: np.ndarray, seq: np.ndarray, pos: np.ndarray, rows: np.ndarray,
-    out: np.ndarray, index: torch.Tensor | None, slots: np.ndarray | None,
-) -> None:
-    """Row job: ``out[i] = src[rows[i]]`` (selected slots only), ``index[i] = (seq, pos)``."""
-    if slots is None:  # whole rows: one contiguous copy per row; numpy releases the GIL here
-        np.take(src, rows, axis=0, out=out, mode="clip")
-    else:
-        out[:] = src[rows[:, None], slots[None, :]]
-    if index is not None:
-        index[:, 0] = torch.from_numpy(seq[rows])
-        index[:, 1] = torch.from_numpy(pos[rows].astype(np.int64))
-
-
-def _copy_runs(
-    acts: list[np.ndarray], seq: list[np.ndarray], pos: list[np.ndarray],
-    out: np.ndarray, index: torch.Tensor | None, slots: np.ndarray | None,
-) -> None:
-    """Run job: the ``acts`` views one after another into ``out`` (selected slots only); their
-    ``seq`` and ``pos`` into ``index``."""
-    if slots is None:
-        np.concatenate(acts, axis=0, out=out)  # one memcpy per run
-    else:
-        o = 0
-        for v in acts:
-            np.take(v, slots, axis=1, out=out[o : o + len(v)])
-            o += len(v)
-    if index is not None:
-        index[:, 0] = torch.from_numpy(np.concatenate(seq))
-        index[:, 1] = torch.from_numpy(np.concatenate(pos).astype(np.int64))
-
-
-class _CudaStager:
-    """Copies host batches to a CUDA device on a side stream, one batch ahead of the consumer.
-
-    A ``non_blocking`` copy on the compute stream still runs *between* its kernels: at d_model
-    2304 and batch 4096 that left an H100 idle ~5% of every step (bench/loader.py). Here batch
-    ``j+1`` is copied from pinned memory (and cast) on its own stream while the consumer's
-    kernels for batch ``j`` run; the consumer's stream waits on an event for exactly that copy,
-    never on the CPU, and ``record_stream`` keeps the allocator from reusing its memory early.
-    """
-
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
-        self.device, self.dtype = device, dtype
-        self.stream = torch.cuda.Stream(device)
-
-    def stage(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
-        with torch.cuda.stream(self.stream):
-            acts_dev = acts.to(self.device, non_blocking=True).to(self.dtype)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        return acts_dev, done
-
-    def release(self, acts_dev: torch.Tensor, done: torch.cuda.Event) -> torch.Tensor:
-        consumer = torch.cuda.current_stream(self.device)
-        consumer.wait_event(done)
-        acts_dev.record_stream(consumer)
-        return acts_dev
-
-
 class _LoaderIterator:
     """One pass from the loader's position; owns the :class:`Prefetcher` and so the thread.
 
     The thread holds the loader but never this object, so when the consumer drops it (break,
     exception, end of scope) the prefetcher is collected with it and stops the thread. On CUDA
-    it keeps one batch staged on the device ahead of the one it returns (:class:`_CudaStager`);
+    it keeps one batch staged on the device ahead of the one it returns (:class:`CudaStager`);
     the loader's position counts returned batches only, so a staged one is not "consumed".
     """
 
@@ -580,7 +401,7 @@ class _LoaderIterator:
         if loader._epoch < loader.epochs:
             produce = partial(loader._produce, loader._epoch, loader._batch)
             self._prefetcher = Prefetcher(produce, loader._depth, name="ActivationLoader")
-        self._stager = _CudaStager(loader.device, loader.dtype) if loader.device.type == "cuda" else None
+        self._stager = CudaStager(loader.device, loader.dtype) if loader.device.type == "cuda" else None
         self._staged: tuple | None = None  # (epoch, j, acts on the device, copy event, index)
         self._error: BaseException | None = None  # raised by the prefetcher while staging ahead
 
