@@ -98,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from harvest.distributed import DistributedHarvestError
     from harvest.harvester import harvest
     from harvest.models import HarvestInputError
+    from harvest.process_group import DistributedHarvestError
     from shared.cache_format import CacheError
 
     try:

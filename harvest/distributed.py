@@ -41,6 +41,10 @@ message naming the step. Re-running the same command (any number of processes) r
 The ranks only exchange a few small CPU objects (status, plan digests, normalization factors,
 shard records), so the process group is gloo on every device: its timeouts raise a Python
 error, where NCCL's watchdog would abort the process.
+
+This module is the orchestration; the process group and launcher plumbing live in
+:mod:`harvest.process_group`, the per-rank manifests and the resume bookkeeping in
+:mod:`harvest.rank_manifests`.
 """
 
 from __future__ import annotations
@@ -49,175 +53,36 @@ import datetime as dt
 import hashlib
 import json
 import math
-import os
-import re
 import signal
 import sys
 import threading
 import time
 from itertools import chain
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from harvest.config import HarvestConfig
 from harvest.models import HarvestInputError, load_models, resolve_device
+from harvest.process_group import (
+    RESUME_HINT,
+    DistributedHarvestError,
+    Group,
+    attempt,
+    dist_timeout_seconds,
+    torchrun_env,
+)
+from harvest.rank_manifests import RANK_MANIFEST_GLOB, RankShardLog, collect_written, shard_index
 from harvest.token_stream import TokenPlan, build_token_plan
 from harvest.writer import ShardWriterThread, drain
 from shared.cache import CacheWriter, remove_stale_temp_files
-from shared.cache_format import SHARD_DIR, CacheError, Manifest, ShardRecord, dtype_from_name
+from shared.cache_format import CacheError, Manifest, ShardRecord, dtype_from_name
 from shared.normalization import Normalization
-from shared.shard_io import atomic_write_bytes, write_shard
 from shared.token_table import write_token_table
 
-__all__ = [
-    "DistributedHarvestError",
-    "DEFAULT_DIST_TIMEOUT",
-    "DIST_TIMEOUT_ENV",
-    "torchrun_env",
-    "dist_timeout_seconds",
-    "harvest_distributed",
-    "assign_chunks",
-    "rank_manifest_name",
-    "RANK_MANIFEST_GLOB",
-]
-
-DEFAULT_DIST_TIMEOUT = 300.0
-"""Seconds a rank waits in a collective (for the other ranks) before it gives up."""
-DIST_TIMEOUT_ENV = "CROSSCACHE_DIST_TIMEOUT"
-RANK_MANIFEST_GLOB = "manifest.rank*.json"
-_RANK_MANIFEST_RE = re.compile(r"^manifest\.rank(\d+)\.json$")
-_SHARD_RE = re.compile(r"^acts(?:-rank(\d+))?-(\d+)\.safetensors$")
-_RESUME_HINT = "Shards already written are kept; re-run the same command (any --nproc-per-node) to resume"
-
-
-class DistributedHarvestError(RuntimeError):
-    """A multi-process harvest stopped because of another rank (died, failed, hung, disagreed)."""
-
-
-def rank_manifest_name(rank: int) -> str:
-    return f"manifest.rank{rank}.json"
-
-
-def torchrun_env() -> tuple[int, int, int] | None:
-    """``(rank, world_size, local_rank)`` when launched by torchrun (or alike), else None."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return None
-    try:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local = int(os.environ.get("LOCAL_RANK", rank))
-    except ValueError:
-        raise HarvestInputError(
-            f"RANK={os.environ['RANK']!r} / WORLD_SIZE={os.environ['WORLD_SIZE']!r} / LOCAL_RANK are not "
-            "integers; launch multi-process harvests with torchrun"
-        ) from None
-    if world < 1 or not 0 <= rank < world:
-        raise HarvestInputError(f"RANK={rank} is outside WORLD_SIZE={world}")
-    return rank, world, local
-
-
-def dist_timeout_seconds(value: float | None = None) -> float:
-    """The collective timeout: ``value``, else ``$CROSSCACHE_DIST_TIMEOUT``, else 300 s."""
-    if value is None:
-        raw = os.environ.get(DIST_TIMEOUT_ENV)
-        if raw is None:
-            return DEFAULT_DIST_TIMEOUT
-        try:
-            value = float(raw)
-        except ValueError:
-            raise HarvestInputError(f"{DIST_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise HarvestInputError(f"--dist-timeout must be a positive number of seconds, got {value}")
-    return float(value)
-
-
-# -- the process group -----------------------------------------------------------------------
-
-
-class _Group:
-    """A gloo process group with rank-naming, timeout-explaining collectives."""
-
-    def __init__(self, rank: int, world: int, timeout: float) -> None:
-        import torch.distributed as dist
-
-        self.dist, self.timeout = dist, timeout
-        td = dt.timedelta(seconds=timeout)
-        self._own_default = not dist.is_initialized()
-        try:
-            if self._own_default:
-                dist.init_process_group(backend="gloo", timeout=td)
-                self.pg = None  # the default group
-            else:  # called from a program that already set up torch.distributed
-                self.pg = dist.new_group(backend="gloo", timeout=td)
-        except Exception as e:  # noqa: BLE001 - rendezvous errors come in many types
-            raise DistributedHarvestError(
-                f"rank {rank}: could not join the other {world - 1} rank(s) within {timeout:g}s "
-                f"(--dist-timeout): {e}"
-            ) from e
-        self.rank, self.world = dist.get_rank(self.pg), dist.get_world_size(self.pg)
-        if (self.rank, self.world) != (rank, world):
-            raise DistributedHarvestError(
-                f"process group has rank {self.rank} of {self.world}, but RANK/WORLD_SIZE say {rank} of {world}"
-            )
-
-    def _call(self, step: str, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except RuntimeError as e:  # gloo: timeouts and closed connections (DistBackendError too)
-            text = str(e)
-            why = ("no answer within --dist-timeout "
-                   f"{self.timeout:g}s") if "imed out" in text or "imeout" in text else "lost contact"
-            raise DistributedHarvestError(
-                f"rank {self.rank}: {why} while {step}: another rank died, failed or hangs (see its "
-                f"output; torchrun's report names it). {_RESUME_HINT}. [{text.strip()[:300]}]"
-            ) from e
-
-    def all_gather(self, obj: Any, step: str) -> list[Any]:
-        out: list[Any] = [None] * self.world
-        self._call(step, lambda: self.dist.all_gather_object(out, obj, group=self.pg))
-        return out
-
-    def broadcast(self, obj: Any, step: str) -> Any:
-        box = [obj]
-        self._call(step, lambda: self.dist.broadcast_object_list(box, src=0, group=self.pg))
-        return box[0]
-
-    def broadcast_tensor(self, t: torch.Tensor, step: str) -> torch.Tensor:
-        self._call(step, lambda: self.dist.broadcast(t, src=0, group=self.pg))
-        return t
-
-    def agree(self, step: str, error: BaseException | None) -> None:
-        """Every rank reports how ``step`` went; if one failed, every rank raises (naming it)."""
-        report = None if error is None else f"{type(error).__name__}: {error}"
-        reports = self.all_gather(report, step)
-        if error is not None:
-            raise error
-        failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
-        if failed:
-            r, msg = failed[0]
-            raise DistributedHarvestError(f"rank {self.rank}: stopping: rank {r} failed while {step}: {msg}")
-
-    def close(self) -> None:
-        try:
-            if self._own_default:
-                self.dist.destroy_process_group()
-            elif self.pg is not None:
-                self.dist.destroy_process_group(self.pg)
-        except Exception:  # noqa: BLE001 - best effort on the way out
-            pass
-
-
-def _attempt(fn: Callable[[], Any]) -> tuple[Any, BaseException | None]:
-    """Run one rank's part of a step; its error is handed to :meth:`_Group.agree` (a SIGTERM or a
-    lost peer is raised at once: there is nobody left to agree with)."""
-    try:
-        return fn(), None
-    except DistributedHarvestError:
-        raise
-    except Exception as e:  # noqa: BLE001 - handed to Group.agree
-        return None, e
+__all__ = ["assign_chunks", "harvest_distributed"]
 
 
 # -- work split ------------------------------------------------------------------------------
@@ -253,13 +118,6 @@ def _procs(n: int) -> str:
     return f"{n} process" + ("" if n == 1 else "es")
 
 
-def _shard_index(rel_file: str) -> int:
-    m = _SHARD_RE.match(Path(rel_file).name)
-    if m is None:
-        raise CacheError(f"shard file name {rel_file!r} is not acts[-rankR]-NNNNN.safetensors")
-    return int(m.group(2))
-
-
 def _plan_digest(plan: TokenPlan) -> str:
     h = hashlib.sha256()
     for ids in plan.input_ids:
@@ -267,114 +125,6 @@ def _plan_digest(plan: TokenPlan) -> str:
     h.update(np.asarray(plan.rows_per_seq, dtype=np.int64).tobytes())
     h.update(json.dumps(plan.metadata, sort_keys=True, default=str).encode())
     return h.hexdigest()
-
-
-class RankShardLog:
-    """One rank's shard writer: writes shards atomically and lists each, right after its
-    rename, in ``manifest.rank{r}.json`` (itself written atomically). Used by
-    :class:`~harvest.writer.ShardWriterThread` in place of a :class:`CacheWriter`."""
-
-    def __init__(self, out: Path, rank: int, world: int, *, signature: dict, dtype: torch.dtype,
-                 row_shape: tuple[int, int, int], records: list[ShardRecord]) -> None:
-        self.out, self.rank, self.world = out, rank, world
-        self.signature, self.dtype, self.row_shape = signature, dtype, row_shape
-        self.records = list(records)
-
-    def save(self) -> None:
-        obj = {"rank": self.rank, "world_size": self.world, "signature": self.signature,
-               "shards": [r.to_json() for r in self.records]}
-        atomic_write_bytes(self.out / rank_manifest_name(self.rank), json.dumps(obj, indent=1).encode() + b"\n")
-
-    def add_shard(self, rel_file: str, acts_NMPD: torch.Tensor, seq_N: torch.Tensor, pos_N: torch.Tensor,
-                  token_N: torch.Tensor, *, save: bool = True) -> ShardRecord:
-        """Write one shard and record it (``save``: rewrite the rank manifest now; see CacheWriter.add_shard)."""
-        return self.add_record(self.write_shard_file(rel_file, acts_NMPD, seq_N, pos_N, token_N), save=save)
-
-    def write_shard_file(self, rel_file: str, acts_NMPD: torch.Tensor, seq_N: torch.Tensor, pos_N: torch.Tensor,
-                         token_N: torch.Tensor) -> ShardRecord:
-        """Write one shard atomically without recording it (safe to call from several threads)."""
-        if acts_NMPD.dtype != self.dtype or tuple(acts_NMPD.shape[1:]) != self.row_shape:
-            raise ValueError(f"acts {acts_NMPD.dtype} {tuple(acts_NMPD.shape)} do not match the cache's rows")
-        return write_shard(self.out, rel_file, acts_NMPD, seq_N, pos_N, token_N)
-
-    def add_record(self, record: ShardRecord, *, save: bool = True) -> ShardRecord:
-        """Record a shard :meth:`write_shard_file` wrote (``save``: rewrite the rank manifest now)."""
-        self.records.append(record)
-        if save:
-            self.save()
-        return record
-
-
-def _read_rank_manifest(path: Path, signature: dict) -> list[ShardRecord]:
-    try:
-        obj = json.loads(path.read_text())
-        shards = obj["shards"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CacheError(f"{path}: unreadable per-rank manifest ({e}); delete the cache folder and re-run") from None
-    if obj.get("signature") != signature:
-        raise CacheError(
-            f"{path} belongs to a different harvest than manifest.json; delete the cache folder and re-run"
-        )
-    return [ShardRecord.from_json(s, str(path)) for s in shards]
-
-
-def _collect_written(
-    out: Path, manifest: Manifest, layout: Any, world: int
-) -> tuple[list[int], dict[int, list[ShardRecord]], list[ShardRecord], int]:
-    """Rank 0, resuming: keep every whole chunk already written; delete the rest.
-
-    Returns (complete chunks, records by active rank, records to carry over as they are
-    (``manifest.json``'s own and those of ranks >= world), bytes kept)."""
-    signature = manifest.extra["harvest"]["signature"]
-    sources: dict[Path, list[ShardRecord]] = {out / "manifest.json": list(manifest.shards)}
-    for path in sorted(out.glob(RANK_MANIFEST_GLOB)):
-        if _RANK_MANIFEST_RE.match(path.name):
-            sources[path] = _read_rank_manifest(path, signature)
-    chunk_rows = layout.chunk_rows()
-    found: dict[int, dict[int, ShardRecord]] = {}
-    bad: set[int] = set()  # chunks with a missing, duplicated or damaged shard
-    for recs in sources.values():
-        for rec in recs:
-            idx = _shard_index(rec.file)
-            c, j = divmod(idx, layout.shuffle_shards)
-            recs_c = found.setdefault(c, {})
-            path = out / rec.file
-            ok = (c < layout.n_chunks and rec.n_rows == min(layout.shard_rows, chunk_rows[c] - j * layout.shard_rows)
-                  and idx not in recs_c and path.is_file() and path.stat().st_size == rec.bytes)
-            recs_c.setdefault(idx, rec)
-            if not ok:
-                bad.add(c)
-    complete = sorted(c for c, recs_c in found.items() if c not in bad
-                      and len(recs_c) == math.ceil(chunk_rows[c] / layout.shard_rows))
-    keep = {id(r) for c in complete for r in found[c].values()}
-    kept_files = set()
-    by_rank: dict[int, list[ShardRecord]] = {}
-    carried: list[ShardRecord] = []
-    for path, recs in sources.items():
-        kept = [r for r in recs if id(r) in keep]
-        kept_files.update(r.file for r in kept)
-        m = _RANK_MANIFEST_RE.match(path.name)
-        if m is not None and int(m.group(1)) < world:
-            by_rank[int(m.group(1))] = kept
-        else:
-            carried.extend(kept)
-        if m is not None and kept != recs:
-            obj = json.loads(path.read_text())
-            obj["shards"] = [r.to_json() for r in kept]
-            atomic_write_bytes(path, json.dumps(obj, indent=1).encode() + b"\n")
-    # Shard files no whole chunk lists (partly written chunks, or renamed but never listed)
-    # would be rewritten under another rank's name: delete them.
-    shard_dir = out / SHARD_DIR
-    if shard_dir.is_dir():
-        for p in shard_dir.iterdir():
-            if _SHARD_RE.match(p.name) and f"{SHARD_DIR}/{p.name}" not in kept_files:
-                p.unlink(missing_ok=True)
-    if len(manifest.shards) != len(kept_main := [r for r in manifest.shards if id(r) in keep]):
-        manifest.shards = kept_main
-        manifest.n_rows = sum(r.n_rows for r in manifest.shards)
-        CacheWriter(out, manifest).save_manifest()
-    kept_bytes = sum(r.bytes for recs in sources.values() for r in recs if id(r) in keep)
-    return complete, by_rank, carried, kept_bytes
 
 
 # -- the harvest -----------------------------------------------------------------------------
@@ -422,14 +172,14 @@ def harvest_distributed(cfg: HarvestConfig, *, dist_timeout: float | None = None
         raise HarvestInputError("harvest_distributed needs RANK and WORLD_SIZE (launch with torchrun)")
     rank, world, local_rank = env
     timeout = dist_timeout_seconds(dist_timeout)
-    group = _Group(rank, world, timeout)
+    group = Group(rank, world, timeout)
     on_main = threading.current_thread() is threading.main_thread()
     previous = None
 
     def on_sigterm(signum: int, frame: Any) -> None:
         raise DistributedHarvestError(
             f"rank {rank}: stopped by SIGTERM (torchrun stops every rank when one fails; its report "
-            f"names the rank that failed first). {_RESUME_HINT}"
+            f"names the rank that failed first). {RESUME_HINT}"
         )
 
     if on_main:
@@ -446,7 +196,7 @@ def harvest_distributed(cfg: HarvestConfig, *, dist_timeout: float | None = None
         group.close()
 
 
-def _run(cfg: HarvestConfig, group: _Group, local_rank: int) -> Manifest:
+def _run(cfg: HarvestConfig, group: Group, local_rank: int) -> Manifest:
     from harvest.harvester import (
         HarvestLayout, _existing_manifest, _Forward, _new_manifest, _plan_from_table,
         check_free_disk,
@@ -460,7 +210,7 @@ def _run(cfg: HarvestConfig, group: _Group, local_rank: int) -> Manifest:
     # 1. rank 0 decides: fresh, resume, or already complete.
     existing: Manifest | None = None
     if is0:
-        existing, err = _attempt(lambda: _existing_manifest(out, cfg))
+        existing, err = attempt(lambda: _existing_manifest(out, cfg))
     else:
         err = None
     group.agree("checking --out", err)
@@ -487,7 +237,7 @@ def _run(cfg: HarvestConfig, group: _Group, local_rank: int) -> Manifest:
             exclude_token_ids=cfg.exclude_token_ids,
         )
 
-    models, err = _attempt(load)
+    models, err = attempt(load)
     group.agree("loading the models", err)
     assert device is not None
     m, p, d = len(cfg.models), len(cfg.hooks), models.d_model
@@ -507,13 +257,13 @@ def _run(cfg: HarvestConfig, group: _Group, local_rank: int) -> Manifest:
         by_rank: dict[int, list[ShardRecord]] = {}
         chunks: list[int] = []
         if existing is not None:
-            chunks, by_rank, carried, kept_bytes = _collect_written(out, existing, layout, world)
+            chunks, by_rank, carried, kept_bytes = collect_written(out, existing, layout, world)
         check_free_disk(cfg, out, (m, p, d), row_bytes, kept_bytes, say=say, suffix=f"; {_procs(world)}")
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(out)
         return {"done": chunks, "records": {r: [x.to_json() for x in v] for r, v in by_rank.items()}}
 
-    info, err = _attempt(prepare) if is0 else (None, None)
+    info, err = attempt(prepare) if is0 else (None, None)
     group.agree("preparing --out", err)
     info = group.broadcast(info, "preparing --out")
     t0 = time.perf_counter()
@@ -533,7 +283,7 @@ def _run(cfg: HarvestConfig, group: _Group, local_rank: int) -> Manifest:
             write_token_table(out, [x.tolist() for x in plan.input_ids], plan.metadata)
         return plan
 
-    plan, err = _attempt(plan_step)
+    plan, err = attempt(plan_step)
     group.agree("building the token plan", err)
     digests = group.all_gather(_plan_digest(plan), "comparing token plans")
     if len(set(digests)) != 1:
@@ -577,7 +327,7 @@ def _run(cfg: HarvestConfig, group: _Group, local_rank: int) -> Manifest:
                 CacheWriter(out, manifest).save_manifest()
                 return estimate
 
-            norm0, norm_err = _attempt(calibrate)
+            norm0, norm_err = attempt(calibrate)
             flat = _pack_norm(norm0, cfg.normalize, m, p, d)
             # rank 0's own rows beyond the calibration rows come next
             own_items = (item for a, b in ranges if b > calib_end for item in forward.rows(max(a, calib_end), b))
@@ -592,7 +342,7 @@ def _run(cfg: HarvestConfig, group: _Group, local_rank: int) -> Manifest:
                     held.append(item)
                     n += item[1].shape[0]
 
-            _, norm_err = _attempt(prefetch)
+            _, norm_err = attempt(prefetch)
             flat = _pack_norm(None, cfg.normalize, m, p, d)
         group.broadcast_tensor(flat, "waiting for rank 0's normalization factors")
         if norm_err is not None:
@@ -642,7 +392,7 @@ def _run(cfg: HarvestConfig, group: _Group, local_rank: int) -> Manifest:
             recs += [ShardRecord.from_json(x, "rank manifest") for x in g["records"]]
         by_index: dict[int, ShardRecord] = {}
         for rec in recs:
-            idx = _shard_index(rec.file)
+            idx = shard_index(rec.file)
             if idx in by_index:
                 raise CacheError(f"shard {idx} was written twice ({by_index[idx].file}, {rec.file})")
             by_index[idx] = rec
@@ -650,7 +400,7 @@ def _run(cfg: HarvestConfig, group: _Group, local_rank: int) -> Manifest:
                 for j in range(math.ceil(chunk_rows[c] / layout.shard_rows))}
         if set(by_index) != want:
             missing = sorted(want - set(by_index))
-            raise CacheError(f"merging the ranks' manifests: shard(s) {missing[:10]} missing. {_RESUME_HINT}")
+            raise CacheError(f"merging the ranks' manifests: shard(s) {missing[:10]} missing. {RESUME_HINT}")
         manifest.shards = [by_index[i] for i in sorted(by_index)]
         end = time.perf_counter()
         manifest.created_by["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -664,7 +414,7 @@ def _run(cfg: HarvestConfig, group: _Group, local_rank: int) -> Manifest:
         return merged
 
     if is0:
-        final, err = _attempt(merge)
+        final, err = attempt(merge)
     else:
         err = None
     group.agree("merging the manifests", err)

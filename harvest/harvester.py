@@ -235,7 +235,9 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
     harvest (:mod:`harvest.distributed`); ``dist_timeout`` is then how many seconds a rank
     waits for the others in a collective (default ``$CROSSCACHE_DIST_TIMEOUT`` or 300).
     """
-    from harvest.distributed import RANK_MANIFEST_GLOB, harvest_distributed, torchrun_env
+    from harvest.distributed import harvest_distributed
+    from harvest.process_group import torchrun_env
+    from harvest.rank_manifests import RANK_MANIFEST_GLOB
 
     if torchrun_env() is not None:
         return harvest_distributed(cfg, dist_timeout=dist_timeout if dist_timeout is not None else cfg.dist_timeout)
