@@ -50,7 +50,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
         )
-        help_text = f"{help_text} (default: {default!r})"
+        # argparse %-formats help strings: a literal "%" in a field's help (or default) must be doubled.
+        help_text = f"{help_text} (default: {default!r})".replace("%", "%%")
         kw: dict[str, Any] = {"dest": f.name, "help": help_text, "default": argparse.SUPPRESS}
         origin = get_origin(tp)
         if tp is bool:
