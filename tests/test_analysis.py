@@ -16,9 +16,12 @@ import torch
 from shared.cache import CacheWriter
 from shared.cache_format import Manifest, shard_file_name
 from shared.token_table import write_token_table
-from train.analysis import (AnalysisConfig, DiffSpec, RunError, StreamStats, analyze, classify, diff_spec,
-                            load_run, relative_norms, scaling_betas)
+from train.analysis import analyze
+from train.analysis_config import AnalysisConfig
+from train.analysis_run import DiffSpec, RunError, diff_spec, load_run
+from train.analysis_stream import StreamStats
 from train.dictionary import Dictionary, DictionaryConfig
+from train.diffing import classify, relative_norms, scaling_betas
 from train.export import save_dictionary
 
 D = 16
