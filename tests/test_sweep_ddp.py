@@ -48,6 +48,20 @@ def test_sweep_file_expands_grid_and_members(tmp_path):
         expand_sweep(f, base)
 
 
+def test_named_member_crossed_with_a_grid_gets_a_folder_per_point(tmp_path):
+    """The README's sweep example: a named member crossed with a 2x2 grid is four runs."""
+    f = tmp_path / "sweep.yaml"
+    f.write_text("grid:\n  activation: [relu, jumprelu]\n  latents: [2048, 4096]\n"
+                 "members:\n  - {}\n  - {lr: 3.0e-4, name: slow}\n")
+    cfgs = expand_sweep(f, _cfg(tmp_path / "c", tmp_path / "sweep", k=None))
+    points = ["activation-relu_latents-2048", "activation-relu_latents-4096", "activation-jumprelu_latents-2048",
+              "activation-jumprelu_latents-4096"]
+    assert [Path(c.out).name for c in cfgs] == points + [f"slow_{p}" for p in points]
+    assert [c.lr for c in cfgs[4:]] == [3.0e-4] * 4 and cfgs[5].activation == "relu" and cfgs[5].latents == 4096
+    f.write_text("grid:\n  latents: [2048]\nmembers:\n  - {lr: 3.0e-4, name: slow}\n")  # one point: the name as given
+    assert [Path(c.out).name for c in expand_sweep(f, _cfg(tmp_path / "c", tmp_path / "sweep", k=None))] == ["slow"]
+
+
 def test_sweep_members_equal_their_single_runs(toy_cache, tmp_path):
     """Each member of a sweep ends exactly where it would have trained alone (same stream)."""
     base = _cfg(toy_cache, tmp_path / "sweep")

@@ -3,15 +3,16 @@
 A sweep file (YAML or JSON) holds ``members:`` (a list of config overrides) and/or ``grid:``
 (a mapping of config field -> list of values, crossed). With both, every member is crossed
 with the grid. Each member may set ``name`` (its run folder under the sweep's ``--out``);
-otherwise the name is built from its overrides. Everything else comes from the base config
-(the command line). Example::
+otherwise the name is built from its overrides. A named member crossed with a grid of several
+points gets one folder per point, ``<name>_<the point's overrides>``. Everything else comes
+from the base config (the command line). Example::
 
     grid:
       activation: [relu, batchtopk]
       latents: [2048, 4096]
     members:
       - {}
-      - {lr: 3.0e-4}
+      - {lr: 3.0e-4, name: slow}   # slow_activation-relu_latents-2048, ...
 """
 
 from __future__ import annotations
@@ -50,10 +51,15 @@ def expand_sweep(path: str | Path, base: TrainConfig) -> list[TrainConfig]:
         raise ValueError(f"sweep file {path}: 'grid' must map config fields to non-empty lists of values")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     configs, names = [], []
+    points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] if grid else [{}]
     for member in members:
-        for combo in itertools.product(*grid.values()) if grid else [()]:
-            overrides = {k.replace("-", "_"): v for k, v in {**member, **dict(zip(grid, combo))}.items()}
-            name = overrides.pop("name", None) or member_name(overrides)
+        for point in points:
+            overrides = {k.replace("-", "_"): v for k, v in {**member, **point}.items()}
+            given = overrides.pop("name", None)
+            if given and len(points) > 1:  # one folder per grid point, not one name for all of them
+                name = f"{given}_{member_name({k.replace('-', '_'): v for k, v in point.items()})}"
+            else:
+                name = given or member_name(overrides)
             bad = sorted(set(overrides) - fields)
             if bad:
                 raise ValueError(f"sweep file {path}: unknown config field(s) {bad} in member {name!r}")
