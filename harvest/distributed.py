@@ -199,7 +199,7 @@ def harvest_distributed(cfg: HarvestConfig, *, dist_timeout: float | None = None
 def _run(cfg: HarvestConfig, group: Group, local_rank: int) -> Manifest:
     from harvest.harvester import (
         HarvestLayout, _existing_manifest, _Forward, _new_manifest, _plan_from_table,
-        check_free_disk,
+        check_free_disk, progress_bar,
     )
 
     rank, world = group.rank, group.world
@@ -352,10 +352,8 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int) -> Manifest:
         norm = _unpack_norm(flat, cfg.normalize, m, p, d)
 
     # 7. write our chunks.
-    from tqdm import tqdm
-
-    bar = tqdm(total=my_rows, unit="tok", unit_scale=True, desc=f"harvest (rank 0 of {world})",
-               disable=not (cfg.progress and is0), dynamic_ncols=True)
+    bar = progress_bar(my_rows, initial=0, desc=f"harvest (rank 0 of {world})", disable=not (cfg.progress and is0),
+                       started=t_forward)
     thread = ShardWriterThread(
         log, chunk_rows=chunk_rows, shard_rows=layout.shard_rows, shuffle_shards=layout.shuffle_shards,
         seed=cfg.seed, row_shape=(m, p, d), dtype=storage, rank=rank, write_threads=cfg.write_threads,

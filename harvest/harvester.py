@@ -23,7 +23,7 @@ import time
 from itertools import chain
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -299,11 +299,8 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
     writer = CacheWriter(out, manifest)
     writer.save_manifest()
 
-    from tqdm import tqdm
-
     done_rows = start_chunk * layout.chunk_size
-    bar = tqdm(total=cfg.tokens, initial=done_rows, unit="tok", unit_scale=True, desc="harvest",
-               disable=not cfg.progress, dynamic_ncols=True)
+    bar = progress_bar(cfg.tokens, initial=done_rows, desc="harvest", disable=not cfg.progress, started=t_forward)
     thread = ShardWriterThread(
         writer, chunk_rows=layout.chunk_rows(), shard_rows=layout.shard_rows,
         shuffle_shards=layout.shuffle_shards, seed=cfg.seed, row_shape=(m, p, d), dtype=storage,
@@ -334,6 +331,21 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
     print(f"harvested {final.n_rows:,} rows into {len(final.shards)} shards at {out} "
           f"({final.n_rows / max(seconds, 1e-9):,.0f} tokens/s this run)")
     return final
+
+
+def progress_bar(total: int, *, initial: int, desc: str, disable: bool, started: float) -> Any:
+    """The harvest's tqdm bar (tokens, tokens/s, ETA), its clock started at ``started`` (a
+    ``time.perf_counter`` time: the first forward). The calibration rows, forwarded before the bar
+    exists, reach it all at once; with the clock started at the bar and tqdm's smoothed rate, that
+    showed a burst of hundreds of thousands of tokens/s. The rate shown is the average since
+    ``started``."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc=desc, disable=disable,
+               dynamic_ncols=True, smoothing=0)
+    if not bar.disable:  # a disabled bar has no clock
+        bar.start_t -= time.perf_counter() - started  # tqdm's clock is time.time(): shift it by the interval
+    return bar
 
 
 def final_rows_this_run(manifest: Manifest, start_chunk: int, layout: HarvestLayout) -> int:
