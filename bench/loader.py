@@ -10,7 +10,8 @@ One run, one process, on a synthetic cache it writes itself (tests/cache_factory
    gather threads, with 1 and 2 threads, and with ``run_rows=1`` (single rows, the loader before
    runs) for comparison. An
    "ideal gather" (the same runs copied by one thread with no loader machinery) shows how much of
-   the gap to the sequential read is the machine's rather than the loader's. Then the loader alone
+   the gap to the sequential read is the machine's rather than the loader's, and the loader's
+   producer run alone in the caller's thread how much is the hand-off to a consumer thread. Then the loader alone
    on the CPU at d_model 2304 (2 models x 1 hook, bf16, batch 4096: runs of 3 rows, one batch per
    chunk) with 1, 2 and 4 gather threads.
 2. Train: a reference ReLU crosscoder (2 models x 1 hook at the toy width 128, 4096 latents,
@@ -32,6 +33,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -108,6 +110,23 @@ def ideal_gather(cache_dir: Path, window: int, run_rows: int, seed: int = 0) -> 
         del runs, order, part, flat
         for r in readers:
             r.close()
+    return time.perf_counter() - t
+
+
+def producer_alone(cache_dir: Path, batch: int, window: int) -> float:
+    """One epoch of the loader's producer (windows, copy plan, copies into recycled buffers) run in
+    the caller's thread, with no consumer thread: each chunk is kept until the next one is made, as
+    a consumer would. Seconds. Its gap to the loader is the cost of handing chunks to a consumer
+    thread (GIL hand-offs); its gap to the ideal gather is the producer's own Python."""
+    loader = ActivationLoader(cache_dir, batch, eval_shards=0, window=window, dtype=torch.bfloat16)
+    held: list = []
+
+    def put(items: list) -> bool:
+        held[:] = [items]
+        return True
+
+    t = time.perf_counter()
+    loader._produce(0, 0, put, threading.Event())
     return time.perf_counter() - t
 
 
@@ -199,10 +218,11 @@ def main() -> None:
         variants = [(loader_threads, None)]
         variants += [(t, None) for t in (1, 2) if t != loader_threads and t <= (os.cpu_count() or 1)]
         variants += [(loader_threads, 1)] if auto_runs != 1 else []
-        seq, load, ideal = [], {v: [] for v in variants}, []
+        seq, load, ideal, alone = [], {v: [] for v in variants}, [], []
         for _ in range(1 if q else args.rounds):
             seq.append(seq_read(toy))
             ideal.append(ideal_gather(toy, args.window, auto_runs))
+            alone.append(producer_alone(toy, 1024, args.window))
             for t, r in variants:
                 load[(t, r)].append(loader_read(toy, 1024, args.window, t, r))
         assert all(r[2] == man.n_rows for runs in load.values() for r in runs), "loader served a wrong row count"
@@ -217,6 +237,11 @@ def main() -> None:
         rows += [
             (f"ideal gather (runs of {auto_runs} rows from the mmap, one thread, no loader; see ideal_gather)",
              f"{man.n_rows / ideal_s:,.0f} rows/s, {gb / ideal_s:.2f} GB/s; ratio to sequential {seq_s / ideal_s:.3f}"),
+        ]
+        alone_s = statistics.median(alone)
+        rows += [
+            ("loader's producer alone (no consumer thread; see producer_alone)",
+             f"{man.n_rows / alone_s:,.0f} rows/s, {gb / alone_s:.2f} GB/s; ratio to sequential {seq_s / alone_s:.3f}"),
         ]
         for t, r in variants:
             load_s = statistics.median(x[0] for x in load[(t, r)])
