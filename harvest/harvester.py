@@ -158,7 +158,11 @@ class _Forward:
         self.device, self.batch_size = device, batch_size
         self.row_start = plan.row_start
         self.row_end = self.row_start + plan.rows_per_seq
-        self.excluded = np.array(models.excluded_ids, dtype=np.int64)
+        # A lookup table of excluded ids: one gather per batch, ~10x cheaper than np.isin (which
+        # sorts; 63 of the ~345 us of this loop's per-batch overhead). Its last entry (False) stands
+        # for every id past the largest excluded one.
+        self.excluded = np.zeros(max(models.excluded_ids, default=-1) + 2, dtype=bool)
+        self.excluded[models.excluded_ids] = True
         # Resolved once: bridge.hook_dict rebuilds its alias table on every access (~3% of a
         # launch-bound GPU harvest's main thread when it ran per batch).
         self.hook_points = [[bridge.hook_dict[h] for h in hooks] for bridge in models.bridges]
@@ -193,7 +197,7 @@ class _Forward:
             # not torch: on these small arrays its per-call overhead is a fraction of torch's,
             # and with a small model on a GPU this loop's Python is what bounds the harvest.
             tokens_BS = np.stack(self.plan.input_ids[lo:hi]).astype(np.int64)
-            mask_BS = ~np.isin(tokens_BS, self.excluded)
+            mask_BS = ~self.excluded[np.minimum(tokens_BS, len(self.excluded) - 1)]
             rank_BS = mask_BS.cumsum(axis=1)  # 1-based rank of each included position
             row_BS = self.row_start[lo:hi, None] + rank_BS - 1
             mask_BS &= (rank_BS <= self.plan.rows_per_seq[lo:hi, None]) & (row_BS >= a) & (row_BS < b)
