@@ -80,7 +80,7 @@ class HarvestConfig:
     )
     exclude_token_ids: list[int] = field_help("Further token ids to exclude.", default_factory=list)
     write_threads: int | None = field_help(
-        "Threads writing shards (gather, sha256, write, fsync), while the next shuffle chunk fills. "
+        "Threads writing shards (sha256, write, fsync), while the next shuffle chunk fills. "
         "Default: a quarter of the CPUs, 1 to 4 (one core's sha256 runs at ~1 GB/s; a GPU harvest of "
         "a small model produces more than that).", default=None)
     progress: bool = field_help("Show progress bars.", default=True)

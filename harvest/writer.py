@@ -33,8 +33,8 @@ __all__ = ["Piece", "ShardWriterThread", "chunk_permutation", "default_write_thr
 
 def default_write_threads() -> int:
     """Shard-writing threads when none are asked for: a quarter of the CPUs, 1 to 4. One core
-    hashes ~1 GB/s (sha256) and gathers ~3 GB/s, so one thread caps a harvest at a few hundred
-    MB/s of rows; on small machines more threads would only take cores from the forward pass."""
+    hashes ~1 GB/s (sha256) and also writes and fsyncs, so one thread caps a harvest below that
+    in rows; on small machines more threads would only take cores from the forward pass."""
     return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 

@@ -51,13 +51,14 @@ def expand_sweep(path: str | Path, base: TrainConfig) -> list[TrainConfig]:
         raise ValueError(f"sweep file {path}: 'grid' must map config fields to non-empty lists of values")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     configs, names = [], []
+    grid = {k.replace("-", "_"): v for k, v in grid.items()}  # YAML may spell fields as CLI flags
     points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] if grid else [{}]
     for member in members:
         for point in points:
-            overrides = {k.replace("-", "_"): v for k, v in {**member, **point}.items()}
+            overrides = {**{k.replace("-", "_"): v for k, v in member.items()}, **point}
             given = overrides.pop("name", None)
             if given and len(points) > 1:  # one folder per grid point, not one name for all of them
-                name = f"{given}_{member_name({k.replace('-', '_'): v for k, v in point.items()})}"
+                name = f"{given}_{member_name(point)}"
             else:
                 name = given or member_name(overrides)
             bad = sorted(set(overrides) - fields)
