@@ -48,6 +48,9 @@ def resolve_model(name: str) -> ResolvedModel:
                 "(save_pretrained output)"
             )
         return ResolvedModel(name, str(local.resolve()), str(local.resolve()), None)
+    if name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1 or "\\" in name:
+        # Not a Hub id ("org/name"): the user meant a folder, so say that, not "invalid repo id".
+        raise HarvestInputError(f"model folder {local} does not exist (from {name!r}); check the path")
     base, _, revision = name.partition("@")
     return ResolvedModel(name, base, None, revision or None)
 

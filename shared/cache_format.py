@@ -241,7 +241,7 @@ class Manifest:
         if not path.is_file():
             raise CacheError(
                 f"{path} not found: {cache_dir} is not an activation cache (or its harvest "
-                "never wrote a shard); run `python run_harvest.py ... --out {cache_dir}` first"
+                f"never wrote a shard); run `python run_harvest.py ... --out {cache_dir}` first"
             )
         try:
             obj = json.loads(path.read_text())

@@ -195,6 +195,9 @@ def test_models_that_differ_are_refused_before_any_forward(toy_dirs, tmp_path):
     same = _tiny_model(tmp_path / "same", toy_dirs["toy-base"])
     assert harvest(small_harvest_config(tmp_path / "ok", models=["toy-base", str(same)], tokens=300)).complete
     _bad(tmp_path, "no config.json", models=[str(tmp_path)])
+    # A path that does not exist is named as a missing folder, not as an invalid Hub id.
+    _bad(tmp_path, "model folder .*nope does not exist", models=[str(tmp_path / "nope")])
+    _bad(tmp_path, "model folder .*typo does not exist", models=["./typo"])
 
 
 def test_context_dataset_and_output_errors(toy_dirs, tmp_path):

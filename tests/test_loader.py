@@ -559,8 +559,9 @@ def test_bad_cache_folders(tmp_path: Path) -> None:
     with pytest.raises(CacheError, match="does not exist"):
         ActivationLoader(tmp_path / "nowhere", 8)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CacheError, match="manifest.json not found"):
+    with pytest.raises(CacheError, match="manifest.json not found") as err:
         ActivationLoader(tmp_path / "empty", 8)
+    assert f"--out {tmp_path / 'empty'}` first" in str(err.value)  # the fix names the folder
     make_cache(tmp_path / "c", n_shards=3, rows_per_shard=32, d_model=8)
     (tmp_path / "c" / "shards" / "acts-00001.safetensors").unlink()
     with pytest.raises(CacheError, match="missing"):
