@@ -15,7 +15,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-__all__ = ["add_dataclass_arguments", "config_from_namespace", "load_config_file", "config_to_json", "field_help"]
+__all__ = ["add_dataclass_arguments", "config_from_namespace", "load_config_file", "config_to_json", "field_help",
+           "lone_names_as_lists"]
 
 T = TypeVar("T")
 
@@ -93,6 +94,18 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file {path} must hold a mapping of field names to values")
     # Accept dashed keys too (as written on the command line).
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def lone_names_as_lists(cfg: Any) -> None:
+    """Replace a plain string given to a ``list[str]`` field by a list of one, in place.
+
+    ``models="toy-base"`` (Python API, or ``models: toy-base`` in YAML) means one model; left as
+    a string it would be iterated as its characters. Call first thing in ``__post_init__``."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        tp, _ = _unwrap_optional(hints[f.name])
+        if get_origin(tp) is list and get_args(tp) == (str,) and isinstance(getattr(cfg, f.name), str):
+            object.__setattr__(cfg, f.name, [getattr(cfg, f.name)])  # frozen dataclasses too
 
 
 def _coerce(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:

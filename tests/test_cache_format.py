@@ -227,6 +227,22 @@ def test_config_cli_and_file(tmp_path):
         HarvestConfig(tokens=0)
     with pytest.raises(SystemExit):
         parser.parse_args(["--dtype", "int8"])
+    # A lone name (YAML `models: toy-base`, or the Python API) is a list of one, not its characters.
+    cfg_file.write_text("models: toy-base\nhooks: blocks.0.hook_resid_post\n")
+    cfg = config_from_namespace(HarvestConfig, parser.parse_args([]), cfg_file)
+    assert cfg.models == ["toy-base"] and cfg.hooks == ["blocks.0.hook_resid_post"]
+
+
+def test_lone_names_and_empty_lists_in_train_configs():
+    from train.analysis_config import AnalysisConfig
+    from train.config import TrainConfig
+
+    cfg = TrainConfig(cache="c", models="base", hooks="blocks.0.hook_resid_post")
+    assert cfg.models == ["base"] and cfg.hooks == ["blocks.0.hook_resid_post"]
+    assert TrainConfig(cache="c", arch="directional", in_hooks="a", out_hooks="b").in_hooks == ["a"]
+    with pytest.raises(ValueError, match="models: give at least one name"):
+        TrainConfig(cache="c", models=[])
+    assert AnalysisConfig(meta_columns="source").meta_columns == ["source"]
 
 
 @pytest.mark.parametrize(("cli", "argv"), [

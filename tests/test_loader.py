@@ -150,6 +150,11 @@ def test_model_hook_selection_in_order_asked(cache: Path) -> None:
         assert acts.shape[1:] == (2, 2, 8) and acts.dtype == torch.bfloat16
         check_tags(acts, index, [1, 0], [2, 0])
     assert ActivationLoader(cache, 50, hooks=["blocks.1.hook_resid_post"]).normalization().scale_MP.shape == (2, 1)
+    # A lone name is a list of one (not its characters).
+    lone = ActivationLoader(cache, 50, models="model1", hooks="blocks.2.hook_resid_post", with_index=True)
+    acts, index = next(iter(lone))
+    assert acts.shape[1:] == (1, 1, 8)
+    check_tags(acts, index, [1], [2])
 
 
 def test_values_equal_the_stored_rows(cache: Path) -> None:
@@ -614,6 +619,8 @@ def test_verify_checks_checksums(tmp_path: Path) -> None:
         (dict(eval_shards=6), "eval_shards"),
         (dict(dtype=torch.int32), "floating"),
         (dict(models=["model0", "model0"]), "must not repeat"),
+        (dict(models=[]), "must each name at least one"),
+        (dict(hooks=()), "must each name at least one"),
         (dict(batch_size=400, world_size=2, drop_last=True), "no batch"),
         (dict(run_rows=0), "run_rows must be None or an integer >= 1"),
         (dict(run_rows=2.5), "run_rows"),

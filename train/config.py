@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from shared.config import config_to_json, field_help
+from shared.config import config_to_json, field_help, lone_names_as_lists
 
 __all__ = ["TrainConfig", "RESUME_FIELDS", "DEFAULT_SPARSITY"]
 
@@ -97,6 +97,7 @@ class TrainConfig:
     progress: bool = field_help("Show progress bars.", default=True)
 
     def __post_init__(self) -> None:
+        lone_names_as_lists(self)
         for name in ("steps", "batch_size", "latents", "log_every", "checkpoint_every", "keep_checkpoints", "window",
                      "eval_batches"):
             if getattr(self, name) < 1:
@@ -127,6 +128,9 @@ class TrainConfig:
             raise ValueError(f"--arch {self.arch} needs --in-hooks and --out-hooks")
         if self.arch != "crosscoder" and self.hooks:
             raise ValueError(f"--hooks is for crosscoders; --arch {self.arch} uses --in-hooks/--out-hooks")
+        for name in ("models", "hooks"):
+            if getattr(self, name) is not None and not getattr(self, name):
+                raise ValueError(f"{name}: give at least one name, or leave it out to use all of the cache's")
         if self.max_shards is not None and self.max_shards < 1:
             raise ValueError(f"max_shards must be >= 1, got {self.max_shards}")
         if self.dead_tokens is not None and self.dead_tokens < 1:

@@ -123,8 +123,8 @@ class ActivationLoader:
         cache: str | Path | Cache,
         batch_size: int,
         *,
-        models: Sequence[str] | None = None,
-        hooks: Sequence[str] | None = None,
+        models: str | Sequence[str] | None = None,
+        hooks: str | Sequence[str] | None = None,
         split: str = "train",
         seed: int = 0,
         epochs: int = 1,
@@ -163,9 +163,12 @@ class ActivationLoader:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device} asked for but CUDA is not available")
 
-        # Slot selection: names -> cache indices, in the order asked.
-        self.models = list(man.model_names if models is None else models)
-        self.hooks = list(man.hooks if hooks is None else hooks)
+        # Slot selection: names -> cache indices, in the order asked (a lone name is a list of one).
+        self.models = list(man.model_names if models is None else [models] if isinstance(models, str) else models)
+        self.hooks = list(man.hooks if hooks is None else [hooks] if isinstance(hooks, str) else hooks)
+        if not self.models or not self.hooks:
+            raise ValueError(f"models {self.models} and hooks {self.hooks} must each name at least one "
+                             "(None serves all of the cache's)")
         if len(set(self.models)) < len(self.models) or len(set(self.hooks)) < len(self.hooks):
             raise ValueError(f"models {self.models} and hooks {self.hooks} must not repeat a name")
         self.model_ids = [_lookup("model", name, man.model_names) for name in self.models]
