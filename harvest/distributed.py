@@ -277,7 +277,7 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int) -> Manifest:
         plan = build_token_plan(
             dataset=cfg.dataset, split=cfg.split, text_column=cfg.text_column, meta_columns=cfg.meta_columns,
             seed=cfg.seed, tokenizer=models.tokenizer, context_size=cfg.context_size, bos_id=models.bos_id,
-            eos_id=models.eos_id, excluded_ids=models.excluded_ids, n_rows=cfg.tokens,
+            eos_id=models.eos_id, excluded_ids=models.excluded_ids, n_rows=cfg.tokens, n_vocab=models.n_vocab,
         )
         if is0:
             write_token_table(out, [x.tolist() for x in plan.input_ids], plan.metadata)

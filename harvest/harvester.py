@@ -284,7 +284,7 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
         plan = build_token_plan(
             dataset=cfg.dataset, split=cfg.split, text_column=cfg.text_column, meta_columns=cfg.meta_columns,
             seed=cfg.seed, tokenizer=models.tokenizer, context_size=cfg.context_size, bos_id=models.bos_id,
-            eos_id=models.eos_id, excluded_ids=models.excluded_ids, n_rows=cfg.tokens,
+            eos_id=models.eos_id, excluded_ids=models.excluded_ids, n_rows=cfg.tokens, n_vocab=models.n_vocab,
         )
         write_token_table(out, [x.tolist() for x in plan.input_ids], plan.metadata)
         # Calibration: the first rows of the (seeded, shuffled-by-document) stream. Their

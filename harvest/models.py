@@ -101,6 +101,7 @@ class LoadedModels:
     excluded_ids: list[int]
     bos_id: int | None
     eos_id: int | None
+    n_vocab: int  # token ids the models can embed: the smallest embedding table (pre-tokenized data is checked against it)
 
     def manifest_models(self) -> list[dict[str, Any]]:
         return [
@@ -235,4 +236,5 @@ def load_models(
                     f"(batch, pos, ...); v1 caches need [batch, pos, d_model={d_model}] for every "
                     "hook: choose residual-stream-width hooks (hook_resid_*, hook_mlp_out, hook_attn_out)"
                 )
-    return LoadedModels(bridges, resolved, tokenizer, d_model, stop, sorted(excluded), bos_id, eos_id)
+    n_vocab = min(int(b.cfg.d_vocab) for b in bridges)
+    return LoadedModels(bridges, resolved, tokenizer, d_model, stop, sorted(excluded), bos_id, eos_id, n_vocab)

@@ -97,9 +97,17 @@ def iter_documents(dataset: str, split: str = "train", seed: int = 0) -> Iterato
     yield from ds.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
 
 
-def _doc_tokens(batch: list[dict[str, Any]], tokenizer: Any, text_column: str) -> list[list[int]]:
+def _doc_tokens(batch: list[dict[str, Any]], tokenizer: Any, text_column: str, n_vocab: int) -> list[list[int]]:
     if "input_ids" in batch[0]:
-        return [list(map(int, d["input_ids"])) for d in batch]
+        docs = [list(map(int, d["input_ids"])) for d in batch]
+        for ids in docs:
+            if ids and (min(ids) < 0 or max(ids) >= n_vocab):  # else a bare IndexError in the forward, later
+                bad = [i for i in ids if not 0 <= i < n_vocab]
+                raise HarvestInputError(
+                    f"pre-tokenized input_ids hold id {bad[0]} ({len(bad)} such id(s) in one document), outside the "
+                    f"models' vocabulary [0, {n_vocab}); the ids must come from the models' own tokenizer"
+                )
+        return docs
     if text_column not in batch[0]:
         raise HarvestInputError(
             f"dataset rows have no text column {text_column!r} (columns: {sorted(batch[0])}); "
@@ -122,13 +130,18 @@ def build_token_plan(
     eos_id: int | None,
     excluded_ids: list[int],
     n_rows: int,
+    n_vocab: int | None = None,
 ) -> TokenPlan:
     """Pack documents into sequences until they hold ``n_rows`` non-excluded tokens.
+
+    ``n_vocab``: ids the models can embed (default ``len(tokenizer)``); pre-tokenized ids outside
+    ``[0, n_vocab)`` are refused.
 
     The last sequence may contribute only part of its rows, so the plan holds exactly
     ``n_rows`` rows. Raises :class:`HarvestInputError` for an empty or too small dataset.
     """
     excluded = np.array(sorted(excluded_ids), dtype=np.int64)
+    n_vocab = len(tokenizer) if n_vocab is None else n_vocab
     body = context_size - (1 if bos_id is not None else 0)
     plan = TokenPlan([])
     counts: list[int] = []
@@ -162,7 +175,7 @@ def build_token_plan(
                 if name not in batch[0]:
                     raise HarvestInputError(f"meta column {name!r} not in dataset columns {sorted(batch[0])}")
             plan.metadata = {n: [] for n in meta_names}
-        for doc, ids in zip(batch, _doc_tokens(batch, tokenizer, text_column)):
+        for doc, ids in zip(batch, _doc_tokens(batch, tokenizer, text_column, n_vocab)):
             n_docs += 1
             key = tuple(doc[n] for n in meta_names)
             if bos_id is not None and len(ids) == context_size and ids[0] == bos_id:

@@ -92,6 +92,17 @@ def test_local_text_jsonl_parquet_and_pretokenized(tokenizer, tmp_path):
     assert all(len(x) == 32 and x[0] == 0 for x in p_short.input_ids)
 
 
+@pytest.mark.parametrize("bad_id", [-5, 4096, 10**6])
+def test_pretokenized_ids_outside_the_vocabulary_are_refused(tokenizer, tmp_path, bad_id):
+    path = tmp_path / "oov.jsonl"
+    path.write_text("\n".join(json.dumps({"input_ids": [5, 6, bad_id, 7] * 20}) for _ in range(5)))
+    with pytest.raises(HarvestInputError, match=rf"id {bad_id} \(20 such id\(s\) in one document\).*\[0, {len(tokenizer)}\)"):
+        _plan(tokenizer, str(path), n_rows=50)
+    # The bound is the models' embedding table when given (it may exceed the tokenizer's length).
+    if bad_id == len(tokenizer):
+        assert len(_plan(tokenizer, str(path), n_rows=50, n_vocab=len(tokenizer) + 1).input_ids) >= 1
+
+
 def test_metadata_travels_into_the_token_table(toy_dirs, tmp_path):
     from conftest import small_harvest_config
     from harvest.harvester import harvest
