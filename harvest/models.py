@@ -211,6 +211,10 @@ def load_models(
     bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos_id
     excluded = set(exclude_token_ids or [])
+    n_vocab = min(int(b.cfg.d_vocab) for b in bridges)
+    outside = sorted(i for i in excluded if not 0 <= i < n_vocab)
+    if outside:  # a typo would otherwise exclude nothing, silently
+        raise HarvestInputError(f"--exclude-token-ids {outside} lie outside the models' vocabulary [0, {n_vocab})")
     if exclude_special:
         excluded |= set(int(i) for i in tokenizer.all_special_ids)
         if bos_id is not None:
@@ -236,5 +240,4 @@ def load_models(
                     f"(batch, pos, ...); v1 caches need [batch, pos, d_model={d_model}] for every "
                     "hook: choose residual-stream-width hooks (hook_resid_*, hook_mlp_out, hook_attn_out)"
                 )
-    n_vocab = min(int(b.cfg.d_vocab) for b in bridges)
     return LoadedModels(bridges, resolved, tokenizer, d_model, stop, sorted(excluded), bos_id, eos_id, n_vocab)

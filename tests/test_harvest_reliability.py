@@ -208,6 +208,9 @@ def test_context_dataset_and_output_errors(toy_dirs, tmp_path):
     _bad(tmp_path, "does not exist", dataset=str(tmp_path / "missing.jsonl"))
     _bad(tmp_path, "holds only .* usable tokens", dataset="builtin:docs", split="eval", tokens=10_000_000)
     _bad(tmp_path, "not enough disk", tokens=10**13)
+    _bad(tmp_path, r"--exclude-token-ids \[4096, 99999\] lie outside the models' vocabulary \[0, 4096\)",
+         exclude_token_ids=[7, 4096, 99999])
+    _bad(tmp_path, "unknown device 'tpu'; use auto, cpu, cuda or cuda:N", device="tpu")
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
