@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from shared.config import config_to_json, field_help, lone_names_as_lists
+from shared.config import config_to_json, field_help, coerce_field_types
 from shared.normalization import NORM_METHODS
 
 __all__ = ["HarvestConfig", "CONTENT_FIELDS"]
@@ -89,7 +89,7 @@ class HarvestConfig:
         "reported by torchrun at once). Default: $CROSSCACHE_DIST_TIMEOUT or 300.", default=None)
 
     def __post_init__(self) -> None:
-        lone_names_as_lists(self)
+        coerce_field_types(self)
         if not self.models:
             raise ValueError("models: give at least one model")
         if len(set(self.models)) != len(self.models):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 __all__ = ["add_dataclass_arguments", "config_from_namespace", "load_config_file", "config_to_json", "field_help",
-           "lone_names_as_lists"]
+           "coerce_field_types"]
 
 T = TypeVar("T")
 
@@ -96,16 +96,80 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def lone_names_as_lists(cfg: Any) -> None:
-    """Replace a plain string given to a ``list[str]`` field by a list of one, in place.
+def coerce_field_types(cfg: Any) -> None:
+    """Check every field of a config dataclass against its type hint, converting in place what a
+    config file or sweep spells loosely; raise ValueError naming the field otherwise.
 
-    ``models="toy-base"`` (Python API, or ``models: toy-base`` in YAML) means one model; left as
-    a string it would be iterated as its characters. Call first thing in ``__post_init__``."""
+    Why: YAML reads ``lr: 1e-4`` as the *string* "1e-4" (YAML 1.1 floats need a dot), and
+    ``models: toy-base`` as a string that would be iterated as its characters. Accepted: numeric
+    strings for int/float fields (an int must be integral: ``steps: 1e3`` is 1000), ints for
+    floats, a lone string for a ``list[str]``, lists for tuples. Call first thing in
+    ``__post_init__`` (works on frozen dataclasses too).
+    """
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
-        tp, _ = _unwrap_optional(hints[f.name])
-        if get_origin(tp) is list and get_args(tp) == (str,) and isinstance(getattr(cfg, f.name), str):
-            object.__setattr__(cfg, f.name, [getattr(cfg, f.name)])  # frozen dataclasses too
+        value = getattr(cfg, f.name)
+        converted = _convert(value, hints[f.name], f.name)
+        if converted is not value:
+            object.__setattr__(cfg, f.name, converted)
+
+
+def _convert(value: Any, hint: Any, name: str) -> Any:
+    tp, optional = _unwrap_optional(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name}: a value is required (got null/None)")
+    origin = get_origin(tp)
+
+    def bad(expected: str) -> ValueError:
+        return ValueError(f"{name}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad("true or false")
+    if tp in (int, float):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip().replace("_", ""))
+            except ValueError:
+                raise bad("an integer" if tp is int else "a number") from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise bad("an integer" if tp is int else "a number")
+        if tp is float:
+            return value if type(value) is float else float(number)
+        if isinstance(number, float):
+            if not number.is_integer():
+                raise bad("an integer")
+            return int(number)
+        return value
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad("a string")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise bad("one of " + ", ".join(repr(c) for c in get_args(tp)))
+    if origin in (list, tuple):
+        args = get_args(tp)
+        if isinstance(value, str) and origin is list:
+            value = [value]  # a lone name is a list of one
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise bad(f"{len(args)} values")
+            items = [_convert(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            elem = args[0] if args else Any
+            items = [_convert(v, elem, f"{name}[{i}]") for i, v in enumerate(value)]
+        if origin is tuple:
+            return tuple(items)
+        return value if isinstance(value, list) and all(a is b for a, b in zip(items, value)) else items
+    return value  # other types (Any, ...) are the config's own business
 
 
 def _coerce(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:

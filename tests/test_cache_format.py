@@ -233,6 +233,32 @@ def test_config_cli_and_file(tmp_path):
     assert cfg.models == ["toy-base"] and cfg.hooks == ["blocks.0.hook_resid_post"]
 
 
+def test_config_files_spelled_loosely_are_converted_or_refused_by_field(tmp_path):
+    import argparse
+
+    from shared.config import add_dataclass_arguments, config_from_namespace
+    from train.config import TrainConfig
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, TrainConfig)
+    f = tmp_path / "t.yaml"
+    # PyYAML reads 1e-4 and 1e3 as strings (YAML 1.1 floats need a dot).
+    f.write_text("cache: c\nlr: 1e-4\nsteps: 1e3\nbetas: [0.9, 1e-1]\nlatents: 64.0\n")
+    cfg = config_from_namespace(TrainConfig, parser.parse_args([]), f)
+    assert (cfg.lr, cfg.steps, cfg.betas, cfg.latents) == (1e-4, 1000, (0.9, 0.1), 64)
+    assert type(cfg.steps) is int and type(cfg.lr) is float and type(cfg.latents) is int
+    for text, match in [("lr: fast", "lr: expected a number, got 'fast'"),
+                        ("steps: 10.5", "steps: expected an integer, got 10.5"),
+                        ("steps: true", "steps: expected an integer, got True"),
+                        ("betas: [0.9]", "betas: expected 2 values"),
+                        ("arch: foo", "arch: expected one of 'crosscoder', 'directional', 'clt'"),
+                        ("hooks: 5", "hooks: expected a list, got 5"),
+                        ("autocast: 1", "autocast: expected true or false")]:
+        f.write_text("cache: c\n" + text + "\n")
+        with pytest.raises(ValueError, match=match):
+            config_from_namespace(TrainConfig, parser.parse_args([]), f)
+
+
 def test_lone_names_and_empty_lists_in_train_configs():
     from train.analysis_config import AnalysisConfig
     from train.config import TrainConfig

@@ -46,6 +46,9 @@ def test_sweep_file_expands_grid_and_members(tmp_path):
     f.write_text("members:\n  - {latentz: 3}\n")
     with pytest.raises(ValueError, match=r"unknown config field\(s\) \['latentz'\]"):
         expand_sweep(f, base)
+    # YAML 1.1 reads 1e-4 as a string: a learning-rate grid still gives float configs.
+    f.write_text("grid:\n  lr: [1e-4, 3e-4]\n")
+    assert [c.lr for c in expand_sweep(f, base)] == [1e-4, 3e-4]
 
 
 def test_named_member_crossed_with_a_grid_gets_a_folder_per_point(tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import field_help, lone_names_as_lists
+from shared.config import field_help, coerce_field_types
 
 __all__ = ["AnalysisConfig"]
 
@@ -50,7 +50,7 @@ class AnalysisConfig:
     progress: bool = field_help("Show a progress bar.", default=True)
 
     def __post_init__(self) -> None:
-        lone_names_as_lists(self)
+        coerce_field_types(self)
         if not 0 <= self.base_only_max < self.shared_min <= self.shared_max < self.ft_only_min <= 1:
             raise ValueError("thresholds must satisfy 0 <= base_only_max < shared_min <= shared_max < ft_only_min "
                              f"<= 1, got {self.base_only_max}, {self.shared_min}, {self.shared_max}, "

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from shared.config import config_to_json, field_help, lone_names_as_lists
+from shared.config import config_to_json, field_help, coerce_field_types
 
 __all__ = ["TrainConfig", "RESUME_FIELDS", "DEFAULT_SPARSITY"]
 
@@ -97,7 +97,7 @@ class TrainConfig:
     progress: bool = field_help("Show progress bars.", default=True)
 
     def __post_init__(self) -> None:
-        lone_names_as_lists(self)
+        coerce_field_types(self)
         for name in ("steps", "batch_size", "latents", "log_every", "checkpoint_every", "keep_checkpoints", "window",
                      "eval_batches"):
             if getattr(self, name) < 1:
