@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import numbers
+import os
 import types
 import typing
 from pathlib import Path
@@ -103,7 +105,7 @@ def coerce_field_types(cfg: Any) -> None:
     Why: YAML reads ``lr: 1e-4`` as the *string* "1e-4" (YAML 1.1 floats need a dot), and
     ``models: toy-base`` as a string that would be iterated as its characters. Accepted: numeric
     strings for int/float fields (an int must be integral: ``steps: 1e3`` is 1000), ints for
-    floats, a lone string for a ``list[str]``, lists for tuples. Call first thing in
+    floats, paths for strings, a lone string for a ``list[str]``, lists for tuples. Call first thing in
     ``__post_init__`` (works on frozen dataclasses too).
     """
     hints = typing.get_type_hints(type(cfg))
@@ -126,8 +128,8 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
         return ValueError(f"{name}: expected {expected}, got {value!r} ({type(value).__name__})")
 
     if tp is bool:
-        if isinstance(value, bool):
-            return value
+        if isinstance(value, bool) or getattr(value, "dtype", None) == bool:  # numpy's bool_ too
+            return bool(value)
         raise bad("true or false")
     if tp in (int, float):
         number = value
@@ -136,18 +138,21 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
                 number = float(value.strip().replace("_", ""))
             except ValueError:
                 raise bad("an integer" if tp is int else "a number") from None
-        if isinstance(number, bool) or not isinstance(number, (int, float)):
+        # numbers.Real/Integral: numpy scalars (np.int64 is no int) count as numbers too.
+        if isinstance(number, bool) or getattr(number, "dtype", None) == bool or not isinstance(number, numbers.Real):
             raise bad("an integer" if tp is int else "a number")
         if tp is float:
             return value if type(value) is float else float(number)
-        if isinstance(number, float):
-            if not number.is_integer():
+        if not isinstance(number, numbers.Integral):
+            if not float(number).is_integer():
                 raise bad("an integer")
             return int(number)
-        return value
+        return value if type(value) is int else int(number)
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, os.PathLike):  # out=Path("caches/x") from Python
+            return os.fspath(value)
         raise bad("a string")
     if origin is Literal:
         if value in get_args(tp):

@@ -263,6 +263,11 @@ def test_lone_names_and_empty_lists_in_train_configs():
     from train.analysis_config import AnalysisConfig
     from train.config import TrainConfig
 
+    assert TrainConfig(cache=Path("caches") / "c", out=Path("runs/x")).cache == str(Path("caches") / "c")
+    import numpy as np
+
+    numpy_cfg = TrainConfig(cache="c", latents=np.int64(64), lr=np.float32(0.5), autocast=np.bool_(False))
+    assert (type(numpy_cfg.latents), type(numpy_cfg.lr), numpy_cfg.autocast) == (int, float, False)
     cfg = TrainConfig(cache="c", models="base", hooks="blocks.0.hook_resid_post")
     assert cfg.models == ["base"] and cfg.hooks == ["blocks.0.hook_resid_post"]
     assert TrainConfig(cache="c", arch="directional", in_hooks="a", out_hooks="b").in_hooks == ["a"]
