@@ -134,10 +134,14 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
     if tp in (int, float):
         number = value
         if isinstance(value, str):
+            text = value.strip().replace("_", "")
             try:
-                number = float(value.strip().replace("_", ""))
+                number = int(text)  # exact for big integers, which float() would round
             except ValueError:
-                raise bad("an integer" if tp is int else "a number") from None
+                try:
+                    number = float(text)
+                except ValueError:
+                    raise bad("an integer" if tp is int else "a number") from None
         # numbers.Real/Integral: numpy scalars (np.int64 is no int) count as numbers too.
         if isinstance(number, bool) or getattr(number, "dtype", None) == bool or not isinstance(number, numbers.Real):
             raise bad("an integer" if tp is int else "a number")
@@ -162,6 +166,8 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
         args = get_args(tp)
         if isinstance(value, str) and origin is list:
             value = [value]  # a lone name is a list of one
+        elif hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
+            value = value.tolist()  # a numpy array or tensor of ids
         if not isinstance(value, (list, tuple)):
             raise bad("a list")
         if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
