@@ -41,7 +41,7 @@ def _verify(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     report = verify_cache(args.cache, checksums=not args.no_checksums, progress=True)
     if report.ok:
-        print(f"OK: {args.cache}: {report.n_shards} shards, {report.n_rows:,} rows match the manifest")
+        print(f"OK: {args.cache}: {report.n_shards} shard{'s' * (report.n_shards != 1)}, {report.n_rows:,} rows match the manifest")
         return 0
     print(f"FAILED: {args.cache}: {len(report.problems)} problem(s):", file=sys.stderr)
     for problem in report.problems:

@@ -198,7 +198,7 @@ def harvest_distributed(cfg: HarvestConfig, *, dist_timeout: float | None = None
 
 def _run(cfg: HarvestConfig, group: Group, local_rank: int) -> Manifest:
     from harvest.harvester import (
-        HarvestLayout, _existing_manifest, _Forward, _new_manifest, _plan_from_table,
+        HarvestLayout, _existing_manifest, _Forward, _new_manifest, _plan_from_table, _shards,
         check_free_disk, progress_bar,
     )
 
@@ -222,7 +222,7 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int) -> Manifest:
             assert existing is not None
             for p in out.glob(RANK_MANIFEST_GLOB):
                 p.unlink(missing_ok=True)  # left by a run stopped right after its merge
-            say(f"{out}: harvest already complete ({existing.n_rows:,} rows in {len(existing.shards)} shards)")
+            say(f"{out}: harvest already complete ({existing.n_rows:,} rows in {_shards(len(existing.shards))})")
         return Manifest.load(out)
 
     # 2. every rank loads the models.
@@ -419,7 +419,7 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int) -> Manifest:
     if is0:
         assert final is not None
         seconds = time.perf_counter() - t0
-        print(f"harvested {final.n_rows:,} rows into {len(final.shards)} shards at {out} with {_procs(world)} "
+        print(f"harvested {final.n_rows:,} rows into {_shards(len(final.shards))} at {out} with {_procs(world)} "
               f"({final.created_by['last_run']['rows'] / max(seconds, 1e-9):,.0f} tokens/s this run)")
         return final
     return Manifest.load(out)

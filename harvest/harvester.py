@@ -88,6 +88,10 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} PB"
 
 
+def _shards(n: int) -> str:
+    return f"{n} shard{'s' * (n != 1)}"
+
+
 def _existing_manifest(out: Path, cfg: HarvestConfig) -> Manifest | None:
     """The manifest of a resumable harvest of the same config, or None for a fresh start."""
     if not out.exists():
@@ -248,7 +252,7 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
     out = Path(cfg.out)
     existing = _existing_manifest(out, cfg)
     if existing is not None and existing.complete:
-        print(f"{out}: harvest already complete ({existing.n_rows:,} rows in {len(existing.shards)} shards)")
+        print(f"{out}: harvest already complete ({existing.n_rows:,} rows in {_shards(len(existing.shards))})")
         return existing
     if existing is not None and any(out.glob(RANK_MANIFEST_GLOB)):
         raise HarvestInputError(
@@ -279,7 +283,7 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
         existing.shards = existing.shards[: start_chunk * layout.shuffle_shards]
         manifest, held = existing, []
         t_forward = time.perf_counter()
-        print(f"resuming {out}: {len(manifest.shards)} shards already written, from chunk {start_chunk} of {layout.n_chunks}")
+        print(f"resuming {out}: {_shards(len(manifest.shards))} already written, from chunk {start_chunk} of {layout.n_chunks}")
     else:
         plan = build_token_plan(
             dataset=cfg.dataset, split=cfg.split, text_column=cfg.text_column, meta_columns=cfg.meta_columns,
@@ -332,7 +336,7 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
                                        "rows": final_rows_this_run(manifest, start_chunk, layout), "device": str(device),
                                        "final_flush_seconds": round(thread.flush_seconds, 3)}
     final = writer.finish()
-    print(f"harvested {final.n_rows:,} rows into {len(final.shards)} shards at {out} "
+    print(f"harvested {final.n_rows:,} rows into {_shards(len(final.shards))} at {out} "
           f"({final.n_rows / max(seconds, 1e-9):,.0f} tokens/s this run)")
     return final
 
