@@ -7,6 +7,9 @@ One run, same process, same batches, same dtype, stopped at the same layer:
   write-time shuffle, shard writes, sha256, manifest), timed from its first forward pass.
 Bare passes and harvests alternate; each harvest is compared with the mean of the bare passes
 just before and after it, and the median of those ratios is reported (machines are noisy).
+A third pass, "capture" (the harvest's device work with no writer: hooks, row selection,
+normalization, the cast and the host copy; nothing shuffled, hashed or written), splits the gap
+into what capturing rows costs and what writing them costs.
 Prints one table and appends it to bench/RESULTS.md. Target: ratio >= 0.90 (CPU, toy pair),
 >= 0.95 on a GPU with a pythia-70m-sized model. The toy pair reads ``builtin:mixed`` (~276k
 usable tokens); the pythia-70m-sized pair (random weights) reads random token ids written to a
@@ -25,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,10 +38,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from harvest.config import HarvestConfig  # noqa: E402
-from harvest.harvester import harvest  # noqa: E402
+from harvest.harvester import _Forward, _plan_from_table, harvest  # noqa: E402
 from harvest.models import load_models, resolve_device  # noqa: E402
 from harvest.writer import default_write_threads  # noqa: E402
 from shared.cache_format import Manifest, dtype_from_name  # noqa: E402
+from shared.normalization import Normalization  # noqa: E402
 from shared.token_table import read_token_table  # noqa: E402
 
 
@@ -96,6 +101,43 @@ def bare_forward_seconds(cfg: HarvestConfig, cache_dir: Path) -> float:
         return time.perf_counter() - t
 
 
+def capture_seconds(cfg: HarvestConfig, cache_dir: Path) -> float:
+    """The harvest's own per-batch work with no writer, from freshly loaded models: each batch's
+    forward with the hooks, row selection, normalization, the cast to the storage dtype and, on
+    CUDA, the copy into pinned host memory on a side stream (at most 8 batches in flight, as the
+    writer's queue allows). Nothing is shuffled, hashed or written. Seconds."""
+    device = resolve_device(cfg.device)
+    models = load_models(cfg.models, cfg.hooks, context_size=cfg.context_size, device=device,
+                         model_dtype=dtype_from_name(cfg.model_dtype), exclude_special=cfg.exclude_special,
+                         exclude_token_ids=cfg.exclude_token_ids)
+    manifest = Manifest.load(cache_dir)
+    plan = _plan_from_table(cache_dir, manifest, models.excluded_ids)
+    norm = Normalization.from_manifest(cache_dir, manifest.normalization).to(device)
+    storage = dtype_from_name(cfg.dtype)
+    forward = _Forward(models, plan, cfg.hooks, device, cfg.batch_size)
+    cuda = device.type == "cuda"
+    stream = torch.cuda.Stream(device) if cuda else None
+    in_flight: deque = deque()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _first, acts_NMPD, *_ in forward.rows(0, cfg.tokens):
+        rows_NMPD = norm.apply(acts_NMPD).to(storage)
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                host = torch.empty(rows_NMPD.shape, dtype=rows_NMPD.dtype, pin_memory=True)
+                host.copy_(rows_NMPD, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(stream)
+            rows_NMPD.record_stream(stream)
+            in_flight.append((done, host))
+            if len(in_flight) > 8:
+                in_flight.popleft()[0].synchronize()
+    sync()
+    return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=None, help="rows to harvest (default 200k toy, 2M pythia-70m)")
@@ -121,6 +163,7 @@ def main() -> None:
         # Warm the page cache and the toy build; measured harvests go to fresh folders.
         harvest(HarvestConfig(**{**cfg.__dict__, "tokens": min(tokens, 5000), "out": str(Path(tmp) / "warm")}))
         harvest_runs, bare_runs, pair_ratios, flushes = [], [], [], []
+        capture_runs, capture_ratios = [], []
         bare_before = None
         for r in range(args.repeats):  # interleaved, so background load hits both alike
             run_cfg = HarvestConfig(**{**cfg.__dict__, "out": str(Path(tmp) / f"cache{r}")})
@@ -135,6 +178,8 @@ def main() -> None:
             # Each harvest against the mean of the bare passes just before and after it: this VM's
             # speed drifts by 10-20% over a minute, and neighbours in time see the same drift.
             pair_ratios.append((bare_before + bare_after) / 2 / harvest_runs[-1])
+            capture_runs.append(capture_seconds(run_cfg, Path(run_cfg.out)))
+            capture_ratios.append(bare_after / capture_runs[-1])  # its neighbour in time
             bare_before = bare_after
         harvest_s, bare = statistics.median(harvest_runs), statistics.median(bare_runs)
         device = run["device"]
@@ -153,6 +198,12 @@ def main() -> None:
         ("ratio harvest / bare (median over harvests, each against the bare passes around it)",
          f"{ratio:.3f}  (target >= {target}; per harvest: {', '.join(f'{x:.3f}' for x in pair_ratios)}; "
          f"ratio of the medians {bare / harvest_s:.3f})"),
+        ("capture only (hooks, row selection, normalization, cast, host copy; no writer) tokens/s (median)",
+         f"{tokens / statistics.median(capture_runs):,.0f}  (runs: {', '.join(f'{s:.2f}s' for s in capture_runs)})"),
+        ("ratio capture / bare (median, each against the bare pass before it): the cost of capturing rows",
+         f"{statistics.median(capture_ratios):.3f}  (per run: {', '.join(f'{x:.3f}' for x in capture_ratios)})"),
+        ("ratio harvest / capture (of the medians): the cost of writing them (shuffle, sha256, disk, final flush, "
+         "the writer's share of the CPU)", f"{statistics.median(capture_runs) / harvest_s:.3f}"),
     ]
     machine = f"{platform.node() or 'unknown'}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, device {device}"
     if device.startswith("cuda"):
