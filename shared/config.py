@@ -183,7 +183,9 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
     return value  # other types (Any, ...) are the config's own business
 
 
-def _coerce(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+def _known_fields(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """``values``, refused if a key is not a field of ``cls`` (types are checked by the config's
+    ``__post_init__``, :func:`coerce_field_types`)."""
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - names)
     if unknown:
@@ -192,23 +194,16 @@ def _coerce(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
         hints = {u: difflib.get_close_matches(u, names, n=1) for u in unknown}
         msg = ", ".join(f"{u!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for u, h in hints.items())
         raise ValueError(f"{source}: unknown {cls.__name__} field(s): {msg}")
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for k, v in values.items():
-        tp, _ = _unwrap_optional(hints[k])
-        if get_origin(tp) is tuple and isinstance(v, list):
-            v = tuple(v)
-        out[k] = v
-    return out
+    return values
 
 
 def config_from_namespace(cls: type[T], ns: argparse.Namespace, config_file: str | Path | None = None) -> T:
     """Build ``cls`` from defaults, an optional config file, then the flags present in ``ns``."""
     values: dict[str, Any] = {}
     if config_file:
-        values.update(_coerce(cls, load_config_file(config_file), str(config_file)))
+        values.update(_known_fields(cls, load_config_file(config_file), str(config_file)))
     names = {f.name for f in dataclasses.fields(cls) if f.init}
-    values.update(_coerce(cls, {k: v for k, v in vars(ns).items() if k in names}, "command line"))
+    values.update({k: v for k, v in vars(ns).items() if k in names})
     return cls(**values)
 
 
