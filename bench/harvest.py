@@ -39,8 +39,8 @@ import torch  # noqa: E402
 
 from harvest.config import HarvestConfig  # noqa: E402
 from harvest.harvester import _Forward, _plan_from_table, harvest  # noqa: E402
-from harvest.models import load_models, resolve_device  # noqa: E402
-from harvest.writer import default_write_threads  # noqa: E402
+from harvest.models import LoadedModels, load_models, resolve_device  # noqa: E402
+from harvest.writer import copy_to_host_async, default_write_threads  # noqa: E402
 from shared.cache_format import Manifest, dtype_from_name  # noqa: E402
 from shared.normalization import Normalization  # noqa: E402
 from shared.token_table import read_token_table  # noqa: E402
@@ -80,11 +80,17 @@ def random_token_dataset(path: Path, tokens: int, context_size: int, low: int = 
     return str(path)
 
 
+def fresh_models(cfg: HarvestConfig) -> tuple[torch.device, LoadedModels]:
+    """The harvest's models, loaded afresh as ``harvest()`` loads them."""
+    device = resolve_device(cfg.device)
+    return device, load_models(cfg.models, cfg.hooks, context_size=cfg.context_size, device=device,
+                               model_dtype=dtype_from_name(cfg.model_dtype), exclude_special=cfg.exclude_special,
+                               exclude_token_ids=cfg.exclude_token_ids)
+
+
 def bare_forward_seconds(cfg: HarvestConfig, cache_dir: Path) -> float:
     """Time each model's plain forward over the harvest's own batches (no hooks), from freshly loaded models."""
-    device = resolve_device(cfg.device)
-    models = load_models(cfg.models, cfg.hooks, context_size=cfg.context_size, device=device,
-                         model_dtype=dtype_from_name(cfg.model_dtype))
+    device, models = fresh_models(cfg)
     ids = read_token_table(cache_dir).column("input_ids").to_pylist()
     batches = [torch.tensor(np.array(ids[i : i + cfg.batch_size])) for i in range(0, len(ids), cfg.batch_size)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -106,10 +112,7 @@ def capture_seconds(cfg: HarvestConfig, cache_dir: Path) -> float:
     forward with the hooks, row selection, normalization, the cast to the storage dtype and, on
     CUDA, the copy into pinned host memory on a side stream (at most 8 batches in flight, as the
     writer's queue allows). Nothing is shuffled, hashed or written. Seconds."""
-    device = resolve_device(cfg.device)
-    models = load_models(cfg.models, cfg.hooks, context_size=cfg.context_size, device=device,
-                         model_dtype=dtype_from_name(cfg.model_dtype), exclude_special=cfg.exclude_special,
-                         exclude_token_ids=cfg.exclude_token_ids)
+    device, models = fresh_models(cfg)
     manifest = Manifest.load(cache_dir)
     plan = _plan_from_table(cache_dir, manifest, models.excluded_ids)
     norm = Normalization.from_manifest(cache_dir, manifest.normalization).to(device)
@@ -124,16 +127,9 @@ def capture_seconds(cfg: HarvestConfig, cache_dir: Path) -> float:
     for _first, acts_NMPD, *_ in forward.rows(0, cfg.tokens):
         rows_NMPD = norm.apply(acts_NMPD).to(storage)
         if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                host = torch.empty(rows_NMPD.shape, dtype=rows_NMPD.dtype, pin_memory=True)
-                host.copy_(rows_NMPD, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(stream)
-            rows_NMPD.record_stream(stream)
-            in_flight.append((done, host))
+            in_flight.append(copy_to_host_async(rows_NMPD, stream))  # (host rows, their copy's event)
             if len(in_flight) > 8:
-                in_flight.popleft()[0].synchronize()
+                in_flight.popleft()[1].synchronize()
     sync()
     return time.perf_counter() - t
 

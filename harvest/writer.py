@@ -28,7 +28,7 @@ import torch
 from shared.cache import CacheWriter
 from shared.cache_format import ShardRecord, shard_file_name
 
-__all__ = ["Piece", "ShardWriterThread", "chunk_permutation", "default_write_threads", "drain"]
+__all__ = ["Piece", "ShardWriterThread", "chunk_permutation", "copy_to_host_async", "default_write_threads", "drain"]
 
 
 def default_write_threads() -> int:
@@ -62,6 +62,20 @@ def drain(items: list) -> Iterator:
     items.reverse()
     while items:
         yield items.pop()
+
+
+def copy_to_host_async(acts: torch.Tensor, stream: torch.cuda.Stream) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """Queue CUDA rows' copy into pinned host memory on ``stream``, after the work that made them,
+    and return that host tensor and an event recorded after the copy. A copy on the forward's own
+    stream would sit between its kernels (and a pageable one blocks)."""
+    stream.wait_stream(torch.cuda.current_stream(acts.device))
+    with torch.cuda.stream(stream):
+        host = torch.empty(acts.shape, dtype=acts.dtype, pin_memory=True)
+        host.copy_(acts, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(stream)
+    acts.record_stream(stream)  # the caller drops acts now: its memory waits for the copy
+    return host, ready
 
 
 def _scatter_rows(out: torch.Tensor, idx: np.ndarray, rows: torch.Tensor) -> None:
@@ -144,22 +158,11 @@ class ShardWriterThread:
             i += n
 
     def _start_copy_to_host(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """CUDA rows: queue their copy into pinned host memory on a side stream, after the work
-        that made them, and return that host tensor and an event recorded after the copy. A copy
-        on the forward's own stream would sit between its kernels (and a pageable one blocks)."""
         if acts.device.type != "cuda":
             return acts, None
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(acts.device)
-        stream = self._copy_stream
-        stream.wait_stream(torch.cuda.current_stream(acts.device))
-        with torch.cuda.stream(stream):
-            host = torch.empty(acts.shape, dtype=acts.dtype, pin_memory=True)
-            host.copy_(acts, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(stream)
-        acts.record_stream(stream)  # the caller drops acts now: its memory waits for the copy
-        return host, ready
+        return copy_to_host_async(acts, self._copy_stream)
 
     def write_all(self, items: Iterable[tuple], send: Callable[..., None]) -> None:
         """``send(*item)`` for every item (it queues rows), then :meth:`close`. On any error, including
