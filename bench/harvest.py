@@ -9,7 +9,11 @@ Bare passes and harvests alternate; each harvest is compared with the mean of th
 just before and after it, and the median of those ratios is reported (machines are noisy).
 A third pass, "capture" (the harvest's device work with no writer: hooks, row selection,
 normalization, the cast and the host copy; nothing shuffled, hashed or written), splits the gap
-into what capturing rows costs and what writing them costs.
+into what capturing rows costs and what writing them costs. A fourth, "writer alone", hands the
+same number of rows from memory to the harvest's shard writer with no model (scatter into the
+shuffle chunk, sha256, write, fsync): if it is slower than the bare passes, this machine cannot
+write rows as fast as the models make them, and no harvest on it can reach the target. Each
+harvest also reports how long its forward loop waited for the writer.
 Prints one table and appends it to bench/RESULTS.md. Target: ratio >= 0.90 (CPU, toy pair),
 >= 0.95 on a GPU with a pythia-70m-sized model. The toy pair reads ``builtin:mixed`` (~276k
 usable tokens); the pythia-70m-sized pair (random weights) reads random token ids written to a
@@ -24,6 +28,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -38,9 +43,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from harvest.config import HarvestConfig  # noqa: E402
-from harvest.harvester import _Forward, _plan_from_table, harvest  # noqa: E402
+from harvest.harvester import HarvestLayout, _Forward, _plan_from_table, harvest  # noqa: E402
 from harvest.models import LoadedModels, load_models, resolve_device  # noqa: E402
-from harvest.writer import copy_to_host_async, default_write_threads  # noqa: E402
+from harvest.writer import ShardWriterThread, copy_to_host_async, default_write_threads  # noqa: E402
+from shared.cache import CacheWriter  # noqa: E402
 from shared.cache_format import Manifest, dtype_from_name  # noqa: E402
 from shared.normalization import Normalization  # noqa: E402
 from shared.token_table import read_token_table  # noqa: E402
@@ -134,6 +140,32 @@ def capture_seconds(cfg: HarvestConfig, cache_dir: Path) -> float:
     return time.perf_counter() - t
 
 
+def writer_alone_seconds(cfg: HarvestConfig, cache_dir: Path, out: Path) -> float:
+    """The harvest's write path alone: ``cfg.tokens`` rows of the harvested cache's shape, handed to
+    a :class:`ShardWriterThread` in forward-batch-sized pieces from host memory as fast as it takes
+    them (the chunk-buffer scatter, sha256, write and fsync of every shard, the manifest per chunk),
+    with the harvest's shard layout and write threads, into a fresh folder beside the harvest's.
+    No model runs. Seconds from the first piece to the last shard listed: the fastest this
+    machine's CPUs and disk can write a harvest's rows."""
+    manifest = Manifest.load(cache_dir)
+    manifest.shards, manifest.n_rows, manifest.complete = [], 0, False
+    storage = manifest.torch_dtype
+    layout = HarvestLayout(cfg.tokens, cfg.shard_rows(int(np.prod(manifest.row_shape)) * storage.itemsize),
+                           cfg.shuffle_shards)
+    piece = cfg.batch_size * cfg.context_size
+    # One block of rows, read for every piece: the bytes do not change the cost of any step.
+    acts_NMPD = torch.randn(piece, *manifest.row_shape).to(storage)
+    seq_N, pos_N, token_N = (torch.zeros(piece, dtype=dt) for dt in (torch.int64, torch.int32, torch.int32))
+    thread = ShardWriterThread(CacheWriter(out, manifest), chunk_rows=layout.chunk_rows(), shard_rows=layout.shard_rows,
+                               shuffle_shards=layout.shuffle_shards, seed=cfg.seed, row_shape=manifest.row_shape,
+                               dtype=storage, write_threads=cfg.write_threads)
+    t = time.perf_counter()
+    thread.write_all(((a, acts_NMPD[: min(piece, cfg.tokens - a)], seq_N[: min(piece, cfg.tokens - a)],
+                       pos_N[: min(piece, cfg.tokens - a)], token_N[: min(piece, cfg.tokens - a)])
+                      for a in range(0, cfg.tokens, piece)), thread.put_rows)
+    return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=None, help="rows to harvest (default 200k toy, 2M pythia-70m)")
@@ -159,14 +191,16 @@ def main() -> None:
         # Warm the page cache and the toy build; measured harvests go to fresh folders.
         harvest(HarvestConfig(**{**cfg.__dict__, "tokens": min(tokens, 5000), "out": str(Path(tmp) / "warm")}))
         harvest_runs, bare_runs, pair_ratios, flushes = [], [], [], []
-        capture_runs, capture_ratios = [], []
+        capture_runs, capture_ratios, waits, alone_runs = [], [], [], []
         bare_before = None
         for r in range(args.repeats):  # interleaved, so background load hits both alike
             run_cfg = HarvestConfig(**{**cfg.__dict__, "out": str(Path(tmp) / f"cache{r}")})
             harvest(run_cfg)
-            run = Manifest.load(run_cfg.out).created_by["last_run"]
+            manifest = Manifest.load(run_cfg.out)
+            run, row_bytes = manifest.created_by["last_run"], int(np.prod(manifest.row_shape)) * manifest.torch_dtype.itemsize
             harvest_runs.append(float(run["forward_and_write_seconds"]))
             flushes.append(float(run["final_flush_seconds"]))
+            waits.append(float(run["writer_wait_seconds"]))
             if bare_before is None:  # the same batches as every harvest here (same seed and dataset)
                 bare_before = bare_forward_seconds(run_cfg, Path(run_cfg.out))
             bare_after = bare_forward_seconds(run_cfg, Path(run_cfg.out))
@@ -176,6 +210,8 @@ def main() -> None:
             pair_ratios.append((bare_before + bare_after) / 2 / harvest_runs[-1])
             capture_runs.append(capture_seconds(run_cfg, Path(run_cfg.out)))
             capture_ratios.append(bare_after / capture_runs[-1])  # its neighbour in time
+            alone_runs.append(writer_alone_seconds(run_cfg, Path(run_cfg.out), Path(tmp) / "writer"))
+            shutil.rmtree(Path(tmp) / "writer")  # a GPU run's rows are GBs
             bare_before = bare_after
         harvest_s, bare = statistics.median(harvest_runs), statistics.median(bare_runs)
         device = run["device"]
@@ -200,6 +236,13 @@ def main() -> None:
          f"{statistics.median(capture_ratios):.3f}  (per run: {', '.join(f'{x:.3f}' for x in capture_ratios)})"),
         ("ratio harvest / capture (of the medians): the cost of writing them (shuffle, sha256, disk, final flush, "
          "the writer's share of the CPU)", f"{statistics.median(capture_runs) / harvest_s:.3f}"),
+        ("forward loop waiting for the writer (full queue, then the final flush), median",
+         f"{statistics.median(waits):.2f}s  (runs: {', '.join(f'{s:.2f}s' for s in waits)})"),
+        ("writer alone (the same rows from memory: shuffle, sha256, write, fsync; no model) tokens/s (median)",
+         f"{tokens / statistics.median(alone_runs):,.0f}  ({tokens * row_bytes / statistics.median(alone_runs) / 1e9:.2f} GB/s; "
+         f"runs: {', '.join(f'{s:.2f}s' for s in alone_runs)})"),
+        ("ratio writer alone / bare (of the medians): below 1, this machine cannot write rows as fast as the models "
+         "make them, and the harvest is bound by writing", f"{bare / statistics.median(alone_runs):.3f}"),
     ]
     machine = f"{platform.node() or 'unknown'}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, device {device}"
     if device.startswith("cuda"):

@@ -76,7 +76,7 @@ from harvest.process_group import (
 )
 from harvest.rank_manifests import RANK_MANIFEST_GLOB, RankShardLog, collect_written, shard_index
 from harvest.token_stream import TokenPlan, build_token_plan
-from harvest.writer import ShardWriterThread, drain
+from harvest.writer import ShardWriterThread, drain, writer_wait_note
 from shared.cache import CacheWriter, remove_stale_temp_files
 from shared.cache_format import CacheError, Manifest, ShardRecord, dtype_from_name
 from shared.normalization import Normalization
@@ -379,7 +379,8 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int) -> Manifest:
         bar.close()
 
     # 8. merge.
-    gathered = group.all_gather({"records": [r.to_json() for r in log.records], "rows": thread.rows_written},
+    gathered = group.all_gather({"records": [r.to_json() for r in log.records], "rows": thread.rows_written,
+                                 "flush": thread.flush_seconds, "writer_wait": thread.wait_seconds + thread.flush_seconds},
                                 "waiting for the other ranks to finish their shards")
     final: Manifest | None = None
 
@@ -405,6 +406,9 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int) -> Manifest:
         manifest.created_by["last_run"] = {
             "seconds": round(end - t0, 3), "forward_and_write_seconds": round(end - t_forward, 3),
             "rows": sum(g["rows"] for g in gathered), "device": str(device), "world_size": world,
+            # the rank that waited longest for its writer (queue full, then the final flush)
+            "final_flush_seconds": round(max(g["flush"] for g in gathered), 3),
+            "writer_wait_seconds": round(max(g["writer_wait"] for g in gathered), 3),
         }
         merged = CacheWriter(out, manifest).finish()
         for path in out.glob(RANK_MANIFEST_GLOB):
@@ -421,6 +425,9 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int) -> Manifest:
         seconds = time.perf_counter() - t0
         print(f"harvested {final.n_rows:,} rows into {_shards(len(final.shards))} at {out} with {_procs(world)} "
               f"({final.created_by['last_run']['rows'] / max(seconds, 1e-9):,.0f} tokens/s this run)")
+        run = final.created_by["last_run"]
+        if note := writer_wait_note(run["writer_wait_seconds"], run["forward_and_write_seconds"]):
+            print(f"{note} (the slowest rank)")
         return final
     return Manifest.load(out)
 

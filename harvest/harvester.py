@@ -31,7 +31,7 @@ import torch
 from harvest.config import HarvestConfig
 from harvest.models import HarvestInputError, LoadedModels, load_models, resolve_device
 from harvest.token_stream import TokenPlan, build_token_plan
-from harvest.writer import ShardWriterThread, drain
+from harvest.writer import ShardWriterThread, drain, writer_wait_note
 from shared.cache import CacheWriter, remove_stale_temp_files
 from shared.cache_format import (
     MANIFEST_NAME,
@@ -334,10 +334,14 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
     # Timings of this run (a resumed run reports its own); kept with the timestamps.
     manifest.created_by["last_run"] = {"seconds": round(seconds, 3), "forward_and_write_seconds": round(forward_seconds, 3),
                                        "rows": final_rows_this_run(manifest, start_chunk, layout), "device": str(device),
-                                       "final_flush_seconds": round(thread.flush_seconds, 3)}
+                                       "final_flush_seconds": round(thread.flush_seconds, 3),
+                                       # all the forward loop waited for the writer: full queue, then the flush
+                                       "writer_wait_seconds": round(thread.wait_seconds + thread.flush_seconds, 3)}
     final = writer.finish()
     print(f"harvested {final.n_rows:,} rows into {_shards(len(final.shards))} at {out} "
           f"({final.n_rows / max(seconds, 1e-9):,.0f} tokens/s this run)")
+    if note := writer_wait_note(manifest.created_by["last_run"]["writer_wait_seconds"], forward_seconds):
+        print(note)
     return final
 
 

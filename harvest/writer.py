@@ -28,7 +28,8 @@ import torch
 from shared.cache import CacheWriter
 from shared.cache_format import ShardRecord, shard_file_name
 
-__all__ = ["Piece", "ShardWriterThread", "chunk_permutation", "copy_to_host_async", "default_write_threads", "drain"]
+__all__ = ["Piece", "ShardWriterThread", "chunk_permutation", "copy_to_host_async", "default_write_threads", "drain",
+           "writer_wait_note"]
 
 
 def default_write_threads() -> int:
@@ -78,6 +79,16 @@ def copy_to_host_async(acts: torch.Tensor, stream: torch.cuda.Stream) -> tuple[t
     return host, ready
 
 
+def writer_wait_note(wait_seconds: float, forward_seconds: float) -> str | None:
+    """A line for the end of a harvest when its forward passes spent over a tenth of their time
+    waiting for the shard writer: then writing (hashing, the disk), not the models, set the pace."""
+    if forward_seconds <= 0 or wait_seconds <= 0.1 * forward_seconds:
+        return None
+    return (f"the forward passes waited {wait_seconds:.1f} s ({wait_seconds / forward_seconds:.0%} of the harvest) "
+            "for the shard writer: writing (sha256, the disk), not the models, bounds this harvest. A faster disk "
+            "for --out helps; so may more --write-threads when the CPUs are idle")
+
+
 def _scatter_rows(out: torch.Tensor, idx: np.ndarray, rows: torch.Tensor) -> None:
     """``out[idx] = rows`` along dim 0 as whole-row copies, on the CPU: numpy's indexing is ~8x
     cheaper here than torch's (which competes with the forward pass for the same cores)."""
@@ -122,6 +133,9 @@ class ShardWriterThread:
         self.bytes_written = 0
         self.rows_written = 0
         self.flush_seconds = 0.0  # write_all: from the last rows queued to the last shard listed
+        # put: time the caller spent blocked on a full queue, i.e. waiting for the writer (copies,
+        # sha256, disk) to catch up. Near 0 means writing kept up with the forward passes.
+        self.wait_seconds = 0.0
         self._queue: queue.Queue[Piece | None] = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._stop = threading.Event()
@@ -135,14 +149,25 @@ class ShardWriterThread:
 
     # -- caller side -------------------------------------------------------------------------
     def put(self, piece: Piece) -> None:
-        """Queue rows for writing (blocks only when ``max_pending`` pieces are waiting)."""
-        while True:
-            self._raise_if_failed()
-            try:
-                self._queue.put(piece, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+        """Queue rows for writing (blocks only when ``max_pending`` pieces are waiting; the time
+        blocked adds to :attr:`wait_seconds`)."""
+        self._raise_if_failed()
+        try:
+            self._queue.put_nowait(piece)
+            return
+        except queue.Full:
+            pass
+        t = time.perf_counter()
+        try:
+            while True:
+                self._raise_if_failed()
+                try:
+                    self._queue.put(piece, timeout=0.5)
+                    return
+                except queue.Full:
+                    continue
+        finally:
+            self.wait_seconds += time.perf_counter() - t
 
     def put_rows(self, first_row: int, acts_NMPD: torch.Tensor, seq_N: torch.Tensor, pos_N: torch.Tensor,
                  token_N: torch.Tensor) -> None:

@@ -36,6 +36,8 @@ def test_manifest_has_the_required_keys(toy_cache, toy_dirs):
     assert norm["method"] == "norm_scale" and len(norm["scale"]) == 2 and len(norm["scale"][0]) == 2
     assert obj["tokenizer"]["vocab_size"] == 4096 and len(obj["tokenizer"]["sha256"]) == 64
     assert 0 in obj["excluded_tokens"]["token_ids"]
+    run = obj["created_by"]["last_run"]  # this run's timings, with the wait on the writer
+    assert run["rows"] == 6000 and 0 <= run["final_flush_seconds"] <= run["writer_wait_seconds"] <= run["seconds"]
     assert (toy_cache / "README.md").read_text().count("toy-code") >= 1
     assert verify_cache(toy_cache).ok
 

@@ -105,6 +105,8 @@ def test_two_processes_hold_the_rows_of_one(reference, tmp_path):
     assert proc.returncode == 0, out
     assert "with 2 processes" in out
     _assert_same_cache(reference, tmp_path / "two")
+    run = Manifest.load(tmp_path / "two").created_by["last_run"]
+    assert run["world_size"] == 2 and 0 <= run["writer_wait_seconds"] <= run["seconds"]
     before = (tmp_path / "two" / "manifest.json").read_bytes()
     assert harvest(cfg).complete  # a one-process run sees a finished cache and leaves it as it is
     assert (tmp_path / "two" / "manifest.json").read_bytes() == before

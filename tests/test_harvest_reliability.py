@@ -300,3 +300,41 @@ def test_writer_shards_are_the_documented_shuffle(write_threads):
             expected_files.append(name)
         first += rows
     assert cap.listed == expected_files  # listed in order, each once
+
+
+def test_writer_counts_the_time_the_forward_loop_waits_for_it():
+    """When writing is slower than the rows arrive, put() blocks on the full queue, and that time
+    (with the final flush) is what the harvest reports as ``writer_wait_seconds``; a note then
+    says writing bounds the harvest. A writer that keeps up costs the caller no wait."""
+    import time
+
+    from harvest.writer import ShardWriterThread, writer_wait_note
+    from shared.cache_format import ShardRecord
+
+    class Slow:  # stands in for CacheWriter: each shard takes 50 ms to "write"
+        def __init__(self, delay: float) -> None:
+            self.delay = delay
+
+        def write_shard_file(self, rel_file, *tensors):
+            time.sleep(self.delay)
+            return ShardRecord(file=rel_file, n_rows=len(tensors[0]), sha256="-", bytes=0)
+
+        def add_record(self, record, save):
+            pass
+
+    def run(delay: float) -> ShardWriterThread:
+        n = 48  # 12 chunks of one 4-row shard; pieces of 2 rows
+        w = ShardWriterThread(Slow(delay), chunk_rows=[4] * 12, shard_rows=4, shuffle_shards=1, seed=0,
+                              row_shape=(1, 1, 8), dtype=torch.float32, max_pending=1, write_threads=1)
+        acts, ids = torch.zeros(n, 1, 1, 8), torch.zeros(n, dtype=torch.int64)
+        w.write_all(((a, acts[a : a + 2], ids[a : a + 2], ids[a : a + 2], ids[a : a + 2]) for a in range(0, n, 2)),
+                    w.put_rows)
+        return w
+
+    slow = run(0.05)
+    # 12 shards of 50 ms, one chunk at a time: the caller waits most of ~0.6 s, not the last chunk's 50 ms only
+    assert slow.wait_seconds > 0.3, slow.wait_seconds
+    assert writer_wait_note(slow.wait_seconds + slow.flush_seconds, 0.7) is not None
+    fast = run(0.0)
+    assert fast.wait_seconds < 0.2
+    assert writer_wait_note(0.05, 10.0) is None and writer_wait_note(2.0, 10.0) is not None
