@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from harvest.config import HarvestConfig  # noqa: E402
 from harvest.harvester import HarvestLayout, _Forward, _plan_from_table, harvest  # noqa: E402
 from harvest.models import LoadedModels, load_models, resolve_device  # noqa: E402
-from harvest.writer import ShardWriterThread, copy_to_host_async, default_write_threads  # noqa: E402
+from harvest.writer import ShardWriter, copy_to_host_async, default_write_threads  # noqa: E402
 from shared.cache import CacheWriter  # noqa: E402
 from shared.cache_format import Manifest, dtype_from_name  # noqa: E402
 from shared.normalization import Normalization  # noqa: E402
@@ -142,7 +142,7 @@ def capture_seconds(cfg: HarvestConfig, cache_dir: Path) -> float:
 
 def writer_alone_seconds(cfg: HarvestConfig, cache_dir: Path, out: Path) -> float:
     """The harvest's write path alone: ``cfg.tokens`` rows of the harvested cache's shape, handed to
-    a :class:`ShardWriterThread` in forward-batch-sized pieces from host memory as fast as it takes
+    a :class:`ShardWriter` in forward-batch-sized pieces from host memory as fast as it takes
     them (the chunk-buffer scatter, sha256, write and fsync of every shard, the manifest per chunk),
     with the harvest's shard layout and write threads, into a fresh folder beside the harvest's.
     No model runs. Seconds from the first piece to the last shard listed: the fastest this
@@ -156,13 +156,13 @@ def writer_alone_seconds(cfg: HarvestConfig, cache_dir: Path, out: Path) -> floa
     # One block of rows, read for every piece: the bytes do not change the cost of any step.
     acts_NMPD = torch.randn(piece, *manifest.row_shape).to(storage)
     seq_N, pos_N, token_N = (torch.zeros(piece, dtype=dt) for dt in (torch.int64, torch.int32, torch.int32))
-    thread = ShardWriterThread(CacheWriter(out, manifest), chunk_rows=layout.chunk_rows(), shard_rows=layout.shard_rows,
-                               shuffle_shards=layout.shuffle_shards, seed=cfg.seed, row_shape=manifest.row_shape,
-                               dtype=storage, write_threads=cfg.write_threads)
+    writer = ShardWriter(CacheWriter(out, manifest), chunk_rows=layout.chunk_rows(), shard_rows=layout.shard_rows,
+                         shuffle_shards=layout.shuffle_shards, seed=cfg.seed, row_shape=manifest.row_shape,
+                         dtype=storage, write_threads=cfg.write_threads)
     t = time.perf_counter()
-    thread.write_all(((a, acts_NMPD[: min(piece, cfg.tokens - a)], seq_N[: min(piece, cfg.tokens - a)],
+    writer.write_all(((a, acts_NMPD[: min(piece, cfg.tokens - a)], seq_N[: min(piece, cfg.tokens - a)],
                        pos_N[: min(piece, cfg.tokens - a)], token_N[: min(piece, cfg.tokens - a)])
-                      for a in range(0, cfg.tokens, piece)), thread.put_rows)
+                      for a in range(0, cfg.tokens, piece)), writer.put_rows)
     return time.perf_counter() - t
 
 

@@ -76,7 +76,7 @@ from harvest.process_group import (
 )
 from harvest.rank_manifests import RANK_MANIFEST_GLOB, RankShardLog, collect_written, shard_index
 from harvest.token_stream import TokenPlan, build_token_plan
-from harvest.writer import ShardWriterThread, drain, writer_wait_note
+from harvest.writer import drain, shard_writer_for, writer_wait_note
 from shared.cache import CacheWriter, remove_stale_temp_files
 from shared.cache_format import CacheError, Manifest, ShardRecord, dtype_from_name
 from shared.normalization import Normalization
@@ -354,8 +354,8 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int) -> Manifest:
     # 7. write our chunks.
     bar = progress_bar(my_rows, initial=0, desc=f"harvest (rank 0 of {world})", disable=not (cfg.progress and is0),
                        started=t_forward)
-    thread = ShardWriterThread(
-        log, chunk_rows=chunk_rows, shard_rows=layout.shard_rows, shuffle_shards=layout.shuffle_shards,
+    shard_writer = shard_writer_for(
+        device, log, chunk_rows=chunk_rows, shard_rows=layout.shard_rows, shuffle_shards=layout.shuffle_shards,
         seed=cfg.seed, row_shape=(m, p, d), dtype=storage, rank=rank, write_threads=cfg.write_threads,
     )
     norm_dev = norm.to(device)  # the factors move once, not per batch
@@ -366,21 +366,22 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int) -> Manifest:
         for a, b in ranges:
             lo, hi = max(a, first) - first, min(b, first + n_all) - first
             if lo < hi:
-                thread.put_rows(first + lo, norm_dev.apply(acts_NMPD[lo:hi]).to(storage), seq[lo:hi], pos[lo:hi],
+                shard_writer.put_rows(first + lo, norm_dev.apply(acts_NMPD[lo:hi]).to(storage), seq[lo:hi], pos[lo:hi],
                                 tok[lo:hi])
                 bar.update(hi - lo)
-        bar.set_postfix_str(f"{thread.bytes_written / 1e9:.2f} GB written", refresh=False)
+        bar.set_postfix_str(f"{shard_writer.bytes_written / 1e9:.2f} GB written", refresh=False)
 
     try:
-        thread.write_all(chain(drain(held), own_items), send)
+        shard_writer.write_all(chain(drain(held), own_items), send)
     finally:
         # Shards are counted once listed, mostly after their rows were sent: show the final figure.
-        bar.set_postfix_str(f"{thread.bytes_written / 1e9:.2f} GB written", refresh=False)
+        bar.set_postfix_str(f"{shard_writer.bytes_written / 1e9:.2f} GB written", refresh=False)
         bar.close()
 
     # 8. merge.
-    gathered = group.all_gather({"records": [r.to_json() for r in log.records], "rows": thread.rows_written,
-                                 "flush": thread.flush_seconds, "writer_wait": thread.wait_seconds + thread.flush_seconds},
+    gathered = group.all_gather({"records": [r.to_json() for r in log.records], "rows": shard_writer.rows_written,
+                                 "flush": shard_writer.flush_seconds,
+                                 "writer_wait": shard_writer.wait_seconds + shard_writer.flush_seconds},
                                 "waiting for the other ranks to finish their shards")
     final: Manifest | None = None
 
@@ -406,7 +407,7 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int) -> Manifest:
         manifest.created_by["last_run"] = {
             "seconds": round(end - t0, 3), "forward_and_write_seconds": round(end - t_forward, 3),
             "rows": sum(g["rows"] for g in gathered), "device": str(device), "world_size": world,
-            # the rank that waited longest for its writer (queue full, then the final flush)
+            # the rank that waited longest for its writing (the final flush included)
             "final_flush_seconds": round(max(g["flush"] for g in gathered), 3),
             "writer_wait_seconds": round(max(g["writer_wait"] for g in gathered), 3),
         }

@@ -8,7 +8,7 @@ resumes from what is there):
 4. pack the token stream into sequences and write ``tokens.arrow``;
 5. forward the first ``calibration_tokens`` rows, estimate normalization, write the manifest
    (``complete: false``);
-6. forward the rest chunk by chunk while the writer thread shuffles and writes shards;
+6. forward the rest chunk by chunk while the shard writer shuffles rows and writes shards;
 7. mark the manifest complete and write the dataset card.
 """
 
@@ -31,7 +31,7 @@ import torch
 from harvest.config import HarvestConfig
 from harvest.models import HarvestInputError, LoadedModels, load_models, resolve_device
 from harvest.token_stream import TokenPlan, build_token_plan
-from harvest.writer import ShardWriterThread, drain, writer_wait_note
+from harvest.writer import drain, shard_writer_for, writer_wait_note
 from shared.cache import CacheWriter, remove_stale_temp_files
 from shared.cache_format import (
     MANIFEST_NAME,
@@ -309,24 +309,24 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
 
     done_rows = start_chunk * layout.chunk_size
     bar = progress_bar(cfg.tokens, initial=done_rows, desc="harvest", disable=not cfg.progress, started=t_forward)
-    thread = ShardWriterThread(
-        writer, chunk_rows=layout.chunk_rows(), shard_rows=layout.shard_rows,
+    shard_writer = shard_writer_for(
+        device, writer, chunk_rows=layout.chunk_rows(), shard_rows=layout.shard_rows,
         shuffle_shards=layout.shuffle_shards, seed=cfg.seed, row_shape=(m, p, d), dtype=storage,
         write_threads=cfg.write_threads,
     )
     norm_dev = norm.to(device)  # the factors move once, not per batch
 
     def send(first: int, acts_NMPD: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, tok: torch.Tensor) -> None:
-        thread.put_rows(first, norm_dev.apply(acts_NMPD).to(storage), seq, pos, tok)
+        shard_writer.put_rows(first, norm_dev.apply(acts_NMPD).to(storage), seq, pos, tok)
         bar.update(acts_NMPD.shape[0])
-        bar.set_postfix_str(f"{thread.bytes_written / 1e9:.2f} GB written", refresh=False)
+        bar.set_postfix_str(f"{shard_writer.bytes_written / 1e9:.2f} GB written", refresh=False)
 
     resume_from = start_chunk * layout.chunk_size if existing is not None else calib_end
     try:
-        thread.write_all(chain(drain(held), forward.rows(resume_from, cfg.tokens)), send)
+        shard_writer.write_all(chain(drain(held), forward.rows(resume_from, cfg.tokens)), send)
     finally:
         # Shards are counted once listed, mostly after their rows were sent: show the final figure.
-        bar.set_postfix_str(f"{thread.bytes_written / 1e9:.2f} GB written", refresh=False)
+        bar.set_postfix_str(f"{shard_writer.bytes_written / 1e9:.2f} GB written", refresh=False)
         bar.close()
     end = time.perf_counter()
     seconds, forward_seconds = end - t0, end - t_forward
@@ -334,9 +334,10 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
     # Timings of this run (a resumed run reports its own); kept with the timestamps.
     manifest.created_by["last_run"] = {"seconds": round(seconds, 3), "forward_and_write_seconds": round(forward_seconds, 3),
                                        "rows": final_rows_this_run(manifest, start_chunk, layout), "device": str(device),
-                                       "final_flush_seconds": round(thread.flush_seconds, 3),
-                                       # all the forward loop waited for the writer: full queue, then the flush
-                                       "writer_wait_seconds": round(thread.wait_seconds + thread.flush_seconds, 3)}
+                                       "final_flush_seconds": round(shard_writer.flush_seconds, 3),
+                                       # all the forward loop waited for the writing, the final flush included
+                                       "writer_wait_seconds": round(shard_writer.wait_seconds
+                                                                    + shard_writer.flush_seconds, 3)}
     final = writer.finish()
     print(f"harvested {final.n_rows:,} rows into {_shards(len(final.shards))} at {out} "
           f"({final.n_rows / max(seconds, 1e-9):,.0f} tokens/s this run)")

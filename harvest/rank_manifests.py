@@ -48,7 +48,7 @@ def shard_index(rel_file: str) -> int:
 class RankShardLog:
     """One rank's shard writer: writes shards atomically and lists each, right after its
     rename, in ``manifest.rank{r}.json`` (itself written atomically). Used by
-    :class:`~harvest.writer.ShardWriterThread` in place of a :class:`CacheWriter`."""
+    :class:`~harvest.writer.ShardWriter` in place of a :class:`CacheWriter`."""
 
     def __init__(self, out: Path, rank: int, world: int, *, signature: dict, dtype: torch.dtype,
                  row_shape: tuple[int, int, int], records: list[ShardRecord]) -> None:

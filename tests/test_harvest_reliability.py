@@ -256,12 +256,14 @@ def test_writer_that_died_does_not_hang_close(tmp_path):
     assert "size" in str(result[0]) or "shape" in str(result[0])
 
 
+@pytest.mark.parametrize("threaded", [False, True])
 @pytest.mark.parametrize("write_threads", [1, 3])
-def test_writer_shards_are_the_documented_shuffle(write_threads):
+def test_writer_shards_are_the_documented_shuffle(write_threads, threaded):
     """Each shard holds its chunk's rows in the order ``chunk_permutation`` gives, computed here
     independently of the writer: pieces cross chunk boundaries, the last chunk is short, and
-    chunk buffers are reused (bfloat16 acts travel as raw bytes, so every bit must survive)."""
-    from harvest.writer import ShardWriterThread, chunk_permutation
+    chunk buffers are reused (bfloat16 acts travel as raw bytes, so every bit must survive).
+    The same for rows taken in the caller's thread and on a writer thread."""
+    from harvest.writer import ShardWriter, ShardWriterThread, chunk_permutation
     from shared.cache_format import ShardRecord
 
     class Capture:  # stands in for CacheWriter: keeps what would be written
@@ -282,8 +284,9 @@ def test_writer_shards_are_the_documented_shuffle(write_threads):
     acts = torch.randn(n, 2, 1, 4, generator=gen).to(torch.bfloat16)
     seq, pos, tok = torch.arange(n) * 7, torch.arange(n, dtype=torch.int32) % 11, torch.arange(n, dtype=torch.int32) + 100
     cap = Capture()
-    w = ShardWriterThread(cap, chunk_rows=chunk_rows, shard_rows=shard_rows, shuffle_shards=shuffle_shards, seed=9,
-                          row_shape=(2, 1, 4), dtype=torch.bfloat16, write_threads=write_threads)
+    w = (ShardWriterThread if threaded else ShardWriter)(
+        cap, chunk_rows=chunk_rows, shard_rows=shard_rows, shuffle_shards=shuffle_shards, seed=9,
+        row_shape=(2, 1, 4), dtype=torch.bfloat16, write_threads=write_threads)
     cuts = [0, 4, 13, 20, 31, 38]  # pieces of the stream, some across chunk boundaries
     w.write_all(((a, acts[a:b], seq[a:b], pos[a:b], tok[a:b]) for a, b in itertools.pairwise(cuts)), w.put_rows)
 
@@ -302,16 +305,18 @@ def test_writer_shards_are_the_documented_shuffle(write_threads):
     assert cap.listed == expected_files  # listed in order, each once
 
 
-def test_writer_counts_the_time_the_forward_loop_waits_for_it():
-    """When writing is slower than the rows arrive, put() blocks on the full queue, and that time
-    (with the final flush) is what the harvest reports as ``writer_wait_seconds``; a note then
-    says writing bounds the harvest. A writer that keeps up costs the caller no wait."""
+@pytest.mark.parametrize("threaded", [False, True])
+def test_writer_counts_the_time_the_forward_loop_waits_for_it(threaded):
+    """When writing is slower than the rows arrive, the caller blocks (on a full queue, or on the
+    previous chunk when rows are taken in its own thread), and that time (with the final flush) is
+    what the harvest reports as ``writer_wait_seconds``; a note then says writing bounds the
+    harvest. A writer that keeps up costs the caller no wait."""
     import time
 
-    from harvest.writer import ShardWriterThread, writer_wait_note
+    from harvest.writer import ShardWriter, ShardWriterThread, writer_wait_note
     from shared.cache_format import ShardRecord
 
-    class Slow:  # stands in for CacheWriter: each shard takes 50 ms to "write"
+    class Slow:  # stands in for CacheWriter: each shard takes ``delay`` seconds to "write"
         def __init__(self, delay: float) -> None:
             self.delay = delay
 
@@ -322,10 +327,12 @@ def test_writer_counts_the_time_the_forward_loop_waits_for_it():
         def add_record(self, record, save):
             pass
 
-    def run(delay: float) -> ShardWriterThread:
+    def run(delay: float) -> ShardWriter:
         n = 48  # 12 chunks of one 4-row shard; pieces of 2 rows
-        w = ShardWriterThread(Slow(delay), chunk_rows=[4] * 12, shard_rows=4, shuffle_shards=1, seed=0,
-                              row_shape=(1, 1, 8), dtype=torch.float32, max_pending=1, write_threads=1)
+        kw = {"max_pending": 1} if threaded else {}
+        w = (ShardWriterThread if threaded else ShardWriter)(
+            Slow(delay), chunk_rows=[4] * 12, shard_rows=4, shuffle_shards=1, seed=0, row_shape=(1, 1, 8),
+            dtype=torch.float32, write_threads=1, **kw)
         acts, ids = torch.zeros(n, 1, 1, 8), torch.zeros(n, dtype=torch.int64)
         w.write_all(((a, acts[a : a + 2], ids[a : a + 2], ids[a : a + 2], ids[a : a + 2]) for a in range(0, n, 2)),
                     w.put_rows)
@@ -334,7 +341,40 @@ def test_writer_counts_the_time_the_forward_loop_waits_for_it():
     slow = run(0.05)
     # 12 shards of 50 ms, one chunk at a time: the caller waits most of ~0.6 s, not the last chunk's 50 ms only
     assert slow.wait_seconds > 0.3, slow.wait_seconds
+    assert slow.flush_seconds > 0.03  # the last chunk's shard
     assert writer_wait_note(slow.wait_seconds + slow.flush_seconds, 0.7) is not None
     fast = run(0.0)
     assert fast.wait_seconds < 0.2
     assert writer_wait_note(0.05, 10.0) is None and writer_wait_note(2.0, 10.0) is not None
+
+
+def test_rows_taken_in_the_callers_thread_stop_cleanly_on_an_error():
+    """A failed shard write re-raises in the caller; write_all then aborts: the chunks listed before
+    stay listed, nothing after them is, and no pool thread is left running."""
+    import threading
+
+    from harvest.writer import ShardWriter
+    from shared.cache_format import ShardRecord
+
+    class FailsOnThird:
+        def __init__(self) -> None:
+            self.calls, self.listed = 0, []
+
+        def write_shard_file(self, rel_file, *tensors):
+            self.calls += 1
+            if self.calls == 3:
+                raise OSError("disk on fire")
+            return ShardRecord(file=rel_file, n_rows=len(tensors[0]), sha256="-", bytes=0)
+
+        def add_record(self, record, save):
+            self.listed.append(record.file)
+
+    cap = FailsOnThird()
+    w = ShardWriter(cap, chunk_rows=[4] * 6, shard_rows=4, shuffle_shards=1, seed=0, row_shape=(1, 1, 8),
+                    dtype=torch.float32, write_threads=1)
+    acts, ids = torch.zeros(24, 1, 1, 8), torch.zeros(24, dtype=torch.int64)
+    with pytest.raises(OSError, match="disk on fire"):
+        w.write_all(((a, acts[a : a + 4], ids[a : a + 4], ids[a : a + 4], ids[a : a + 4]) for a in range(0, 24, 4)),
+                    w.put_rows)
+    assert len(cap.listed) == 2 and all("00000" in f or "00001" in f for f in cap.listed)
+    assert not [t for t in threading.enumerate() if t.name.startswith("crosscache-shard-write")]
