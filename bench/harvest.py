@@ -236,7 +236,7 @@ def main() -> None:
          f"{statistics.median(capture_ratios):.3f}  (per run: {', '.join(f'{x:.3f}' for x in capture_ratios)})"),
         ("ratio harvest / capture (of the medians): the cost of writing them (shuffle, sha256, disk, final flush, "
          "the writer's share of the CPU)", f"{statistics.median(capture_runs) / harvest_s:.3f}"),
-        ("forward loop waiting for the writer (full queue, then the final flush), median",
+        ("forward loop waiting for the writer (a full queue or a chunk not yet written, then the final flush), median",
          f"{statistics.median(waits):.2f}s  (runs: {', '.join(f'{s:.2f}s' for s in waits)})"),
         ("writer alone (the same rows from memory: shuffle, sha256, write, fsync; no model) tokens/s (median)",
          f"{tokens / statistics.median(alone_runs):,.0f}  ({tokens * row_bytes / statistics.median(alone_runs) / 1e9:.2f} GB/s; "
