@@ -239,10 +239,10 @@ def main() -> None:
         ("forward loop waiting for the writer (a full queue or a chunk not yet written, then the final flush), median",
          f"{statistics.median(waits):.2f}s  (runs: {', '.join(f'{s:.2f}s' for s in waits)})"),
         ("writer alone (the same rows from memory: shuffle, sha256, write, fsync; no model) tokens/s (median)",
-         f"{tokens / statistics.median(alone_runs):,.0f}  ({tokens * row_bytes / statistics.median(alone_runs) / 1e9:.2f} GB/s; "
-         f"runs: {', '.join(f'{s:.2f}s' for s in alone_runs)})"),
-        ("ratio writer alone / bare (of the medians): below 1, this machine cannot write rows as fast as the models "
-         "make them, and the harvest is bound by writing", f"{bare / statistics.median(alone_runs):.3f}"),
+         (f"{tokens / statistics.median(alone_runs):,.0f}  ({tokens * row_bytes / statistics.median(alone_runs) / 1e9:.2f} "
+          f"GB/s; runs: {', '.join(f'{s:.2f}s' for s in alone_runs)})")),
+        (("ratio writer alone / bare (of the medians): below 1, this machine cannot write rows as fast as the models "
+          "make them, and the harvest is bound by writing"), f"{bare / statistics.median(alone_runs):.3f}"),
     ]
     machine = f"{platform.node() or 'unknown'}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, device {device}"
     if device.startswith("cuda"):

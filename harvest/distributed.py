@@ -366,8 +366,8 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int) -> Manifest:
         for a, b in ranges:
             lo, hi = max(a, first) - first, min(b, first + n_all) - first
             if lo < hi:
-                shard_writer.put_rows(first + lo, norm_dev.apply(acts_NMPD[lo:hi]).to(storage), seq[lo:hi], pos[lo:hi],
-                                tok[lo:hi])
+                shard_writer.put_rows(first + lo, norm_dev.apply(acts_NMPD[lo:hi]).to(storage), seq[lo:hi],
+                                      pos[lo:hi], tok[lo:hi])
                 bar.update(hi - lo)
         bar.set_postfix_str(f"{shard_writer.bytes_written / 1e9:.2f} GB written", refresh=False)
 
