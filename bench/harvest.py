@@ -159,10 +159,13 @@ def writer_alone_seconds(cfg: HarvestConfig, cache_dir: Path, out: Path) -> floa
     writer = ShardWriter(CacheWriter(out, manifest), chunk_rows=layout.chunk_rows(), shard_rows=layout.shard_rows,
                          shuffle_shards=layout.shuffle_shards, seed=cfg.seed, row_shape=manifest.row_shape,
                          dtype=storage, write_threads=cfg.write_threads)
+    def pieces():
+        for a in range(0, cfg.tokens, piece):
+            n = min(piece, cfg.tokens - a)
+            yield a, acts_NMPD[:n], seq_N[:n], pos_N[:n], token_N[:n]
+
     t = time.perf_counter()
-    writer.write_all(((a, acts_NMPD[: min(piece, cfg.tokens - a)], seq_N[: min(piece, cfg.tokens - a)],
-                       pos_N[: min(piece, cfg.tokens - a)], token_N[: min(piece, cfg.tokens - a)])
-                      for a in range(0, cfg.tokens, piece)), writer.put_rows)
+    writer.write_all(pieces(), writer.put_rows)
     return time.perf_counter() - t
 
 

@@ -380,8 +380,7 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int) -> Manifest:
 
     # 8. merge.
     gathered = group.all_gather({"records": [r.to_json() for r in log.records], "rows": shard_writer.rows_written,
-                                 "flush": shard_writer.flush_seconds,
-                                 "writer_wait": shard_writer.wait_seconds + shard_writer.flush_seconds},
+                                 "flush": shard_writer.flush_seconds, "writer_wait": shard_writer.total_wait_seconds},
                                 "waiting for the other ranks to finish their shards")
     final: Manifest | None = None
 

@@ -335,9 +335,7 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
     manifest.created_by["last_run"] = {"seconds": round(seconds, 3), "forward_and_write_seconds": round(forward_seconds, 3),
                                        "rows": final_rows_this_run(manifest, start_chunk, layout), "device": str(device),
                                        "final_flush_seconds": round(shard_writer.flush_seconds, 3),
-                                       # all the forward loop waited for the writing, the final flush included
-                                       "writer_wait_seconds": round(shard_writer.wait_seconds
-                                                                    + shard_writer.flush_seconds, 3)}
+                                       "writer_wait_seconds": round(shard_writer.total_wait_seconds, 3)}
     final = writer.finish()
     print(f"harvested {final.n_rows:,} rows into {_shards(len(final.shards))} at {out} "
           f"({final.n_rows / max(seconds, 1e-9):,.0f} tokens/s this run)")

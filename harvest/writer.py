@@ -157,6 +157,11 @@ class ShardWriter:
         self._writing_buf: dict | None = None  # its buffer, free again once it is listed
         self._spare_buf: dict | None = None  # a written chunk's buffer, for the next chunk
 
+    @property
+    def total_wait_seconds(self) -> float:
+        """All the caller waited for the writing: blocked while handing over rows, then the final flush."""
+        return self.wait_seconds + self.flush_seconds
+
     # -- caller side -------------------------------------------------------------------------
     def put_rows(self, first_row: int, acts_NMPD: torch.Tensor, seq_N: torch.Tensor, pos_N: torch.Tensor,
                  token_N: torch.Tensor) -> None:
