@@ -13,7 +13,10 @@ into what capturing rows costs and what writing them costs. A fourth, "writer al
 same number of rows from memory to the harvest's shard writer with no model (scatter into the
 shuffle chunk, sha256, write, fsync): if it is slower than the bare passes, this machine cannot
 write rows as fast as the models make them, and no harvest on it can reach the target. Each
-harvest also reports how long its forward loop waited for the writer.
+harvest also reports how long its forward loop waited for the writer, and how long that loop's
+thread was off the CPU (wall minus its CPU time): on a launch-bound GPU harvest, the difference
+is time lost to GIL hand-offs to the writer's threads. Each round's caches are deleted, so a
+long run (``--tokens 8000000`` on a GPU, 16 GB a harvest) needs room for one harvest at a time.
 Prints one table and appends it to bench/RESULTS.md. Target: ratio >= 0.90 (CPU, toy pair),
 >= 0.95 on a GPU with a pythia-70m-sized model. The toy pair reads ``builtin:mixed`` (~276k
 usable tokens); the pythia-70m-sized pair (random weights) reads random token ids written to a
@@ -94,8 +97,9 @@ def fresh_models(cfg: HarvestConfig) -> tuple[torch.device, LoadedModels]:
                                exclude_token_ids=cfg.exclude_token_ids)
 
 
-def bare_forward_seconds(cfg: HarvestConfig, cache_dir: Path) -> float:
-    """Time each model's plain forward over the harvest's own batches (no hooks), from freshly loaded models."""
+def bare_forward_seconds(cfg: HarvestConfig, cache_dir: Path) -> tuple[float, float]:
+    """Time each model's plain forward over the harvest's own batches (no hooks), from freshly loaded
+    models: (wall seconds, CPU seconds of this thread, the loop's)."""
     device, models = fresh_models(cfg)
     ids = read_token_table(cache_dir).column("input_ids").to_pylist()
     batches = [torch.tensor(np.array(ids[i : i + cfg.batch_size])) for i in range(0, len(ids), cfg.batch_size)]
@@ -104,13 +108,13 @@ def bare_forward_seconds(cfg: HarvestConfig, cache_dir: Path) -> float:
         # No warm-up pass: the harvest's clock also starts before its models' first (slower, by
         # ~40 ms each on the toy models) forward, so both start from freshly loaded models.
         sync()
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.thread_time()
         for batch in batches:
             x = batch.to(device)
             for bridge in models.bridges:
                 bridge(x, stop_at_layer=models.stop_at_layer)
         sync()
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.thread_time() - cpu
 
 
 def capture_seconds(cfg: HarvestConfig, cache_dir: Path) -> float:
@@ -195,6 +199,7 @@ def main() -> None:
         harvest(HarvestConfig(**{**cfg.__dict__, "tokens": min(tokens, 5000), "out": str(Path(tmp) / "warm")}))
         harvest_runs, bare_runs, pair_ratios, flushes = [], [], [], []
         capture_runs, capture_ratios, waits, alone_runs = [], [], [], []
+        off_cpu_bare, off_cpu_harvest = [], []  # the forward loop's thread: wall minus its CPU time
         bare_before = None
         for r in range(args.repeats):  # interleaved, so background load hits both alike
             run_cfg = HarvestConfig(**{**cfg.__dict__, "out": str(Path(tmp) / f"cache{r}")})
@@ -204,10 +209,12 @@ def main() -> None:
             harvest_runs.append(float(run["forward_and_write_seconds"]))
             flushes.append(float(run["final_flush_seconds"]))
             waits.append(float(run["writer_wait_seconds"]))
+            off_cpu_harvest.append(harvest_runs[-1] - float(run["forward_loop_cpu_seconds"]))
             if bare_before is None:  # the same batches as every harvest here (same seed and dataset)
-                bare_before = bare_forward_seconds(run_cfg, Path(run_cfg.out))
-            bare_after = bare_forward_seconds(run_cfg, Path(run_cfg.out))
+                bare_before = bare_forward_seconds(run_cfg, Path(run_cfg.out))[0]
+            bare_after, bare_cpu = bare_forward_seconds(run_cfg, Path(run_cfg.out))
             bare_runs.append(bare_after)
+            off_cpu_bare.append(bare_after - bare_cpu)
             # Each harvest against the mean of the bare passes just before and after it: this VM's
             # speed drifts by 10-20% over a minute, and neighbours in time see the same drift.
             pair_ratios.append((bare_before + bare_after) / 2 / harvest_runs[-1])
@@ -215,6 +222,7 @@ def main() -> None:
             capture_ratios.append(bare_after / capture_runs[-1])  # its neighbour in time
             alone_runs.append(writer_alone_seconds(run_cfg, Path(run_cfg.out), Path(tmp) / "writer"))
             shutil.rmtree(Path(tmp) / "writer")  # a GPU run's rows are GBs
+            shutil.rmtree(run_cfg.out)  # so long runs (--tokens) fit on the disk
             bare_before = bare_after
         harvest_s, bare = statistics.median(harvest_runs), statistics.median(bare_runs)
         device = run["device"]
@@ -241,6 +249,10 @@ def main() -> None:
          "the writer's share of the CPU)", f"{statistics.median(capture_runs) / harvest_s:.3f}"),
         ("forward loop waiting for the writer (a full queue or a chunk not yet written, then the final flush), median",
          f"{statistics.median(waits):.2f}s  (runs: {', '.join(f'{s:.2f}s' for s in waits)})"),
+        (("forward loop's thread off the CPU (wall minus its CPU time; median): time it waited for the writer, for the "
+          "GIL while other threads held it, or for a device sync that yields"),
+         (f"bare {statistics.median(off_cpu_bare):.2f}s, harvest {statistics.median(off_cpu_harvest):.2f}s  "
+          f"(harvest runs: {', '.join(f'{s:.2f}s' for s in off_cpu_harvest)})")),
         ("writer alone (the same rows from memory: shuffle, sha256, write, fsync; no model) tokens/s (median)",
          (f"{tokens / statistics.median(alone_runs):,.0f}  ({tokens * row_bytes / statistics.median(alone_runs) / 1e9:.2f} "
           f"GB/s; runs: {', '.join(f'{s:.2f}s' for s in alone_runs)})")),

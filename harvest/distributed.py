@@ -310,7 +310,7 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int) -> Manifest:
     calib_end = min(forward.batch_end(calib_rows), cfg.tokens)  # whole batches (see harvester.harvest)
     held: list[tuple] = []
     own_items = (item for a, b in ranges for item in forward.rows(a, b))
-    t_forward = time.perf_counter()
+    t_forward, cpu_forward = time.perf_counter(), time.thread_time()
 
     # 6. normalization factors: one set for all ranks.
     if state == "resume":
@@ -380,7 +380,8 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int) -> Manifest:
 
     # 8. merge.
     gathered = group.all_gather({"records": [r.to_json() for r in log.records], "rows": shard_writer.rows_written,
-                                 "flush": shard_writer.flush_seconds, "writer_wait": shard_writer.total_wait_seconds},
+                                 "flush": shard_writer.flush_seconds, "writer_wait": shard_writer.total_wait_seconds,
+                                 "loop_cpu": time.thread_time() - cpu_forward},
                                 "waiting for the other ranks to finish their shards")
     final: Manifest | None = None
 
@@ -409,6 +410,7 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int) -> Manifest:
             # the rank that waited longest for its writing (the final flush included)
             "final_flush_seconds": round(max(g["flush"] for g in gathered), 3),
             "writer_wait_seconds": round(max(g["writer_wait"] for g in gathered), 3),
+            "forward_loop_cpu_seconds": round(max(g["loop_cpu"] for g in gathered), 3),  # the busiest loop
         }
         merged = CacheWriter(out, manifest).finish()
         for path in out.glob(RANK_MANIFEST_GLOB):

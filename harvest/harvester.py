@@ -282,7 +282,7 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
         start_chunk = len(existing.shards) // layout.shuffle_shards
         existing.shards = existing.shards[: start_chunk * layout.shuffle_shards]
         manifest, held = existing, []
-        t_forward = time.perf_counter()
+        t_forward, cpu_forward = time.perf_counter(), time.thread_time()
         print(f"resuming {out}: {_shards(len(manifest.shards))} already written, from chunk {start_chunk} of {layout.n_chunks}")
     else:
         plan = build_token_plan(
@@ -298,7 +298,7 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
         # Forward whole batches: the rows after calib_rows in its last batch are kept too, so that
         # batch is not forwarded again (it cost ~4% of a 100k-token harvest).
         calib_end = min(forward.batch_end(calib_rows), cfg.tokens)
-        t_forward = time.perf_counter()
+        t_forward, cpu_forward = time.perf_counter(), time.thread_time()
         held, norm = forward.calibrate(calib_rows, calib_end, cfg.normalize)
         norm.write_side_file(out)
         manifest = _new_manifest(cfg, models, plan, norm, calib_rows, layout)
@@ -328,14 +328,15 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
         # Shards are counted once listed, mostly after their rows were sent: show the final figure.
         bar.set_postfix_str(f"{shard_writer.bytes_written / 1e9:.2f} GB written", refresh=False)
         bar.close()
-    end = time.perf_counter()
+    end, loop_cpu = time.perf_counter(), time.thread_time() - cpu_forward
     seconds, forward_seconds = end - t0, end - t_forward
     manifest.created_by["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     # Timings of this run (a resumed run reports its own); kept with the timestamps.
     manifest.created_by["last_run"] = {"seconds": round(seconds, 3), "forward_and_write_seconds": round(forward_seconds, 3),
                                        "rows": final_rows_this_run(manifest, start_chunk, layout), "device": str(device),
                                        "final_flush_seconds": round(shard_writer.flush_seconds, 3),
-                                       "writer_wait_seconds": round(shard_writer.total_wait_seconds, 3)}
+                                       "writer_wait_seconds": round(shard_writer.total_wait_seconds, 3),
+                                       "forward_loop_cpu_seconds": round(loop_cpu, 3)}
     final = writer.finish()
     print(f"harvested {final.n_rows:,} rows into {_shards(len(final.shards))} at {out} "
           f"({final.n_rows / max(seconds, 1e-9):,.0f} tokens/s this run)")

@@ -38,6 +38,8 @@ def test_manifest_has_the_required_keys(toy_cache, toy_dirs):
     assert 0 in obj["excluded_tokens"]["token_ids"]
     run = obj["created_by"]["last_run"]  # this run's timings, with the wait on the writer
     assert run["rows"] == 6000 and 0 <= run["final_flush_seconds"] <= run["writer_wait_seconds"] <= run["seconds"]
+    # the forward loop's own CPU time: it ran the models (not 0), and one thread cannot outrun the clock
+    assert 0 < run["forward_loop_cpu_seconds"] <= run["forward_and_write_seconds"] + 0.01
     assert (toy_cache / "README.md").read_text().count("toy-code") >= 1
     assert verify_cache(toy_cache).ok
 

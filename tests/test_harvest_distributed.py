@@ -107,6 +107,7 @@ def test_two_processes_hold_the_rows_of_one(reference, tmp_path):
     _assert_same_cache(reference, tmp_path / "two")
     run = Manifest.load(tmp_path / "two").created_by["last_run"]
     assert run["world_size"] == 2 and 0 <= run["writer_wait_seconds"] <= run["seconds"]
+    assert 0 < run["forward_loop_cpu_seconds"] <= run["forward_and_write_seconds"] + 0.01
     before = (tmp_path / "two" / "manifest.json").read_bytes()
     assert harvest(cfg).complete  # a one-process run sees a finished cache and leaves it as it is
     assert (tmp_path / "two" / "manifest.json").read_bytes() == before
