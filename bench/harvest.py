@@ -14,8 +14,9 @@ same number of rows from memory to the harvest's shard writer with no model (sca
 shuffle chunk, sha256, write, fsync): if it is slower than the bare passes, this machine cannot
 write rows as fast as the models make them, and no harvest on it can reach the target. Each
 harvest also reports how long its forward loop waited for the writer, and how long that loop's
-thread was off the CPU (wall minus its CPU time): on a launch-bound GPU harvest, the difference
-is time lost to GIL hand-offs to the writer's threads. Each round's caches are deleted, so a
+thread was off the CPU (wall minus its CPU time): on a launch-bound GPU harvest, that time less
+the writer wait was lost to other threads holding the GIL, or to device syncs that yield (CUDA
+syncs spin by default, so they count as CPU). Each round's caches are deleted, so a
 long run (``--tokens 8000000`` on a GPU, 16 GB a harvest) needs room for one harvest at a time.
 Prints one table and appends it to bench/RESULTS.md. Target: ratio >= 0.90 (CPU, toy pair),
 >= 0.95 on a GPU with a pythia-70m-sized model. The toy pair reads ``builtin:mixed`` (~276k
