@@ -155,8 +155,7 @@ def writer_alone_seconds(cfg: HarvestConfig, cache_dir: Path, out: Path) -> floa
     manifest = Manifest.load(cache_dir)
     manifest.shards, manifest.n_rows, manifest.complete = [], 0, False
     storage = manifest.torch_dtype
-    layout = HarvestLayout(cfg.tokens, cfg.shard_rows(int(np.prod(manifest.row_shape)) * storage.itemsize),
-                           cfg.shuffle_shards)
+    layout = HarvestLayout(cfg.tokens, cfg.shard_rows(manifest.row_bytes), cfg.shuffle_shards)
     piece = cfg.batch_size * cfg.context_size
     # One block of rows, read for every piece: the bytes do not change the cost of any step.
     acts_NMPD = torch.randn(piece, *manifest.row_shape).to(storage)
@@ -206,7 +205,7 @@ def main() -> None:
             run_cfg = HarvestConfig(**{**cfg.__dict__, "out": str(Path(tmp) / f"cache{r}")})
             harvest(run_cfg)
             manifest = Manifest.load(run_cfg.out)
-            run, row_bytes = manifest.created_by["last_run"], int(np.prod(manifest.row_shape)) * manifest.torch_dtype.itemsize
+            run, row_bytes = manifest.created_by["last_run"], manifest.row_bytes
             harvest_runs.append(float(run["forward_and_write_seconds"]))
             flushes.append(float(run["final_flush_seconds"]))
             waits.append(float(run["writer_wait_seconds"]))

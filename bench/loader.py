@@ -90,7 +90,7 @@ def ideal_gather(cache_dir: Path, window: int, run_rows: int, seed: int = 0) -> 
     can reach on this machine (the loader adds threads, planning, batching and hand-offs)."""
     cache = open_cache(cache_dir)
     man = cache.manifest
-    row_bytes = man.n_models * man.n_hooks * man.d_model * man.torch_dtype.itemsize
+    row_bytes = man.row_bytes
     per_buffer = max(1, (2 << 20) // (run_rows * row_bytes))
     buffers = [np.empty(per_buffer * run_rows * row_bytes, np.uint8) for _ in range(4)]
     rng = np.random.default_rng(seed)

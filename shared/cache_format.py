@@ -173,6 +173,11 @@ class Manifest:
         return (self.n_models, self.n_hooks, self.d_model)
 
     @property
+    def row_bytes(self) -> int:
+        """Bytes of one row of ``acts`` in storage."""
+        return self.n_models * self.n_hooks * self.d_model * self.torch_dtype.itemsize
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         return dtype_from_name(self.dtype)
 

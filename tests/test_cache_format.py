@@ -109,6 +109,7 @@ def test_shard_golden_header(tmp_path):
 def test_truncated_and_corrupt_shards_are_named(tmp_path):
     cache = _write_cache(tmp_path)
     m = Manifest.load(cache)
+    assert m.row_shape == (2, 1, 8) and m.row_bytes == 2 * 1 * 8 * 2  # bfloat16: 2 bytes a value
     p0, p1, p2 = (cache / s.file for s in m.shards)
     p0.write_bytes(p0.read_bytes()[:-3])  # truncated
     data = bytearray(p1.read_bytes())
