@@ -184,19 +184,27 @@ def harvest_distributed(cfg: HarvestConfig, *, dist_timeout: float | None = None
 
     if on_main:
         previous = signal.signal(signal.SIGTERM, on_sigterm)
+    # rank 0: --out, and whether this run created it (cleaned up if the run fails before its first manifest)
+    made: list[tuple[Path, bool]] = []
     try:
-        return _run(cfg, group, local_rank)
-    except (HarvestInputError, CacheError, DistributedHarvestError) as e:
-        if str(e).startswith(f"rank {rank}"):
-            raise
-        raise type(e)(f"rank {rank}: {e}") from e
+        return _run(cfg, group, local_rank, made)
+    except BaseException as e:
+        from harvest.harvester import discard_unstarted
+
+        for out, created in made:
+            discard_unstarted(out, created=created)
+        named = str(e).startswith(f"rank {rank}")
+        if isinstance(e, (HarvestInputError, CacheError, DistributedHarvestError)) and not named:
+            raise type(e)(f"rank {rank}: {e}") from e
+        raise
     finally:
         if on_main:
             signal.signal(signal.SIGTERM, previous)
         group.close()
 
 
-def _run(cfg: HarvestConfig, group: Group, local_rank: int) -> Manifest:
+def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Path, bool]]) -> Manifest:
+    """One rank's harvest. Rank 0 appends ``(--out, whether it created that folder)`` to ``made``."""
     from harvest.harvester import (
         HarvestLayout, _existing_manifest, _Forward, _new_manifest, _plan_from_table, _shards,
         check_free_disk, progress_bar,
@@ -259,6 +267,7 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int) -> Manifest:
         if existing is not None:
             chunks, by_rank, carried, kept_bytes = collect_written(out, existing, layout, world)
         check_free_disk(cfg, out, (m, p, d), row_bytes, kept_bytes, say=say, suffix=f"; {_procs(world)}")
+        made.append((out, not out.exists()))
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(out)
         return {"done": chunks, "records": {r: [x.to_json() for x in v] for r, v in by_rank.items()}}

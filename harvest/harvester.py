@@ -122,6 +122,23 @@ def _existing_manifest(out: Path, cfg: HarvestConfig) -> Manifest | None:
     return manifest
 
 
+def discard_unstarted(out: Path, *, created: bool) -> None:
+    """Clean up after a harvest that failed before saving its first manifest: nothing in ``out``
+    can be resumed then. Removes the token table, the normalization side file and temp files, and
+    the folder itself if the harvest ``created`` it and it is left empty (an empty folder left
+    behind looks like a cache). Once a manifest exists this does nothing: the harvest resumes."""
+    if not out.is_dir() or (out / MANIFEST_NAME).exists():
+        return
+    for name in (TOKENS_NAME, NORMALIZATION_NAME):
+        (out / name).unlink(missing_ok=True)
+    remove_stale_temp_files(out)
+    for folder in [out / SHARD_DIR] + ([out] if created else []):
+        try:
+            folder.rmdir()
+        except OSError:  # absent, or holds something this harvest did not write: leave it
+            pass
+
+
 def _plan_from_table(out: Path, manifest: Manifest, excluded: list[int]) -> TokenPlan:
     """Rebuild the plan of an interrupted harvest from its token table (no re-tokenizing)."""
     table = read_token_table(out)
@@ -271,41 +288,46 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
 
     check_free_disk(cfg, out, (m, p, d), row_bytes, sum(s.bytes for s in existing.shards) if existing else 0)
 
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out)
     layout = HarvestLayout(cfg.tokens, cfg.shard_rows(row_bytes), cfg.shuffle_shards)
     forward = None
     t0 = time.perf_counter()
-    if existing is not None:
-        plan = _plan_from_table(out, existing, models.excluded_ids)
-        norm = Normalization.from_manifest(out, existing.normalization)
-        start_chunk = len(existing.shards) // layout.shuffle_shards
-        existing.shards = existing.shards[: start_chunk * layout.shuffle_shards]
-        manifest, held = existing, []
-        t_forward, cpu_forward = time.perf_counter(), time.thread_time()
-        print(f"resuming {out}: {_shards(len(manifest.shards))} already written, from chunk {start_chunk} of {layout.n_chunks}")
-    else:
-        plan = build_token_plan(
-            dataset=cfg.dataset, split=cfg.split, text_column=cfg.text_column, meta_columns=cfg.meta_columns,
-            seed=cfg.seed, tokenizer=models.tokenizer, context_size=cfg.context_size, bos_id=models.bos_id,
-            eos_id=models.eos_id, excluded_ids=models.excluded_ids, n_rows=cfg.tokens, n_vocab=models.n_vocab,
-        )
-        write_token_table(out, [x.tolist() for x in plan.input_ids], plan.metadata)
-        # Calibration: the first rows of the (seeded, shuffled-by-document) stream. Their
-        # activations are kept and written afterwards, so calibration costs no extra forward.
-        forward = _Forward(models, plan, cfg.hooks, device, cfg.batch_size)
-        calib_rows = min(cfg.calibration_tokens, cfg.tokens)
-        # Forward whole batches: the rows after calib_rows in its last batch are kept too, so that
-        # batch is not forwarded again (it cost ~4% of a 100k-token harvest).
-        calib_end = min(forward.batch_end(calib_rows), cfg.tokens)
-        t_forward, cpu_forward = time.perf_counter(), time.thread_time()
-        held, norm = forward.calibrate(calib_rows, calib_end, cfg.normalize)
-        norm.write_side_file(out)
-        manifest = _new_manifest(cfg, models, plan, norm, calib_rows, layout)
-        start_chunk = 0
-    forward = forward or _Forward(models, plan, cfg.hooks, device, cfg.batch_size)
-    writer = CacheWriter(out, manifest)
-    writer.save_manifest()
+    try:  # until the first manifest is saved, a failure leaves nothing to resume
+        if existing is not None:
+            plan = _plan_from_table(out, existing, models.excluded_ids)
+            norm = Normalization.from_manifest(out, existing.normalization)
+            start_chunk = len(existing.shards) // layout.shuffle_shards
+            existing.shards = existing.shards[: start_chunk * layout.shuffle_shards]
+            manifest, held = existing, []
+            t_forward, cpu_forward = time.perf_counter(), time.thread_time()
+            print(f"resuming {out}: {_shards(len(manifest.shards))} already written, from chunk {start_chunk} of {layout.n_chunks}")
+        else:
+            plan = build_token_plan(
+                dataset=cfg.dataset, split=cfg.split, text_column=cfg.text_column, meta_columns=cfg.meta_columns,
+                seed=cfg.seed, tokenizer=models.tokenizer, context_size=cfg.context_size, bos_id=models.bos_id,
+                eos_id=models.eos_id, excluded_ids=models.excluded_ids, n_rows=cfg.tokens, n_vocab=models.n_vocab,
+            )
+            write_token_table(out, [x.tolist() for x in plan.input_ids], plan.metadata)
+            # Calibration: the first rows of the (seeded, shuffled-by-document) stream. Their
+            # activations are kept and written afterwards, so calibration costs no extra forward.
+            forward = _Forward(models, plan, cfg.hooks, device, cfg.batch_size)
+            calib_rows = min(cfg.calibration_tokens, cfg.tokens)
+            # Forward whole batches: the rows after calib_rows in its last batch are kept too, so that
+            # batch is not forwarded again (it cost ~4% of a 100k-token harvest).
+            calib_end = min(forward.batch_end(calib_rows), cfg.tokens)
+            t_forward, cpu_forward = time.perf_counter(), time.thread_time()
+            held, norm = forward.calibrate(calib_rows, calib_end, cfg.normalize)
+            norm.write_side_file(out)
+            manifest = _new_manifest(cfg, models, plan, norm, calib_rows, layout)
+            start_chunk = 0
+        forward = forward or _Forward(models, plan, cfg.hooks, device, cfg.batch_size)
+        writer = CacheWriter(out, manifest)
+        writer.save_manifest()
+    except BaseException:
+        discard_unstarted(out, created=created)
+        raise
 
     done_rows = start_chunk * layout.chunk_size
     bar = progress_bar(cfg.tokens, initial=done_rows, desc="harvest", disable=not cfg.progress, started=t_forward)

@@ -218,6 +218,51 @@ def test_context_dataset_and_output_errors(toy_dirs, tmp_path):
         harvest(small_harvest_config(foreign))
 
 
+def test_a_harvest_that_fails_before_its_first_manifest_leaves_nothing(toy_dirs, tmp_path, monkeypatch):
+    """No folder a failed harvest created is left behind (empty, or with a token table it could
+    never resume from); a folder the user made stays, emptied of what the harvest wrote. Under
+    torchrun too (one rank, in this process)."""
+    import socket
+
+    from harvest.harvester import _Forward
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    out = tmp_path / "new" / "out"
+    with pytest.raises(HarvestInputError, match="yielded no documents"):
+        harvest(small_harvest_config(out, dataset=str(empty)))
+    assert not out.exists()
+
+    def fail_after_the_token_table(cfg) -> None:
+        def calibrate(self, *args, **kwargs):
+            assert (Path(cfg.out) / "tokens.arrow").is_file()
+            raise RuntimeError("out of memory (simulated)")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(_Forward, "calibrate", calibrate)
+            with pytest.raises(RuntimeError, match="simulated"):
+                harvest(cfg)
+
+    fail_after_the_token_table(small_harvest_config(out))
+    assert not out.exists()
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    fail_after_the_token_table(small_harvest_config(mine))
+    assert mine.is_dir() and not list(mine.iterdir())
+    assert harvest(small_harvest_config(mine, tokens=300)).complete  # usable as before
+
+    with socket.socket() as sock:  # a free port for the one-rank process group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with monkeypatch.context() as patch:
+        for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                               MASTER_PORT=str(port)).items():
+            patch.setenv(key, value)
+        fail_after_the_token_table(small_harvest_config(tmp_path / "dist"))
+    assert not (tmp_path / "dist").exists()
+
+
 def test_output_folder_with_a_different_harvest_is_refused(toy_cache):
     with pytest.raises(HarvestInputError, match=r"holds a different harvest \(hooks: "):
         harvest(small_harvest_config(toy_cache, hooks=["blocks.0.hook_resid_post"]))
