@@ -256,8 +256,8 @@ def test_a_harvest_that_fails_before_its_first_manifest_leaves_nothing(toy_dirs,
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with monkeypatch.context() as patch:
-        for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                               MASTER_PORT=str(port)).items():
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(port)}.items():
             patch.setenv(key, value)
         fail_after_the_token_table(small_harvest_config(tmp_path / "dist"))
     assert not (tmp_path / "dist").exists()
