@@ -22,8 +22,12 @@ Prints one table and appends it to bench/RESULTS.md. Target: ratio >= 0.90 (CPU,
 >= 0.95 on a GPU with a pythia-70m-sized model. The toy pair reads ``builtin:mixed`` (~276k
 usable tokens); the pythia-70m-sized pair (random weights) reads random token ids written to a
 local parquet file, so a GPU run can be long enough to measure (default 2M tokens).
+``--profile-batches N`` adds a second table: N batches of the bare and capture passes under
+torch.profiler, and the ops whose CPU time per batch the capture adds (on a launch-bound GPU,
+the loop's CPU time is its speed).
 
     python bench/harvest.py [--tokens N] [--model-size toy|pythia-70m] [--device auto] [--batch-size 32] [--quick]
+                            [--profile-batches N]
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ import sys
 import tempfile
 import time
 from collections import deque
+from contextlib import AbstractContextManager, nullcontext
+from itertools import islice
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,14 +104,17 @@ def fresh_models(cfg: HarvestConfig) -> tuple[torch.device, LoadedModels]:
                                exclude_token_ids=cfg.exclude_token_ids)
 
 
-def bare_forward_seconds(cfg: HarvestConfig, cache_dir: Path) -> tuple[float, float]:
+def bare_forward_seconds(cfg: HarvestConfig, cache_dir: Path, *, max_batches: int | None = None,
+                         around: AbstractContextManager | None = None) -> tuple[float, float]:
     """Time each model's plain forward over the harvest's own batches (no hooks), from freshly loaded
-    models: (wall seconds, CPU seconds of this thread, the loop's)."""
+    models: (wall seconds, CPU seconds of this thread, the loop's). ``max_batches``: only the first
+    ones; ``around``: a context entered around the timed loop alone (a profiler)."""
     device, models = fresh_models(cfg)
     ids = read_token_table(cache_dir).column("input_ids").to_pylist()
     batches = [torch.tensor(np.array(ids[i : i + cfg.batch_size])) for i in range(0, len(ids), cfg.batch_size)]
+    batches = batches[:max_batches]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch.inference_mode():
+    with torch.inference_mode(), around or nullcontext():
         # No warm-up pass: the harvest's clock also starts before its models' first (slower, by
         # ~40 ms each on the toy models) forward, so both start from freshly loaded models.
         sync()
@@ -118,11 +127,13 @@ def bare_forward_seconds(cfg: HarvestConfig, cache_dir: Path) -> tuple[float, fl
         return time.perf_counter() - t, time.thread_time() - cpu
 
 
-def capture_seconds(cfg: HarvestConfig, cache_dir: Path) -> float:
+def capture_seconds(cfg: HarvestConfig, cache_dir: Path, *, max_batches: int | None = None,
+                    around: AbstractContextManager | None = None) -> float:
     """The harvest's own per-batch work with no writer, from freshly loaded models: each batch's
     forward with the hooks, row selection, normalization, the cast to the storage dtype and, on
     CUDA, the copy into pinned host memory on a side stream (at most 8 batches in flight, as the
-    writer's queue allows). Nothing is shuffled, hashed or written. Seconds."""
+    writer's queue allows). Nothing is shuffled, hashed or written. Seconds. ``max_batches`` and
+    ``around`` as for :func:`bare_forward_seconds`."""
     device, models = fresh_models(cfg)
     manifest = Manifest.load(cache_dir)
     plan = _plan_from_table(cache_dir, manifest, models.excluded_ids)
@@ -133,16 +144,52 @@ def capture_seconds(cfg: HarvestConfig, cache_dir: Path) -> float:
     stream = torch.cuda.Stream(device) if cuda else None
     in_flight: deque = deque()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
-    t = time.perf_counter()
-    for _first, acts_NMPD, *_ in forward.rows(0, cfg.tokens):
-        rows_NMPD = norm.apply(acts_NMPD).to(storage)
-        if stream is not None:
-            in_flight.append(copy_to_host_async(rows_NMPD, stream))  # (host rows, their copy's event)
-            if len(in_flight) > 8:
-                in_flight.popleft()[1].synchronize()
-    sync()
-    return time.perf_counter() - t
+    with around or nullcontext():
+        sync()
+        t = time.perf_counter()
+        for _first, acts_NMPD, *_ in islice(forward.rows(0, cfg.tokens), max_batches):
+            rows_NMPD = norm.apply(acts_NMPD).to(storage)
+            if stream is not None:
+                in_flight.append(copy_to_host_async(rows_NMPD, stream))  # (host rows, their copy's event)
+                if len(in_flight) > 8:
+                    in_flight.popleft()[1].synchronize()
+        sync()
+        return time.perf_counter() - t
+
+
+def profile_capture(cfg: HarvestConfig, cache_dir: Path, n_batches: int, top: int = 15) -> str:
+    """What capturing adds to a forward loop, op by op: the first ``n_batches`` batches of the bare
+    pass and of the capture pass under ``torch.profiler`` (CPU, and on CUDA the runtime calls such
+    as kernel launches and copies), self CPU time per batch of each op. On a launch-bound GPU the
+    loop's CPU time is its speed, so the ops the capture adds (and what they cost) are the gap.
+    Python outside torch ops (row selection in numpy, hook closures) shows only in the walls.
+    Returns a markdown table: the ``top`` ops whose time grew most, then totals."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    n_batches = min(n_batches, -(-read_token_table(cache_dir).num_rows // cfg.batch_size))  # as many as there are
+    per_batch: dict[str, dict[str, tuple[float, float]]] = {}  # pass -> op -> (calls, self CPU us) per batch
+    walls: dict[str, float] = {}
+    for name, run in (("bare", bare_forward_seconds), ("capture", capture_seconds)):
+        prof = profile(activities=activities)  # entered around the timed loop only, not the model loading
+        out = run(cfg, cache_dir, max_batches=n_batches, around=prof)
+        walls[name] = (out[0] if isinstance(out, tuple) else out) / n_batches * 1e6
+        per_batch[name] = {e.key: (e.count / n_batches, e.self_cpu_time_total / n_batches)
+                           for e in prof.key_averages()}
+    bare, capture = per_batch["bare"], per_batch["capture"]
+    grown = sorted(set(bare) | set(capture),
+                   key=lambda k: capture.get(k, (0, 0))[1] - bare.get(k, (0, 0))[1], reverse=True)[:top]
+    lines = ["| op (self CPU per batch) | calls bare | calls capture | µs bare | µs capture | µs added |",
+             "|---|---|---|---|---|---|"]
+    for k in grown:
+        (cb, tb), (cc, tc) = bare.get(k, (0, 0)), capture.get(k, (0, 0))
+        lines.append(f"| `{k}` | {cb:.1f} | {cc:.1f} | {tb:.1f} | {tc:.1f} | {tc - tb:+.1f} |")
+    tot_b, tot_c = (sum(t for _, t in d.values()) for d in (bare, capture))
+    lines.append(f"| all ops | {sum(c for c, _ in bare.values()):.0f} | {sum(c for c, _ in capture.values()):.0f} "
+                 f"| {tot_b:.1f} | {tot_c:.1f} | {tot_c - tot_b:+.1f} |")
+    lines.append(f"| wall per batch (profiled) | | | {walls['bare']:.1f} | {walls['capture']:.1f} "
+                 f"| {walls['capture'] - walls['bare']:+.1f} |")
+    return "\n".join(lines)
 
 
 def writer_alone_seconds(cfg: HarvestConfig, cache_dir: Path, out: Path) -> float:
@@ -184,6 +231,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="harvests, each between two bare passes")
     ap.add_argument("--quick", action="store_true", help="smoke run: 20k tokens")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    ap.add_argument("--profile-batches", type=int, default=0,
+                    help="also profile this many batches of the bare and capture passes (torch.profiler) and "
+                         "print the ops the capture adds, with their CPU time per batch (default 0: off)")
     args = ap.parse_args()
     tokens = 20_000 if args.quick else args.tokens or (200_000 if args.model_size == "toy" else 2_000_000)
 
@@ -221,6 +271,8 @@ def main() -> None:
             capture_runs.append(capture_seconds(run_cfg, Path(run_cfg.out)))
             capture_ratios.append(bare_after / capture_runs[-1])  # its neighbour in time
             alone_runs.append(writer_alone_seconds(run_cfg, Path(run_cfg.out), Path(tmp) / "writer"))
+            if args.profile_batches and r == args.repeats - 1:
+                profiled = profile_capture(run_cfg, Path(run_cfg.out), args.profile_batches)
             shutil.rmtree(Path(tmp) / "writer")  # a GPU run's rows are GBs
             shutil.rmtree(run_cfg.out)  # so long runs (--tokens) fit on the disk
             bare_before = bare_after
@@ -263,6 +315,9 @@ def main() -> None:
     if device.startswith("cuda"):
         machine += f" ({torch.cuda.get_device_name()})"
     table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    if args.profile_batches:
+        table += (f"\n\nWhat capturing adds, op by op ({args.profile_batches} batches of the last round under "
+                  f"torch.profiler, which adds its own cost to every op):\n\n{profiled}")
     print(table)
     if not args.no_record:
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:
