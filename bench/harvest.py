@@ -185,7 +185,7 @@ def profile_capture(cfg: HarvestConfig, cache_dir: Path, n_batches: int, top: in
         (cb, tb), (cc, tc) = bare.get(k, (0, 0)), capture.get(k, (0, 0))
         lines.append(f"| `{k}` | {cb:.1f} | {cc:.1f} | {tb:.1f} | {tc:.1f} | {tc - tb:+.1f} |")
     tot_b, tot_c = (sum(t for _, t in d.values()) for d in (bare, capture))
-    lines.append(f"| all ops | {sum(c for c, _ in bare.values()):.0f} | {sum(c for c, _ in capture.values()):.0f} "
+    lines.append(f"| all ops ({n_batches} batches profiled) | {sum(c for c, _ in bare.values()):.0f} | {sum(c for c, _ in capture.values()):.0f} "
                  f"| {tot_b:.1f} | {tot_c:.1f} | {tot_c - tot_b:+.1f} |")
     lines.append(f"| wall per batch (profiled) | | | {walls['bare']:.1f} | {walls['capture']:.1f} "
                  f"| {walls['capture'] - walls['bare']:+.1f} |")
@@ -316,8 +316,8 @@ def main() -> None:
         machine += f" ({torch.cuda.get_device_name()})"
     table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     if args.profile_batches:
-        table += (f"\n\nWhat capturing adds, op by op ({args.profile_batches} batches of the last round under "
-                  f"torch.profiler, which adds its own cost to every op):\n\n{profiled}")
+        table += ("\n\nWhat capturing adds, op by op (the first batches of the last round under torch.profiler, "
+                  f"which adds its own cost to every op):\n\n{profiled}")
     print(table)
     if not args.no_record:
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:
