@@ -43,7 +43,6 @@ import tempfile
 import time
 from collections import deque
 from contextlib import AbstractContextManager, nullcontext
-from itertools import islice
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,16 +129,20 @@ def bare_forward_seconds(cfg: HarvestConfig, cache_dir: Path, *, max_batches: in
 def capture_seconds(cfg: HarvestConfig, cache_dir: Path, *, max_batches: int | None = None,
                     around: AbstractContextManager | None = None) -> float:
     """The harvest's own per-batch work with no writer, from freshly loaded models: each batch's
-    forward with the hooks, row selection, normalization, the cast to the storage dtype and, on
-    CUDA, the copy into pinned host memory on a side stream (at most 8 batches in flight, as the
-    writer's queue allows). Nothing is shuffled, hashed or written. Seconds. ``max_batches`` and
-    ``around`` as for :func:`bare_forward_seconds`."""
+    forward with the hooks, then per group of batches (``capture_group_tokens``) row selection,
+    normalization, the cast to the storage dtype and, on CUDA, the copy into pinned host memory on a
+    side stream (at most 8 groups in flight, as the writer's queue allows). Nothing is shuffled,
+    hashed or written. Seconds. ``max_batches`` and ``around`` as for :func:`bare_forward_seconds`."""
     device, models = fresh_models(cfg)
     manifest = Manifest.load(cache_dir)
     plan = _plan_from_table(cache_dir, manifest, models.excluded_ids)
     norm = Normalization.from_manifest(cache_dir, manifest.normalization).to(device)
     storage = dtype_from_name(cfg.dtype)
-    forward = _Forward(models, plan, cfg.hooks, device, cfg.batch_size)
+    forward = _Forward(models, plan, cfg.hooks, device, cfg.batch_size,
+                       group_tokens=cfg.capture_group_tokens)
+    end = cfg.tokens  # the rows of the first max_batches batches
+    if max_batches is not None and max_batches * cfg.batch_size < plan.n_sequences:
+        end = int(plan.row_start[max_batches * cfg.batch_size])
     cuda = device.type == "cuda"
     stream = torch.cuda.Stream(device) if cuda else None
     in_flight: deque = deque()
@@ -147,7 +150,7 @@ def capture_seconds(cfg: HarvestConfig, cache_dir: Path, *, max_batches: int | N
     with around or nullcontext():
         sync()
         t = time.perf_counter()
-        for _first, acts_NMPD, *_ in islice(forward.rows(0, cfg.tokens), max_batches):
+        for _first, acts_NMPD, *_ in forward.rows(0, end):
             rows_NMPD = norm.apply(acts_NMPD).to(storage)
             if stream is not None:
                 in_flight.append(copy_to_host_async(rows_NMPD, stream))  # (host rows, their copy's event)
@@ -228,6 +231,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--context-size", type=int, default=128)
     ap.add_argument("--write-threads", type=int, default=None, help="harvest write threads (default: auto)")
+    ap.add_argument("--capture-group-tokens", type=int, default=HarvestConfig.capture_group_tokens,
+                    help="the harvests' --capture-group-tokens (default: the harvest's default)")
+    ap.add_argument("--ab-capture-group-tokens", type=int, default=None, metavar="N",
+                    help="also run, in every round right after the harvest, one with --capture-group-tokens N "
+                         "(1: each batch taken alone, the path before session 9), against the same bare passes")
     ap.add_argument("--repeats", type=int, default=5, help="harvests, each between two bare passes")
     ap.add_argument("--quick", action="store_true", help="smoke run: 20k tokens")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
@@ -244,12 +252,15 @@ def main() -> None:
             random_token_dataset(Path(tmp) / "random-tokens.parquet", tokens, args.context_size)
         cfg = HarvestConfig(models=models, hooks=[hook], dataset=dataset, tokens=tokens,
                             context_size=args.context_size, out=str(Path(tmp) / "cache"), device=args.device,
-                            batch_size=args.batch_size, write_threads=args.write_threads, progress=False)
+                            batch_size=args.batch_size, write_threads=args.write_threads,
+                            capture_group_tokens=args.capture_group_tokens, progress=False)
         # Warm the page cache and the toy build; measured harvests go to fresh folders.
         harvest(HarvestConfig(**{**cfg.__dict__, "tokens": min(tokens, 5000), "out": str(Path(tmp) / "warm")}))
         harvest_runs, bare_runs, pair_ratios, flushes = [], [], [], []
         capture_runs, capture_ratios, waits, alone_runs = [], [], [], []
         off_cpu_bare, off_cpu_harvest = [], []  # the forward loop's thread: wall minus its CPU time
+        ab_runs: list[float] = []  # harvests with --ab-capture-group-tokens, each right after the main one
+        ab_ratios: list[float] = []
         bare_before = None
         for r in range(args.repeats):  # interleaved, so background load hits both alike
             run_cfg = HarvestConfig(**{**cfg.__dict__, "out": str(Path(tmp) / f"cache{r}")})
@@ -260,6 +271,12 @@ def main() -> None:
             flushes.append(float(run["final_flush_seconds"]))
             waits.append(float(run["writer_wait_seconds"]))
             off_cpu_harvest.append(harvest_runs[-1] - float(run["forward_loop_cpu_seconds"]))
+            if args.ab_capture_group_tokens is not None:
+                ab_cfg = HarvestConfig(**{**run_cfg.__dict__, "out": str(Path(tmp) / f"ab{r}"),
+                                          "capture_group_tokens": args.ab_capture_group_tokens})
+                harvest(ab_cfg)
+                ab_runs.append(float(Manifest.load(ab_cfg.out).created_by["last_run"]["forward_and_write_seconds"]))
+                shutil.rmtree(ab_cfg.out)
             if bare_before is None:  # the same batches as every harvest here (same seed and dataset)
                 bare_before = bare_forward_seconds(run_cfg, Path(run_cfg.out))[0]
             bare_after, bare_cpu = bare_forward_seconds(run_cfg, Path(run_cfg.out))
@@ -268,6 +285,8 @@ def main() -> None:
             # Each harvest against the mean of the bare passes just before and after it: this VM's
             # speed drifts by 10-20% over a minute, and neighbours in time see the same drift.
             pair_ratios.append((bare_before + bare_after) / 2 / harvest_runs[-1])
+            if ab_runs:
+                ab_ratios.append((bare_before + bare_after) / 2 / ab_runs[-1])
             capture_runs.append(capture_seconds(run_cfg, Path(run_cfg.out)))
             capture_ratios.append(bare_after / capture_runs[-1])  # its neighbour in time
             alone_runs.append(writer_alone_seconds(run_cfg, Path(run_cfg.out), Path(tmp) / "writer"))
@@ -284,8 +303,9 @@ def main() -> None:
     rows = [
         ("rows", f"{tokens:,}"),
         ("models x hooks", f"{len(models)} x 1 ({args.model_size}, {hook})"),
-        ("dataset, batch, write threads", f"{'builtin:mixed' if args.model_size == 'toy' else 'random ids'}, "
-                                          f"{args.batch_size} x {args.context_size}, {args.write_threads or default_write_threads()}"),
+        ("dataset, batch, write threads, capture group",
+         f"{'builtin:mixed' if args.model_size == 'toy' else 'random ids'}, {args.batch_size} x {args.context_size}, "
+         f"{args.write_threads or default_write_threads()}, {args.capture_group_tokens:,} tokens"),
         ("bare forward tokens/s (median)", f"{tokens / bare:,.0f}  (runs: {', '.join(f'{s:.2f}s' for s in bare_runs)})"),
         ("harvest tokens/s (median)", f"{tokens / harvest_s:,.0f}  (runs: {', '.join(f'{s:.2f}s' for s in harvest_runs)})"),
         ("of which the final flush (last chunk's shards after the last forward), median",
@@ -305,6 +325,10 @@ def main() -> None:
           "GIL while other threads held it, or for a device sync that yields"),
          (f"bare {statistics.median(off_cpu_bare):.2f}s, harvest {statistics.median(off_cpu_harvest):.2f}s  "
           f"(harvest runs: {', '.join(f'{s:.2f}s' for s in off_cpu_harvest)})")),
+        *([(f"A/B: harvest with --capture-group-tokens {args.ab_capture_group_tokens} instead of {args.capture_group_tokens}, "
+            "ratio to bare (median over harvests, each against the bare passes around it)",
+            f"{statistics.median(ab_ratios):.3f}  (per harvest: {', '.join(f'{x:.3f}' for x in ab_ratios)}; "
+            f"runs: {', '.join(f'{s:.2f}s' for s in ab_runs)})")] if ab_runs else []),
         ("writer alone (the same rows from memory: shuffle, sha256, write, fsync; no model) tokens/s (median)",
          (f"{tokens / statistics.median(alone_runs):,.0f}  ({tokens * row_bytes / statistics.median(alone_runs) / 1e9:.2f} "
           f"GB/s; runs: {', '.join(f'{s:.2f}s' for s in alone_runs)})")),

@@ -311,7 +311,8 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
         say(f"resuming {out}: {len(done)} of {layout.n_chunks} chunks already written; "
             f"{len(todo)} chunks left for {_procs(world)}")
 
-    forward = _Forward(models, plan, cfg.hooks, device, cfg.batch_size)
+    forward = _Forward(models, plan, cfg.hooks, device, cfg.batch_size,
+                       group_tokens=cfg.capture_group_tokens)
     log = RankShardLog(out, rank, world, signature=cfg.content_signature(), dtype=storage, row_shape=(m, p, d),
                        records=records.get(rank, []))
     manifest = existing

@@ -171,12 +171,36 @@ def check_free_disk(cfg: HarvestConfig, out: Path, row_shape: tuple[int, int, in
         )
 
 
-class _Forward:
-    """Runs every model on batches of planned sequences and yields the included rows."""
+# A group of forward batches (see ``HarvestConfig.capture_group_tokens``) also ends once its held
+# hook outputs reach this many bytes (in the models' dtype): small beside any device's memory, and a
+# big model's batch past it is taken alone.
+CAPTURE_GROUP_BYTES = 256 * 2**20
 
-    def __init__(self, models: LoadedModels, plan: TokenPlan, hooks: list[str], device: torch.device, batch_size: int) -> None:
+
+@dataclass
+class _Batch:
+    """One forward batch's hook outputs, held until its group's rows are taken."""
+
+    lo: int  # its first sequence
+    tokens_BS: np.ndarray
+    flat_N: np.ndarray  # included positions, flat over [B, S]
+    first_row: int
+    outs_MP: list[list[torch.Tensor]]  # [model][hook] -> [B, S, D]
+
+
+class _Forward:
+    """Runs every model on batches of planned sequences and yields the included rows.
+
+    Consecutive batches are grouped until they hold ``group_tokens`` tokens or ``group_bytes`` of hook
+    outputs (default :data:`CAPTURE_GROUP_BYTES`), and each yielded item holds one group's rows.
+    Grouping changes when rows are taken, never which rows or their bytes."""
+
+    def __init__(self, models: LoadedModels, plan: TokenPlan, hooks: list[str], device: torch.device, batch_size: int,
+                 *, group_tokens: int, group_bytes: int | None = None) -> None:
         self.models, self.plan, self.hooks = models, plan, hooks
         self.device, self.batch_size = device, batch_size
+        self.group_tokens = group_tokens
+        self.group_bytes = CAPTURE_GROUP_BYTES if group_bytes is None else group_bytes
         self.row_start = plan.row_start
         self.row_end = self.row_start + plan.rows_per_seq
         # A lookup table of excluded ids: one gather per batch, ~10x cheaper than np.isin (which
@@ -206,7 +230,24 @@ class _Forward:
         return held, norm
 
     def rows(self, a: int, b: int):
-        """Yield ``(first_row, acts_NMPD, seq_N, pos_N, token_N)`` covering rows [a, b) in order."""
+        """Yield ``(first_row, acts_NMPD, seq_N, pos_N, token_N)`` covering rows [a, b) in order, a
+        group of batches per item."""
+        group: list[_Batch] = []
+        held_tokens = held_bytes = 0
+        for batch in self._batches(a, b):
+            group.append(batch)
+            held_tokens += batch.tokens_BS.size
+            # The memory held, not the tensor's own bytes: a hook output may be a view of a larger one.
+            held_bytes += sum(t.untyped_storage().nbytes() for outs in batch.outs_MP for t in outs)
+            if held_tokens >= self.group_tokens or held_bytes >= self.group_bytes:
+                item, group, held_tokens, held_bytes = self._take(group), [], 0, 0
+                yield item
+        if group:
+            yield self._take(group)
+
+    def _batches(self, a: int, b: int):
+        """Forward each batch holding rows of [a, b) and yield its hook outputs (batches with none
+        of those rows are skipped)."""
         s0 = int(np.searchsorted(self.row_end, a, side="right"))
         s1 = int(np.searchsorted(self.row_start, b, side="left"))
         # Batches are fixed slices of the plan ([k*B, (k+1)*B)), whatever [a, b) is, so a
@@ -225,9 +266,8 @@ class _Forward:
             flat_N = np.flatnonzero(mask_BS)
             if flat_N.size == 0:
                 continue
-            flat_dev_N = torch.from_numpy(flat_N).to(self.device, non_blocking=True)
             tokens_dev_BS = torch.from_numpy(tokens_BS).to(self.device, non_blocking=True)
-            per_model = []
+            outs_MP = []
             for bridge, points in zip(self.models.bridges, self.hook_points):
                 # Forward hooks on the hook points around the plain forward pass: the same path as a
                 # bare forward. (run_with_cache's per-call machinery cost ~18% of the harvest.)
@@ -243,14 +283,27 @@ class _Forward:
                 missing = [h for h in self.hooks if h not in captured]
                 if missing:
                     raise RuntimeError(f"hook(s) {missing} did not fire in the forward pass")
-                # [B, S, D] per hook -> rows [N, P, D]
-                per_model.append(torch.stack([captured[h].flatten(0, 1).index_select(0, flat_dev_N)
-                                              for h in self.hooks], dim=1))
-                captured.clear()  # drop the full [B, S, D] activations now
-            acts_NMPD = torch.stack(per_model, dim=1)
-            seq_N, pos_N = np.divmod(flat_N, tokens_BS.shape[1])
-            yield (int(row_BS.flat[flat_N[0]]), acts_NMPD, torch.from_numpy(seq_N + lo), torch.from_numpy(pos_N),
-                   torch.from_numpy(tokens_BS.ravel()[flat_N]))
+                outs_MP.append([captured[h] for h in self.hooks])  # only the hooked outputs stay alive
+            yield _Batch(lo, tokens_BS, flat_N, int(row_BS.flat[flat_N[0]]), outs_MP)
+
+    def _take(self, group: list[_Batch]) -> tuple:
+        """A group's included rows: ``(first_row, acts_NMPD, seq_N, pos_N, token_N)``, its hook
+        outputs gathered with one index (per model and hook: a concatenation and a gather)."""
+        offsets = np.cumsum([0] + [g.tokens_BS.size for g in group[:-1]])
+        flat_N = np.concatenate([g.flat_N + off for g, off in zip(group, offsets)])
+        flat_dev_N = torch.from_numpy(flat_N).to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            rows = []
+            for m in range(len(self.hook_points)):
+                for p in range(len(self.hooks)):
+                    outs = [g.outs_MP[m][p] for g in group]  # [B, S, D] each, S the same for all
+                    held_BSD = torch.cat(outs) if len(outs) > 1 else outs[0]
+                    rows.append(held_BSD.flatten(0, 1).index_select(0, flat_dev_N))
+            acts_NMPD = torch.stack(rows, dim=1).unflatten(1, (len(self.hook_points), len(self.hooks)))
+        seq_N = np.concatenate([g.flat_N // g.tokens_BS.shape[1] + g.lo for g in group])
+        pos_N = np.concatenate([g.flat_N % g.tokens_BS.shape[1] for g in group])
+        token_N = np.concatenate([g.tokens_BS.ravel()[g.flat_N] for g in group])
+        return group[0].first_row, acts_NMPD, torch.from_numpy(seq_N), torch.from_numpy(pos_N), torch.from_numpy(token_N)
 
 
 def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifest:
@@ -312,7 +365,8 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
             write_token_table(out, [x.tolist() for x in plan.input_ids], plan.metadata)
             # Calibration: the first rows of the (seeded, shuffled-by-document) stream. Their
             # activations are kept and written afterwards, so calibration costs no extra forward.
-            forward = _Forward(models, plan, cfg.hooks, device, cfg.batch_size)
+            forward = _Forward(models, plan, cfg.hooks, device, cfg.batch_size,
+                               group_tokens=cfg.capture_group_tokens)
             calib_rows = min(cfg.calibration_tokens, cfg.tokens)
             # Forward whole batches: the rows after calib_rows in its last batch are kept too, so that
             # batch is not forwarded again (it cost ~4% of a 100k-token harvest).
@@ -322,7 +376,8 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
             norm.write_side_file(out)
             manifest = _new_manifest(cfg, models, plan, norm, calib_rows, layout)
             start_chunk = 0
-        forward = forward or _Forward(models, plan, cfg.hooks, device, cfg.batch_size)
+        forward = forward or _Forward(models, plan, cfg.hooks, device, cfg.batch_size,
+                                      group_tokens=cfg.capture_group_tokens)
         writer = CacheWriter(out, manifest)
         writer.save_manifest()
     except BaseException:

@@ -1,7 +1,7 @@
 """The shard writer: device->host copies, the write-time shuffle, atomic shard writes.
 
-The forward loop hands over each batch's rows (already normalized and cast to the storage
-dtype). Each row is copied straight to its place in the current chunk's buffer
+The forward loop hands over the rows of each group of forward batches (already normalized and
+cast to the storage dtype). Each row is copied straight to its place in the current chunk's buffer
 (``shuffle_shards`` shards of rows), at the position the chunk's permutation gives (a generator
 seeded by ``(seed, chunk)``): the buffer fills already shuffled, and each shard is a contiguous
 slice of it. When the chunk is full, ``write_threads`` threads write its shards atomically
@@ -44,7 +44,7 @@ def default_write_threads() -> int:
 
 @dataclass
 class Piece:
-    """Rows of one forward batch that belong to one chunk, in stream order."""
+    """Rows handed over together (a group of forward batches) that belong to one chunk, in stream order."""
 
     chunk: int
     offset: int  # first row's index within the chunk
@@ -284,7 +284,7 @@ class ShardWriter:
 
 class ShardWriterThread(ShardWriter):
     """A :class:`ShardWriter` that takes rows on its own thread, for rows on a CUDA device: each
-    batch's rows start their copy into pinned host memory at once, on a side stream, and go on a
+    group's rows start their copy into pinned host memory at once, on a side stream, and go on a
     queue; the thread waits for the copy, never the forward loop. The caller blocks only when
     ``max_pending`` pieces are queued (:attr:`wait_seconds`). Errors re-raise in the caller's thread."""
 

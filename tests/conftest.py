@@ -27,6 +27,16 @@ def toy_dirs() -> dict[str, Path]:
     return {name: ensure_toy_model(name) for name in TOY_NAMES}
 
 
+def comparable_manifest(manifest_path: Path) -> dict:
+    """A harvest's manifest without what differs between runs of the same harvest (timings, the folder)."""
+    import json
+
+    obj = json.loads(manifest_path.read_text())
+    obj.pop("created_by")
+    obj["harvest"]["config"].pop("out")
+    return obj
+
+
 def small_harvest_config(out: Path, **overrides):
     """A fast harvest of the toy pair: two hooks, short context, many small shards."""
     from harvest.config import HarvestConfig

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import small_harvest_config
+from conftest import comparable_manifest, small_harvest_config
 from harvest.harvester import harvest
 from shared.cache import open_cache, verify_cache
 from shared.cache_format import Manifest
@@ -180,6 +180,40 @@ def test_every_forward_batch_runs_once(tmp_path, monkeypatch):
     n_batches = -(-man.extra["n_sequences"] // cfg.batch_size)
     assert n_batches >= 3 and calls["n"] == len(cfg.models) * n_batches
     assert man.n_rows == 3000 and man.normalization["calibration_rows"] == 1100
+
+
+def test_grouped_batches_write_the_same_cache(toy_dirs, tmp_path, monkeypatch):
+    """Rows are taken per group of forward batches (``capture_group_tokens``, and a cap on the bytes
+    held): any grouping writes the same shards, and larger groups hand the writer fewer pieces."""
+    from harvest import harvester
+    from harvest.writer import ShardWriter
+
+    pieces: list[int] = []
+    real_put = ShardWriter.put_rows
+
+    def counted_put(self, first_row, acts_NMPD, *rest):
+        pieces.append(acts_NMPD.shape[0])
+        return real_put(self, first_row, acts_NMPD, *rest)
+
+    monkeypatch.setattr(ShardWriter, "put_rows", counted_put)
+    runs = {}
+    # 16 sequences of 64 tokens a batch (1008 rows); calibration forwards batches 0-1 (2016 rows),
+    # the rest batches 2-5. A 2500-token group holds 3 batches and crosses chunks of 1024 rows.
+    for name, group_tokens, bytes_cap in [("alone", 1, None), ("three", 2500, None), ("default", 32_768, None),
+                                          ("bytes-capped", 32_768, 1)]:
+        if bytes_cap is not None:
+            monkeypatch.setattr(harvester, "CAPTURE_GROUP_BYTES", bytes_cap)
+        pieces.clear()
+        man = harvest(small_harvest_config(tmp_path / name, capture_group_tokens=group_tokens))
+        comparable = comparable_manifest(tmp_path / name / "manifest.json")
+        assert comparable["harvest"]["config"].pop("capture_group_tokens") == group_tokens
+        runs[name] = ([s.sha256 for s in man.shards], comparable, list(pieces))
+    shards, manifest, _ = runs["alone"]
+    assert len(shards) > 8
+    for name, (other_shards, other_manifest, _) in runs.items():
+        assert (other_shards, other_manifest) == (shards, manifest), name
+    assert [len(runs[k][2]) for k in ("alone", "three", "default", "bytes-capped")] == [6, 1 + 2, 1 + 1, 6]
+    assert all(sum(runs[k][2]) == 6000 for k in runs) and max(runs["alone"][2]) <= 1008
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

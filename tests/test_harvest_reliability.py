@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, small_harvest_config
+from conftest import ROOT, comparable_manifest, small_harvest_config
 from harvest.harvester import harvest
 from harvest.models import HarvestInputError
 from shared.cache_format import Manifest
@@ -23,20 +23,13 @@ from shared.cache_format import Manifest
 # Many tiny shards and chunks so that a kill lands mid-harvest.
 CRASH_ARGS = ["--models", "toy-base", "toy-code", "--hooks", "blocks.2.hook_resid_post", "--tokens", "40000",
               "--context-size", "64", "--shard-size", "0.0625", "--shuffle-shards", "2", "--batch-size", "8",
-              "--calibration-tokens", "1000", "--device", "cpu", "--no-progress"]
+              "--calibration-tokens", "1000", "--capture-group-tokens", "2048", "--device", "cpu", "--no-progress"]
 
 
 def _run_cli(args, **kw):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, str(ROOT / "run_harvest.py"), *args], env=env, capture_output=True,
                           text=True, timeout=600, **kw)
-
-
-def _comparable(manifest_path: Path) -> dict:
-    obj = json.loads(manifest_path.read_text())
-    obj.pop("created_by")
-    obj["harvest"]["config"].pop("out")
-    return obj
 
 
 @pytest.mark.slow
@@ -72,7 +65,7 @@ def test_resume_after_kill_9_is_byte_identical(toy_dirs, tmp_path):
     for s in m_ref.shards:
         assert (ref / s.file).read_bytes() == (crashed / s.file).read_bytes()
     assert (ref / "tokens.arrow").read_bytes() == (crashed / "tokens.arrow").read_bytes()
-    assert _comparable(ref / "manifest.json") == _comparable(crashed / "manifest.json")
+    assert comparable_manifest(ref / "manifest.json") == comparable_manifest(crashed / "manifest.json")
     assert not [p for p in crashed.rglob("*") if ".tmp-" in p.name]
 
 
@@ -127,7 +120,7 @@ def test_write_threads_write_the_same_cache(toy_dirs, tmp_path):
     many = harvest(small_harvest_config(tmp_path / "many", write_threads=4))
     assert len(one.shards) > 2 * 4  # several chunks of shuffle_shards=4
     assert [(s.file, s.sha256) for s in one.shards] == [(s.file, s.sha256) for s in many.shards]
-    a, b = _comparable(tmp_path / "one" / "manifest.json"), _comparable(tmp_path / "many" / "manifest.json")
+    a, b = (comparable_manifest(tmp_path / name / "manifest.json") for name in ("one", "many"))
     assert (a["harvest"]["config"].pop("write_threads"), b["harvest"]["config"].pop("write_threads")) == (1, 4)
     assert a == b
 
