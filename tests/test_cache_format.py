@@ -226,6 +226,8 @@ def test_config_cli_and_file(tmp_path):
         config_from_namespace(HarvestConfig, parser.parse_args([]), cfg_file)
     with pytest.raises(ValueError, match="tokens must be >= 1"):
         HarvestConfig(tokens=0)
+    with pytest.raises(ValueError, match="capture_group_tokens must be >= 1"):
+        HarvestConfig(capture_group_tokens=0)
     with pytest.raises(SystemExit):
         parser.parse_args(["--dtype", "int8"])
     # A lone name (YAML `models: toy-base`, or the Python API) is a list of one, not its characters.
