@@ -299,6 +299,11 @@ def main() -> None:
         device = run["device"]
 
     ratio = statistics.median(pair_ratios)
+    ab_rows = [] if not ab_runs else [(
+        (f"A/B: harvest with --capture-group-tokens {args.ab_capture_group_tokens} instead of "
+         f"{args.capture_group_tokens}, ratio to bare (median over harvests, each against the bare passes around it)"),
+        (f"{statistics.median(ab_ratios):.3f}  (per harvest: {', '.join(f'{x:.3f}' for x in ab_ratios)}; "
+         f"runs: {', '.join(f'{s:.2f}s' for s in ab_runs)})"))]
     target = 0.90 if device == "cpu" else 0.95
     rows = [
         ("rows", f"{tokens:,}"),
@@ -325,10 +330,7 @@ def main() -> None:
           "GIL while other threads held it, or for a device sync that yields"),
          (f"bare {statistics.median(off_cpu_bare):.2f}s, harvest {statistics.median(off_cpu_harvest):.2f}s  "
           f"(harvest runs: {', '.join(f'{s:.2f}s' for s in off_cpu_harvest)})")),
-        *([(f"A/B: harvest with --capture-group-tokens {args.ab_capture_group_tokens} instead of {args.capture_group_tokens}, "
-            "ratio to bare (median over harvests, each against the bare passes around it)",
-            f"{statistics.median(ab_ratios):.3f}  (per harvest: {', '.join(f'{x:.3f}' for x in ab_ratios)}; "
-            f"runs: {', '.join(f'{s:.2f}s' for s in ab_runs)})")] if ab_runs else []),
+        *ab_rows,
         ("writer alone (the same rows from memory: shuffle, sha256, write, fsync; no model) tokens/s (median)",
          (f"{tokens / statistics.median(alone_runs):,.0f}  ({tokens * row_bytes / statistics.median(alone_runs) / 1e9:.2f} "
           f"GB/s; runs: {', '.join(f'{s:.2f}s' for s in alone_runs)})")),

@@ -303,7 +303,7 @@ class _Forward:
         seq_N = np.concatenate([g.flat_N // g.tokens_BS.shape[1] + g.lo for g in group])
         pos_N = np.concatenate([g.flat_N % g.tokens_BS.shape[1] for g in group])
         token_N = np.concatenate([g.tokens_BS.ravel()[g.flat_N] for g in group])
-        return group[0].first_row, acts_NMPD, torch.from_numpy(seq_N), torch.from_numpy(pos_N), torch.from_numpy(token_N)
+        return (group[0].first_row, acts_NMPD, *(torch.from_numpy(x) for x in (seq_N, pos_N, token_N)))
 
 
 def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifest:
