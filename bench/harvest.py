@@ -138,8 +138,7 @@ def capture_seconds(cfg: HarvestConfig, cache_dir: Path, *, max_batches: int | N
     plan = _plan_from_table(cache_dir, manifest, models.excluded_ids)
     norm = Normalization.from_manifest(cache_dir, manifest.normalization).to(device)
     storage = dtype_from_name(cfg.dtype)
-    forward = _Forward(models, plan, cfg.hooks, device, cfg.batch_size,
-                       group_tokens=cfg.capture_group_tokens)
+    forward = _Forward(models, plan, cfg, device)
     end = cfg.tokens  # the rows of the first max_batches batches
     if max_batches is not None and max_batches * cfg.batch_size < plan.n_sequences:
         end = int(plan.row_start[max_batches * cfg.batch_size])

@@ -311,8 +311,7 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
         say(f"resuming {out}: {len(done)} of {layout.n_chunks} chunks already written; "
             f"{len(todo)} chunks left for {_procs(world)}")
 
-    forward = _Forward(models, plan, cfg.hooks, device, cfg.batch_size,
-                       group_tokens=cfg.capture_group_tokens)
+    forward = _Forward(models, plan, cfg, device)
     log = RankShardLog(out, rank, world, signature=cfg.content_signature(), dtype=storage, row_shape=(m, p, d),
                        records=records.get(rank, []))
     manifest = existing

@@ -191,16 +191,14 @@ class _Batch:
 class _Forward:
     """Runs every model on batches of planned sequences and yields the included rows.
 
-    Consecutive batches are grouped until they hold ``group_tokens`` tokens or ``group_bytes`` of hook
-    outputs (default :data:`CAPTURE_GROUP_BYTES`), and each yielded item holds one group's rows.
+    Consecutive batches are grouped until they hold ``cfg.capture_group_tokens`` tokens or
+    :data:`CAPTURE_GROUP_BYTES` of hook outputs, and each yielded item holds one group's rows.
     Grouping changes when rows are taken, never which rows or their bytes."""
 
-    def __init__(self, models: LoadedModels, plan: TokenPlan, hooks: list[str], device: torch.device, batch_size: int,
-                 *, group_tokens: int, group_bytes: int | None = None) -> None:
-        self.models, self.plan, self.hooks = models, plan, hooks
-        self.device, self.batch_size = device, batch_size
-        self.group_tokens = group_tokens
-        self.group_bytes = CAPTURE_GROUP_BYTES if group_bytes is None else group_bytes
+    def __init__(self, models: LoadedModels, plan: TokenPlan, cfg: HarvestConfig, device: torch.device) -> None:
+        self.models, self.plan, self.hooks = models, plan, cfg.hooks
+        self.device, self.batch_size = device, cfg.batch_size
+        self.group_tokens, self.group_bytes = cfg.capture_group_tokens, CAPTURE_GROUP_BYTES
         self.row_start = plan.row_start
         self.row_end = self.row_start + plan.rows_per_seq
         # A lookup table of excluded ids: one gather per batch, ~10x cheaper than np.isin (which
@@ -210,7 +208,7 @@ class _Forward:
         self.excluded[models.excluded_ids] = True
         # Resolved once: bridge.hook_dict rebuilds its alias table on every access (~3% of a
         # launch-bound GPU harvest's main thread when it ran per batch).
-        self.hook_points = [[bridge.hook_dict[h] for h in hooks] for bridge in models.bridges]
+        self.hook_points = [[bridge.hook_dict[h] for h in self.hooks] for bridge in models.bridges]
 
     def batch_end(self, row: int) -> int:
         """The first row after the forward batch holding row ``row - 1``: cut a row range there and
@@ -365,8 +363,7 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
             write_token_table(out, [x.tolist() for x in plan.input_ids], plan.metadata)
             # Calibration: the first rows of the (seeded, shuffled-by-document) stream. Their
             # activations are kept and written afterwards, so calibration costs no extra forward.
-            forward = _Forward(models, plan, cfg.hooks, device, cfg.batch_size,
-                               group_tokens=cfg.capture_group_tokens)
+            forward = _Forward(models, plan, cfg, device)
             calib_rows = min(cfg.calibration_tokens, cfg.tokens)
             # Forward whole batches: the rows after calib_rows in its last batch are kept too, so that
             # batch is not forwarded again (it cost ~4% of a 100k-token harvest).
@@ -376,8 +373,7 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
             norm.write_side_file(out)
             manifest = _new_manifest(cfg, models, plan, norm, calib_rows, layout)
             start_chunk = 0
-        forward = forward or _Forward(models, plan, cfg.hooks, device, cfg.batch_size,
-                                      group_tokens=cfg.capture_group_tokens)
+        forward = forward or _Forward(models, plan, cfg, device)
         writer = CacheWriter(out, manifest)
         writer.save_manifest()
     except BaseException:
