@@ -35,6 +35,12 @@ __all__ = ["Piece", "ShardWriter", "ShardWriterThread", "chunk_permutation", "co
            "default_write_threads", "drain", "shard_writer_for", "writer_wait_note"]
 
 
+# Rows a CUDA harvest lets wait for the writer thread, in pinned host memory: eight groups of
+# pythia-70m-sized pairs at batch 32 (64 MiB each), or two at the 256 MiB group cap. A disk that
+# falls behind then costs this much host memory at most, not a number of groups of any size.
+MAX_PENDING_BYTES = 512 * 2**20
+
+
 def default_write_threads() -> int:
     """Shard-writing threads when none are asked for: a quarter of the CPUs, 1 to 4. One core
     hashes ~1 GB/s (sha256) and also writes and fsyncs, so one thread caps a harvest below that
@@ -53,6 +59,11 @@ class Piece:
     pos_N: torch.Tensor
     token_N: torch.Tensor
     ready: torch.cuda.Event | None = None  # recorded after the copy into acts_NMPD, if one is in flight
+
+
+def _nbytes(piece: Piece) -> int:
+    """The bytes of a piece's rows (a view's own, not its base's)."""
+    return piece.acts_NMPD.numel() * piece.acts_NMPD.element_size()
 
 
 def chunk_permutation(seed: int, chunk: int, n: int) -> torch.Tensor:
@@ -285,12 +296,16 @@ class ShardWriter:
 class ShardWriterThread(ShardWriter):
     """A :class:`ShardWriter` that takes rows on its own thread, for rows on a CUDA device: each
     group's rows start their copy into pinned host memory at once, on a side stream, and go on a
-    queue; the thread waits for the copy, never the forward loop. The caller blocks only when
-    ``max_pending`` pieces are queued (:attr:`wait_seconds`). Errors re-raise in the caller's thread."""
+    queue; the thread waits for the copy, never the forward loop. The caller blocks only when the
+    rows waiting for the thread would pass ``max_pending_bytes`` (:attr:`wait_seconds`); a piece
+    larger than that is still taken alone. Errors re-raise in the caller's thread."""
 
-    def __init__(self, writer: CacheWriter, *, max_pending: int = 8, **kwargs: Any) -> None:
+    def __init__(self, writer: CacheWriter, *, max_pending_bytes: int = MAX_PENDING_BYTES, **kwargs: Any) -> None:
         super().__init__(writer, **kwargs)
-        self._queue: queue.Queue[Piece | None] = queue.Queue(maxsize=max_pending)
+        self.max_pending_bytes = max_pending_bytes
+        self._queue: queue.Queue[Piece | None] = queue.Queue()  # bounded by bytes, through _room
+        self._pending_bytes = 0  # rows queued or being taken by the thread
+        self._room = threading.Condition()
         self._error: BaseException | None = None
         self._copy_stream: torch.cuda.Stream | None = None
         self._thread = threading.Thread(target=self._run, name="crosscache-shard-writer", daemon=True)
@@ -298,25 +313,21 @@ class ShardWriterThread(ShardWriter):
 
     # -- caller side -------------------------------------------------------------------------
     def put(self, piece: Piece) -> None:
-        """Queue rows for writing (blocks only when ``max_pending`` pieces are waiting; the time
-        blocked adds to :attr:`wait_seconds`)."""
+        """Queue rows for writing. Blocks while the rows already waiting and these would pass
+        ``max_pending_bytes`` (the time blocked adds to :attr:`wait_seconds`)."""
         self._raise_if_failed()
-        try:
-            self._queue.put_nowait(piece)
-            return
-        except queue.Full:
-            pass
-        t = time.perf_counter()
-        try:
-            while True:
-                self._raise_if_failed()
+        nbytes = _nbytes(piece)
+        with self._room:
+            if self._pending_bytes and self._pending_bytes + nbytes > self.max_pending_bytes:
+                t = time.perf_counter()
                 try:
-                    self._queue.put(piece, timeout=0.5)
-                    return
-                except queue.Full:
-                    continue
-        finally:
-            self.wait_seconds += time.perf_counter() - t
+                    while self._pending_bytes and self._pending_bytes + nbytes > self.max_pending_bytes:
+                        self._raise_if_failed()  # a writer that died never makes room
+                        self._room.wait(timeout=0.5)
+                finally:
+                    self.wait_seconds += time.perf_counter() - t
+            self._pending_bytes += nbytes
+        self._queue.put(piece)
 
     def put_rows(self, first_row: int, acts_NMPD: torch.Tensor, seq_N: torch.Tensor, pos_N: torch.Tensor,
                  token_N: torch.Tensor) -> None:
@@ -334,12 +345,7 @@ class ShardWriterThread(ShardWriter):
 
     def close(self) -> None:
         """Flush everything queued, wait for the threads, and re-raise any error they hit."""
-        while self._thread.is_alive():  # a writer that died on an error no longer empties the queue
-            try:
-                self._queue.put(None, timeout=0.5)
-                break
-            except queue.Full:
-                continue
+        self._queue.put(None)  # a writer that died on an error leaves it unread: join returns all the same
         self._thread.join()
         self._raise_if_failed()
 
@@ -368,11 +374,17 @@ class ShardWriterThread(ShardWriter):
                     return
                 if piece.ready is not None:
                     piece.ready.synchronize()  # this thread waits for the copy, never the forward loop
+                nbytes = _nbytes(piece)
                 self._take(piece)  # its waits on a chunk are not the caller's
-                del piece  # frees a pinned staging buffer for reuse
+                del piece  # frees a pinned staging buffer for reuse before the caller is let in
+                with self._room:
+                    self._pending_bytes -= nbytes
+                    self._room.notify()
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             self._error = e
         finally:
+            with self._room:
+                self._room.notify_all()  # a caller waiting for room sees the error at once
             self._pool.shutdown(wait=True)  # no shard write outlives the writer
 
     def _next_piece(self) -> Piece | None:

@@ -268,8 +268,9 @@ def test_cli_reports_errors_without_traceback(toy_dirs, tmp_path):
 
 
 def test_writer_that_died_does_not_hang_close(tmp_path):
-    """The writer thread fails while the queue is full: close() re-raises its error instead of
-    blocking forever on a queue nobody empties."""
+    """The writer thread fails on a piece while the caller waits for room in the queue: the
+    caller's put() and close() re-raise its error instead of blocking forever on room that a dead
+    thread never makes."""
     import threading
 
     from harvest.writer import Piece, ShardWriterThread
@@ -278,20 +279,83 @@ def test_writer_that_died_does_not_hang_close(tmp_path):
         def write_shard_file(self, *a, **kw):
             raise AssertionError("not reached")
 
+    gate = threading.Event()
     w = ShardWriterThread(Unused(), chunk_rows=[4], shard_rows=4, shuffle_shards=1, seed=0, row_shape=(1, 1, 8),
-                          dtype=torch.bfloat16, max_pending=2, write_threads=2)
+                          dtype=torch.bfloat16, max_pending_bytes=1, write_threads=2)
+    take = w._take
+    w._take = lambda piece: (gate.wait(10), take(piece))  # the thread holds the first piece until the gate opens
     bad = Piece(0, 0, torch.zeros(4, 1, 1, 3, dtype=torch.bfloat16), *(torch.zeros(4, dtype=torch.int64),) * 3)
-    w._queue.put(bad)  # wrong width: the copy into the chunk buffer raises in the thread
-    w._thread.join(timeout=10)
-    assert not w._thread.is_alive()
-    for _ in range(2):
-        w._queue.put(bad)  # the queue is full now
+    w.put(bad)  # wrong width: the copy into the chunk buffer raises in the thread
     result: list[BaseException] = []
-    t = threading.Thread(target=lambda: result.append(pytest.raises((RuntimeError, ValueError), w.close).value), daemon=True)
+
+    def second_put_then_close() -> None:
+        result.append(pytest.raises((RuntimeError, ValueError), w.put, bad).value)  # waits for room
+        result.append(pytest.raises((RuntimeError, ValueError), w.close).value)
+
+    t = threading.Thread(target=second_put_then_close, daemon=True)
     t.start()
+    time.sleep(0.2)
+    assert t.is_alive() and not result  # the second piece waits: the first still holds the queue's room
+    gate.set()
     t.join(timeout=10)
-    assert not t.is_alive(), "close() hung on a dead writer"
-    assert "size" in str(result[0]) or "shape" in str(result[0])
+    assert not t.is_alive(), "put() or close() hung on a dead writer"
+    assert len(result) == 2 and all("size" in str(e) or "shape" in str(e) for e in result)
+
+
+def test_writer_thread_bounds_waiting_rows_by_bytes():
+    """While the writer thread is held up, the caller may queue rows up to ``max_pending_bytes``
+    and then blocks; a piece larger than the bound is still taken when nothing waits. All rows
+    are written once the thread goes on."""
+    import threading
+
+    from harvest.writer import ShardWriterThread
+    from shared.cache_format import ShardRecord
+
+    gate = threading.Event()
+
+    class Gated:
+        def __init__(self) -> None:
+            self.rows = 0
+
+        def write_shard_file(self, rel_file, *tensors):
+            gate.wait(10)
+            self.rows += len(tensors[0])
+            return ShardRecord(file=rel_file, n_rows=len(tensors[0]), sha256="-", bytes=0)
+
+        def add_record(self, record, save):
+            pass
+
+    row_bytes = 8 * 4  # float32 rows of width 8
+    cap = Gated()
+    # Chunks of 4 rows, pieces of 2 rows (64 B): chunk 0's shard blocks on the gate, so the thread
+    # stops on chunk 1's last piece (it waits for chunk 0) and the queue fills behind it.
+    w = ShardWriterThread(cap, chunk_rows=[4] * 8, shard_rows=4, shuffle_shards=1, seed=0, row_shape=(1, 1, 8),
+                          dtype=torch.float32, write_threads=1, max_pending_bytes=3 * 2 * row_bytes)
+    acts, ids = torch.zeros(32, 1, 1, 8), torch.zeros(32, dtype=torch.int64)
+    sent: list[int] = []
+
+    def send() -> None:
+        for a in range(0, 32, 2):
+            w.put_rows(a, acts[a : a + 2], ids[a : a + 2], ids[a : a + 2], ids[a : a + 2])
+            sent.append(a)
+        w.close()
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    time.sleep(0.3)
+    # Taken by the thread: chunk 0 (2 pieces) and chunk 1's first; held in its hands: chunk 1's
+    # last; then 2 more queued fill the 3-piece bound. The next put waits.
+    assert len(sent) == 6 and w._pending_bytes == 3 * 2 * row_bytes, (sent, w._pending_bytes)
+    assert t.is_alive()
+    gate.set()
+    t.join(timeout=10)
+    assert not t.is_alive() and cap.rows == 32 and w._pending_bytes == 0 and w.wait_seconds > 0.2
+
+    big = ShardWriterThread(Gated(), chunk_rows=[4], shard_rows=4, shuffle_shards=1, seed=0, row_shape=(1, 1, 8),
+                            dtype=torch.float32, write_threads=1, max_pending_bytes=1)
+    big.put_rows(0, acts[:4], ids[:4], ids[:4], ids[:4])  # 4 rows > 1 byte: taken alone, no wait
+    big.close()
+    assert big.rows_written == 4 and big.wait_seconds == 0.0
 
 
 @pytest.mark.parametrize("threaded", [False, True])
@@ -367,7 +431,7 @@ def test_writer_counts_the_time_the_forward_loop_waits_for_it(threaded):
 
     def run(delay: float) -> ShardWriter:
         n = 48  # 12 chunks of one 4-row shard; pieces of 2 rows
-        kw = {"max_pending": 1} if threaded else {}
+        kw = {"max_pending_bytes": 1} if threaded else {}
         w = (ShardWriterThread if threaded else ShardWriter)(
             Slow(delay), chunk_rows=[4] * 12, shard_rows=4, shuffle_shards=1, seed=0, row_shape=(1, 1, 8),
             dtype=torch.float32, write_threads=1, **kw)
