@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from harvest.config import HarvestConfig
 from shared.config import add_dataclass_arguments, config_from_namespace
@@ -46,7 +47,22 @@ def _verify(argv: list[str]) -> int:
     print(f"FAILED: {args.cache}: {len(report.problems)} problem(s):", file=sys.stderr)
     for problem in report.problems:
         print(f"  - {problem}", file=sys.stderr)
+    if not args.cache.startswith("hf://"):
+        print(_repair_hint(Path(args.cache)), file=sys.stderr)
     return 1
+
+
+def _repair_hint(cache_dir: Path) -> str:
+    """How to repair a local cache: a re-run of its harvest rewrites what is missing."""
+    from shared.cache_format import Manifest
+
+    try:
+        command = Manifest.load(cache_dir).created_by.get("command") or ""
+    except Exception:  # noqa: BLE001 - no readable manifest: nothing to re-run
+        return "to repair: delete the folder and harvest again"
+    return ("to repair: delete each shard reported corrupted (its sha256 or header), then re-run the harvest "
+            f"command that made the cache{f' (`python {command}`)' if command.startswith('run_harvest.py') else ''}: it rewrites missing and "
+            "truncated shards and the token table, byte for byte")
 
 
 def _push(argv: list[str]) -> int:

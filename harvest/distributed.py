@@ -206,8 +206,8 @@ def harvest_distributed(cfg: HarvestConfig, *, dist_timeout: float | None = None
 def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Path, bool]]) -> Manifest:
     """One rank's harvest. Rank 0 appends ``(--out, whether it created that folder)`` to ``made``."""
     from harvest.harvester import (
-        HarvestLayout, _existing_manifest, _Forward, _new_manifest, _plan_from_table, _shards,
-        check_free_disk, progress_bar,
+        CacheDamage, HarvestLayout, _existing_manifest, _Forward, _new_manifest, _shards, find_damage, plan_for_resume,
+        check_free_disk, progress_bar, token_table_problem,
     )
 
     rank, world = group.rank, group.world
@@ -217,8 +217,20 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
 
     # 1. rank 0 decides: fresh, resume, or already complete.
     existing: Manifest | None = None
+    damage: CacheDamage | None = None
+
+    def check_out() -> Manifest | None:
+        nonlocal damage
+        found = _existing_manifest(out, cfg)
+        if found is not None:
+            damage = find_damage(out, found, cfg.shuffle_shards)
+            if damage:  # rewritten below: damaged chunks (collect_written) and the token table
+                say(f"repairing {out}: {damage.describe()}")
+                found.complete = False
+        return found
+
     if is0:
-        existing, err = attempt(lambda: _existing_manifest(out, cfg))
+        existing, err = attempt(check_out)
     else:
         err = None
     group.agree("checking --out", err)
@@ -281,8 +293,9 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
 
     # 4. the token plan: built by every rank (it is seeded), or read back when resuming.
     def plan_step() -> TokenPlan:
-        if state == "resume":
-            return _plan_from_table(out, Manifest.load(out), models.excluded_ids)
+        if state == "resume":  # the token table is built again where it is missing or unreadable
+            return plan_for_resume(out, Manifest.load(out), cfg, models, rebuild=token_table_problem(out) is not None,
+                                   write=is0)
         plan = build_token_plan(
             dataset=cfg.dataset, split=cfg.split, text_column=cfg.text_column, meta_columns=cfg.meta_columns,
             seed=cfg.seed, tokenizer=models.tokenizer, context_size=cfg.context_size, bos_id=models.bos_id,

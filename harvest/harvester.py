@@ -31,6 +31,7 @@ import torch
 from harvest.config import HarvestConfig
 from harvest.models import HarvestInputError, LoadedModels, load_models, resolve_device
 from harvest.token_stream import TokenPlan, build_token_plan
+from harvest.rank_manifests import damaged_shards, remove_unlisted_shards, shard_index
 from harvest.writer import drain, shard_writer_for, writer_wait_note
 from shared.cache import CacheWriter, remove_stale_temp_files
 from shared.cache_format import (
@@ -46,7 +47,8 @@ from shared.config import config_to_json
 from shared.normalization import Normalization
 from shared.token_table import read_token_table, write_token_table
 
-__all__ = ["harvest", "estimate_cache_bytes", "HarvestLayout"]
+__all__ = ["harvest", "estimate_cache_bytes", "find_damage", "CacheDamage", "HarvestLayout", "plan_for_resume",
+           "token_table_problem"]
 
 _OWN_FILES = {MANIFEST_NAME, TOKENS_NAME, NORMALIZATION_NAME, SHARD_DIR, "README.md"}
 
@@ -152,6 +154,90 @@ def _plan_from_table(out: Path, manifest: Manifest, excluded: list[int]) -> Toke
         raise CacheError(f"{out / TOKENS_NAME} does not match the manifest's planned rows; delete {out} and re-run")
     counts[-1] -= surplus
     return TokenPlan(ids, {n: table.column(n).to_pylist() for n in meta_names}, counts)
+
+
+@dataclass
+class CacheDamage:
+    """What a re-run of the harvest must repair in the cache it resumes or finds complete."""
+
+    shards: list[str]  # each listed shard that is missing or has another size, with what is wrong
+    first_chunk: int | None  # the first chunk holding one: it and every later chunk are rewritten
+    token_table: str | None  # why tokens.arrow cannot be read (it is then built again), if it cannot
+
+    def __bool__(self) -> bool:
+        return bool(self.shards) or self.token_table is not None
+
+    def describe(self) -> str:
+        parts = []
+        if self.shards:
+            shown = "; ".join(self.shards[:3]) + (f"; and {len(self.shards) - 3} more" if len(self.shards) > 3 else "")
+            parts.append(f"{_shards(len(self.shards))} damaged ({shown})")
+        if self.token_table is not None:
+            parts.append(self.token_table)
+        return ", ".join(parts)
+
+
+def find_damage(out: Path, manifest: Manifest, shuffle_shards: int) -> CacheDamage:
+    """Check what a cache lists against the disk: every shard's presence and size (a stat each,
+    no hashing) and that the token table reads. A harvest is deterministic, so a re-run rewrites
+    whatever is found here byte for byte."""
+    bad = damaged_shards(out, manifest.shards)
+    first = min((shard_index(r.file) // shuffle_shards for r, _ in bad), default=None)
+    return CacheDamage([f"{r.file}: {why}" for r, why in bad], first, token_table_problem(out))
+
+
+def token_table_problem(out: Path) -> str | None:
+    """Why ``out/tokens.arrow`` cannot be read back, or None when it can."""
+    if not (out / TOKENS_NAME).is_file():
+        return f"{TOKENS_NAME} missing"
+    try:
+        read_token_table(out)
+    except CacheError as e:
+        return f"{TOKENS_NAME} unreadable ({e})"
+    return None
+
+
+def plan_for_resume(out: Path, manifest: Manifest, cfg: HarvestConfig, models: LoadedModels, *,
+                    rebuild: bool, write: bool) -> TokenPlan:
+    """The token plan of a harvest being resumed: read back from ``tokens.arrow``, or with
+    ``rebuild`` (the table is missing or unreadable) built again from the dataset, which is
+    seeded, and checked against the rows already written. ``write``: save a rebuilt plan as
+    ``tokens.arrow``."""
+    if not rebuild:
+        return _plan_from_table(out, manifest, models.excluded_ids)
+    plan = build_token_plan(
+        dataset=cfg.dataset, split=cfg.split, text_column=cfg.text_column, meta_columns=cfg.meta_columns,
+        seed=cfg.seed, tokenizer=models.tokenizer, context_size=cfg.context_size, bos_id=models.bos_id,
+        eos_id=models.eos_id, excluded_ids=models.excluded_ids, n_rows=cfg.tokens, n_vocab=models.n_vocab,
+    )
+    _check_plan_against_shards(out, manifest, plan)
+    if write:
+        write_token_table(out, [x.tolist() for x in plan.input_ids], plan.metadata)
+    return plan
+
+
+def _check_plan_against_shards(out: Path, manifest: Manifest, plan: TokenPlan) -> None:
+    """Refuse a rebuilt token plan that is not the one the cache was harvested from (the dataset
+    changed since): its sequence count, and the token of every row of the first shard listed."""
+    from shared.shard_io import ShardReader
+
+    expected = manifest.extra.get("n_sequences")
+    problem = None
+    if expected is not None and plan.n_sequences != expected:
+        problem = f"{plan.n_sequences} sequences, the manifest lists {expected}"
+    elif manifest.shards:
+        rec = manifest.shards[0]
+        with ShardReader(out / rec.file, row_shape=(len(manifest.models), len(manifest.hooks), manifest.d_model),
+                         dtype=dtype_from_name(manifest.dtype), n_rows=rec.n_rows, expected_bytes=rec.bytes) as shard:
+            seq, pos, token = shard.seq.numpy(), shard.pos.numpy(), shard.token.numpy()
+            if seq.size and (seq.max() >= plan.n_sequences
+                             or not all(plan.input_ids[s][p] == t for s, p, t in zip(seq, pos, token))):
+                problem = f"its tokens differ from those in {rec.file}"
+    if problem is not None:
+        raise CacheError(
+            f"{out / TOKENS_NAME} cannot be rebuilt: the dataset {manifest.dataset.get('name')!r} now gives another "
+            f"token plan ({problem}). Restore {TOKENS_NAME} or the dataset, or delete {out} and re-run"
+        )
 
 
 def check_free_disk(cfg: HarvestConfig, out: Path, row_shape: tuple[int, int, int], row_bytes: int,
@@ -319,7 +405,8 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
         return harvest_distributed(cfg, dist_timeout=dist_timeout if dist_timeout is not None else cfg.dist_timeout)
     out = Path(cfg.out)
     existing = _existing_manifest(out, cfg)
-    if existing is not None and existing.complete:
+    damage = find_damage(out, existing, cfg.shuffle_shards) if existing is not None else None
+    if existing is not None and existing.complete and not damage:
         print(f"{out}: harvest already complete ({existing.n_rows:,} rows in {_shards(len(existing.shards))})")
         return existing
     if existing is not None and any(out.glob(RANK_MANIFEST_GLOB)):
@@ -347,12 +434,22 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
     t0 = time.perf_counter()
     try:  # until the first manifest is saved, a failure leaves nothing to resume
         if existing is not None:
-            plan = _plan_from_table(out, existing, models.excluded_ids)
+            assert damage is not None
+            plan = plan_for_resume(out, existing, cfg, models, rebuild=damage.token_table is not None, write=True)
             norm = Normalization.from_manifest(out, existing.normalization)
-            start_chunk = len(existing.shards) // layout.shuffle_shards
+            # Whole chunks already listed, up to the first damaged one: the rest is (re)written.
+            start_chunk = layout.n_chunks if existing.complete else len(existing.shards) // layout.shuffle_shards
+            if damage.first_chunk is not None:
+                start_chunk = min(start_chunk, damage.first_chunk)
             existing.shards = existing.shards[: start_chunk * layout.shuffle_shards]
+            existing.n_rows, existing.complete = sum(s.n_rows for s in existing.shards), False
+            if damage.shards:  # later chunks' files are rewritten (perhaps under another name): drop them
+                remove_unlisted_shards(out, existing.shards)
             manifest, held = existing, []
             t_forward, cpu_forward = time.perf_counter(), time.thread_time()
+            if damage:
+                print(f"repairing {out}: {damage.describe()}; rewriting chunks {start_chunk}-{layout.n_chunks - 1}"
+                      if start_chunk < layout.n_chunks else f"repairing {out}: {damage.describe()}")
             print(f"resuming {out}: {_shards(len(manifest.shards))} already written, from chunk {start_chunk} of {layout.n_chunks}")
         else:
             plan = build_token_plan(

@@ -25,7 +25,9 @@ __all__ = [
     "RANK_MANIFEST_GLOB",
     "RankShardLog",
     "collect_written",
+    "damaged_shards",
     "rank_manifest_name",
+    "remove_unlisted_shards",
     "shard_index",
 ]
 
@@ -43,6 +45,34 @@ def shard_index(rel_file: str) -> int:
     if m is None:
         raise CacheError(f"shard file name {rel_file!r} is not acts[-rankR]-NNNNN.safetensors")
     return int(m.group(2))
+
+
+def damaged_shards(out: Path, shards: list[ShardRecord]) -> list[tuple[ShardRecord, str]]:
+    """The listed shards that are missing or whose size differs from the manifest's, each with
+    what is wrong. A size check only (a stat per shard): a shard with a flipped byte is found by
+    ``verify`` (sha256); deleting it makes the next re-run of the harvest rewrite it."""
+    bad = []
+    for rec in shards:
+        path = out / rec.file
+        if not path.is_file():
+            bad.append((rec, "missing"))
+        elif (size := path.stat().st_size) != rec.bytes:
+            bad.append((rec, f"{size:,} bytes, the manifest lists {rec.bytes:,}"))
+    return bad
+
+
+def remove_unlisted_shards(out: Path, listed: list[ShardRecord]) -> int:
+    """Delete the shard files in ``out/shards`` that ``listed`` does not name (left by a chunk
+    that is rewritten, possibly under another file name); returns how many."""
+    keep = {Path(r.file).name for r in listed}
+    removed = 0
+    shard_dir = out / SHARD_DIR
+    if shard_dir.is_dir():
+        for p in shard_dir.iterdir():
+            if _SHARD_RE.match(p.name) and p.name not in keep:
+                p.unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 class RankShardLog:

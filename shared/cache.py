@@ -19,6 +19,7 @@ import torch
 from shared.cache_format import (
     CARD_NAME,
     MANIFEST_NAME,
+    NORMALIZATION_NAME,
     TOKENS_NAME,
     CacheError,
     Manifest,
@@ -119,7 +120,8 @@ class VerifyReport:
 def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: bool = False) -> VerifyReport:
     """Check every shard against the manifest: present, size, sha256, header shapes and dtypes.
 
-    Also checks that the token table is readable and holds the manifest's ``n_sequences``.
+    Also checks that the token table is readable and holds the manifest's ``n_sequences``, and
+    that a ``mean_std`` cache's normalization side file loads, fits and matches its sha256.
     ``hf://USER/NAME[@REV]`` is downloaded first (a failed download is a problem).
     Never raises for a bad shard: every problem is collected in the report.
     """
@@ -163,6 +165,15 @@ def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: boo
             report.problems.append(f"{rec.file}: {e}")
             continue
         report.n_rows += rec.n_rows
+    if manifest.normalization.get("method") == "mean_std":
+        try:
+            norm = Normalization.from_manifest(cache_dir, manifest.normalization)
+            assert norm.mean_MPD is not None
+            if norm.mean_MPD.shape[-1] != manifest.d_model:
+                report.problems.append(f"{NORMALIZATION_NAME}: width {norm.mean_MPD.shape[-1]}, manifest says "
+                                       f"d_model {manifest.d_model}")
+        except CacheError as e:
+            report.problems.append(str(e))
     try:
         table = read_token_table(cache_dir)
         n_seq = manifest.extra.get("n_sequences")

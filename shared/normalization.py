@@ -13,13 +13,14 @@ Shards hold normalized values; :meth:`Normalization.undo` maps them back to raw 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from shared.cache_format import NORMALIZATION_NAME, CacheError
 from shared.shard_io import atomic_write_bytes
@@ -93,26 +94,36 @@ class Normalization:
         return Normalization(self.method, pick(self.scale_MP), pick(self.mean_MPD), pick(self.std_MPD))
 
     def to_manifest(self, calibration_rows: int) -> dict[str, Any]:
-        """The ``normalization`` manifest entry (side-file tensors are written separately)."""
+        """The ``normalization`` manifest entry (side-file tensors are written separately; their
+        file's sha256 is listed, so a damaged side file is found on load and by ``verify``)."""
+        side = self._side_file_bytes()
         return {
             "method": self.method,
             "scale": [[float(s) for s in row] for row in self.scale_MP.tolist()],
-            "file": NORMALIZATION_NAME if self.method == "mean_std" else None,
+            "file": NORMALIZATION_NAME if side is not None else None,
+            "sha256": hashlib.sha256(side).hexdigest() if side is not None else None,
             "calibration_rows": int(calibration_rows),
             "target": "E|x| = sqrt(d_model)" if self.method == "norm_scale" else None,
         }
 
+    def _side_file_bytes(self) -> bytes | None:
+        """``normalization.safetensors`` as bytes (deterministic for the same factors); None
+        for a method without a side file."""
+        if self.method != "mean_std":
+            return None
+        assert self.mean_MPD is not None and self.std_MPD is not None
+        return save({"mean": self.mean_MPD.contiguous(), "std": self.std_MPD.contiguous()})
+
     def write_side_file(self, cache_dir: str | Path) -> None:
         """Write ``normalization.safetensors`` (only for ``mean_std``)."""
-        if self.method != "mean_std":
-            return
-        assert self.mean_MPD is not None and self.std_MPD is not None
-        data = save({"mean": self.mean_MPD.contiguous(), "std": self.std_MPD.contiguous()})
-        atomic_write_bytes(Path(cache_dir) / NORMALIZATION_NAME, data)
+        side = self._side_file_bytes()
+        if side is not None:
+            atomic_write_bytes(Path(cache_dir) / NORMALIZATION_NAME, side)
 
     @staticmethod
     def from_manifest(cache_dir: str | Path, entry: dict[str, Any]) -> "Normalization":
-        """Rebuild from a manifest's ``normalization`` entry (and side file)."""
+        """Rebuild from a manifest's ``normalization`` entry (and side file). A side file that is
+        missing, unreadable, of other shapes, or unlike its listed sha256 raises :class:`CacheError`."""
         method = entry.get("method")
         if method not in NORM_METHODS:
             raise CacheError(f"manifest normalization.method {method!r} is not one of {NORM_METHODS}")
@@ -122,5 +133,25 @@ class Normalization:
         path = Path(cache_dir) / (entry.get("file") or NORMALIZATION_NAME)
         if not path.is_file():
             raise CacheError(f"{path} is missing: a mean_std cache keeps its mean and std there")
-        tensors = load_file(path)
-        return Normalization(method, scale, tensors["mean"], tensors["std"])
+        data = path.read_bytes()
+        problem = None
+        if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            problem = "its sha256 differs from the manifest's"
+        else:
+            try:
+                tensors = load(data)
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                problem = f"not a readable safetensors file ({e})"
+            else:
+                mean, std = tensors.get("mean"), tensors.get("std")
+                if mean is None or std is None:
+                    problem = f"it holds {sorted(tensors)}, not mean and std"
+                elif mean.ndim != 3 or mean.shape != std.shape or tuple(mean.shape[:2]) != tuple(scale.shape):
+                    problem = (f"mean {list(mean.shape)} and std {list(std.shape)} do not fit the manifest's "
+                               f"{list(scale.shape)} (models, hooks)")
+        if problem is not None:
+            raise CacheError(
+                f"{path} is damaged: {problem}. The cache's rows cannot be mapped back to raw activations "
+                "without it; restore the file, or delete the cache folder and re-run the harvest"
+            )
+        return Normalization(method, scale, tensors["mean"].float(), tensors["std"].float())

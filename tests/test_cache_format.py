@@ -207,6 +207,50 @@ def test_normalization_round_trip(tmp_path, method):
     assert torch.allclose(again.apply(x), y)
 
 
+def test_damaged_normalization_side_file_is_named(tmp_path):
+    """A mean_std side file that is truncated, altered, of other shapes or incomplete raises a
+    CacheError naming the file, on load and in verify; a side file without a listed sha256 (an
+    older cache) is still checked for shapes."""
+    from safetensors.torch import save_file
+
+    from shared.cache import verify_cache
+    from tests.cache_factory import make_cache
+
+    x = torch.randn(200, 2, 3, 16)
+    norm = Normalization.estimate(x, "mean_std")
+    entry = norm.to_manifest(200)
+    assert entry["sha256"] and entry["file"] == "normalization.safetensors"
+    assert Normalization.estimate(x, "norm_scale").to_manifest(200)["sha256"] is None
+    path = tmp_path / "normalization.safetensors"
+
+    def damaged(match: str, entry: dict) -> None:
+        with pytest.raises(CacheError, match=match):
+            Normalization.from_manifest(tmp_path, entry)
+
+    norm.write_side_file(tmp_path)
+    good = path.read_bytes()
+    path.write_bytes(good[:100])
+    damaged("damaged: its sha256 differs", entry)
+    damaged("not a readable safetensors", {**entry, "sha256": None})
+    save_file({"mean": torch.zeros(2, 3, 16)}, path)
+    damaged("not mean and std", {**entry, "sha256": None})
+    save_file({"mean": torch.zeros(3, 2, 16), "std": torch.ones(3, 2, 16)}, path)
+    damaged("do not fit", {**entry, "sha256": None})
+    path.unlink()
+    damaged("missing", entry)
+
+    cache = tmp_path / "cache"
+    m = make_cache(cache, n_shards=2, rows_per_shard=32, n_models=1, n_hooks=1, d_model=16)
+    one = Normalization.estimate(torch.randn(50, 1, 1, 16), "mean_std")
+    one.write_side_file(cache)
+    m.normalization = one.to_manifest(50)
+    (cache / "manifest.json").write_text(json.dumps(m.to_json()))
+    assert verify_cache(cache).ok
+    (cache / "normalization.safetensors").write_bytes(b"\0" * 40)
+    report = verify_cache(cache)
+    assert not report.ok and "normalization.safetensors is damaged" in report.problems[0]
+
+
 def test_config_cli_and_file(tmp_path):
     import argparse
 

@@ -112,6 +112,18 @@ def test_two_processes_hold_the_rows_of_one(reference, tmp_path):
     assert harvest(cfg).complete  # a one-process run sees a finished cache and leaves it as it is
     assert (tmp_path / "two" / "manifest.json").read_bytes() == before
 
+    # Damaged: a shard of each rank deleted or truncated, the token table gone. A re-run repairs it.
+    shards = Manifest.load(tmp_path / "two").shards
+    (tmp_path / "two" / shards[3].file).unlink()
+    with open(tmp_path / "two" / shards[-2].file, "r+b") as f:
+        f.truncate(10)
+    (tmp_path / "two" / "tokens.arrow").unlink()
+    proc = _torchrun(cfg)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert "repairing" in out and "2 shards damaged" in out and "tokens.arrow missing" in out
+    _assert_same_cache(reference, tmp_path / "two")
+
 
 def _worker_pid(agent_pid: int, rank: int) -> int | None:
     for d in Path("/proc").iterdir():

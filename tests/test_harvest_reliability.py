@@ -125,6 +125,83 @@ def test_write_threads_write_the_same_cache(toy_dirs, tmp_path):
     assert a == b
 
 
+def _snapshot(cache: Path) -> dict[str, bytes]:
+    """Every file of a cache but its manifest, by relative path."""
+    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
+
+
+def test_rerun_repairs_damaged_shards_and_token_table(toy_cache, tmp_path, capsys):
+    """A re-run of the same harvest on a cache with listed shards deleted or truncated, or its
+    token table gone, rewrites them: the cache comes back byte for byte, finished or interrupted."""
+    import shutil
+
+    from harvest.harvester import find_damage
+    from shared.cache import CacheWriter, verify_cache
+
+    ref = Manifest.load(toy_cache)
+    want, want_manifest = _snapshot(toy_cache), comparable_manifest(toy_cache / "manifest.json")
+    assert len(ref.shards) > 12  # several chunks of 4 shards
+
+    def damaged_copy(name: str) -> Path:
+        cache = tmp_path / name
+        shutil.copytree(toy_cache, cache)
+        return cache
+
+    def rerun(cache: Path) -> str:
+        harvest(small_harvest_config(cache))
+        assert _snapshot(cache) == want
+        assert comparable_manifest(cache / "manifest.json") == want_manifest
+        assert verify_cache(cache).ok
+        return capsys.readouterr().out
+
+    # A finished cache: a shard of chunk 1 deleted, one of chunk 2 truncated.
+    cache = damaged_copy("finished")
+    (cache / ref.shards[5].file).unlink()
+    with open(cache / ref.shards[9].file, "r+b") as f:
+        f.truncate(100)
+    damage = find_damage(cache, Manifest.load(cache), 4)
+    assert damage.first_chunk == 1 and len(damage.shards) == 2 and damage.token_table is None
+    out = rerun(cache)
+    assert "repairing" in out and "2 shards damaged" in out and "already complete" not in out
+    assert "from chunk 1 of" in out
+
+    # A finished cache without its token table: rebuilt from the dataset, no shard rewritten.
+    cache = damaged_copy("no-table")
+    (cache / "tokens.arrow").unlink()
+    mtimes = {s.file: (cache / s.file).stat().st_mtime_ns for s in ref.shards}
+    out = rerun(cache)
+    assert "tokens.arrow missing" in out
+    assert mtimes == {s.file: (cache / s.file).stat().st_mtime_ns for s in ref.shards}
+
+    # An interrupted cache (3 chunks listed) whose listed shard of chunk 0 is gone, and whose
+    # token table is unreadable: rewritten from chunk 0.
+    cache = damaged_copy("interrupted")
+    m = Manifest.load(cache)
+    m.shards, m.complete = m.shards[:12], False
+    m.n_rows = sum(s.n_rows for s in m.shards)
+    CacheWriter(cache, m).save_manifest()
+    (cache / ref.shards[2].file).unlink()
+    (cache / "tokens.arrow").write_bytes(b"not arrow")
+    out = rerun(cache)
+    assert "unreadable" in out and "from chunk 0 of" in out
+
+
+def test_token_table_of_a_changed_dataset_is_not_rebuilt(toy_dirs, tmp_path):
+    """The token table is rebuilt only when the dataset still gives the harvested tokens."""
+    from shared.cache_format import CacheError
+
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog." * 3 for i in range(400)))
+    cfg = small_harvest_config(tmp_path / "cache", dataset=str(text), tokens=3000, calibration_tokens=500)
+    harvest(cfg)
+    (tmp_path / "cache" / "tokens.arrow").unlink()
+    text.write_text("\n\n".join(f"Another text {i}, with other words in it, and numbers {i * 7}." * 3 for i in range(400)))
+    with pytest.raises(CacheError, match="cannot be rebuilt"):
+        harvest(cfg)
+    assert not (tmp_path / "cache" / "tokens.arrow").exists()
+
+
 def test_verify_cli_names_a_flipped_byte(toy_cache, tmp_path):
     import shutil
 
@@ -141,6 +218,12 @@ def test_verify_cli_names_a_flipped_byte(toy_cache, tmp_path):
     assert bad.returncode == 1
     assert victim.file in bad.stderr and "sha256" in bad.stderr
     assert Manifest.load(copy).shards[5].file in bad.stderr and "missing" in bad.stderr
+    assert "to repair: delete each shard reported corrupted" in bad.stderr
+    # The repair it advises: delete the corrupted shard, re-run the harvest.
+    (copy / victim.file).unlink()
+    harvest(small_harvest_config(copy))
+    assert _run_cli(["verify", str(copy)]).returncode == 0
+    assert (copy / victim.file).read_bytes() == (toy_cache / victim.file).read_bytes()
 
 
 # ---- bad input ---------------------------------------------------------------------------
