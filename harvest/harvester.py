@@ -35,6 +35,7 @@ from harvest.rank_manifests import damaged_shards, remove_unlisted_shards, shard
 from harvest.writer import drain, shard_writer_for, writer_wait_note
 from shared.cache import CacheWriter, remove_stale_temp_files
 from shared.cache_format import (
+    CARD_NAME,
     MANIFEST_NAME,
     NORMALIZATION_NAME,
     SHARD_DIR,
@@ -43,6 +44,7 @@ from shared.cache_format import (
     Manifest,
     dtype_from_name,
 )
+from shared.card import CARD_MARK
 from shared.config import config_to_json
 from shared.normalization import Normalization
 from shared.token_table import read_token_table, write_token_table
@@ -50,7 +52,7 @@ from shared.token_table import read_token_table, write_token_table
 __all__ = ["harvest", "estimate_cache_bytes", "find_damage", "CacheDamage", "HarvestLayout", "plan_for_resume",
            "token_table_problem"]
 
-_OWN_FILES = {MANIFEST_NAME, TOKENS_NAME, NORMALIZATION_NAME, SHARD_DIR, "README.md"}
+_OWN_FILES = {MANIFEST_NAME, TOKENS_NAME, NORMALIZATION_NAME, SHARD_DIR}
 
 
 def estimate_cache_bytes(n_rows: int, n_models: int, n_hooks: int, d_model: int, dtype: str, context_size: int) -> int:
@@ -94,6 +96,16 @@ def _shards(n: int) -> str:
     return f"{n} shard{'s' * (n != 1)}"
 
 
+def _own_file(path: Path) -> bool:
+    """Whether a file in ``--out`` (which holds no manifest) may be left by a harvest of ours: a
+    README.md only if it is our dataset card, since the harvest would overwrite it."""
+    if ".tmp-" in path.name:
+        return True
+    if path.name == CARD_NAME:
+        return path.is_file() and CARD_MARK in path.read_text(errors="replace")[:4096]
+    return path.name in _OWN_FILES
+
+
 def _existing_manifest(out: Path, cfg: HarvestConfig) -> Manifest | None:
     """The manifest of a resumable harvest of the same config, or None for a fresh start."""
     if not out.exists():
@@ -101,7 +113,7 @@ def _existing_manifest(out: Path, cfg: HarvestConfig) -> Manifest | None:
     if not out.is_dir():
         raise HarvestInputError(f"--out {out} exists and is not a folder")
     if not (out / MANIFEST_NAME).is_file():
-        foreign = [p.name for p in out.iterdir() if p.name not in _OWN_FILES and ".tmp-" not in p.name]
+        foreign = [p.name for p in out.iterdir() if not _own_file(p)]
         if foreign:
             raise HarvestInputError(
                 f"--out {out} is not empty and holds no cache manifest (found {sorted(foreign)[:5]}); "
@@ -253,7 +265,8 @@ def check_free_disk(cfg: HarvestConfig, out: Path, row_shape: tuple[int, int, in
     if estimate - written > free:
         raise HarvestInputError(
             f"not enough disk: the cache needs about {_fmt_bytes(estimate - written)} more, {probe_dir} has "
-            f"{_fmt_bytes(free)} free. Free space, lower --tokens, use --dtype bfloat16, or pick another --out"
+            f"{_fmt_bytes(free)} free. Free space, lower --tokens"
+            + (", use --dtype bfloat16" if cfg.dtype == "float32" else "") + ", or pick another --out"
         )
 
 

@@ -35,7 +35,7 @@ class ResolvedModel:
 
 def resolve_model(name: str) -> ResolvedModel:
     """Map a toy name, a local folder, or ``HF_ID[@REVISION]`` to what to load."""
-    from harvest.toy_models import ensure_toy_model, is_toy_name
+    from harvest.toy_models import TOY_NAMES, ensure_toy_model, is_toy_name
 
     if is_toy_name(name):
         path = ensure_toy_model(name)
@@ -51,6 +51,9 @@ def resolve_model(name: str) -> ResolvedModel:
     if name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1 or "\\" in name:
         # Not a Hub id ("org/name"): the user meant a folder, so say that, not "invalid repo id".
         raise HarvestInputError(f"model folder {local} does not exist (from {name!r}); check the path")
+    close = difflib.get_close_matches(name, TOY_NAMES, n=1, cutoff=0.75)
+    if close:  # a Hub id this close to a toy name is almost surely a typo; offline, the Hub's error hides it
+        raise HarvestInputError(f"unknown model {name!r}: did you mean {close[0]!r}? (toy models: {', '.join(TOY_NAMES)})")
     base, _, revision = name.partition("@")
     return ResolvedModel(name, base, None, revision or None)
 

@@ -16,6 +16,8 @@ Pre-tokenized rows that already are ``[BOS] + context_size - 1`` tokens are kept
 
 from __future__ import annotations
 
+import os
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -82,6 +84,13 @@ def iter_documents(dataset: str, split: str = "train", seed: int = 0) -> Iterato
     path = Path(dataset).expanduser()
     if path.exists():
         builder, files = _local_files(path)
+        files = [f for f in files if not _holds_no_rows(f, builder)]  # datasets fails on them, unclearly
+        if not files:
+            return  # no documents: the caller says so
+        if split != "train":
+            raise HarvestInputError(
+                f"--split {split!r}: local dataset files have one split, 'train'; drop --split, or split the files"
+            )
         kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
         ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
     elif path.suffix in LOCAL_SUFFIXES or dataset.startswith((".", "/", "~")):
@@ -94,7 +103,28 @@ def iter_documents(dataset: str, split: str = "train", seed: int = 0) -> Iterato
                 f"cannot open Hugging Face dataset {dataset!r} (split {split!r}): {e}. Check the id "
                 "and split, or pass a local .txt/.jsonl/.parquet file or builtin:mixed"
             ) from e
-    yield from ds.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
+    try:
+        yield from ds.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types while reading; all mean bad data
+        raise HarvestInputError(f"reading dataset {dataset!r} failed: {type(e).__name__}: {e}") from e
+
+
+def _holds_no_rows(file: str, builder: str) -> bool:
+    """Whether a local dataset file is empty: no bytes but whitespace, or a parquet file of 0 rows."""
+    if os.path.getsize(file) == 0:
+        return True
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(file).metadata.num_rows == 0
+        except Exception as e:  # noqa: BLE001 - pyarrow's errors for a file that is not parquet
+            raise HarvestInputError(f"dataset file {file} is not a readable parquet file ({e})") from None
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
 
 
 def _doc_tokens(batch: list[dict[str, Any]], tokenizer: Any, text_column: str, n_vocab: int) -> list[list[int]]:
@@ -178,6 +208,14 @@ def build_token_plan(
         for doc, ids in zip(batch, _doc_tokens(batch, tokenizer, text_column, n_vocab)):
             n_docs += 1
             key = tuple(doc[n] for n in meta_names)
+            try:
+                hash(key)  # documents are packed per metadata value
+            except TypeError:
+                odd = next(n for n, v in zip(meta_names, key) if not isinstance(v, Hashable))
+                raise HarvestInputError(
+                    f"meta column {odd!r} holds {type(doc[odd]).__name__} values; a meta column must hold one "
+                    "string or number per document. Leave it out with --meta-columns NAME ..."
+                ) from None
             if bos_id is not None and len(ids) == context_size and ids[0] == bos_id:
                 done = emit(ids, key, meta_names)  # already a packed sequence
             else:

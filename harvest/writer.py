@@ -94,9 +94,11 @@ def copy_to_host_async(acts: torch.Tensor, stream: torch.cuda.Stream) -> tuple[t
 
 
 def writer_wait_note(wait_seconds: float, forward_seconds: float) -> str | None:
-    """A line for the end of a harvest when its forward passes spent over a tenth of their time
-    waiting for the shard writer: then writing (hashing, the disk), not the models, set the pace."""
-    if forward_seconds <= 0 or wait_seconds <= 0.1 * forward_seconds:
+    """A line for the end of a harvest when its forward passes spent over a tenth of their time,
+    and at least a second, waiting for the shard writer: then writing (hashing, the disk), not the
+    models, set the pace. Below a second, the last shards' flush alone passes a tenth of a tiny
+    harvest, and says nothing about the disk."""
+    if forward_seconds <= 0 or wait_seconds < 1.0 or wait_seconds <= 0.1 * forward_seconds:
         return None
     return (f"the forward passes waited {wait_seconds:.1f} s ({wait_seconds / forward_seconds:.0%} of the harvest) "
             "for the shard writer: writing (sha256, the disk), not the models, bounds this harvest. A faster disk "

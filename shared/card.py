@@ -7,7 +7,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from shared.cache_format import Manifest
 
-__all__ = ["render_card"]
+__all__ = ["CARD_MARK", "render_card"]
+
+# A phrase every card holds: a README.md in an output folder is taken for ours only with it.
+CARD_MARK = "written by `run_harvest.py`"
 
 
 def render_card(manifest: "Manifest", *, hub_repo: str | None = None, hub_revision: str | None = None) -> str:
@@ -35,7 +38,7 @@ tags:
 # Activation cache: {', '.join(x['name'] for x in m.models)} @ {', '.join(m.hooks)}
 
 Aligned, normalized language-model activations in **crosscache format v{m.format_version}**,
-written by `run_harvest.py`. Row *r* of every model is the same token of the same sequence.
+{CARD_MARK}. Row *r* of every model is the same token of the same sequence.
 
 | | |
 |---|---|

@@ -355,3 +355,17 @@ def test_every_cli_flag_is_in_the_readme(cli, argv, capsys):
     flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", capsys.readouterr().out)) - {"--help"}
     readme = (ROOT / "README.md").read_text()
     assert flags and not sorted(f for f in flags if not re.search(re.escape(f) + r"(?![\w-])", readme))
+
+
+def test_config_files_that_do_not_parse_are_named(tmp_path):
+    """A config (or sweep) file with a syntax error raises a ValueError naming the file; any
+    name but .json is read as YAML, which also reads JSON."""
+    from shared.config import load_config_file
+
+    (tmp_path / "bad.yaml").write_text("lr: [1e-3\nsteps: 10\n")
+    (tmp_path / "bad.json").write_text('{"lr": }')
+    for name, kind in (("bad.yaml", "YAML"), ("bad.json", "JSON")):
+        with pytest.raises(ValueError, match=rf"config file .*{name} is not valid {kind}"):
+            load_config_file(tmp_path / name)
+    (tmp_path / "cfg.conf").write_text('{"steps": 10, "models": ["a"]}')
+    assert load_config_file(tmp_path / "cfg.conf") == {"steps": 10, "models": ["a"]}

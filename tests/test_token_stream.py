@@ -119,3 +119,36 @@ def test_metadata_travels_into_the_token_table(toy_dirs, tmp_path):
 def test_unknown_builtin(tokenizer):
     with pytest.raises(HarvestInputError, match="builtin:docs, builtin:code, builtin:mixed"):
         _plan(tokenizer, "builtin:nope")
+
+
+def test_local_files_that_are_empty_odd_or_inconsistent_get_clear_errors(tokenizer, tmp_path):
+    """Empty .jsonl/.parquet/.txt files, a meta column of lists, files whose columns differ, and
+    a --split on local files: a HarvestInputError that names the problem, never a raw error."""
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.txt").write_text("\n \n\n")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    for name in ("empty.jsonl", "blank.txt", "empty.parquet"):
+        with pytest.raises(HarvestInputError, match="yielded no documents"):
+            _plan(tokenizer, str(tmp_path / name))
+
+    # An empty file beside real ones is skipped.
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in _texts()))
+    (mixed / "b.jsonl").write_text("")
+    assert _plan(tokenizer, str(mixed), n_rows=200).n_rows == 200
+
+    tags = tmp_path / "tags.jsonl"
+    tags.write_text("\n".join(json.dumps({"text": t, "tags": ["a", "b"]}) for t in _texts()))
+    with pytest.raises(HarvestInputError, match="meta column 'tags' holds list values"):
+        _plan(tokenizer, str(tags), meta_columns=["tags"])
+
+    differ = tmp_path / "differ"
+    differ.mkdir()
+    (differ / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in _texts()))
+    (differ / "b.jsonl").write_text("\n".join(json.dumps({"body": t, "n": 1}) for t in _texts()))
+    with pytest.raises(HarvestInputError, match="reading dataset .* failed"):
+        _plan(tokenizer, str(differ), n_rows=3000)
+
+    with pytest.raises(HarvestInputError, match="local dataset files have one split"):
+        _plan(tokenizer, str(mixed), split="validation")
