@@ -60,8 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return 130
     for result in results:
-        if not result.eval_metrics and int(os.environ.get("RANK", "0")) != 0:
+        if int(os.environ.get("RANK", "0")) != 0:
             continue  # under torchrun only rank 0 reports
+        if result.already_complete:
+            print(f"{result.run_dir} already holds the finished run ({result.steps} steps): nothing to do. Delete "
+                  "its export/ to export again, or use another --out to train again")
+            continue
         ev = result.eval_metrics.get("eval/ev/overall")
         l0 = result.eval_metrics.get("eval/l0/mean")
         print(f"trained {result.steps} steps -> {result.run_dir}"

@@ -3,9 +3,12 @@
 One loader stream feeds every dictionary ("member"): each batch is read and moved to the
 device once, and every member steps on it (a sweep; a single run is a sweep of one). Per step
 and member: set LR and λ, forward, loss terms, finiteness check, backward (DDP all-reduces),
-clip, Adam step, inference-state update (BatchTopK threshold), dead-latent counters, log.
+clip, gradient-norm finiteness check (every member's, before any steps), Adam step,
+inference-state update (BatchTopK threshold), dead-latent counters, log.
 Checkpoints are committed when every member has saved the step; re-running the same command
-resumes from the newest committed step and reproduces the uninterrupted run's metrics.
+resumes from the newest committed step and reproduces the uninterrupted run's metrics; re-running
+a finished run (its export written) does nothing. A non-finite loss or gradient norm stops the run
+with a checkpoint of the state before that step.
 SIGINT/SIGTERM finish the current step, save a checkpoint and exit. Under torchrun, ranks read
 disjoint parts of each epoch and only rank 0 writes.
 """
@@ -17,9 +20,10 @@ import json
 import math
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from einops import rearrange
@@ -35,7 +39,8 @@ from train.distributed import DistContext
 from train.export import fold_normalization, save_dictionary
 from train.loader import ActivationLoader, default_eval_shards
 from train.losses import loss_terms
-from train.metrics import MetricsLogger, batch_metrics, plot_metrics
+from train.metrics import MetricsLogger, batch_metrics, plot_metrics, read_metrics
+from train.run_dir import RunMismatchError, check_run_dir
 from train.slots import SlotSpec, resolve_slots
 
 __all__ = ["train", "train_many", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "RunMismatchError",
@@ -44,21 +49,22 @@ __all__ = ["train", "train_many", "TrainResult", "NonFiniteLossError", "Training
 JUMPRELU_INIT_RATE = 0.2
 """Largest share of tokens a JumpReLU latent fires on at initialisation."""
 
+OUTLIER_RATIO = 1e6
+"""A batch whose largest |activation| exceeds its median this many times holds an outlier: a
+non-finite loss or gradient is then blamed on the data. Real residual streams have "massive
+activations" of ~1e3-1e4x the median (Sun et al. 2024), so this leaves them to the optimizer."""
+
 STREAM_FIELDS = ("cache", "max_shards", "steps", "batch_size", "seed", "window", "eval_shards", "device",
                  "dist_timeout")
 """Fields every member of a sweep must share: they define the one loader stream (and its length)."""
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or inf; a checkpoint of the last good state was saved."""
+    """A loss term or the gradient norm became NaN or inf; a checkpoint of the last good state was saved."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
     """SIGINT/SIGTERM arrived; a checkpoint was saved. Re-run the same command to resume."""
-
-
-class RunMismatchError(ValueError):
-    """The run folder holds a different run (config or cache width)."""
 
 
 class SweepError(ValueError):
@@ -72,6 +78,7 @@ class TrainResult:
     final_metrics: dict[str, Any]
     eval_metrics: dict[str, Any]
     loop_seconds: float = 0.0  # wall time of the training loop in this call (the whole sweep's, for members)
+    already_complete: bool = False  # the run had finished before this call, which did nothing
 
 
 def build_dictionary_config(cfg: TrainConfig, spec: SlotSpec, d_model: int) -> DictionaryConfig:
@@ -84,24 +91,39 @@ def build_dictionary_config(cfg: TrainConfig, spec: SlotSpec, d_model: int) -> D
     )
 
 
-def _check_run_dir(cfg: TrainConfig, run_dir: Path, d_model: int) -> bool:
-    """Refuse a folder holding a different run. True if it holds this run (resume)."""
-    cfg_path = run_dir / "config.json"
-    if cfg_path.exists():
-        saved = json.loads(cfg_path.read_text())
-        prev = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in saved["config"].items()})
-        mine, theirs = cfg.resume_signature(), prev.resume_signature()
-        diffs = [f"{k}: {theirs[k]!r} there vs {mine[k]!r} now" for k in mine if theirs[k] != mine[k]]
-        if diffs:
-            raise RunMismatchError(f"--out {run_dir} holds a different run ({'; '.join(diffs[:6])}); use another "
-                                   "--out, delete it, or repeat the original command to resume")
-        if saved.get("d_model") != d_model:
-            raise RunMismatchError(f"--out {run_dir} was trained on d_model={saved.get('d_model')} activations; the "
-                                   f"cache {cfg.cache} has d_model={d_model}: use a cache of the same width")
-        return True
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise RunMismatchError(f"--out {run_dir} is not empty and holds no run config; choose a new folder")
-    return False
+def _completed(cfg: TrainConfig) -> TrainResult | None:
+    """The result of a run that already finished (its final export is written), else None."""
+    run_dir = Path(cfg.out)
+    export_cfg = run_dir / "export" / "config.json"  # save_dictionary writes it last
+    if not export_cfg.is_file():
+        return None
+    meta = json.loads(export_cfg.read_text()).get("metadata", {})
+    if meta.get("step") != cfg.steps:
+        return None
+    train_lines = [r for r in read_metrics(run_dir) if "loss/total" in r]
+    return TrainResult(run_dir, cfg.steps, train_lines[-1] if train_lines else {}, meta.get("eval", {}),
+                       already_complete=True)
+
+
+@contextlib.contextmanager
+def _member_errors(cfg: TrainConfig, named: bool) -> Iterator[None]:
+    """Prefix a sweep member's configuration errors with its name (a single run needs none)."""
+    try:
+        yield
+    except ValueError as e:
+        if not named:
+            raise
+        raise type(e)(f"sweep member {Path(cfg.out).name!r}: {e}") from None
+
+
+class _Plan(NamedTuple):
+    """One member, resolved and checked against the cache and its run folder; nothing written yet."""
+
+    cfg: TrainConfig
+    spec: SlotSpec
+    dict_cfg: DictionaryConfig
+    resuming: bool
+    done: TrainResult | None  # the member finished before this call
 
 
 def _eval_rows(cache: Cache, cfg: TrainConfig) -> int:
@@ -113,14 +135,12 @@ def _eval_rows(cache: Cache, cfg: TrainConfig) -> int:
 class _Member:
     """One dictionary of a (possibly one-member) sweep: its model, optimizer, counters, folder."""
 
-    def __init__(self, cfg: TrainConfig, cache: Cache, union: list[str], device: torch.device,
-                 dist: DistContext) -> None:
+    def __init__(self, cfg: TrainConfig, spec: SlotSpec, dict_cfg: DictionaryConfig, resuming: bool, cache: Cache,
+                 union: list[str], device: torch.device, dist: DistContext) -> None:
+        """Build the model and optimizer; nothing is written until :meth:`write_config`."""
         man = cache.manifest
         self.cfg, self.run_dir, self.dist = cfg, Path(cfg.out), dist
-        self.spec = resolve_slots(man, arch=cfg.arch, models=cfg.models, hooks=cfg.hooks, in_hooks=cfg.in_hooks,
-                                  out_hooks=cfg.out_hooks, cache_dir=cfg.cache)
-        self.dict_cfg = build_dictionary_config(cfg, self.spec, man.d_model)
-        self.resuming = _check_run_dir(cfg, self.run_dir, man.d_model)
+        self.spec, self.dict_cfg, self.resuming = spec, dict_cfg, resuming
         names = self.spec.slot_names
         self.in_idx = torch.tensor([union.index(names[s]) for s in self.spec.in_slots], device=device)
         self.out_idx = torch.tensor([union.index(names[s]) for s in self.spec.out_slots], device=device)
@@ -133,11 +153,6 @@ class _Member:
             "cache": {"path": str(cache.dir.resolve()), "spec": cfg.cache, "models": man.models, "hooks": man.hooks,
                       "n_rows": man.n_rows, "dtype": man.dtype, "normalization": man.normalization["method"]},
         }
-        dist.barrier()  # every rank has looked at the run folder before rank 0 writes into it
-        if dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not self.resuming:
-                atomic_write_bytes(self.run_dir / "config.json", (json.dumps(self.run_info, indent=1) + "\n").encode())
         torch.manual_seed(cfg.seed)  # same seed, same init on every rank
         self.model = Dictionary(self.dict_cfg).to(device)
         self.ddp: torch.nn.Module = self.model
@@ -151,6 +166,14 @@ class _Member:
                          else contextlib.nullcontext())
         self.logger: MetricsLogger | None = None
         self.last: dict[str, Any] = {}
+
+    def write_config(self) -> None:
+        """Create the run folder and save ``config.json`` (rank 0; a resumed run keeps its own)."""
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not self.resuming:
+                (self.run_dir / "wandb_id.txt").unlink(missing_ok=True)  # a stale attempt's wandb run is not ours
+                atomic_write_bytes(self.run_dir / "config.json", (json.dumps(self.run_info, indent=1) + "\n").encode())
 
     def calibrate_jumprelu(self, cache: Cache, union: list[str], spec_models: list[str], spec_hooks: list[str],
                            device: torch.device) -> None:
@@ -173,8 +196,12 @@ class _Member:
                            "signature": self.cfg.resume_signature()})
 
     def load(self, step: int, device: torch.device) -> dict[str, Any]:
-        ck = load_checkpoint(self.run_dir / "checkpoints" / f"step-{step:07d}", device)
-        self.model.load_state_dict(ck["model"])
+        path = self.run_dir / "checkpoints" / f"step-{step:07d}"
+        ck = load_checkpoint(path, device)
+        try:
+            self.model.load_state_dict(ck["model"])
+        except RuntimeError as e:  # _check_run_dir compares the slots; this catches what it cannot see
+            raise RunMismatchError(f"checkpoint {path} does not fit this run's dictionary: {e}") from None
         self.opt.load_state_dict(ck["optimizer"])
         self.since_fired_L.copy_(ck["tensors"]["since_fired_L"].to(device))
         torch.set_rng_state(ck["tensors"]["rng"])
@@ -202,7 +229,13 @@ def _check_sweep(cfgs: list[TrainConfig]) -> None:
 
 
 def train_many(cfgs: list[TrainConfig]) -> list[TrainResult]:
-    """Train every configuration on one shared loader stream (each batch read once)."""
+    """Train every configuration on one shared loader stream (each batch read once).
+
+    Every member is validated (slots, dictionary, run folder, loader) before anything is written.
+    Members that already finished are skipped (``already_complete``); the rest resume from their
+    newest common checkpoint. Raises :class:`NonFiniteLossError` when a loss term or a gradient
+    norm becomes NaN/inf (with ``--grad-clip 0`` too), after saving the state before that step.
+    """
     _check_sweep(cfgs)
     first = cfgs[0]
     cache = open_cache(first.cache, max_shards=first.max_shards)
@@ -216,15 +249,29 @@ def train_many(cfgs: list[TrainConfig]) -> list[TrainResult]:
 
 
 def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dist: DistContext) -> list[TrainResult]:
-    first = cfgs[0]
     man = cache.manifest
-    specs = [resolve_slots(man, arch=c.arch, models=c.models, hooks=c.hooks, in_hooks=c.in_hooks,
-                           out_hooks=c.out_hooks, cache_dir=c.cache) for c in cfgs]
+    # Everything that can refuse the run (slots, dictionary configs, run folders, loaders) is
+    # checked before anything is written, so a refused command leaves no folder behind that
+    # would refuse the corrected one.
+    plans = []
+    for c in cfgs:
+        with _member_errors(c, named=len(cfgs) > 1):
+            spec = resolve_slots(man, arch=c.arch, models=c.models, hooks=c.hooks, in_hooks=c.in_hooks,
+                                 out_hooks=c.out_hooks, cache_dir=c.cache)
+            dict_cfg = build_dictionary_config(c, spec, man.d_model)
+            resuming = check_run_dir(c, Path(c.out), man.d_model, spec)
+        plans.append(_Plan(c, spec, dict_cfg, resuming, _completed(c) if resuming else None))
+    # A finished run is not trained, evaluated, exported or logged again: re-running its command is a no-op.
+    active = [p for p in plans if p.done is None]
+    if not active:
+        dist.barrier()
+        return [p.done for p in plans if p.done is not None]
+    first = active[0].cfg
+    specs = [p.spec for p in active]
     # The loader serves the union of every member's models and hooks, in cache order.
     models = [m for m in man.model_names if any(m in s.models for s in specs)]
     hooks = [h for h in man.hooks if any(h in s.hooks for s in specs)]
     union = [f"{m}/{h}" for m in models for h in hooks]
-    members = [_Member(c, cache, union, device, dist) for c in cfgs]
 
     loader_kw = dict(models=models, hooks=hooks, seed=first.seed, window=first.window, eval_shards=first.eval_shards,
                      rank=dist.rank, world_size=dist.world_size)
@@ -236,6 +283,10 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
     loader = ActivationLoader(cache, first.batch_size, epochs=math.ceil(first.steps / probe.batches_per_epoch),
                               device=device, run_rows=global_probe.run_rows, **loader_kw)
     del probe, global_probe
+    members = [_Member(p.cfg, p.spec, p.dict_cfg, p.resuming, cache, union, device, dist) for p in active]
+    dist.barrier()  # every rank has looked at the run folders before rank 0 writes into them
+    for m in members:
+        m.write_config()
 
     # Resume from the newest step every member has saved (a sweep commits steps all together).
     resumable = [set(checkpoint_steps(m.run_dir)) if m.resuming else set() for m in members]
@@ -308,12 +359,27 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
                 raise NonFiniteLossError(
                     f"loss term(s) {names} of {members[i].run_dir} became non-finite at step {step} "
                     f"(lr {members[i].cfg.lr_at(step):.3g}, λ {members[i].cfg.sparsity_at(step):.3g}); the state "
-                    f"before this step is saved in {paths[i] if paths else members[i].run_dir}. Lower --lr or "
-                    "raise --grad-clip, then resume.")
-            for m, out, terms, x_out_BXoD, dead_L, lr, lam in outs:
+                    f"before this step is saved in {paths[i] if paths else members[i].run_dir}. "
+                    + _non_finite_advice(members[i], x_BXD, union))
+            # Every member's gradients are checked before any member steps, so a stop leaves all of
+            # them at the state before this step. An inf norm would otherwise be clipped to a zero
+            # gradient (a silent no-op step) and a NaN one would poison the weights.
+            grad_norms = []
+            for m, out, terms, *_ in outs:
                 terms["total"].backward()  # DDP averages gradients over ranks here
-                grad_norm = (torch.nn.utils.clip_grad_norm_(m.model.parameters(), m.cfg.grad_clip) if m.cfg.grad_clip
-                             else torch.tensor(float("nan")))
+                # The norm before clipping; max_norm inf (--grad-clip 0) leaves the gradients untouched.
+                grad_norms.append(torch.nn.utils.clip_grad_norm_(m.model.parameters(), m.cfg.grad_clip or math.inf))
+            bad_grads = dist.any(~torch.isfinite(torch.stack(grad_norms)))  # outs holds every member here
+            if bad_grads.any():
+                paths = checkpoint()  # nothing stepped yet: the state before this step
+                j = int(bad_grads.nonzero()[0])
+                m = outs[j][0]
+                i = members.index(m)
+                raise NonFiniteLossError(
+                    f"the gradient norm of {m.run_dir} became {float(grad_norms[j])} at step {step} (lr "
+                    f"{m.cfg.lr_at(step):.3g}, λ {m.cfg.sparsity_at(step):.3g}; the loss was finite); the state before "
+                    f"this step is saved in {paths[i] if paths else m.run_dir}. " + _non_finite_advice(m, x_BXD, union))
+            for (m, out, terms, x_out_BXoD, dead_L, lr, lam), grad_norm in zip(outs, grad_norms):
                 m.opt.step()
                 m.opt.zero_grad(set_to_none=True)
                 m.model.update_inference_state(out)
@@ -352,17 +418,46 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
             it.close()
 
     loop_seconds = time.perf_counter() - t_start
-    results = []
+    trained = {}
     for m in members:
         eval_metrics = evaluate(m, cache, models, hooks, device) if dist.is_main else {}
         if dist.is_main:
-            m.logger.log({"step": step, **eval_metrics})
+            line = {"step": step, **eval_metrics}
+            # A run stopped after its final checkpoint but before its export resumes right here:
+            # the final eval line it may have written already is not written twice.
+            if set(line) not in [set(r) for r in read_metrics(m.run_dir) if r.get("step") == step]:
+                m.logger.log(line)
             export(m, cache, step, eval_metrics)
             plot_metrics(m.run_dir)
         m.logger.close()
-        results.append(TrainResult(m.run_dir, step, m.last, eval_metrics, loop_seconds))
+        trained[m.cfg.out] = TrainResult(m.run_dir, step, m.last, eval_metrics, loop_seconds)
     dist.barrier()
-    return results
+    return [p.done or trained[p.cfg.out] for p in plans]
+
+
+@torch.no_grad()
+def _non_finite_advice(m: _Member, x_BXD: torch.Tensor, union: list[str]) -> str:
+    """What to do about a non-finite loss or gradient. Blames the batch when it holds non-finite
+    activations or an outlier (no learning rate fixes those), else the optimizer settings."""
+    idx_X = torch.cat([m.in_idx, m.out_idx]).unique()
+    x_BXD = x_BXD.index_select(1, idx_X)
+    bad_X = ~torch.isfinite(x_BXD).all(dim=2).all(dim=0)
+    verify = f"`python run_harvest.py verify {m.cfg.cache}` finds shards corrupted on disk"
+    if bad_X.any():
+        names = [union[i] for i in idx_X[bad_X].tolist()]
+        return (f"This step's batch holds non-finite activations in {names}: the cache is the cause, not the "
+                f"optimizer ({verify}; values the harvest itself wrote as NaN/inf need a re-harvest).")
+    abs_N = x_BXD.abs().float().flatten()
+    amax, median = abs_N.max().item(), abs_N.median().item()
+    ratio = amax / max(median, 1e-30)
+    if ratio > OUTLIER_RATIO:
+        return (f"This step's batch holds an outlier: its largest |activation| is {amax:.3g}, {ratio:.2g}x its "
+                f"median: the cache is the likely cause, not the optimizer ({verify}; otherwise re-harvest).")
+    # The stop is deterministic: the saved state, this batch and the settings (part of the run's
+    # signature, so a resume cannot change them) give the same step again.
+    return (f"Train again in a new --out with a lower --lr or a --grad-clip (resuming would repeat this step). "
+            f"If it fails at this step whatever the lr, suspect the data: the batch's largest |activation| is "
+            f"{amax:.3g} ({ratio:.2g}x its median; {verify}).")
 
 
 @torch.no_grad()

@@ -1,0 +1,243 @@
+"""Stage 2 trainer inputs: refused commands write nothing, resumes compare resolved slots, sweep
+errors name their member, finished runs are not redone, identity slots are refused, non-finite
+losses and gradients stop with advice that blames the data when the data is the cause."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+from tests.cache_factory import make_cache
+from train.checkpoint import load_checkpoint
+from train.config import TrainConfig
+from train.metrics import read_metrics
+from train.slots import SlotError, resolve_slots
+from train.trainer import NonFiniteLossError, RunMismatchError, train, train_many
+
+MLP_HOOKS = ["blocks.0.hook_mlp_in", "blocks.0.hook_mlp_out", "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"]
+
+
+def _cfg(cache: Path, out: Path, **kw) -> TrainConfig:
+    args: dict = {"cache": str(cache), "out": str(out), "latents": 16, "steps": 5, "batch_size": 64, "lr": 3e-3,
+                  "log_every": 1, "checkpoint_every": 1000, "progress": False, "device": "cpu"}
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory) -> dict[str, Path]:
+    """Same width (d_model 16), different slots: one model, another one model, two models."""
+    root = tmp_path_factory.mktemp("inputs")
+    out = {"base": root / "base", "other": root / "other", "pair": root / "pair"}
+    make_cache(out["base"], n_models=1, model_names=["toy-base"])
+    make_cache(out["other"], n_models=1, model_names=["toy-code"])
+    make_cache(out["pair"], n_models=2, model_names=["toy-base", "toy-code"])
+    return out
+
+
+def _mlp_cache(path: Path) -> Path:
+    """One model, MLP in/out hooks at two layers (for a CLT)."""
+    make_cache(path, n_models=1, n_hooks=4, hook_names=MLP_HOOKS)
+    return path
+
+
+# ---- 1. a refused command leaves nothing behind ---------------------------------------------
+
+
+def test_a_command_refused_before_training_writes_nothing(caches, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="batch_size 5000 is larger than the train split"):
+        train(_cfg(caches["base"], run, batch_size=5000))
+    with pytest.raises(ValueError, match="eval_shards=4 does not fit a cache of 4 shard"):
+        train(_cfg(caches["base"], run, eval_shards=4))
+    assert not run.exists()
+    assert train(_cfg(caches["base"], run)).steps == 5  # the corrected command is not refused
+
+
+def test_a_sweep_refused_by_a_later_member_writes_nothing(tmp_path):
+    cache = _mlp_cache(tmp_path / "cache")
+    ok = _cfg(cache, tmp_path / "sweep" / "ok")
+    clt = dataclasses.replace(ok, out=str(tmp_path / "sweep" / "clt"), arch="clt", latents=63,
+                              in_hooks=MLP_HOOKS[0::2], out_hooks=MLP_HOOKS[1::2])
+    with pytest.raises(ValueError, match="63 is not a multiple"):  # the second member's dictionary
+        train_many([ok, clt])
+    assert not (tmp_path / "sweep").exists()
+    # The corrected sweep, and the first member alone with another config, are then accepted.
+    train_many([ok, dataclasses.replace(clt, latents=64)])
+    assert train(dataclasses.replace(ok, out=str(tmp_path / "alone"), latents=32)).steps == 5
+
+
+def test_a_folder_without_checkpoints_does_not_block_another_config(caches, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(caches["base"], run))
+    for sub in ("checkpoints", "export", "dictionary"):  # an attempt stopped before its first checkpoint
+        for f in sorted((run / sub).rglob("*"), reverse=True):
+            f.rmdir() if f.is_dir() else f.unlink()
+        (run / sub).rmdir()
+    train(_cfg(caches["base"], run, latents=32))
+    assert json.loads((run / "config.json").read_text())["config"]["latents"] == 32
+    # ... but a folder holding a checkpoint is never overwritten by another config.
+    with pytest.raises(RunMismatchError, match="latents: 32 there vs 16 now"):
+        train(_cfg(caches["base"], run))
+
+
+# ---- 2. a resume compares the slots the flags resolve to ---------------------------------------
+
+
+def test_resume_compares_resolved_slots_not_flags(caches, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(caches["base"], run, steps=6, checkpoint_every=3))
+    (run / "export" / "config.json").unlink()  # not finished: the next call resumes
+    # Naming the cache's only model is the same run as leaving --models out.
+    assert train(_cfg(caches["base"], run, steps=6, checkpoint_every=3, models=["toy-base"])).steps == 6
+    with pytest.raises(RunMismatchError, match=r"was trained on slots \['toy-base/blocks.0.hook_resid_post'\]; "
+                                               r"the cache .* gives slots \['toy-code/blocks.0.hook_resid_post'\]"):
+        train(_cfg(caches["other"], run, steps=6, checkpoint_every=3))
+    with pytest.raises(RunMismatchError, match=r"gives slots \['toy-base/blocks.0.hook_resid_post', "
+                                               r"'toy-code/blocks.0.hook_resid_post'\]"):
+        train(_cfg(caches["pair"], run, steps=6, checkpoint_every=3))
+
+
+def test_cli_refuses_a_resume_on_other_slots_without_a_traceback(caches, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(caches["base"], run))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--cache", str(caches["pair"]), "--out", str(run),
+                          "--latents", "16", "--steps", "5", "--batch-size", "64", "--lr", "3e-3", "--log-every", "1",
+                          "--checkpoint-every", "1000", "--device", "cpu", "--no-progress"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "was trained on slots" in res.stderr
+
+
+# ---- 3. sweep member errors name the member ----------------------------------------------------
+
+
+def test_sweep_member_build_errors_name_the_member(tmp_path):
+    cache = _mlp_cache(tmp_path / "cache")
+    ok = _cfg(cache, tmp_path / "sweep" / "ok")
+    clt = dataclasses.replace(ok, out=str(tmp_path / "sweep" / "clt"), arch="clt", latents=63,
+                              in_hooks=MLP_HOOKS[0::2], out_hooks=MLP_HOOKS[1::2])
+    with pytest.raises(ValueError, match="^sweep member 'clt': DictionaryConfig.n_latents: .*63 is not a multiple"):
+        train_many([ok, clt])
+    bad = dataclasses.replace(ok, out=str(tmp_path / "sweep" / "bad"), hooks=["blocks.9.hook_resid_post"])
+    with pytest.raises(SlotError, match=r"^sweep member 'bad': hook \['blocks.9.hook_resid_post'\] not in cache"):
+        train_many([ok, bad])
+    with pytest.raises(SlotError, match=r"^hook \['blocks.9.hook_resid_post'\] not in cache"):  # a run: no prefix
+        train(dataclasses.replace(bad))
+
+
+# ---- 4. a finished run is not redone -----------------------------------------------------------
+
+
+def test_rerunning_a_finished_run_does_nothing(caches, tmp_path):
+    run = tmp_path / "run"
+    first = train(_cfg(caches["base"], run))
+    lines = read_metrics(run)
+    weights = (run / "export" / "model.safetensors").stat().st_mtime_ns
+    again = train(_cfg(caches["base"], run))
+    assert again.already_complete and not first.already_complete
+    assert again.eval_metrics == first.eval_metrics and again.final_metrics == first.final_metrics
+    assert read_metrics(run) == lines
+    assert (run / "export" / "model.safetensors").stat().st_mtime_ns == weights
+    # Stopped after the final checkpoint but before the export: finishing does not log the eval twice.
+    for f in (run / "export").iterdir():
+        f.unlink()
+    (run / "export").rmdir()
+    assert not train(_cfg(caches["base"], run)).already_complete
+    assert read_metrics(run) == lines and (run / "export" / "config.json").is_file()
+
+
+def test_rerunning_a_finished_sweep_does_nothing(caches, tmp_path):
+    members = [_cfg(caches["base"], tmp_path / "sweep" / n, latents=lat) for n, lat in (("a", 16), ("b", 32))]
+    train_many(members)
+    lines = {m.out: read_metrics(m.out) for m in members}
+    results = train_many(members)
+    assert [r.already_complete for r in results] == [True, True]
+    assert [str(r.run_dir) for r in results] == [m.out for m in members]
+    assert {m.out: read_metrics(m.out) for m in members} == lines
+
+
+def test_cli_says_a_finished_run_is_complete(caches, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(caches["base"], run))
+    n_lines = len(read_metrics(run))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--cache", str(caches["base"]), "--out", str(run),
+                          "--latents", "16", "--steps", "5", "--batch-size", "64", "--lr", "3e-3", "--log-every", "1",
+                          "--checkpoint-every", "1000", "--device", "cpu", "--no-progress"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "already holds the finished run" in res.stdout and "trained" not in res.stdout
+    assert len(read_metrics(run)) == n_lines
+
+
+# ---- 5. an input slot that is also an output slot ----------------------------------------------
+
+
+def test_directional_refuses_an_output_that_is_also_an_input(tmp_path):
+    man = make_cache(tmp_path / "cache", n_models=1, n_hooks=3)
+    h0, h1, h2 = man.hooks
+    kw = {"models": None, "hooks": None, "cache_dir": str(tmp_path / "cache")}
+    with pytest.raises(SlotError, match=r"\['blocks.2.hook_resid_post'\] is both an input and an output.*"
+                                        r"--arch crosscoder --hooks blocks.2.hook_resid_post"):
+        resolve_slots(man, arch="directional", in_hooks=[h2], out_hooks=[h2], **kw)
+    with pytest.raises(SlotError, match=r"\['blocks.1.hook_resid_post'\] is both an input and an output"):
+        resolve_slots(man, arch="directional", in_hooks=[h0, h1], out_hooks=[h1, h2], **kw)
+    spec = resolve_slots(man, arch="directional", in_hooks=[h0], out_hooks=[h1, h2], **kw)
+    assert (spec.in_slots, spec.out_slots) == ([0], [1, 2])
+
+
+# ---- 6. non-finite losses and gradients ----------------------------------------------------------
+
+
+def _cache_with_value(path: Path, value: float) -> Path:
+    """One model, one hook, float32, d_model 8: N(0, 1) rows, one of them all ``value``."""
+    from shared.cache import CacheWriter
+    from shared.cache_format import Manifest, shard_file_name
+    from shared.token_table import write_token_table
+
+    m = Manifest(models=[{"name": "a"}], hooks=["h"], d_model=8, dtype="float32", context_size=2, n_rows=0,
+                 shards=[], normalization={"method": "none", "scale": [[1.0]], "file": None},
+                 excluded_tokens={}, dataset={}, tokenizer={}, created_by={}, complete=False)
+    w = CacheWriter(path, m)
+    g = torch.Generator().manual_seed(0)
+    for s in range(2):
+        x = torch.randn(512, 1, 1, 8, generator=g)
+        if s == 0:
+            x[300, 0, 0, :] = value
+        w.add_shard(shard_file_name(s), x, torch.arange(512), torch.ones(512), torch.ones(512))
+    write_token_table(path, [[0, 1]] * 1024)
+    w.finish()
+    return path
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_non_finite_gradient_norm_stops_with_a_checkpoint(tmp_path, grad_clip):
+    """Rows of 1e17 keep the loss finite (1e34 < float32 max) but overflow the gradient norm.
+    Clipping used to turn that into a silent zero step; without clipping it poisoned the weights."""
+    cache = _cache_with_value(tmp_path / "cache", 1e17)
+    cfg = _cfg(cache, tmp_path / "run", steps=20, eval_shards=0, lr=1e-4, grad_clip=grad_clip)
+    with pytest.raises(NonFiniteLossError, match=r"the gradient norm of .* became (inf|nan) at step (\d+) .*"
+                                                 r"holds an outlier: its largest \|activation\| is 1e\+17") as err:
+        train(cfg)
+    step = int(str(err.value).split(" at step ")[1].split()[0])
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / f"step-{step:07d}")
+    assert ck["state"]["step"] == step
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_non_finite_activations_are_blamed_on_the_cache(tmp_path):
+    cache = _cache_with_value(tmp_path / "cache", float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite at step \d+ .* batch holds non-finite activations in "
+                                                 r"\['a/h'\]: the cache is the cause.*run_harvest.py verify"):
+        train(_cfg(cache, tmp_path / "run", steps=20, eval_shards=0))
+
