@@ -75,7 +75,7 @@ from harvest.process_group import (
     torchrun_env,
 )
 from harvest.rank_manifests import RANK_MANIFEST_GLOB, RankShardLog, collect_written, shard_index
-from harvest.token_stream import TokenPlan, build_token_plan
+from harvest.token_stream import TokenPlan
 from harvest.writer import drain, shard_writer_for, writer_wait_note
 from shared.cache import CacheWriter, remove_stale_temp_files
 from shared.cache_format import CacheError, Manifest, ShardRecord, dtype_from_name
@@ -207,7 +207,7 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
     """One rank's harvest. Rank 0 appends ``(--out, whether it created that folder)`` to ``made``."""
     from harvest.harvester import (
         CacheDamage, HarvestLayout, _existing_manifest, _Forward, _new_manifest, _shards, find_damage, plan_for_resume,
-        check_free_disk, progress_bar, token_table_problem,
+        plan_from_config, check_free_disk, progress_bar, token_table_problem,
     )
 
     rank, world = group.rank, group.world
@@ -296,11 +296,7 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
         if state == "resume":  # the token table is built again where it is missing or unreadable
             return plan_for_resume(out, Manifest.load(out), cfg, models, rebuild=token_table_problem(out) is not None,
                                    write=is0)
-        plan = build_token_plan(
-            dataset=cfg.dataset, split=cfg.split, text_column=cfg.text_column, meta_columns=cfg.meta_columns,
-            seed=cfg.seed, tokenizer=models.tokenizer, context_size=cfg.context_size, bos_id=models.bos_id,
-            eos_id=models.eos_id, excluded_ids=models.excluded_ids, n_rows=cfg.tokens, n_vocab=models.n_vocab,
-        )
+        plan = plan_from_config(cfg, models, say=say)
         if is0:
             write_token_table(out, [x.tolist() for x in plan.input_ids], plan.metadata)
         return plan

@@ -49,7 +49,7 @@ from shared.config import config_to_json
 from shared.normalization import Normalization
 from shared.token_table import read_token_table, write_token_table
 
-__all__ = ["harvest", "estimate_cache_bytes", "find_damage", "CacheDamage", "HarvestLayout", "plan_for_resume",
+__all__ = ["harvest", "estimate_cache_bytes", "find_damage", "CacheDamage", "HarvestLayout", "plan_for_resume", "plan_from_config",
            "token_table_problem"]
 
 _OWN_FILES = {MANIFEST_NAME, TOKENS_NAME, NORMALIZATION_NAME, SHARD_DIR}
@@ -209,6 +209,19 @@ def token_table_problem(out: Path) -> str | None:
     return None
 
 
+def plan_from_config(cfg: HarvestConfig, models: LoadedModels, *, say: Callable[[str], None] = print) -> TokenPlan:
+    """The harvest's token plan, built from its dataset (seeded: the same config gives the same plan)."""
+    plan = build_token_plan(
+        dataset=cfg.dataset, split=cfg.split, text_column=cfg.text_column, meta_columns=cfg.meta_columns,
+        seed=cfg.seed, tokenizer=models.tokenizer, context_size=cfg.context_size, bos_id=models.bos_id,
+        eos_id=models.eos_id, excluded_ids=models.excluded_ids, n_rows=cfg.tokens, n_vocab=models.n_vocab,
+    )
+    if plan.empty_docs:
+        say(f"note: skipped {plan.empty_docs:,} documents with no text in column {cfg.text_column!r} (null, missing "
+            "or empty); if that is most of them, check --text-column")
+    return plan
+
+
 def plan_for_resume(out: Path, manifest: Manifest, cfg: HarvestConfig, models: LoadedModels, *,
                     rebuild: bool, write: bool) -> TokenPlan:
     """The token plan of a harvest being resumed: read back from ``tokens.arrow``, or with
@@ -217,11 +230,7 @@ def plan_for_resume(out: Path, manifest: Manifest, cfg: HarvestConfig, models: L
     ``tokens.arrow``."""
     if not rebuild:
         return _plan_from_table(out, manifest, models.excluded_ids)
-    plan = build_token_plan(
-        dataset=cfg.dataset, split=cfg.split, text_column=cfg.text_column, meta_columns=cfg.meta_columns,
-        seed=cfg.seed, tokenizer=models.tokenizer, context_size=cfg.context_size, bos_id=models.bos_id,
-        eos_id=models.eos_id, excluded_ids=models.excluded_ids, n_rows=cfg.tokens, n_vocab=models.n_vocab,
-    )
+    plan = plan_from_config(cfg, models)
     _check_plan_against_shards(out, manifest, plan)
     if write:
         write_token_table(out, [x.tolist() for x in plan.input_ids], plan.metadata)
@@ -465,11 +474,7 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
                       if start_chunk < layout.n_chunks else f"repairing {out}: {damage.describe()}")
             print(f"resuming {out}: {_shards(len(manifest.shards))} already written, from chunk {start_chunk} of {layout.n_chunks}")
         else:
-            plan = build_token_plan(
-                dataset=cfg.dataset, split=cfg.split, text_column=cfg.text_column, meta_columns=cfg.meta_columns,
-                seed=cfg.seed, tokenizer=models.tokenizer, context_size=cfg.context_size, bos_id=models.bos_id,
-                eos_id=models.eos_id, excluded_ids=models.excluded_ids, n_rows=cfg.tokens, n_vocab=models.n_vocab,
-            )
+            plan = plan_from_config(cfg, models)
             write_token_table(out, [x.tolist() for x in plan.input_ids], plan.metadata)
             # Calibration: the first rows of the (seeded, shuffled-by-document) stream. Their
             # activations are kept and written afterwards, so calibration costs no extra forward.

@@ -41,6 +41,7 @@ class TokenPlan:
     input_ids: list[np.ndarray]  # each int32 [context_size]
     metadata: dict[str, list[Any]] = field(default_factory=dict)
     rows_per_seq: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # rows each seq contributes
+    empty_docs: int = 0  # documents read with no tokens (no text in the text column): skipped
 
     @property
     def n_sequences(self) -> int:
@@ -207,6 +208,9 @@ def build_token_plan(
             plan.metadata = {n: [] for n in meta_names}
         for doc, ids in zip(batch, _doc_tokens(batch, tokenizer, text_column, n_vocab)):
             n_docs += 1
+            if not ids:  # null, missing or empty text: packing it would add a lone EOS
+                plan.empty_docs += 1
+                continue
             key = tuple(doc[n] for n in meta_names)
             try:
                 hash(key)  # documents are packed per metadata value

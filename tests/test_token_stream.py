@@ -152,3 +152,19 @@ def test_local_files_that_are_empty_odd_or_inconsistent_get_clear_errors(tokeniz
 
     with pytest.raises(HarvestInputError, match="local dataset files have one split"):
         _plan(tokenizer, str(mixed), split="validation")
+
+
+def test_documents_without_text_are_skipped_and_counted(tokenizer, tmp_path):
+    """Rows whose text is null, missing or empty add no lone EOS to the stream; they are counted
+    (the harvest prints the count, which reveals a wrong --text-column)."""
+    rows = [{"text": t} for t in _texts()] + [{"text": None}] * 7 + [{"text": ""}] * 3 + [{"body": "x"}] * 5
+    path = tmp_path / "gaps.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(HarvestInputError, match=r"holds only ([\d,]+) usable tokens") as e:
+        _plan(tokenizer, str(path), n_rows=10**6)
+    usable = int(e.value.args[0].split("holds only ")[1].split(" ")[0].replace(",", ""))
+    plan = _plan(tokenizer, str(path), n_rows=usable)  # reads every document
+    assert plan.empty_docs == 15
+    for ids in plan.input_ids:  # after BOS, no two EOS in a row: an empty document would have made one
+        body = ids[1:]
+        assert not np.any((body[1:] == 0) & (body[:-1] == 0))
