@@ -30,8 +30,8 @@ import torch
 
 from harvest.config import HarvestConfig
 from harvest.models import HarvestInputError, LoadedModels, load_models, resolve_device
-from harvest.token_stream import TokenPlan, build_token_plan
 from harvest.rank_manifests import damaged_shards, remove_unlisted_shards, shard_index
+from harvest.token_stream import TokenPlan, build_token_plan
 from harvest.writer import drain, shard_writer_for, writer_wait_note
 from shared.cache import CacheWriter, remove_stale_temp_files
 from shared.cache_format import (
@@ -47,10 +47,11 @@ from shared.cache_format import (
 from shared.card import CARD_MARK
 from shared.config import config_to_json
 from shared.normalization import Normalization
+from shared.shard_io import ShardReader
 from shared.token_table import read_token_table, write_token_table
 
-__all__ = ["harvest", "estimate_cache_bytes", "find_damage", "CacheDamage", "HarvestLayout", "plan_for_resume", "plan_from_config",
-           "token_table_problem"]
+__all__ = ["CacheDamage", "HarvestLayout", "estimate_cache_bytes", "find_damage", "harvest", "plan_for_resume",
+           "plan_from_config", "token_table_problem"]
 
 _OWN_FILES = {MANIFEST_NAME, TOKENS_NAME, NORMALIZATION_NAME, SHARD_DIR}
 
@@ -239,15 +240,14 @@ def plan_for_resume(out: Path, manifest: Manifest, cfg: HarvestConfig, models: L
 
 def _check_plan_against_shards(out: Path, manifest: Manifest, plan: TokenPlan) -> None:
     """Refuse a rebuilt token plan that is not the one the cache was harvested from (the dataset
-    changed since): its sequence count, and the token of every row of the first shard listed."""
-    from shared.shard_io import ShardReader
-
+    changed since): its sequence count, and the token of every row of the first intact shard listed."""
     expected = manifest.extra.get("n_sequences")
+    damaged = {r.file for r, _ in damaged_shards(out, manifest.shards)}
+    rec = next((r for r in manifest.shards if r.file not in damaged), None)
     problem = None
     if expected is not None and plan.n_sequences != expected:
         problem = f"{plan.n_sequences} sequences, the manifest lists {expected}"
-    elif manifest.shards:
-        rec = manifest.shards[0]
+    elif rec is not None:
         with ShardReader(out / rec.file, row_shape=(len(manifest.models), len(manifest.hooks), manifest.d_model),
                          dtype=dtype_from_name(manifest.dtype), n_rows=rec.n_rows, expected_bytes=rec.bytes) as shard:
             seq, pos, token = shard.seq.numpy(), shard.pos.numpy(), shard.token.numpy()
