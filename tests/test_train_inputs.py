@@ -98,6 +98,11 @@ def test_resume_compares_resolved_slots_not_flags(caches, tmp_path):
     (run / "export" / "config.json").unlink()  # not finished: the next call resumes
     # Naming the cache's only model is the same run as leaving --models out.
     assert train(_cfg(caches["base"], run, steps=6, checkpoint_every=3, models=["toy-base"])).steps == 6
+    # So is giving a default's value: λ (relu: 2.0) and the held-out shards (1 of a 4-shard cache).
+    (run / "export" / "config.json").unlink()
+    assert train(_cfg(caches["base"], run, steps=6, checkpoint_every=3, sparsity_coeff=2.0, eval_shards=1)).steps == 6
+    with pytest.raises(RunMismatchError, match="eval_shards: 1 there vs 2 now"):
+        train(_cfg(caches["base"], run, steps=6, checkpoint_every=3, eval_shards=2))
     with pytest.raises(RunMismatchError, match=r"was trained on slots \['toy-base/blocks.0.hook_resid_post'\]; "
                                                r"the cache .* gives slots \['toy-code/blocks.0.hook_resid_post'\]"):
         train(_cfg(caches["other"], run, steps=6, checkpoint_every=3))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from train.checkpoint import checkpoint_steps
 from train.config import TrainConfig
+from train.loader import default_eval_shards
 from train.slots import SlotSpec
 
 __all__ = ["SLOT_FIELDS", "RunMismatchError", "check_run_dir", "has_results", "slot_summary"]
@@ -37,7 +38,16 @@ def slot_summary(names: list[str], in_slots: list[int], out_slots: list[int]) ->
     return f"slots {ins}" if ins == outs else f"slots {ins} -> {outs}"
 
 
-def check_run_dir(cfg: TrainConfig, run_dir: Path, d_model: int, spec: SlotSpec) -> bool:
+def _effective_signature(cfg: TrainConfig, n_shards: int) -> dict:
+    """The resume signature with defaults resolved: leaving a flag out and giving its default
+    value (λ, held-out shards of a cache of ``n_shards``) are the same run."""
+    sig = cfg.resume_signature()
+    sig["sparsity_coeff"] = cfg.resolved_sparsity_coeff
+    sig["eval_shards"] = default_eval_shards(n_shards) if cfg.eval_shards is None else cfg.eval_shards
+    return sig
+
+
+def check_run_dir(cfg: TrainConfig, run_dir: Path, d_model: int, spec: SlotSpec, n_shards: int) -> bool:
     """Refuse a folder holding a different run. True if it holds this run (resume). Reads only.
 
     A folder whose ``config.json`` has no checkpoint or export beside it (an attempt stopped before
@@ -52,7 +62,7 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path, d_model: int, spec: SlotSpec)
         return False
     saved = json.loads(cfg_path.read_text())
     prev = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in saved["config"].items()})
-    mine, theirs = cfg.resume_signature(), prev.resume_signature()
+    mine, theirs = _effective_signature(cfg, n_shards), _effective_signature(prev, n_shards)
     diffs = [f"{k}: {theirs[k]!r} there vs {mine[k]!r} now" for k in mine
              if k not in SLOT_FIELDS and theirs[k] != mine[k]]
     if diffs:
