@@ -352,11 +352,27 @@ def test_report_files_and_every_number_in_json(planted):
     nums = sorted(set(_json_numbers(on_disk)))
     md = (out / "report.md").read_text()
     assert "## Relative decoder norms" in md and "## Latent scaling" in md and "## Top-activating contexts" in md
+    assert f"analyze {planted['run']} --top-k 5 --latents-shown 8`" in md  # the command repeats the report
     found = _numbers(md)
     assert len(found) > 30
     for value, dec in found:
         tol = 0.5 * 10 ** -dec + 1e-9
         assert any(abs(value - x) <= tol for x in nums), f"{value} (shown in report.md) is not in report.json"
+
+
+def test_latent_scaling_cap_is_noted():
+    """Fine-tune-only latents beyond --scaling-max-latents get no betas, and a note says how many."""
+    from train.analysis import _scaling_cap_note, _scaling_set
+
+    r_L = torch.cat([torch.linspace(0.91, 0.99, 20), torch.full((30,), 0.5)]).double()
+    cfg = AnalysisConfig(scaling_max_latents=8)
+    masks = classify(r_L, cfg)
+    ids = _scaling_set(r_L, masks, cfg)
+    assert len(ids) == 8 and set(ids[:6].tolist()) == set(range(14, 20))  # 6 of highest r, 2 shared references
+    assert _scaling_cap_note(masks, ids, cfg) == ("latent scaling: 6 of 20 fine-tune-only latents got betas (those of "
+                                                  "highest r; --scaling-max-latents 8); raise it to fit them all")
+    roomy = AnalysisConfig(scaling_max_latents=512)
+    assert _scaling_cap_note(masks, _scaling_set(r_L, masks, roomy), roomy) is None
 
 
 # ---- bad input ------------------------------------------------------------------------------------------

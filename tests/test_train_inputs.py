@@ -246,3 +246,26 @@ def test_non_finite_activations_are_blamed_on_the_cache(tmp_path):
                                                  r"\['a/h'\]: the cache is the cause.*run_harvest.py verify"):
         train(_cfg(cache, tmp_path / "run", steps=20, eval_shards=0))
 
+
+
+def test_tokens_count_the_rows_of_each_batch_across_epochs(caches, tmp_path):
+    """``tokens`` (metrics, and the dead-latent counters) adds each batch's real rows: the last
+    batch of an epoch is shorter. 3 train shards of 256 rows, batch 100: 7 full batches and one
+    of 68 per epoch."""
+    run = tmp_path / "run"
+    train(_cfg(caches["base"], run, steps=20, batch_size=100, eval_shards=1))
+    lines = [r for r in read_metrics(run) if "loss/total" in r]
+    sizes = [68 if i % 8 == 7 else 100 for i in range(20)]
+    assert [r["tokens"] for r in lines] == [sum(sizes[: r["step"]]) for r in lines]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_global_batch_rows_is_the_sum_over_ranks(caches, world):
+    """What the trainer counts as a step's tokens under DDP: every rank's rows of that batch."""
+    from train.loader import ActivationLoader
+
+    ranks = [ActivationLoader(caches["base"], 100, rank=r, world_size=world, eval_shards=1) for r in range(world)]
+    for j in range(ranks[0].batches_per_epoch):
+        spans = [ld._batch_range(j) for ld in ranks]
+        assert ranks[0].global_batch_rows(j) == sum(b - a for a, b in spans)
+    assert ranks[0].global_batch_rows(ranks[0].batches_per_epoch - 1) < 100 * world  # 768 rows: a short tail

@@ -93,6 +93,8 @@ def analyze(cfg: AnalysisConfig) -> dict[str, Any]:
         masks = classify(r_L, cfg, tied)
         diff = {"base_model": spec.base, "ft_model": spec.ft, "r": r_L, "cos": cos_L}
         scal_ids = _scaling_set(r_L, masks, cfg)
+        if note := _scaling_cap_note(masks, scal_ids, cfg):
+            notes.append(note)
         if len(scal_ids):
             diff["scaling_ids"] = scal_ids
             scaling = (scal_ids, dec_LXoD[scal_ids], spec)
@@ -141,6 +143,16 @@ def _scaling_set(r_L: torch.Tensor, masks: dict[str, torch.Tensor], cfg: Analysi
     if shared and room > 0:
         chosen += shared[:: max(1, len(shared) // min(room, 64))][: min(room, 64)]
     return torch.tensor(chosen, dtype=torch.int64)
+
+
+def _scaling_cap_note(masks: dict[str, torch.Tensor], scal_ids: torch.Tensor, cfg: AnalysisConfig) -> str | None:
+    """A note when ``scaling_max_latents`` left fine-tune-only latents without betas."""
+    n_ft = int(masks["ft_only"].sum())
+    n_fit = int(masks["ft_only"][scal_ids].sum()) if len(scal_ids) else 0
+    if n_fit == n_ft:
+        return None
+    return (f"latent scaling: {n_fit} of {n_ft} fine-tune-only latents got betas (those of highest r; "
+            f"--scaling-max-latents {cfg.scaling_max_latents}); raise it to fit them all")
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------

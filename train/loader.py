@@ -261,6 +261,11 @@ class ActivationLoader:
             start = out[-1].end
         return out
 
+    def global_batch_rows(self, j: int) -> int:
+        """Rows batch ``j`` of an epoch holds on all ranks together: ``batch_size * world_size``,
+        or the tail for the final, shorter batch."""
+        return self.batch_size * self.world_size if j < self._n_full else self._tail
+
     def _batch_range(self, j: int) -> tuple[int, int]:
         """Stream positions ``[a, b)`` of this rank's batch ``j`` in an epoch."""
         b, w, r = self.batch_size, self.world_size, self.rank

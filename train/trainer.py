@@ -333,7 +333,11 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
     try:
         while step < first.steps:
             x_BXD = rearrange(next(it), "b m p d -> b (m p) d")  # read and moved once for every member
-            batch_tokens = x_BXD.shape[0] * dist.world_size
+            # Rows of this batch on every rank (the last of an epoch may hold fewer on some ranks).
+            batch_tokens = loader.global_batch_rows(step % loader.batches_per_epoch)
+            # The stop every rank agrees on: set from an all-reduced flag, never from the local
+            # signal handler, which may fire on one rank after this step's all-reduce.
+            stop_now = False
             bad_terms: list[tuple[int, list[str]]] = []
             outs = []
             for i, m in enumerate(members):
@@ -352,6 +356,7 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
                     continue
                 if flags[-1]:
                     stop.setdefault("signal", signal.SIGTERM)
+                    stop_now = True
                 outs.append((m, out, terms, x_out_BXoD, dead_L, lr, lam))
             if bad_terms:
                 paths = checkpoint()  # the state before this step: nothing stepped yet
@@ -406,7 +411,7 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
                     m.logger.log({"step": step, **evaluate(m, cache, models, hooks, device)})
             if step % first.checkpoint_every == 0 or step == first.steps:
                 checkpoint()
-            if stop:
+            if stop_now:
                 paths = checkpoint()
                 raise TrainingInterrupted(f"signal {stop['signal']} at step {step}: checkpoint saved to "
                                           f"{', '.join(map(str, paths)) or 'rank 0'}; re-run the same command to resume")
