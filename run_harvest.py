@@ -59,7 +59,7 @@ def _repair_hint(cache_dir: Path) -> str:
     try:
         command = Manifest.load(cache_dir).created_by.get("command") or ""
     except Exception:  # noqa: BLE001 - no readable manifest: nothing to re-run
-        return "to repair: delete the folder and harvest again"
+        return "to repair: harvest again into a new or empty folder" if cache_dir.is_dir() else "no such cache folder"
     return ("to repair: delete each shard reported corrupted (its sha256 or header), then re-run the harvest "
             f"command that made the cache{f' (`python {command}`)' if command.startswith('run_harvest.py') else ''}: it rewrites missing and "
             "truncated shards and the token table, byte for byte")

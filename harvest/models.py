@@ -163,7 +163,7 @@ def load_models(
             )
         except OSError as e:
             raise HarvestInputError(
-                f"cannot load model {r.name!r}: {e}. Give a toy name (toy-base, toy-code, "
+                f"cannot load model {r.name!r}: {str(e).rstrip('. ')}. Give a toy name (toy-base, toy-code, "
                 "toy-prose), a local Hugging Face folder, or a Hub id reachable from here."
             ) from e
         bridge.eval()

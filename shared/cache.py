@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -121,7 +122,8 @@ def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: boo
     """Check every shard against the manifest: present, size, sha256, header shapes and dtypes.
 
     Also checks that the token table is readable and holds the manifest's ``n_sequences``, and
-    that a ``mean_std`` cache's normalization side file loads, fits and matches its sha256.
+    that a ``mean_std`` cache's normalization side file loads, fits and matches its sha256, and that
+    every row's ``(seq, pos, token)`` is a position of the token table holding that token.
     ``hf://USER/NAME[@REV]`` is downloaded first (a failed download is a problem).
     Never raises for a bad shard: every problem is collected in the report.
     """
@@ -140,6 +142,12 @@ def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: boo
         report.problems.append(str(e))
         return report
     report.n_shards = len(manifest.shards)
+    try:
+        table = read_token_table(cache_dir)
+    except CacheError as e:
+        table = None
+        report.problems.append(str(e))
+    index = _TokenIndex(table) if table is not None else None
     if not manifest.complete:
         report.problems.append(f"{MANIFEST_NAME}: harvest not complete; re-run it to finish")
     shards = manifest.shards
@@ -160,9 +168,13 @@ def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: boo
             report.problems.append(f"{rec.file}: sha256 mismatch (corrupted)")
             continue
         try:
-            ShardReader(path, row_shape=manifest.row_shape, dtype=manifest.torch_dtype, n_rows=rec.n_rows).close()
+            with ShardReader(path, row_shape=manifest.row_shape, dtype=manifest.torch_dtype, n_rows=rec.n_rows) as shard:
+                mismatch = index.mismatch(shard.seq.numpy(), shard.pos.numpy(), shard.token.numpy()) if index else None
         except CacheError as e:
             report.problems.append(f"{rec.file}: {e}")
+            continue
+        if mismatch:
+            report.problems.append(f"{rec.file}: {mismatch}")
             continue
         report.n_rows += rec.n_rows
     if manifest.normalization.get("method") == "mean_std":
@@ -174,14 +186,34 @@ def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: boo
                                        f"d_model {manifest.d_model}")
         except CacheError as e:
             report.problems.append(str(e))
-    try:
-        table = read_token_table(cache_dir)
-        n_seq = manifest.extra.get("n_sequences")
-        if n_seq is not None and table.num_rows != n_seq:
-            report.problems.append(f"{TOKENS_NAME}: {table.num_rows} sequences, manifest says {n_seq}")
-    except CacheError as e:
-        report.problems.append(str(e))
+    n_seq = manifest.extra.get("n_sequences")
+    if table is not None and n_seq is not None and table.num_rows != n_seq:
+        report.problems.append(f"{TOKENS_NAME}: {table.num_rows} sequences, manifest says {n_seq}")
+    if index is not None and index.problem:
+        report.problems.append(f"{TOKENS_NAME}: {index.problem}")
     return report
+
+
+class _TokenIndex:
+    """The token table as flat arrays, to check each shard row's ``(seq, pos, token)`` against it."""
+
+    def __init__(self, table: pa.Table) -> None:
+        ids = table.column("input_ids").combine_chunks()
+        self.flat = ids.values.to_numpy(zero_copy_only=False)
+        self.offsets = ids.offsets.to_numpy()
+        seq = table.column("seq").to_numpy()
+        self.problem = None if np.array_equal(seq, np.arange(len(seq))) else "its seq column is not 0..n-1 in order"
+
+    def mismatch(self, seq: np.ndarray, pos: np.ndarray, token: np.ndarray) -> str | None:
+        """What is wrong with a shard's rows against the table (None: every row matches)."""
+        n = len(self.offsets) - 1
+        if seq.size and (seq.min() < 0 or seq.max() >= n):
+            return f"seq values outside the {TOKENS_NAME} sequences 0..{n - 1}"
+        start, length = self.offsets[seq], self.offsets[seq + 1] - self.offsets[seq]
+        if pos.size and ((pos < 0) | (pos >= length)).any():
+            return f"pos values past their sequence's length in {TOKENS_NAME}"
+        wrong = int((self.flat[start + pos] != token).sum())
+        return f"{wrong} row(s) whose token differs from {TOKENS_NAME} input_ids[seq][pos]" if wrong else None
 
 
 class CacheWriter:

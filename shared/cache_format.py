@@ -130,6 +130,31 @@ _REQUIRED = (
 )
 
 
+def _checked_normalization(entry: Any, n_models: int, n_hooks: int, where: str) -> dict[str, Any]:
+    """The manifest's ``normalization`` object, checked: a known ``method``, and ``scale`` a list per
+    model of a list per hook of numbers. ``scale`` may be left out for ``mean_std`` and ``none``
+    (it is 1.0 for every slot there)."""
+    from shared.normalization import NORM_METHODS  # normalization imports this module
+
+    if not isinstance(entry, dict):
+        raise CacheError(f"{where}: normalization must be an object, got {type(entry).__name__}")
+    method = entry.get("method")
+    if method not in NORM_METHODS:
+        raise CacheError(f"{where}: normalization.method {method!r} is not one of {', '.join(NORM_METHODS)}")
+    entry = dict(entry)
+    if "scale" not in entry and method != "norm_scale":
+        entry["scale"] = [[1.0] * n_hooks for _ in range(n_models)]
+    scale = entry.get("scale")
+    if not (isinstance(scale, list) and len(scale) == n_models
+            and all(isinstance(row, list) and len(row) == n_hooks
+                    and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in row) for row in scale)):
+        raise CacheError(
+            f"{where}: normalization.scale must be a list per model ({n_models}) of a list per hook ({n_hooks}) of "
+            f"numbers, got {str(scale)[:80]}"
+        )
+    return entry
+
+
 @dataclass
 class Manifest:
     """``manifest.json``: everything needed to read, verify and interpret a cache.
@@ -218,6 +243,11 @@ class Manifest:
             raise CacheError(
                 f"{where}: shards hold {n_listed} rows but n_rows says {obj['n_rows']}"
             )
+        n_models, n_hooks, d_model = len(obj["models"]), len(obj["hooks"]), int(obj["d_model"])
+        for i, m in enumerate(obj["models"]):
+            if isinstance(m, dict) and m.get("d_model") not in (None, d_model):
+                raise CacheError(f"{where}: models[{i}] has d_model {m['d_model']}, the cache's d_model is {d_model}")
+        normalization = _checked_normalization(obj["normalization"], n_models, n_hooks, where)
         known = set(_REQUIRED) | {"complete"}
         return Manifest(
             models=list(obj["models"]),
@@ -227,7 +257,7 @@ class Manifest:
             context_size=int(obj["context_size"]),
             n_rows=int(obj["n_rows"]),
             shards=shards,
-            normalization=dict(obj["normalization"]),
+            normalization=normalization,
             excluded_tokens=dict(obj["excluded_tokens"]),
             dataset=dict(obj["dataset"]),
             tokenizer=dict(obj["tokenizer"]),

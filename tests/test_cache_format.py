@@ -369,3 +369,40 @@ def test_config_files_that_do_not_parse_are_named(tmp_path):
             load_config_file(tmp_path / name)
     (tmp_path / "cfg.conf").write_text('{"steps": 10, "models": ["a"]}')
     assert load_config_file(tmp_path / "cfg.conf") == {"steps": 10, "models": ["a"]}
+
+
+def test_verify_cross_checks_rows_against_the_token_table(tmp_path):
+    """verify names shards whose rows point outside tokens.arrow or hold another token than it."""
+    from tests.cache_factory import make_cache
+
+    cache = tmp_path / "cache"
+    make_cache(cache, n_shards=2, rows_per_shard=64, n_models=1, n_hooks=1)
+    assert verify_cache(cache).ok
+    ids = [list(x) for x in read_token_table(cache).column("input_ids").to_pylist()]
+    (cache / "tokens.arrow").unlink()
+    write_token_table(cache, [ids[0], *[[t + 1 for t in x] for x in ids[1:]]])  # every token but seq 0's shifted
+    report = verify_cache(cache)
+    assert not report.ok and any("token differs from tokens.arrow input_ids[seq][pos]" in p for p in report.problems)
+    (cache / "tokens.arrow").unlink()
+    write_token_table(cache, ids[:1])  # one sequence left
+    assert any("seq values outside the tokens.arrow sequences 0..0" in p for p in verify_cache(cache).problems)
+
+
+def test_manifest_normalization_and_widths_are_checked(tmp_path):
+    """scale must be [n_models][n_hooks] numbers (it may be left out for none and mean_std, where
+    it is 1.0); a model whose listed d_model differs from the cache's is refused."""
+    from tests.cache_factory import make_cache
+
+    man = make_cache(tmp_path / "c", n_shards=1, rows_per_shard=8, n_models=2, n_hooks=1).to_json()
+    for method in ("none", "mean_std"):
+        m = Manifest.from_json({**man, "normalization": {"method": method, "file": None}})
+        assert m.normalization["scale"] == [[1.0], [1.0]]
+    for bad, match in (({"method": "norm_scale"}, "normalization.scale must be"),
+                       ({"method": "norm_scale", "scale": [1.0, 2.0]}, r"list per model \(2\) of a list per hook \(1\)"),
+                       ({"method": "zscore", "scale": [[1.0], [1.0]]}, "normalization.method 'zscore'")):
+        with pytest.raises(CacheError, match=match):
+            Manifest.from_json({**man, "normalization": bad})
+    models = [dict(x) for x in man["models"]]
+    models[1]["d_model"] = 32
+    with pytest.raises(CacheError, match=r"models\[1\] has d_model 32, the cache's d_model is 16"):
+        Manifest.from_json({**man, "models": models})
