@@ -78,7 +78,8 @@ def test_classes_and_thresholds():
     assert torch.nonzero(m["top_r"]).flatten().tolist() == [8, 9, 10]  # ceil(0.25 * 10 valid) = 3
     same = classify(torch.full((4,), 0.5, dtype=torch.float64), AnalysisConfig(top_r_frac=0.5))
     assert torch.nonzero(same["top_r"]).flatten().tolist() == [0, 1]
-    for bad in (dict(base_only_max=0.5), dict(ft_only_min=0.6), dict(top_r_frac=0.0), dict(focus="source")):
+    for bad in (dict(base_only_max=0.5), dict(ft_only_min=0.6), dict(top_r_frac=0.0), dict(focus="source"),
+                dict(nu_max=-1.0)):
         with pytest.raises(ValueError):
             AnalysisConfig(**bad)
 
@@ -427,9 +428,10 @@ def test_not_a_run_and_the_cli(planted, tmp_path, capsys):
     assert "not a training run" in capsys.readouterr().err
     out = tmp_path / "rep"
     assert run_train.main(["analyze", str(planted["run"]), "--no-progress", "--out", str(out),
-                           "--ft-only-min", "0.95", "--top-k", "3"]) == 0
+                           "--ft-only-min", "0.95", "--top-k", "3", "--focus", "source=nope"]) == 0
     printed = capsys.readouterr().out
     assert f"report: {out / 'report.md'}" in printed
+    assert "note: focus source=nope" in printed  # a focus the token table lacks is said on the console too
     saved = json.loads((out / "report.json").read_text())
     assert saved["analysis_config"]["ft_only_min"] == 0.95 and saved["analysis_config"]["run"] == str(planted["run"])
 

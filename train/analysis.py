@@ -171,5 +171,7 @@ def analyze_cli(argv: list[str]) -> int:
         return 2
     for line in report["headline"]:
         print(line)
+    for note in report["notes"]:  # e.g. a --focus value the token table lacks: said here too, not only in report.md
+        print(f"note: {note}")
     print(f"report: {report['paths']['report_md']}")
     return 0

@@ -6,6 +6,8 @@ importing the entry point :mod:`train.analysis`.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +57,8 @@ class AnalysisConfig:
             raise ValueError("thresholds must satisfy 0 <= base_only_max < shared_min <= shared_max < ft_only_min "
                              f"<= 1, got {self.base_only_max}, {self.shared_min}, {self.shared_max}, "
                              f"{self.ft_only_min}")
+        if not (self.nu_max >= 0 and math.isfinite(self.nu_max)):  # nu is a share: below 0, every latent is flagged
+            raise ValueError(f"nu_max must be a number >= 0, got {self.nu_max}")
         if not 0 < self.top_r_frac <= 1:
             raise ValueError(f"top_r_frac must be in (0, 1], got {self.top_r_frac}")
         for name in ("top_k", "latents_shown", "scaling_max_latents", "profile_latents"):
