@@ -289,8 +289,15 @@ def test_top_contexts_mark_the_firing_token(planted):
         assert c["before"] == "".join(f"<{t}>" for t in before)
         assert c["meta"]["source"] == planted["source"][c["seq"]]
         assert c["value"] == pytest.approx(15.0, abs=1.0)  # relu(10 + 10 - 5) over the two models
+        assert c["cut_before"] == (c["pos"] - 20 > 1) and c["cut_after"] == (c["pos"] + 5 < ids.shape[1])
     md = (Path(rep["paths"]["report_md"])).read_text()
     assert f"«<{MARK_TOKEN}>»" in md
+
+    from train.token_text import _context
+
+    whole = _context([0, 5, 6, 7], 2, None, before=20, after=4)  # the sequence's start and end are shown
+    assert (whole["before"], whole["after"], whole["cut_before"], whole["cut_after"]) == ("<5>", "<7>", False, False)
+    assert _context(list(range(40)), 30, None, before=3, after=2)["cut_before"] is True
 
 
 def test_metadata_breakdown(planted):

@@ -191,6 +191,7 @@ def _contexts_md(rep: dict[str, Any], fl: str | None) -> list[str]:
         L += ["", "```text"]
         for c in e["contexts"]:
             meta = " ".join(str(v) for v in c["meta"].values())
-            L.append(f"{c['value']:>8.3f}  {meta:<6} …{c['before']}«{c['token']}»{c['after']}…")
+            cut_before, cut_after = ("…" if c.get(k, True) else "" for k in ("cut_before", "cut_after"))
+            L.append(f"{c['value']:>8.3f}  {meta:<6} {cut_before}{c['before']}«{c['token']}»{c['after']}{cut_after}")
         L += ["```", ""]
     return L

@@ -49,7 +49,7 @@ def _clean(text: str) -> str:
 
 
 def _context(ids: list[int], pos: int, decode: Callable[[int], str] | None, before: int, after: int
-             ) -> dict[str, str]:
+             ) -> dict[str, Any]:
     """Text around position ``pos`` of a sequence; BOS (position 0) is left out."""
     def text(tokens: list[int]) -> str:
         if decode is None:
@@ -58,4 +58,6 @@ def _context(ids: list[int], pos: int, decode: Callable[[int], str] | None, befo
 
     lo = max(1, pos - before)
     return {"before": text(ids[lo:pos]), "token": text([ids[pos]]), "after": text(ids[pos + 1: pos + 1 + after]),
-            "token_id": int(ids[pos])}
+            "token_id": int(ids[pos]),
+            # Whether the sequence goes on past what is shown (report.md marks that with "…").
+            "cut_before": lo > 1, "cut_after": pos + 1 + after < len(ids)}
