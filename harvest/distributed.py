@@ -254,7 +254,7 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
         return load_models(
             cfg.models, cfg.hooks, context_size=cfg.context_size, device=device,
             model_dtype=dtype_from_name(cfg.model_dtype), exclude_special=cfg.exclude_special,
-            exclude_token_ids=cfg.exclude_token_ids,
+            exclude_token_ids=cfg.exclude_token_ids, progress=cfg.progress,
         )
 
     models, err = attempt(load)

@@ -150,13 +150,19 @@ def load_models(
     model_dtype: torch.dtype,
     exclude_special: bool = True,
     exclude_token_ids: list[int] | None = None,
+    progress: bool = True,
 ) -> LoadedModels:
-    """Load every model and check hooks, tokenizers, widths and context size (no data forward)."""
+    """Load every model and check hooks, tokenizers, widths and context size (no data forward).
+    ``progress=False`` also silences transformers' weight-loading bars."""
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers.utils import logging as hf_logging
 
     resolved = [resolve_model(n) for n in names]
     bridges = []
     for r in resolved:
+        bars_were_on = hf_logging.is_progress_bar_enabled()
+        if not progress:
+            hf_logging.disable_progress_bar()
         try:
             bridge = TransformerBridge.boot_transformers(
                 r.load_from, device=device, dtype=model_dtype, revision=r.revision
@@ -166,6 +172,9 @@ def load_models(
                 f"cannot load model {r.name!r}: {str(e).rstrip('. ')}. Give a toy name (toy-base, toy-code, "
                 "toy-prose), a local Hugging Face folder, or a Hub id reachable from here."
             ) from e
+        finally:
+            if bars_were_on:
+                hf_logging.enable_progress_bar()
         bridge.eval()
         bridges.append(bridge)
 

@@ -128,9 +128,10 @@ def test_ranks_disjoint_covering_and_aligned(cache: Path, batch_size: int, run_r
 
 def test_ranks_tiny_tail_is_dropped_with_warning(tmp_path: Path) -> None:
     make_cache(tmp_path, n_shards=2, rows_per_shard=[50, 51], d_model=8)  # 101 = 2 * (2 * 25) + 1
-    with pytest.warns(UserWarning, match="not served"):
+    with pytest.warns(UserWarning, match="not served") as caught:
         loaders = [ActivationLoader(tmp_path, 25, rank=r, world_size=2, eval_shards=0, with_index=True)
                    for r in range(2)]
+    assert len([w for w in caught if "not served" in str(w.message)]) == 1  # said by rank 0 only
     assert loaders[0].dropped_rows_per_epoch == 1 and len(loaders[0]) == len(loaders[1]) == 2
     served = rows_of(list(loaders[0])) + rows_of(list(loaders[1]))
     assert len(served) == len(set(served)) == 100

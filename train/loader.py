@@ -216,7 +216,7 @@ class ActivationLoader:
                 f"the {split} split's {self.split_rows} rows make no batch of {batch_size} on each of "
                 f"{world_size} ranks with drop_last={drop_last}; use a smaller batch_size"
             )
-        if self.dropped_rows_per_epoch and not drop_last:
+        if self.dropped_rows_per_epoch and not drop_last and rank == 0:  # every rank drops the same rows: say it once
             warnings.warn(
                 f"{self._tail} row(s) per epoch ({self.split_rows} mod {round_rows}) are fewer than "
                 f"world_size={world_size} and are not served, so every rank yields the same batch count",
