@@ -48,7 +48,7 @@ from shared.card import CARD_MARK
 from shared.config import config_to_json
 from shared.normalization import Normalization
 from shared.shard_io import ShardReader
-from shared.token_table import read_token_table, write_token_table
+from shared.token_table import TokenIndex, read_token_table, write_token_table
 
 __all__ = ["CacheDamage", "HarvestLayout", "estimate_cache_bytes", "find_damage", "harvest", "plan_for_resume",
            "plan_from_config", "token_table_problem"]
@@ -250,9 +250,8 @@ def _check_plan_against_shards(out: Path, manifest: Manifest, plan: TokenPlan) -
     elif rec is not None:
         with ShardReader(out / rec.file, row_shape=(len(manifest.models), len(manifest.hooks), manifest.d_model),
                          dtype=dtype_from_name(manifest.dtype), n_rows=rec.n_rows, expected_bytes=rec.bytes) as shard:
-            seq, pos, token = shard.seq.numpy(), shard.pos.numpy(), shard.token.numpy()
-            if seq.size and (seq.max() >= plan.n_sequences
-                             or not all(plan.input_ids[s][p] == t for s, p, t in zip(seq, pos, token))):
+            if TokenIndex.from_sequences(plan.input_ids).mismatch(shard.seq.numpy(), shard.pos.numpy(),
+                                                                  shard.token.numpy()):
                 problem = f"its tokens differ from those in {rec.file}"
     if problem is not None:
         raise CacheError(

@@ -153,12 +153,10 @@ def collect_written(
     complete = sorted(c for c, recs_c in found.items() if c not in bad
                       and len(recs_c) == math.ceil(chunk_rows[c] / layout.shard_rows))
     keep = {id(r) for c in complete for r in found[c].values()}
-    kept_files = set()
     by_rank: dict[int, list[ShardRecord]] = {}
     carried: list[ShardRecord] = []
     for path, recs in sources.items():
         kept = [r for r in recs if id(r) in keep]
-        kept_files.update(r.file for r in kept)
         m = _RANK_MANIFEST_RE.match(path.name)
         if m is not None and int(m.group(1)) < world:
             by_rank[int(m.group(1))] = kept
@@ -170,11 +168,7 @@ def collect_written(
             atomic_write_bytes(path, json.dumps(obj, indent=1).encode() + b"\n")
     # Shard files no whole chunk lists (partly written chunks, or renamed but never listed)
     # would be rewritten under another rank's name: delete them.
-    shard_dir = out / SHARD_DIR
-    if shard_dir.is_dir():
-        for p in shard_dir.iterdir():
-            if _SHARD_RE.match(p.name) and f"{SHARD_DIR}/{p.name}" not in kept_files:
-                p.unlink(missing_ok=True)
+    remove_unlisted_shards(out, [r for c in complete for r in found[c].values()])
     if len(manifest.shards) != len(kept_main := [r for r in manifest.shards if id(r) in keep]):
         manifest.shards = kept_main
         manifest.n_rows = sum(r.n_rows for r in manifest.shards)

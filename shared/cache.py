@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import torch
 
@@ -29,7 +28,7 @@ from shared.cache_format import (
 from shared.card import render_card
 from shared.normalization import Normalization
 from shared.shard_io import ShardReader, atomic_write_bytes, sha256_file, write_shard
-from shared.token_table import read_token_table
+from shared.token_table import TokenIndex, read_token_table
 
 __all__ = ["Cache", "open_cache", "verify_cache", "CacheWriter", "VerifyReport"]
 
@@ -147,7 +146,7 @@ def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: boo
     except CacheError as e:
         table = None
         report.problems.append(str(e))
-    index = _TokenIndex(table) if table is not None else None
+    index = TokenIndex.from_table(table) if table is not None else None
     if not manifest.complete:
         report.problems.append(f"{MANIFEST_NAME}: harvest not complete; re-run it to finish")
     shards = manifest.shards
@@ -192,28 +191,6 @@ def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: boo
     if index is not None and index.problem:
         report.problems.append(f"{TOKENS_NAME}: {index.problem}")
     return report
-
-
-class _TokenIndex:
-    """The token table as flat arrays, to check each shard row's ``(seq, pos, token)`` against it."""
-
-    def __init__(self, table: pa.Table) -> None:
-        ids = table.column("input_ids").combine_chunks()
-        self.flat = ids.values.to_numpy(zero_copy_only=False)
-        self.offsets = ids.offsets.to_numpy()
-        seq = table.column("seq").to_numpy()
-        self.problem = None if np.array_equal(seq, np.arange(len(seq))) else "its seq column is not 0..n-1 in order"
-
-    def mismatch(self, seq: np.ndarray, pos: np.ndarray, token: np.ndarray) -> str | None:
-        """What is wrong with a shard's rows against the table (None: every row matches)."""
-        n = len(self.offsets) - 1
-        if seq.size and (seq.min() < 0 or seq.max() >= n):
-            return f"seq values outside the {TOKENS_NAME} sequences 0..{n - 1}"
-        start, length = self.offsets[seq], self.offsets[seq + 1] - self.offsets[seq]
-        if pos.size and ((pos < 0) | (pos >= length)).any():
-            return f"pos values past their sequence's length in {TOKENS_NAME}"
-        wrong = int((self.flat[start + pos] != token).sum())
-        return f"{wrong} row(s) whose token differs from {TOKENS_NAME} input_ids[seq][pos]" if wrong else None
 
 
 class CacheWriter:

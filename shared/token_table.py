@@ -11,12 +11,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from shared.cache_format import TOKENS_NAME, CacheError
 from shared.shard_io import fsync_dir
 
-__all__ = ["write_token_table", "read_token_table"]
+__all__ = ["TokenIndex", "read_token_table", "write_token_table"]
 
 
 def write_token_table(
@@ -65,3 +66,37 @@ def read_token_table(cache_dir: str | Path, path: str | Path | None = None) -> p
     except pa.ArrowInvalid as e:
         raise CacheError(f"token table {path} is not a readable Arrow IPC file ({e})") from None
 
+
+class TokenIndex:
+    """Token sequences as one flat array and offsets, to check shard rows' ``(seq, pos, token)``
+    against them in a few vectorized operations."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray, problem: str | None = None) -> None:
+        self.flat, self.offsets = flat, offsets
+        self.problem = problem  # what is wrong with the table itself (its seq column), if anything
+
+    @staticmethod
+    def from_table(table: pa.Table) -> TokenIndex:
+        """From ``tokens.arrow``, whose ``seq`` column must be 0..n-1 in order."""
+        ids = table.column("input_ids").combine_chunks()
+        seq = table.column("seq").to_numpy()
+        return TokenIndex(ids.values.to_numpy(zero_copy_only=False), ids.offsets.to_numpy(),
+                          None if np.array_equal(seq, np.arange(len(seq))) else "its seq column is not 0..n-1 in order")
+
+    @staticmethod
+    def from_sequences(input_ids: list[np.ndarray]) -> TokenIndex:
+        """From sequences in memory (a token plan), sequence ``i`` being ``seq`` value ``i``."""
+        lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=len(input_ids))
+        flat = np.concatenate(input_ids) if input_ids else np.zeros(0, np.int32)
+        return TokenIndex(flat, np.concatenate([[0], np.cumsum(lengths)]))
+
+    def mismatch(self, seq: np.ndarray, pos: np.ndarray, token: np.ndarray) -> str | None:
+        """What is wrong with a shard's rows against the sequences (None: every row matches)."""
+        n = len(self.offsets) - 1
+        if seq.size and (seq.min() < 0 or seq.max() >= n):
+            return f"seq values outside the {TOKENS_NAME} sequences 0..{n - 1}"
+        start, length = self.offsets[seq], self.offsets[seq + 1] - self.offsets[seq]
+        if pos.size and ((pos < 0) | (pos >= length)).any():
+            return f"pos values past their sequence's length in {TOKENS_NAME}"
+        wrong = int((self.flat[start + pos] != token).sum())
+        return f"{wrong} row(s) whose token differs from {TOKENS_NAME} input_ids[seq][pos]" if wrong else None
