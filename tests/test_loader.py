@@ -493,8 +493,16 @@ def test_thread_stops_on_garbage_collection_and_new_iter(cache: Path) -> None:
     next(it)
     it2 = iter(loader)  # a new iterator stops the previous one
     assert len(loader_threads()) == 1
-    with pytest.raises(StopIteration):
+    # ...which then says so: ending quietly would look like the end of the data.
+    with pytest.raises(RuntimeError, match="newer iter"):
         next(it)
+    next(it2)
+    loader.rewind()
+    with pytest.raises(RuntimeError, match="repositioned"):
+        next(it2)
+    with pytest.raises(RuntimeError, match="newer iter"):
+        for _pair in zip(loader, loader):  # the second iter stops the first before its first batch
+            pass
     del it, it2
     gc.collect()
     wait_no_loader_threads(timeout=1.0)

@@ -342,17 +342,19 @@ class ActivationLoader:
     def __iter__(self) -> "_LoaderIterator":
         """Start from the current position (a fresh loader: the start; a finished one yields nothing).
 
-        Only one iterator is live at a time: a new one stops the previous one's thread.
+        Only one iterator is live at a time: a new one stops the previous one's thread, and the
+        previous one then raises instead of ending as if the stream were done.
         """
-        self._close_active()
+        self._close_active("a newer iter(loader) started (one iterator per loader at a time; "
+                           "for two streams, build two loaders)")
         it = _LoaderIterator(self)
         self._active = weakref.ref(it)
         return it
 
-    def _close_active(self) -> None:
+    def _close_active(self, why: str) -> None:
         old = self._active() if self._active is not None else None
         if old is not None:
-            old.close()
+            old.close(superseded=why)
 
     def _advance(self, epoch: int, j: int) -> None:
         assert (epoch, j) == (self._epoch, self._batch), "loader stream out of order"
@@ -386,7 +388,7 @@ class ActivationLoader:
         epoch, batch = int(state["epoch"]), int(state["batch"])
         if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
             raise ValueError(f"loader state position epoch={epoch}, batch={batch} is out of range")
-        self._close_active()
+        self._close_active("the loader was repositioned (load_state_dict or rewind); iterate it anew")
         self._epoch, self._batch = epoch, batch
 
     def rewind(self) -> None:
@@ -412,11 +414,15 @@ class _LoaderIterator:
         self._stager = CudaStager(loader.device, loader.dtype) if loader.device.type == "cuda" else None
         self._staged: tuple | None = None  # (epoch, j, acts on the device, copy event, index)
         self._error: BaseException | None = None  # raised by the prefetcher while staging ahead
+        self._superseded: str | None = None  # why the loader stopped this iterator, if it did
 
     def __iter__(self) -> "_LoaderIterator":
         return self
 
     def _next_host(self) -> tuple:
+        if self._superseded is not None:
+            # Ending quietly would look like the end of the data: zip(loader, loader) would run 0 steps.
+            raise RuntimeError(f"this loader iterator was stopped: {self._superseded}")
         if self._error is not None:
             error, self._error = self._error, None
             raise error
@@ -452,8 +458,11 @@ class _LoaderIterator:
         self.loader._advance(epoch, j)
         return (acts_BMPD, index) if self.loader.with_index else acts_BMPD
 
-    def close(self) -> None:
-        """Stop and join the background thread (idempotent); undelivered batches are dropped."""
+    def close(self, superseded: str | None = None) -> None:
+        """Stop and join the background thread (idempotent); undelivered batches are dropped.
+        ``superseded``: the loader stopped this iterator (why); its next ``next`` raises that."""
+        if superseded is not None:
+            self._superseded = superseded
         self._staged = None
         if self._prefetcher is not None:
             self._prefetcher.close()
