@@ -130,12 +130,13 @@ def bare_forward_seconds(cfg: HarvestConfig, cache_dir: Path, *, max_batches: in
 
 
 def capture_seconds(cfg: HarvestConfig, cache_dir: Path, *, max_batches: int | None = None,
-                    around: AbstractContextManager | None = None) -> float:
+                    around: AbstractContextManager | None = None) -> tuple[float, float]:
     """The harvest's own per-batch work with no writer, from freshly loaded models: each batch's
     forward with the hooks, then per group of batches (``capture_group_tokens``) row selection,
     normalization, the cast to the storage dtype and, on CUDA, the copy into pinned host memory on a
     side stream (at most 8 groups in flight, as the writer's queue allows). Nothing is shuffled,
-    hashed or written. Seconds. ``max_batches`` and ``around`` as for :func:`bare_forward_seconds`."""
+    hashed or written. (wall seconds, CPU seconds of the loop's thread); ``max_batches`` and
+    ``around`` as for :func:`bare_forward_seconds`."""
     device, models = fresh_models(cfg)
     manifest = Manifest.load(cache_dir)
     plan = _plan_from_table(cache_dir, manifest, models.excluded_ids)
@@ -151,7 +152,7 @@ def capture_seconds(cfg: HarvestConfig, cache_dir: Path, *, max_batches: int | N
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     with around or nullcontext():
         sync()
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.thread_time()
         for _first, acts_NMPD, *_ in forward.rows(0, end):
             rows_NMPD = norm.apply(acts_NMPD).to(storage)
             if stream is not None:
@@ -159,7 +160,7 @@ def capture_seconds(cfg: HarvestConfig, cache_dir: Path, *, max_batches: int | N
                 if len(in_flight) > 8:
                     in_flight.popleft()[1].synchronize()
         sync()
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.thread_time() - cpu
 
 
 def profile_capture(cfg: HarvestConfig, cache_dir: Path, n_batches: int, top: int = 15) -> str:
@@ -177,8 +178,7 @@ def profile_capture(cfg: HarvestConfig, cache_dir: Path, n_batches: int, top: in
     walls: dict[str, float] = {}
     for name, run in (("bare", bare_forward_seconds), ("capture", capture_seconds)):
         prof = profile(activities=activities)  # entered around the timed loop only, not the model loading
-        out = run(cfg, cache_dir, max_batches=n_batches, around=prof)
-        walls[name] = (out[0] if isinstance(out, tuple) else out) / n_batches * 1e6
+        walls[name] = run(cfg, cache_dir, max_batches=n_batches, around=prof)[0] / n_batches * 1e6
         per_batch[name] = {e.key: (e.count / n_batches, e.self_cpu_time_total / n_batches)
                            for e in prof.key_averages()}
     bare, capture = per_batch["bare"], per_batch["capture"]
@@ -261,6 +261,7 @@ def main() -> None:
         harvest_runs, bare_runs, pair_ratios, flushes = [], [], [], []
         capture_runs, capture_ratios, waits, alone_runs = [], [], [], []
         off_cpu_bare, off_cpu_harvest = [], []  # the forward loop's thread: wall minus its CPU time
+        cpu_bare, cpu_capture, cpu_harvest = [], [], []  # and that CPU time
         ab_runs: list[float] = []  # harvests with --ab-capture-group-tokens, each right after the main one
         ab_ratios: list[float] = []
         bare_before = None
@@ -273,6 +274,7 @@ def main() -> None:
             flushes.append(float(run["final_flush_seconds"]))
             waits.append(float(run["writer_wait_seconds"]))
             off_cpu_harvest.append(harvest_runs[-1] - float(run["forward_loop_cpu_seconds"]))
+            cpu_harvest.append(float(run["forward_loop_cpu_seconds"]))
             if args.ab_capture_group_tokens is not None:
                 ab_cfg = HarvestConfig(**{**run_cfg.__dict__, "out": str(Path(tmp) / f"ab{r}"),
                                           "capture_group_tokens": args.ab_capture_group_tokens})
@@ -282,14 +284,18 @@ def main() -> None:
             if bare_before is None:  # the same batches as every harvest here (same seed and dataset)
                 bare_before = bare_forward_seconds(run_cfg, Path(run_cfg.out))[0]
             bare_after, bare_cpu = bare_forward_seconds(run_cfg, Path(run_cfg.out))
+            n_batches = -(-read_token_table(run_cfg.out).num_rows // args.batch_size)  # each pass's forward batches
             bare_runs.append(bare_after)
             off_cpu_bare.append(bare_after - bare_cpu)
+            cpu_bare.append(bare_cpu)
             # Each harvest against the mean of the bare passes just before and after it: this VM's
             # speed drifts by 10-20% over a minute, and neighbours in time see the same drift.
             pair_ratios.append((bare_before + bare_after) / 2 / harvest_runs[-1])
             if ab_runs:
                 ab_ratios.append((bare_before + bare_after) / 2 / ab_runs[-1])
-            capture_runs.append(capture_seconds(run_cfg, Path(run_cfg.out)))
+            capture_wall, capture_cpu = capture_seconds(run_cfg, Path(run_cfg.out))
+            capture_runs.append(capture_wall)
+            cpu_capture.append(capture_cpu)
             capture_ratios.append(bare_after / capture_runs[-1])  # its neighbour in time
             alone_runs.append(writer_alone_seconds(run_cfg, Path(run_cfg.out), Path(tmp) / "writer"))
             if args.profile_batches and r == args.repeats - 1:
@@ -332,6 +338,10 @@ def main() -> None:
           "GIL while other threads held it, or for a device sync that yields"),
          (f"bare {statistics.median(off_cpu_bare):.2f}s, harvest {statistics.median(off_cpu_harvest):.2f}s  "
           f"(harvest runs: {', '.join(f'{s:.2f}s' for s in off_cpu_harvest)})")),
+        (("forward loop's CPU time per batch (median): on a launch-bound GPU this is its speed; harvest above "
+          "capture is what the writer's threads cost the loop while it runs on the CPU"),
+         ", ".join(f"{name} {statistics.median(xs) / n_batches * 1e3:.2f} ms"
+                   for name, xs in (("bare", cpu_bare), ("capture", cpu_capture), ("harvest", cpu_harvest)))),
         *ab_rows,
         ("writer alone (the same rows from memory: shuffle, sha256, write, fsync; no model) tokens/s (median)",
          (f"{tokens / statistics.median(alone_runs):,.0f}  ({tokens * row_bytes / statistics.median(alone_runs) / 1e9:.2f} "
