@@ -331,8 +331,19 @@ class _Forward:
         the normalization on exactly the first ``calib_rows`` of them. The forwarded items are returned
         to be written afterwards, so calibration costs no extra forward."""
         held = list(self.rows(0, end))
-        norm = Normalization.estimate(torch.cat([h[1] for h in held])[:calib_rows].float().cpu(), method)
-        return held, norm
+        sample_NMPD = torch.cat([h[1] for h in held])[:calib_rows].float().cpu()
+        finite_MP = torch.isfinite(sample_NMPD).all(dim=3).all(dim=0)
+        if not finite_MP.all():
+            # Caught here, before a shard is written: normalized by an infinite norm, the slot would be
+            # stored as zeros and NaN, and only training would notice.
+            slots = [f"{r.name} {h}" for (m, p) in (~finite_MP).nonzero().tolist()
+                     for r, h in [(self.models.resolved[m], self.hooks[p])]]
+            dtype = next(self.models.bridges[0].parameters()).dtype
+            fix = ("the activations overflow float16: use --model-dtype bfloat16 or float32"
+                   if dtype == torch.float16 else "check the model's weights, or try --model-dtype float32")
+            raise HarvestInputError(f"activations of {', '.join(slots)} are inf or NaN on the calibration sample "
+                                    f"(model dtype {str(dtype).removeprefix('torch.')}); {fix}")
+        return held, Normalization.estimate(sample_NMPD, method)
 
     def rows(self, a: int, b: int):
         """Yield ``(first_row, acts_NMPD, seq_N, pos_N, token_N)`` covering rows [a, b) in order, a

@@ -47,6 +47,13 @@ def resolve_model(name: str) -> ResolvedModel:
                 f"model folder {local} has no config.json; expected a Hugging Face model folder "
                 "(save_pretrained output)"
             )
+        if not any((local / f).is_file() for f in _TOKENIZER_FILES) and not any(local.glob("*.tiktoken")):
+            # Fine-tune checkpoints are often saved without one. transformers then fails deep in the
+            # load, or (GPT-2) builds an empty tokenizer that tokenizes every document to nothing.
+            raise HarvestInputError(
+                f"model folder {local} has no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}); copy the "
+                "base model's tokenizer into it (tokenizer.save_pretrained(folder))"
+            )
         return ResolvedModel(name, str(local.resolve()), str(local.resolve()), None)
     if name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1 or "\\" in name:
         # Not a Hub id ("org/name"): the user meant a folder, so say that, not "invalid repo id".
@@ -56,6 +63,31 @@ def resolve_model(name: str) -> ResolvedModel:
         raise HarvestInputError(f"unknown model {name!r}: did you mean {close[0]!r}? (toy models: {', '.join(TOY_NAMES)})")
     base, _, revision = name.partition("@")
     return ResolvedModel(name, base, None, revision or None)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model",
+                    "sentencepiece.bpe.model")
+"""Files of which a model folder needs one for its tokenizer to load (or a ``*.tiktoken``)."""
+
+
+def _model_type(r: ResolvedModel) -> str:
+    """A local model's architecture as its config.json names it (for error messages)."""
+    try:
+        cfg = json.loads((Path(r.path) / "config.json").read_text()) if r.path else {}
+    except (OSError, ValueError):
+        return "unknown architecture"
+    return f"{', '.join(cfg.get('architectures') or ['?'])}, model_type {cfg.get('model_type', '?')!r}"
+
+
+def _own_size(r: ResolvedModel) -> int:
+    """How many tokens the model's own tokenizer has, before transformer-lens adds any (it adds an
+    ``<|endoftext|>`` to a tokenizer that declares no BOS/EOS: a token the model never saw)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return len(AutoTokenizer.from_pretrained(r.load_from, revision=r.revision))
+    except (OSError, ValueError):  # the bridge loaded it; whatever fails here is not worth a refusal
+        return 1 << 62
 
 
 _GATES = {
@@ -172,10 +204,25 @@ def load_models(
                 f"cannot load model {r.name!r}: {str(e).rstrip('. ')}. Give a toy name (toy-base, toy-code, "
                 "toy-prose), a local Hugging Face folder, or a Hub id reachable from here."
             ) from e
+        except ValueError as e:
+            if "supported architecture" in str(e):  # its list of ~180 supported names is left out
+                raise HarvestInputError(
+                    f"model {r.name!r} ({_model_type(r)}) is not an architecture transformer-lens's "
+                    "TransformerBridge supports; see its list of supported architectures"
+                ) from e
+            raise HarvestInputError(f"cannot load model {r.name!r}: {str(e).splitlines()[0]}") from e
         finally:
             if bars_were_on:
                 hf_logging.enable_progress_bar()
         bridge.eval()
+        if getattr(bridge.cfg, "is_encoder_decoder", False) or getattr(
+                getattr(getattr(bridge, "original_model", None), "config", None), "is_encoder_decoder", False):
+            # Their blocks are encoder_blocks/decoder_blocks, which stop_at_layer cannot cut, and a
+            # decoder needs decoder inputs the harvest does not make.
+            raise HarvestInputError(
+                f"model {r.name!r} ({_model_type(r)}) is an encoder-decoder model; the harvest runs "
+                "decoder-only language models"
+            )
         bridges.append(bridge)
 
     # Hooks must exist in every model; suggest close names.
@@ -227,8 +274,25 @@ def load_models(
     outside = sorted(i for i in excluded if not 0 <= i < n_vocab)
     if outside:  # a typo would otherwise exclude nothing, silently
         raise HarvestInputError(f"--exclude-token-ids {outside} lie outside the models' vocabulary [0, {n_vocab})")
+    for r, b in zip(resolved, bridges):
+        t = b.tokenizer
+        special = {"bos": t.bos_token_id, "eos": t.eos_token_id, "pad": t.pad_token_id}
+        limit = min(n_vocab, _own_size(r))
+        wrong = {k: v for k, v in special.items() if v is not None and not 0 <= int(v) < limit}
+        if wrong:
+            # A tokenizer that declares no BOS/EOS gets one invented by transformer-lens, past the
+            # embedding table (an IndexError), or inside a padded one (a token the model never saw).
+            raise HarvestInputError(
+                f"tokenizer of model {r.name!r} gives special token ids {wrong} outside its own tokens and the "
+                f"models' vocabulary [0, {limit}): it probably declares no bos_token/eos_token, and transformer-lens "
+                "made one up that the model never saw. Set them in the folder's "
+                "tokenizer_config.json (for example \"eos_token\": \"<|endoftext|>\")"
+            )
     if exclude_special:
-        excluded |= set(int(i) for i in tokenizer.all_special_ids)
+        # Every model's special tokens (the vocabularies are the same, but a fine-tune may declare a
+        # pad or chat token the base does not), so the excluded set does not depend on model order.
+        for b in bridges:
+            excluded |= set(int(i) for i in b.tokenizer.all_special_ids)
         if bos_id is not None:
             excluded.add(int(bos_id))
     stop = stop_layer_for(hooks, int(bridges[0].cfg.n_layers))

@@ -56,6 +56,8 @@ class Normalization:
             mean_norm_MP = x.norm(dim=-1).mean(dim=0)
             if (mean_norm_MP == 0).any():
                 raise ValueError("an activation slot is all zeros on the calibration sample")
+            if not torch.isfinite(mean_norm_MP).all():
+                raise ValueError("an activation slot is inf or NaN on the calibration sample")
             scale = (math.sqrt(d) / mean_norm_MP).to(torch.float32)
             return Normalization("norm_scale", scale)
         if method == "mean_std":

@@ -276,6 +276,64 @@ def test_models_that_differ_are_refused_before_any_forward(toy_dirs, tmp_path):
     _bad(tmp_path, "model folder .*typo does not exist", models=["./typo"])
 
 
+def test_model_folders_that_cannot_be_harvested_are_named(toy_dirs, tmp_path):
+    """Real checkpoints go wrong in ways the toy models do not: each gets one clear error before any
+    shard is written (before: tracebacks, an empty tokenizer, or a cache of zeros and NaN)."""
+    from transformers import AutoTokenizer, GPTNeoXForCausalLM, T5Config, T5ForConditionalGeneration
+
+    # A fine-tune saved without its tokenizer.
+    bare = _tiny_model(tmp_path / "bare", toy_dirs["toy-base"])
+    for f in bare.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            f.unlink()
+    _bad(tmp_path, "has no tokenizer files .*copy the base model's tokenizer", models=[str(bare)])
+    # An architecture the bridge does not know: named in one line, not its list of ~180 names.
+    alien = _tiny_model(tmp_path / "alien", toy_dirs["toy-base"])
+    cfg = json.loads((alien / "config.json").read_text())
+    (alien / "config.json").write_text(json.dumps({**cfg, "architectures": ["BioGptForCausalLM"], "model_type": "biogpt"}))
+    _bad(tmp_path, r"\(BioGptForCausalLM, model_type 'biogpt'\) is not an architecture transformer-lens", models=[str(alien)])
+    # Encoder-decoder: its hooks were suggested, then the forward crashed in stop_at_layer.
+    t5 = tmp_path / "t5"
+    T5ForConditionalGeneration(T5Config(vocab_size=4096, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=0)).save_pretrained(t5)
+    AutoTokenizer.from_pretrained(toy_dirs["toy-base"]).save_pretrained(t5)
+    _bad(tmp_path, "is an encoder-decoder model", models=[str(t5)], hooks=["encoder_blocks.0.hook_resid_post"])
+    # A tokenizer declaring no BOS/EOS: transformer-lens makes one up, past the vocabulary.
+    nobos = _tiny_model(tmp_path / "nobos", toy_dirs["toy-base"])
+    tj, tc = (json.loads((nobos / f).read_text()) for f in ("tokenizer.json", "tokenizer_config.json"))
+    for added in tj["added_tokens"]:
+        tj["model"]["vocab"][f"<s{added['id']}>"] = tj["model"]["vocab"].pop(added["content"])
+        added["content"] = f"<s{added['id']}>"
+    for k in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        tc.pop(k, None)
+    tc.pop("added_tokens_decoder", None)
+    (nobos / "tokenizer.json").write_text(json.dumps(tj))
+    (nobos / "tokenizer_config.json").write_text(json.dumps(tc))
+    _bad(tmp_path, r"special token ids \{'bos': 4096.* declares no bos_token/eos_token", models=[str(nobos)])
+    # float16 overflow: caught on the calibration sample, not stored as zeros and NaN that verify passes.
+    huge = _tiny_model(tmp_path / "huge", toy_dirs["toy-base"])
+    model = GPTNeoXForCausalLM.from_pretrained(huge)
+    with torch.no_grad():
+        model.gpt_neox.layers[0].mlp.dense_4h_to_h.bias[3] = 1e5  # past float16's 65,504
+    model.save_pretrained(huge)
+    _bad(tmp_path, r"inf or NaN on the calibration sample \(model dtype float16\); the activations overflow float16: "
+         "use --model-dtype bfloat16", models=[str(huge)], model_dtype="float16", hooks=["blocks.1.hook_resid_post"])
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_special_tokens_of_every_model_are_excluded_whatever_their_order(toy_dirs, tmp_path):
+    from harvest.models import load_models
+
+    nopad = _tiny_model(tmp_path / "nopad", toy_dirs["toy-base"])
+    tc = json.loads((nopad / "tokenizer_config.json").read_text())
+    tc.pop("pad_token", None)
+    (nopad / "tokenizer_config.json").write_text(json.dumps(tc))
+    kw = dict(context_size=64, device=torch.device("cpu"), model_dtype=torch.float32)
+    one = load_models([str(nopad), "toy-base"], ["blocks.0.hook_resid_post"], **kw).excluded_ids
+    two = load_models(["toy-base", str(nopad)], ["blocks.0.hook_resid_post"], **kw).excluded_ids
+    assert one == two == load_models(["toy-base"], ["blocks.0.hook_resid_post"], **kw).excluded_ids
+
+
 def test_context_dataset_and_output_errors(toy_dirs, tmp_path):
     _bad(tmp_path, "exceeds model 'toy-base'.s maximum of 512", context_size=1024)
     empty = tmp_path / "empty.txt"
