@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,14 @@ def _checked_normalization(entry: Any, n_models: int, n_hooks: int, where: str) 
         raise CacheError(
             f"{where}: normalization.scale must be a list per model ({n_models}) of a list per hook ({n_hooks}) of "
             f"numbers, got {str(scale)[:80]}"
+        )
+    bad = [(m, p, x) for m, row in enumerate(scale) for p, x in enumerate(row) if not (math.isfinite(x) and x > 0)]
+    if bad:  # rows scaled by 0 or inf are zeros or NaN: the harvest saw inf/NaN activations
+        m, p, x = bad[0]
+        raise CacheError(
+            f"{where}: normalization.scale[{m}][{p}] is {x}, not a positive number: that slot's rows are zeros or "
+            "NaN (the model's activations were inf or NaN when it was harvested, as when float16 overflows). "
+            "Re-harvest with --model-dtype bfloat16 or float32"
         )
     return entry
 

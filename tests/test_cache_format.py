@@ -399,7 +399,9 @@ def test_manifest_normalization_and_widths_are_checked(tmp_path):
         assert m.normalization["scale"] == [[1.0], [1.0]]
     for bad, match in (({"method": "norm_scale"}, "normalization.scale must be"),
                        ({"method": "norm_scale", "scale": [1.0, 2.0]}, r"list per model \(2\) of a list per hook \(1\)"),
-                       ({"method": "zscore", "scale": [[1.0], [1.0]]}, "normalization.method 'zscore'")):
+                       ({"method": "zscore", "scale": [[1.0], [1.0]]}, "normalization.method 'zscore'"),
+                       ({"method": "norm_scale", "scale": [[1.0], [0.0]]}, r"scale\[1\]\[0\] is 0.0, not a positive"),
+                       ({"method": "norm_scale", "scale": [[float("inf")], [1.0]]}, r"scale\[0\]\[0\] is inf")):
         with pytest.raises(CacheError, match=match):
             Manifest.from_json({**man, "normalization": bad})
     models = [dict(x) for x in man["models"]]
