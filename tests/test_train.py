@@ -222,6 +222,39 @@ def test_resumed_run_refuses_another_width_or_config(tmp_path):
         train(_cfg(tmp_path / "c16", tmp_path / "run", steps=5, latents=32))
 
 
+def test_resume_of_an_hf_run_after_the_repo_moved_names_the_commit(tmp_path):
+    """An hf:// cache without @REV follows its branch. Once a new push lands there, the run's loader
+    state no longer fits: the refusal names both commits and the pin that resumes, which works."""
+    from cache_factory import make_cache
+
+    from shared.cache_format import Manifest
+    from train.run_dir import check_run_dir
+    from train.slots import resolve_slots
+
+    old, new = "a" * 40, "b" * 40
+    for commit in (old, new):
+        make_cache(tmp_path / "snapshots" / commit, d_model=16)
+    cache = tmp_path / "snapshots" / old
+    train(_cfg(cache, tmp_path / "run", steps=5))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    saved["config"]["cache"] = "hf://alice/c"  # as if trained from the Hub: the folder is its snapshot
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    man = Manifest.load(cache)
+    spec = resolve_slots(man, arch="crosscoder", models=None, hooks=None, in_hooks=None, out_hooks=None)
+
+    def check(spec_now: str, resolved: Path) -> bool:
+        cfg = _cfg(spec_now, tmp_path / "run", steps=5)
+        return check_run_dir(cfg, tmp_path / "run", man.d_model, spec, len(man.shards), resolved)
+
+    assert check("hf://alice/c", cache)  # the same commit: resumes
+    with pytest.raises(RunMismatchError, match=f"at commit {old[:12]}; hf://alice/c resolves to commit {new[:12]} "
+                                               f"now .* Resume with --cache hf://alice/c@{old}"):
+        check("hf://alice/c", tmp_path / "snapshots" / new)
+    assert check(f"hf://alice/c@{old[:10]}", cache)  # the pin it suggests (or a prefix) is the same run
+    with pytest.raises(RunMismatchError, match=f"hf://alice/c@{new} resolves to commit {new[:12]}"):
+        check(f"hf://alice/c@{new}", tmp_path / "snapshots" / new)
+
+
 def test_non_finite_loss_stops_with_a_checkpoint(tmp_path):
     from shared.cache import CacheWriter
     from shared.cache_format import Manifest, shard_file_name

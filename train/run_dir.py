@@ -9,6 +9,7 @@ and the slots it resolves to on the cache) and it resumes.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from train.checkpoint import checkpoint_steps
@@ -47,8 +48,30 @@ def _effective_signature(cfg: TrainConfig, n_shards: int) -> dict:
     return sig
 
 
-def check_run_dir(cfg: TrainConfig, run_dir: Path, d_model: int, spec: SlotSpec, n_shards: int) -> bool:
+def _commit_in(path: str | None) -> str | None:
+    """The commit of a resolved ``hf://`` cache folder (``.../snapshots/<sha>`` or a view of it)."""
+    found = re.findall(r"[0-9a-f]{40}", path or "")
+    return found[-1] if found else None
+
+
+def _check_same_hub_commit(spec: str, saved_path: str | None, cache_dir: Path | None, run_dir: Path) -> None:
+    """An ``hf://`` cache without ``@REV`` follows its branch: after a new push it resolves to another
+    commit, whose rows the run's loader state does not describe. Name that and the pin that resumes."""
+    if not str(spec).startswith("hf://") or saved_path is None or cache_dir is None:
+        return
+    then, now = _commit_in(saved_path), _commit_in(str(cache_dir.resolve()))
+    if then and now and then != now:
+        base = str(spec).split("@", 1)[0]
+        raise RunMismatchError(
+            f"--out {run_dir} was trained on {base} at commit {then[:12]}; {spec} resolves to commit "
+            f"{now[:12]} now (the repo has moved on). Resume with --cache {base}@{then}, or use another --out"
+        )
+
+
+def check_run_dir(cfg: TrainConfig, run_dir: Path, d_model: int, spec: SlotSpec, n_shards: int,
+                  cache_dir: Path | None = None) -> bool:
     """Refuse a folder holding a different run. True if it holds this run (resume). Reads only.
+    ``cache_dir``: where ``cfg.cache`` resolved now (an ``hf://`` spec names a commit-pinned folder).
 
     A folder whose ``config.json`` has no checkpoint or export beside it (an attempt stopped before
     its first checkpoint) holds nothing to resume or lose: it is started afresh, whatever its config.
@@ -68,6 +91,7 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path, d_model: int, spec: SlotSpec,
     if diffs:
         raise RunMismatchError(f"--out {run_dir} holds a different run ({'; '.join(diffs[:6])}); use another "
                                "--out, delete it, or repeat the original command to resume")
+    _check_same_hub_commit(cfg.cache, saved.get("cache", {}).get("path"), cache_dir, run_dir)
     if saved.get("d_model") != d_model:
         raise RunMismatchError(f"--out {run_dir} was trained on d_model={saved.get('d_model')} activations; the "
                                f"cache {cfg.cache} has d_model={d_model}: use a cache of the same width")
