@@ -3,7 +3,7 @@
 
     python run_harvest.py [--models ...] [--hooks ...] [--dataset ...] [--out DIR] ...
     python run_harvest.py verify DIR
-    python run_harvest.py push DIR --repo USER/NAME [--private] [--revision R] [--dry-run]
+    python run_harvest.py push DIR --repo USER/NAME [--private] [--revision R] [--force] [--dry-run]
 
 With no arguments it harvests the default demo cache (toy pair on builtin:mixed).
 Under ``torchrun --nproc-per-node N run_harvest.py ...`` N processes share the work (see
@@ -80,25 +80,33 @@ def _push(argv: list[str]) -> int:
                         help="create the repo private (an existing repo keeps its visibility)")
     parser.add_argument("--revision", help="branch to push to (created from main if missing; default main)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="verify, print the card and the file list; upload nothing")
+                        help="verify, print the card, the file list and what the repo holds (looked at, read "
+                        "only, unless offline); upload nothing")
+    parser.add_argument("--force", action="store_true",
+                        help="replace what the repo (branch) holds when it is not this cache: a different "
+                        "crosscache cache, or files that are not a cache. Without it such a push is refused")
     args = parser.parse_args(argv)
     try:
         plan = push_cache(args.cache, args.repo, private=args.private, revision=args.revision,
-                          dry_run=args.dry_run, progress=True)
+                          dry_run=args.dry_run, progress=True, force=args.force)
     except (CacheError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
     if args.dry_run:
         print(plan.card)
         print(f"--- files for {plan.url} ---")
         print(plan.file_list())
+        print(f"--- repo ---\n{plan.repo_summary()}")
         print(f"auth: {token_status()}")
         print("dry run: nothing uploaded")
         return 0
-    for note in plan.notes:
-        print(f"note: {note}", file=sys.stderr)
     print(f"pushed {len(plan.files)} files ({plan.total_bytes:,} bytes) to {plan.url}"
           + (f"\ncommit: {plan.commit_url}" if plan.commit_url else ""))
+    if plan.deletes:
+        shown = ", ".join(plan.deletes[:10]) + (f" and {len(plan.deletes) - 10} more" if len(plan.deletes) > 10 else "")
+        print(f"deleted from the repo: {shown}")
     return 0
 
 

@@ -94,8 +94,9 @@ def resolve_cache(spec: str | Path, *, max_shards: int | None = None) -> Path:
     first = _snapshot(spec, repo, revision, [MANIFEST_NAME])
     if not (first / MANIFEST_NAME).is_file():
         raise CacheError(
-            f"{spec}: the dataset repo {repo} has no {MANIFEST_NAME}: it is not a crosscache cache, or its "
-            "first push has not finished (the manifest is uploaded last); re-run `run_harvest.py push`"
+            f"{spec}: the dataset repo {repo} has no {MANIFEST_NAME}: it is not a crosscache cache, or a push to "
+            "it has not finished (the manifest goes up last; a push replacing another cache deletes the old one "
+            "first); re-run that `run_harvest.py push`"
         )
     # Pin the commit the manifest came from, so a push landing meanwhile cannot mix two caches.
     commit = first.name if _COMMIT_RE.fullmatch(first.name) else revision

@@ -1,23 +1,38 @@
 """Uploading caches to the Hub: :func:`push_cache` verifies a cache and pushes exactly its files.
 
 The files (manifest, card, token table, normalization tensors, the shards the manifest lists)
-go to a *dataset* repo; :class:`PushPlan` lists them, and is all a dry run does.
+go to a *dataset* repo; :class:`PushPlan` lists them, and is what a dry run returns (having only
+looked at the repo, read only, unless offline).
 :func:`token_status` says whether ``huggingface_hub`` finds a token, never the token.
 Import these from :mod:`shared.hub`.
+
+Before uploading anything, the push looks at what the target branch holds (:class:`RepoContents`).
+Nothing, this same cache (a re-push), or the data files of an interrupted push without a manifest:
+it goes ahead. A different crosscache cache, or files that are not a cache (a dataset's own
+``README.md``, ``data.csv``): it is refused, naming what is there, unless ``force`` (``--force``)
+says to replace it. A branch the push creates starts as a copy of ``main``; what it inherits is
+replaced on the branch only, so that needs no ``force``.
 
 Upload order follows the cache's own rule (write data, then the manifest): the shards, token
 table and normalization go up first, resumably (``HfApi.upload_folder`` on huggingface_hub 2.x:
 with ``hf_xet``, the default, it commits a large folder in batches and a re-run resumes;
 ``HfApi.upload_large_folder`` on 1.x, which keeps its resume state in ``<cache>/.cache/huggingface/``),
-and ``manifest.json`` with ``README.md`` are committed last. A repo whose push was interrupted has
-no manifest (first push) or the previous one, so it never reads as a cache with missing shards.
+and ``manifest.json`` with ``README.md`` are committed last. New data lands under the same names an
+older cache in the repo uses, so when a push replaces a different cache, the old ``manifest.json``
+is first deleted in a commit of its own. A repo whose push was interrupted therefore has no
+manifest (first push, or a replacement) or this cache's own (a re-push), so it never reads as a
+cache with missing shards, nor as an old manifest over new data; re-running the push finishes it.
 """
 
 from __future__ import annotations
 
 import glob
+import json
+import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from shared.cache_format import (
     CARD_NAME,
@@ -31,6 +46,91 @@ from shared.cache_format import (
 from shared.card import render_card
 from shared.hub_download import _shard_patterns, resolve_cache
 from shared.hub_spec import _COMMIT_RE, _REPO_HELP, REPO_TYPE, HubError, _is_repo_id, is_hub_spec
+
+GITATTRIBUTES = ".gitattributes"
+"""Created by the Hub with every repo; a push keeps it and never counts it as content."""
+
+# Data files a crosscache push uploads before its manifest: what an interrupted push leaves.
+_SHARD_RE = re.compile(rf"{SHARD_DIR}/acts(?:-rank\d+)?-\d+\.safetensors")
+
+_FORCE_HELP = "another --repo, or a --revision naming a new branch"
+
+
+def _is_cache_data(path: str) -> bool:
+    return path in (TOKENS_NAME, NORMALIZATION_NAME) or bool(_SHARD_RE.fullmatch(path))
+
+
+def _describe(manifest: Manifest) -> str:
+    """A one-line identification of a cache: models, hooks, rows, shards."""
+    hooks = ", ".join(manifest.hooks[:3]) + (f" and {len(manifest.hooks) - 3} more" if len(manifest.hooks) > 3 else "")
+    return (f"{', '.join(manifest.model_names)} @ {hooks}; {manifest.n_rows:,} rows in "
+            f"{len(manifest.shards)} shard{'s' * (len(manifest.shards) != 1)}")
+
+
+def _shown(files: list[str], limit: int = 6) -> str:
+    return ", ".join(files[:limit]) + (f" and {len(files) - limit} more" if len(files) > limit else "")
+
+
+@dataclass
+class RepoContents:
+    """What the target branch of a push held when :func:`push_cache` looked, and what it means."""
+
+    state: str
+    """``missing`` (no such repo: it is created), ``empty`` (nothing but ``.gitattributes``),
+    ``same`` (a manifest of this same cache: a re-push), ``unfinished`` (cache data files but no
+    manifest: an interrupted push, which this one completes), ``other`` (a different crosscache
+    cache) or ``foreign`` (files that are not a crosscache cache, or an unreadable manifest)."""
+    files: list[str] = field(default_factory=list)
+    """Every file of the branch (for a ``new_branch``: of ``main``, which it is created from)."""
+    manifest: Manifest | None = None
+    """The crosscache manifest found there (``same`` and ``other``)."""
+    new_branch: bool = False
+    """The branch does not exist yet: the push creates it from ``main`` and replaces what it
+    inherits there, on the new branch only (``main`` is not changed), so no ``force`` is needed."""
+    problem: str | None = None
+    """Why a ``manifest.json`` found there is not a crosscache manifest (state ``foreign``)."""
+
+    @property
+    def replaces(self) -> bool:
+        """Whether the push replaces content that is not this cache (``other`` or ``foreign``)."""
+        return self.state in ("other", "foreign")
+
+    @property
+    def foreign_files(self) -> list[str]:
+        """Files that belong to no crosscache cache (everything but the cache's own names)."""
+        own = {GITATTRIBUTES, MANIFEST_NAME, CARD_NAME}
+        return [f for f in self.files if f not in own and not _is_cache_data(f)]
+
+    @property
+    def shown_files(self) -> str:
+        """The branch's files for a message: those of no crosscache cache first, a few at most."""
+        foreign = self.foreign_files
+        return _shown(foreign + [f for f in self.files if f != GITATTRIBUTES and f not in foreign])
+
+    def describe(self) -> str:
+        """What the branch holds, in words (``it holds ...``, ``the repo does not exist ...``)."""
+        content = [f for f in self.files if f != GITATTRIBUTES]
+        if self.state == "missing":
+            return "the repo does not exist: it is created"
+        if self.state == "empty":
+            held = "is empty"
+        elif self.state == "same":
+            assert self.manifest is not None
+            held = f"holds this same cache ({_describe(self.manifest)}): a re-push, safe to run again"
+        elif self.state == "unfinished":
+            held = (f"holds {len(content)} data file(s) of a crosscache push but no {MANIFEST_NAME} "
+                    "(an interrupted push): this push completes it")
+        elif self.state == "other":
+            assert self.manifest is not None
+            held = f"holds a different crosscache cache ({_describe(self.manifest)})"
+        else:
+            held = f"holds {len(content)} file(s) that are not a crosscache cache ({self.shown_files})"
+            if self.problem:
+                held += f"; {self.problem}"
+        if self.new_branch:
+            return (f"the branch does not exist: it is created from main, which {held}"
+                    + ("; on the new branch that is replaced, main is not changed" if self.replaces else ""))
+        return f"it {held}"
 
 
 @dataclass
@@ -51,6 +151,18 @@ class PushPlan:
     dry_run: bool
     commit_url: str | None = None
     notes: list[str] = field(default_factory=list)
+    force: bool = False
+    """Replace what the repo holds when it is not this cache (``--force``)."""
+    contents: RepoContents | None = None
+    """What the target branch held before the push; ``None`` when it could not be looked at (a dry
+    run offline or without huggingface_hub: ``notes`` says why)."""
+    deletes: list[str] = field(default_factory=list)
+    """Files of the repo that the final commit deletes: the shards and normalization tensors the new
+    manifest does not list and, when replacing (``contents.replaces``), every other file that is
+    not part of the cache (``.gitattributes`` is kept). Not listed: the ``manifest.json`` of what
+    is replaced, deleted first in a commit of its own, and committed anew at the end."""
+    manifest: Manifest | None = field(default=None, repr=False)
+    """The manifest of the cache pushed."""
 
     @property
     def files(self) -> list[tuple[str, int]]:
@@ -65,6 +177,11 @@ class PushPlan:
     def url(self) -> str:
         return f"https://huggingface.co/datasets/{self.repo}" + (f"/tree/{self.revision}" if self.revision else "")
 
+    @property
+    def where(self) -> str:
+        """``USER/NAME`` or ``USER/NAME@BRANCH``: the target, as messages name it."""
+        return self.repo + (f"@{self.revision}" if self.revision else "")
+
     def file_list(self) -> str:
         """One line per file with its size, then the totals."""
         width = max(len(path) for path, _ in self.files)
@@ -72,6 +189,26 @@ class PushPlan:
         lines.append(f"{len(self.files)} files, {self.total_bytes:,} bytes ({self.n_rows:,} rows); "
                      f"{MANIFEST_NAME} and {CARD_NAME} are committed last")
         return "\n".join(lines)
+
+    def repo_summary(self) -> str:
+        """What the push does to the repo: what the branch holds, what is replaced and deleted."""
+        if self.contents is None:
+            return f"{self.where}: not checked (see the notes); a push checks it before uploading anything"
+        lines = [f"{self.where}: {self.contents.describe()}"]
+        if self.contents.replaces:
+            first = (f"its {MANIFEST_NAME} is deleted in a commit of its own before any data goes up, then "
+                     if MANIFEST_NAME in self.contents.files else "")
+            why = "--force" if self.needs_force else "new branch"
+            lines.append(f"replaced ({why}): {first}the cache's files are uploaded over it, and what the new "
+                         "cache does not use is deleted in the final commit (it stays in the repo's history)")
+        if self.deletes:
+            lines.append(f"deleted: {len(self.deletes)} file(s): {_shown(self.deletes, 10)}")
+        return "\n".join(lines)
+
+    @property
+    def needs_force(self) -> bool:
+        """Whether this push replaces content of an existing branch, which only ``force`` allows."""
+        return self.contents is not None and self.contents.replaces and not self.contents.new_branch
 
 
 def token_status() -> str:
@@ -93,6 +230,7 @@ def push_cache(
     revision: str | None = None,
     dry_run: bool = False,
     progress: bool = False,
+    force: bool = False,
 ) -> PushPlan:
     """Verify a cache and upload it to the Hub dataset repo ``repo`` (``USER/NAME``).
 
@@ -100,8 +238,15 @@ def push_cache(
     :func:`shared.cache.verify_cache`, or is a partial-download view. Uploads exactly the
     manifest's files (never temp or stray files) plus a card rendered from the manifest, to
     branch ``revision`` (created from ``main`` if missing) of a repo created if missing
-    (``private`` applies on creation). Shards under ``shards/`` that the manifest does not list
-    are deleted from the repo. ``dry_run`` returns the plan and touches nothing.
+    (``private`` applies on creation). Shards under ``shards/`` that the manifest does not list,
+    and a ``normalization.safetensors`` it does not use, are deleted from the repo.
+
+    Before uploading, it looks at the branch (:attr:`PushPlan.contents`): when it holds a
+    different crosscache cache, or files that are not a cache, the push is refused
+    (:class:`HubError`, naming what is there) unless ``force``, which replaces it: a cache's
+    ``manifest.json`` is deleted first in a commit of its own, and whatever the new cache does not
+    use is deleted in the final commit. ``dry_run`` uploads nothing: it returns the plan, and
+    looks at the repo (read only) unless offline, raising the same refusal a push would.
     """
     from shared.cache import verify_cache
 
@@ -143,8 +288,12 @@ def push_cache(
         final_files=[(MANIFEST_NAME, (cache_dir / MANIFEST_NAME).stat().st_size), (CARD_NAME, len(card.encode()))],
         n_rows=manifest.n_rows,
         dry_run=dry_run,
+        force=force,
+        manifest=manifest,
     )
-    if not dry_run:
+    if dry_run:
+        _look_for_dry_run(plan)
+    else:
         _upload(plan)
     return plan
 
@@ -155,6 +304,121 @@ def _is_network_error(e: BaseException) -> bool:
     return isinstance(e, (ConnectionError, TimeoutError)) or family in ("httpx", "httpx2", "requests", "urllib3")
 
 
+def _inspect(api: Any, plan: PushPlan) -> RepoContents:
+    """Look (read only) at what the branch ``plan`` pushes to holds, and classify it."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    assert plan.manifest is not None
+    new_branch = False
+    try:
+        files = api.list_repo_files(plan.repo, repo_type=REPO_TYPE, revision=plan.revision)
+    except GatedRepoError:
+        raise  # exists, but this token may not read it: the HTTP error says so
+    except RepositoryNotFoundError:
+        return RepoContents("missing")
+    except RevisionNotFoundError:
+        if plan.revision is None:  # a repo without even its first commit
+            return RepoContents("empty")
+        if plan.revision.startswith("refs/"):
+            raise  # pull-request refs are not created by a push: the HTTP error names it
+        # The push creates the branch from main: main's files are what the branch starts with.
+        new_branch = True
+        files = api.list_repo_files(plan.repo, repo_type=REPO_TYPE)
+    files = sorted(files)
+    if not [f for f in files if f != GITATTRIBUTES]:
+        return RepoContents("empty", files, new_branch=new_branch)
+    if MANIFEST_NAME in files:
+        try:
+            # A temporary folder, not the HF cache: this copy only decides whether the push may go on.
+            with tempfile.TemporaryDirectory() as tmp:
+                path = api.hf_hub_download(plan.repo, MANIFEST_NAME, repo_type=REPO_TYPE,
+                                           revision=None if new_branch else plan.revision, local_dir=tmp)
+                obj = json.loads(Path(path).read_text())
+            remote = Manifest.from_json(obj, where=f"hf://{plan.repo}/{MANIFEST_NAME}")
+        except (ValueError, CacheError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return RepoContents("foreign", files, new_branch=new_branch,
+                                problem=f"its {MANIFEST_NAME} is not a crosscache manifest ({e})")
+        state = "same" if _same_cache(remote, plan.manifest) else "other"
+        return RepoContents(state, files, manifest=remote, new_branch=new_branch)
+    data = [f for f in files if _is_cache_data(f)]
+    contents = RepoContents("unfinished", files, new_branch=new_branch)
+    # Data files of a push (and the card of a cache whose manifest a replacing push removed),
+    # nothing else: an interrupted push. A README.md alone is a dataset's own card.
+    if not data or contents.foreign_files:
+        contents.state = "foreign"
+    return contents
+
+
+def _same_cache(a: Manifest, b: Manifest) -> bool:
+    """Whether two manifests describe the same cache content: the same shards (names, rows, sizes,
+    sha256) and the same normalization (its factors, and its side file's sha256).
+
+    Provenance (``created_by``) may differ. Pushing a cache over the same cache rewrites no byte
+    that the manifest in the repo relies on, so even an interrupted re-push leaves a valid cache.
+    """
+    return a.n_rows == b.n_rows and a.shards == b.shards and a.normalization == b.normalization
+
+
+def _deletions(plan: PushPlan, files: list[str]) -> list[str]:
+    """The files of the branch (``files``) that the final commit deletes (see :attr:`PushPlan.deletes`)."""
+    keep = {f for f, _ in plan.files} | {GITATTRIBUTES}
+    replace = plan.contents is not None and plan.contents.replaces
+    return [f for f in files if f not in keep
+            and (replace or f.startswith(f"{SHARD_DIR}/") or f == NORMALIZATION_NAME)]
+
+
+def _deletes_manifest_first(plan: PushPlan) -> bool:
+    return plan.contents is not None and plan.contents.replaces and MANIFEST_NAME in plan.contents.files
+
+
+def _refuse_unless_allowed(plan: PushPlan) -> None:
+    """Raise :class:`HubError` when the push would replace what the branch holds without ``force``."""
+    c = plan.contents
+    if c is None or not plan.needs_force or plan.force:
+        return
+    if c.state == "other":
+        assert c.manifest is not None and plan.manifest is not None
+        held = f"a different crosscache cache ({_describe(c.manifest)}; this cache: {_describe(plan.manifest)})"
+        how = (f"its {MANIFEST_NAME} is deleted first, in a commit of its own, then this cache is uploaded over it "
+               "and the old cache's files it does not use are deleted")
+    else:
+        n_files = len([f for f in c.files if f != GITATTRIBUTES])
+        held = f"{n_files} file(s) that are not a crosscache cache ({c.shown_files})"
+        if c.problem:
+            held += f"; {c.problem}"
+        how = f"the cache's card replaces {CARD_NAME} and every file that is not part of the cache is deleted"
+    raise HubError(
+        f"refusing to push to {plan.where}: it holds {held}, and the push would replace it. "
+        f"Pass --force to replace it ({how}; the old files stay in the repo's git history), or push to {_FORCE_HELP}"
+        + (" (dry run: nothing was uploaded)" if plan.dry_run else "")
+    )
+
+
+def _look_for_dry_run(plan: PushPlan) -> None:
+    """A dry run's look at the repo (read only): fills ``plan.contents`` and ``plan.deletes``, or
+    says in ``plan.notes`` why it could not look; raises the refusal a push would raise."""
+    try:
+        from huggingface_hub import HfApi, constants
+        from huggingface_hub.errors import HfHubHTTPError
+    except ImportError:
+        plan.notes.append(f"huggingface_hub is not installed: what {plan.where} holds was not looked at")
+        return
+    if constants.is_offline_mode():  # a dry run offline checks the cache only: it never reaches the Hub
+        plan.notes.append(f"offline mode is on (HF_HUB_OFFLINE=1): what {plan.where} holds was not looked at; "
+                          "a push looks before uploading anything")
+        return
+    try:
+        plan.contents = _inspect(HfApi(), plan)
+    except Exception as e:
+        if not (isinstance(e, HfHubHTTPError) or _is_network_error(e)):
+            raise
+        plan.notes.append(f"could not look at what {plan.where} holds ({type(e).__name__}: {e}); "
+                          "a push looks again before uploading anything")
+        return
+    plan.deletes = _deletions(plan, plan.contents.files)
+    _refuse_unless_allowed(plan)
+
+
 def _upload(plan: PushPlan) -> None:
     import importlib.util
 
@@ -162,7 +426,7 @@ def _upload(plan: PushPlan) -> None:
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     api = HfApi()  # token: HF_TOKEN or the saved login, read by huggingface_hub itself
-    where = f"{plan.repo}" + (f"@{plan.revision}" if plan.revision else "")
+    where = plan.where
     listed = {f for f, _ in plan.data_files}
     # Data patterns: the shard folder as one glob, then every other file in it (temp files of a
     # killed writer, shards no manifest lists) excluded by name: exactly the listed files go up.
@@ -174,9 +438,24 @@ def _upload(plan: PushPlan) -> None:
         if p.is_file() and p.relative_to(plan.cache_dir).as_posix() not in listed
     ]
     try:
+        # Look before touching anything: a refused push leaves the repo as it was (no branch made).
+        contents = plan.contents = _inspect(api, plan)
+        _refuse_unless_allowed(plan)
         api.create_repo(plan.repo, repo_type=REPO_TYPE, private=plan.private, exist_ok=True)
         if plan.revision and not plan.revision.startswith("refs/"):
             api.create_branch(plan.repo, branch=plan.revision, repo_type=REPO_TYPE, exist_ok=True)
+        if _deletes_manifest_first(plan):
+            # The new data goes up under the names the old cache uses: with its manifest still
+            # there, an interrupted push would leave the old manifest over new data (every shard a
+            # sha256 mismatch, or new rows trained under the old normalization). With none, the
+            # repo reads as an unfinished push until the final commit.
+            api.create_commit(
+                plan.repo,
+                repo_type=REPO_TYPE,
+                revision=plan.revision,
+                operations=[CommitOperationDelete(path_in_repo=MANIFEST_NAME)],
+                commit_message="crosscache: remove the old manifest before replacing the cache",
+            )
         if hasattr(api, "upload_large_folder"):  # huggingface_hub 1.x: the resumable uploader
             api.upload_large_folder(
                 repo_id=plan.repo, repo_type=REPO_TYPE, folder_path=plan.cache_dir,
@@ -191,12 +470,9 @@ def _upload(plan: PushPlan) -> None:
                 revision=plan.revision, allow_patterns=data_patterns, ignore_patterns=strays or None,
                 commit_message=f"crosscache: upload data ({len(plan.data_files)} files)",
             )
-        # The switch-over commit: the manifest and card, and the removal of shards of an older
-        # push that this manifest no longer lists.
-        stale = [
-            f for f in api.list_repo_files(plan.repo, repo_type=REPO_TYPE, revision=plan.revision)
-            if f.startswith(f"{SHARD_DIR}/") and f not in listed
-        ]
+        # The switch-over commit: the manifest and card, and the removal of what this cache does
+        # not use (shards of an older push, a stale normalization file; when replacing, the rest).
+        stale = _deletions(plan, api.list_repo_files(plan.repo, repo_type=REPO_TYPE, revision=plan.revision))
         info = api.create_commit(
             plan.repo,
             repo_type=REPO_TYPE,
@@ -208,6 +484,7 @@ def _upload(plan: PushPlan) -> None:
             ],
             commit_message=f"crosscache: manifest and card ({plan.n_rows:,} rows)",
         )
+        plan.deletes = stale
     except OfflineModeIsEnabled:
         raise HubError(
             f"cannot push to {where}: offline mode is on (HF_HUB_OFFLINE=1). Unset it and run again, "
@@ -229,4 +506,12 @@ def _upload(plan: PushPlan) -> None:
             f"push to {where} failed: the Hub could not be reached ({type(e).__name__}: {e}); check the "
             "connection and run the same command again: the upload resumes where it stopped"
         ) from None
+    if contents.replaces:
+        if contents.state == "other":
+            assert contents.manifest is not None
+            old = f"the different crosscache cache ({_describe(contents.manifest)})"
+        else:
+            old = f"the files that are not a crosscache cache ({contents.shown_files})"
+        plan.notes.append(f"replaced {old} that {'main' if contents.new_branch else where} held"
+                          + (f", on the new branch {plan.revision} only" if contents.new_branch else ""))
     plan.commit_url = getattr(info, "commit_url", None)

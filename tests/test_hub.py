@@ -264,8 +264,9 @@ def test_push_uploads_data_first_then_manifest_and_card(tmp_path, hf_home, monke
     (src / "notes.txt").write_text("mine")
 
     plan = push_cache(src, "alice/toy-diff", private=True, revision="v2")
-    assert [name for name, _ in calls] == ["create_repo", "create_branch", "upload_folder", "list_repo_files",
-                                           "create_commit"]
+    # The first list_repo_files looks at what the branch holds before anything is written.
+    assert [name for name, _ in calls] == ["list_repo_files", "create_repo", "create_branch", "upload_folder",
+                                           "list_repo_files", "create_commit"]
     kw = dict(calls)
     assert kw["create_repo"]["repo_type"] == "dataset" and kw["create_repo"]["private"] is True
     assert kw["create_branch"]["branch"] == "v2"

@@ -1,0 +1,394 @@
+"""``push`` never leaves an old manifest over new data, and never replaces what a repo holds unasked.
+
+Nothing here reaches the Hub. :class:`FakeHub` stands in for the ``HfApi`` calls a push makes
+(the approach of ``tests/test_hub.py``, with state): dataset repos as branches of files, every
+write a commit. :func:`materialize` then lays a branch out as ``huggingface_hub`` caches a
+snapshot, so ``hf://`` opens and verifies what the push left, offline, as a reader would see it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+import run_harvest
+from shared.cache import open_cache, verify_cache
+from shared.cache_format import CacheError
+from shared.hub import HubError, push_cache
+from tests.cache_factory import shard_rows
+from tests.test_hub import FAKE_TOKEN, _cache, _edit_manifest, hf_home  # noqa: F401 (hf_home: a fixture)
+
+REPO = "alice/toy-diff"
+WRITES = ("create_repo", "create_branch", "create_commit", "upload_folder")
+
+
+def _http_error(cls: type, status: int, message: str) -> Exception:
+    """A ``huggingface_hub`` HTTP error as the library raises it (it needs a response)."""
+    try:
+        import httpx2 as http
+    except ImportError:  # huggingface_hub 1.x
+        import httpx as http
+    return cls(message, response=http.Response(status, request=http.Request("GET", "http://127.0.0.1:9/fake")))
+
+
+class FakeHub:
+    """In-memory dataset repos (``repo -> branch -> {path: bytes}``) behind the ``HfApi`` calls of a push.
+
+    Every write is a commit with a new head. ``fail_upload_after=N`` makes the next data upload
+    commit its first N files and then lose the connection (an interrupted, batched upload).
+    ``log`` records each call as ``(name, detail)``.
+    """
+
+    def __init__(self) -> None:
+        self.files: dict[str, dict[str, dict[str, bytes]]] = {}
+        self.heads: dict[str, dict[str, str]] = {}
+        self.log: list[tuple[str, object]] = []
+        self.fail_upload_after: int | None = None
+        self.home: Path | None = None  # the HF_HOME of the test, set by the fixture
+        self._n = 0
+
+    # ---- state helpers for tests
+    def put(self, repo: str, files: dict[str, bytes], branch: str = "main") -> None:
+        """Make ``repo`` exist with exactly ``files`` (plus ``.gitattributes``) on ``branch``."""
+        self.files.setdefault(repo, {})[branch] = {".gitattributes": b"*.safetensors filter=lfs\n", **files}
+        self._commit(repo, branch)
+
+    def state(self, repo: str) -> dict:
+        return json.loads(json.dumps({b: {p: hashlib.sha256(d).hexdigest() for p, d in f.items()}
+                                      for b, f in self.files.get(repo, {}).items()}))
+
+    def writes(self) -> list[str]:
+        return [name for name, _ in self.log if name in WRITES]
+
+    def _commit(self, repo: str, branch: str) -> str:
+        self._n += 1
+        self.heads.setdefault(repo, {})[branch] = hashlib.sha1(str(self._n).encode()).hexdigest()
+        return f"https://huggingface.co/datasets/{repo}/commit/{self.heads[repo][branch]}"
+
+    def _branch(self, repo: str, revision: str | None) -> dict[str, bytes]:
+        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+        if repo not in self.files:
+            raise _http_error(RepositoryNotFoundError, 404, f"404: repository {repo} not found")
+        if (revision or "main") not in self.files[repo]:
+            raise _http_error(RevisionNotFoundError, 404, f"404: revision {revision} not found")
+        return self.files[repo][revision or "main"]
+
+    # ---- the HfApi calls (patched onto the class: ``api`` is the HfApi instance)
+    def list_repo_files(self, api, repo_id, *, revision=None, repo_type=None, **kw):
+        self.log.append(("list_repo_files", revision))
+        return sorted(self._branch(repo_id, revision))
+
+    def hf_hub_download(self, api, repo_id, filename, *, repo_type=None, revision=None, local_dir=None, **kw):
+        self.log.append(("hf_hub_download", filename))
+        assert local_dir is not None  # the push reads the manifest into a temporary folder
+        path = Path(local_dir) / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self._branch(repo_id, revision)[filename])
+        return str(path)
+
+    def create_repo(self, api, repo_id, *, repo_type=None, private=False, exist_ok=False, **kw):
+        self.log.append(("create_repo", repo_id))
+        assert repo_type == "dataset"
+        if repo_id not in self.files:
+            self.put(repo_id, {})
+
+    def create_branch(self, api, repo_id, *, branch, repo_type=None, exist_ok=False, **kw):
+        self.log.append(("create_branch", branch))
+        if branch not in self.files[repo_id]:
+            self.files[repo_id][branch] = dict(self.files[repo_id]["main"])  # from main, as the Hub does
+            self._commit(repo_id, branch)
+
+    def upload_folder(self, api, *, repo_id, folder_path, repo_type=None, revision=None, allow_patterns=None,
+                      ignore_patterns=None, commit_message=None, **kw):
+        from huggingface_hub.utils import filter_repo_objects
+
+        on_disk = sorted(p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file())
+        chosen = list(filter_repo_objects(on_disk, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        self.log.append(("upload_folder", chosen))
+        branch = self._branch(repo_id, revision)
+        fail, self.fail_upload_after = self.fail_upload_after, None
+        for i, rel in enumerate(chosen):
+            if fail is not None and i == fail:
+                self._commit(repo_id, revision or "main")  # the batches before the drop are committed
+                raise ConnectionError("fake: connection reset by peer")
+            branch[rel] = (Path(folder_path) / rel).read_bytes()  # committed in batches: each file lands
+        self._commit(repo_id, revision or "main")
+
+    def create_commit(self, api, repo_id, operations, *, commit_message, repo_type=None, revision=None, **kw):
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        ops = list(operations)
+        self.log.append(("create_commit", [(type(op).__name__[len("CommitOperation"):], op.path_in_repo)
+                                           for op in ops]))
+        branch = self._branch(repo_id, revision)
+        for op in ops:
+            if isinstance(op, CommitOperationDelete):
+                del branch[op.path_in_repo]  # the Hub refuses to delete a missing file, so does this
+            elif isinstance(op, CommitOperationAdd):
+                src = op.path_or_fileobj
+                branch[op.path_in_repo] = src if isinstance(src, bytes) else Path(src).read_bytes()
+
+        class Info:
+            commit_url = self._commit(repo_id, revision or "main")
+
+        return Info()
+
+
+@pytest.fixture
+def fake_hub(hf_home, monkeypatch) -> FakeHub:  # noqa: F811 (hf_home: the fixture of tests/test_hub.py)
+    """A :class:`FakeHub` patched onto ``HfApi`` (for huggingface_hub 2.x's code path: ``upload_folder``),
+    in the offline HF cache of ``hf_home`` (``.home``), where :func:`materialize` lays snapshots out."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    hub = FakeHub()
+    hub.home = hf_home
+    for name in ("list_repo_files", "hf_hub_download", "create_repo", "create_branch", "upload_folder",
+                 "create_commit"):
+        method = getattr(hub, name)
+        monkeypatch.setattr(huggingface_hub.HfApi, name, lambda api, *a, _m=method, **k: _m(api, *a, **k))
+    monkeypatch.delattr(huggingface_hub.HfApi, "upload_large_folder", raising=False)
+    # A safety net: anything not faked above fails fast here instead of reaching the real Hub.
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    return hub
+
+
+def materialize(hub: FakeHub, repo: str = REPO, branch: str = "main") -> Path:
+    """Lay ``branch`` of ``repo`` out in the local HF cache as ``huggingface_hub`` caches a snapshot."""
+    assert hub.home is not None
+    commit = hub.heads[repo][branch]
+    repo_dir = hub.home / "hub" / f"datasets--{repo.replace('/', '--')}"
+    for rel, data in hub.files[repo][branch].items():
+        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo_dir / "snapshots" / commit / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / branch).write_text(commit)
+    return repo_dir / "snapshots" / commit
+
+
+@contextmanager
+def online(monkeypatch) -> Iterator[None]:
+    """Let a dry run look at the (fake) repo, which it does not do while HF_HUB_OFFLINE=1.
+
+    Only for the push: reading ``hf://`` stays offline (the local HF cache), outside the block.
+    """
+    from huggingface_hub import constants
+
+    with monkeypatch.context() as m:
+        m.setattr(constants, "HF_HUB_OFFLINE", False)
+        yield
+
+
+def _cache_files(path: Path) -> set[str]:
+    return {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def two_caches(tmp_path) -> tuple[Path, Path]:
+    """Cache A (4 shards, mean_std with its side file) and a different cache B (2 shards, no side file):
+    B's shards go up under the names A's first two use."""
+    return (_cache(tmp_path / "a", seed=1, mean_std=True),
+            _cache(tmp_path / "b", seed=2, rows=[40, 40]))
+
+
+# --------------------------------------------------------------------------------------------
+# refusals: nothing uploaded, the repo unchanged
+
+
+def test_push_refuses_to_replace_a_different_cache(fake_hub, two_caches, monkeypatch, capsys):
+    a, b = two_caches
+    push_cache(a, REPO)  # into a repo that does not exist: created, no questions
+    before, n_log = fake_hub.state(REPO), len(fake_hub.log)
+
+    with pytest.raises(HubError) as err:
+        push_cache(b, REPO)
+    msg = str(err.value)
+    assert f"refusing to push to {REPO}: it holds a different crosscache cache" in msg
+    assert f"{sum([64, 48, 64, 32]):,} rows in 4 shards" in msg and "this cache: model0, model1" in msg
+    assert "--force" in msg and "--revision" in msg and "--repo" in msg
+    assert [name for name, _ in fake_hub.log[n_log:] if name in WRITES] == []  # looked, wrote nothing
+    assert fake_hub.state(REPO) == before
+
+    assert run_harvest.main(["push", str(b), "--repo", REPO]) == 2
+    err_out = capsys.readouterr().err
+    assert "different crosscache cache" in err_out and "--force" in err_out and "Traceback" not in err_out
+    # A dry run (online) says the same, and still uploads nothing.
+    with online(monkeypatch):
+        assert run_harvest.main(["push", str(b), "--repo", REPO, "--dry-run"]) == 2
+    err_out = capsys.readouterr().err
+    assert "refusing to push" in err_out and "dry run: nothing was uploaded" in err_out
+    assert [name for name, _ in fake_hub.log[n_log:] if name in WRITES] == []
+    assert fake_hub.state(REPO) == before
+    # And the repo still reads as cache A.
+    materialize(fake_hub)
+    assert verify_cache(f"hf://{REPO}").ok
+    assert shard_rows(open_cache(f"hf://{REPO}").dir) == shard_rows(a)
+
+
+@pytest.mark.parametrize("files", [
+    {"README.md": b"# My dataset\n\nHand-written card.\n", "data.csv": b"a,b\n1,2\n"},
+    {"README.md": b"# My dataset\n"},  # a repo made on the website: only its own card
+    {"manifest.json": b"{not json", "shards/acts-00000.safetensors": b"x"},
+], ids=["readme+csv", "readme-only", "broken-manifest"])
+def test_push_refuses_a_repo_that_is_not_a_cache(fake_hub, tmp_path, files, capsys):
+    src = _cache(tmp_path / "c")
+    fake_hub.put(REPO, files)
+    before = fake_hub.state(REPO)
+
+    with pytest.raises(HubError, match=rf"refusing to push to {REPO}: it holds \d+ file\(s\) that are not a "
+                                       r"crosscache cache") as err:
+        push_cache(src, REPO)
+    msg = str(err.value)
+    for name in files:
+        assert name in msg  # names what is there
+    assert "--force" in msg and "deleted" in msg and "--revision" in msg
+    assert fake_hub.writes() == [] and fake_hub.state(REPO) == before
+    assert run_harvest.main(["push", str(src), "--repo", REPO]) == 2
+    assert "not a crosscache cache" in capsys.readouterr().err
+    assert fake_hub.writes() == [] and fake_hub.state(REPO) == before
+
+
+# --------------------------------------------------------------------------------------------
+# --force: the old manifest goes first, the result is the new cache
+
+
+def test_force_replaces_a_different_cache_manifest_first(fake_hub, two_caches, monkeypatch, capsys):
+    a, b = two_caches
+    push_cache(a, REPO)
+    fake_hub.log.clear()
+
+    # The dry run says what would happen (the repo is looked at read only).
+    with online(monkeypatch):
+        assert run_harvest.main(["push", str(b), "--repo", REPO, "--force", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{REPO}: it holds a different crosscache cache" in out
+    assert "replaced (--force): its manifest.json is deleted in a commit of its own before any data goes up" in out
+    assert "deleted: 3 file(s): normalization.safetensors, shards/acts-00002.safetensors, shards/acts-00003" in out
+    assert fake_hub.writes() == []
+
+    assert run_harvest.main(["push", str(b), "--repo", REPO, "--force"]) == 0
+    out = capsys.readouterr()
+    assert "deleted from the repo: normalization.safetensors, shards/acts-00002.safetensors" in out.out
+    assert f"note: replaced the different crosscache cache (model0, model1 @ blocks.0.hook_resid_post; 208 rows " \
+           f"in 4 shards) that {REPO} held" in out.err
+    writes = [(name, detail) for name, detail in fake_hub.log if name in WRITES]
+    # First write to the branch: a commit deleting the old manifest, alone; only then the data.
+    first_commit = next(i for i, (name, _) in enumerate(writes) if name == "create_commit")
+    assert writes[first_commit] == ("create_commit", [("Delete", "manifest.json")])
+    assert first_commit < [name for name, _ in writes].index("upload_folder")
+    # The last commit adds the manifest and card and removes what B does not use.
+    assert sorted(writes[-1][1]) == sorted([("Add", "manifest.json"), ("Add", "README.md"),
+                                            ("Delete", "normalization.safetensors"),
+                                            ("Delete", "shards/acts-00002.safetensors"),
+                                            ("Delete", "shards/acts-00003.safetensors")])
+    # The branch holds exactly B's files (the card is the Hub one), and reads and verifies as B.
+    assert set(fake_hub.files[REPO]["main"]) == (_cache_files(b) | {".gitattributes"})
+    snap = materialize(fake_hub)
+    cache = open_cache(f"hf://{REPO}")
+    assert cache.dir == snap and verify_cache(f"hf://{REPO}").ok
+    assert cache.manifest.n_rows == 80 and cache.normalization().method == "none"
+    assert shard_rows(cache.dir) == shard_rows(b)
+
+
+def test_force_replaces_a_repo_that_is_not_a_cache(fake_hub, tmp_path):
+    src = _cache(tmp_path / "c")
+    fake_hub.put(REPO, {"README.md": b"# My dataset\n", "data.csv": b"a,b\n1,2\n"})
+    plan = push_cache(src, REPO, force=True)
+    assert sorted(plan.deletes) == ["data.csv"]
+    assert set(fake_hub.files[REPO]["main"]) == (_cache_files(src) | {".gitattributes"})
+    assert b"crosscache" in fake_hub.files[REPO]["main"]["README.md"]  # the cache's card replaced theirs
+    materialize(fake_hub)
+    assert verify_cache(f"hf://{REPO}").ok
+
+
+def test_interrupted_force_push_leaves_no_manifest_and_a_clear_error(fake_hub, two_caches):
+    a, b = two_caches
+    push_cache(a, REPO)
+    fake_hub.fail_upload_after = 2  # tokens.arrow and one shard of B land, then the connection drops
+
+    with pytest.raises(HubError, match=r"could not be reached.*run the same command again"):
+        push_cache(b, REPO, force=True)
+    files = fake_hub.files[REPO]["main"]
+    assert "manifest.json" not in files  # not A's manifest over B's data
+    assert files["shards/acts-00000.safetensors"] == (b / "shards/acts-00000.safetensors").read_bytes()
+    materialize(fake_hub)
+    with pytest.raises(CacheError, match=r"no manifest\.json.*re-run that `run_harvest\.py push`"):
+        open_cache(f"hf://{REPO}")
+    report = verify_cache(f"hf://{REPO}")
+    assert not report.ok and "no manifest.json" in report.problems[0]
+
+    # Re-running the push finishes it; the repo now holds an unfinished push, so --force is not needed.
+    plan = push_cache(b, REPO)
+    assert plan.contents is not None and plan.contents.state == "unfinished"
+    assert set(fake_hub.files[REPO]["main"]) == (_cache_files(b) | {".gitattributes"})
+    snap = materialize(fake_hub)
+    assert open_cache(f"hf://{REPO}").dir == snap and verify_cache(f"hf://{REPO}").ok
+    assert shard_rows(snap) == shard_rows(b)
+
+
+# --------------------------------------------------------------------------------------------
+# what needs no --force: the same cache again, an unfinished push, a new branch
+
+
+def test_repush_of_the_same_cache_needs_no_force(fake_hub, tmp_path, monkeypatch, capsys):
+    src = _cache(tmp_path / "c", mean_std=True)
+    push_cache(src, REPO)
+    # An interrupted re-push: the same bytes land under the same names, the manifest stays valid.
+    fake_hub.fail_upload_after = 3
+    with pytest.raises(HubError, match="could not be reached"):
+        push_cache(src, REPO)
+    materialize(fake_hub)
+    assert verify_cache(f"hf://{REPO}").ok
+    # The same cache, harvested again (other provenance): still the same cache.
+    _edit_manifest(src, lambda m: m["created_by"].update(note="harvested again"))
+    fake_hub.log.clear()
+    with online(monkeypatch):
+        assert run_harvest.main(["push", str(src), "--repo", REPO, "--dry-run"]) == 0
+    assert f"{REPO}: it holds this same cache" in capsys.readouterr().out
+    plan = push_cache(src, REPO)
+    assert plan.contents is not None and plan.contents.state == "same" and plan.deletes == []
+    commits = [detail for name, detail in fake_hub.log if name == "create_commit"]
+    assert len(commits) == 1 and ("Delete", "manifest.json") not in commits[0]  # no manifest-first commit
+    assert json.loads(fake_hub.files[REPO]["main"]["manifest.json"])["created_by"]["note"] == "harvested again"
+
+
+def test_an_unfinished_first_push_and_a_new_branch_need_no_force(fake_hub, two_caches):
+    a, b = two_caches
+    # A first push that died mid-upload: data files, no manifest, no card.
+    fake_hub.fail_upload_after = 2
+    with pytest.raises(HubError):
+        push_cache(a, REPO)
+    assert "README.md" not in fake_hub.files[REPO]["main"]
+    assert push_cache(a, REPO).contents.state == "unfinished"
+    main_before = fake_hub.state(REPO)["main"]
+    # A new branch starts as a copy of main (cache A): B replaces that on the branch only.
+    plan = push_cache(b, REPO, revision="v2")
+    assert plan.contents.new_branch and plan.contents.state == "other"
+    assert ("create_commit", [("Delete", "manifest.json")]) in fake_hub.log
+    assert fake_hub.state(REPO)["main"] == main_before
+    assert set(fake_hub.files[REPO]["v2"]) == (_cache_files(b) | {".gitattributes"})
+    materialize(fake_hub, branch="main")
+    materialize(fake_hub, branch="v2")
+    assert shard_rows(open_cache(f"hf://{REPO}").dir) == shard_rows(a)
+    assert shard_rows(open_cache(f"hf://{REPO}@v2").dir) == shard_rows(b)
+    assert verify_cache(f"hf://{REPO}@v2").ok
+
+
+def test_token_never_passed_or_printed(fake_hub, two_caches, capsys):
+    a, b = two_caches
+    push_cache(a, REPO)
+    assert run_harvest.main(["push", str(b), "--repo", REPO]) == 2
+    assert run_harvest.main(["push", str(b), "--repo", REPO, "--force"]) == 0
+    out = capsys.readouterr()
+    assert FAKE_TOKEN not in out.out + out.err + repr(fake_hub.log)
