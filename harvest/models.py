@@ -276,7 +276,9 @@ def load_models(
         raise HarvestInputError(f"--exclude-token-ids {outside} lie outside the models' vocabulary [0, {n_vocab})")
     for r, b in zip(resolved, bridges):
         t = b.tokenizer
-        special = {"bos": t.bos_token_id, "eos": t.eos_token_id, "pad": t.pad_token_id}
+        # BOS and EOS are fed to the models (sequence starts, document ends); pad never is, and a
+        # fine-tune's tokenizer may add one past the embedding table harmlessly.
+        special = {"bos": t.bos_token_id, "eos": t.eos_token_id}
         limit = min(n_vocab, _own_size(r))
         wrong = {k: v for k, v in special.items() if v is not None and not 0 <= int(v) < limit}
         if wrong:
