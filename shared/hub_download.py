@@ -50,7 +50,7 @@ from shared.cache_format import (
     ShardRecord,
 )
 from shared.card import render_card
-from shared.hub_spec import _COMMIT_RE, REPO_TYPE, HubError, is_hub_spec, parse_hub_spec
+from shared.hub_spec import _COMMIT_RE, REPO_TYPE, HubError, is_hub_spec, parse_hub_spec, shown_files
 from shared.shard_io import atomic_write_bytes
 
 PARTIAL_DIR = "crosscache-partial"
@@ -121,7 +121,7 @@ def resolve_cache(spec: str | Path, *, max_shards: int | None = None) -> Path:
     needed = side + shard_files
     missing = [f for f in needed if not (snapshot / f).is_file()]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        shown = shown_files(missing)
         raise HubError(
             f"{spec}: {len(missing)} file(s) the manifest needs are neither in the local Hugging Face cache nor "
             f"downloadable: {shown}. {_offline_fix()}"
@@ -539,7 +539,7 @@ def _download_again(spec: str, repo: str, commit: str | None, snapshot: Path, fi
     for rel in files:
         _remove_download(spec, snapshot / rel)
     if _is_offline():
-        shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        shown = shown_files(files)
         raise HubError(
             f"{spec}: {len(files)} downloaded file(s) in the local Hugging Face cache were damaged (their sha256 "
             f"differs from the expected one) and have been removed: {shown}. Offline mode is on "

@@ -25,6 +25,11 @@ class HubError(CacheError):
     """A Hub cache could not be downloaded or uploaded; the message says why and the fix."""
 
 
+def shown_files(files: list[str], limit: int = 5) -> str:
+    """The first ``limit`` names, comma-separated, and how many more (for messages)."""
+    return ", ".join(files[:limit]) + (f" and {len(files) - limit} more" if len(files) > limit else "")
+
+
 def is_hub_spec(spec: object) -> bool:
     """Whether ``spec`` names a Hub cache (a ``str`` starting with ``hf://``)."""
     return isinstance(spec, str) and spec.startswith(HUB_PREFIX)

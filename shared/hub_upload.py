@@ -45,7 +45,7 @@ from shared.cache_format import (
 )
 from shared.card import render_card
 from shared.hub_download import _shard_patterns, resolve_cache
-from shared.hub_spec import _COMMIT_RE, _REPO_HELP, REPO_TYPE, HubError, _is_repo_id, is_hub_spec
+from shared.hub_spec import _COMMIT_RE, _REPO_HELP, REPO_TYPE, HubError, _is_repo_id, is_hub_spec, shown_files
 
 GITATTRIBUTES = ".gitattributes"
 """Created by the Hub with every repo; a push keeps it and never counts it as content."""
@@ -65,10 +65,6 @@ def _describe(manifest: Manifest) -> str:
     hooks = ", ".join(manifest.hooks[:3]) + (f" and {len(manifest.hooks) - 3} more" if len(manifest.hooks) > 3 else "")
     return (f"{', '.join(manifest.model_names)} @ {hooks}; {manifest.n_rows:,} rows in "
             f"{len(manifest.shards)} shard{'s' * (len(manifest.shards) != 1)}")
-
-
-def _shown(files: list[str], limit: int = 6) -> str:
-    return ", ".join(files[:limit]) + (f" and {len(files) - limit} more" if len(files) > limit else "")
 
 
 @dataclass
@@ -102,10 +98,10 @@ class RepoContents:
         return [f for f in self.files if f not in own and not _is_cache_data(f)]
 
     @property
-    def shown_files(self) -> str:
+    def files_shown(self) -> str:
         """The branch's files for a message: those of no crosscache cache first, a few at most."""
         foreign = self.foreign_files
-        return _shown(foreign + [f for f in self.files if f != GITATTRIBUTES and f not in foreign])
+        return shown_files(foreign + [f for f in self.files if f != GITATTRIBUTES and f not in foreign], 6)
 
     def describe(self) -> str:
         """What the branch holds, in words (``it holds ...``, ``the repo does not exist ...``)."""
@@ -124,7 +120,7 @@ class RepoContents:
             assert self.manifest is not None
             held = f"holds a different crosscache cache ({_describe(self.manifest)})"
         else:
-            held = f"holds {len(content)} file(s) that are not a crosscache cache ({self.shown_files})"
+            held = f"holds {len(content)} file(s) that are not a crosscache cache ({self.files_shown})"
             if self.problem:
                 held += f"; {self.problem}"
         if self.new_branch:
@@ -202,7 +198,7 @@ class PushPlan:
             lines.append(f"replaced ({why}): {first}the cache's files are uploaded over it, and what the new "
                          "cache does not use is deleted in the final commit (it stays in the repo's history)")
         if self.deletes:
-            lines.append(f"deleted: {len(self.deletes)} file(s): {_shown(self.deletes, 10)}")
+            lines.append(f"deleted: {len(self.deletes)} file(s): {shown_files(self.deletes, 10)}")
         return "\n".join(lines)
 
     @property
@@ -383,7 +379,7 @@ def _refuse_unless_allowed(plan: PushPlan) -> None:
                "and the old cache's files it does not use are deleted")
     else:
         n_files = len([f for f in c.files if f != GITATTRIBUTES])
-        held = f"{n_files} file(s) that are not a crosscache cache ({c.shown_files})"
+        held = f"{n_files} file(s) that are not a crosscache cache ({c.files_shown})"
         if c.problem:
             held += f"; {c.problem}"
         how = f"the cache's card replaces {CARD_NAME} and every file that is not part of the cache is deleted"
@@ -511,7 +507,7 @@ def _upload(plan: PushPlan) -> None:
             assert contents.manifest is not None
             old = f"the different crosscache cache ({_describe(contents.manifest)})"
         else:
-            old = f"the files that are not a crosscache cache ({contents.shown_files})"
+            old = f"the files that are not a crosscache cache ({contents.files_shown})"
         plan.notes.append(f"replaced {old} that {'main' if contents.new_branch else where} held"
                           + (f", on the new branch {plan.revision} only" if contents.new_branch else ""))
     plan.commit_url = getattr(info, "commit_url", None)
