@@ -100,7 +100,8 @@ def fresh_models(cfg: HarvestConfig) -> tuple[torch.device, LoadedModels]:
     device = resolve_device(cfg.device)
     return device, load_models(cfg.models, cfg.hooks, context_size=cfg.context_size, device=device,
                                model_dtype=dtype_from_name(cfg.model_dtype), exclude_special=cfg.exclude_special,
-                               exclude_token_ids=cfg.exclude_token_ids)
+                               exclude_token_ids=cfg.exclude_token_ids,
+                               allow_vocab_extension=cfg.allow_vocab_extension)
 
 
 def bare_forward_seconds(cfg: HarvestConfig, cache_dir: Path, *, max_batches: int | None = None,

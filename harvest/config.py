@@ -79,6 +79,12 @@ class HarvestConfig:
         default=True,
     )
     exclude_token_ids: list[int] = field_help("Further token ids to exclude.", default_factory=list)
+    # Off by default: a different vocabulary is usually a mistake (a wrong model), and a harvest
+    # with it allowed never sees the tokens the fine-tune added.
+    allow_vocab_extension: bool = field_help(
+        "Accept models whose vocabularies extend one of them with the same ids (a chat fine-tune that "
+        "added tokens to its base's): that one's tokenizer tokenizes, so every id means the same token "
+        "in every model.", default=False)
     write_threads: int | None = field_help(
         "Threads writing shards (sha256, write, fsync), while the next shuffle chunk fills. "
         "Default: a quarter of the CPUs, 1 to 4 (one core's sha256 runs at ~1 GB/s; a GPU harvest of "
@@ -138,4 +144,5 @@ CONTENT_FIELDS = (
 )
 """Fields a resumed harvest must share with the interrupted one (batch_size included: it
 changes the floating-point summation order, so the bytes). ``device``, ``out``,
-``write_threads``, ``capture_group_tokens`` and ``progress`` may differ."""
+``write_threads``, ``capture_group_tokens``, ``progress`` and ``allow_vocab_extension`` (it only
+lets a harvest start) may differ."""

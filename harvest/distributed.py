@@ -254,12 +254,15 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
         return load_models(
             cfg.models, cfg.hooks, context_size=cfg.context_size, device=device,
             model_dtype=dtype_from_name(cfg.model_dtype), exclude_special=cfg.exclude_special,
-            exclude_token_ids=cfg.exclude_token_ids, progress=cfg.progress,
+            exclude_token_ids=cfg.exclude_token_ids, allow_vocab_extension=cfg.allow_vocab_extension,
+            progress=cfg.progress,
         )
 
     models, err = attempt(load)
     group.agree("loading the models", err)
     assert device is not None
+    if models.vocab_extension_note():
+        say(models.vocab_extension_note())
     m, p, d = len(cfg.models), len(cfg.hooks), models.d_model
     storage = dtype_from_name(cfg.dtype)
     row_bytes = m * p * d * storage.itemsize

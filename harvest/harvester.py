@@ -450,8 +450,11 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
     models = load_models(
         cfg.models, cfg.hooks, context_size=cfg.context_size, device=device,
         model_dtype=dtype_from_name(cfg.model_dtype), exclude_special=cfg.exclude_special,
-        exclude_token_ids=cfg.exclude_token_ids, progress=cfg.progress,
+        exclude_token_ids=cfg.exclude_token_ids, allow_vocab_extension=cfg.allow_vocab_extension,
+        progress=cfg.progress,
     )
+    if models.vocab_extension_note():
+        print(models.vocab_extension_note())
     m, p, d = len(cfg.models), len(cfg.hooks), models.d_model
     storage = dtype_from_name(cfg.dtype)
     row_bytes = m * p * d * storage.itemsize

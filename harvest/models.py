@@ -10,7 +10,7 @@ import difflib
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,9 @@ def resolve_model(name: str) -> ResolvedModel:
     return ResolvedModel(name, base, None, revision or None)
 
 
+_ADDED_SHOWN = 50
+"""Added tokens the manifest lists per model (a chat template adds a few; a new language, thousands)."""
+
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model",
                     "sentencepiece.bpe.model")
 """Files of which a model folder needs one for its tokenizer to load (or a ``*.tiktoken``)."""
@@ -118,6 +121,22 @@ def _close_hooks(hook: str, names: list[str]) -> list[str]:
     return close or sorted(n for n in names if n.split(".")[-1] == hook.split(".")[-1])[:5]
 
 
+def vocab_extension(vocabs: list[dict[str, int]]) -> tuple[int, list[list[str]]] | None:
+    """Whether one vocabulary is contained in every other with the same ids (a chat fine-tune that
+    added ``<|im_start|>``... to its base's): the index of that smallest vocabulary and, per
+    vocabulary, the tokens it adds to it in id order. None when there is no such vocabulary."""
+    i = min(range(len(vocabs)), key=lambda k: len(vocabs[k]))
+    inner = vocabs[i].items()
+    if not all(inner <= v.items() for v in vocabs):
+        return None
+    return i, [sorted(set(v) - set(vocabs[i]), key=v.__getitem__) for v in vocabs]
+
+
+def _added_summary(added_tokens: dict[str, list[str]]) -> str:
+    return "; ".join(f"{name}'s adds {len(a)} ({', '.join(a[:5])}{', ...' if len(a) > 5 else ''})"
+                     for name, a in added_tokens.items())
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """sha256 of the vocabulary (token -> id), the identity that row alignment relies on."""
     vocab = tokenizer.get_vocab()
@@ -137,6 +156,8 @@ class LoadedModels:
     bos_id: int | None
     eos_id: int | None
     n_vocab: int  # token ids the models can embed: the smallest embedding table (pre-tokenized data is checked against it)
+    tokenizer_model: int = 0  # index of the model whose tokenizer tokenizes (not 0 only with a vocabulary extension)
+    added_tokens: dict[str, list[str]] = field(default_factory=dict)  # model name -> tokens it adds to that tokenizer
 
     def manifest_models(self) -> list[dict[str, Any]]:
         return [
@@ -150,17 +171,29 @@ class LoadedModels:
             for r, b in zip(self.resolved, self.bridges)
         ]
 
+    def vocab_extension_note(self) -> str | None:
+        """What the harvest prints when it tokenizes with one model's tokenizer that others extend."""
+        if not self.added_tokens:
+            return None
+        return (f"vocabulary extension: tokenizing with {self.resolved[self.tokenizer_model].name}'s tokenizer "
+                f"({_added_summary(self.added_tokens)}: never in the data)")
+
     def manifest_tokenizer(self) -> dict[str, Any]:
         t = self.tokenizer
-        return {
+        meta = {
             "name": getattr(t, "name_or_path", None),
-            "path": self.resolved[0].path,
+            "path": self.resolved[self.tokenizer_model].path,
             "vocab_size": len(t),
             "sha256": tokenizer_fingerprint(t),
             "bos_token_id": self.bos_id,
             "eos_token_id": self.eos_id,
             "pad_token_id": t.pad_token_id,
         }
+        if self.added_tokens:  # readers ignore it; it says why the models' tokenizers differ
+            meta["extended_by"] = {
+                name: {"n_added": len(added), "added": added[:_ADDED_SHOWN]} for name, added in self.added_tokens.items()
+            }
+        return meta
 
 
 def resolve_device(device: str) -> torch.device:
@@ -182,10 +215,13 @@ def load_models(
     model_dtype: torch.dtype,
     exclude_special: bool = True,
     exclude_token_ids: list[int] | None = None,
+    allow_vocab_extension: bool = False,
     progress: bool = True,
 ) -> LoadedModels:
     """Load every model and check hooks, tokenizers, widths and context size (no data forward).
-    ``progress=False`` also silences transformers' weight-loading bars."""
+    ``allow_vocab_extension``: accept vocabularies that extend one of them with the same ids (see
+    :func:`vocab_extension`) and tokenize with that one. ``progress=False`` also silences
+    transformers' weight-loading bars."""
     from transformer_lens.model_bridge import TransformerBridge
     from transformers.utils import logging as hf_logging
 
@@ -242,15 +278,28 @@ def load_models(
         for setter in sorted({_GATES[s] for h in hooks for s in _GATES if h.endswith(s)}):
             getattr(b, setter)(True)
 
-    # Same tokenizer (vocabulary), or rows would not be the same tokens.
+    # Same tokenizer (vocabulary), or rows would not be the same tokens. A vocabulary that only
+    # extends another (a chat fine-tune's added tokens) may be allowed: the smaller tokenizer's ids
+    # then mean the same token in every model.
     fps = [tokenizer_fingerprint(b.tokenizer) for b in bridges]
+    which, added_tokens = 0, {}
     if len(set(fps)) > 1:
         sizes = [len(b.tokenizer) for b in bridges]
-        raise HarvestInputError(
-            "models do not share a tokenizer (vocabularies differ: "
-            + ", ".join(f"{r.name}: {s} tokens, sha256 {f[:10]}" for r, s, f in zip(resolved, sizes, fps))
-            + "); crosscoding needs the same tokens in every model: harvest them separately"
-        )
+        differ = ("models do not share a tokenizer (vocabularies differ: "
+                  + ", ".join(f"{r.name}: {s} tokens, sha256 {f[:10]}" for r, s, f in zip(resolved, sizes, fps)) + ")")
+        ext = vocab_extension([b.tokenizer.get_vocab() for b in bridges])
+        if ext is None:
+            raise HarvestInputError(differ + "; crosscoding needs the same tokens in every model: harvest them separately")
+        which, added = ext
+        added_tokens = {r.name: a for r, a in zip(resolved, added) if a}
+        base = resolved[which].name
+        what = _added_summary(added_tokens)
+        if not allow_vocab_extension:
+            raise HarvestInputError(
+                f"{differ}. Every other vocabulary extends {base}'s with the same ids ({what}), as a chat "
+                f"fine-tune's does: pass --allow-vocab-extension to tokenize with {base}'s tokenizer, whose ids "
+                "mean the same token in every model (the added tokens then never occur in the data)"
+            )
     widths = [int(b.cfg.d_model) for b in bridges]
     if len(set(widths)) > 1:
         raise HarvestInputError(
@@ -266,11 +315,21 @@ def load_models(
                 f"use --context-size {n_ctx} or less"
             )
 
-    tokenizer = bridges[0].tokenizer
+    tokenizer = bridges[which].tokenizer
     bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos_id
     excluded = set(exclude_token_ids or [])
     n_vocab = min(int(b.cfg.d_vocab) for b in bridges)
+    if added_tokens:
+        # Ids past the shared vocabulary are an added token in one model and an untrained (padding)
+        # embedding row, or nothing, in another: pre-tokenized data must not hold them.
+        shared = max(tokenizer.get_vocab().values()) + 1
+        if shared > n_vocab:
+            raise HarvestInputError(
+                f"{resolved[which].name}'s tokenizer has ids up to {shared - 1}, past the smallest embedding "
+                f"table ({n_vocab} rows): some model cannot embed every token"
+            )
+        n_vocab = shared
     outside = sorted(i for i in excluded if not 0 <= i < n_vocab)
     if outside:  # a typo would otherwise exclude nothing, silently
         raise HarvestInputError(f"--exclude-token-ids {outside} lie outside the models' vocabulary [0, {n_vocab})")
@@ -318,4 +377,5 @@ def load_models(
                     f"(batch, pos, ...); v1 caches need [batch, pos, d_model={d_model}] for every "
                     "hook: choose residual-stream-width hooks (hook_resid_*, hook_mlp_out, hook_attn_out)"
                 )
-    return LoadedModels(bridges, resolved, tokenizer, d_model, stop, sorted(excluded), bos_id, eos_id, n_vocab)
+    return LoadedModels(bridges, resolved, tokenizer, d_model, stop, sorted(excluded), bos_id, eos_id, n_vocab,
+                        tokenizer_model=which, added_tokens=added_tokens)

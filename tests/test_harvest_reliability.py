@@ -321,6 +321,55 @@ def test_model_folders_that_cannot_be_harvested_are_named(toy_dirs, tmp_path):
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+def _chat_fine_tune(path: Path, toy_dir: Path) -> Path:
+    """toy-base as a chat fine-tune saves it: two tokens added to its tokenizer, embeddings resized."""
+    from transformers import AutoTokenizer, GPTNeoXForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(toy_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    model = GPTNeoXForCausalLM.from_pretrained(toy_dir)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_a_vocabulary_that_extends_another_is_accepted_only_when_asked(toy_dirs, tmp_path):
+    """Base vs chat fine-tune: the chat model's vocabulary adds tokens with new ids. Refused by
+    default (naming the flag); allowed, the base's tokenizer tokenizes whatever the model order."""
+    from harvest.models import vocab_extension
+    from shared.cache import open_cache
+
+    chat = _chat_fine_tune(tmp_path / "chat", toy_dirs["toy-base"])
+    _bad(tmp_path, r"do not share a tokenizer .*extends toy-base's with the same ids \(.*chat's adds 2 "
+         r"\(<\|im_start\|>, <\|im_end\|>\)\).*--allow-vocab-extension", models=[str(chat), "toy-base"])
+    kw = dict(tokens=600, context_size=32, hooks=["blocks.1.hook_resid_post"])
+    m = harvest(small_harvest_config(tmp_path / "both", models=[str(chat), "toy-base"], allow_vocab_extension=True, **kw))
+    assert m.tokenizer["path"] == str(toy_dirs["toy-base"]) and m.tokenizer["vocab_size"] == 4096
+    assert m.tokenizer["extended_by"] == {str(chat): {"n_added": 2, "added": ["<|im_start|>", "<|im_end|>"]}}
+    alone = harvest(small_harvest_config(tmp_path / "alone", models=["toy-base"], **kw))
+    assert alone.tokenizer["sha256"] == m.tokenizer["sha256"]
+    both_ids = open_cache(tmp_path / "both").token_table().column("input_ids").to_pylist()
+    assert both_ids == open_cache(tmp_path / "alone").token_table().column("input_ids").to_pylist()
+    # The base slot holds toy-base's own rows: the same as harvesting it alone.
+    def rows_by_token(folder: Path, slot: int) -> torch.Tensor:
+        cache = open_cache(folder)
+        shards = [cache.shard(i) for i in range(cache.n_shards)]
+        key = torch.cat([s.seq * 1000 + s.pos for s in shards])
+        return torch.cat([s.acts[:, slot] for s in shards])[key.argsort()]
+
+    assert torch.equal(rows_by_token(tmp_path / "both", 1), rows_by_token(tmp_path / "alone", 0))
+    # Pre-tokenized data may not hold an added id (an untrained row, or none, in the base model).
+    pre = tmp_path / "pre.jsonl"
+    pre.write_text("\n".join(json.dumps({"input_ids": [5, 4096, 7] * 20}) for _ in range(20)))
+    _bad(tmp_path, r"id 4096 .*\[0, 4096\)", models=["toy-base", str(chat)], allow_vocab_extension=True,
+         dataset=str(pre), **kw)
+    # Only containment with the same ids counts.
+    assert vocab_extension([{"a": 0, "b": 1}, {"a": 0, "b": 1, "c": 2}]) == (0, [[], ["c"]])
+    assert vocab_extension([{"a": 0, "b": 1}, {"a": 1, "b": 0, "c": 2}]) is None
+    assert vocab_extension([{"a": 0, "b": 1}, {"a": 0, "c": 1, "d": 2}]) is None
+
+
 def test_special_tokens_of_every_model_are_excluded_whatever_their_order(toy_dirs, tmp_path):
     from harvest.models import load_models
 
