@@ -199,17 +199,6 @@ def test_directional_refuses_an_output_that_is_also_an_input(tmp_path):
         resolve_slots(man, arch="directional", in_hooks=[h0, h1], out_hooks=[h1, h2], **kw)
     spec = resolve_slots(man, arch="directional", in_hooks=[h0], out_hooks=[h1, h2], **kw)
     assert (spec.in_slots, spec.out_slots) == ([0], [1, 2])
-    # A CLT pairs each layer's input and output hook: the same hook for both is the identity too.
-    clt = make_cache(tmp_path / "clt", n_models=1, n_hooks=4,
-                     hook_names=["blocks.0.hook_resid_mid", "blocks.0.hook_mlp_out", "blocks.1.hook_resid_mid",
-                            "blocks.1.hook_mlp_out"])
-    kw["cache_dir"] = str(tmp_path / "clt")
-    with pytest.raises(SlotError, match=r"--arch clt maps .*\['blocks.1.hook_mlp_out'\] is both an input and an output"):
-        resolve_slots(clt, arch="clt", in_hooks=["blocks.0.hook_resid_mid", "blocks.1.hook_mlp_out"],
-                      out_hooks=["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"], **kw)
-    spec = resolve_slots(clt, arch="clt", in_hooks=["blocks.0.hook_resid_mid", "blocks.1.hook_resid_mid"],
-                         out_hooks=["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"], **kw)
-    assert (spec.in_slots, spec.out_slots) == ([0, 1], [2, 3])
 
 
 # ---- 6. non-finite losses and gradients ----------------------------------------------------------

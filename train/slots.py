@@ -72,12 +72,11 @@ def resolve_slots(
     _check_names("hook", list(out_hooks), manifest.hooks, cache_dir)
     hook_names = list(dict.fromkeys([*in_hooks, *out_hooks]))
     both = [h for h in in_hooks if h in out_hooks]
-    if both:
+    if arch == "directional" and both:
         # An output slot that is also an input is reconstructed from itself: the identity map
         # (with --skip, exactly W_skip = I) scores perfectly and learns nothing about in -> out.
-        # For a CLT the hook is then its layer's input and output (layers pair by name).
         raise SlotError(
-            f"--arch {arch} maps --in-hooks to other --out-hooks, but {both} is both an input and an output "
+            f"--arch directional maps --in-hooks to other --out-hooks, but {both} is both an input and an output "
             f"(the dictionary could learn the identity); to autoencode a hook (an SAE) use --arch crosscoder "
             f"--hooks {' '.join(both)}")
     if arch == "clt":
