@@ -77,7 +77,8 @@ def _push(argv: list[str]) -> int:
     parser.add_argument("cache", help="cache folder (or hf://USER/NAME[@REV])")
     parser.add_argument("--repo", required=True, help="dataset repo USER/NAME (created if missing)")
     parser.add_argument("--private", action="store_true",
-                        help="create the repo private (an existing repo keeps its visibility)")
+                        help="create the repo private; an existing public repo is refused (it keeps its "
+                        "visibility: make it private in its settings first, or drop --private)")
     parser.add_argument("--revision", help="branch to push to (created from main if missing; default main)")
     parser.add_argument("--dry-run", action="store_true",
                         help="verify, print the card, the file list and what the repo holds (looked at, read "
@@ -126,10 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     from harvest.models import HarvestInputError
     from harvest.process_group import DistributedHarvestError
     from shared.cache_format import CacheError
+    from shared.folder_lock import FolderLockError
 
     try:
         harvest(cfg)
-    except (HarvestInputError, CacheError) as e:
+    except (HarvestInputError, CacheError, FolderLockError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except DistributedHarvestError as e:

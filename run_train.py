@@ -44,13 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from shared.cache_format import CacheError
+    from shared.folder_lock import FolderLockError
     from train.sweep import expand_sweep
     from train.trainer import NonFiniteLossError, TrainingInterrupted, train_many
 
     try:
         cfgs = expand_sweep(args.sweep, cfg) if args.sweep else [cfg]
         results = train_many(cfgs)
-    except (CacheError, ValueError, FileNotFoundError) as e:
+    except (CacheError, ValueError, FileNotFoundError, FolderLockError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

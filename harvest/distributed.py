@@ -9,7 +9,8 @@ same ``--out`` folder (one machine, or a shared filesystem).
 How the work is split (every step is a deterministic function of the config, so a re-run of
 the same command resumes):
 
-1. rank 0 inspects ``--out`` (fresh, resumable, or finished) and tells the others;
+1. rank 0 locks ``--out`` for the whole job (:mod:`shared.folder_lock`: a second job into it
+   stops here, every rank of it) and inspects it (fresh, resumable, or finished); it tells the others;
 2. every rank loads the models (on ``cuda:LOCAL_RANK`` when the device is CUDA);
 3. rank 0 checks free disk and, when resuming, collects the shards already written from
    ``manifest.json`` and every ``manifest.rank{r}.json``: only chunks (write-shuffle buffers,
@@ -79,8 +80,10 @@ from harvest.token_stream import TokenPlan
 from harvest.writer import drain, shard_writer_for, writer_wait_note
 from shared.cache import CacheWriter, remove_stale_temp_files
 from shared.cache_format import CacheError, Manifest, ShardRecord, dtype_from_name
+from shared.folder_lock import FolderLock, FolderLockError
 from shared.normalization import Normalization
 from shared.token_table import write_token_table
+from shared.tokenizer_file import write_tokenizer_file
 
 __all__ = ["assign_chunks", "harvest_distributed"]
 
@@ -186,25 +189,31 @@ def harvest_distributed(cfg: HarvestConfig, *, dist_timeout: float | None = None
         previous = signal.signal(signal.SIGTERM, on_sigterm)
     # rank 0: --out, and whether this run created it (cleaned up if the run fails before its first manifest)
     made: list[tuple[Path, bool]] = []
+    # Rank 0 takes it (the ranks of one job share the folder by design) and keeps it until the end,
+    # released after a failed run's leftovers are discarded.
+    lock = FolderLock(cfg.out, what="cache folder")
     try:
-        return _run(cfg, group, local_rank, made)
+        return _run(cfg, group, local_rank, made, lock)
     except BaseException as e:
         from harvest.harvester import discard_unstarted
 
         for out, created in made:
             discard_unstarted(out, created=created)
         named = str(e).startswith(f"rank {rank}")
-        if isinstance(e, (HarvestInputError, CacheError, DistributedHarvestError)) and not named:
+        if isinstance(e, (HarvestInputError, CacheError, DistributedHarvestError, FolderLockError)) and not named:
             raise type(e)(f"rank {rank}: {e}") from e
         raise
     finally:
         if on_main:
             signal.signal(signal.SIGTERM, previous)
         group.close()
+        lock.release()
 
 
-def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Path, bool]]) -> Manifest:
-    """One rank's harvest. Rank 0 appends ``(--out, whether it created that folder)`` to ``made``."""
+def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Path, bool]],
+         lock: FolderLock) -> Manifest:
+    """One rank's harvest. Rank 0 takes ``lock`` (on ``--out``) first and appends ``(--out, whether
+    it created that folder)`` to ``made``."""
     from harvest.harvester import (
         CacheDamage, HarvestLayout, _existing_manifest, _Forward, _new_manifest, _shards, find_damage, plan_for_resume,
         plan_from_config, check_free_disk, progress_bar, token_table_problem,
@@ -221,6 +230,7 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
 
     def check_out() -> Manifest | None:
         nonlocal damage
+        lock.acquire()  # before --out is looked at: a second job into it stops here, and so do its ranks
         found = _existing_manifest(out, cfg)
         if found is not None:
             damage = find_damage(out, found, cfg.shuffle_shards)
@@ -274,6 +284,8 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
     records: dict[int, list[ShardRecord]] = {}
     carried: list[ShardRecord] = []
 
+    tokenizer_file: dict[str, str] = {}  # rank 0: the manifest keys of the cache's own tokenizer.json
+
     def prepare() -> dict:
         nonlocal carried
         kept_bytes = 0
@@ -282,9 +294,14 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
         if existing is not None:
             chunks, by_rank, carried, kept_bytes = collect_written(out, existing, layout, world)
         check_free_disk(cfg, out, (m, p, d), row_bytes, kept_bytes, say=say, suffix=f"; {_procs(world)}")
-        made.append((out, not out.exists()))
+        made.append((out, not out.exists()))  # it exists (the lock made it); lock.release() removes it if left empty
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(out)
+        # Before the token table, as in harvester.harvest: an interrupted cache has it too.
+        tokenizer_file.update(write_tokenizer_file(out, models.tokenizer, existing.tokenizer if existing else {},
+                                                   say=say) or {})
+        if existing is not None:  # a cache harvested before tokenizer.json: listed from the merge on
+            existing.tokenizer.update(tokenizer_file)
         return {"done": chunks, "records": {r: [x.to_json() for x in v] for r, v in by_rank.items()}}
 
     info, err = attempt(prepare) if is0 else (None, None)
@@ -344,7 +361,8 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
                 items, estimate = forward.calibrate(calib_rows, calib_end, cfg.normalize)
                 held.extend(items)
                 estimate.write_side_file(out)
-                manifest = _new_manifest(cfg, models, plan, estimate, calib_rows, layout)
+                manifest = _new_manifest(cfg, models, plan, estimate, calib_rows, layout,
+                                         tokenizer_file=tokenizer_file or None)
                 CacheWriter(out, manifest).save_manifest()
                 return estimate
 

@@ -2,7 +2,8 @@
 
 Order of work (each step's output is on disk before the next needs it, so a killed harvest
 resumes from what is there):
-1. check the output folder (a different harvest there is refused; a finished one is kept);
+1. lock the output folder for the whole harvest (:mod:`shared.folder_lock`: another job writing
+   there is refused) and check it (a different harvest there is refused; a finished one is kept);
 2. load the models and check hooks, tokenizers, widths, context size (no data forward yet);
 3. estimate the cache size against free disk;
 4. pack the token stream into sequences and write ``tokens.arrow``;
@@ -39,6 +40,7 @@ from shared.cache_format import (
     MANIFEST_NAME,
     NORMALIZATION_NAME,
     SHARD_DIR,
+    TOKENIZER_NAME,
     TOKENS_NAME,
     CacheError,
     Manifest,
@@ -46,14 +48,16 @@ from shared.cache_format import (
 )
 from shared.card import CARD_MARK
 from shared.config import config_to_json
+from shared.folder_lock import LOCK_NAME, FolderLock
 from shared.normalization import Normalization
 from shared.shard_io import ShardReader
 from shared.token_table import TokenIndex, read_token_table, write_token_table
+from shared.tokenizer_file import tokenizer_file_problem, write_tokenizer_file
 
 __all__ = ["CacheDamage", "HarvestLayout", "estimate_cache_bytes", "find_damage", "harvest", "plan_for_resume",
            "plan_from_config", "token_table_problem"]
 
-_OWN_FILES = {MANIFEST_NAME, TOKENS_NAME, NORMALIZATION_NAME, SHARD_DIR}
+_OWN_FILES = {MANIFEST_NAME, TOKENS_NAME, NORMALIZATION_NAME, TOKENIZER_NAME, SHARD_DIR}
 
 
 def estimate_cache_bytes(n_rows: int, n_models: int, n_hooks: int, d_model: int, dtype: str, context_size: int) -> int:
@@ -100,7 +104,7 @@ def _shards(n: int) -> str:
 def _own_file(path: Path) -> bool:
     """Whether a file in ``--out`` (which holds no manifest) may be left by a harvest of ours: a
     README.md only if it is our dataset card, since the harvest would overwrite it."""
-    if ".tmp-" in path.name:
+    if ".tmp-" in path.name or path.name == LOCK_NAME:  # LOCK_NAME: this harvest's lock (or a killed one's)
         return True
     if path.name == CARD_NAME:
         return path.is_file() and CARD_MARK in path.read_text(errors="replace")[:4096]
@@ -144,7 +148,7 @@ def discard_unstarted(out: Path, *, created: bool) -> None:
     behind looks like a cache). Once a manifest exists this does nothing: the harvest resumes."""
     if not out.is_dir() or (out / MANIFEST_NAME).exists():
         return
-    for name in (TOKENS_NAME, NORMALIZATION_NAME):
+    for name in (TOKENS_NAME, NORMALIZATION_NAME, TOKENIZER_NAME):
         (out / name).unlink(missing_ok=True)
     remove_stale_temp_files(out)
     for folder in [out / SHARD_DIR] + ([out] if created else []):
@@ -176,9 +180,10 @@ class CacheDamage:
     shards: list[str]  # each listed shard that is missing or has another size, with what is wrong
     first_chunk: int | None  # the first chunk holding one: it and every later chunk are rewritten
     token_table: str | None  # why tokens.arrow cannot be read (it is then built again), if it cannot
+    tokenizer: str | None = None  # what is wrong with the tokenizer.json the manifest lists (written again)
 
     def __bool__(self) -> bool:
-        return bool(self.shards) or self.token_table is not None
+        return bool(self.shards) or self.token_table is not None or self.tokenizer is not None
 
     def describe(self) -> str:
         parts = []
@@ -187,6 +192,8 @@ class CacheDamage:
             parts.append(f"{_shards(len(self.shards))} damaged ({shown})")
         if self.token_table is not None:
             parts.append(self.token_table)
+        if self.tokenizer is not None:
+            parts.append(self.tokenizer)
         return ", ".join(parts)
 
 
@@ -196,7 +203,8 @@ def find_damage(out: Path, manifest: Manifest, shuffle_shards: int) -> CacheDama
     whatever is found here byte for byte."""
     bad = damaged_shards(out, manifest.shards)
     first = min((shard_index(r.file) // shuffle_shards for r, _ in bad), default=None)
-    return CacheDamage([f"{r.file}: {why}" for r, why in bad], first, token_table_problem(out))
+    return CacheDamage([f"{r.file}: {why}" for r, why in bad], first, token_table_problem(out),
+                       tokenizer_file_problem(out, manifest.tokenizer))
 
 
 def token_table_problem(out: Path) -> str | None:
@@ -431,10 +439,19 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
     """
     from harvest.distributed import harvest_distributed
     from harvest.process_group import torchrun_env
-    from harvest.rank_manifests import RANK_MANIFEST_GLOB
 
     if torchrun_env() is not None:
         return harvest_distributed(cfg, dist_timeout=dist_timeout if dist_timeout is not None else cfg.dist_timeout)
+    # Held from before --out is looked at to the end: a second harvest into the folder (a resume
+    # started twice) is refused at once instead of interleaving its shards and manifest with ours.
+    with FolderLock(cfg.out, what="cache folder"):
+        return _harvest_one_process(cfg)
+
+
+def _harvest_one_process(cfg: HarvestConfig) -> Manifest:
+    """The one-process harvest; the caller holds the lock of ``cfg.out``."""
+    from harvest.rank_manifests import RANK_MANIFEST_GLOB
+
     out = Path(cfg.out)
     existing = _existing_manifest(out, cfg)
     damage = find_damage(out, existing, cfg.shuffle_shards) if existing is not None else None
@@ -461,13 +478,15 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
 
     check_free_disk(cfg, out, (m, p, d), row_bytes, sum(s.bytes for s in existing.shards) if existing else 0)
 
-    created = not out.exists()
+    created = not out.exists()  # False: the lock made it; releasing the lock removes it if left empty
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out)
     layout = HarvestLayout(cfg.tokens, cfg.shard_rows(row_bytes), cfg.shuffle_shards)
     forward = None
     t0 = time.perf_counter()
     try:  # until the first manifest is saved, a failure leaves nothing to resume
+        # First of all, so that an interrupted cache can show its tokens as text too.
+        tokenizer_file = write_tokenizer_file(out, models.tokenizer, existing.tokenizer if existing else {})
         if existing is not None:
             assert damage is not None
             plan = plan_for_resume(out, existing, cfg, models, rebuild=damage.token_table is not None, write=True)
@@ -480,6 +499,7 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
             existing.n_rows, existing.complete = sum(s.n_rows for s in existing.shards), False
             if damage.shards:  # later chunks' files are rewritten (perhaps under another name): drop them
                 remove_unlisted_shards(out, existing.shards)
+            existing.tokenizer.update(tokenizer_file or {})  # a cache harvested before tokenizer.json gets it
             manifest, held = existing, []
             t_forward, cpu_forward = time.perf_counter(), time.thread_time()
             if damage:
@@ -499,7 +519,7 @@ def harvest(cfg: HarvestConfig, *, dist_timeout: float | None = None) -> Manifes
             t_forward, cpu_forward = time.perf_counter(), time.thread_time()
             held, norm = forward.calibrate(calib_rows, calib_end, cfg.normalize)
             norm.write_side_file(out)
-            manifest = _new_manifest(cfg, models, plan, norm, calib_rows, layout)
+            manifest = _new_manifest(cfg, models, plan, norm, calib_rows, layout, tokenizer_file=tokenizer_file)
             start_chunk = 0
         forward = forward or _Forward(models, plan, cfg, device)
         writer = CacheWriter(out, manifest)
@@ -566,7 +586,7 @@ def final_rows_this_run(manifest: Manifest, start_chunk: int, layout: HarvestLay
 
 
 def _new_manifest(cfg: HarvestConfig, models: LoadedModels, plan: TokenPlan, norm: Normalization,
-                  calib_rows: int, layout: HarvestLayout) -> Manifest:
+                  calib_rows: int, layout: HarvestLayout, *, tokenizer_file: dict[str, str] | None = None) -> Manifest:
     import transformers
 
     import shared
@@ -585,7 +605,8 @@ def _new_manifest(cfg: HarvestConfig, models: LoadedModels, plan: TokenPlan, nor
             "name": cfg.dataset, "split": cfg.split, "text_column": cfg.text_column,
             "meta_columns": list(plan.metadata), "seed": cfg.seed,
         },
-        tokenizer=models.manifest_tokenizer(),
+        # tokenizer_file: the cache's own tokenizer.json (write_tokenizer_file), when there is one
+        tokenizer={**models.manifest_tokenizer(), **(tokenizer_file or {})},
         created_by={
             "tool": "crosscache", "version": shared.__version__,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -29,6 +29,7 @@ from shared.card import render_card
 from shared.normalization import Normalization
 from shared.shard_io import ShardReader, atomic_write_bytes, sha256_file, write_shard
 from shared.token_table import TokenIndex, read_token_table
+from shared.tokenizer_file import tokenizer_file_problem
 
 __all__ = ["Cache", "open_cache", "verify_cache", "CacheWriter", "VerifyReport"]
 
@@ -120,19 +121,29 @@ class VerifyReport:
 def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: bool = False) -> VerifyReport:
     """Check every shard against the manifest: present, size, sha256, header shapes and dtypes.
 
-    Also checks that the token table is readable and holds the manifest's ``n_sequences``, and
+    Also checks that the token table is readable and holds the manifest's ``n_sequences``, that
+    the cache's own ``tokenizer.json`` is there and matches its sha256 when the manifest lists one,
     that a ``mean_std`` cache's normalization side file loads, fits and matches its sha256, and that
     every row's ``(seq, pos, token)`` is a position of the token table holding that token.
-    ``hf://USER/NAME[@REV]`` is downloaded first (a failed download is a problem).
+    ``hf://USER/NAME[@REV]`` is downloaded first (a failed download is a problem); a file that
+    download has just hashed against the manifest is not hashed a second time.
     Never raises for a bad shard: every problem is collected in the report.
     """
+    fresh = None
     if isinstance(cache_dir, str) and cache_dir.startswith("hf://"):
-        from shared.hub import resolve_cache  # lazy: huggingface_hub is needed for Hub caches only
+        from shared.hub import resolve_cache_with_digests  # lazy: huggingface_hub is needed for Hub caches only
 
         try:
-            cache_dir = resolve_cache(cache_dir)
+            cache_dir, fresh = resolve_cache_with_digests(cache_dir)
         except (CacheError, ValueError) as e:
             return VerifyReport(Path(cache_dir), problems=[str(e)])
+
+    def sha256(path: Path) -> str:
+        # The download check hashed this very file (same inode, size, mtime) against the same manifest
+        # moments ago: its digest stands, and a first `verify hf://...` reads each file once, not twice.
+        known = fresh.get(path) if fresh is not None else None
+        return known if known is not None else sha256_file(path)
+
     cache_dir = Path(cache_dir)
     report = VerifyReport(cache_dir)
     try:
@@ -163,7 +174,7 @@ def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: boo
         if size != rec.bytes:
             report.problems.append(f"{rec.file}: {size} bytes, manifest says {rec.bytes} (truncated or replaced)")
             continue
-        if checksums and sha256_file(path) != rec.sha256:
+        if checksums and sha256(path) != rec.sha256:
             report.problems.append(f"{rec.file}: sha256 mismatch (corrupted)")
             continue
         try:
@@ -176,6 +187,9 @@ def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: boo
             report.problems.append(f"{rec.file}: {mismatch}")
             continue
         report.n_rows += rec.n_rows
+    tokenizer_problem = tokenizer_file_problem(cache_dir, manifest.tokenizer, checksum=checksums, sha256=sha256)
+    if tokenizer_problem is not None:
+        report.problems.append(tokenizer_problem)
     if manifest.normalization.get("method") == "mean_std":
         try:
             norm = Normalization.from_manifest(cache_dir, manifest.normalization)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ __all__ = [
     "TOKENS_NAME",
     "CARD_NAME",
     "NORMALIZATION_NAME",
+    "TOKENIZER_NAME",
     "SHARD_DIR",
     "STORAGE_DTYPES",
     "CacheError",
@@ -39,6 +41,8 @@ MANIFEST_NAME = "manifest.json"
 TOKENS_NAME = "tokens.arrow"
 CARD_NAME = "README.md"
 NORMALIZATION_NAME = "normalization.safetensors"
+TOKENIZER_NAME = "tokenizer.json"
+"""The cache's own copy of the tokenizer the models were fed with (listed as ``tokenizer.file``)."""
 SHARD_DIR = "shards"
 
 STORAGE_DTYPES: dict[str, torch.dtype] = {
@@ -129,6 +133,25 @@ _REQUIRED = (
     "tokenizer",
     "created_by",
 )
+
+
+def _checked_tokenizer(entry: Any, where: str) -> dict[str, Any]:
+    """The manifest's ``tokenizer`` object, checked where it lists the cache's own tokenizer file:
+    ``file`` a plain relative name inside the cache folder, with a 64-hex ``file_sha256``."""
+    if not isinstance(entry, dict):
+        raise CacheError(f"{where}: tokenizer must be an object, got {type(entry).__name__}")
+    file = entry.get("file")
+    if file is None:
+        return dict(entry)
+    parts = Path(str(file)).parts if isinstance(file, str) else ()
+    # A reader opens <cache>/<file>: a name reaching outside the folder would read another file.
+    if not parts or Path(file).is_absolute() or "\\" in file or any(p in ("..", ".") for p in parts):
+        raise CacheError(f"{where}: tokenizer.file {file!r} must be a relative path inside the cache folder "
+                         f"(the harvest writes {TOKENIZER_NAME!r})")
+    sha = entry.get("file_sha256")
+    if not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise CacheError(f"{where}: tokenizer.file_sha256 must be the 64-hex sha256 of {file}, got {sha!r}")
+    return dict(entry)
 
 
 def _checked_normalization(entry: Any, n_models: int, n_hooks: int, where: str) -> dict[str, Any]:
@@ -269,7 +292,7 @@ class Manifest:
             normalization=normalization,
             excluded_tokens=dict(obj["excluded_tokens"]),
             dataset=dict(obj["dataset"]),
-            tokenizer=dict(obj["tokenizer"]),
+            tokenizer=_checked_tokenizer(obj["tokenizer"], where),
             created_by=dict(obj["created_by"]),
             complete=complete,
             format_version=int(version),

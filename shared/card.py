@@ -27,6 +27,13 @@ def render_card(manifest: "Manifest", *, hub_repo: str | None = None, hub_revisi
     row_bytes = m.n_models * m.n_hooks * m.d_model * {"bfloat16": 2, "float16": 2, "float32": 4}[m.dtype]
     norm = m.normalization
     ds = m.dataset
+    tokenizer_file = m.tokenizer.get("file")
+    tokenizer_line = (f"\n- `{tokenizer_file}`: the tokenizer the models were fed with (`tokenizers` format), to show "
+                      "token ids as text." if tokenizer_file else "")
+    readers = ["`safetensors.torch.load_file(shard_path)`", '`pyarrow.ipc.open_file("tokens.arrow")`']
+    if tokenizer_file:
+        readers.append(f'`tokenizers.Tokenizer.from_file("{tokenizer_file}")`')
+    without = ", ".join(readers[:-1]) + " and " + readers[-1]
     card = f"""---
 tags:
 - activations
@@ -69,7 +76,7 @@ Aligned, normalized language-model activations in **crosscache format v{m.format
 - `manifest.json`: format version, models, hooks, shapes, dtype, normalization, shard list with sha256.
 - `shards/*.safetensors`: `acts` `[n_rows, n_models, n_hooks, d_model]`, `seq` int64, `pos` int32, `token` int32.
   Rows are shuffled across sequences; `(seq, pos)` locate each row in `tokens.arrow`.
-- `tokens.arrow`: Arrow IPC file, one row per sequence: `seq`, `input_ids` (BOS included), metadata columns.
+- `tokens.arrow`: Arrow IPC file, one row per sequence: `seq`, `input_ids` (BOS included), metadata columns.{tokenizer_line}
 
 Shards hold **normalized** activations. Raw activations: `norm_scale` divides by
 `normalization.scale[m][p]`; `mean_std` computes `x * std + mean` with the tensors in
@@ -85,7 +92,7 @@ acts_NMPD = shard.acts                        # normalized activations
 raw_NMPD = cache.normalization().undo(acts_NMPD)
 ```
 
-Without crosscache: `safetensors.torch.load_file(shard_path)` and `pyarrow.ipc.open_file("tokens.arrow")`.
+Without crosscache: {without}.
 """
     return card if hub_repo is None else card + _hub_section(hub_repo, hub_revision)
 

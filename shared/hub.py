@@ -4,6 +4,8 @@
   table, normalization tensors, the shards the manifest lists) to a *dataset* repo.
 - :func:`resolve_cache` turns ``hf://USER/NAME[@REV]`` into a local folder by downloading
   through ``huggingface_hub`` into its cache; ``max_shards=N`` fetches only the first N shards.
+  :func:`resolve_cache_with_digests` also returns the sha256 it computed (so ``verify`` need not
+  hash those files again).
 
 ``huggingface_hub`` is imported inside the functions that need it, so ``shared`` imports
 without it. Authentication is left to ``huggingface_hub`` (``HF_TOKEN`` or ``hf auth login``):
@@ -19,17 +21,19 @@ The code is split by direction; this module is the entry point, import from here
 
 from __future__ import annotations
 
-from shared.hub_download import resolve_cache
+from shared.hub_download import FreshDigests, resolve_cache, resolve_cache_with_digests
 from shared.hub_spec import HUB_PREFIX, HubError, is_hub_spec, parse_hub_spec
 from shared.hub_upload import PushPlan, push_cache, token_status
 
 __all__ = [
     "HUB_PREFIX",
+    "FreshDigests",
     "HubError",
     "PushPlan",
     "is_hub_spec",
     "parse_hub_spec",
     "push_cache",
     "resolve_cache",
+    "resolve_cache_with_digests",
     "token_status",
 ]

@@ -50,8 +50,17 @@ from shared.cache_format import (
     ShardRecord,
 )
 from shared.card import render_card
-from shared.hub_spec import _COMMIT_RE, REPO_TYPE, HubError, is_hub_spec, parse_hub_spec, shown_files
+from shared.hub_spec import (
+    _COMMIT_RE,
+    REPO_TYPE,
+    HubError,
+    _network_cause,
+    is_hub_spec,
+    parse_hub_spec,
+    shown_files,
+)
 from shared.shard_io import atomic_write_bytes
+from shared.tokenizer_file import listed_tokenizer_file
 
 PARTIAL_DIR = "crosscache-partial"
 """Folder, inside a repo's folder of the HF cache, that holds partial-download views."""
@@ -80,6 +89,46 @@ def resolve_cache(spec: str | Path, *, max_shards: int | None = None) -> Path:
     cannot be had or a file stays damaged, :class:`CacheError` when the repo holds no valid
     manifest.
     """
+    return resolve_cache_with_digests(spec, max_shards=max_shards)[0]
+
+
+class FreshDigests:
+    """The sha256 of each downloaded file that one :func:`resolve_cache_with_digests` call hashed and found
+    equal to the one expected. :meth:`get` gives a digest back only while the file is the one that was
+    hashed (same real file, size, mtime and inode), so a caller may skip hashing it again without
+    checking less (``verify`` of an ``hf://`` cache, which would otherwise hash every file twice)."""
+
+    def __init__(self) -> None:
+        self._by_file: dict[str, tuple[str, tuple[int, int, int]]] = {}
+
+    @staticmethod
+    def _stat(path: str | Path) -> tuple[str, tuple[int, int, int]] | None:
+        real = os.path.realpath(path)
+        try:
+            st = os.stat(real)
+        except OSError:
+            return None
+        return real, (st.st_size, st.st_mtime_ns, st.st_ino)
+
+    def add(self, path: str | Path, sha256: str, stat: tuple[int, int, int]) -> None:
+        """Record that ``path`` (a snapshot link or a plain file) had ``sha256`` when it had ``stat``."""
+        self._by_file[os.path.realpath(path)] = (sha256, stat)
+
+    def get(self, path: str | Path) -> str | None:
+        """The sha256 recorded for ``path``, if the file is still the one that was hashed; else None."""
+        now = self._stat(path)
+        if now is None or now[0] not in self._by_file:
+            return None
+        sha256, stat = self._by_file[now[0]]
+        return sha256 if stat == now[1] else None
+
+    def __len__(self) -> int:
+        return len(self._by_file)
+
+
+def resolve_cache_with_digests(spec: str | Path, *, max_shards: int | None = None) -> tuple[Path, FreshDigests]:
+    """:func:`resolve_cache`, and the digests of the files this call hashed (:class:`FreshDigests`; empty for
+    a local folder, or when every file had been checked by an earlier call)."""
     if max_shards is not None and (isinstance(max_shards, bool) or not isinstance(max_shards, int) or max_shards < 1):
         raise ValueError(f"max_shards must be a whole number >= 1 (or None for all shards), got {max_shards!r}")
     if not is_hub_spec(spec):
@@ -88,7 +137,7 @@ def resolve_cache(spec: str | Path, *, max_shards: int | None = None) -> Path:
                 f"max_shards={max_shards} applies to Hub caches (hf://USER/NAME) only: it limits what is "
                 f"downloaded; {spec} is a local folder and is used whole"
             )
-        return Path(spec)
+        return Path(spec), FreshDigests()
     spec = str(spec)
     repo, revision = parse_hub_spec(spec)
     first = _snapshot(spec, repo, revision, [MANIFEST_NAME])
@@ -105,7 +154,8 @@ def resolve_cache(spec: str | Path, *, max_shards: int | None = None) -> Path:
     partial = max_shards is not None and max_shards < n_all
     shards = manifest.shards[:max_shards] if partial else manifest.shards
     norm_file = _normalization_file(manifest)
-    side = [TOKENS_NAME] + ([norm_file] if norm_file else [])
+    tok_file = listed_tokenizer_file(manifest.tokenizer)  # the cache's own tokenizer.json, when it lists one
+    side = [TOKENS_NAME] + ([norm_file] if norm_file else []) + ([tok_file] if tok_file else [])
     shard_files = [s.file for s in shards]
     patterns = [glob.escape(f) for f in (MANIFEST_NAME, CARD_NAME, *side)]
     ignore = None
@@ -126,10 +176,10 @@ def resolve_cache(spec: str | Path, *, max_shards: int | None = None) -> Path:
             f"{spec}: {len(missing)} file(s) the manifest needs are neither in the local Hugging Face cache nor "
             f"downloadable: {shown}. {_offline_fix()}"
         )
-    _check_downloads(spec, repo, commit, snapshot, manifest, shards)
+    fresh = _check_downloads(spec, repo, commit, snapshot, manifest, shards)
     if not partial:
-        return snapshot
-    return _partial_view(snapshot, manifest, max_shards, repo, revision)
+        return snapshot, fresh
+    return _partial_view(snapshot, manifest, max_shards, repo, revision), fresh
 
 
 def _normalization_file(manifest: Manifest) -> str | None:
@@ -207,34 +257,6 @@ def _is_offline() -> bool:
     from huggingface_hub import constants
 
     return constants.is_offline_mode()
-
-
-# Exceptions of these HTTP stacks (huggingface_hub 1.x: httpx; 2.x: httpx2; older: requests and
-# urllib3) are connection failures, except the few that report a bad URL or an HTTP status.
-_NETWORK_FAMILIES = frozenset({"httpx", "httpx2", "httpcore", "httpcore2", "h11", "requests", "urllib3"})
-_NOT_NETWORK = frozenset({"HTTPStatusError", "HTTPError", "InvalidURL", "UnsupportedProtocol", "MissingSchema",
-                          "InvalidSchema", "InvalidHeader", "LocationParseError", "CookieConflict"})
-
-
-def _network_cause(error: BaseException) -> BaseException | None:
-    """The connection failure behind ``error`` (itself, or in its ``__cause__``/``__context__`` chain), or None."""
-    seen: set[int] = set()
-    todo = [error]
-    while todo:
-        e = todo.pop(0)
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        family = type(e).__module__.split(".")[0]
-        if isinstance(e, (ConnectionError, TimeoutError)) or (
-            family in _NETWORK_FAMILIES and type(e).__name__ not in _NOT_NETWORK
-        ):
-            return e
-        # huggingface_hub's own check that a download got all its bytes ("usually due to network issues").
-        if isinstance(e, OSError) and str(e).startswith("Consistency check failed"):
-            return e
-        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
-    return None
 
 
 @contextmanager
@@ -452,6 +474,7 @@ class _Verified:
             obj = None
         files = obj.get("files") if isinstance(obj, dict) and obj.get("version") == 1 else None
         self.files: dict[str, dict] = files if isinstance(files, dict) else {}
+        self.fresh = FreshDigests()  # what this process hashed and found right
 
     def _stamp(self, path: Path) -> tuple[str, list[int]] | None:
         real = os.path.realpath(path)
@@ -483,6 +506,7 @@ class _Verified:
                     bad[rel] = digest
                 elif self._stamp(path) == stamp:  # not replaced while it was hashed
                     self.files[stamp[0]] = {"sha256": digest, "stat": stamp[1]}
+                    self.fresh.add(path, digest, (stamp[1][0], stamp[1][1], stamp[1][2]))
                     self.changed = True
         return bad
 
@@ -550,13 +574,17 @@ def _download_again(spec: str, repo: str, commit: str | None, snapshot: Path, fi
 
 def _check_downloads(
     spec: str, repo: str, commit: str | None, snapshot: Path, manifest: Manifest, shards: list[ShardRecord]
-) -> None:
-    """Check the downloaded ``shards``, normalization tensors and token table against their sha256;
-    download a damaged file once more, and raise :class:`HubError` if it is still damaged."""
+) -> FreshDigests:
+    """Check the downloaded ``shards``, normalization tensors, tokenizer file and token table against their
+    sha256; download a damaged file once more, and raise :class:`HubError` if it is still damaged.
+    Returns the digests of the files hashed here."""
     expect: dict[str, tuple[str, int | None]] = {s.file: (s.sha256, s.bytes) for s in shards}
     norm_file, norm_sha = _normalization_file(manifest), manifest.normalization.get("sha256")
     if norm_file and norm_sha:
         expect[norm_file] = (str(norm_sha), None)
+    tok_file = listed_tokenizer_file(manifest.tokenizer)
+    if tok_file:
+        expect[tok_file] = (str(manifest.tokenizer["file_sha256"]), None)
     # The manifest lists no sha256 for the token table: the Hub's own (its blob's name) stands in.
     hub_sha = {rel: _lfs_sha256(snapshot / rel) for rel in [TOKENS_NAME, *expect]}
     if TOKENS_NAME not in expect and hub_sha[TOKENS_NAME]:
@@ -572,7 +600,7 @@ def _check_downloads(
         finally:
             record.save()
     if not bad:
-        return
+        return record.fresh
     details = []
     for rel, actual in sorted(bad.items()):
         want = expect[rel][0]
@@ -646,6 +674,9 @@ def _partial_view(snapshot: Path, manifest: Manifest, n: int, repo: str, revisio
     norm_file = _normalization_file(manifest)
     if norm_file:
         files.append(norm_file)
+    tok_file = listed_tokenizer_file(manifest.tokenizer)
+    if tok_file:
+        files.append(tok_file)
     if _view_ok(view, data, files, snapshot):
         return view
     # Build beside the final name, then rename: readers never see a half-built view.

@@ -1,8 +1,9 @@
 """Naming Hub caches: ``hf://USER/NAME[@REV]`` specs, dataset repo ids, and :class:`HubError`.
 
 Both directions need these: :mod:`shared.hub_download` parses a spec into a repo and revision,
-:mod:`shared.hub_upload` checks the repo id and branch it pushes to. They live here, not in
-:mod:`shared.hub`, so that it can re-export both directions without an import cycle.
+:mod:`shared.hub_upload` checks the repo id and branch it pushes to, and both tell a lost connection
+from other errors (:func:`_network_cause`). They live here, not in :mod:`shared.hub`, so that it can
+re-export both directions without an import cycle.
 """
 
 from __future__ import annotations
@@ -48,3 +49,31 @@ def parse_hub_spec(spec: str) -> tuple[str, str | None]:
     if match is None or not _is_repo_id(match["repo"]):
         raise ValueError(f"bad Hub cache {spec!r}: {_SPEC_HELP} ({_REPO_HELP}), e.g. hf://alice/toy-diff@v1")
     return match["repo"], match["revision"]
+
+
+# Exceptions of these HTTP stacks (huggingface_hub 1.x: httpx; 2.x: httpx2; older: requests and
+# urllib3) are connection failures, except the few that report a bad URL or an HTTP status.
+_NETWORK_FAMILIES = frozenset({"httpx", "httpx2", "httpcore", "httpcore2", "h11", "requests", "urllib3"})
+_NOT_NETWORK = frozenset({"HTTPStatusError", "HTTPError", "InvalidURL", "UnsupportedProtocol", "MissingSchema",
+                          "InvalidSchema", "InvalidHeader", "LocationParseError", "CookieConflict"})
+
+
+def _network_cause(error: BaseException) -> BaseException | None:
+    """The connection failure behind ``error`` (itself, or in its ``__cause__``/``__context__`` chain), or None."""
+    seen: set[int] = set()
+    todo = [error]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        family = type(e).__module__.split(".")[0]
+        if isinstance(e, (ConnectionError, TimeoutError)) or (
+            family in _NETWORK_FAMILIES and type(e).__name__ not in _NOT_NETWORK
+        ):
+            return e
+        # huggingface_hub's own check that a download got all its bytes ("usually due to network issues").
+        if isinstance(e, OSError) and str(e).startswith("Consistency check failed"):
+            return e
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+    return None

@@ -13,13 +13,21 @@ it goes ahead. A different crosscache cache, or files that are not a cache (a da
 says to replace it. A branch the push creates starts as a copy of ``main``; what it inherits is
 replaced on the branch only, so that needs no ``force``.
 
+What is published is the cache as a reader elsewhere needs it, and nothing of the pusher's machine:
+the uploaded ``manifest.json`` and card are generated from the local manifest with paths under the
+home folder written ``~/...`` and the user and host names replaced (:mod:`shared.redact`), and the
+cache's ``tokenizer.json`` goes with it; for a cache harvested before the harvest saved one, a
+``tokenizer.json`` found on this machine whose vocabulary matches the manifest's is published in its
+place, listed in the uploaded manifest. The local cache is never changed. ``--private`` applies
+when the repo is created: pushing with it into an existing public repo is refused.
+
 Upload order follows the cache's own rule (write data, then the manifest): the shards, token
 table and normalization go up first, resumably (``HfApi.upload_folder`` on huggingface_hub 2.x:
 with ``hf_xet``, the default, it commits a large folder in batches and a re-run resumes;
 ``HfApi.upload_large_folder`` on 1.x, which keeps its resume state in ``<cache>/.cache/huggingface/``),
-and ``manifest.json`` with ``README.md`` are committed last. New data lands under the same names an
-older cache in the repo uses, so when a push replaces a different cache, the old ``manifest.json``
-is first deleted in a commit of its own. A repo whose push was interrupted therefore has no
+and ``manifest.json`` with ``README.md`` (and ``tokenizer.json``) are committed last. New data lands
+under the same names an older cache in the repo uses, so when a push replaces a different cache, the
+old ``manifest.json`` is first deleted in a commit of its own. A repo whose push was interrupted therefore has no
 manifest (first push, or a replacement) or this cache's own (a re-push), so it never reads as a
 cache with missing shards, nor as an old manifest over new data; re-running the push finishes it.
 """
@@ -27,6 +35,7 @@ cache with missing shards, nor as an old manifest over new data; re-running the 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import re
 import tempfile
@@ -39,13 +48,25 @@ from shared.cache_format import (
     MANIFEST_NAME,
     NORMALIZATION_NAME,
     SHARD_DIR,
+    TOKENIZER_NAME,
     TOKENS_NAME,
     CacheError,
     Manifest,
 )
 from shared.card import render_card
 from shared.hub_download import _shard_patterns, resolve_cache
-from shared.hub_spec import _COMMIT_RE, _REPO_HELP, REPO_TYPE, HubError, _is_repo_id, is_hub_spec, shown_files
+from shared.hub_spec import (
+    _COMMIT_RE,
+    _REPO_HELP,
+    REPO_TYPE,
+    HubError,
+    _is_repo_id,
+    _network_cause,
+    is_hub_spec,
+    shown_files,
+)
+from shared.redact import redact_machine
+from shared.tokenizer_file import find_tokenizer_json, listed_tokenizer_file, vocab_fingerprint
 
 GITATTRIBUTES = ".gitattributes"
 """Created by the Hub with every repo; a push keeps it and never counts it as content."""
@@ -85,6 +106,9 @@ class RepoContents:
     inherits there, on the new branch only (``main`` is not changed), so no ``force`` is needed."""
     problem: str | None = None
     """Why a ``manifest.json`` found there is not a crosscache manifest (state ``foreign``)."""
+    private: bool | None = None
+    """Whether the existing repo is private, looked up for a ``--private`` push only (None: not looked up,
+    or the Hub did not say)."""
 
     @property
     def replaces(self) -> bool:
@@ -94,7 +118,7 @@ class RepoContents:
     @property
     def foreign_files(self) -> list[str]:
         """Files that belong to no crosscache cache (everything but the cache's own names)."""
-        own = {GITATTRIBUTES, MANIFEST_NAME, CARD_NAME}
+        own = {GITATTRIBUTES, MANIFEST_NAME, CARD_NAME, TOKENIZER_NAME}
         return [f for f in self.files if f not in own and not _is_cache_data(f)]
 
     @property
@@ -141,8 +165,9 @@ class PushPlan:
     """The dataset card uploaded as ``README.md`` (rendered from the manifest, not the local file)."""
     data_files: list[tuple[str, int]]
     """``(path in repo, bytes)`` uploaded first: token table, normalization tensors, shards."""
-    final_files: list[tuple[str, int]]
-    """``(path in repo, bytes)`` committed last: ``manifest.json`` and ``README.md``."""
+    final_data: dict[str, bytes]
+    """Committed last, in one commit, ``path in repo -> content``: ``tokenizer.json`` (when one is
+    published), then ``manifest.json`` (the published one: see :attr:`redacted`) and ``README.md``."""
     n_rows: int
     dry_run: bool
     commit_url: str | None = None
@@ -158,12 +183,23 @@ class PushPlan:
     not part of the cache (``.gitattributes`` is kept). Not listed: the ``manifest.json`` of what
     is replaced, deleted first in a commit of its own, and committed anew at the end."""
     manifest: Manifest | None = field(default=None, repr=False)
-    """The manifest of the cache pushed."""
+    """The manifest of the cache pushed (the local one, as read from the cache folder)."""
+    redacted: list[str] = field(default_factory=list)
+    """The manifest fields that were published with the home folder, user or host name replaced."""
+
+    @property
+    def final_files(self) -> list[tuple[str, int]]:
+        """``(path in repo, bytes)`` committed last (:attr:`final_data`)."""
+        return [(name, len(data)) for name, data in self.final_data.items()]
 
     @property
     def files(self) -> list[tuple[str, int]]:
         """Every file of the upload, in upload order."""
         return self.data_files + self.final_files
+
+    def content(self, path: str) -> bytes:
+        """What the push uploads as ``path`` (a generated file, or the cache's own)."""
+        return self.final_data[path] if path in self.final_data else (self.cache_dir / path).read_bytes()
 
     @property
     def total_bytes(self) -> int:
@@ -182,8 +218,9 @@ class PushPlan:
         """One line per file with its size, then the totals."""
         width = max(len(path) for path, _ in self.files)
         lines = [f"  {path:<{width}}  {size:>15,} bytes" for path, size in self.files]
+        last = list(self.final_data)
         lines.append(f"{len(self.files)} files, {self.total_bytes:,} bytes ({self.n_rows:,} rows); "
-                     f"{MANIFEST_NAME} and {CARD_NAME} are committed last")
+                     f"{', '.join(last[:-1])} and {last[-1]} are committed last")
         return "\n".join(lines)
 
     def repo_summary(self) -> str:
@@ -234,8 +271,14 @@ def push_cache(
     :func:`shared.cache.verify_cache`, or is a partial-download view. Uploads exactly the
     manifest's files (never temp or stray files) plus a card rendered from the manifest, to
     branch ``revision`` (created from ``main`` if missing) of a repo created if missing
-    (``private`` applies on creation). Shards under ``shards/`` that the manifest does not list,
-    and a ``normalization.safetensors`` it does not use, are deleted from the repo.
+    (``private`` applies on creation; into an existing public repo it is refused, :class:`HubError`).
+    Shards under ``shards/`` that the manifest does not list, and a ``normalization.safetensors`` or
+    ``tokenizer.json`` it does not use, are deleted from the repo.
+
+    The manifest and card uploaded are generated, the local files left as they are: paths under the
+    home folder published as ``~/...``, the user and host names as ``<user>`` / ``<host>``
+    (:mod:`shared.redact`), and for a cache without its own ``tokenizer.json``, one found on this
+    machine with the cache's vocabulary listed and uploaded with it (:attr:`PushPlan.notes` says so).
 
     Before uploading, it looks at the branch (:attr:`PushPlan.contents`): when it holds a
     different crosscache cache, or files that are not a cache, the push is refused
@@ -273,7 +316,19 @@ def push_cache(
     if (cache_dir / NORMALIZATION_NAME).is_file():
         data.append(NORMALIZATION_NAME)
     data += [s.file for s in manifest.shards]
-    card = render_card(manifest, hub_repo=repo, hub_revision=revision)
+    # What is published is generated from the local manifest (left as it is): no path of this machine's
+    # home folder, user or host name, and the tokenizer.json it lists.
+    published, redacted = redact_machine(json.loads((cache_dir / MANIFEST_NAME).read_text()))
+    notes: list[str] = []
+    tokenizer = _tokenizer_to_publish(cache_dir, manifest, published, notes)
+    final = {TOKENIZER_NAME: tokenizer} if tokenizer is not None else {}
+    final[MANIFEST_NAME] = json.dumps(published, indent=1).encode() + b"\n"
+    card = render_card(Manifest.from_json(published), hub_repo=repo, hub_revision=revision)
+    final[CARD_NAME] = card.encode()
+    if redacted:
+        notes.append(f"{len(redacted)} field(s) of the published {MANIFEST_NAME} and {CARD_NAME} name this machine's "
+                     f"home folder, user or host: published as ~/..., <user>, <host> ({shown_files(redacted, 6)}); "
+                     "the local cache is not changed")
     plan = PushPlan(
         cache_dir=cache_dir,
         repo=repo,
@@ -281,11 +336,13 @@ def push_cache(
         private=private,
         card=card,
         data_files=[(f, (cache_dir / f).stat().st_size) for f in data],
-        final_files=[(MANIFEST_NAME, (cache_dir / MANIFEST_NAME).stat().st_size), (CARD_NAME, len(card.encode()))],
+        final_data=final,
         n_rows=manifest.n_rows,
         dry_run=dry_run,
         force=force,
         manifest=manifest,
+        notes=notes,
+        redacted=redacted,
     )
     if dry_run:
         _look_for_dry_run(plan)
@@ -294,14 +351,55 @@ def push_cache(
     return plan
 
 
-def _is_network_error(e: BaseException) -> bool:
-    # huggingface_hub's HTTP stack differs across versions (httpx, httpx2); match by family.
-    family = type(e).__module__.split(".")[0]
-    return isinstance(e, (ConnectionError, TimeoutError)) or family in ("httpx", "httpx2", "requests", "urllib3")
+def _tokenizer_to_publish(cache_dir: Path, manifest: Manifest, published: dict[str, Any],
+                          notes: list[str]) -> bytes | None:
+    """The ``tokenizer.json`` to publish with the cache, or None; says in ``notes`` what was done.
+
+    The cache's own file when its manifest lists one (``verify`` has checked it). A cache harvested
+    before the harvest saved one gets the ``tokenizer.json`` found on this machine for the tokenizer
+    its manifest names, if that file's vocabulary is the cache's (``tokenizer.sha256``): it is then
+    listed in ``published`` (the manifest to upload), never in the local cache's manifest.
+    """
+    own = listed_tokenizer_file(manifest.tokenizer)
+    if own is not None:
+        return (cache_dir / own).read_bytes()
+    name = manifest.tokenizer.get("name")
+    unreadable = "readers elsewhere show the token ids of top contexts as <id>"
+    found = find_tokenizer_json(manifest.tokenizer)
+    if found is None:
+        notes.append(f"no {TOKENIZER_NAME} published: the cache has none of its own (harvested before crosscache "
+                     f"saved one) and none was found on this machine for its tokenizer {name!r} (its path, its name, "
+                     f"the Hugging Face cache); {unreadable}. Re-harvest it to include the tokenizer")
+        return None
+    path, how = found
+    expected = manifest.tokenizer.get("sha256")
+    data = path.read_bytes()
+    fingerprint = vocab_fingerprint(data)  # of the very bytes published
+    if not expected or fingerprint != expected:
+        why = ("the manifest records no vocabulary sha256 to check it against" if not expected
+               else "its vocabulary is not the one the cache was harvested with" if fingerprint
+               else "it does not load as a tokenizer")
+        notes.append(f"no {TOKENIZER_NAME} published: the cache has none of its own, and {path} (found through {how}) "
+                     f"was left out: {why}; {unreadable}")
+        return None
+    published.setdefault("tokenizer", {}).update(file=TOKENIZER_NAME, file_sha256=hashlib.sha256(data).hexdigest())
+    notes.append(f"the cache has no {TOKENIZER_NAME} of its own (harvested before crosscache saved one): publishing "
+                 f"{path} (found through {how}; its vocabulary matches the cache's) as {TOKENIZER_NAME}, listed in "
+                 "the published manifest; the local cache is not changed")
+    return data
 
 
 def _inspect(api: Any, plan: PushPlan) -> RepoContents:
-    """Look (read only) at what the branch ``plan`` pushes to holds, and classify it."""
+    """Look (read only) at what the branch ``plan`` pushes to holds, and classify it; for a ``--private``
+    push into a repo that exists, also whether it is private (``--private`` cannot change that)."""
+    contents = _inspect_branch(api, plan)
+    if plan.private and contents.state != "missing":
+        contents.private = getattr(api.repo_info(plan.repo, repo_type=REPO_TYPE), "private", None)
+    return contents
+
+
+def _inspect_branch(api: Any, plan: PushPlan) -> RepoContents:
+    """What the branch ``plan`` pushes to holds (read only), classified."""
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     assert plan.manifest is not None
@@ -360,7 +458,7 @@ def _deletions(plan: PushPlan, files: list[str]) -> list[str]:
     keep = {f for f, _ in plan.files} | {GITATTRIBUTES}
     replace = plan.contents is not None and plan.contents.replaces
     return [f for f in files if f not in keep
-            and (replace or f.startswith(f"{SHARD_DIR}/") or f == NORMALIZATION_NAME)]
+            and (replace or f.startswith(f"{SHARD_DIR}/") or f in (NORMALIZATION_NAME, TOKENIZER_NAME))]
 
 
 def _deletes_manifest_first(plan: PushPlan) -> bool:
@@ -368,8 +466,19 @@ def _deletes_manifest_first(plan: PushPlan) -> bool:
 
 
 def _refuse_unless_allowed(plan: PushPlan) -> None:
-    """Raise :class:`HubError` when the push would replace what the branch holds without ``force``."""
+    """Raise :class:`HubError` when the push would make a repo public that was asked to be private
+    (``--private`` into an existing public repo), or would replace what the branch holds without ``force``."""
     c = plan.contents
+    dry = " (dry run: nothing was uploaded)" if plan.dry_run else ""
+    if c is not None and plan.private and c.state != "missing" and c.private is not True:
+        # create_repo(private=True) leaves an existing repo as it is: the cache would go up public.
+        seen = "is public" if c.private is False else "exists, and the Hub did not say whether it is private"
+        raise HubError(
+            f"refusing to push to {plan.where} with --private: the repo {plan.repo} already {seen}, so the cache "
+            f"would be published for anyone to read. Make the repo private in its settings "
+            f"(https://huggingface.co/datasets/{plan.repo}/settings) and run again, or drop --private to publish "
+            f"it publicly{dry}"
+        )
     if c is None or not plan.needs_force or plan.force:
         return
     if c.state == "other":
@@ -386,7 +495,7 @@ def _refuse_unless_allowed(plan: PushPlan) -> None:
     raise HubError(
         f"refusing to push to {plan.where}: it holds {held}, and the push would replace it. "
         f"Pass --force to replace it ({how}; the old files stay in the repo's git history), or push to {_FORCE_HELP}"
-        + (" (dry run: nothing was uploaded)" if plan.dry_run else "")
+        + dry
     )
 
 
@@ -406,7 +515,7 @@ def _look_for_dry_run(plan: PushPlan) -> None:
     try:
         plan.contents = _inspect(HfApi(), plan)
     except Exception as e:
-        if not (isinstance(e, HfHubHTTPError) or _is_network_error(e)):
+        if not (isinstance(e, HfHubHTTPError) or _network_cause(e) is not None):
             raise
         plan.notes.append(f"could not look at what {plan.where} holds ({type(e).__name__}: {e}); "
                           "a push looks again before uploading anything")
@@ -466,16 +575,17 @@ def _upload(plan: PushPlan) -> None:
                 revision=plan.revision, allow_patterns=data_patterns, ignore_patterns=strays or None,
                 commit_message=f"crosscache: upload data ({len(plan.data_files)} files)",
             )
-        # The switch-over commit: the manifest and card, and the removal of what this cache does
-        # not use (shards of an older push, a stale normalization file; when replacing, the rest).
+        # The switch-over commit: the manifest, card and tokenizer.json, and the removal of what this
+        # cache does not use (shards of an older push, a stale normalization or tokenizer file; when
+        # replacing, the rest).
         stale = _deletions(plan, api.list_repo_files(plan.repo, repo_type=REPO_TYPE, revision=plan.revision))
         info = api.create_commit(
             plan.repo,
             repo_type=REPO_TYPE,
             revision=plan.revision,
             operations=[
-                CommitOperationAdd(path_in_repo=MANIFEST_NAME, path_or_fileobj=str(plan.cache_dir / MANIFEST_NAME)),
-                CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=plan.card.encode()),
+                *[CommitOperationAdd(path_in_repo=name, path_or_fileobj=data)
+                  for name, data in plan.final_data.items()],
                 *[CommitOperationDelete(path_in_repo=f) for f in stale],
             ],
             commit_message=f"crosscache: manifest and card ({plan.n_rows:,} rows)",
@@ -496,7 +606,7 @@ def _upload(plan: PushPlan) -> None:
             fix = "run the same command again: the upload resumes where it stopped"
         raise HubError(f"push to {where} failed ({type(e).__name__}: {e}); {fix}") from None
     except Exception as e:
-        if not _is_network_error(e):
+        if _network_cause(e) is None:
             raise
         raise HubError(
             f"push to {where} failed: the Hub could not be reached ({type(e).__name__}: {e}); check the "

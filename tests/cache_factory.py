@@ -28,7 +28,8 @@ from shared.cache import CacheWriter
 from shared.cache_format import Manifest, dtype_name, shard_file_name
 from shared.token_table import write_token_table
 
-__all__ = ["TAG_DIMS", "make_cache", "decode_tags", "check_tags", "shard_rows"]
+__all__ = ["TAG_DIMS", "make_cache", "decode_tags", "check_tags", "shard_rows", "synthetic_tokenizer_json",
+           "add_tokenizer"]
 
 TAG_DIMS = 6
 """Dimensions 0..5 of each row hold tags: seq high/low byte, pos high/low byte, model, hook."""
@@ -194,3 +195,38 @@ def shard_rows(path: str | Path, shard_indices: Sequence[int] | None = None) -> 
         with cache.shard(i) as reader:
             out.extend(zip(reader.seq.tolist(), reader.pos.tolist()))
     return out
+
+
+def synthetic_tokenizer_json(vocab: int = 512, prefix: str = "t") -> bytes:
+    """A real ``tokenizer.json`` (word-level) for a synthetic cache's ids: id ``i`` is the word ``{prefix}{i}``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"{prefix}{i}": i for i in range(vocab)}, unk_token=f"{prefix}0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tok.to_str(pretty=True).encode()
+
+
+def add_tokenizer(cache: str | Path, *, folder: str | Path | None = None, prefix: str = "t") -> bytes:
+    """Give a :func:`make_cache` cache a tokenizer: its manifest's ``tokenizer.sha256`` becomes the
+    vocabulary's fingerprint. With ``folder=None`` the file goes into the cache as ``tokenizer.json``,
+    listed (``file``, ``file_sha256``), as a harvest writes it; else into ``folder``, named by the
+    manifest's ``tokenizer.path`` only (a cache harvested before caches held their tokenizer).
+    Returns the file's bytes."""
+    import hashlib
+    import json
+
+    from shared.tokenizer_file import vocab_fingerprint
+
+    data = synthetic_tokenizer_json(prefix=prefix)
+    path = Path(cache) / "manifest.json"
+    obj = json.loads(path.read_text())
+    obj["tokenizer"]["sha256"] = vocab_fingerprint(data)
+    target = Path(cache) if folder is None else Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "tokenizer.json").write_bytes(data)
+    if folder is None:
+        obj["tokenizer"].update(file="tokenizer.json", file_sha256=hashlib.sha256(data).hexdigest())
+    else:
+        obj["tokenizer"]["path"] = str(target)
+    path.write_text(json.dumps(obj, indent=1) + "\n")
+    return data

@@ -276,6 +276,19 @@ def planted(tmp_path_factory):
     return {"tmp": tmp, "run": run, "rep": rep, **info}
 
 
+def test_contexts_are_text_from_the_caches_own_tokenizer(tmp_path):
+    """A cache that holds its tokenizer.json shows contexts as text, with no model folder to find one in."""
+    from tests.cache_factory import add_tokenizer
+
+    _planted_cache(tmp_path / "cache")
+    add_tokenizer(tmp_path / "cache")  # the manifest names no path; the cache's own file: id i is "t{i}"
+    run = _planted_run(tmp_path, tmp_path / "cache")
+    rep = analyze(AnalysisConfig(run=str(run), progress=False, top_k=3, latents_shown=8))
+    shown = {e["latent"]: e for e in rep["shown_latents"] if not e["repeat"]}
+    assert shown[0]["contexts"] and all(c["token"] == f"t{MARK_TOKEN}" for c in shown[0]["contexts"])
+    assert not any("no tokenizer.json" in n for n in rep["notes"]), rep["notes"]
+
+
 def test_top_contexts_mark_the_firing_token(planted):
     rep, ids = planted["rep"], planted["ids"]
     shown = {e["latent"]: e for e in rep["shown_latents"] if not e["repeat"]}

@@ -408,3 +408,30 @@ def test_manifest_normalization_and_widths_are_checked(tmp_path):
     models[1]["d_model"] = 32
     with pytest.raises(CacheError, match=r"models\[1\] has d_model 32, the cache's d_model is 16"):
         Manifest.from_json({**man, "models": models})
+
+
+def test_the_caches_own_tokenizer_file_is_checked_when_listed(tmp_path):
+    """``tokenizer.file`` is optional: a cache without it verifies as before; when listed, verify names a
+    missing or altered tokenizer.json, and a manifest whose entry points outside the folder is refused."""
+    from tests.cache_factory import add_tokenizer, make_cache
+
+    cache = tmp_path / "cache"
+    make_cache(cache, n_shards=2, rows_per_shard=32, d_model=8)
+    assert verify_cache(cache).ok  # no tokenizer.json listed: nothing to check
+    data = add_tokenizer(cache)
+    tok = Manifest.load(cache).tokenizer
+    assert tok["file"] == "tokenizer.json" and len(tok["file_sha256"]) == 64
+    assert verify_cache(cache).ok
+
+    (cache / "tokenizer.json").write_bytes(data[:-2] + b"}\n")  # same size, other bytes
+    assert verify_cache(cache).problems == ["tokenizer.json: sha256 mismatch (corrupted)"]
+    assert verify_cache(cache, checksums=False).ok  # presence only
+    (cache / "tokenizer.json").unlink()
+    assert verify_cache(cache, checksums=False).problems == ["tokenizer.json: missing"]
+
+    obj = json.loads((cache / "manifest.json").read_text())
+    for bad, match in [({"file": "../elsewhere/tokenizer.json"}, "relative path inside the cache folder"),
+                       ({"file": "/etc/tokenizer.json"}, "relative path inside the cache folder"),
+                       ({"file_sha256": "abc"}, "file_sha256 must be the 64-hex sha256")]:
+        with pytest.raises(CacheError, match=match):
+            Manifest.from_json({**obj, "tokenizer": {**obj["tokenizer"], **bad}})

@@ -68,6 +68,8 @@ def _assert_same_cache(ref: Path, got: Path) -> None:
     # By design each shard holds the very bytes of the one-process shard of the same index.
     assert [s.sha256 for s in m_got.shards] == [s.sha256 for s in m_ref.shards]
     assert (ref / "tokens.arrow").read_bytes() == (got / "tokens.arrow").read_bytes()
+    assert (ref / "tokenizer.json").read_bytes() == (got / "tokenizer.json").read_bytes()  # rank 0's, written once
+    assert m_got.tokenizer == m_ref.tokenizer and m_got.tokenizer["file"] == "tokenizer.json"
     assert m_got.normalization == m_ref.normalization
     assert m_got.extra["harvest"]["signature"] == m_ref.extra["harvest"]["signature"]
     assert {Path(s.file).name.split("-")[1] for s in m_got.shards} == {"rank0", "rank1"}

@@ -85,7 +85,7 @@ def publish(hub: Path, repo: str, src: Path, commit: str, refs=("main",), only=N
     for rel, _ in plan.files:
         if only is not None and rel not in only:
             continue
-        data = plan.card.encode() if rel == "README.md" else (src / rel).read_bytes()
+        data = plan.content(rel)  # the generated manifest and card, as the push uploads them
         blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(data)
         link = repo_dir / "snapshots" / commit / rel
@@ -250,6 +250,9 @@ def test_push_uploads_data_first_then_manifest_and_card(tmp_path, hf_home, monke
     class Info:
         commit_url = "https://huggingface.co/datasets/alice/toy-diff/commit/123"
 
+    class RepoInfo:
+        private = True  # an existing private repo: a --private push goes ahead
+
     monkeypatch.delattr(huggingface_hub.HfApi, "upload_large_folder", raising=False)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", record("create_repo"))
     monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", record("create_branch"))
@@ -258,6 +261,7 @@ def test_push_uploads_data_first_then_manifest_and_card(tmp_path, hf_home, monke
         "list_repo_files", [".gitattributes", "README.md", "shards/acts-00000.safetensors",
                             "shards/acts-00042.safetensors"]))
     monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", record("create_commit", Info()))
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", record("repo_info", RepoInfo()))
     src = _cache(tmp_path / "c")
     (src / "shards" / ".acts-00004.safetensors.tmp-9").write_bytes(b"half")
     (src / "shards" / "acts-00077.safetensors").write_bytes(b"not listed")
@@ -265,8 +269,9 @@ def test_push_uploads_data_first_then_manifest_and_card(tmp_path, hf_home, monke
 
     plan = push_cache(src, "alice/toy-diff", private=True, revision="v2")
     # The first list_repo_files looks at what the branch holds before anything is written.
-    assert [name for name, _ in calls] == ["list_repo_files", "create_repo", "create_branch", "upload_folder",
-                                           "list_repo_files", "create_commit"]
+    # (and, for --private, whether the repo is private).
+    assert [name for name, _ in calls] == ["list_repo_files", "repo_info", "create_repo", "create_branch",
+                                           "upload_folder", "list_repo_files", "create_commit"]
     kw = dict(calls)
     assert kw["create_repo"]["repo_type"] == "dataset" and kw["create_repo"]["private"] is True
     assert kw["create_branch"]["branch"] == "v2"
@@ -282,6 +287,7 @@ def test_push_uploads_data_first_then_manifest_and_card(tmp_path, hf_home, monke
     deletes = [op.path_in_repo for op in ops if type(op).__name__ == "CommitOperationDelete"]
     assert sorted(adds) == ["README.md", "manifest.json"] and deletes == ["shards/acts-00042.safetensors"]
     assert adds["README.md"].path_or_fileobj == plan.card.encode()
+    assert adds["manifest.json"].path_or_fileobj == (src / "manifest.json").read_bytes()  # nothing to redact here
     assert plan.commit_url == Info.commit_url
     assert FAKE_TOKEN not in repr(calls)  # the token is left to huggingface_hub, never passed around
 

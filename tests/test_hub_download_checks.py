@@ -165,6 +165,8 @@ def _hub_files(src: Path, repo: str = REPO) -> dict[str, bytes]:
     names = ["tokens.arrow"] + [s.file for s in man.shards]
     if man.normalization.get("file"):
         names.append(man.normalization["file"])
+    if man.tokenizer.get("file"):
+        names.append(man.tokenizer["file"])
     files = {n: (src / n).read_bytes() for n in names}
     files["manifest.json"] = (src / "manifest.json").read_bytes()
     files["README.md"] = render_card(man, hub_repo=repo).encode()
@@ -498,3 +500,97 @@ def test_whole_cache_download_fetches_only_listed_files(tmp_path, hf_home, fake_
     # look incomplete for lack of the files deliberately skipped).
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert resolve_cache(SPEC) == snap and open_cache(SPEC).n_shards == 4
+
+
+# --------------------------------------------------------------------------------------------
+# 5. the cache's own tokenizer.json comes with it; `verify hf://` hashes each file once
+
+
+def test_the_listed_tokenizer_is_downloaded_checked_and_in_partial_views(tmp_path, hf_home, fake_hub, hashed):
+    from tests.cache_factory import add_tokenizer
+    from train.token_text import load_token_decoder
+
+    src = _cache(tmp_path / "c")
+    data = add_tokenizer(src)
+    fake_hub.add(REPO, _hub_files(src))
+    view = resolve_cache(SPEC, max_shards=1)
+    assert (view / "tokenizer.json").read_bytes() == data and verify_cache(view).ok
+    assert "tokenizer.json" in hashed  # checked against the manifest's file_sha256
+    cache = open_cache(view)
+    assert load_token_decoder(cache.manifest.tokenizer, cache.dir)(3) == "t3"
+    snap = resolve_cache(SPEC)
+    assert (snap / "tokenizer.json").read_bytes() == data
+    # Damaged in the local HF cache: found, and downloaded again.
+    _flip_bit(snap / "tokenizer.json", offset=len(data) // 2)
+    assert resolve_cache(SPEC) == snap and (snap / "tokenizer.json").read_bytes() == data
+    assert fake_hub.gets["tokenizer.json"] == 2
+    # A repo whose manifest lists a tokenizer.json it does not hold: the error names it.
+    files = _hub_files(src, "alice/no-tok")
+    del files["tokenizer.json"]
+    fake_hub.add("alice/no-tok", files)
+    with pytest.raises(HubError, match=r"file\(s\) the manifest needs are neither .*: tokenizer\.json"):
+        resolve_cache("hf://alice/no-tok")
+
+
+def test_verify_of_a_hub_cache_hashes_each_file_once(tmp_path, hf_home, fake_hub, hashed, monkeypatch):
+    import shared.cache
+    from tests.cache_factory import add_tokenizer
+
+    src = _cache(tmp_path / "c", mean_std=True)
+    add_tokenizer(src)
+    fake_hub.add(REPO, _hub_files(src))
+    verify_hashed: list[str] = []
+    real_sha256_file = shared.cache.sha256_file
+
+    def spy(path):
+        verify_hashed.append(Path(path).name)
+        return real_sha256_file(path)
+
+    monkeypatch.setattr(shared.cache, "sha256_file", spy)
+    report = verify_cache(SPEC)  # the first run: download, check, verify
+    assert report.ok, report.problems
+    checked = sorted(SHARDS + ["normalization.safetensors", "tokenizer.json", "tokens.arrow"])
+    assert sorted(hashed) == checked  # by the download check, once each
+    assert verify_hashed == []  # and not again by verify
+    # A later run: the download check remembers; verify checks in full, each file once.
+    hashed.clear()
+    assert verify_cache(SPEC).ok
+    assert hashed == [] and sorted(verify_hashed) == sorted(Path(f).name for f in SHARDS + ["tokenizer.json"])
+
+
+def test_fresh_digests_stand_only_for_the_file_that_was_hashed(tmp_path):
+    from shared.hub import FreshDigests
+
+    path = tmp_path / "f"
+    path.write_bytes(b"abc")
+    st = path.stat()
+    fresh = FreshDigests()
+    fresh.add(path, "d" * 64, (st.st_size, st.st_mtime_ns, st.st_ino))
+    assert fresh.get(path) == "d" * 64 and fresh.get(tmp_path / "other") is None
+    path.write_bytes(b"abd")  # rewritten since: hashed again by whoever asks
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert fresh.get(path) is None
+
+
+def test_upload_and_download_tell_network_errors_apart_alike(tmp_path, hf_home, monkeypatch):
+    """One helper (shared.hub_spec._network_cause) serves both directions: an upload whose connection
+    error huggingface_hub wrapped in another exception is a HubError that says to run again."""
+    import httpx
+    import huggingface_hub
+
+    import shared.hub_download
+    import shared.hub_upload
+    from shared.hub import push_cache
+
+    assert shared.hub_upload._network_cause is shared.hub_download._network_cause
+    src = _cache(tmp_path / "c")
+
+    def fail(*args, **kwargs):
+        try:
+            raise httpx.ConnectError("[Errno 111] Connection refused")
+        except httpx.ConnectError as net:
+            raise ValueError("Upload failed due to the above error.") from net
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", fail)
+    with pytest.raises(HubError, match=r"could not be reached.*run the same command again"):
+        push_cache(src, REPO)

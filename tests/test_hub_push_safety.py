@@ -19,7 +19,7 @@ import pytest
 
 import run_harvest
 from shared.cache import open_cache, verify_cache
-from shared.cache_format import CacheError
+from shared.cache_format import CacheError, Manifest
 from shared.hub import HubError, push_cache
 from tests.cache_factory import shard_rows
 from tests.test_hub import FAKE_TOKEN, _cache, _edit_manifest, hf_home  # noqa: F401 (hf_home: a fixture)
@@ -50,12 +50,15 @@ class FakeHub:
         self.heads: dict[str, dict[str, str]] = {}
         self.log: list[tuple[str, object]] = []
         self.fail_upload_after: int | None = None
+        self.private: dict[str, bool] = {}  # repo -> whether it is private
         self.home: Path | None = None  # the HF_HOME of the test, set by the fixture
         self._n = 0
 
     # ---- state helpers for tests
-    def put(self, repo: str, files: dict[str, bytes], branch: str = "main") -> None:
-        """Make ``repo`` exist with exactly ``files`` (plus ``.gitattributes``) on ``branch``."""
+    def put(self, repo: str, files: dict[str, bytes], branch: str = "main", private: bool = False) -> None:
+        """Make ``repo`` exist (public unless ``private``) with exactly ``files`` (plus ``.gitattributes``)
+        on ``branch``."""
+        self.private.setdefault(repo, private)
         self.files.setdefault(repo, {})[branch] = {".gitattributes": b"*.safetensors filter=lfs\n", **files}
         self._commit(repo, branch)
 
@@ -93,11 +96,22 @@ class FakeHub:
         path.write_bytes(self._branch(repo_id, revision)[filename])
         return str(path)
 
+    def repo_info(self, api, repo_id, *, repo_type=None, revision=None, **kw):
+        from types import SimpleNamespace
+
+        from huggingface_hub.errors import OfflineModeIsEnabled
+
+        if revision is not None:  # snapshot_download resolving a revision: hf:// reads here use the local HF cache
+            raise OfflineModeIsEnabled("fake: downloads are offline in these tests (materialize lays them out)")
+        self.log.append(("repo_info", repo_id))
+        self._branch(repo_id, None)  # a missing repo raises the Hub's 404
+        return SimpleNamespace(id=repo_id, private=self.private[repo_id])
+
     def create_repo(self, api, repo_id, *, repo_type=None, private=False, exist_ok=False, **kw):
         self.log.append(("create_repo", repo_id))
         assert repo_type == "dataset"
-        if repo_id not in self.files:
-            self.put(repo_id, {})
+        if repo_id not in self.files:  # an existing repo keeps its visibility, as on the Hub
+            self.put(repo_id, {}, private=private)
 
     def create_branch(self, api, repo_id, *, branch, repo_type=None, exist_ok=False, **kw):
         self.log.append(("create_branch", branch))
@@ -150,7 +164,7 @@ def fake_hub(hf_home, monkeypatch) -> FakeHub:  # noqa: F811 (hf_home: the fixtu
 
     hub = FakeHub()
     hub.home = hf_home
-    for name in ("list_repo_files", "hf_hub_download", "create_repo", "create_branch", "upload_folder",
+    for name in ("list_repo_files", "hf_hub_download", "repo_info", "create_repo", "create_branch", "upload_folder",
                  "create_commit"):
         method = getattr(hub, name)
         monkeypatch.setattr(huggingface_hub.HfApi, name, lambda api, *a, _m=method, **k: _m(api, *a, **k))
@@ -392,3 +406,178 @@ def test_token_never_passed_or_printed(fake_hub, two_caches, capsys):
     assert run_harvest.main(["push", str(b), "--repo", REPO, "--force"]) == 0
     out = capsys.readouterr()
     assert FAKE_TOKEN not in out.out + out.err + repr(fake_hub.log)
+
+
+# --------------------------------------------------------------------------------------------
+# --private never publishes into an existing public repo
+
+
+def test_private_push_into_an_existing_public_repo_is_refused(fake_hub, tmp_path, monkeypatch, capsys):
+    src = _cache(tmp_path / "c")
+    fake_hub.put(REPO, {})  # made on the website: public, empty
+    before = fake_hub.state(REPO)
+
+    with pytest.raises(HubError) as err:
+        push_cache(src, REPO, private=True)
+    msg = str(err.value)
+    assert f"refusing to push to {REPO} with --private: the repo {REPO} already is public" in msg
+    assert f"https://huggingface.co/datasets/{REPO}/settings" in msg and "drop --private" in msg
+    assert fake_hub.writes() == [] and fake_hub.state(REPO) == before  # refused before anything went up
+    assert run_harvest.main(["push", str(src), "--repo", REPO, "--private"]) == 2
+    assert "already is public" in capsys.readouterr().err
+    with online(monkeypatch):  # a dry run says the same
+        assert run_harvest.main(["push", str(src), "--repo", REPO, "--private", "--dry-run"]) == 2
+    err_out = capsys.readouterr().err
+    assert "already is public" in err_out and "dry run: nothing was uploaded" in err_out
+    assert fake_hub.writes() == [] and fake_hub.state(REPO) == before
+
+    push_cache(src, REPO)  # without --private: published, as asked
+    assert "manifest.json" in fake_hub.files[REPO]["main"] and fake_hub.private[REPO] is False
+    fake_hub.put("alice/secret", {}, private=True)
+    push_cache(src, "alice/secret", private=True)  # an existing private repo: fine
+    assert "manifest.json" in fake_hub.files["alice/secret"]["main"]
+    push_cache(src, "alice/new", private=True)  # a new repo is created private
+    assert fake_hub.private["alice/new"] is True
+    assert ("repo_info", "alice/new") not in fake_hub.log  # nothing to look up for a repo that did not exist
+
+
+# --------------------------------------------------------------------------------------------
+# what is published names nothing of the pusher's machine
+
+
+def _as_alice(monkeypatch, tmp_path: Path) -> tuple[Path, str]:
+    """Run as user alice on host lab-gpu7 with a home folder in ``tmp_path``."""
+    import socket
+
+    home = tmp_path / "home" / "alice"
+    home.mkdir(parents=True)
+    for var, value in {"HOME": str(home), "USER": "alice", "LOGNAME": "alice"}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(socket, "gethostname", lambda: "lab-gpu7.example.org")
+    return home, "lab-gpu7"
+
+
+def test_redaction_of_home_user_and_host_in_text():
+    from shared.redact import MachineNames, redact_machine, redact_text
+
+    names = MachineNames(("/home/alice", "/mnt/home/alice"), ("alice",), ("lab-gpu7",))
+    cases = {
+        "/home/alice/models/ft": "~/models/ft",
+        "/home/alice": "~",
+        "/mnt/home/alice/x": "~/x",  # the home folder's resolved form too
+        "run_harvest.py --out=/home/alice/c --models /scratch/alice/m 'x y'": "run_harvest.py --out=~/c --models "
+                                                                           "/scratch/<user>/m 'x y'",
+        "/data/lab-gpu7/alice.txt": "/data/<host>/alice.txt",  # whole folder names only
+        "/home/alicia/x": "/home/alicia/x",
+        "/home/alice.bak/x": "/home/alice.bak/x",
+        "/srv/home/alice/x": "/srv/home/<user>/x",  # not the home folder: only the user name
+        "alice/toy-diff": "alice/toy-diff",  # a Hub id, not a path
+        "caches/alice": "caches/alice",  # a relative path is the user's choice
+    }
+    for before, after in cases.items():
+        assert redact_text(before, names) == after, before
+    obj, changed = redact_machine({"models": [{"name": "toy", "path": "/home/alice/m"}], "n": 3, "ok": "x"}, names)
+    assert obj == {"models": [{"name": "toy", "path": "~/m"}], "n": 3, "ok": "x"} and changed == ["models[0].path"]
+
+
+def test_push_publishes_no_home_user_or_host_and_leaves_the_cache_alone(fake_hub, tmp_path, monkeypatch, capsys):
+    home, host = _as_alice(monkeypatch, tmp_path)
+    src = _cache(tmp_path / "c", mean_std=True)
+    models_dir = home / "models" / "ft"
+
+    def from_alices_machine(m: dict) -> None:
+        m["models"][0].update(name=str(models_dir), path=str(models_dir))
+        m["tokenizer"].update(name=str(models_dir), path=str(models_dir))
+        m["dataset"]["name"] = f"/data/{host}/corpus.jsonl"
+        m["created_by"]["command"] = f"run_harvest.py --models {models_dir} --out /scratch/alice/caches/c"
+        m["harvest"] = {"config": {"out": str(home / "caches" / "c"), "models": [str(models_dir)]}}
+
+    _edit_manifest(src, from_alices_machine)
+    local = (src / "manifest.json").read_bytes()
+    local_files = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+
+    assert run_harvest.main(["push", str(src), "--repo", REPO]) == 0
+    err = capsys.readouterr().err
+    assert "field(s) of the published manifest.json and README.md name this machine's home folder" in err
+    assert "models[0].name" in err and "the local cache is not changed" in err
+    published = fake_hub.files[REPO]["main"]
+    for name in ("manifest.json", "README.md"):
+        text = published[name].decode()
+        for secret in (str(home), "alice", host):
+            assert secret not in text.replace(f"hf://{REPO}", "").replace(REPO, ""), (name, secret)
+    obj = json.loads(published["manifest.json"])
+    assert obj["models"][0]["path"] == "~/models/ft" and obj["tokenizer"]["name"] == "~/models/ft"
+    assert obj["dataset"]["name"] == "/data/<host>/corpus.jsonl"
+    assert obj["created_by"]["command"] == "run_harvest.py --models ~/models/ft --out /scratch/<user>/caches/c"
+    assert obj["harvest"]["config"] == {"out": "~/caches/c", "models": ["~/models/ft"]}
+    assert "`~/models/ft`" in published["README.md"].decode()  # the card is made from the published manifest
+    # The local cache is exactly as it was.
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == local_files
+    assert (src / "manifest.json").read_bytes() == local
+
+    # The redacted manifest still reads, verifies, and is recognised as this same cache on a re-push.
+    materialize(fake_hub)
+    assert verify_cache(f"hf://{REPO}").ok
+    assert shard_rows(open_cache(f"hf://{REPO}").dir) == shard_rows(src)
+    plan = push_cache(src, REPO)
+    assert plan.contents is not None and plan.contents.state == "same"
+
+
+# --------------------------------------------------------------------------------------------
+# the tokenizer goes with the cache
+
+
+def test_push_uploads_the_caches_own_tokenizer(fake_hub, tmp_path):
+    from tests.cache_factory import add_tokenizer
+
+    src = _cache(tmp_path / "c")
+    data = add_tokenizer(src)
+    plan = push_cache(src, REPO)
+    assert [f for f, _ in plan.final_files] == ["tokenizer.json", "manifest.json", "README.md"]
+    commit = [detail for name, detail in fake_hub.log if name == "create_commit"][-1]
+    assert ("Add", "tokenizer.json") in commit  # with the manifest that lists it, in one commit
+    assert fake_hub.files[REPO]["main"]["tokenizer.json"] == data
+    assert json.loads(fake_hub.files[REPO]["main"]["manifest.json"])["tokenizer"]["file"] == "tokenizer.json"
+
+
+def test_push_of_a_cache_without_a_tokenizer_publishes_the_one_found_here(fake_hub, tmp_path, capsys):
+    from shared.tokenizer_file import vocab_fingerprint
+    from tests.cache_factory import add_tokenizer, synthetic_tokenizer_json
+    from train.token_text import load_token_decoder
+
+    src = _cache(tmp_path / "c")
+    data = add_tokenizer(src, folder=tmp_path / "model")  # harvested before caches held their tokenizer
+    local = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+
+    assert run_harvest.main(["push", str(src), "--repo", REPO]) == 0
+    err = capsys.readouterr().err
+    assert (f"note: the cache has no tokenizer.json of its own (harvested before crosscache saved one): publishing "
+            f"{tmp_path / 'model' / 'tokenizer.json'} (found through the manifest's tokenizer path; its vocabulary "
+            "matches the cache's)") in err and "the local cache is not changed" in err
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == local  # nothing written into it
+    published = fake_hub.files[REPO]["main"]
+    assert published["tokenizer.json"] == data
+    entry = json.loads(published["manifest.json"])["tokenizer"]
+    assert entry["file"] == "tokenizer.json" and entry["file_sha256"] == hashlib.sha256(data).hexdigest()
+    # Read elsewhere (the model folder gone), the Hub copy shows the tokens as text.
+    (tmp_path / "model" / "tokenizer.json").unlink()
+    materialize(fake_hub)
+    cache = open_cache(f"hf://{REPO}")
+    assert verify_cache(f"hf://{REPO}").ok
+    assert load_token_decoder(cache.manifest.tokenizer, cache.dir)(7) == "t7"
+    # A re-push of the same cache finds the same tokenizer: nothing to delete, still the same cache.
+    (tmp_path / "model" / "tokenizer.json").write_bytes(data)
+    assert push_cache(src, REPO).deletes == []
+
+    # A tokenizer.json whose vocabulary is not the cache's is not published, and the push says why.
+    other = _cache(tmp_path / "o", seed=3)
+    add_tokenizer(other, folder=tmp_path / "m2")
+    (tmp_path / "m2" / "tokenizer.json").write_bytes(synthetic_tokenizer_json(prefix="w"))
+    assert vocab_fingerprint(tmp_path / "m2" / "tokenizer.json") != Manifest.load(other).tokenizer["sha256"]
+    plan = push_cache(other, "alice/other")
+    assert "tokenizer.json" not in fake_hub.files["alice/other"]["main"]
+    assert any("no tokenizer.json published" in n and "its vocabulary is not the one the cache was harvested with"
+               in n for n in plan.notes), plan.notes
+    # None to be found: said too.
+    plan = push_cache(_cache(tmp_path / "n", seed=4), "alice/none", dry_run=True)
+    assert any("none was found on this machine for its tokenizer 'synthetic'" in n for n in plan.notes), plan.notes

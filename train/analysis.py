@@ -53,6 +53,7 @@ import torch
 
 from shared.config import add_dataclass_arguments, config_from_namespace
 from shared.devices import resolve_device
+from shared.folder_lock import FolderLock, FolderLockError
 from train.analysis_config import AnalysisConfig
 from train.analysis_run import DiffSpec, RunData, RunError, diff_spec, load_run
 from train.analysis_stream import StreamStats, meta_table, stream_eval
@@ -66,13 +67,21 @@ __all__ = ["AnalysisConfig", "RunData", "DiffSpec", "analyze", "analyze_cli", "l
 def analyze(cfg: AnalysisConfig) -> dict[str, Any]:
     """Analyse the run ``cfg.run``; write report.md, report.json and figures to ``cfg.out_dir``.
 
-    Returns the report dict (as written to report.json, plus ``paths``)."""
+    Returns the report dict (as written to report.json, plus ``paths``). Refused
+    (:class:`~shared.folder_lock.FolderBusyError`) while another analysis writes that folder."""
+    t0 = time.perf_counter()
+    run = load_run(cfg.run)
+    # Held until the last file is written: two analyses into one folder would mix their figures and numbers.
+    with FolderLock(cfg.out_dir, what="report folder"):
+        return _analyze(cfg, run, t0)
+
+
+def _analyze(cfg: AnalysisConfig, run: RunData, t0: float) -> dict[str, Any]:
+    """:func:`analyze` once the run is loaded and its report folder locked."""
     from shared.cache import open_cache
     from shared.cache_format import CacheError
     from train import report as rep
 
-    t0 = time.perf_counter()
-    run = load_run(cfg.run)
     model = run.model
     L = model.cfg.n_latents
     notes: list[str] = []
@@ -116,7 +125,7 @@ def analyze(cfg: AnalysisConfig) -> dict[str, Any]:
         stats, split, stream_notes = stream_eval(run, cache, cfg, meta, scaling, device)
         notes.extend(stream_notes)
         data = {"stats": stats, "split": split, "tokens": tokens, "meta": meta,
-                "tokenizer": rep.load_token_decoder(cache.manifest.tokenizer)}
+                "tokenizer": rep.load_token_decoder(cache.manifest.tokenizer, cache.dir)}
         if data["tokenizer"] is None:
             notes.append(f"no tokenizer.json for {cache.manifest.tokenizer.get('name')!r} offline: contexts show "
                          "token ids as <id>")
@@ -166,7 +175,7 @@ def analyze_cli(argv: list[str]) -> int:
     try:
         cfg = dataclasses.replace(config_from_namespace(AnalysisConfig, args), run=args.run)
         report = analyze(cfg)
-    except (RunError, ValueError, FileNotFoundError) as e:
+    except (RunError, ValueError, FileNotFoundError, FolderLockError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for line in report["headline"]:

@@ -8,31 +8,35 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from shared.tokenizer_file import find_tokenizer_json, listed_tokenizer_file
+
 __all__ = ["load_token_decoder"]
 
 
-def load_token_decoder(tokenizer_meta: dict[str, Any]) -> Callable[[int], str] | None:
-    """A token-id -> text function from the cache manifest's tokenizer: ``tokenizer.json`` in its local
-    folder or in the Hugging Face cache (offline). None when there is none (contexts then show ids)."""
-    path, name = tokenizer_meta.get("path"), tokenizer_meta.get("name")
-    file: str | None = None
-    if path and (Path(path) / "tokenizer.json").is_file():
-        file = str(Path(path) / "tokenizer.json")
-    elif name and not Path(name).exists():
+def load_token_decoder(tokenizer_meta: dict[str, Any], cache_dir: str | Path | None = None
+                       ) -> Callable[[int], str] | None:
+    """A token-id -> text function from the cache manifest's tokenizer: the cache's own ``tokenizer.json``
+    (in ``cache_dir``, when the manifest lists one), else the one in its local folder or in the Hugging Face
+    cache (offline). None when there is none (contexts then show ids)."""
+    candidates: list[Path] = []
+    own = listed_tokenizer_file(tokenizer_meta)
+    if cache_dir is not None and own is not None:
+        # The cache's own copy first: it is the very tokenizer the models were fed with, and it travels
+        # with the cache (a model folder named in the manifest may be on another machine, or changed).
+        candidates.append(Path(cache_dir) / own)
+    found = find_tokenizer_json(tokenizer_meta)
+    if found is not None:
+        candidates.append(found[0])
+    tok = None
+    for file in candidates:
         try:
-            from huggingface_hub import try_to_load_from_cache
+            from tokenizers import Tokenizer
 
-            found = try_to_load_from_cache(name, "tokenizer.json")
-            file = found if isinstance(found, str) else None
-        except Exception:  # not a valid repo id, no hub library: show ids
-            file = None
-    if file is None:
-        return None
-    try:
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(file)
-    except Exception:
+            tok = Tokenizer.from_file(str(file))
+            break
+        except Exception:  # noqa: BLE001, S112 - missing, damaged, or no tokenizers library: try the next, else ids
+            continue
+    if tok is None:
         return None
     memo: dict[int, str] = {}
 

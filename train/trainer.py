@@ -10,7 +10,8 @@ resumes from the newest committed step and reproduces the uninterrupted run's me
 a finished run (its export written) does nothing. A non-finite loss or gradient norm stops the run
 with a checkpoint of the state before that step.
 SIGINT/SIGTERM finish the current step, save a checkpoint and exit. Under torchrun, ranks read
-disjoint parts of each epoch and only rank 0 writes.
+disjoint parts of each epoch and only rank 0 writes. Each run folder is locked for the whole run
+(:mod:`shared.folder_lock`): a second job into it is refused before it reads or writes anything there.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from einops import rearrange
 from shared.cache import Cache, open_cache
 from shared.config import config_to_json
 from shared.devices import resolve_device
+from shared.folder_lock import FolderLock, FolderLockError
 from shared.shard_io import atomic_write_bytes
 from train.checkpoint import checkpoint_steps, load_checkpoint, prune_checkpoints, save_checkpoint
 from train.config import TrainConfig
@@ -243,9 +245,32 @@ def train_many(cfgs: list[TrainConfig]) -> list[TrainResult]:
     dist = DistContext.from_env(device, first.dist_timeout)
     device = dist.device_for(device)
     try:
-        return _train_many(cfgs, cache, device, dist)
+        with _run_folder_locks(cfgs, dist, device):
+            return _train_many(cfgs, cache, device, dist)
     finally:
         dist.close()
+
+
+@contextlib.contextmanager
+def _run_folder_locks(cfgs: list[TrainConfig], dist: DistContext, device: torch.device) -> Iterator[None]:
+    """Hold the lock of every member's run folder for the whole run, taken before any is looked at.
+
+    Rank 0 takes them (it is the only rank that writes run folders); the other ranks learn whether
+    it could, so that every rank stops when another job holds one (raises :class:`FolderBusyError`)."""
+    with contextlib.ExitStack() as held:
+        error: FolderLockError | None = None
+        if dist.is_main:
+            try:
+                for c in cfgs:
+                    held.enter_context(FolderLock(c.out, what="run folder"))
+            except FolderLockError as e:
+                error = e
+        if dist.enabled and bool(dist.any(torch.tensor([error is not None], device=device)).item()) and error is None:
+            error = FolderLockError(f"rank {dist.rank}: stopping: rank 0 could not lock the run folder(s) (its "
+                                    "error names the folder and the job holding it)")
+        if error is not None:
+            raise error
+        yield
 
 
 def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dist: DistContext) -> list[TrainResult]:

@@ -1,0 +1,226 @@
+"""One job per output folder (shared/folder_lock.py): a second harvest, training, sweep or analysis
+into a folder another process holds is refused at once, naming that process; after ``kill -9`` of
+the holder the folder is usable again with no cleanup. The holder is always a real process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, small_harvest_config
+from harvest.harvester import harvest
+from shared.cache import verify_cache
+from shared.folder_lock import LOCK_NAME, FolderBusyError, FolderLock, FolderLockError
+from train.config import TrainConfig
+from train.trainer import train, train_many
+
+_HOLD = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from shared.folder_lock import FolderLock
+FolderLock(sys.argv[1], what=sys.argv[2]).acquire()
+child = os.fork() if sys.argv[3] == "fork" else None
+if child == 0:  # a forked worker that outlives its parent
+    time.sleep(600)
+    os._exit(0)
+print("locked", child, flush=True)
+time.sleep(600)
+"""
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+def _hold(folder: Path, what: str, fork: bool = False) -> tuple[subprocess.Popen, int | None]:
+    """A real process holding ``folder``'s lock (and, with ``fork``, the pid of a child it forked after)."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD.format(root=str(ROOT)), str(folder), what,
+                             "fork" if fork else "-"], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().split()
+    assert line and line[0] == "locked", "the holder did not take the lock"
+    return proc, int(line[1]) if fork else None
+
+
+def _kill_9(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _cfg(cache, out, **kw) -> TrainConfig:
+    args = {"cache": str(cache), "out": str(out), "latents": 32, "steps": 4, "batch_size": 128, "lr": 3e-3,
+            "log_every": 2, "checkpoint_every": 1000, "progress": False, "device": "cpu"}
+    return TrainConfig(**{**args, **kw})
+
+
+def _assert_names_the_holder(message: str, folder: Path, what: str, holder: subprocess.Popen) -> None:
+    assert f"the {what} {folder} is in use by another job (pid {holder.pid} on this host, started " in message
+    assert "command `-c " in message  # the holder's command line (here `python -c ...`)
+    assert "Wait for the other job to finish" in message and f"`kill {holder.pid}`" in message
+    assert "choose another --out" in message
+
+
+def test_a_second_harvest_into_a_held_cache_folder_is_refused_and_a_kill_9_frees_it(toy_dirs, tmp_path):
+    out = tmp_path / "cache"
+    holder, _ = _hold(out, "cache folder")
+    try:
+        cfg = small_harvest_config(out, tokens=600, context_size=32, hooks=["blocks.1.hook_resid_post"])
+        with pytest.raises(FolderBusyError) as refused:
+            harvest(cfg)
+        _assert_names_the_holder(str(refused.value), out, "cache folder", holder)
+        cli = subprocess.run([sys.executable, str(ROOT / "run_harvest.py"), "--models", "toy-base", "--tokens", "600",
+                              "--device", "cpu", "--no-progress", "--out", str(out)],
+                             env=_env(), capture_output=True, text=True, timeout=300, check=False)
+        assert cli.returncode == 2 and "Traceback" not in cli.stderr
+        _assert_names_the_holder(cli.stderr, out, "cache folder", holder)
+        assert "estimated cache size" not in cli.stdout  # refused before the models load
+        assert [p.name for p in out.iterdir()] == [LOCK_NAME]  # nothing written
+    finally:
+        _kill_9(holder)
+    # The killed holder's lock file is still there (with its details); the OS lock is gone with it.
+    assert json.loads((out / LOCK_NAME).read_text())["pid"] == holder.pid
+    assert harvest(cfg).complete
+    assert not (out / LOCK_NAME).exists()  # released and removed: never part of the cache
+    assert verify_cache(out).ok
+
+
+def test_a_second_training_into_a_held_run_folder_is_refused_and_a_kill_9_frees_it(toy_cache, tmp_path):
+    run = tmp_path / "run"
+    holder, _ = _hold(run, "run folder")
+    try:
+        with pytest.raises(FolderBusyError) as refused:
+            train(_cfg(toy_cache, run))
+        _assert_names_the_holder(str(refused.value), run, "run folder", holder)
+        cli = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--cache", str(toy_cache), "--out", str(run),
+                              "--latents", "32", "--steps", "4", "--device", "cpu", "--no-progress"],
+                             env=_env(), capture_output=True, text=True, timeout=300, check=False)
+        assert cli.returncode == 2 and "Traceback" not in cli.stderr
+        _assert_names_the_holder(cli.stderr, run, "run folder", holder)
+        assert [p.name for p in run.iterdir()] == [LOCK_NAME]  # no config.json, no checkpoint
+    finally:
+        _kill_9(holder)
+    result = train(_cfg(toy_cache, run))  # a folder holding only a dead job's lock file is a new run's
+    assert result.steps == 4 and (run / "export" / "config.json").is_file()
+    assert not (run / LOCK_NAME).exists()
+
+
+def test_a_sweep_is_refused_when_one_member_folder_is_held_and_leaves_no_folder(toy_cache, tmp_path):
+    base = _cfg(toy_cache, tmp_path / "sweep")
+    members = [dataclasses.replace(base, out=str(tmp_path / "sweep" / n), lr=lr) for n, lr in (("a", 3e-3), ("b", 1e-3))]
+    holder, _ = _hold(tmp_path / "sweep" / "b", "run folder")
+    try:
+        with pytest.raises(FolderBusyError, match=f"the run folder {tmp_path / 'sweep' / 'b'} is in use"):
+            train_many(members)
+        assert not (tmp_path / "sweep" / "a").exists()  # the lock it took on member a is released, its folder gone
+    finally:
+        _kill_9(holder)
+    assert [r.steps for r in train_many(members)] == [4, 4]
+
+
+def test_a_second_analysis_into_a_held_report_folder_is_refused(toy_cache, tmp_path):
+    from train.analysis import analyze
+    from train.analysis_config import AnalysisConfig
+
+    run = tmp_path / "run"
+    train(_cfg(toy_cache, run))
+    holder, _ = _hold(run / "analysis", "report folder")
+    try:
+        with pytest.raises(FolderBusyError, match=f"the report folder {run / 'analysis'} is in use .*pid {holder.pid}"):
+            analyze(AnalysisConfig(run=str(run), progress=False))
+        assert [p.name for p in (run / "analysis").iterdir()] == [LOCK_NAME]
+    finally:
+        _kill_9(holder)
+
+
+def test_a_child_forked_by_the_holder_does_not_keep_the_lock_after_a_kill_9(tmp_path):
+    """A forked worker shares the lock's open file; it must not keep the folder locked once its parent is killed."""
+    holder, child = _hold(tmp_path / "out", "cache folder", fork=True)
+    assert child
+    try:
+        with pytest.raises(FolderBusyError):
+            FolderLock(tmp_path / "out").acquire()
+        _kill_9(holder)
+        with FolderLock(tmp_path / "out") as lock:
+            assert lock.held
+            assert json.loads((tmp_path / "out" / LOCK_NAME).read_text())["pid"] == os.getpid()
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_release_removes_the_lock_file_and_the_folders_it_created_when_empty(tmp_path):
+    with FolderLock(tmp_path / "a" / "b" / "c"):
+        assert (tmp_path / "a" / "b" / "c" / LOCK_NAME).is_file()
+    assert not (tmp_path / "a").exists()  # nothing was written: nothing is left
+    with FolderLock(tmp_path / "a" / "b"):
+        (tmp_path / "a" / "b" / "result.txt").write_text("kept")
+    assert [p.name for p in (tmp_path / "a" / "b").iterdir()] == ["result.txt"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FolderLockError, match=f"--out {tmp_path / 'file'} exists and is not a folder"):
+        FolderLock(tmp_path / "file").acquire()
+
+
+def test_a_folder_that_cannot_be_locked_runs_unlocked(tmp_path, monkeypatch, capsys):
+    """A filesystem without flock: a warning, and the job goes on. A folder this process may not write
+    (a finished cache on a read-only mount): it cannot corrupt it, so it goes on silently."""
+    import errno
+
+    from shared import folder_lock
+
+    def no_flock(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(folder_lock.fcntl, "flock", no_flock)
+        with FolderLock(tmp_path / "nfs", what="cache folder") as lock:
+            assert not lock.held
+    assert "warning: cannot lock the cache folder" in capsys.readouterr().err
+    (tmp_path / "ro").mkdir()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(folder_lock.os, "open", read_only)
+        with FolderLock(tmp_path / "ro") as lock:
+            assert not lock.held
+    assert capsys.readouterr().err == "" and (tmp_path / "ro").is_dir()
+
+
+# ---- torchrun: rank 0 holds the lock for the job; when it is refused, every rank stops at once ----------------
+
+
+def _torchrun(script: str, args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    t = time.time()
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(ROOT / script), *args], env=_env(), capture_output=True, text=True, timeout=600, check=False)
+    return res, time.time() - t
+
+
+@pytest.mark.slow
+def test_torchrun_training_and_harvest_into_a_held_folder_stop_every_rank(toy_cache, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "cache"
+    holders = [_hold(run, "run folder")[0], _hold(out, "cache folder")[0]]
+    try:
+        res, seconds = _torchrun("run_train.py", ["--cache", str(toy_cache), "--out", str(run), "--latents", "32",
+                                                  "--steps", "4", "--device", "cpu", "--no-progress",
+                                                  "--dist-timeout", "120"])
+        assert res.returncode != 0 and seconds < 100, res.stderr[-3000:]  # no rank waited out the timeout
+        assert f"the run folder {run} is in use by another job (pid {holders[0].pid}" in res.stderr
+        assert "rank 1: stopping: rank 0 could not lock the run folder" in res.stderr
+        assert [p.name for p in run.iterdir()] == [LOCK_NAME]
+        res, seconds = _torchrun("run_harvest.py", ["--models", "toy-base", "--tokens", "600", "--device", "cpu",
+                                                    "--no-progress", "--dist-timeout", "120", "--out", str(out)])
+        assert res.returncode != 0 and seconds < 100, res.stderr[-3000:]
+        assert f"the cache folder {out} is in use by another job (pid {holders[1].pid}" in res.stderr
+        assert "rank 1: stopping: rank 0 failed while checking --out: FolderBusyError" in res.stderr
+        assert [p.name for p in out.iterdir()] == [LOCK_NAME]
+    finally:
+        for h in holders:
+            _kill_9(h)
