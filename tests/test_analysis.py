@@ -429,14 +429,46 @@ def test_missing_cache_reports_from_the_weights(planted, tmp_path):
     shutil.copytree(planted["run"], run)
     cfg = json.loads((run / "config.json").read_text())
     cfg["cache"]["path"] = str(tmp_path / "gone")
+    cfg["config"]["cache"] = "caches/gone-too"
     (run / "config.json").write_text(json.dumps(cfg))
     rep = analyze(AnalysisConfig(run=str(run), progress=False))
     assert rep["eval"] is None and rep["shown_latents"] == []
-    assert any("cannot be opened" in n and "from the weights" in n for n in rep["notes"])
+    assert any("cannot be opened" in n and "from the weights" in n and "gone-too" in n and "--cache" in n
+               for n in rep["notes"])
     assert rep["diffing"]["counts"] == planted["rep"]["diffing"]["counts"]
     assert "latent_scaling" not in rep["diffing"]
     md = Path(rep["paths"]["report_md"]).read_text()
     assert "cannot be opened" in md and "## Relative decoder norms" in md
+
+
+def test_a_cache_that_moved_is_found_or_named(planted, tmp_path):
+    """The folder a run trained on is gone (moved, another machine): its --cache spec is tried next, and
+    --cache says where it is now; a cache with other slots is refused, never analysed in its place."""
+    import run_train
+
+    run = tmp_path / "run"
+    shutil.copytree(planted["run"], run)
+    moved = tmp_path / "moved"
+    shutil.copytree(planted["tmp"] / "cache", moved)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["cache"]["path"] = str(tmp_path / "gone")
+    (run / "config.json").write_text(json.dumps(cfg))
+    # The spec as given at training time (here the original folder, still there) is the fallback.
+    rep = analyze(AnalysisConfig(run=str(run), out=str(tmp_path / "a"), progress=False, top_k=5, latents_shown=8))
+    assert rep["run_config"]["cache"] == cfg["config"]["cache"]
+    assert rep["diffing"]["counts"] == planted["rep"]["diffing"]["counts"]
+    assert rep["eval"] == planted["rep"]["eval"]
+    # --cache: the copy gives the same report.
+    rep = analyze(AnalysisConfig(run=str(run), out=str(tmp_path / "b"), cache=str(moved), progress=False, top_k=5,
+                                 latents_shown=8))
+    assert rep["run_config"]["cache"] == str(moved) and rep["eval"] == planted["rep"]["eval"]
+    # Another cache (one model, not the run's two) or no cache at all: an error, no report.
+    other = tmp_path / "other"
+    _planted_cache(other, n_models=1)
+    with pytest.raises(RunError, match=r"--cache .*other is not the cache run .* was trained on: it has models"):
+        analyze(AnalysisConfig(run=str(run), out=str(tmp_path / "c"), cache=str(other), progress=False))
+    assert not (tmp_path / "c").exists()
+    assert run_train.main(["analyze", str(run), "--cache", str(tmp_path / "nowhere"), "--no-progress"]) == 2
 
 
 def test_not_a_run_and_the_cli(planted, tmp_path, capsys):

@@ -22,6 +22,10 @@ class AnalysisConfig:
 
     run: str = field_help("Run folder (from run_train.py).", default="runs/toy-diff", metadata={"cli": False})
     out: str | None = field_help("Report folder (default: RUN/analysis).", default=None)
+    cache: str | None = field_help(
+        "Cache to read activations from: a folder or hf://USER/NAME[@REV]. Default: the folder the run "
+        "trained on, else its --cache as given. For a cache that moved or a run trained elsewhere; it must "
+        "hold the run's models, hooks, width and normalization.", default=None)
     base_model: str | None = field_help("Model that plays 'base' (default: the run's first model).", default=None)
     ft_model: str | None = field_help("Model that plays 'fine-tune' (default: the run's second model).", default=None)
     base_only_max: float = field_help("r <= this: base-only latent.", default=0.1)

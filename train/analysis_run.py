@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DiffSpec", "RunData", "RunError", "diff_spec", "load_run"]
+__all__ = ["DiffSpec", "RunData", "RunError", "cache_mismatch", "diff_spec", "load_run"]
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -25,6 +25,7 @@ class RunData:
     info: dict[str, Any]  # config.json of the run
     model: Any  # train.dictionary.Dictionary (normalized space)
     out_slot_names: list[str]  # 'model/hook' of each output slot (Xo order)
+    cache_used: str | None = None  # the cache the analysis read activations from (set once it is opened)
 
     @property
     def arch(self) -> str:
@@ -32,7 +33,37 @@ class RunData:
 
     @property
     def cache_path(self) -> str:
+        """Where the run's cache was when it trained (its resolved folder, else its --cache spec)."""
         return str(self.info.get("cache", {}).get("path") or self.info["config"]["cache"])
+
+    def cache_candidates(self) -> list[str]:
+        """Where to look for the run's cache, in order: the folder it trained on, then its ``--cache``
+        spec as given (a relative folder from here, or ``hf://``: resolved anew)."""
+        recorded, spec = self.info.get("cache", {}).get("path"), self.info.get("config", {}).get("cache")
+        return list(dict.fromkeys(str(c) for c in (recorded, spec) if c))
+
+
+def cache_mismatch(run: RunData, manifest: Any) -> tuple[str | None, str | None]:
+    """How a cache's manifest differs from the one ``run`` trained on: (why it cannot be the run's
+    cache: other models, hooks, width or normalization; None if it can, and a note on what else
+    differs: rows or storage dtype, None if nothing). Runs that recorded less are checked on less."""
+    rec = run.info.get("cache", {})
+    hard, soft = [], []
+    names = [m.get("name") for m in rec.get("models", [])]
+    if names and names != manifest.model_names:
+        hard.append(f"models {manifest.model_names}, the run's {names}")
+    if rec.get("hooks") and list(rec["hooks"]) != list(manifest.hooks):
+        hard.append(f"hooks {list(manifest.hooks)}, the run's {rec['hooks']}")
+    if run.info.get("d_model") is not None and int(run.info["d_model"]) != manifest.d_model:
+        hard.append(f"d_model {manifest.d_model}, the run's {run.info['d_model']}")
+    method = manifest.normalization.get("method")
+    if rec.get("normalization") and rec["normalization"] != method:
+        hard.append(f"normalization {method}, the run's {rec['normalization']}")
+    if rec.get("n_rows") is not None and int(rec["n_rows"]) != manifest.n_rows:
+        soft.append(f"{manifest.n_rows:,} rows, the run trained on a cache of {int(rec['n_rows']):,}")
+    if rec.get("dtype") and rec["dtype"] != manifest.dtype:
+        soft.append(f"dtype {manifest.dtype}, the run's {rec['dtype']}")
+    return ("; ".join(hard) or None), ("; ".join(soft) or None)
 
 
 def load_run(run_dir: str | Path) -> RunData:

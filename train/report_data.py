@@ -61,7 +61,7 @@ def build_report(cfg: Any, run: Any, norms_LXo: torch.Tensor, masks: dict[str, t
             "arch": mc.arch, "activation": mc.activation, "latents": L, "k": mc.k, "d_model": mc.d_model,
             "slots": list(mc.slot_names), "out_slots": list(run.out_slot_names), "shared_latents": mc.shared_latents,
             "steps": tc.get("steps"), "batch_size": tc.get("batch_size"), "lr": tc.get("lr"),
-            "sparsity_coeff": run.info.get("sparsity_coeff", tc.get("sparsity_coeff")), "cache": run.cache_path,
+            "sparsity_coeff": run.info.get("sparsity_coeff", tc.get("sparsity_coeff")), "cache": run.cache_used or run.cache_path,
         },
         "notes": list(notes),
         "eval": None, "diffing": None, "latents": None, "shown_latents": [], "profiles": None,
