@@ -338,7 +338,9 @@ def load_models(
         # BOS and EOS are fed to the models (sequence starts, document ends); pad never is, and a
         # fine-tune's tokenizer may add one past the embedding table harmlessly.
         special = {"bos": t.bos_token_id, "eos": t.eos_token_id}
-        limit = min(n_vocab, _own_size(r))
+        # Each against its own model: a chat fine-tune's BOS/EOS may be a token it added (never fed
+        # with --allow-vocab-extension, where the shared tokenizer's BOS/EOS are).
+        limit = min(int(b.cfg.d_vocab), _own_size(r))
         wrong = {k: v for k, v in special.items() if v is not None and not 0 <= int(v) < limit}
         if wrong:
             # A tokenizer that declares no BOS/EOS gets one invented by transformer-lens, past the
@@ -349,6 +351,12 @@ def load_models(
                 "made one up that the model never saw. Set them in the folder's "
                 "tokenizer_config.json (for example \"eos_token\": \"<|endoftext|>\")"
             )
+    fed = {k: v for k, v in {"bos": bos_id, "eos": eos_id}.items() if v is not None and not 0 <= int(v) < n_vocab}
+    if fed:  # every model embeds the BOS/EOS the harvest feeds (each model's own are checked above)
+        raise HarvestInputError(
+            f"the tokenizer of {resolved[which].name!r} gives special token ids {fed} past the smallest embedding "
+            f"table ({n_vocab} rows): some model cannot embed them; set bos_token/eos_token in its tokenizer_config.json"
+        )
     if exclude_special:
         # Every model's special tokens (the vocabularies are the same, but a fine-tune may declare a
         # pad or chat token the base does not), so the excluded set does not depend on model order.

@@ -321,12 +321,16 @@ def test_model_folders_that_cannot_be_harvested_are_named(toy_dirs, tmp_path):
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-def _chat_fine_tune(path: Path, toy_dir: Path) -> Path:
-    """toy-base as a chat fine-tune saves it: two tokens added to its tokenizer, embeddings resized."""
+def _chat_fine_tune(path: Path, toy_dir: Path, *, chat_bos_eos: bool = False) -> Path:
+    """toy-base as a chat fine-tune saves it: two tokens added to its tokenizer, embeddings resized;
+    ``chat_bos_eos``: they become its BOS and EOS (as trl's setup_chat_format makes them)."""
     from transformers import AutoTokenizer, GPTNeoXForCausalLM
 
     tok = AutoTokenizer.from_pretrained(toy_dir)
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    if chat_bos_eos:
+        tok.add_special_tokens({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"})
+    else:
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     model = GPTNeoXForCausalLM.from_pretrained(toy_dir)
     model.resize_token_embeddings(len(tok))
     model.save_pretrained(path)
@@ -364,6 +368,12 @@ def test_a_vocabulary_that_extends_another_is_accepted_only_when_asked(toy_dirs,
     pre.write_text("\n".join(json.dumps({"input_ids": [5, 4096, 7] * 20}) for _ in range(20)))
     _bad(tmp_path, r"id 4096 .*\[0, 4096\)", models=["toy-base", str(chat)], allow_vocab_extension=True,
          dataset=str(pre), **kw)
+    # A chat fine-tune whose own BOS/EOS are added tokens: only the base's BOS/EOS are fed.
+    trl = _chat_fine_tune(tmp_path / "trl", toy_dirs["toy-base"], chat_bos_eos=True)
+    m = harvest(small_harvest_config(tmp_path / "trl-out", models=["toy-base", str(trl)], allow_vocab_extension=True,
+                                     **kw))
+    assert m.tokenizer["bos_token_id"] == alone.tokenizer["bos_token_id"]
+    assert open_cache(tmp_path / "trl-out").token_table().column("input_ids").to_pylist() == both_ids
     # Only containment with the same ids counts.
     assert vocab_extension([{"a": 0, "b": 1}, {"a": 0, "b": 1, "c": 2}]) == (0, [[], ["c"]])
     assert vocab_extension([{"a": 0, "b": 1}, {"a": 1, "b": 0, "c": 2}]) is None
