@@ -62,7 +62,7 @@ def _repair_hint(cache_dir: Path) -> str:
         return "to repair: harvest again into a new or empty folder" if cache_dir.is_dir() else "no such cache folder"
     return ("to repair: delete each shard reported corrupted (its sha256 or header), then re-run the harvest "
             f"command that made the cache{f' (`python {command}`)' if command.startswith('run_harvest.py') else ''}: it rewrites missing and "
-            "truncated shards and the token table, byte for byte")
+            "truncated shards, the token table and tokenizer.json, byte for byte")
 
 
 def _push(argv: list[str]) -> int:

@@ -137,7 +137,8 @@ _REQUIRED = (
 
 def _checked_tokenizer(entry: Any, where: str) -> dict[str, Any]:
     """The manifest's ``tokenizer`` object, checked where it lists the cache's own tokenizer file:
-    ``file`` a plain relative name inside the cache folder, with a 64-hex ``file_sha256``."""
+    ``file`` a plain relative name inside the cache folder; ``file_sha256``, if given, 64 hex digits
+    (another tool's cache may list the file alone: it is then checked for presence only)."""
     if not isinstance(entry, dict):
         raise CacheError(f"{where}: tokenizer must be an object, got {type(entry).__name__}")
     file = entry.get("file")
@@ -149,7 +150,7 @@ def _checked_tokenizer(entry: Any, where: str) -> dict[str, Any]:
         raise CacheError(f"{where}: tokenizer.file {file!r} must be a relative path inside the cache folder "
                          f"(the harvest writes {TOKENIZER_NAME!r})")
     sha = entry.get("file_sha256")
-    if not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
         raise CacheError(f"{where}: tokenizer.file_sha256 must be the 64-hex sha256 of {file}, got {sha!r}")
     return dict(entry)
 

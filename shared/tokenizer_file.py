@@ -78,14 +78,16 @@ def write_tokenizer_file(cache_dir: str | Path, tokenizer: Any, listed: dict[str
 def tokenizer_file_problem(cache_dir: str | Path, tokenizer_meta: dict[str, Any], *, checksum: bool = True,
                            sha256: Callable[[Path], str] = sha256_file) -> str | None:
     """What is wrong with the tokenizer file the manifest lists (missing, or its sha256 differs;
-    only presence without ``checksum``), naming it; None when it is fine or none is listed."""
+    only presence without ``checksum`` or a listed ``file_sha256``), naming it; None when it is fine
+    or none is listed."""
     file = listed_tokenizer_file(tokenizer_meta)
     if file is None:
         return None
     path = Path(cache_dir) / file
     if not path.is_file():
         return f"{file}: missing"
-    if checksum and sha256(path) != tokenizer_meta.get("file_sha256"):
+    expected = tokenizer_meta.get("file_sha256")
+    if checksum and expected is not None and sha256(path) != expected:
         return f"{file}: sha256 mismatch (corrupted)"
     return None
 

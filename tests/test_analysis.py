@@ -287,6 +287,14 @@ def test_contexts_are_text_from_the_caches_own_tokenizer(tmp_path):
     shown = {e["latent"]: e for e in rep["shown_latents"] if not e["repeat"]}
     assert shown[0]["contexts"] and all(c["token"] == f"t{MARK_TOKEN}" for c in shown[0]["contexts"])
     assert not any("no tokenizer.json" in n for n in rep["notes"]), rep["notes"]
+    # A tokenizer.json that is not the one the manifest lists (swapped in) would show wrong text: not used.
+    swapped = json.loads((tmp_path / "cache" / "tokenizer.json").read_text())
+    swapped["model"]["vocab"] = {f"x{v}": v for v in swapped["model"]["vocab"].values()}
+    (tmp_path / "cache" / "tokenizer.json").write_text(json.dumps(swapped))
+    rep = analyze(AnalysisConfig(run=str(run), out=str(tmp_path / "again"), progress=False, top_k=3, latents_shown=8))
+    shown = {e["latent"]: e for e in rep["shown_latents"] if not e["repeat"]}
+    assert all(c["token"] == f"<{MARK_TOKEN}>" for c in shown[0]["contexts"])
+    assert any("no tokenizer.json" in n for n in rep["notes"])
 
 
 def test_top_contexts_mark_the_firing_token(planted):

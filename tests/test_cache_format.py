@@ -435,3 +435,9 @@ def test_the_caches_own_tokenizer_file_is_checked_when_listed(tmp_path):
                        ({"file_sha256": "abc"}, "file_sha256 must be the 64-hex sha256")]:
         with pytest.raises(CacheError, match=match):
             Manifest.from_json({**obj, "tokenizer": {**obj["tokenizer"], **bad}})
+    # Another tool may list the file without its sha256: the cache reads, verify checks presence.
+    obj["tokenizer"].pop("file_sha256")
+    (cache / "manifest.json").write_text(json.dumps(obj))
+    assert verify_cache(cache).problems == ["tokenizer.json: missing"]
+    (cache / "tokenizer.json").write_bytes(data)
+    assert verify_cache(cache).ok

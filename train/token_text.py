@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shared.tokenizer_file import find_tokenizer_json, listed_tokenizer_file
+from shared.tokenizer_file import find_tokenizer_json, listed_tokenizer_file, tokenizer_file_problem
 
 __all__ = ["load_token_decoder"]
 
@@ -20,9 +20,10 @@ def load_token_decoder(tokenizer_meta: dict[str, Any], cache_dir: str | Path | N
     cache (offline). None when there is none (contexts then show ids)."""
     candidates: list[Path] = []
     own = listed_tokenizer_file(tokenizer_meta)
-    if cache_dir is not None and own is not None:
-        # The cache's own copy first: it is the very tokenizer the models were fed with, and it travels
-        # with the cache (a model folder named in the manifest may be on another machine, or changed).
+    # The cache's own copy first: it is the very tokenizer the models were fed with, and it travels
+    # with the cache (a model folder named in the manifest may be on another machine, or changed).
+    # One that is not the file the manifest lists (swapped, damaged) would decode wrong text: skipped.
+    if cache_dir is not None and own is not None and tokenizer_file_problem(cache_dir, tokenizer_meta) is None:
         candidates.append(Path(cache_dir) / own)
     found = find_tokenizer_json(tokenizer_meta)
     if found is not None:
