@@ -473,10 +473,41 @@ def test_a_cache_that_moved_is_found_or_named(planted, tmp_path):
     # Another cache (one model, not the run's two) or no cache at all: an error, no report.
     other = tmp_path / "other"
     _planted_cache(other, n_models=1)
-    with pytest.raises(RunError, match=r"--cache .*other is not the cache run .* was trained on: it has models"):
+    with pytest.raises(RunError, match=r"--cache .*other is not the cache run .* was trained on: it has no model "
+                                       r"\['model1'\] of the run's \(it holds \['model0'\]\)"):
         analyze(AnalysisConfig(run=str(run), out=str(tmp_path / "c"), cache=str(other), progress=False))
     assert not (tmp_path / "c").exists()
     assert run_train.main(["analyze", str(run), "--cache", str(tmp_path / "nowhere"), "--no-progress"]) == 2
+
+
+def test_what_makes_a_cache_the_runs(tmp_path):
+    """A cache can be read for a run when it holds the models and hooks the run uses (more is fine), with
+    their normalization; other shards or rows are noted. A model under the home folder matches its name
+    as push publishes it (~/...)."""
+    from types import SimpleNamespace
+
+    from train.analysis_run import RunData, cache_mismatch, shards_fingerprint
+
+    home_model = str(Path.home() / "models" / "chat")
+
+    def manifest(models: list[str], scale: list[list[float]], rows: int = 100) -> SimpleNamespace:
+        shards = [SimpleNamespace(sha256=f"{rows:064x}")]
+        return SimpleNamespace(model_names=models, hooks=["h"], d_model=8, n_rows=rows, dtype="float32",
+                               normalization={"method": "norm_scale", "scale": scale}, shards=shards)
+
+    trained_on = manifest(["base", home_model], [[2.0], [3.0]])
+    info = {"slots": [f"{home_model}/h"], "d_model": 8,
+            "cache": {"models": [{"name": "base"}, {"name": home_model}], "hooks": ["h"], "n_rows": 100,
+                      "dtype": "float32", "normalization": "norm_scale", "normalization_scale": [[2.0], [3.0]],
+                      "shards_sha256": shards_fingerprint(trained_on)}}
+    run = RunData(tmp_path, info, None, [])
+    assert cache_mismatch(run, trained_on) == (None, None)
+    assert cache_mismatch(run, manifest(["~/models/chat"], [[3.0]], rows=80)) == (
+        None, "other shards (80 rows; the run's cache had 100): another harvest of the same models and hooks")
+    other, _ = cache_mismatch(run, manifest(["~/models/chat"], [[3.5]]))
+    assert other == f"normalization scale 3.5 for {home_model}/h, the run's 3 (another harvest)"
+    other, _ = cache_mismatch(run, manifest(["base"], [[2.0]]))
+    assert other is not None and other.startswith(f"no model ['{home_model}'] of the run's")
 
 
 def test_not_a_run_and_the_cli(planted, tmp_path, capsys):

@@ -168,7 +168,8 @@ def _open_run_cache(run: RunData, given: str | None, notes: list[str]) -> tuple[
     problems: list[str] = []
     for where in [given] if given else run.cache_candidates():
         try:
-            cache = open_cache(where)
+            # A run trained on the first N shards of a Hub cache reads the same view (its eval split).
+            cache = open_cache(where, max_shards=run.max_shards if where.startswith("hf://") else None)
             tokens = cache.token_table()
         except (CacheError, OSError, ValueError) as e:  # gone, moved, incomplete, corrupt
             if given:

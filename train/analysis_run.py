@@ -4,12 +4,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DiffSpec", "RunData", "RunError", "cache_mismatch", "diff_spec", "load_run"]
+__all__ = ["DiffSpec", "RunData", "RunError", "cache_mismatch", "cache_model_names", "diff_spec", "load_run",
+           "shards_fingerprint"]
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -32,38 +35,117 @@ class RunData:
         return self.model.cfg.arch
 
     @property
+    def slot_pairs(self) -> list[tuple[str, str]]:
+        """(model, hook) of every slot of the dictionary (``config.json``'s 'model/hook' names)."""
+        names = self.info.get("slots") or list(self.model.cfg.slot_names)
+        return [tuple(n.rsplit("/", 1)) for n in names]  # hook names hold no '/', model ids may
+
+    @property
+    def models_used(self) -> list[str]:
+        return list(dict.fromkeys(m for m, _ in self.slot_pairs))
+
+    @property
+    def hooks_used(self) -> list[str]:
+        return list(dict.fromkeys(h for _, h in self.slot_pairs))
+
+    @property
     def cache_path(self) -> str:
         """Where the run's cache was when it trained (its resolved folder, else its --cache spec)."""
         return str(self.info.get("cache", {}).get("path") or self.info["config"]["cache"])
 
     def cache_candidates(self) -> list[str]:
         """Where to look for the run's cache, in order: the folder it trained on, then its ``--cache``
-        spec as given (a relative folder from here, or ``hf://``: resolved anew)."""
+        spec as given (a relative folder from here, or ``hf://``: pinned to the commit the run trained
+        on when the spec names none, as a resume is)."""
         recorded, spec = self.info.get("cache", {}).get("path"), self.info.get("config", {}).get("cache")
+        if spec and str(spec).startswith("hf://") and "@" not in str(spec):
+            commit = re.findall(r"[0-9a-f]{40}", str(recorded or ""))
+            spec = f"{spec}@{commit[-1]}" if commit else spec
         return list(dict.fromkeys(str(c) for c in (recorded, spec) if c))
+
+    @property
+    def max_shards(self) -> int | None:
+        """The ``--max-shards`` the run trained with (its view of an ``hf://`` cache), if any."""
+        value = self.info.get("config", {}).get("max_shards")
+        return int(value) if value is not None else None
+
+
+def _same_model(run_name: str, cache_name: str) -> bool:
+    """Whether a cache's model name is the run's: the same, or as ``push`` publishes it (a path under
+    this machine's home folder written ``~/...``)."""
+    from shared.redact import MachineNames, redact_text
+
+    return run_name == cache_name or redact_text(run_name, MachineNames.here()) == cache_name
+
+
+def cache_model_names(run: RunData, manifest: Any) -> dict[str, str]:
+    """The run's model names -> the cache's (the same, or published with the home folder as ``~``)."""
+    found = {}
+    for name in run.models_used:
+        match = next((c for c in manifest.model_names if _same_model(name, c)), None)
+        if match is not None:
+            found[name] = match
+    return found
+
+
+def shards_fingerprint(manifest: Any) -> str:
+    """sha256 over the shards' own sha256s, in manifest order: the identity of a cache's rows."""
+    return hashlib.sha256("\n".join(s.sha256 for s in manifest.shards).encode()).hexdigest()
 
 
 def cache_mismatch(run: RunData, manifest: Any) -> tuple[str | None, str | None]:
-    """How a cache's manifest differs from the one ``run`` trained on: (why it cannot be the run's
-    cache: other models, hooks, width or normalization; None if it can, and a note on what else
-    differs: rows or storage dtype, None if nothing). Runs that recorded less are checked on less."""
+    """How a cache differs from the one ``run`` trained on: (why it cannot be read for this run: a model
+    or hook the run uses is missing, another width, another normalization; None if it can be, and a
+    note on what else differs: other shards or rows, another storage dtype; None if nothing).
+    Runs that recorded less (older versions) are checked on less."""
     rec = run.info.get("cache", {})
     hard, soft = [], []
-    names = [m.get("name") for m in rec.get("models", [])]
-    if names and names != manifest.model_names:
-        hard.append(f"models {manifest.model_names}, the run's {names}")
-    if rec.get("hooks") and list(rec["hooks"]) != list(manifest.hooks):
-        hard.append(f"hooks {list(manifest.hooks)}, the run's {rec['hooks']}")
+    names = cache_model_names(run, manifest)
+    missing = [m for m in run.models_used if m not in names]
+    if missing:
+        hard.append(f"no model {missing} of the run's (it holds {manifest.model_names})")
+    hooks = [h for h in run.hooks_used if h not in manifest.hooks]
+    if hooks:
+        hard.append(f"no hook {hooks} of the run's (it holds {list(manifest.hooks)})")
     if run.info.get("d_model") is not None and int(run.info["d_model"]) != manifest.d_model:
         hard.append(f"d_model {manifest.d_model}, the run's {run.info['d_model']}")
     method = manifest.normalization.get("method")
     if rec.get("normalization") and rec["normalization"] != method:
         hard.append(f"normalization {method}, the run's {rec['normalization']}")
-    if rec.get("n_rows") is not None and int(rec["n_rows"]) != manifest.n_rows:
+    elif not hard:
+        hard += _scale_mismatch(run, manifest, names)
+    if rec.get("shards_sha256") and rec["shards_sha256"] != shards_fingerprint(manifest):
+        soft.append(f"other shards ({manifest.n_rows:,} rows; the run's cache had {int(rec.get('n_rows', 0)):,}): "
+                    "another harvest of the same models and hooks")
+    elif rec.get("n_rows") is not None and int(rec["n_rows"]) != manifest.n_rows:
         soft.append(f"{manifest.n_rows:,} rows, the run trained on a cache of {int(rec['n_rows']):,}")
     if rec.get("dtype") and rec["dtype"] != manifest.dtype:
         soft.append(f"dtype {manifest.dtype}, the run's {rec['dtype']}")
     return ("; ".join(hard) or None), ("; ".join(soft) or None)
+
+
+def _scale_mismatch(run: RunData, manifest: Any, names: dict[str, str]) -> list[str]:
+    """The used (model, hook) slots whose normalization differs from the run's cache's: its inputs would
+    be scaled otherwise than in training (checked where the run recorded it)."""
+    rec = run.info.get("cache", {})
+    rec_models = [m.get("name") for m in rec.get("models", [])]
+    rec_hooks = list(rec.get("hooks", []))
+    scale = rec.get("normalization_scale")
+    if scale is not None and rec_models and rec_hooks:
+        cache_scale = manifest.normalization.get("scale")
+        for m in run.models_used:
+            for h in run.hooks_used:
+                if m not in rec_models or h not in rec_hooks or cache_scale is None:
+                    continue
+                then = scale[rec_models.index(m)][rec_hooks.index(h)]
+                now = cache_scale[manifest.model_names.index(names[m])][list(manifest.hooks).index(h)]
+                if then != now:
+                    return [f"normalization scale {now:.6g} for {m}/{h}, the run's {then:.6g} (another harvest)"]
+    side = rec.get("normalization_sha256")
+    if side and manifest.normalization.get("sha256") not in (None, side) and rec_hooks == list(manifest.hooks) \
+            and len(rec_models) == len(manifest.model_names):
+        return ["another normalization.safetensors (mean/std) than the run's cache"]
+    return []
 
 
 def load_run(run_dir: str | Path) -> RunData:

@@ -12,7 +12,7 @@ import torch
 from einops import rearrange
 
 from train.analysis_config import AnalysisConfig
-from train.analysis_run import DiffSpec, RunData
+from train.analysis_run import DiffSpec, RunData, cache_model_names
 
 __all__ = ["StreamStats", "meta_table", "stream_eval"]
 
@@ -174,7 +174,10 @@ def stream_eval(run: RunData, cache: Any, cfg: AnalysisConfig, meta: dict[str, t
 
     tc = run.info["config"]
     notes: list[str] = []
-    spec = resolve_slots(cache.manifest, arch=tc["arch"], models=tc.get("models"), hooks=tc.get("hooks"),
+    # The run's model names as this cache has them (a pushed cache names a home path ~/...).
+    names = cache_model_names(run, cache.manifest)
+    models = [names.get(m, m) for m in tc["models"]] if tc.get("models") else None
+    spec = resolve_slots(cache.manifest, arch=tc["arch"], models=models, hooks=tc.get("hooks"),
                          in_hooks=tc.get("in_hooks"), out_hooks=tc.get("out_hooks"), cache_dir=str(cache.dir))
     model = run.model.to(device)
     L = model.cfg.n_latents
