@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from shared.cache_format import CacheError
     from shared.folder_lock import FolderLockError
+    from train.distributed import DistributedTrainingError
     from train.sweep import expand_sweep
     from train.trainer import NonFiniteLossError, TrainingInterrupted, train_many
 
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except DistributedTrainingError as e:  # another rank died or hangs: its own output says why
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except TrainingInterrupted as e:
         print(str(e), file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ Dimension key (shape suffixes used across the project):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -224,6 +225,12 @@ class Manifest:
     @property
     def model_names(self) -> list[str]:
         return [m["name"] for m in self.models]
+
+    @property
+    def shards_fingerprint(self) -> str:
+        """sha256 over the shards' own sha256s in manifest order: the identity of the cache's rows
+        (the same for a copy, a move or a byte-identical re-harvest; a run records it)."""
+        return hashlib.sha256("\n".join(s.sha256 for s in self.shards).encode()).hexdigest()
 
     @property
     def row_shape(self) -> tuple[int, int, int]:

@@ -486,20 +486,23 @@ def test_what_makes_a_cache_the_runs(tmp_path):
     as push publishes it (~/...)."""
     from types import SimpleNamespace
 
-    from train.analysis_run import RunData, cache_mismatch, shards_fingerprint
+    from shared.cache_format import Manifest as RealManifest
+    from train.analysis_run import RunData, cache_mismatch
 
     home_model = str(Path.home() / "models" / "chat")
 
     def manifest(models: list[str], scale: list[list[float]], rows: int = 100) -> SimpleNamespace:
         shards = [SimpleNamespace(sha256=f"{rows:064x}")]
-        return SimpleNamespace(model_names=models, hooks=["h"], d_model=8, n_rows=rows, dtype="float32",
-                               normalization={"method": "norm_scale", "scale": scale}, shards=shards)
+        m = SimpleNamespace(model_names=models, hooks=["h"], d_model=8, n_rows=rows, dtype="float32",
+                            normalization={"method": "norm_scale", "scale": scale}, shards=shards)
+        m.shards_fingerprint = RealManifest.shards_fingerprint.fget(m)
+        return m
 
     trained_on = manifest(["base", home_model], [[2.0], [3.0]])
     info = {"slots": [f"{home_model}/h"], "d_model": 8,
             "cache": {"models": [{"name": "base"}, {"name": home_model}], "hooks": ["h"], "n_rows": 100,
                       "dtype": "float32", "normalization": "norm_scale", "normalization_scale": [[2.0], [3.0]],
-                      "shards_sha256": shards_fingerprint(trained_on)}}
+                      "shards_sha256": RealManifest.shards_fingerprint.fget(trained_on)}}
     run = RunData(tmp_path, info, None, [])
     assert cache_mismatch(run, trained_on) == (None, None)
     assert cache_mismatch(run, manifest(["~/models/chat"], [[3.0]], rows=80)) == (

@@ -101,6 +101,40 @@ def test_sweep_resume_continues_every_member(toy_cache, tmp_path):
         assert _metrics(Path(m.out)) == ref[m.out]
 
 
+def test_sweep_members_checkpoint_on_their_own_schedules_and_stay_resumable(toy_cache, tmp_path, monkeypatch):
+    """Each member's --checkpoint-every is its own. A resume needs a step every member holds, so
+    pruning keeps the newest such step even past --keep-checkpoints."""
+    import train.trainer as trainer
+
+    def sweep(root: Path) -> list[TrainConfig]:
+        base = _cfg(toy_cache, root, steps=70, log_every=10, keep_checkpoints=1)
+        return [dataclasses.replace(base, out=str(root / "a"), checkpoint_every=10),
+                dataclasses.replace(base, out=str(root / "b"), checkpoint_every=25, latents=32)]
+
+    from train.checkpoint import checkpoint_steps
+
+    ref = sweep(tmp_path / "ref")
+    train_many(ref)
+    members = sweep(tmp_path / "run")
+    real_prune = trainer.prune_checkpoints
+
+    def prune_then_crash(run_dir, keep, protect=()):
+        real_prune(run_dir, keep, protect)
+        if Path(run_dir).name == "a" and checkpoint_steps(run_dir)[-1] == 60:
+            raise RuntimeError("simulated crash right after a's step-60 checkpoint")
+
+    monkeypatch.setattr(trainer, "prune_checkpoints", prune_then_crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_many(members)
+    # a saved 10, 20, ... and keeps its newest; b saved 25 and 50. 50 is the newest step both hold.
+    assert checkpoint_steps(members[0].out) == [50, 60]
+    assert checkpoint_steps(members[1].out) == [50]
+    monkeypatch.setattr(trainer, "prune_checkpoints", real_prune)
+    train_many(members)
+    for m, r in zip(members, ref):
+        assert _metrics(Path(m.out)) == _metrics(Path(r.out))
+
+
 def test_sweep_bad_members_fail_before_training(toy_cache, tmp_path):
     base = _cfg(toy_cache, tmp_path / "s")
     with pytest.raises(SweepError, match="cannot share member 0's loader stream: batch_size: 128 vs 64"):
@@ -109,6 +143,9 @@ def test_sweep_bad_members_fail_before_training(toy_cache, tmp_path):
         train_many([base, dataclasses.replace(base, out=str(tmp_path / "s2"), cache=str(tmp_path))])
     with pytest.raises(SweepError, match="distinct --out"):
         train_many([base, dataclasses.replace(base, latents=32)])
+    with pytest.raises(SweepError, match=r"sweep member 1 \(.*s2\): progress: False vs True in member 0: one progress "
+                                         r"bar shows the whole sweep; give every member the same progress"):
+        train_many([base, dataclasses.replace(base, out=str(tmp_path / "s2"), progress=True)])
     from train.slots import SlotError
 
     with pytest.raises(SlotError, match="not in cache"):
@@ -123,22 +160,34 @@ def _torchrun(args: list[str], nproc: int, timeout: int = 600) -> subprocess.Com
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
-DDP_ARGS = ["--latents", "64", "--steps", "6", "--log-every", "1", "--lr", "1e-3", "--checkpoint-every", "3",
-            "--device", "cpu", "--no-progress", "--eval-shards", "2", "--activation", "topk", "--k", "8"]
+DDP_COMMON = ["--latents", "64", "--steps", "6", "--log-every", "1", "--lr", "1e-3", "--checkpoint-every", "3",
+              "--device", "cpu", "--no-progress", "--eval-shards", "2"]
+ACTIVATION_ARGS = {"topk": ["--activation", "topk", "--k", "8"], "jumprelu": ["--activation", "jumprelu"]}
+DDP_ARGS = [*DDP_COMMON, *ACTIVATION_ARGS["topk"]]
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process_with_the_same_global_batch(toy_cache, tmp_path):
+@pytest.mark.parametrize("activation", ["topk", "jumprelu"])
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(toy_cache, tmp_path, activation):
+    """README: N ranks x batch B == one process x N*B, weights and eval lines. JumpReLU's
+    data-dependent bias init and every eval score the global batch's rows, not one rank's."""
+    args = [*DDP_COMMON, *ACTIVATION_ARGS[activation], "--eval-every", "3"]
     one = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--cache", str(toy_cache), "--out",
-                          str(tmp_path / "one"), "--batch-size", "256", *DDP_ARGS],
+                          str(tmp_path / "one"), "--batch-size", "256", *args],
                          env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr
-    two = _torchrun(["--cache", str(toy_cache), "--out", str(tmp_path / "two"), "--batch-size", "128", *DDP_ARGS], 2)
+    two = _torchrun(["--cache", str(toy_cache), "--out", str(tmp_path / "two"), "--batch-size", "128", *args], 2)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = load_dictionary(tmp_path / "one" / "export"), load_dictionary(tmp_path / "two" / "export")
     for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(v, w, rtol=1e-4, atol=1e-5, msg=k)
+    evals = [[r for r in read_metrics(tmp_path / run) if "eval/recon" in r] for run in ("one", "two")]
+    assert [r["step"] for r in evals[0]] == [r["step"] for r in evals[1]] == [3, 6]
+    for x, y in zip(*evals):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5), (x["step"], k)
     # Only rank 0 wrote: one metrics file, one line per step, one set of checkpoints.
     lines = [r for r in read_metrics(tmp_path / "two") if "loss/total" in r]
     assert [r["step"] for r in lines] == list(range(1, 7))
@@ -155,6 +204,13 @@ def test_ddp_resume_after_a_lost_rank(toy_cache, tmp_path):
     shutil.copytree(tmp_path / "ref", tmp_path / "res")
     shutil.rmtree(tmp_path / "res" / "checkpoints" / "step-0000006")
     shutil.rmtree(tmp_path / "res" / "export")
+    # One process cannot resume it (its stream is two ranks'): the refusal names the launch that can.
+    alone = subprocess.run([sys.executable, str(ROOT / "run_train.py"), *args, "--out", str(tmp_path / "res")],
+                           env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), capture_output=True,
+                           text=True, timeout=300, check=False)
+    assert alone.returncode == 2 and "Traceback" not in alone.stderr, alone.stderr
+    assert "trained with 2 process(es); this command runs 1" in alone.stderr
+    assert "resume it with `torchrun --nproc-per-node 2 run_train.py ...`" in alone.stderr
     res = _torchrun([*args, "--out", str(tmp_path / "res")], 2)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming" in res.stdout
@@ -185,3 +241,39 @@ def test_ddp_a_dead_rank_stops_the_others(toy_cache, tmp_path):
     assert proc.returncode != 0 and _time.time() - t < 120
     assert "run_train.py FAILED" in err or "ChildFailedError" in err or "Error" in err
     assert list(run.glob("checkpoints/step-*"))  # what was saved is still there
+
+
+@pytest.mark.slow
+def test_ddp_a_hung_rank_stops_the_others_with_a_clear_error(toy_cache, tmp_path):
+    """A rank that hangs (SIGSTOP) makes rank 0 fail after --dist-timeout with an error naming
+    the step, the cause and the fix, not the backend's traceback."""
+    import signal
+    import time as _time
+
+    import psutil
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                             str(29300 + os.getpid() % 200), str(ROOT / "run_train.py"), "--cache", str(toy_cache),
+                             "--out", str(run), "--batch-size", "64", "--latents", "64", "--steps", "100000",
+                             "--checkpoint-every", "5", "--dist-timeout", "10", "--device", "cpu", "--no-progress"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = _time.time() + 300
+    while _time.time() < deadline and not list(run.glob("checkpoints/step-*")):
+        assert proc.poll() is None, proc.communicate()
+        _time.sleep(0.1)
+    workers = sorted((c for c in psutil.Process(proc.pid).children(recursive=True)
+                      if "run_train.py" in " ".join(c.cmdline())), key=lambda c: c.environ().get("RANK", ""))
+    assert len(workers) == 2
+    rank0, hung = workers
+    hung.send_signal(signal.SIGSTOP)
+    try:
+        rank0.wait(timeout=120)  # the collective's timeout, then the error
+    finally:
+        hung.kill()  # otherwise torchrun waits 30 s for a stopped process to take its SIGTERM
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "error: rank 0: no answer from the other rank(s) within --dist-timeout 10s at step " in err, err[-3000:]
+    assert "another rank died, failed or hangs" in err and "--nproc-per-node 2" in err
+    assert "[rank0]: Traceback" not in err

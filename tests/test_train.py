@@ -208,6 +208,12 @@ def test_bad_input_errors(toy_cache, tmp_path):
         _cfg(toy_cache, tmp_path / "e", aux_k_coeff=-0.1)
     with pytest.raises(ValueError, match="--arch directional needs --in-hooks and --out-hooks"):
         _cfg(toy_cache, tmp_path / "e", arch="directional")
+    for frac in ("sparsity_warmup_frac", "warmup_frac", "decay_frac"):
+        with pytest.raises(ValueError, match=rf"{frac} is a fraction of the steps: it must lie in \[0, 1\], got 5"):
+            _cfg(toy_cache, tmp_path / "e", **{frac: 5})
+    for timeout in (0, -1.0):
+        with pytest.raises(ValueError, match=r"dist_timeout must be a finite number > 0, got -?[01]"):
+            _cfg(toy_cache, tmp_path / "e", dist_timeout=timeout)
 
 
 def test_resumed_run_refuses_another_width_or_config(tmp_path):

@@ -123,6 +123,22 @@ def test_cli_refuses_a_resume_on_other_slots_without_a_traceback(caches, tmp_pat
     assert "was trained on slots" in res.stderr
 
 
+def test_resume_with_another_number_of_processes_names_the_launch_that_resumes(caches, tmp_path):
+    """The loader's stream depends on the number of ranks: the refusal says how to re-launch."""
+    from shared.cache_format import Manifest
+    from train.run_dir import check_run_dir
+
+    run = tmp_path / "run"
+    cfg = _cfg(caches["base"], run, steps=6, checkpoint_every=3)
+    train(cfg)
+    man = Manifest.load(caches["base"])
+    spec = resolve_slots(man, arch="crosscoder", models=None, hooks=None, in_hooks=None, out_hooks=None)
+    assert check_run_dir(cfg, run, man.d_model, spec, len(man.shards), caches["base"], world_size=1)
+    with pytest.raises(RunMismatchError, match=r"was trained with 1 process\(es\); this command runs 2\. .*resume it "
+                                               r"with `python run_train.py \.\.\. \(one process, no torchrun\)`"):
+        check_run_dir(cfg, run, man.d_model, spec, len(man.shards), caches["base"], world_size=2)
+
+
 # ---- 3. sweep member errors name the member ----------------------------------------------------
 
 

@@ -4,15 +4,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DiffSpec", "RunData", "RunError", "cache_mismatch", "cache_model_names", "diff_spec", "load_run",
-           "shards_fingerprint"]
+__all__ = ["DiffSpec", "RunData", "RunError", "cache_mismatch", "cache_model_names", "diff_spec", "load_run"]
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -88,11 +86,6 @@ def cache_model_names(run: RunData, manifest: Any) -> dict[str, str]:
     return found
 
 
-def shards_fingerprint(manifest: Any) -> str:
-    """sha256 over the shards' own sha256s, in manifest order: the identity of a cache's rows."""
-    return hashlib.sha256("\n".join(s.sha256 for s in manifest.shards).encode()).hexdigest()
-
-
 def cache_mismatch(run: RunData, manifest: Any) -> tuple[str | None, str | None]:
     """How a cache differs from the one ``run`` trained on: (why it cannot be read for this run: a model
     or hook the run uses is missing, another width, another normalization; None if it can be, and a
@@ -114,7 +107,7 @@ def cache_mismatch(run: RunData, manifest: Any) -> tuple[str | None, str | None]
         hard.append(f"normalization {method}, the run's {rec['normalization']}")
     elif not hard:
         hard += _scale_mismatch(run, manifest, names)
-    if rec.get("shards_sha256") and rec["shards_sha256"] != shards_fingerprint(manifest):
+    if rec.get("shards_sha256") and rec["shards_sha256"] != manifest.shards_fingerprint:
         soft.append(f"other shards ({manifest.n_rows:,} rows; the run's cache had {int(rec.get('n_rows', 0)):,}): "
                     "another harvest of the same models and hooks")
     elif rec.get("n_rows") is not None and int(rec["n_rows"]) != manifest.n_rows:

@@ -84,11 +84,14 @@ class TrainConfig:
     window: int = field_help("Loader mixing window, in shards.", default=8)
     eval_shards: int | None = field_help("Held-out shards for evaluation (default: the loader's 5%, >= 1).",
                                          default=None)
-    eval_batches: int = field_help("Eval-split batches scored at each eval.", default=8)
+    eval_batches: int = field_help("Eval-split batches (of the global batch size) scored at each eval.", default=8)
     eval_every: int = field_help("Evaluate on the held-out split every N steps (0: only at the end).", default=0)
     log_every: int = field_help("Write a metrics.jsonl line every N steps.", default=20)
-    checkpoint_every: int = field_help("Checkpoint every N steps (and on SIGINT/SIGTERM).", default=500)
-    keep_checkpoints: int = field_help("Keep the last K checkpoints.", default=2)
+    checkpoint_every: int = field_help("Checkpoint every N steps (and on SIGINT/SIGTERM); per sweep member.",
+                                       default=500)
+    keep_checkpoints: int = field_help(
+        "Keep the last K checkpoints (and in a sweep the newest K steps every member saved, which a resume needs).",
+        default=2)
     dist_timeout: float = field_help(
         "Seconds a process waits for the others under torchrun before failing (a dead rank stops the rest).",
         default=300.0)
@@ -102,15 +105,20 @@ class TrainConfig:
                      "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("dist_timeout", "lr", "shared_sparsity_ratio", "pre_act_coeff", "aux_k_coeff", "grad_clip", "warmup_frac",
+        for name in ("lr", "dist_timeout"):  # a step of 0; a collective that gives up at once
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        for name in ("shared_sparsity_ratio", "pre_act_coeff", "aux_k_coeff", "grad_clip", "warmup_frac",
                      "decay_frac", "sparsity_warmup_frac", "eval_every"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        for name in ("warmup_frac", "decay_frac", "sparsity_warmup_frac"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"{name} is a fraction of the steps: it must lie in [0, 1], got {getattr(self, name)}")
         if self.sparsity_coeff is not None and not (self.sparsity_coeff >= 0 and math.isfinite(self.sparsity_coeff)):
             raise ValueError(f"sparsity_coeff must be a finite number >= 0, got {self.sparsity_coeff}")
-        if self.lr == 0:
-            raise ValueError("lr must be > 0")
         if self.warmup_frac + self.decay_frac > 1:
             raise ValueError(f"warmup_frac + decay_frac must be <= 1, got {self.warmup_frac} + {self.decay_frac}")
         if not all(0 <= b < 1 for b in self.betas):

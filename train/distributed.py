@@ -1,20 +1,39 @@
 """The torch.distributed context of a training run (``torchrun`` sets RANK / WORLD_SIZE / LOCAL_RANK).
 
 One process per device; DDP averages gradients. The backend is gloo on CPU and nccl on CUDA.
-Every collective has the configured timeout, so a rank that dies makes the others fail with a
-clear error instead of hanging forever.
+Every collective has the configured timeout, so a rank that dies or hangs makes the others fail
+instead of hanging forever: :meth:`DistContext.explain_failures` turns the backend's error into a
+:class:`DistributedTrainingError` naming the rank, where training was, and the fix (as the
+harvest's :mod:`harvest.process_group` does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
 
-__all__ = ["DistContext"]
+__all__ = ["DistContext", "DistributedTrainingError", "is_collective_failure"]
+
+
+class DistributedTrainingError(RuntimeError):
+    """Training stopped because another rank died, failed or hung (a collective timed out or lost its peer)."""
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether ``e`` is the backend's report of a collective that timed out or lost a peer. gloo raises
+    a plain RuntimeError whose text names its source file (``gloo/transport/...``); newer torch
+    raises ``DistError`` subclasses."""
+    dist_error = getattr(torch_dist, "DistError", None)
+    if dist_error is not None and isinstance(e, dist_error):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("gloo" in text or "nccl" in text)
 
 
 @dataclass
@@ -22,6 +41,9 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    timeout_s: float = 0.0
+    where: str = "setting up"
+    """What this rank is doing (the trainer updates it: ``step 12 of 100``), for failure messages."""
 
     @property
     def enabled(self) -> bool:
@@ -41,7 +63,7 @@ class DistContext:
         if not torch_dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             torch_dist.init_process_group(backend, timeout=dt.timedelta(seconds=timeout_s))
-        return DistContext(rank, world, local)
+        return DistContext(rank, world, local, timeout_s)
 
     def device_for(self, device: torch.device) -> torch.device:
         """One GPU per process: cuda -> cuda:LOCAL_RANK."""
@@ -60,6 +82,25 @@ class DistContext:
     def barrier(self) -> None:
         if self.enabled:
             torch_dist.barrier()
+
+    @contextlib.contextmanager
+    def explain_failures(self) -> Iterator[None]:
+        """Turn a collective's timeout or lost peer into a :class:`DistributedTrainingError` that names
+        this rank, :attr:`where` it was, the likely cause and the fix (other errors pass unchanged)."""
+        try:
+            yield
+        except RuntimeError as e:
+            if not self.enabled or isinstance(e, DistributedTrainingError) or not is_collective_failure(e):
+                raise
+            text = str(e).strip()
+            why = (f"no answer from the other rank(s) within --dist-timeout {self.timeout_s:g}s"
+                   if "timed out" in text.lower() or "timeout" in text.lower() else "lost contact with another rank")
+            raise DistributedTrainingError(
+                f"rank {self.rank}: {why} at {self.where}: another rank died, failed or hangs (see its output; "
+                "torchrun's report names it). The checkpoints saved so far are kept: re-run the same command "
+                f"(the same --nproc-per-node {self.world_size}) to resume from the newest. Backend: "
+                f"{text.splitlines()[0][:300] if text else type(e).__name__}"
+            ) from e
 
     def close(self) -> None:
         if self.enabled and torch_dist.is_initialized():

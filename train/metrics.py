@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["batch_metrics", "MetricsLogger", "plot_metrics", "TIMING_KEYS"]
+__all__ = ["batch_metrics", "batch_metrics_from_l0", "MetricsLogger", "plot_metrics", "TIMING_KEYS"]
 
 TIMING_KEYS = ("tokens_per_s", "elapsed_s")
 """Keys that depend on the machine's speed (everything else is reproducible on resume)."""
@@ -25,7 +25,15 @@ TIMING_KEYS = ("tokens_per_s", "elapsed_s")
 def batch_metrics(latents_BL: torch.Tensor, x_out_BXoD: torch.Tensor, recon_BXoD: torch.Tensor,
                   slot_names: list[str]) -> dict[str, float]:
     """L0 statistics and explained variance (1 − FVU) of one batch, overall and per output slot."""
-    l0_B = (latents_BL > 0).sum(dim=1).float()
+    return batch_metrics_from_l0((latents_BL > 0).sum(dim=1), x_out_BXoD, recon_BXoD, slot_names)
+
+
+@torch.no_grad()
+def batch_metrics_from_l0(l0_B: torch.Tensor, x_out_BXoD: torch.Tensor, recon_BXoD: torch.Tensor,
+                          slot_names: list[str]) -> dict[str, float]:
+    """:func:`batch_metrics` from each row's count of active latents ``l0_B`` (the latents
+    themselves may have been computed, and dropped, a piece of the batch at a time)."""
+    l0_B = l0_B.float()
     q = torch.quantile(l0_B, torch.tensor([0.1, 0.5, 0.9], device=l0_B.device))
     x, r = x_out_BXoD.float(), recon_BXoD.float()
     err_X = (x - r).pow(2).sum(dim=(0, 2))

@@ -69,10 +69,16 @@ def _check_same_hub_commit(spec: str, saved_path: str | None, cache_dir: Path | 
         )
 
 
+def _launch_command(world_size: int) -> str:
+    return ("python run_train.py ... (one process, no torchrun)" if world_size == 1
+            else f"torchrun --nproc-per-node {world_size} run_train.py ...")
+
+
 def check_run_dir(cfg: TrainConfig, run_dir: Path, d_model: int, spec: SlotSpec, n_shards: int,
-                  cache_dir: Path | None = None) -> bool:
+                  cache_dir: Path | None = None, world_size: int = 1) -> bool:
     """Refuse a folder holding a different run. True if it holds this run (resume). Reads only.
     ``cache_dir``: where ``cfg.cache`` resolved now (an ``hf://`` spec names a commit-pinned folder).
+    ``world_size``: processes of this command (a run resumes with the number it started with).
 
     A folder whose ``config.json`` has no checkpoint or export beside it (an attempt stopped before
     its first checkpoint) holds nothing to resume or lose: it is started afresh, whatever its config.
@@ -94,6 +100,12 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path, d_model: int, spec: SlotSpec,
         raise RunMismatchError(f"--out {run_dir} holds a different run ({'; '.join(diffs[:6])}); use another "
                                "--out, delete it, or repeat the original command to resume")
     _check_same_hub_commit(cfg.cache, saved.get("cache", {}).get("path"), cache_dir, run_dir)
+    then = saved.get("world_size")  # None: a config.json from before it was recorded (the loader still checks)
+    if then is not None and then != world_size:  # the saved loader position is in a stream of `then` ranks
+        raise RunMismatchError(
+            f"--out {run_dir} was trained with {then} process(es); this command runs {world_size}. Its data stream "
+            f"depends on the number of processes: resume it with `{_launch_command(then)}` (--nproc-per-node "
+            f"{then}), or use another --out")
     if saved.get("d_model") != d_model:
         raise RunMismatchError(f"--out {run_dir} was trained on d_model={saved.get('d_model')} activations; the "
                                f"cache {cfg.cache} has d_model={d_model}: use a cache of the same width")

@@ -5,10 +5,12 @@ device once, and every member steps on it (a sweep; a single run is a sweep of o
 and member: set LR and λ, forward, loss terms, finiteness check, backward (DDP all-reduces),
 clip, gradient-norm finiteness check (every member's, before any steps), Adam step,
 inference-state update (BatchTopK threshold), dead-latent counters, log.
-Checkpoints are committed when every member has saved the step; re-running the same command
-resumes from the newest committed step and reproduces the uninterrupted run's metrics; re-running
-a finished run (its export written) does nothing. A non-finite loss or gradient norm stops the run
-with a checkpoint of the state before that step.
+Each member checkpoints on its own ``checkpoint_every``; re-running the same command resumes from
+the newest step every member saved intact (a damaged checkpoint is reported and skipped) and
+reproduces the uninterrupted run's metrics; re-running a finished run (its export written) does
+nothing. A non-finite loss or gradient norm stops the run with a checkpoint of the state before
+that step. Under torchrun, a collective that times out or loses a peer stops the run with an
+error naming the step (:meth:`DistContext.explain_failures`).
 SIGINT/SIGTERM finish the current step, save a checkpoint and exit. Under torchrun, ranks read
 disjoint parts of each epoch and only rank 0 writes. Each run folder is locked for the whole run
 (:mod:`shared.folder_lock`): a second job into it is refused before it reads or writes anything there.
@@ -19,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,19 +38,26 @@ from shared.config import config_to_json
 from shared.devices import resolve_device
 from shared.folder_lock import FolderLock, FolderLockError
 from shared.shard_io import atomic_write_bytes
-from train.checkpoint import checkpoint_steps, load_checkpoint, prune_checkpoints, save_checkpoint
+from train.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    checkpoint_steps,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from train.config import TrainConfig
 from train.dictionary import Dictionary, DictionaryConfig
 from train.distributed import DistContext
 from train.export import fold_normalization, save_dictionary
 from train.loader import ActivationLoader, default_eval_shards
 from train.losses import loss_terms
-from train.metrics import MetricsLogger, batch_metrics, plot_metrics, read_metrics
+from train.metrics import MetricsLogger, batch_metrics, batch_metrics_from_l0, plot_metrics, read_metrics
 from train.run_dir import RunMismatchError, check_run_dir
 from train.slots import SlotSpec, resolve_slots
 
 __all__ = ["train", "train_many", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "RunMismatchError",
-           "SweepError", "build_dictionary_config", "STREAM_FIELDS"]
+           "SweepError", "build_dictionary_config", "STREAM_FIELDS", "SWEEP_WIDE_FIELDS"]
 
 JUMPRELU_INIT_RATE = 0.2
 """Largest share of tokens a JumpReLU latent fires on at initialisation."""
@@ -59,6 +70,9 @@ activations" of ~1e3-1e4x the median (Sun et al. 2024), so this leaves them to t
 STREAM_FIELDS = ("cache", "max_shards", "steps", "batch_size", "seed", "window", "eval_shards", "device",
                  "dist_timeout")
 """Fields every member of a sweep must share: they define the one loader stream (and its length)."""
+
+SWEEP_WIDE_FIELDS = {"progress": "one progress bar shows the whole sweep"}
+"""Other fields a sweep has once, not per member (why). Every other field is each member's own."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -134,6 +148,15 @@ def _eval_rows(cache: Cache, cfg: TrainConfig) -> int:
     return sum(s.n_rows for s in cache.manifest.shards[cache.n_shards - n_eval:]) if n_eval else 0
 
 
+def _held_out_batch(cache: Cache, cfg: TrainConfig, dist: DistContext) -> int:
+    """Rows per batch of the JumpReLU calibration and of eval: the *global* batch (batch size x
+    ranks), capped by the held-out split, so that N ranks with batch B read exactly the rows one
+    process with batch N*B reads (README: same weights, same eval lines)."""
+    global_batch = cfg.batch_size * dist.world_size
+    eval_rows = _eval_rows(cache, cfg)
+    return min(global_batch, eval_rows) if eval_rows else global_batch
+
+
 class _Member:
     """One dictionary of a (possibly one-member) sweep: its model, optimizer, counters, folder."""
 
@@ -152,8 +175,13 @@ class _Member:
             "d_in": len(self.spec.in_slots) * man.d_model, "slots": names, "in_slots": self.spec.in_slots,
             "out_slots": self.spec.out_slots, "sparsity_coeff": cfg.resolved_sparsity_coeff,
             "dead_tokens": cfg.resolved_dead_tokens(dist.world_size), "device": str(device), "world_size": dist.world_size,
+            # What makes another cache this run's (analyze --cache): the same normalization of its slots
+            # (scale, or the mean_std side file) and, for the same rows, the same shards.
             "cache": {"path": str(cache.dir.resolve()), "spec": cfg.cache, "models": man.models, "hooks": man.hooks,
-                      "n_rows": man.n_rows, "dtype": man.dtype, "normalization": man.normalization["method"]},
+                      "n_rows": man.n_rows, "dtype": man.dtype, "normalization": man.normalization["method"],
+                      "normalization_scale": man.normalization.get("scale"),
+                      "normalization_sha256": man.normalization.get("sha256"),
+                      "shards_sha256": man.shards_fingerprint},
         }
         torch.manual_seed(cfg.seed)  # same seed, same init on every rank
         self.model = Dictionary(self.dict_cfg).to(device)
@@ -184,7 +212,8 @@ class _Member:
         everywhere and the planted-dictionary test collapses). Uses the eval split's first batch, so the
         training stream is untouched."""
         eval_rows = _eval_rows(cache, self.cfg)
-        calib = ActivationLoader(cache, min(self.cfg.batch_size, eval_rows or self.cfg.batch_size), models=spec_models,
+        # Every rank computes the same init from the same rows (rank 0's view of the split).
+        calib = ActivationLoader(cache, _held_out_batch(cache, self.cfg, self.dist), models=spec_models,
                                  hooks=spec_hooks, seed=self.cfg.seed, split="eval" if eval_rows else "train",
                                  eval_shards=self.cfg.eval_shards, device=device)
         x_BXD = rearrange(next(iter(calib)), "b m p d -> b (m p) d")
@@ -198,7 +227,8 @@ class _Member:
                            "signature": self.cfg.resume_signature()})
 
     def load(self, step: int, device: torch.device) -> dict[str, Any]:
-        path = self.run_dir / "checkpoints" / f"step-{step:07d}"
+        """Restore checkpoint ``step``; raises :class:`CheckpointError` (before changing anything) if it is damaged."""
+        path = checkpoint_path(self.run_dir, step)
         ck = load_checkpoint(path, device)
         try:
             self.model.load_state_dict(ck["model"])
@@ -208,6 +238,45 @@ class _Member:
         self.since_fired_L.copy_(ck["tensors"]["since_fired_L"].to(device))
         torch.set_rng_state(ck["tensors"]["rng"])
         return ck["state"]
+
+
+def _resume(members: list[_Member], device: torch.device,
+            dist: DistContext) -> tuple[int, int, dict[str, Any] | None]:
+    """Load the newest step every member holds intact (a sweep commits steps all together):
+    ``(step, tokens, saved state)``, or ``(0, 0, None)`` for a fresh start.
+
+    A damaged checkpoint (a file truncated or altered after it was committed) is reported and the
+    next older common step tried; the run then reproduces the steps after it, and rank 0 removes
+    the checkpoints past it (they are rewritten when the run gets there). Raises
+    :class:`CheckpointError` when no intact common step is left."""
+    resumable = [set(checkpoint_steps(m.run_dir)) if m.resuming else set() for m in members]
+    common = sorted(set.intersection(*resumable) if all(resumable) else set(), reverse=True)
+    damaged: list[str] = []
+    for step in common:
+        try:
+            for m in members:  # if a later member's is damaged, the earlier ones are reloaded at an older step
+                state = m.load(step, device)
+        except CheckpointError as e:
+            damaged.append(str(e))
+            continue
+        if damaged and dist.is_main:
+            for d in damaged:
+                print(f"warning: {d}", file=sys.stderr)
+            print(f"warning: resuming from step {step}, the newest checkpoint intact in "
+                  f"{'every member' if len(members) > 1 else members[0].run_dir}; the damaged ones past it are "
+                  "removed (the run writes them again when it gets there)", file=sys.stderr)
+        dist.barrier()  # every rank has read its checkpoints before rank 0 removes any
+        if dist.is_main:
+            for m in members:  # the abandoned future, as metrics.jsonl's lines past `step` are
+                for later in (s for s in checkpoint_steps(m.run_dir) if s > step):
+                    shutil.rmtree(checkpoint_path(m.run_dir, later), ignore_errors=True)
+        return step, int(state["tokens"]), state
+    if damaged:
+        folders = sorted({str(checkpoint_path(m.run_dir, s)) for m in members for s in common})
+        raise CheckpointError(
+            f"no intact checkpoint to resume from: {' | '.join(damaged)}. Restore the damaged file(s) from a copy, "
+            f"or delete the damaged checkpoint folder(s) ({', '.join(folders)}) to train the run again from step 0")
+    return 0, 0, None
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -225,6 +294,10 @@ def _check_sweep(cfgs: list[TrainConfig]) -> None:
         if diffs:
             raise SweepError(f"sweep member {i} ({c.out}) cannot share member 0's loader stream: "
                              f"{'; '.join(diffs)}. Members must share {', '.join(STREAM_FIELDS)}")
+        for f, why in SWEEP_WIDE_FIELDS.items():
+            if getattr(first, f) != getattr(c, f):
+                raise SweepError(f"sweep member {i} ({c.out}): {f}: {getattr(first, f)!r} vs {getattr(c, f)!r} in "
+                                 f"member 0: {why}; give every member the same {f}")
     outs = [str(Path(c.out).resolve()) for c in cfgs]
     if len(set(outs)) != len(outs):
         raise SweepError(f"sweep members need distinct --out folders, got {outs}")
@@ -245,7 +318,7 @@ def train_many(cfgs: list[TrainConfig]) -> list[TrainResult]:
     dist = DistContext.from_env(device, first.dist_timeout)
     device = dist.device_for(device)
     try:
-        with _run_folder_locks(cfgs, dist, device):
+        with dist.explain_failures(), _run_folder_locks(cfgs, dist, device):
             return _train_many(cfgs, cache, device, dist)
     finally:
         dist.close()
@@ -284,7 +357,7 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
             spec = resolve_slots(man, arch=c.arch, models=c.models, hooks=c.hooks, in_hooks=c.in_hooks,
                                  out_hooks=c.out_hooks, cache_dir=c.cache)
             dict_cfg = build_dictionary_config(c, spec, man.d_model)
-            resuming = check_run_dir(c, Path(c.out), man.d_model, spec, len(man.shards), cache.dir)
+            resuming = check_run_dir(c, Path(c.out), man.d_model, spec, len(man.shards), cache.dir, dist.world_size)
         plans.append(_Plan(c, spec, dict_cfg, resuming, _completed(c) if resuming else None))
     # A finished run is not trained, evaluated, exported or logged again: re-running its command is a no-op.
     active = [p for p in plans if p.done is None]
@@ -313,16 +386,9 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
     for m in members:
         m.write_config()
 
-    # Resume from the newest step every member has saved (a sweep commits steps all together).
-    resumable = [set(checkpoint_steps(m.run_dir)) if m.resuming else set() for m in members]
-    common = set.intersection(*resumable) if all(resumable) else set()
-    step, tokens = 0, 0
-    if common:
-        step = max(common)
-        for m in members:
-            state = m.load(step, device)
+    step, tokens, state = _resume(members, device, dist)
+    if state is not None:
         loader.load_state_dict(state["loader"])
-        tokens = int(state["tokens"])
         if dist.is_main:
             print(f"resuming {', '.join(str(m.run_dir) for m in members)} at step {step} of {first.steps}")
     else:
@@ -340,12 +406,17 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
 
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    def checkpoint() -> list[Path]:
+    def checkpoint(due: list[_Member] | None = None) -> list[Path]:
+        """Save the ``due`` members (default: all) at ``step`` (rank 0), then prune them. A resume needs a step
+        every member holds, so each keeps its newest ``keep`` such steps besides its own newest
+        ``keep`` (members may checkpoint on different schedules)."""
+        due = members if due is None else due
         paths = []
         if dist.is_main:
-            paths = [save_checkpoint(m.run_dir, step, keep=None, **m.state(step, tokens, loader)) for m in members]
-            for m in members:  # prune only once every member holds the step
-                prune_checkpoints(m.run_dir, m.cfg.keep_checkpoints)
+            paths = [save_checkpoint(m.run_dir, step, keep=None, **m.state(step, tokens, loader)) for m in due]
+            common = sorted(set.intersection(*(set(checkpoint_steps(m.run_dir)) for m in members)))
+            for m in due:  # prune only once every due member holds the step
+                prune_checkpoints(m.run_dir, m.cfg.keep_checkpoints, protect=common[-m.cfg.keep_checkpoints:])
         dist.barrier()
         return paths
 
@@ -357,6 +428,7 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
     it = iter(loader)
     try:
         while step < first.steps:
+            dist.where = f"step {step + 1} of {first.steps}"
             x_BXD = rearrange(next(it), "b m p d -> b (m p) d")  # read and moved once for every member
             # Rows of this batch on every rank (the last of an epoch may hold fewer on some ranks).
             batch_tokens = loader.global_batch_rows(step % loader.batches_per_epoch)
@@ -434,12 +506,13 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
             for m in members:
                 if m.cfg.eval_every and step % m.cfg.eval_every == 0 and step < first.steps and dist.is_main:
                     m.logger.log({"step": step, **evaluate(m, cache, models, hooks, device)})
-            if step % first.checkpoint_every == 0 or step == first.steps:
-                checkpoint()
             if stop_now:
                 paths = checkpoint()
                 raise TrainingInterrupted(f"signal {stop['signal']} at step {step}: checkpoint saved to "
                                           f"{', '.join(map(str, paths)) or 'rank 0'}; re-run the same command to resume")
+            due = [m for m in members if step % m.cfg.checkpoint_every == 0 or step == first.steps]
+            if due:  # each member on its own --checkpoint-every
+                checkpoint(due)
     finally:
         bar.close()
         for s, h in handlers.items():
@@ -448,6 +521,7 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
             it.close()
 
     loop_seconds = time.perf_counter() - t_start
+    dist.where = "the final eval and export"
     trained = {}
     for m in members:
         eval_metrics = evaluate(m, cache, models, hooks, device) if dist.is_main else {}
@@ -492,11 +566,13 @@ def _non_finite_advice(m: _Member, x_BXD: torch.Tensor, union: list[str]) -> str
 
 @torch.no_grad()
 def evaluate(m: _Member, cache: Cache, models: list[str], hooks: list[str], device: torch.device) -> dict[str, Any]:
-    """Inference-mode metrics on the held-out split (``eval/`` keys); empty if there is none."""
-    eval_rows = _eval_rows(cache, m.cfg)
-    if eval_rows == 0:
+    """Inference-mode metrics on the held-out split (``eval/`` keys); empty if there is none.
+
+    Rank 0 scores ``eval_batches`` batches of the *global* batch size, the rows a one-process run
+    with the same global batch scores, so eval lines do not depend on the number of ranks."""
+    if _eval_rows(cache, m.cfg) == 0:
         return {}
-    loader = ActivationLoader(cache, min(m.cfg.batch_size, eval_rows), models=models, hooks=hooks, split="eval",
+    loader = ActivationLoader(cache, _held_out_batch(cache, m.cfg, m.dist), models=models, hooks=hooks, split="eval",
                               seed=m.cfg.seed, eval_shards=m.cfg.eval_shards, device=device)
     sums: dict[str, float] = {}
     n = 0
@@ -508,9 +584,17 @@ def evaluate(m: _Member, cache: Cache, models: list[str], hooks: list[str], devi
             break
         x_BXD = rearrange(acts_BMPD, "b m p d -> b (m p) d")
         x_in, x_out = x_BXD.index_select(1, m.in_idx), x_BXD.index_select(1, m.out_idx)
-        out = model(x_in, inference=True)
-        mets = batch_metrics(out.latents_BL, x_out, out.recon_BXoD, m.out_names)
-        mets["recon"] = (x_out - out.recon_BXoD).pow(2).sum(dim=(1, 2)).mean().item()
+        # Inference is per row: a forward per rank-sized piece scores the global batch without
+        # holding N ranks' latents at once on rank 0.
+        l0_parts, recon_parts = [], []
+        for piece_BXiD in x_in.split(m.cfg.batch_size):
+            out = model(piece_BXiD, inference=True)
+            l0_parts.append((out.latents_BL > 0).sum(dim=1))
+            recon_parts.append(out.recon_BXoD)
+            del out  # its latents: one piece's at a time
+        l0_B, recon_BXoD = torch.cat(l0_parts), torch.cat(recon_parts)
+        mets = batch_metrics_from_l0(l0_B, x_out, recon_BXoD, m.out_names)
+        mets["recon"] = (x_out - recon_BXoD).pow(2).sum(dim=(1, 2)).mean().item()
         for k, v in mets.items():
             sums[k] = sums.get(k, 0.0) + v
         n += 1

@@ -1,0 +1,224 @@
+"""Damaged checkpoints: found by their recorded checksums (or by failing to parse, for checkpoints
+from before checksums), reported by file, and skipped for the newest intact one, so the resumed
+run still reproduces the uninterrupted run. Also the order of checkpoint folders past step 9,999,999."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+from tests.cache_factory import make_cache
+from train.checkpoint import (
+    CHECKPOINT_FILES,
+    CHECKSUMS_FILE,
+    CheckpointError,
+    checkpoint_steps,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    verify_checkpoint,
+)
+from train.config import TrainConfig
+from train.export import load_dictionary
+from train.metrics import TIMING_KEYS, read_metrics
+from train.trainer import train, train_many
+
+STEPS, EVERY = 12, 4
+
+
+def _cfg(cache: Path, out: Path, **kw) -> TrainConfig:
+    args: dict = {"cache": str(cache), "out": str(out), "activation": "topk", "k": 4, "latents": 32, "steps": STEPS,
+                  "batch_size": 64, "lr": 3e-3, "log_every": 2, "checkpoint_every": EVERY, "keep_checkpoints": 3,
+                  "progress": False, "device": "cpu"}
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(run)]
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    x, y = load_dictionary(a / "export"), load_dictionary(b / "export")
+    for (k, v), (_, w) in zip(x.state_dict().items(), y.state_dict().items()):
+        assert torch.equal(v, w), k
+
+
+def _step_dir(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step-{step:07d}"
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+def _flip_byte(path: Path) -> None:
+    """Change one byte in the middle: same size, so only the checksum can tell."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "cache"
+    make_cache(path, n_shards=4, rows_per_shard=256)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(cache, tmp_path_factory) -> Path:
+    """The uninterrupted run: checkpoints at steps 4, 8 and 12."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    train(_cfg(cache, run))
+    assert checkpoint_steps(run) == [4, 8, 12]
+    return run
+
+
+def _crashed_copy(reference: Path, dest: Path) -> Path:
+    """The reference run as if killed after its step-12 checkpoint, before the export."""
+    shutil.copytree(reference, dest)
+    shutil.rmtree(dest / "export")
+    shutil.rmtree(dest / "dictionary")
+    return dest
+
+
+# ---- what a checkpoint records, and verify_checkpoint ----------------------------------------
+
+
+def test_a_checkpoint_records_size_and_sha256_of_every_file(reference):
+    path = _step_dir(reference, 12)
+    record = json.loads((path / CHECKSUMS_FILE).read_text())
+    assert set(record["files"]) == set(CHECKPOINT_FILES)
+    for name, rec in record["files"].items():
+        assert rec["bytes"] == (path / name).stat().st_size
+    assert verify_checkpoint(path) == []
+
+
+def test_verify_names_the_file_and_what_is_wrong(reference, tmp_path):
+    path = tmp_path / "step-0000012"
+    shutil.copytree(_step_dir(reference, 12), path)
+    _flip_byte(path / "optimizer.pt")
+    _truncate(path / "model.safetensors")
+    (path / "state.safetensors").unlink()
+    problems = verify_checkpoint(path)
+    assert any(p.startswith("model.safetensors: ") and "(truncated)" in p for p in problems), problems
+    assert any(p.startswith("optimizer.pt: sha256 does not match") and "same size" in p for p in problems), problems
+    assert "state.safetensors: missing" in problems
+    with pytest.raises(CheckpointError, match=r"checkpoint .*step-0000012 is damaged: .*model.safetensors"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("name", CHECKPOINT_FILES)
+def test_a_checkpoint_without_checksums_still_reports_a_damaged_file_by_name(reference, tmp_path, name):
+    """Checkpoints written before checksums were recorded: a file that does not parse is named,
+    never a raw safetensors/pickle/json traceback."""
+    path = tmp_path / "step-0000012"
+    shutil.copytree(_step_dir(reference, 12), path)
+    (path / CHECKSUMS_FILE).unlink()
+    assert verify_checkpoint(path) == []
+    _truncate(path / name)
+    with pytest.raises(CheckpointError, match=rf"is damaged: {name}: unreadable \(\w+"):
+        load_checkpoint(path)
+
+
+# ---- resume falls back to the newest intact checkpoint ------------------------------------------
+
+
+@pytest.mark.parametrize("name", [*CHECKPOINT_FILES, CHECKSUMS_FILE])
+@pytest.mark.parametrize("damage", [_truncate, _flip_byte], ids=["truncated", "byte-flipped"])
+def test_a_damaged_newest_checkpoint_falls_back_and_reproduces_the_run(cache, reference, tmp_path, capsys, name,
+                                                                       damage):
+    run = _crashed_copy(reference, tmp_path / "run")
+    damage(_step_dir(run, 12) / name)
+    res = train(_cfg(cache, run))
+    err = capsys.readouterr().err
+    assert f"step-0000012 is damaged: {name}" in err and "resuming from step 8" in err, err
+    assert res.steps == STEPS and not res.already_complete
+    assert _metrics(run) == _metrics(reference)  # lines past step 8 were dropped and written again
+    _same_weights(run, reference)
+    assert checkpoint_steps(run) == [4, 8, 12] and verify_checkpoint(_step_dir(run, 12)) == []  # rewritten
+
+
+def test_the_cli_falls_back_past_two_damaged_checkpoints(cache, reference, tmp_path):
+    run = _crashed_copy(reference, tmp_path / "run")
+    _truncate(_step_dir(run, 12) / "state.json")
+    _flip_byte(_step_dir(run, 8) / "model.safetensors")
+    res = _cli(cache, run)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "step-0000012 is damaged: state.json: " in res.stderr and "(truncated)" in res.stderr
+    assert "step-0000008 is damaged: model.safetensors: sha256 does not match" in res.stderr
+    assert "resuming from step 4" in res.stderr and "at step 4 of 12" in res.stdout
+    assert _metrics(run) == _metrics(reference)
+    _same_weights(run, reference)
+
+
+def _cli(cache: Path, run: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    args = ["--cache", str(cache), "--out", str(run), "--activation", "topk", "--k", "4", "--latents", "32",
+            "--steps", str(STEPS), "--batch-size", "64", "--lr", "3e-3", "--log-every", "2", "--checkpoint-every",
+            str(EVERY), "--keep-checkpoints", "3", "--device", "cpu", "--no-progress"]
+    return subprocess.run([sys.executable, str(ROOT / "run_train.py"), *args], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+def test_the_cli_refuses_when_no_intact_checkpoint_is_left_and_names_the_fix(cache, reference, tmp_path):
+    run = _crashed_copy(reference, tmp_path / "run")
+    _truncate(_step_dir(run, 12) / "model.safetensors")
+    _flip_byte(_step_dir(run, 8) / "optimizer.pt")
+    _truncate(_step_dir(run, 4) / "state.safetensors")
+    lines = read_metrics(run)
+    res = _cli(cache, run)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    for step, name in ((12, "model.safetensors"), (8, "optimizer.pt"), (4, "state.safetensors")):
+        assert f"step-{step:07d} is damaged: {name}" in res.stderr, res.stderr
+    assert "no intact checkpoint to resume from" in res.stderr and "Restore the damaged file(s)" in res.stderr
+    assert "delete the damaged checkpoint folder(s)" in res.stderr
+    assert read_metrics(run) == lines and checkpoint_steps(run) == [4, 8, 12]  # nothing touched
+    # The fix it names: delete them, and the same command trains the run again from the start.
+    for step in (4, 8, 12):
+        shutil.rmtree(_step_dir(run, step))
+    res = _cli(cache, run)
+    assert res.returncode == 0, res.stderr
+    assert _metrics(run) == _metrics(reference)
+
+
+def test_a_sweep_falls_back_to_the_newest_step_every_member_holds_intact(cache, tmp_path, capsys):
+    base = [_cfg(cache, tmp_path / "ref" / "a"), _cfg(cache, tmp_path / "ref" / "b", latents=16)]
+    train_many(base)
+    members = [dataclasses.replace(c, out=str(tmp_path / "res" / Path(c.out).name)) for c in base]
+    for ref, m in zip(base, members):
+        _crashed_copy(Path(ref.out), Path(m.out))
+    _flip_byte(_step_dir(Path(members[1].out), 12) / "model.safetensors")  # only member b's step 12
+    train_many(members)
+    assert "resuming from step 8, the newest checkpoint intact in every member" in capsys.readouterr().err
+    for ref, m in zip(base, members):
+        assert _metrics(Path(m.out)) == _metrics(Path(ref.out))
+        _same_weights(Path(m.out), Path(ref.out))
+
+
+# ---- the order of checkpoint folders --------------------------------------------------------
+
+
+def test_checkpoints_are_ordered_by_step_past_9999999(tmp_path):
+    """``step-%07d`` names grow an eighth digit at 10,000,000, where name order is no longer step order."""
+    for step in (9_999_998, 9_999_999, 10_000_000, 10_000_001):
+        (tmp_path / "checkpoints" / f"step-{step:07d}").mkdir(parents=True)
+    (tmp_path / "checkpoints" / ".step-10000002.tmp-1").mkdir()  # a save in progress is not a checkpoint
+    assert checkpoint_steps(tmp_path) == [9_999_998, 9_999_999, 10_000_000, 10_000_001]
+    assert latest_checkpoint(tmp_path).name == "step-10000001"
+    prune_checkpoints(tmp_path, 2)
+    assert checkpoint_steps(tmp_path) == [10_000_000, 10_000_001]
+    prune_checkpoints(tmp_path, 1, protect=[10_000_000])  # a sweep keeps the newest step all members hold
+    assert checkpoint_steps(tmp_path) == [10_000_000, 10_000_001]
