@@ -13,8 +13,17 @@ left by a killed job is taken over. On release the file is removed, and so is ev
 lock created that the job left empty (a job that failed before writing anything leaves nothing).
 The file is never listed in a manifest, so it is never part of a cache.
 
+A lock file this process may not write (another user's, in a shared folder, or left by their killed
+job) is opened read-only and locked all the same (``flock`` needs no write access); once locked, it
+is replaced by a file of this job's own, so that it names this job and is removed at the end. Where
+it cannot be replaced (a folder with the sticky bit), the job keeps the read-only lock and a second
+job's refusal says the holder could not be named. Only a job that cannot write the folder itself (a
+read-only copy of a finished cache) runs unlocked, silently: it cannot corrupt it.
+
 ``flock`` works on local filesystems and, on Linux, on NFS (as a POSIX lock); where the filesystem
-refuses it, a warning says so and the job runs unlocked.
+refuses it, a warning says so and the job runs unlocked. It still writes the lock file (its details
+tell a person who else is there) and on release removes it, if no other job has written over it, and
+the folders it created that are left empty, as a locked job does.
 """
 
 from __future__ import annotations
@@ -46,8 +55,8 @@ LOCK_NAME = ".crosscache.lock"
 
 # flock refused by the filesystem itself (some FUSE and network mounts): nothing to lock with.
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
-# A folder this process may not write: it cannot corrupt it, so it runs unlocked (a re-run of a
-# finished harvest or training on a read-only copy only reads).
+# Opening the lock file for writing refused: the folder cannot be written (a re-run of a finished
+# harvest or training on a read-only copy only reads: it runs unlocked), or the file is another user's.
 _READ_ONLY = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
@@ -59,7 +68,7 @@ class FolderBusyError(FolderLockError):
     """Another job holds the folder's lock: it is writing there now."""
 
 
-_held: set[FolderLock] = set()  # locks this process holds (a held lock stays referenced until released)
+_held: set[FolderLock] = set()  # locks this process acquired, held or unlocked (referenced until released)
 
 
 def _forget_in_child() -> None:
@@ -90,6 +99,7 @@ class FolderLock:
         self.what, self.option = what, option
         self._fd: int | None = None
         self._made: list[Path] = []  # folders acquire() created
+        self._stamp: tuple[int, int, bytes] | None = None  # unlocked: (device, inode, details) of the file it wrote
         self._acquired = False
 
     @property
@@ -108,8 +118,7 @@ class FolderLock:
             self._remove_made()
             raise
         self._acquired = True
-        if self._fd is not None:
-            _held.add(self)
+        _held.add(self)  # unlocked too: a forked child must not remove the file or folders (_forget)
         return self
 
     def release(self) -> None:
@@ -119,6 +128,9 @@ class FolderLock:
         self._acquired = False
         _held.discard(self)
         fd, self._fd = self._fd, None
+        stamp, self._stamp = self._stamp, None
+        if stamp is not None:  # unlocked: the file this job wrote, unless another job has written over it
+            _remove_if_unchanged(self.path, stamp)
         if fd is not None:
             # Removed while still held: a job that opened this file meanwhile finds, once it gets the
             # lock, that the name no longer leads to it, and locks a new file (see _lock).
@@ -141,7 +153,7 @@ class FolderLock:
 
     def _forget(self) -> None:
         """In a forked child: drop this process's copy of the lock without releasing or removing anything."""
-        fd, self._fd, self._made, self._acquired = self._fd, None, [], False
+        fd, self._fd, self._made, self._stamp, self._acquired = self._fd, None, [], None, False
         if fd is not None:
             try:
                 os.close(fd)
@@ -170,42 +182,97 @@ class FolderLock:
         """Open, lock and stamp the lock file; its descriptor, or None when running unlocked."""
         if fcntl is None:
             return None
-        for _ in range(20):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # never O_TRUNC: the holder's details
-            except FileNotFoundError:  # a job that just released the folder removed it: make it again
-                self._made += [p for p in self._make_folder() if p not in self._made]
-                continue
-            except OSError as e:
-                if e.errno in _READ_ONLY:
-                    return None
-                raise
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _read_holder(fd)
-                os.close(fd)
-                raise FolderBusyError(self._busy_message(holder)) from None
-            except OSError as e:
-                os.close(fd)
-                if e.errno in _NO_FLOCK:
-                    print(f"warning: cannot lock the {self.what} {self.folder} ({e.strerror}): this filesystem "
-                          "does not support flock, so nothing stops a second job from writing there at the "
-                          "same time", file=sys.stderr)
-                    return None
-                raise
-            if _same_file(fd, self.path):
-                _write_holder(fd)
-                return fd
-            os.close(fd)  # its holder released and removed it between our open and flock: lock the new one
+        displaced: int | None = None  # another user's lock file, locked read-only while this job replaces it
+        try:
+            for _ in range(20):
+                writable = True
+                try:
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # never O_TRUNC: the holder's details
+                except FileNotFoundError:  # a job that just released the folder removed it: make it again
+                    self._made += [p for p in self._make_folder() if p not in self._made]
+                    continue
+                except OSError as e:
+                    if e.errno not in _READ_ONLY:
+                        raise
+                    if e.errno == errno.EROFS or not _may_write(self.folder):
+                        return None  # this process cannot write the folder: it cannot corrupt it either
+                    # The folder is writable but the lock file is not: another user's. Running unlocked would
+                    # let two users' jobs write the folder at once; flock needs no write access.
+                    try:
+                        fd = os.open(self.path, os.O_RDONLY)
+                    except FileNotFoundError:  # its holder released and removed it meanwhile
+                        continue
+                    except OSError as e2:
+                        raise FolderLockError(self._foreign_message(
+                            f"this process may not even read it ({e2.strerror})")) from None
+                    writable = False
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _read_holder(fd)
+                    os.close(fd)
+                    raise FolderBusyError(self._busy_message(holder)) from None
+                except OSError as e:
+                    if e.errno in _NO_FLOCK:
+                        print(f"warning: cannot lock the {self.what} {self.folder} ({e.strerror}): this filesystem "
+                              "does not support flock, so nothing stops a second job from writing there at the "
+                              "same time", file=sys.stderr)
+                        if writable:  # its details are for a person to read; release removes the file
+                            try:
+                                self._stamp = _write_holder(fd)
+                            except OSError:  # not written: left as it was, and not this job's to remove
+                                pass
+                        os.close(fd)
+                        return None
+                    os.close(fd)
+                    if e.errno == errno.EBADF and not writable:
+                        # NFS emulates flock with a POSIX write lock, which needs a descriptor open for writing.
+                        raise FolderLockError(self._foreign_message(
+                            "this filesystem locks only files a process may write")) from None
+                    raise
+                if not _same_file(fd, self.path):
+                    os.close(fd)  # its holder released and removed it between our open and flock: lock the new one
+                    continue
+                if writable:
+                    _write_holder(fd)
+                    return fd
+                # Another user's file, now locked by this job: no live job holds it. Replace it by a file of this
+                # job's own (which names it, and which release removes), keeping the old one locked meanwhile: a
+                # job that opened the old one finds, once it gets its lock, that the name leads elsewhere.
+                try:
+                    self.path.unlink()
+                except OSError:  # a folder with the sticky bit: only the file's owner may remove it
+                    print(f"note: {self.path} belongs to {_owner(self.path)} and cannot be replaced: this job holds "
+                          f"the lock of the {self.what} {self.folder}, but a second job into it cannot be told which "
+                          "job holds it", file=sys.stderr)
+                    return fd
+                if displaced is not None:
+                    os.close(displaced)
+                displaced = fd
+        finally:
+            if displaced is not None:
+                os.close(displaced)
         raise FolderLockError(f"could not lock the {self.what} {self.folder}: {self.path} kept being replaced; "
                               "is another job starting and stopping there in a loop?")
+
+    def _foreign_message(self, reason: str) -> str:
+        """Why a lock file this process may not write cannot be locked either, and what to do."""
+        return (f"cannot lock the {self.what} {self.folder}: its lock file {self.path} belongs to {_owner(self.path)}, "
+                f"and {reason}. If no job is writing there (`fuser -v {self.path}`, on the host that ran it, names "
+                f"one), remove {self.path} and run again; or choose another {self.option}")
 
     def _busy_message(self, holder: dict) -> str:
         here = socket.gethostname()
         pid, host = holder.get("pid"), holder.get("host")
         if pid is None:  # it has the lock but has not written its details yet (a fraction of a second)
             who, stop = "a process that is just starting", "stop it"
+        elif (not host or host == here) and int(pid) != os.getpid() and not _alive(int(pid)):
+            # The file names a job that has exited: it was killed, and the lock is held by a process it
+            # started, or by another user's job that locked the file read-only and could not name itself.
+            who = (f"a process the lock file could not name: it names pid {pid}, which has exited; the holder is "
+                   f"a process pid {pid} started, or another user's job that may not write {LOCK_NAME}, and "
+                   f"`fuser -v {self.path}` names it")
+            stop = "stop it (a harvest or training resumes when its command is re-run)"
         else:
             on = f" on host {host}" if host and host != here else ""
             who = f"pid {pid}{on or ' on this host'}"
@@ -217,9 +284,6 @@ class FolderLock:
             stop = f"stop it (`kill {pid}`{on}; a harvest or training resumes when its command is re-run)"
             if not on and int(pid) == os.getpid():
                 who += " (this very process: it already holds this folder, e.g. a job started earlier in it)"
-            elif not on and not _alive(int(pid)):
-                who += (f"; pid {pid} has exited, but a process it started still holds the lock "
-                        f"(`fuser -v {self.path}` names it)")
         return (f"the {self.what} {self.folder} is in use by another job ({who}). Two jobs writing one folder "
                 f"corrupt each other's files, so this one stopped before touching it. Wait for the other job "
                 f"to finish, or {stop}, or choose another {self.option}")
@@ -243,13 +307,51 @@ def _same_file(fd: int, path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
-def _write_holder(fd: int) -> None:
+def _write_holder(fd: int) -> tuple[int, int, bytes]:
+    """Write this job's details into the lock file open as ``fd``; return its (device, inode, content)."""
     now = time.time()
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started_unix": now,
             "started": dt.datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds"),
             "command": shlex.join(sys.argv)[:2000]}
+    details = (json.dumps(info) + "\n").encode()
     os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    os.pwrite(fd, details, 0)
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, details
+
+
+def _remove_if_unchanged(path: Path, stamp: tuple[int, int, bytes]) -> None:
+    """Remove ``path`` if it is still the file ``stamp`` (:func:`_write_holder`'s) describes, holding the
+    details written then. Unlocked (no flock), a second job may have written its own details over them
+    since: then the file is that job's to remove."""
+    dev, ino, details = stamp
+    try:
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) == (dev, ino) and path.read_bytes() == details:
+            path.unlink()
+    except OSError:
+        pass
+
+
+def _may_write(folder: Path) -> bool:
+    """Whether this process may create files in ``folder`` (as its effective user, ACLs included)."""
+    if os.access in os.supports_effective_ids:
+        return os.access(folder, os.W_OK | os.X_OK, effective_ids=True)
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _owner(path: Path) -> str:
+    """``user NAME`` (or ``uid N``) owning ``path``, for messages."""
+    try:
+        uid = os.stat(path).st_uid
+    except OSError:
+        return "another user"
+    try:
+        import pwd
+
+        return f"user {pwd.getpwuid(uid).pw_name}"
+    except (ImportError, KeyError):  # no password database, or an unnamed uid (containers)
+        return f"uid {uid}"
 
 
 def _read_holder(fd: int) -> dict:

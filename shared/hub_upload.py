@@ -18,8 +18,10 @@ the uploaded ``manifest.json`` and card are generated from the local manifest wi
 home folder written ``~/...`` and the user and host names replaced (:mod:`shared.redact`), and the
 cache's ``tokenizer.json`` goes with it; for a cache harvested before the harvest saved one, a
 ``tokenizer.json`` found on this machine whose vocabulary matches the manifest's is published in its
-place, listed in the uploaded manifest. The local cache is never changed. ``--private`` applies
-when the repo is created: pushing with it into an existing public repo is refused.
+place, listed in the uploaded manifest; when none is found on a re-push, the one an earlier push
+published with this same cache is kept in the repo and listed again. The local cache is never
+changed. ``--private`` applies when the repo is created: pushing with it into an existing public
+repo is refused.
 
 Upload order follows the cache's own rule (write data, then the manifest): the shards, token
 table and normalization go up first, resumably (``HfApi.upload_folder`` on huggingface_hub 2.x:
@@ -75,6 +77,9 @@ GITATTRIBUTES = ".gitattributes"
 _SHARD_RE = re.compile(rf"{SHARD_DIR}/acts(?:-rank\d+)?-\d+\.safetensors")
 
 _FORCE_HELP = "another --repo, or a --revision naming a new branch"
+
+# How a note saying that no tokenizer.json goes up starts (replaced when the repo's is kept).
+_NO_TOKENIZER = f"no {TOKENIZER_NAME} published"
 
 
 def _is_cache_data(path: str) -> bool:
@@ -178,14 +183,21 @@ class PushPlan:
     """What the target branch held before the push; ``None`` when it could not be looked at (a dry
     run offline or without huggingface_hub: ``notes`` says why)."""
     deletes: list[str] = field(default_factory=list)
-    """Files of the repo that the final commit deletes: the shards and normalization tensors the new
-    manifest does not list and, when replacing (``contents.replaces``), every other file that is
-    not part of the cache (``.gitattributes`` is kept). Not listed: the ``manifest.json`` of what
-    is replaced, deleted first in a commit of its own, and committed anew at the end."""
+    """Files of the repo that the final commit deletes: the shards, normalization tensors and
+    ``tokenizer.json`` the new manifest does not list (nor :attr:`kept`) and, when replacing
+    (``contents.replaces``), every other file that is not part of the cache (``.gitattributes`` is
+    kept). Not listed: the ``manifest.json`` of what is replaced, deleted first in a commit of its
+    own, and committed anew at the end."""
     manifest: Manifest | None = field(default=None, repr=False)
     """The manifest of the cache pushed (the local one, as read from the cache folder)."""
     redacted: list[str] = field(default_factory=list)
     """The manifest fields that were published with the home folder, user or host name replaced."""
+    published: dict[str, Any] = field(default_factory=dict, repr=False)
+    """The published manifest as a JSON object (``final_data["manifest.json"]`` is its bytes)."""
+    kept: list[str] = field(default_factory=list)
+    """Files of the repo that the push leaves as they are and the published manifest lists: the
+    ``tokenizer.json`` an earlier push published with this same cache, when none is found to publish
+    now (a cache without one of its own, re-pushed from another machine)."""
 
     @property
     def final_files(self) -> list[tuple[str, int]]:
@@ -234,6 +246,9 @@ class PushPlan:
             why = "--force" if self.needs_force else "new branch"
             lines.append(f"replaced ({why}): {first}the cache's files are uploaded over it, and what the new "
                          "cache does not use is deleted in the final commit (it stays in the repo's history)")
+        if self.kept:
+            lines.append(f"kept: {', '.join(self.kept)} (published by an earlier push of this cache; listed in the "
+                         "new manifest)")
         if self.deletes:
             lines.append(f"deleted: {len(self.deletes)} file(s): {shown_files(self.deletes, 10)}")
         return "\n".join(lines)
@@ -273,7 +288,9 @@ def push_cache(
     branch ``revision`` (created from ``main`` if missing) of a repo created if missing
     (``private`` applies on creation; into an existing public repo it is refused, :class:`HubError`).
     Shards under ``shards/`` that the manifest does not list, and a ``normalization.safetensors`` or
-    ``tokenizer.json`` it does not use, are deleted from the repo.
+    ``tokenizer.json`` it does not use, are deleted from the repo; but a re-push of a cache without a
+    ``tokenizer.json`` of its own, from a machine where none is found, keeps the one an earlier push
+    published (:attr:`PushPlan.kept`).
 
     The manifest and card uploaded are generated, the local files left as they are: paths under the
     home folder published as ``~/...``, the user and host names as ``<user>`` / ``<host>``
@@ -322,8 +339,7 @@ def push_cache(
     notes: list[str] = []
     tokenizer = _tokenizer_to_publish(cache_dir, manifest, published, notes)
     final = {TOKENIZER_NAME: tokenizer} if tokenizer is not None else {}
-    final[MANIFEST_NAME] = json.dumps(published, indent=1).encode() + b"\n"
-    card = render_card(Manifest.from_json(published), hub_repo=repo, hub_revision=revision)
+    final[MANIFEST_NAME], card = _manifest_and_card(published, repo, revision)
     final[CARD_NAME] = card.encode()
     if redacted:
         notes.append(f"{len(redacted)} field(s) of the published {MANIFEST_NAME} and {CARD_NAME} name this machine's "
@@ -343,12 +359,19 @@ def push_cache(
         manifest=manifest,
         notes=notes,
         redacted=redacted,
+        published=published,
     )
     if dry_run:
         _look_for_dry_run(plan)
     else:
         _upload(plan)
     return plan
+
+
+def _manifest_and_card(published: dict[str, Any], repo: str, revision: str | None) -> tuple[bytes, str]:
+    """The ``manifest.json`` bytes and the card uploaded for the published manifest ``published``."""
+    return (json.dumps(published, indent=1).encode() + b"\n",
+            render_card(Manifest.from_json(published), hub_repo=repo, hub_revision=revision))
 
 
 def _tokenizer_to_publish(cache_dir: Path, manifest: Manifest, published: dict[str, Any],
@@ -367,7 +390,7 @@ def _tokenizer_to_publish(cache_dir: Path, manifest: Manifest, published: dict[s
     unreadable = "readers elsewhere show the token ids of top contexts as <id>"
     found = find_tokenizer_json(manifest.tokenizer)
     if found is None:
-        notes.append(f"no {TOKENIZER_NAME} published: the cache has none of its own (harvested before crosscache "
+        notes.append(f"{_NO_TOKENIZER}: the cache has none of its own (harvested before crosscache "
                      f"saved one) and none was found on this machine for its tokenizer {name!r} (its path, its name, "
                      f"the Hugging Face cache); {unreadable}. Re-harvest it to include the tokenizer")
         return None
@@ -379,7 +402,7 @@ def _tokenizer_to_publish(cache_dir: Path, manifest: Manifest, published: dict[s
         why = ("the manifest records no vocabulary sha256 to check it against" if not expected
                else "its vocabulary is not the one the cache was harvested with" if fingerprint
                else "it does not load as a tokenizer")
-        notes.append(f"no {TOKENIZER_NAME} published: the cache has none of its own, and {path} (found through {how}) "
+        notes.append(f"{_NO_TOKENIZER}: the cache has none of its own, and {path} (found through {how}) "
                      f"was left out: {why}; {unreadable}")
         return None
     published.setdefault("tokenizer", {}).update(file=TOKENIZER_NAME, file_sha256=hashlib.sha256(data).hexdigest())
@@ -387,6 +410,40 @@ def _tokenizer_to_publish(cache_dir: Path, manifest: Manifest, published: dict[s
                  f"{path} (found through {how}; its vocabulary matches the cache's) as {TOKENIZER_NAME}, listed in "
                  "the published manifest; the local cache is not changed")
     return data
+
+
+def _settle_tokenizer(plan: PushPlan) -> None:
+    """Once the branch has been looked at: on a re-push of a cache without a ``tokenizer.json`` of its
+    own, settle the one an earlier push published with it (found on that machine then).
+
+    With none found to publish now, the repo's is kept (not deleted) and listed in the new manifest
+    as the repo's manifest lists it (``file``, ``file_sha256``): a re-push from another machine must not
+    take away what readers use to show tokens as text. One found now that differs from it (the same
+    vocabulary: it was checked) replaces it, as the cache's own file would; a note says so.
+    """
+    c, manifest = plan.contents, plan.manifest
+    if c is None or c.state != "same" or c.manifest is None or manifest is None:
+        return
+    if listed_tokenizer_file(manifest.tokenizer) is not None:
+        return  # the cache's own tokenizer.json goes up
+    theirs = c.manifest.tokenizer
+    file = listed_tokenizer_file(theirs)
+    if file is None or file not in c.files or theirs.get("sha256") != manifest.tokenizer.get("sha256"):
+        return
+    where = "main" if c.new_branch else plan.where
+    if TOKENIZER_NAME in plan.final_data:
+        if hashlib.sha256(plan.final_data[TOKENIZER_NAME]).hexdigest() != theirs.get("file_sha256"):
+            plan.notes.append(f"the {TOKENIZER_NAME} found here differs from the one an earlier push published to "
+                              f"{where} (the vocabulary is the same): it replaces it")
+        return
+    plan.published.setdefault("tokenizer", {}).update({k: theirs[k] for k in ("file", "file_sha256") if k in theirs})
+    plan.final_data[MANIFEST_NAME], plan.card = _manifest_and_card(plan.published, plan.repo, plan.revision)
+    plan.final_data[CARD_NAME] = plan.card.encode()
+    plan.kept = [file]
+    plan.notes = [n for n in plan.notes if not n.startswith(_NO_TOKENIZER)]
+    plan.notes.append(f"the cache has no {TOKENIZER_NAME} of its own and none to publish was found on this machine: "
+                      f"the {file} an earlier push published to {where} with this same cache is kept, and listed in "
+                      "the published manifest as before")
 
 
 def _inspect(api: Any, plan: PushPlan) -> RepoContents:
@@ -455,7 +512,7 @@ def _same_cache(a: Manifest, b: Manifest) -> bool:
 
 def _deletions(plan: PushPlan, files: list[str]) -> list[str]:
     """The files of the branch (``files``) that the final commit deletes (see :attr:`PushPlan.deletes`)."""
-    keep = {f for f, _ in plan.files} | {GITATTRIBUTES}
+    keep = {f for f, _ in plan.files} | set(plan.kept) | {GITATTRIBUTES}
     replace = plan.contents is not None and plan.contents.replaces
     return [f for f in files if f not in keep
             and (replace or f.startswith(f"{SHARD_DIR}/") or f in (NORMALIZATION_NAME, TOKENIZER_NAME))]
@@ -520,6 +577,7 @@ def _look_for_dry_run(plan: PushPlan) -> None:
         plan.notes.append(f"could not look at what {plan.where} holds ({type(e).__name__}: {e}); "
                           "a push looks again before uploading anything")
         return
+    _settle_tokenizer(plan)
     plan.deletes = _deletions(plan, plan.contents.files)
     _refuse_unless_allowed(plan)
 
@@ -546,6 +604,7 @@ def _upload(plan: PushPlan) -> None:
         # Look before touching anything: a refused push leaves the repo as it was (no branch made).
         contents = plan.contents = _inspect(api, plan)
         _refuse_unless_allowed(plan)
+        _settle_tokenizer(plan)
         api.create_repo(plan.repo, repo_type=REPO_TYPE, private=plan.private, exist_ok=True)
         if plan.revision and not plan.revision.startswith("refs/"):
             api.create_branch(plan.repo, branch=plan.revision, repo_type=REPO_TYPE, exist_ok=True)

@@ -4,9 +4,15 @@ A manifest records where things were on the harvesting machine: the model and to
 (``models[].path``, ``tokenizer.path``/``name``), a local dataset (``dataset.name``), the command
 line (``created_by.command``) and the harvest config (``harvest.config.out`` ...). Published as
 they are, they show the pusher's home folder, and with it the user name, to anyone who reads the
-repo. :func:`redact_machine` rewrites every string of a JSON object: an absolute path under the
-user's home folder becomes ``~/...``; in any other absolute path, a folder named like the user or
-the host becomes ``<user>`` / ``<host>``. Relative paths, Hub ids and all other values are kept.
+repo. :func:`redact_machine` rewrites every string of a JSON object, its keys included (the
+tokenizer's ``extended_by`` is keyed by model name, often a local folder): an absolute path under
+the user's home folder becomes ``~/...``; in any other absolute path, a folder named like the user
+or the host becomes ``<user>`` / ``<host>``. Relative paths, Hub ids and all other values are kept.
+
+User and host names shorter than 3 characters (a host ``vm``, a user ``ai``), and the user name
+``root``, are not replaced: they name no one, and as folder names they are common words
+(``/var/lib/vm``, ``/dev/root``), which replacing would garble. The home folder is written ``~``
+whatever its name (``/root/...`` becomes ``~/...`` for root).
 """
 
 from __future__ import annotations
@@ -24,6 +30,15 @@ __all__ = ["MachineNames", "redact_machine", "redact_text"]
 # An absolute path (or one already turned into ~/...) inside a longer string: it starts where no
 # path character is right before it, and runs to whitespace, a quote or a separator.
 _PATH_RE = re.compile(r"(?<![\w.~/-])(?:~(?=/)|/)[^\s'\"=,;]*")
+
+# Names too common to identify anyone, yet common as folder names: never replaced (see the module doc).
+_MIN_NAME = 3
+_GENERIC_USERS = {"root"}
+
+
+def _identifying(name: str) -> bool:
+    """Whether a user or host name is worth replacing in paths (long enough, and not ``root``)."""
+    return len(name) >= _MIN_NAME and name not in _GENERIC_USERS
 
 
 @dataclass(frozen=True)
@@ -70,7 +85,8 @@ def redact_text(text: str, names: MachineNames) -> str:
     for home in names.homes:
         # The whole folder only: /home/al is not a prefix of /home/alice, nor /root of /rootfs.
         text = re.sub(rf"(?<![\w.~/-]){re.escape(home)}(?![\w.-])", "~", text)
-    swap = {**{u: "<user>" for u in names.users}, **{h: "<host>" for h in names.hosts}}
+    swap = {**{u: "<user>" for u in names.users if _identifying(u)},
+            **{h: "<host>" for h in names.hosts if _identifying(h)}}
     if not swap:
         return text
 
@@ -81,8 +97,9 @@ def redact_text(text: str, names: MachineNames) -> str:
 
 
 def redact_machine(obj: Any, names: MachineNames | None = None) -> tuple[Any, list[str]]:
-    """A copy of the JSON value ``obj`` with :func:`redact_text` applied to every string, and where the
-    strings that changed were (``models[0].path``, ``created_by.command`` ...). ``names``: this machine's."""
+    """A copy of the JSON value ``obj`` with :func:`redact_text` applied to every string, object keys
+    included, and where the strings that changed were (``models[0].path``, ``created_by.command``; a key
+    as ``tokenizer.extended_by.~/models/ft (key)``, named as published). ``names``: this machine's."""
     names = MachineNames.here() if names is None else names
     changed: list[str] = []
 
@@ -93,7 +110,17 @@ def redact_machine(obj: Any, names: MachineNames | None = None) -> tuple[Any, li
                 changed.append(where)
             return new
         if isinstance(value, dict):
-            return {k: walk(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+            out: dict[Any, Any] = {}
+            for k, v in value.items():
+                key = redact_text(k, names) if isinstance(k, str) else k
+                here = f"{where}.{key}" if where else str(key)
+                if key != k:
+                    changed.append(f"{here} (key)")
+                    if key in value or key in out:  # "/home/al/m" and "~/m" side by side: keep both, apart
+                        key = next(f"{key} ({n})" for n in range(2, len(value) + 2)
+                                   if f"{key} ({n})" not in value and f"{key} ({n})" not in out)
+                out[key] = walk(v, here)
+            return out
         if isinstance(value, list):
             return [walk(v, f"{where}[{i}]") for i, v in enumerate(value)]
         return value

@@ -5,6 +5,7 @@ the holder the folder is usable again with no cleanup. The holder is always a re
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -169,8 +170,6 @@ def test_release_removes_the_lock_file_and_the_folders_it_created_when_empty(tmp
 def test_a_folder_that_cannot_be_locked_runs_unlocked(tmp_path, monkeypatch, capsys):
     """A filesystem without flock: a warning, and the job goes on. A folder this process may not write
     (a finished cache on a read-only mount): it cannot corrupt it, so it goes on silently."""
-    import errno
-
     from shared import folder_lock
 
     def no_flock(fd: int, op: int) -> None:
@@ -191,6 +190,204 @@ def test_a_folder_that_cannot_be_locked_runs_unlocked(tmp_path, monkeypatch, cap
         with FolderLock(tmp_path / "ro") as lock:
             assert not lock.held
     assert capsys.readouterr().err == "" and (tmp_path / "ro").is_dir()
+
+
+def test_unlocked_release_removes_the_lock_file_it_wrote_and_the_folders_it_created(tmp_path, monkeypatch, capsys):
+    """Without flock (a warning says so) a job still cleans up as a locked one does: its lock file, and the
+    folders it created that are left empty. A file another unlocked job has written over is that job's."""
+    from shared import folder_lock
+
+    def no_flock(fd: int, op: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(folder_lock.fcntl, "flock", no_flock)
+    with FolderLock(tmp_path / "a" / "b", what="cache folder") as lock:
+        assert not lock.held
+        assert json.loads((tmp_path / "a" / "b" / LOCK_NAME).read_text())["pid"] == os.getpid()  # for a person
+    assert not (tmp_path / "a").exists()  # a failed harvest leaves no --out it created
+    assert "warning: cannot lock the cache folder" in capsys.readouterr().err
+    with FolderLock(tmp_path / "a" / "b"):
+        (tmp_path / "a" / "b" / "result.txt").write_text("kept")
+    assert [p.name for p in (tmp_path / "a" / "b").iterdir()] == ["result.txt"]
+    with FolderLock(tmp_path / "c"):
+        (tmp_path / "c" / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere"}))  # a second job's now
+    assert json.loads((tmp_path / "c" / LOCK_NAME).read_text())["host"] == "elsewhere"
+    # A forked child (a worker) that exits through release() removes nothing of its parent's.
+    with FolderLock(tmp_path / "d") as lock:
+        child = os.fork()
+        if child == 0:
+            lock.release()
+            os._exit(0)
+        assert os.waitpid(child, 0)[1] == 0
+        assert (tmp_path / "d" / LOCK_NAME).is_file()
+    assert not (tmp_path / "d").exists()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    return int(proc.stdout)
+
+
+def _another_users_lock_file(folder: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, int]:
+    """``folder`` (writable) holding the lock file another user's job left when it was killed: mode 0644,
+    not theirs to write. Made here with mode 0444; as root, which ignores file modes, opening that very
+    file (that inode) for writing is refused with EACCES, as the kernel refuses another user. Returns the
+    file and the dead pid it names."""
+    import socket
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path, dead = folder / LOCK_NAME, _dead_pid()
+    path.write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "started_unix": time.time() - 60,
+                                "started": "earlier", "command": "run_harvest.py --out team"}) + "\n")
+    path.chmod(0o444)
+    if os.geteuid() == 0:
+        theirs, real_open = path.stat().st_ino, os.open
+
+        def open_as_another_user(file, flags, mode=0o777, *, dir_fd=None):
+            if flags & os.O_ACCMODE != os.O_RDONLY and Path(file) == path:
+                try:
+                    refused = os.stat(path).st_ino == theirs
+                except FileNotFoundError:
+                    refused = False
+                if refused:
+                    raise PermissionError(errno.EACCES, "Permission denied", str(file))
+            return real_open(file, flags, mode, dir_fd=dir_fd)
+
+        monkeypatch.setattr(os, "open", open_as_another_user)
+    else:
+        with pytest.raises(PermissionError):
+            os.open(path, os.O_RDWR)
+    return path, dead
+
+
+def test_a_lock_file_of_another_user_is_locked_and_replaced_not_ignored(tmp_path, monkeypatch, capsys):
+    """A team folder holding the lock file of another user's killed job: this job locks it (read-only; flock
+    needs no write access) and replaces it by its own, so a second job is refused naming this one."""
+    folder = tmp_path / "team"
+    path, _ = _another_users_lock_file(folder, monkeypatch)
+    with FolderLock(folder, what="cache folder") as lock:
+        assert lock.held
+        assert json.loads(path.read_text())["pid"] == os.getpid()  # this job's own file now
+        with pytest.raises(FolderBusyError, match=rf"the cache folder {folder} is in use by another job "
+                                                  rf"\(pid {os.getpid()} on this host"):
+            FolderLock(folder, what="cache folder").acquire()
+    assert not path.exists()  # removed at the end, as this job's own
+    assert capsys.readouterr().err == ""
+
+
+def test_a_lock_file_of_another_user_that_cannot_be_replaced_is_held_read_only(tmp_path, monkeypatch, capsys):
+    """Where the file cannot be replaced (a folder with the sticky bit), the job holds the read-only lock; a
+    second job is refused, told that the holder could not be named and how to find it."""
+    folder = tmp_path / "team"
+    path, dead = _another_users_lock_file(folder, monkeypatch)
+    real_unlink = Path.unlink
+
+    def sticky(self: Path, missing_ok: bool = False) -> None:
+        if self == path:
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(self))
+        real_unlink(self, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", sticky)
+    with FolderLock(folder, what="cache folder") as lock:
+        assert lock.held
+        assert f"note: {path} belongs to user " in capsys.readouterr().err
+        with pytest.raises(FolderBusyError) as refused:
+            FolderLock(folder, what="cache folder").acquire()
+        msg = str(refused.value)
+        assert (f"the cache folder {folder} is in use by another job (a process the lock file could not name: "
+                f"it names pid {dead}, which has exited") in msg
+        assert f"`fuser -v {path}` names it" in msg and "choose another --out" in msg
+    assert json.loads(path.read_text())["pid"] == dead  # not this job's to remove
+
+
+def test_a_lock_file_of_another_user_that_cannot_be_locked_is_refused_clearly(tmp_path, monkeypatch):
+    """NFS emulates flock with a POSIX write lock, refused on a read-only descriptor: the job stops and says
+    how to go on, instead of running unlocked."""
+    import fcntl
+
+    from shared import folder_lock
+
+    folder = tmp_path / "team"
+    path, _ = _another_users_lock_file(folder, monkeypatch)
+    real_flock = folder_lock.fcntl.flock
+
+    def nfs_flock(fd: int, op: int) -> None:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real_flock(fd, op)
+
+    monkeypatch.setattr(folder_lock.fcntl, "flock", nfs_flock)
+    with pytest.raises(FolderLockError) as refused:
+        FolderLock(folder, what="cache folder").acquire()
+    msg = str(refused.value)
+    assert f"cannot lock the cache folder {folder}: its lock file {path} belongs to user " in msg
+    assert "this filesystem locks only files a process may write" in msg
+    assert f"If no job is writing there (`fuser -v {path}`" in msg and "choose another --out" in msg
+
+
+def test_a_folder_this_process_may_not_write_runs_unlocked_whoever_owns_the_lock_file(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "finished"
+    path, dead = _another_users_lock_file(folder, monkeypatch)
+    if os.geteuid() == 0:  # root may write any folder: as another user, this one would be refused
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == folder
+                            else real_access(p, mode, **kw))
+    folder.chmod(0o555)
+    try:
+        with FolderLock(folder) as lock:
+            assert not lock.held
+    finally:
+        folder.chmod(0o755)
+    assert capsys.readouterr().err == "" and json.loads(path.read_text())["pid"] == dead
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="acting as another user needs root")
+@pytest.mark.parametrize("sticky", [False, True], ids=["team-folder", "sticky-folder"])
+def test_another_user_locks_a_lock_file_it_may_not_write(sticky):
+    """For real: a forked child turned user ``nobody`` locks the lock file root's killed job left in a
+    folder everyone may write (the kernel refuses it write access); root's next job is refused."""
+    import pwd  # noqa: F401 (imported before the child drops privileges: it can no longer read the venv)
+    import shutil
+    import socket
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="crosscache-lock-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        folder = base / "team"
+        folder.mkdir()
+        folder.chmod(0o1777 if sticky else 0o777)
+        dead = _dead_pid()
+        (folder / LOCK_NAME).write_text(json.dumps({"pid": dead, "host": socket.gethostname()}) + "\n")
+        (folder / LOCK_NAME).chmod(0o644)
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:  # the other user's job
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                lock = FolderLock(folder).acquire()
+                os.write(w, f"{int(lock.held)}\n".encode())
+                time.sleep(120)
+            finally:
+                os._exit(0)
+        os.close(w)
+        try:
+            assert os.read(r, 16) == b"1\n"  # held, not run unlocked
+            with pytest.raises(FolderBusyError) as refused:
+                FolderLock(folder).acquire()
+            named = f"pid {child} on this host" if not sticky else f"could not name: it names pid {dead}"
+            assert named in str(refused.value)
+            assert (folder / LOCK_NAME).stat().st_uid == (0 if sticky else 65534)
+        finally:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            os.close(r)
+        with FolderLock(folder) as lock:
+            assert lock.held
+    finally:
+        shutil.rmtree(base)
 
 
 # ---- torchrun: rank 0 holds the lock for the job; when it is refused, every rank stops at once ----------------

@@ -480,6 +480,43 @@ def test_redaction_of_home_user_and_host_in_text():
     assert obj == {"models": [{"name": "toy", "path": "~/m"}], "n": 3, "ok": "x"} and changed == ["models[0].path"]
 
 
+def test_redaction_of_object_keys():
+    """``tokenizer.extended_by`` is keyed by model name, often a local folder: keys are redacted too."""
+    from shared.redact import MachineNames, redact_machine
+
+    names = MachineNames(("/home/alice",), ("alice",), ("lab-gpu7",))
+    tokenizer = {"name": "/home/alice/models/base", "extended_by": {
+        "/home/alice/models/chat": {"n_added": 2, "added": ["<|im_start|>", "/home/alice"]},
+        "/scratch/alice/other": {"n_added": 1, "added": ["<x>"]}, "org/model": {"n_added": 0, "added": []}}}
+    obj, changed = redact_machine({"tokenizer": tokenizer}, names)
+    assert obj["tokenizer"]["extended_by"] == {
+        "~/models/chat": {"n_added": 2, "added": ["<|im_start|>", "~"]},
+        "/scratch/<user>/other": {"n_added": 1, "added": ["<x>"]}, "org/model": {"n_added": 0, "added": []}}
+    assert changed == ["tokenizer.name", "tokenizer.extended_by.~/models/chat (key)",
+                       "tokenizer.extended_by.~/models/chat.added[1]",
+                       "tokenizer.extended_by./scratch/<user>/other (key)"]
+    # Two keys that become one are both kept.
+    obj, _ = redact_machine({"/home/alice/m": 1, "~/m": 2}, names)
+    assert obj == {"~/m (2)": 1, "~/m": 2}
+
+
+def test_redaction_leaves_short_and_generic_names_alone():
+    """A host ``vm`` or user ``ai`` is no one's name: /var/lib/vm stays as it is. The home folder is still ``~``."""
+    from shared.redact import MachineNames, redact_text
+
+    names = MachineNames(("/home/vm", "/root"), ("ai", "root", "vm", "bob"), ("vm", "lab"))
+    cases = {
+        "/var/lib/vm/disk.img": "/var/lib/vm/disk.img",
+        "/srv/ai/models": "/srv/ai/models",
+        "/dev/root": "/dev/root",
+        "/home/vm/models/ft": "~/models/ft",  # the home folder, whatever its name
+        "/root/models/ft": "~/models/ft",
+        "/scratch/bob/lab/c": "/scratch/<user>/<host>/c",  # 3 characters and more: replaced
+    }
+    for before, after in cases.items():
+        assert redact_text(before, names) == after, before
+
+
 def test_push_publishes_no_home_user_or_host_and_leaves_the_cache_alone(fake_hub, tmp_path, monkeypatch, capsys):
     home, host = _as_alice(monkeypatch, tmp_path)
     src = _cache(tmp_path / "c", mean_std=True)
@@ -491,6 +528,8 @@ def test_push_publishes_no_home_user_or_host_and_leaves_the_cache_alone(fake_hub
         m["dataset"]["name"] = f"/data/{host}/corpus.jsonl"
         m["created_by"]["command"] = f"run_harvest.py --models {models_dir} --out /scratch/alice/caches/c"
         m["harvest"] = {"config": {"out": str(home / "caches" / "c"), "models": [str(models_dir)]}}
+        # --allow-vocab-extension: what each other model added, keyed by its name (here a local folder)
+        m["tokenizer"]["extended_by"] = {str(home / "models" / "chat"): {"n_added": 1, "added": ["<|im_start|>"]}}
 
     _edit_manifest(src, from_alices_machine)
     local = (src / "manifest.json").read_bytes()
@@ -510,6 +549,7 @@ def test_push_publishes_no_home_user_or_host_and_leaves_the_cache_alone(fake_hub
     assert obj["dataset"]["name"] == "/data/<host>/corpus.jsonl"
     assert obj["created_by"]["command"] == "run_harvest.py --models ~/models/ft --out /scratch/<user>/caches/c"
     assert obj["harvest"]["config"] == {"out": "~/caches/c", "models": ["~/models/ft"]}
+    assert obj["tokenizer"]["extended_by"] == {"~/models/chat": {"n_added": 1, "added": ["<|im_start|>"]}}
     assert "`~/models/ft`" in published["README.md"].decode()  # the card is made from the published manifest
     # The local cache is exactly as it was.
     assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == local_files
@@ -581,3 +621,47 @@ def test_push_of_a_cache_without_a_tokenizer_publishes_the_one_found_here(fake_h
     # None to be found: said too.
     plan = push_cache(_cache(tmp_path / "n", seed=4), "alice/none", dry_run=True)
     assert any("none was found on this machine for its tokenizer 'synthetic'" in n for n in plan.notes), plan.notes
+
+
+def test_a_repush_from_a_machine_without_the_tokenizer_keeps_the_one_published(fake_hub, tmp_path, monkeypatch,
+                                                                               capsys):
+    """A cache without a tokenizer.json of its own, first pushed from a machine that had its tokenizer, then
+    re-pushed from one that has none: the repo keeps the one published, listed as before."""
+    from tests.cache_factory import add_tokenizer
+    from train.token_text import load_token_decoder
+
+    src = _cache(tmp_path / "c")
+    data = add_tokenizer(src, folder=tmp_path / "model")
+    push_cache(src, REPO)
+    first = json.loads(fake_hub.files[REPO]["main"]["manifest.json"])["tokenizer"]
+    assert first["file"] == "tokenizer.json"
+    (tmp_path / "model" / "tokenizer.json").unlink()  # another machine: no tokenizer to be found
+
+    with online(monkeypatch):
+        assert run_harvest.main(["push", str(src), "--repo", REPO, "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert f"{REPO}: it holds this same cache" in out.out and "kept: tokenizer.json" in out.out
+    assert "deleted:" not in out.out and "no tokenizer.json published" not in out.err
+    assert (f"the tokenizer.json an earlier push published to {REPO} with this same cache is kept, and listed in the "
+            "published manifest as before") in out.err
+    plan = push_cache(src, REPO)
+    assert plan.contents is not None and plan.contents.state == "same"
+    assert plan.deletes == [] and plan.kept == ["tokenizer.json"]
+    published = fake_hub.files[REPO]["main"]
+    assert published["tokenizer.json"] == data
+    entry = json.loads(published["manifest.json"])["tokenizer"]
+    assert (entry["file"], entry["file_sha256"]) == (first["file"], first["file_sha256"])
+    assert b"`tokenizer.json`" in published["README.md"]  # the card lists it too
+    materialize(fake_hub)
+    cache = open_cache(f"hf://{REPO}")
+    assert verify_cache(f"hf://{REPO}").ok
+    assert load_token_decoder(cache.manifest.tokenizer, cache.dir)(7) == "t7"
+
+    # Found again, but a different file (the same vocabulary): it replaces the published one, and says so.
+    other = json.dumps(json.loads(data)).encode()
+    (tmp_path / "model" / "tokenizer.json").write_bytes(other)
+    plan = push_cache(src, REPO)
+    assert plan.kept == [] and fake_hub.files[REPO]["main"]["tokenizer.json"] == other
+    assert any("differs from the one an earlier push published" in n for n in plan.notes), plan.notes
+    assert json.loads(fake_hub.files[REPO]["main"]["manifest.json"])["tokenizer"]["file_sha256"] == \
+        hashlib.sha256(other).hexdigest()
