@@ -217,24 +217,36 @@ def test_ddp_resume_after_a_lost_rank(toy_cache, tmp_path):
     assert _metrics(tmp_path / "res") == _metrics(tmp_path / "ref")
 
 
-@pytest.mark.slow
-def test_ddp_a_dead_rank_stops_the_others(toy_cache, tmp_path):
-    import psutil
+def _long_ddp_run(toy_cache: Path, run: Path, *, dist_timeout: int, port: int) -> tuple[subprocess.Popen, list]:
+    """A 2-rank torchrun training that would run for ages, once its first checkpoint is on disk: the
+    torchrun process and its two workers (psutil processes, rank order)."""
     import time as _time
 
+    import psutil
+
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                             str(29600 + os.getpid() % 300), str(ROOT / "run_train.py"), "--cache", str(toy_cache),
+                             str(port), str(ROOT / "run_train.py"), "--cache", str(toy_cache),
                              "--out", str(run), "--batch-size", "64", "--latents", "64", "--steps", "100000",
-                             "--checkpoint-every", "5", "--dist-timeout", "30", "--device", "cpu", "--no-progress"],
+                             "--checkpoint-every", "5", "--dist-timeout", str(dist_timeout), "--device", "cpu",
+                             "--no-progress"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = _time.time() + 300
     while _time.time() < deadline and not list(run.glob("checkpoints/step-*")):
         assert proc.poll() is None, proc.communicate()
         _time.sleep(0.1)
-    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "run_train.py" in " ".join(c.cmdline())]
+    workers = sorted((c for c in psutil.Process(proc.pid).children(recursive=True)
+                      if "run_train.py" in " ".join(c.cmdline())), key=lambda c: c.environ().get("RANK", ""))
     assert len(workers) == 2
+    return proc, workers
+
+
+@pytest.mark.slow
+def test_ddp_a_dead_rank_stops_the_others(toy_cache, tmp_path):
+    import time as _time
+
+    run = tmp_path / "run"
+    proc, workers = _long_ddp_run(toy_cache, run, dist_timeout=30, port=29600 + os.getpid() % 300)
     workers[1].kill()
     t = _time.time()
     out, err = proc.communicate(timeout=180)
@@ -248,25 +260,8 @@ def test_ddp_a_hung_rank_stops_the_others_with_a_clear_error(toy_cache, tmp_path
     """A rank that hangs (SIGSTOP) makes rank 0 fail after --dist-timeout with an error naming
     the step, the cause and the fix, not the backend's traceback."""
     import signal
-    import time as _time
 
-    import psutil
-
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                             str(29300 + os.getpid() % 200), str(ROOT / "run_train.py"), "--cache", str(toy_cache),
-                             "--out", str(run), "--batch-size", "64", "--latents", "64", "--steps", "100000",
-                             "--checkpoint-every", "5", "--dist-timeout", "10", "--device", "cpu", "--no-progress"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = _time.time() + 300
-    while _time.time() < deadline and not list(run.glob("checkpoints/step-*")):
-        assert proc.poll() is None, proc.communicate()
-        _time.sleep(0.1)
-    workers = sorted((c for c in psutil.Process(proc.pid).children(recursive=True)
-                      if "run_train.py" in " ".join(c.cmdline())), key=lambda c: c.environ().get("RANK", ""))
-    assert len(workers) == 2
-    rank0, hung = workers
+    proc, (rank0, hung) = _long_ddp_run(toy_cache, tmp_path / "run", dist_timeout=10, port=29300 + os.getpid() % 200)
     hung.send_signal(signal.SIGSTOP)
     try:
         rank0.wait(timeout=120)  # the collective's timeout, then the error
