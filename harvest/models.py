@@ -7,7 +7,6 @@ widths that differ, or a context longer than a model accepts fail here with a cl
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -139,8 +138,9 @@ def _added_summary(added_tokens: dict[str, list[str]]) -> str:
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """sha256 of the vocabulary (token -> id), the identity that row alignment relies on."""
-    vocab = tokenizer.get_vocab()
-    return hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
+    from shared.tokenizer_file import vocab_sha256
+
+    return vocab_sha256(tokenizer.get_vocab())
 
 
 @dataclass

@@ -101,22 +101,13 @@ class FreshDigests:
     def __init__(self) -> None:
         self._by_file: dict[str, tuple[str, tuple[int, int, int]]] = {}
 
-    @staticmethod
-    def _stat(path: str | Path) -> tuple[str, tuple[int, int, int]] | None:
-        real = os.path.realpath(path)
-        try:
-            st = os.stat(real)
-        except OSError:
-            return None
-        return real, (st.st_size, st.st_mtime_ns, st.st_ino)
-
     def add(self, path: str | Path, sha256: str, stat: tuple[int, int, int]) -> None:
         """Record that ``path`` (a snapshot link or a plain file) had ``sha256`` when it had ``stat``."""
         self._by_file[os.path.realpath(path)] = (sha256, stat)
 
     def get(self, path: str | Path) -> str | None:
         """The sha256 recorded for ``path``, if the file is still the one that was hashed; else None."""
-        now = self._stat(path)
+        now = _file_stamp(path)
         if now is None or now[0] not in self._by_file:
             return None
         sha256, stat = self._by_file[now[0]]
@@ -124,6 +115,17 @@ class FreshDigests:
 
     def __len__(self) -> int:
         return len(self._by_file)
+
+
+def _file_stamp(path: str | Path) -> tuple[str, tuple[int, int, int]] | None:
+    """The real file behind ``path`` and its (size, mtime_ns, inode): a file replaced or rewritten gets
+    another stamp. None when it cannot be read."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return None
+    return real, (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def resolve_cache_with_digests(spec: str | Path, *, max_shards: int | None = None) -> tuple[Path, FreshDigests]:
@@ -477,12 +479,8 @@ class _Verified:
         self.fresh = FreshDigests()  # what this process hashed and found right
 
     def _stamp(self, path: Path) -> tuple[str, list[int]] | None:
-        real = os.path.realpath(path)
-        try:
-            st = os.stat(real)
-        except OSError:
-            return None
-        return os.path.relpath(real, self.repo_dir), [st.st_size, st.st_mtime_ns, st.st_ino]
+        found = _file_stamp(path)
+        return None if found is None else (os.path.relpath(found[0], self.repo_dir), list(found[1]))
 
     def check(self, snapshot: Path, expect: dict[str, tuple[str, int | None]], desc: str) -> dict[str, str | None]:
         """Check the files of ``expect`` (relative name -> (sha256, size or None)) not recorded yet.

@@ -28,6 +28,7 @@ __all__ = [
     "tokenizer_file_problem",
     "tokenizer_json_bytes",
     "vocab_fingerprint",
+    "vocab_sha256",
     "write_tokenizer_file",
 ]
 
@@ -104,6 +105,12 @@ def vocab_fingerprint(tokenizer_json: str | Path | bytes) -> str | None:
         vocab = tok.get_vocab(with_added_tokens=True)
     except Exception:  # noqa: BLE001 - not a tokenizer file, or no tokenizers library: no fingerprint
         return None
+    return vocab_sha256(vocab)
+
+
+def vocab_sha256(vocab: dict[str, int]) -> str:
+    """sha256 of a vocabulary (token -> id): the manifest's ``tokenizer.sha256``, the identity row
+    alignment relies on."""
     return hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
 
 

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,8 +56,10 @@ class RunData:
         on when the spec names none, as a resume is)."""
         recorded, spec = self.info.get("cache", {}).get("path"), self.info.get("config", {}).get("cache")
         if spec and str(spec).startswith("hf://") and "@" not in str(spec):
-            commit = re.findall(r"[0-9a-f]{40}", str(recorded or ""))
-            spec = f"{spec}@{commit[-1]}" if commit else spec
+            from train.run_dir import _commit_in
+
+            commit = _commit_in(recorded)
+            spec = f"{spec}@{commit}" if commit else spec
         return list(dict.fromkeys(str(c) for c in (recorded, spec) if c))
 
     @property
