@@ -580,9 +580,9 @@ def _check_downloads(
     norm_file, norm_sha = _normalization_file(manifest), manifest.normalization.get("sha256")
     if norm_file and norm_sha:
         expect[norm_file] = (str(norm_sha), None)
-    tok_file = listed_tokenizer_file(manifest.tokenizer)
-    if tok_file:
-        expect[tok_file] = (str(manifest.tokenizer["file_sha256"]), None)
+    tok_file, tok_sha = listed_tokenizer_file(manifest.tokenizer), manifest.tokenizer.get("file_sha256")
+    if tok_file and tok_sha:  # listed without a sha256 (another tool's cache): its presence is what counts
+        expect[tok_file] = (str(tok_sha), None)
     # The manifest lists no sha256 for the token table: the Hub's own (its blob's name) stands in.
     hub_sha = {rel: _lfs_sha256(snapshot / rel) for rel in [TOKENS_NAME, *expect]}
     if TOKENS_NAME not in expect and hub_sha[TOKENS_NAME]:

@@ -530,6 +530,13 @@ def test_the_listed_tokenizer_is_downloaded_checked_and_in_partial_views(tmp_pat
     fake_hub.add("alice/no-tok", files)
     with pytest.raises(HubError, match=r"file\(s\) the manifest needs are neither .*: tokenizer\.json"):
         resolve_cache("hf://alice/no-tok")
+    # Another tool's cache may list the file without its sha256: downloaded, and read, unchecked.
+    files = _hub_files(src, "alice/tok-no-sha")
+    obj = json.loads(files["manifest.json"])
+    del obj["tokenizer"]["file_sha256"]
+    files["manifest.json"] = json.dumps(obj).encode()
+    fake_hub.add("alice/tok-no-sha", files)
+    assert (resolve_cache("hf://alice/tok-no-sha") / "tokenizer.json").read_bytes() == data
 
 
 def test_verify_of_a_hub_cache_hashes_each_file_once(tmp_path, hf_home, fake_hub, hashed, monkeypatch):
