@@ -127,11 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     from harvest.models import HarvestInputError
     from harvest.process_group import DistributedHarvestError
     from shared.cache_format import CacheError
-    from shared.folder_lock import FolderLockError
+    from shared.folder_lock import FolderLockError, exit_code_for
 
     try:
         harvest(cfg)
-    except (HarvestInputError, CacheError, FolderLockError) as e:
+    except FolderLockError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exit_code_for(e)
+    except (HarvestInputError, CacheError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except DistributedHarvestError as e:

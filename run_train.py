@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from shared.cache_format import CacheError
-    from shared.folder_lock import FolderLockError
+    from shared.folder_lock import FolderLockError, exit_code_for
     from train.distributed import DistributedTrainingError
     from train.sweep import expand_sweep
     from train.trainer import NonFiniteLossError, TrainingInterrupted, train_many
@@ -52,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfgs = expand_sweep(args.sweep, cfg) if args.sweep else [cfg]
         results = train_many(cfgs)
-    except (CacheError, ValueError, FileNotFoundError, FolderLockError) as e:
+    except FolderLockError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exit_code_for(e)
+    except (CacheError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

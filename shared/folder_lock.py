@@ -48,7 +48,7 @@ try:
 except ImportError:  # Windows: no flock (the rest of the project needs POSIX too)
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_NAME", "FolderBusyError", "FolderLock", "FolderLockError"]
+__all__ = ["BUSY_EXIT_CODE", "LOCK_NAME", "FolderBusyError", "FolderLock", "FolderLockError", "exit_code_for"]
 
 LOCK_NAME = ".crosscache.lock"
 """The lock file's name inside the locked folder (hidden; never part of a cache or a run)."""
@@ -66,6 +66,16 @@ class FolderLockError(RuntimeError):
 
 class FolderBusyError(FolderLockError):
     """Another job holds the folder's lock: it is writing there now."""
+
+
+BUSY_EXIT_CODE = 75
+"""Exit status of a command refused because another job holds its folder: ``EX_TEMPFAIL`` from
+``sysexits.h`` (try again later), so a scheduler or a retry loop can tell it from a bad command (2)."""
+
+
+def exit_code_for(error: FolderLockError) -> int:
+    """The CLI exit status for a lock refusal: :data:`BUSY_EXIT_CODE` if the folder is busy, else 2."""
+    return BUSY_EXIT_CODE if isinstance(error, FolderBusyError) else 2
 
 
 _held: set[FolderLock] = set()  # locks this process acquired, held or unlocked (referenced until released)

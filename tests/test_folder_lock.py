@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, small_harvest_config
 from harvest.harvester import harvest
 from shared.cache import verify_cache
-from shared.folder_lock import LOCK_NAME, FolderBusyError, FolderLock, FolderLockError
+from shared.folder_lock import BUSY_EXIT_CODE, LOCK_NAME, FolderBusyError, FolderLock, FolderLockError
 from train.config import TrainConfig
 from train.trainer import train, train_many
 
@@ -79,7 +79,7 @@ def test_a_second_harvest_into_a_held_cache_folder_is_refused_and_a_kill_9_frees
         cli = subprocess.run([sys.executable, str(ROOT / "run_harvest.py"), "--models", "toy-base", "--tokens", "600",
                               "--device", "cpu", "--no-progress", "--out", str(out)],
                              env=_env(), capture_output=True, text=True, timeout=300, check=False)
-        assert cli.returncode == 2 and "Traceback" not in cli.stderr
+        assert cli.returncode == BUSY_EXIT_CODE == 75 and "Traceback" not in cli.stderr
         _assert_names_the_holder(cli.stderr, out, "cache folder", holder)
         assert "estimated cache size" not in cli.stdout  # refused before the models load
         assert [p.name for p in out.iterdir()] == [LOCK_NAME]  # nothing written
@@ -102,7 +102,7 @@ def test_a_second_training_into_a_held_run_folder_is_refused_and_a_kill_9_frees_
         cli = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--cache", str(toy_cache), "--out", str(run),
                               "--latents", "32", "--steps", "4", "--device", "cpu", "--no-progress"],
                              env=_env(), capture_output=True, text=True, timeout=300, check=False)
-        assert cli.returncode == 2 and "Traceback" not in cli.stderr
+        assert cli.returncode == BUSY_EXIT_CODE == 75 and "Traceback" not in cli.stderr
         _assert_names_the_holder(cli.stderr, run, "run folder", holder)
         assert [p.name for p in run.iterdir()] == [LOCK_NAME]  # no config.json, no checkpoint
     finally:
@@ -126,7 +126,7 @@ def test_a_sweep_is_refused_when_one_member_folder_is_held_and_leaves_no_folder(
 
 
 def test_a_second_analysis_into_a_held_report_folder_is_refused(toy_cache, tmp_path):
-    from train.analysis import analyze
+    from train.analysis import analyze, analyze_cli
     from train.analysis_config import AnalysisConfig
 
     run = tmp_path / "run"
@@ -135,6 +135,7 @@ def test_a_second_analysis_into_a_held_report_folder_is_refused(toy_cache, tmp_p
     try:
         with pytest.raises(FolderBusyError, match=f"the report folder {run / 'analysis'} is in use .*pid {holder.pid}"):
             analyze(AnalysisConfig(run=str(run), progress=False))
+        assert analyze_cli([str(run), "--no-progress"]) == BUSY_EXIT_CODE  # a scheduler can tell "retry later"
         assert [p.name for p in (run / "analysis").iterdir()] == [LOCK_NAME]
     finally:
         _kill_9(holder)

@@ -53,7 +53,7 @@ import torch
 
 from shared.config import add_dataclass_arguments, config_from_namespace
 from shared.devices import resolve_device
-from shared.folder_lock import FolderLock, FolderLockError
+from shared.folder_lock import FolderLock, FolderLockError, exit_code_for
 from train.analysis_config import AnalysisConfig
 from train.analysis_run import DiffSpec, RunData, RunError, cache_mismatch, diff_spec, load_run
 from train.analysis_stream import StreamStats, meta_table, stream_eval
@@ -202,7 +202,10 @@ def analyze_cli(argv: list[str]) -> int:
     try:
         cfg = dataclasses.replace(config_from_namespace(AnalysisConfig, args), run=args.run)
         report = analyze(cfg)
-    except (RunError, ValueError, FileNotFoundError, FolderLockError) as e:
+    except FolderLockError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exit_code_for(e)
+    except (RunError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for line in report["headline"]:

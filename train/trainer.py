@@ -36,7 +36,7 @@ from einops import rearrange
 from shared.cache import Cache, open_cache
 from shared.config import config_to_json
 from shared.devices import resolve_device
-from shared.folder_lock import FolderLock, FolderLockError
+from shared.folder_lock import FolderBusyError, FolderLock, FolderLockError
 from shared.shard_io import atomic_write_bytes
 from train.checkpoint import (
     CheckpointError,
@@ -338,9 +338,13 @@ def _run_folder_locks(cfgs: list[TrainConfig], dist: DistContext, device: torch.
                     held.enter_context(FolderLock(c.out, what="run folder"))
             except FolderLockError as e:
                 error = e
-        if dist.enabled and bool(dist.any(torch.tensor([error is not None], device=device)).item()) and error is None:
-            error = FolderLockError(f"rank {dist.rank}: stopping: rank 0 could not lock the run folder(s) (its "
-                                    "error names the folder and the job holding it)")
+        if dist.enabled:
+            failed, busy = dist.any(torch.tensor([error is not None, isinstance(error, FolderBusyError)],
+                                                 device=device)).tolist()
+            if failed and error is None:  # busy: the same exit status on every rank (a scheduler retries)
+                error = (FolderBusyError if busy else FolderLockError)(
+                    f"rank {dist.rank}: stopping: rank 0 could not lock the run folder(s) (its error names the "
+                    "folder and the job holding it)")
         if error is not None:
             raise error
         yield
