@@ -27,7 +27,7 @@ from shared.cache_format import (
 )
 from shared.card import render_card
 from shared.normalization import Normalization
-from shared.shard_io import ShardReader, atomic_write_bytes, sha256_file, write_shard
+from shared.shard_io import ShardReader, atomic_write_bytes, discard_temporaries, sha256_file, write_shard
 from shared.token_table import TokenIndex, read_token_table
 from shared.tokenizer_file import tokenizer_file_problem
 
@@ -269,11 +269,6 @@ class CacheWriter:
 
 
 def remove_stale_temp_files(cache_dir: str | Path) -> int:
-    """Delete temp files a killed writer left behind (they are never listed). Returns the count."""
-    n = 0
-    for root, _, files in os.walk(cache_dir):
-        for name in files:
-            if name.startswith(".") and ".tmp-" in name:
-                Path(root, name).unlink(missing_ok=True)
-                n += 1
-    return n
+    """Delete temp files a killed writer left behind anywhere in a cache (they are never listed).
+    Returns the count. The caller holds the cache folder's lock (see :func:`discard_temporaries`)."""
+    return sum(len(discard_temporaries(root)) for root, _, _ in os.walk(cache_dir))

@@ -12,6 +12,8 @@ import hashlib
 import json
 import mmap
 import os
+import re
+import shutil
 import struct
 import sys
 from collections.abc import Sequence
@@ -30,7 +32,9 @@ from shared.cache_format import (
 __all__ = [
     "SHARD_TENSORS",
     "atomic_write_bytes",
+    "discard_temporaries",
     "fsync_dir",
+    "is_temporary",
     "sha256_file",
     "write_shard",
     "ShardReader",
@@ -69,6 +73,36 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_TEMPORARY = re.compile(r"\..+\.tmp-\d+")
+"""The name of an atomic write's temporary (``.<name>.tmp-<pid>``, a file or a checkpoint folder)."""
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file or folder name is an atomic write's temporary (never part of a result)."""
+    return _TEMPORARY.fullmatch(name) is not None
+
+
+def discard_temporaries(*folders: str | Path) -> list[Path]:
+    """Delete the temporaries that killed writes left in ``folders`` (not recursive); returns them.
+
+    A write killed before its rename leaves ``.<name>.tmp-<pid>`` behind (a whole shard or
+    checkpoint, possibly GBs), which no later run of another pid overwrites. Call this only while
+    holding the folder's lock (:class:`shared.folder_lock.FolderLock`): then no live writer owns one.
+    """
+    gone = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if is_temporary(p.name):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                gone.append(p)
+    return sorted(gone)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes | Sequence[Buffer]) -> None:

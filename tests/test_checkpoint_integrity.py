@@ -208,6 +208,30 @@ def test_a_sweep_falls_back_to_the_newest_step_every_member_holds_intact(cache, 
         _same_weights(Path(m.out), Path(ref.out))
 
 
+def test_a_resume_discards_the_temporaries_of_killed_saves(cache, reference, tmp_path):
+    """A save killed before its rename leaves a whole checkpoint under a temp name that no later pid
+    overwrites; the resumed run (holding the folder's lock) removes it, and still reproduces the run."""
+    run = _crashed_copy(reference, tmp_path / "run")
+    stale = [run / "checkpoints" / ".step-0000016.tmp-4000001", run / ".config.json.tmp-4000002",
+             run / "export" / ".weights.safetensors.tmp-4000003"]
+    stale[0].mkdir()
+    (stale[0] / "model.safetensors").write_bytes(b"x" * 4096)
+    (run / "export").mkdir()
+    for f in stale[1:]:
+        f.write_bytes(b"half a file")
+    keep = run / "checkpoints" / "notes.tmp-1"  # not an atomic write's name: not ours to delete
+    keep.write_text("mine")
+    train(_cfg(cache, run))
+    assert not any(p.exists() for p in stale) and keep.exists()
+    assert _metrics(run) == _metrics(reference)
+    _same_weights(run, reference)
+    # A folder holding only a killed first save's temporary is a new run's, not "not empty".
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".config.json.tmp-4000004").write_text("{")
+    assert train(_cfg(cache, fresh, steps=2)).steps == 2 and not (fresh / ".config.json.tmp-4000004").exists()
+
+
 # ---- the order of checkpoint folders --------------------------------------------------------
 
 

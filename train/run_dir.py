@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from shared.folder_lock import LOCK_NAME
+from shared.shard_io import is_temporary
 from train.checkpoint import checkpoint_steps
 from train.config import TrainConfig
 from train.loader import default_eval_shards
@@ -85,8 +86,9 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path, d_model: int, spec: SlotSpec,
     """
     cfg_path = run_dir / "config.json"
     if not cfg_path.exists():
-        # The lock file is this job's own (rank 0 takes the lock before any rank looks here).
-        if run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+        # The lock file is this job's own (rank 0 takes the lock before any rank looks here); a
+        # temporary is a killed save's (this job discards it).
+        if run_dir.exists() and any(p.name != LOCK_NAME and not is_temporary(p.name) for p in run_dir.iterdir()):
             raise RunMismatchError(f"--out {run_dir} is not empty and holds no run config; choose a new folder")
         return False
     if not has_results(run_dir):

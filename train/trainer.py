@@ -37,8 +37,9 @@ from shared.cache import Cache, open_cache
 from shared.config import config_to_json
 from shared.devices import resolve_device
 from shared.folder_lock import FolderBusyError, FolderLock, FolderLockError
-from shared.shard_io import atomic_write_bytes
+from shared.shard_io import atomic_write_bytes, discard_temporaries
 from train.checkpoint import (
+    CHECKPOINT_DIR,
     CheckpointError,
     checkpoint_path,
     checkpoint_steps,
@@ -201,6 +202,9 @@ class _Member:
         """Create the run folder and save ``config.json`` (rank 0; a resumed run keeps its own)."""
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            # A save killed before its rename left `.step-N.tmp-<pid>/` (a whole checkpoint) or a temp
+            # file: no live writer owns one while this job holds the folder's lock.
+            discard_temporaries(self.run_dir, self.run_dir / CHECKPOINT_DIR, self.run_dir / "export")
             if not self.resuming:
                 (self.run_dir / "wandb_id.txt").unlink(missing_ok=True)  # a stale attempt's wandb run is not ours
                 atomic_write_bytes(self.run_dir / "config.json", (json.dumps(self.run_info, indent=1) + "\n").encode())
