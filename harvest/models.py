@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["ResolvedModel", "resolve_model", "load_models", "LoadedModels", "stop_layer_for", "HarvestInputError"]
+__all__ = ["ResolvedModel", "resolve_model", "load_models", "LoadedModels", "stop_layer_for", "HarvestInputError",
+           "hook_value"]
 
 
 class HarvestInputError(ValueError):
@@ -113,6 +114,76 @@ def stop_layer_for(hooks: list[str], n_layers: int) -> int | None:
         elif hook.startswith(("ln_final", "unembed", "hook_unembed")):
             return None
     return min(last + 1, n_layers) if last >= 0 else 1
+
+
+def hook_value(point: Any, out: Any) -> Any:
+    """The activation a hook point's forward hook (``register_forward_hook``) receives, as
+    transformer-lens's own hooks see it: the raw output passed through the point's
+    ``hook_conversion`` when it is not ``[batch, pos, ...]`` already. OPT runs its MLP on flattened
+    ``[batch*pos, d]`` rows, so its ln2, MLP and ``hook_resid_mid``/``hook_mlp_in``/``hook_mlp_out``
+    points fire 2-D and their conversion restores ``(batch, pos)``; a 3-D output is left alone (the
+    attention points' conversion keeps per-call state, not worth paying for a no-op)."""
+    conversion = getattr(point, "hook_conversion", None)
+    if conversion is None or not isinstance(out, torch.Tensor) or out.dim() >= 3:
+        return out
+    return conversion.convert(out)
+
+
+_MLP_SIDE = re.compile(r"blocks\.(\d+)\.(hook_mlp_in|hook_resid_mid|ln2\.\w+)$")
+"""Hooks whose meaning (the MLP's input, the residual between attention and MLP) assumes ln2 precedes the MLP."""
+
+
+def _post_norm_points(bridge: Any, hooks: list[str]) -> list[str]:
+    """Hook points the probe also captures to tell post-norm blocks (see :func:`_post_norm_hooks`)."""
+    layers = sorted({int(m.group(1)) for h in hooks if (m := _MLP_SIDE.match(h))})
+    return [p for L in layers for p in (f"blocks.{L}.ln2.hook_in", f"blocks.{L}.mlp.hook_in", f"blocks.{L}.hook_mlp_out")
+            if p in bridge.hook_dict]
+
+
+def _post_norm_hooks(r: "ResolvedModel", bridge: Any, hooks: list[str], captured: dict[str, Any]) -> str | None:
+    """An error for hooks a post-norm block (opt-350m's ``do_layer_norm_before=False``, GPT-1) would
+    silently harvest as something else. transformer-lens maps ln2 to the norm after the MLP there (its
+    input is the MLP's input plus its output: the residual add), so ``ln2.*``, and
+    ``hook_mlp_in``/``hook_resid_mid`` where they are ln2's input, are not the MLP's input."""
+    bad = []
+    for hook in hooks:
+        m = _MLP_SIDE.match(hook)
+        if not m:
+            continue
+        block = f"blocks.{m.group(1)}"
+        ln2_in, mlp_in, mlp_out = (captured.get(f"{block}.{p}") for p in ("ln2.hook_in", "mlp.hook_in", "hook_mlp_out"))
+        if not (all(isinstance(t, torch.Tensor) and t.shape == ln2_in.shape for t in (ln2_in, mlp_in, mlp_out))
+                and torch.allclose(ln2_in, mlp_in + mlp_out, rtol=1e-3, atol=1e-5)):
+            continue  # ln2 precedes the MLP
+        reads_ln2_input = {
+            "hook_mlp_in": not getattr(bridge.get_submodule(block), "mlp_reads_resid_directly", False),
+            "hook_resid_mid": bridge.hook_dict[hook] is bridge.hook_dict.get(f"{block}.ln2.hook_in"),
+        }.get(m.group(2), True)
+        if reads_ln2_input:
+            bad.append(hook)
+    if not bad:
+        return None
+    return (f"hook(s) {bad} of model {r.name!r} ({_model_type(r)}) are not what their names say: its blocks normalize "
+            "after attention and after the MLP (post-LN, as opt-350m and GPT-1), and transformer-lens's ln2 is the "
+            "norm after the MLP, so these hooks hold the MLP's input plus output before that norm. The MLP reads "
+            "blocks.L.mlp.hook_in; the residual stream is blocks.L.hook_resid_pre/post")
+
+
+def _hook_note(bridge: Any, hook: str) -> str | None:
+    """What a ``*.hook_normalized`` hook of a norm with a weight or bias is, since its name suggests the
+    norm's output: transformer-lens 4 fires it on ``(x - mean) / scale`` (LayerNorm) or ``x / scale``
+    (RMSNorm) before the weight and bias, on every architecture; the next layer reads ``*.hook_out``."""
+    if not hook.endswith(".hook_normalized"):
+        return None
+    norm = hook[: -len(".hook_normalized")]
+    try:
+        original = getattr(bridge.get_submodule(norm), "original_component", None)
+    except AttributeError:
+        return None
+    if getattr(original, "weight", None) is None and getattr(original, "bias", None) is None:
+        return None  # a parameter-free norm: normalized and output are the same
+    return (f"note: {hook} is the normalized input before the norm's weight and bias (transformer-lens 4's "
+            f"convention); the input the next layer reads (the MLP's, for ln2) is {norm}.hook_out")
 
 
 def _close_hooks(hook: str, names: list[str]) -> list[str]:
@@ -366,24 +437,52 @@ def load_models(
             excluded.add(int(bos_id))
     stop = stop_layer_for(hooks, int(bridges[0].cfg.n_layers))
 
-    # Widths per hook: a two-token probe (not data) catches e.g. mlp.hook_pre (d_mlp wide).
+    # Widths per hook: a two-token probe (not data) catches e.g. mlp.hook_pre (d_mlp wide). It runs the
+    # way the harvest forwards data (forward hooks on the hook points, stop_at_layer), so it sees the
+    # tensors the harvest will capture.
     probe = torch.tensor([[bos_id if bos_id is not None else 0] * 2], device=device)
     d_model = widths[0]
     for r, b in zip(resolved, bridges):
-        with torch.no_grad():
-            _, cache = b.run_with_cache(probe, names_filter=list(hooks), stop_at_layer=stop)
+        captured: dict[str, Any] = {}
+        handles = [b.hook_dict[h].register_forward_hook(
+            lambda _mod, _inp, out, h=h, point=b.hook_dict[h]: captured.__setitem__(h, hook_value(point, out)))
+            for h in dict.fromkeys(hooks + _post_norm_points(b, hooks))]
+        try:
+            with torch.inference_mode():
+                b(probe, stop_at_layer=stop)
+        finally:
+            for handle in handles:
+                handle.remove()
         for hook in hooks:
-            if hook not in cache.cache_dict:
+            if hook not in captured:
+                alternative = ""
+                if hook.endswith(".hook_mlp_in"):  # parallel blocks with one shared norm (Phi) have no ln2
+                    alternative = f" (the MLP's input is {hook[: -len('hook_mlp_in')]}mlp.hook_in)"
                 raise HarvestInputError(
-                    f"hook {hook!r} of model {r.name!r} never fired in a forward pass (gated off or unused by "
-                    "this architecture); choose another hook"
+                    f"hook {hook!r} of model {r.name!r} ({_model_type(r)}) never fired in a forward pass (gated off "
+                    f"or unused by this architecture){alternative}; choose another hook"
                 )
-            shape = tuple(cache[hook].shape)
-            if len(shape) != 3 or shape[-1] != d_model:
+            out = captured[hook]
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            if isinstance(out, torch.Tensor) and shape == (probe.numel(), d_model):
+                raise HarvestInputError(
+                    f"hook {hook!r} of model {r.name!r} ({_model_type(r)}) fires on flattened rows "
+                    f"[batch*pos, d_model] = {shape}, without (batch, pos): this architecture runs that part of "
+                    "the block on flattened tokens and transformer-lens does not restore them for this hook; "
+                    "choose another hook (the ln2 output is blocks.L.ln2.hook_out)"
+                )
+            if not isinstance(out, torch.Tensor) or len(shape) != 3 or shape[-1] != d_model:
                 raise HarvestInputError(
                     f"hook {hook!r} of model {r.name!r} gives activations of shape {shape} "
                     f"(batch, pos, ...); v1 caches need [batch, pos, d_model={d_model}] for every "
                     "hook: choose residual-stream-width hooks (hook_resid_*, hook_mlp_out, hook_attn_out)"
                 )
+        if problem := _post_norm_hooks(r, b, hooks, captured):
+            raise HarvestInputError(problem)
+    if notes := list(dict.fromkeys(n for h in hooks if (n := _hook_note(bridges[0], h)))):
+        from harvest.process_group import torchrun_env
+
+        if (torchrun_env() or (0,))[0] == 0:  # once, not once per rank
+            print("\n".join(notes))
     return LoadedModels(bridges, resolved, tokenizer, d_model, stop, sorted(excluded), bos_id, eos_id, n_vocab,
                         tokenizer_model=which, added_tokens=added_tokens)
