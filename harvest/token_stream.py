@@ -248,6 +248,28 @@ def build_token_plan(
             f"{len(counts):,} sequences of {context_size}; --tokens asks for {n_rows:,}. "
             f"Lower --tokens to at most {total:,} or use a bigger dataset"
         )
+    _check_metadata_types(plan.metadata)
     plan.rows_per_seq = np.asarray(counts, dtype=np.int64)
     return plan
+
+
+def _check_metadata_types(metadata: dict[str, list[Any]]) -> None:
+    """Each metadata column becomes one typed Arrow column of ``tokens.arrow``: refuse, before any
+    forward pass, a column whose documents disagree on the type (``"s0"`` in one, ``1`` in another)."""
+    import pyarrow as pa
+
+    for name, values in metadata.items():
+        try:
+            pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
+            kinds: dict[str, Any] = {}
+            for v in values:
+                if v is not None:
+                    kinds.setdefault(type(v).__name__, v)
+            shown = ", ".join(f"{k} (e.g. {v!r})" for k, v in kinds.items())
+            raise HarvestInputError(
+                f"meta column {name!r} mixes value types across documents: {shown} ({e}). A meta column must hold "
+                "one type (missing values may be null): convert it in the dataset, or leave it out with "
+                "--meta-columns NAME ..."
+            ) from None
 

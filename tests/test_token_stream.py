@@ -143,6 +143,17 @@ def test_local_files_that_are_empty_odd_or_inconsistent_get_clear_errors(tokeniz
     with pytest.raises(HarvestInputError, match="meta column 'tags' holds list values"):
         _plan(tokenizer, str(tags), meta_columns=["tags"])
 
+    # A column whose documents disagree on the type (else an ArrowTypeError when tokens.arrow is written);
+    # missing values (null) beside numbers are fine.
+    kinds = tmp_path / "kinds.jsonl"
+    kinds.write_text("\n".join(json.dumps({"text": t * 3, "kind": "s0" if i % 2 else 7, "year": None if i % 3 else 2021})
+                               for i, t in enumerate(_texts())))
+    with pytest.raises(HarvestInputError, match=r"meta column 'kind' mixes value types across documents: .*str "
+                                                r"\(e\.g\. 's0'\).*--meta-columns"):
+        _plan(tokenizer, str(kinds), meta_columns=["kind"], n_rows=200)
+    years = _plan(tokenizer, str(kinds), meta_columns=["year"], n_rows=200).metadata["year"]
+    assert set(years) <= {None, 2021} and 2021 in years
+
     differ = tmp_path / "differ"
     differ.mkdir()
     (differ / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in _texts()))
