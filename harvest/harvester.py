@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from harvest.config import HarvestConfig
-from harvest.models import HarvestInputError, LoadedModels, load_models, resolve_device
+from harvest.models import HarvestInputError, LoadedModels, hook_value, load_models, resolve_device
 from harvest.rank_manifests import damaged_shards, remove_unlisted_shards, shard_index
 from harvest.token_stream import TokenPlan, build_token_plan
 from harvest.writer import drain, shard_writer_for, writer_wait_note
@@ -396,8 +396,11 @@ class _Forward:
                 # Forward hooks on the hook points around the plain forward pass: the same path as a
                 # bare forward. (run_with_cache's per-call machinery cost ~18% of the harvest.)
                 captured: dict[str, torch.Tensor] = {}
-                handles = [point.register_forward_hook(lambda _mod, _inp, out, h=h: captured.__setitem__(h, out))
-                           for h, point in zip(self.hooks, points)]
+                # hook_value: the output as transformer-lens's own hooks see it (OPT's MLP points fire
+                # [batch*pos, d] rows).
+                handles = [point.register_forward_hook(
+                    lambda _mod, _inp, out, h=h, point=point: captured.__setitem__(h, hook_value(point, out)))
+                    for h, point in zip(self.hooks, points)]
                 try:
                     with torch.inference_mode():
                         bridge(tokens_dev_BS, stop_at_layer=self.models.stop_at_layer)

@@ -73,12 +73,17 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.mode
 """Files of which a model folder needs one for its tokenizer to load (or a ``*.tiktoken``)."""
 
 
-def _model_type(r: ResolvedModel) -> str:
-    """A local model's architecture as its config.json names it (for error messages)."""
-    try:
-        cfg = json.loads((Path(r.path) / "config.json").read_text()) if r.path else {}
-    except (OSError, ValueError):
-        return "unknown architecture"
+def _model_type(r: ResolvedModel, bridge: Any = None) -> str:
+    """A model's architecture as its config names it (for error messages): the loaded model's config,
+    else a local folder's config.json."""
+    config = getattr(getattr(bridge, "original_model", None), "config", None)
+    if config is not None:
+        cfg = {"architectures": getattr(config, "architectures", None), "model_type": getattr(config, "model_type", "?")}
+    else:
+        try:
+            cfg = json.loads((Path(r.path) / "config.json").read_text()) if r.path else {}
+        except (OSError, ValueError):
+            return "unknown architecture"
     return f"{', '.join(cfg.get('architectures') or ['?'])}, model_type {cfg.get('model_type', '?')!r}"
 
 
@@ -140,7 +145,7 @@ def _post_norm_points(bridge: Any, hooks: list[str]) -> list[str]:
             if p in bridge.hook_dict]
 
 
-def _post_norm_hooks(r: "ResolvedModel", bridge: Any, hooks: list[str], captured: dict[str, Any]) -> str | None:
+def _post_norm_hooks(r: ResolvedModel, bridge: Any, hooks: list[str], captured: dict[str, Any]) -> str | None:
     """An error for hooks a post-norm block (opt-350m's ``do_layer_norm_before=False``, GPT-1) would
     silently harvest as something else. transformer-lens maps ln2 to the norm after the MLP there (its
     input is the MLP's input plus its output: the residual add), so ``ln2.*``, and
@@ -163,7 +168,7 @@ def _post_norm_hooks(r: "ResolvedModel", bridge: Any, hooks: list[str], captured
             bad.append(hook)
     if not bad:
         return None
-    return (f"hook(s) {bad} of model {r.name!r} ({_model_type(r)}) are not what their names say: its blocks normalize "
+    return (f"hook(s) {bad} of model {r.name!r} ({_model_type(r, bridge)}) are not what their names say: its blocks normalize "
             "after attention and after the MLP (post-LN, as opt-350m and GPT-1), and transformer-lens's ln2 is the "
             "norm after the MLP, so these hooks hold the MLP's input plus output before that norm. The MLP reads "
             "blocks.L.mlp.hook_in; the residual stream is blocks.L.hook_resid_pre/post")
@@ -445,7 +450,7 @@ def load_models(
     for r, b in zip(resolved, bridges):
         captured: dict[str, Any] = {}
         handles = [b.hook_dict[h].register_forward_hook(
-            lambda _mod, _inp, out, h=h, point=b.hook_dict[h]: captured.__setitem__(h, hook_value(point, out)))
+            lambda _mod, _inp, out, h=h, point=b.hook_dict[h], keep=captured: keep.__setitem__(h, hook_value(point, out)))
             for h in dict.fromkeys(hooks + _post_norm_points(b, hooks))]
         try:
             with torch.inference_mode():
@@ -459,14 +464,14 @@ def load_models(
                 if hook.endswith(".hook_mlp_in"):  # parallel blocks with one shared norm (Phi) have no ln2
                     alternative = f" (the MLP's input is {hook[: -len('hook_mlp_in')]}mlp.hook_in)"
                 raise HarvestInputError(
-                    f"hook {hook!r} of model {r.name!r} ({_model_type(r)}) never fired in a forward pass (gated off "
+                    f"hook {hook!r} of model {r.name!r} ({_model_type(r, b)}) never fired in a forward pass (gated off "
                     f"or unused by this architecture){alternative}; choose another hook"
                 )
             out = captured[hook]
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             if isinstance(out, torch.Tensor) and shape == (probe.numel(), d_model):
                 raise HarvestInputError(
-                    f"hook {hook!r} of model {r.name!r} ({_model_type(r)}) fires on flattened rows "
+                    f"hook {hook!r} of model {r.name!r} ({_model_type(r, b)}) fires on flattened rows "
                     f"[batch*pos, d_model] = {shape}, without (batch, pos): this architecture runs that part of "
                     "the block on flattened tokens and transformer-lens does not restore them for this hook; "
                     "choose another hook (the ln2 output is blocks.L.ln2.hook_out)"

@@ -149,8 +149,7 @@ def test_forward_stops_after_the_last_harvested_block(toy_dirs, tmp_path, monkey
 
     monkeypatch.setattr(TransformerBridge, "forward", spy)
     harvest(small_harvest_config(tmp_path / "c", hooks=["blocks.1.hook_resid_post"], tokens=500))
-    # Data batches pass stop_at_layer=2 (the load-time probe uses run_with_cache, which stops by
-    # raising instead); block 2 never runs in either.
+    # Data batches and the load-time probe pass stop_at_layer=2; block 2 never runs in either.
     assert 2 in seen and {s for s in seen if s is not None} == {2} and not fired
 
 
