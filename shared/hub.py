@@ -15,15 +15,22 @@ whether there is one).
 The code is split by direction; this module is the entry point, import from here:
 
 - :mod:`shared.hub_spec`: ``hf://`` specs, repo ids, :class:`HubError`;
-- :mod:`shared.hub_download`: :func:`resolve_cache` and partial-download views;
-- :mod:`shared.hub_upload`: :func:`push_cache`, :class:`PushPlan`, :func:`token_status`.
+- :mod:`shared.hub_download`: :func:`resolve_cache`, put together from
+  :mod:`shared.hub_fetch` (``snapshot_download``, its errors as :class:`HubError`),
+  :mod:`shared.hub_integrity` (sha256 checks of downloads, :class:`FreshDigests`) and
+  :mod:`shared.hub_partial` (partial-download views);
+- :mod:`shared.hub_upload`: :func:`push_cache`, :func:`token_status`, with
+  :mod:`shared.hub_push_plan` (:class:`PushPlan`, what a push may replace) and
+  :mod:`shared.hub_repo_state` (what the target branch holds).
 """
 
 from __future__ import annotations
 
-from shared.hub_download import FreshDigests, resolve_cache, resolve_cache_with_digests
+from shared.hub_download import resolve_cache, resolve_cache_with_digests
+from shared.hub_integrity import FreshDigests
+from shared.hub_push_plan import PushPlan
 from shared.hub_spec import HUB_PREFIX, HubError, is_hub_spec, parse_hub_spec
-from shared.hub_upload import PushPlan, push_cache, token_status
+from shared.hub_upload import push_cache, token_status
 
 __all__ = [
     "HUB_PREFIX",

@@ -6,12 +6,10 @@ looked at the repo, read only, unless offline).
 :func:`token_status` says whether ``huggingface_hub`` finds a token, never the token.
 Import these from :mod:`shared.hub`.
 
-Before uploading anything, the push looks at what the target branch holds (:class:`RepoContents`).
-Nothing, this same cache (a re-push), or the data files of an interrupted push without a manifest:
-it goes ahead. A different crosscache cache, or files that are not a cache (a dataset's own
-``README.md``, ``data.csv``): it is refused, naming what is there, unless ``force`` (``--force``)
-says to replace it. A branch the push creates starts as a copy of ``main``; what it inherits is
-replaced on the branch only, so that needs no ``force``.
+Before uploading anything, the push looks at what the target branch holds
+(:class:`~shared.hub_repo_state.RepoContents`). Nothing, this same cache (a re-push), or the data
+files of an interrupted push: it goes ahead. Anything else is replaced only with ``force``
+(``--force``), or on a branch the push creates from ``main`` (:mod:`shared.hub_push_plan`).
 
 What is published is the cache as a reader elsewhere needs it, and nothing of the pusher's machine:
 the uploaded ``manifest.json`` and card are generated from the local manifest with paths under the
@@ -39,9 +37,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import re
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +52,8 @@ from shared.cache_format import (
 )
 from shared.card import render_card
 from shared.hub_download import _shard_patterns, resolve_cache
+from shared.hub_push_plan import PushPlan, _deletes_manifest_first, _deletions, _refuse_unless_allowed
+from shared.hub_repo_state import _describe, _inspect
 from shared.hub_spec import (
     _COMMIT_RE,
     _REPO_HELP,
@@ -70,193 +67,8 @@ from shared.hub_spec import (
 from shared.redact import redact_machine
 from shared.tokenizer_file import find_tokenizer_json, listed_tokenizer_file, vocab_fingerprint
 
-GITATTRIBUTES = ".gitattributes"
-"""Created by the Hub with every repo; a push keeps it and never counts it as content."""
-
-# Data files a crosscache push uploads before its manifest: what an interrupted push leaves.
-_SHARD_RE = re.compile(rf"{SHARD_DIR}/acts(?:-rank\d+)?-\d+\.safetensors")
-
-_FORCE_HELP = "another --repo, or a --revision naming a new branch"
-
 # How a note saying that no tokenizer.json goes up starts (replaced when the repo's is kept).
 _NO_TOKENIZER = f"no {TOKENIZER_NAME} published"
-
-
-def _is_cache_data(path: str) -> bool:
-    return path in (TOKENS_NAME, NORMALIZATION_NAME) or bool(_SHARD_RE.fullmatch(path))
-
-
-def _describe(manifest: Manifest) -> str:
-    """A one-line identification of a cache: models, hooks, rows, shards."""
-    hooks = ", ".join(manifest.hooks[:3]) + (f" and {len(manifest.hooks) - 3} more" if len(manifest.hooks) > 3 else "")
-    return (f"{', '.join(manifest.model_names)} @ {hooks}; {manifest.n_rows:,} rows in "
-            f"{len(manifest.shards)} shard{'s' * (len(manifest.shards) != 1)}")
-
-
-@dataclass
-class RepoContents:
-    """What the target branch of a push held when :func:`push_cache` looked, and what it means."""
-
-    state: str
-    """``missing`` (no such repo: it is created), ``empty`` (nothing but ``.gitattributes``),
-    ``same`` (a manifest of this same cache: a re-push), ``unfinished`` (cache data files but no
-    manifest: an interrupted push, which this one completes), ``other`` (a different crosscache
-    cache) or ``foreign`` (files that are not a crosscache cache, or an unreadable manifest)."""
-    files: list[str] = field(default_factory=list)
-    """Every file of the branch (for a ``new_branch``: of ``main``, which it is created from)."""
-    manifest: Manifest | None = None
-    """The crosscache manifest found there (``same`` and ``other``)."""
-    new_branch: bool = False
-    """The branch does not exist yet: the push creates it from ``main`` and replaces what it
-    inherits there, on the new branch only (``main`` is not changed), so no ``force`` is needed."""
-    problem: str | None = None
-    """Why a ``manifest.json`` found there is not a crosscache manifest (state ``foreign``)."""
-    private: bool | None = None
-    """Whether the existing repo is private, looked up for a ``--private`` push only (None: not looked up,
-    or the Hub did not say)."""
-
-    @property
-    def replaces(self) -> bool:
-        """Whether the push replaces content that is not this cache (``other`` or ``foreign``)."""
-        return self.state in ("other", "foreign")
-
-    @property
-    def foreign_files(self) -> list[str]:
-        """Files that belong to no crosscache cache (everything but the cache's own names)."""
-        own = {GITATTRIBUTES, MANIFEST_NAME, CARD_NAME, TOKENIZER_NAME}
-        return [f for f in self.files if f not in own and not _is_cache_data(f)]
-
-    @property
-    def files_shown(self) -> str:
-        """The branch's files for a message: those of no crosscache cache first, a few at most."""
-        foreign = self.foreign_files
-        return shown_files(foreign + [f for f in self.files if f != GITATTRIBUTES and f not in foreign], 6)
-
-    def describe(self) -> str:
-        """What the branch holds, in words (``it holds ...``, ``the repo does not exist ...``)."""
-        content = [f for f in self.files if f != GITATTRIBUTES]
-        if self.state == "missing":
-            return "the repo does not exist: it is created"
-        if self.state == "empty":
-            held = "is empty"
-        elif self.state == "same":
-            assert self.manifest is not None
-            held = f"holds this same cache ({_describe(self.manifest)}): a re-push, safe to run again"
-        elif self.state == "unfinished":
-            held = (f"holds {len(content)} data file(s) of a crosscache push but no {MANIFEST_NAME} "
-                    "(an interrupted push): this push completes it")
-        elif self.state == "other":
-            assert self.manifest is not None
-            held = f"holds a different crosscache cache ({_describe(self.manifest)})"
-        else:
-            held = f"holds {len(content)} file(s) that are not a crosscache cache ({self.files_shown})"
-            if self.problem:
-                held += f"; {self.problem}"
-        if self.new_branch:
-            return (f"the branch does not exist: it is created from main, which {held}"
-                    + ("; on the new branch that is replaced, main is not changed" if self.replaces else ""))
-        return f"it {held}"
-
-
-@dataclass
-class PushPlan:
-    """What :func:`push_cache` uploads (or, with ``dry_run``, would upload)."""
-
-    cache_dir: Path
-    repo: str
-    revision: str | None
-    private: bool
-    card: str
-    """The dataset card uploaded as ``README.md`` (rendered from the manifest, not the local file)."""
-    data_files: list[tuple[str, int]]
-    """``(path in repo, bytes)`` uploaded first: token table, normalization tensors, shards."""
-    final_data: dict[str, bytes]
-    """Committed last, in one commit, ``path in repo -> content``: ``tokenizer.json`` (when one is
-    published), then ``manifest.json`` (the published one: see :attr:`redacted`) and ``README.md``."""
-    n_rows: int
-    dry_run: bool
-    commit_url: str | None = None
-    notes: list[str] = field(default_factory=list)
-    force: bool = False
-    """Replace what the repo holds when it is not this cache (``--force``)."""
-    contents: RepoContents | None = None
-    """What the target branch held before the push; ``None`` when it could not be looked at (a dry
-    run offline or without huggingface_hub: ``notes`` says why)."""
-    deletes: list[str] = field(default_factory=list)
-    """Files of the repo that the final commit deletes: the shards, normalization tensors and
-    ``tokenizer.json`` the new manifest does not list (nor :attr:`kept`) and, when replacing
-    (``contents.replaces``), every other file that is not part of the cache (``.gitattributes`` is
-    kept). Not listed: the ``manifest.json`` of what is replaced, deleted first in a commit of its
-    own, and committed anew at the end."""
-    manifest: Manifest | None = field(default=None, repr=False)
-    """The manifest of the cache pushed (the local one, as read from the cache folder)."""
-    redacted: list[str] = field(default_factory=list)
-    """The manifest fields that were published with the home folder, user or host name replaced."""
-    published: dict[str, Any] = field(default_factory=dict, repr=False)
-    """The published manifest as a JSON object (``final_data["manifest.json"]`` is its bytes)."""
-    kept: list[str] = field(default_factory=list)
-    """Files of the repo that the push leaves as they are and the published manifest lists: the
-    ``tokenizer.json`` an earlier push published with this same cache, when none is found to publish
-    now (a cache without one of its own, re-pushed from another machine)."""
-
-    @property
-    def final_files(self) -> list[tuple[str, int]]:
-        """``(path in repo, bytes)`` committed last (:attr:`final_data`)."""
-        return [(name, len(data)) for name, data in self.final_data.items()]
-
-    @property
-    def files(self) -> list[tuple[str, int]]:
-        """Every file of the upload, in upload order."""
-        return self.data_files + self.final_files
-
-    def content(self, path: str) -> bytes:
-        """What the push uploads as ``path`` (a generated file, or the cache's own)."""
-        return self.final_data[path] if path in self.final_data else (self.cache_dir / path).read_bytes()
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(size for _, size in self.files)
-
-    @property
-    def url(self) -> str:
-        return f"https://huggingface.co/datasets/{self.repo}" + (f"/tree/{self.revision}" if self.revision else "")
-
-    @property
-    def where(self) -> str:
-        """``USER/NAME`` or ``USER/NAME@BRANCH``: the target, as messages name it."""
-        return self.repo + (f"@{self.revision}" if self.revision else "")
-
-    def file_list(self) -> str:
-        """One line per file with its size, then the totals."""
-        width = max(len(path) for path, _ in self.files)
-        lines = [f"  {path:<{width}}  {size:>15,} bytes" for path, size in self.files]
-        last = list(self.final_data)
-        lines.append(f"{len(self.files)} files, {self.total_bytes:,} bytes ({self.n_rows:,} rows); "
-                     f"{', '.join(last[:-1])} and {last[-1]} are committed last")
-        return "\n".join(lines)
-
-    def repo_summary(self) -> str:
-        """What the push does to the repo: what the branch holds, what is replaced and deleted."""
-        if self.contents is None:
-            return f"{self.where}: not checked (see the notes); a push checks it before uploading anything"
-        lines = [f"{self.where}: {self.contents.describe()}"]
-        if self.contents.replaces:
-            first = (f"its {MANIFEST_NAME} is deleted in a commit of its own before any data goes up, then "
-                     if MANIFEST_NAME in self.contents.files else "")
-            why = "--force" if self.needs_force else "new branch"
-            lines.append(f"replaced ({why}): {first}the cache's files are uploaded over it, and what the new "
-                         "cache does not use is deleted in the final commit (it stays in the repo's history)")
-        if self.kept:
-            lines.append(f"kept: {', '.join(self.kept)} (published by an earlier push of this cache; listed in the "
-                         "new manifest)")
-        if self.deletes:
-            lines.append(f"deleted: {len(self.deletes)} file(s): {shown_files(self.deletes, 10)}")
-        return "\n".join(lines)
-
-    @property
-    def needs_force(self) -> bool:
-        """Whether this push replaces content of an existing branch, which only ``force`` allows."""
-        return self.contents is not None and self.contents.replaces and not self.contents.new_branch
 
 
 def token_status() -> str:
@@ -446,116 +258,6 @@ def _settle_tokenizer(plan: PushPlan) -> None:
                       "the published manifest as before")
 
 
-def _inspect(api: Any, plan: PushPlan) -> RepoContents:
-    """Look (read only) at what the branch ``plan`` pushes to holds, and classify it; for a ``--private``
-    push into a repo that exists, also whether it is private (``--private`` cannot change that)."""
-    contents = _inspect_branch(api, plan)
-    if plan.private and contents.state != "missing":
-        contents.private = getattr(api.repo_info(plan.repo, repo_type=REPO_TYPE), "private", None)
-    return contents
-
-
-def _inspect_branch(api: Any, plan: PushPlan) -> RepoContents:
-    """What the branch ``plan`` pushes to holds (read only), classified."""
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-    assert plan.manifest is not None
-    new_branch = False
-    try:
-        files = api.list_repo_files(plan.repo, repo_type=REPO_TYPE, revision=plan.revision)
-    except GatedRepoError:
-        raise  # exists, but this token may not read it: the HTTP error says so
-    except RepositoryNotFoundError:
-        return RepoContents("missing")
-    except RevisionNotFoundError:
-        if plan.revision is None:  # a repo without even its first commit
-            return RepoContents("empty")
-        if plan.revision.startswith("refs/"):
-            raise  # pull-request refs are not created by a push: the HTTP error names it
-        # The push creates the branch from main: main's files are what the branch starts with.
-        new_branch = True
-        files = api.list_repo_files(plan.repo, repo_type=REPO_TYPE)
-    files = sorted(files)
-    if not [f for f in files if f != GITATTRIBUTES]:
-        return RepoContents("empty", files, new_branch=new_branch)
-    if MANIFEST_NAME in files:
-        try:
-            # A temporary folder, not the HF cache: this copy only decides whether the push may go on.
-            with tempfile.TemporaryDirectory() as tmp:
-                path = api.hf_hub_download(plan.repo, MANIFEST_NAME, repo_type=REPO_TYPE,
-                                           revision=None if new_branch else plan.revision, local_dir=tmp)
-                obj = json.loads(Path(path).read_text())
-            remote = Manifest.from_json(obj, where=f"hf://{plan.repo}/{MANIFEST_NAME}")
-        except (ValueError, CacheError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            return RepoContents("foreign", files, new_branch=new_branch,
-                                problem=f"its {MANIFEST_NAME} is not a crosscache manifest ({e})")
-        state = "same" if _same_cache(remote, plan.manifest) else "other"
-        return RepoContents(state, files, manifest=remote, new_branch=new_branch)
-    data = [f for f in files if _is_cache_data(f)]
-    contents = RepoContents("unfinished", files, new_branch=new_branch)
-    # Data files of a push (and the card of a cache whose manifest a replacing push removed),
-    # nothing else: an interrupted push. A README.md alone is a dataset's own card.
-    if not data or contents.foreign_files:
-        contents.state = "foreign"
-    return contents
-
-
-def _same_cache(a: Manifest, b: Manifest) -> bool:
-    """Whether two manifests describe the same cache content: the same shards (names, rows, sizes,
-    sha256) and the same normalization (its factors, and its side file's sha256).
-
-    Provenance (``created_by``) may differ. Pushing a cache over the same cache rewrites no byte
-    that the manifest in the repo relies on, so even an interrupted re-push leaves a valid cache.
-    """
-    return a.n_rows == b.n_rows and a.shards == b.shards and a.normalization == b.normalization
-
-
-def _deletions(plan: PushPlan, files: list[str]) -> list[str]:
-    """The files of the branch (``files``) that the final commit deletes (see :attr:`PushPlan.deletes`)."""
-    keep = {f for f, _ in plan.files} | set(plan.kept) | {GITATTRIBUTES}
-    replace = plan.contents is not None and plan.contents.replaces
-    return [f for f in files if f not in keep
-            and (replace or f.startswith(f"{SHARD_DIR}/") or f in (NORMALIZATION_NAME, TOKENIZER_NAME))]
-
-
-def _deletes_manifest_first(plan: PushPlan) -> bool:
-    return plan.contents is not None and plan.contents.replaces and MANIFEST_NAME in plan.contents.files
-
-
-def _refuse_unless_allowed(plan: PushPlan) -> None:
-    """Raise :class:`HubError` when the push would make a repo public that was asked to be private
-    (``--private`` into an existing public repo), or would replace what the branch holds without ``force``."""
-    c = plan.contents
-    dry = " (dry run: nothing was uploaded)" if plan.dry_run else ""
-    if c is not None and plan.private and c.state != "missing" and c.private is not True:
-        # create_repo(private=True) leaves an existing repo as it is: the cache would go up public.
-        seen = "is public" if c.private is False else "exists, and the Hub did not say whether it is private"
-        raise HubError(
-            f"refusing to push to {plan.where} with --private: the repo {plan.repo} already {seen}, so the cache "
-            f"would be published for anyone to read. Make the repo private in its settings "
-            f"(https://huggingface.co/datasets/{plan.repo}/settings) and run again, or drop --private to publish "
-            f"it publicly{dry}"
-        )
-    if c is None or not plan.needs_force or plan.force:
-        return
-    if c.state == "other":
-        assert c.manifest is not None and plan.manifest is not None
-        held = f"a different crosscache cache ({_describe(c.manifest)}; this cache: {_describe(plan.manifest)})"
-        how = (f"its {MANIFEST_NAME} is deleted first, in a commit of its own, then this cache is uploaded over it "
-               "and the old cache's files it does not use are deleted")
-    else:
-        n_files = len([f for f in c.files if f != GITATTRIBUTES])
-        held = f"{n_files} file(s) that are not a crosscache cache ({c.files_shown})"
-        if c.problem:
-            held += f"; {c.problem}"
-        how = f"the cache's card replaces {CARD_NAME} and every file that is not part of the cache is deleted"
-    raise HubError(
-        f"refusing to push to {plan.where}: it holds {held}, and the push would replace it. "
-        f"Pass --force to replace it ({how}; the old files stay in the repo's git history), or push to {_FORCE_HELP}"
-        + dry
-    )
-
-
 def _look_for_dry_run(plan: PushPlan) -> None:
     """A dry run's look at the repo (read only): fills ``plan.contents`` and ``plan.deletes``, or
     says in ``plan.notes`` why it could not look; raises the refusal a push would raise."""
@@ -570,7 +272,7 @@ def _look_for_dry_run(plan: PushPlan) -> None:
                           "a push looks before uploading anything")
         return
     try:
-        plan.contents = _inspect(HfApi(), plan)
+        plan.contents = _inspect(HfApi(), plan.repo, plan.revision, plan.manifest, private=plan.private)
     except Exception as e:
         if not (isinstance(e, HfHubHTTPError) or _network_cause(e) is not None):
             raise
@@ -602,7 +304,7 @@ def _upload(plan: PushPlan) -> None:
     ]
     try:
         # Look before touching anything: a refused push leaves the repo as it was (no branch made).
-        contents = plan.contents = _inspect(api, plan)
+        contents = plan.contents = _inspect(api, plan.repo, plan.revision, plan.manifest, private=plan.private)
         _refuse_unless_allowed(plan)
         _settle_tokenizer(plan)
         api.create_repo(plan.repo, repo_type=REPO_TYPE, private=plan.private, exist_ok=True)

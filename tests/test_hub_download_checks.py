@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-import shared.hub_download as hd
+import shared.hub_integrity as hi
 import tests.test_hub as _test_hub
 from shared.cache import open_cache, verify_cache
 from shared.cache_format import CacheError, Manifest
@@ -194,15 +194,15 @@ def _snap(hf_home: Path) -> Path:
 
 @pytest.fixture
 def hashed(monkeypatch) -> list[str]:
-    """Names of the files :mod:`shared.hub_download` hashes (relative to their snapshot)."""
+    """Names of the files :mod:`shared.hub_integrity` hashes (relative to their snapshot)."""
     seen: list[str] = []
-    real = getattr(hd, "_sha256_files", None)
+    real = hi._sha256_files  # raises if the hashing moved: the spy must patch where it is looked up
 
     def spy(paths, desc):
         seen.extend("/".join(Path(p).parts[-2:]) if Path(p).parent.name == "shards" else Path(p).name for p in paths)
         return real(paths, desc)
 
-    monkeypatch.setattr(hd, "_sha256_files", spy, raising=False)
+    monkeypatch.setattr(hi, "_sha256_files", spy)
     return seen
 
 
@@ -261,7 +261,7 @@ def test_checked_files_are_remembered_not_hashed_again(tmp_path, hf_home, fake_h
 def test_an_interrupted_check_keeps_what_it_finished(tmp_path, hf_home, monkeypatch):
     src = _cache(tmp_path / "c")
     publish(hf_home / "hub", REPO, src, COMMIT_A)
-    real = getattr(hd, "_sha256_files", None)
+    real = hi._sha256_files  # raises if the hashing moved: the spy must patch where it is looked up
 
     def interrupted(paths, desc):
         digests = real(paths, desc)
@@ -269,7 +269,7 @@ def test_an_interrupted_check_keeps_what_it_finished(tmp_path, hf_home, monkeypa
         digests.close()
         raise KeyboardInterrupt  # Ctrl-C while the second file is hashed
 
-    monkeypatch.setattr(hd, "_sha256_files", interrupted, raising=False)
+    monkeypatch.setattr(hi, "_sha256_files", interrupted)
     with pytest.raises(KeyboardInterrupt):
         resolve_cache(SPEC)
     record = json.loads((_repo_dir(hf_home) / "crosscache-verified.json").read_text())
@@ -585,11 +585,11 @@ def test_upload_and_download_tell_network_errors_apart_alike(tmp_path, hf_home, 
     import httpx
     import huggingface_hub
 
-    import shared.hub_download
+    import shared.hub_fetch
     import shared.hub_upload
     from shared.hub import push_cache
 
-    assert shared.hub_upload._network_cause is shared.hub_download._network_cause
+    assert shared.hub_upload._network_cause is shared.hub_fetch._network_cause
     src = _cache(tmp_path / "c")
 
     def fail(*args, **kwargs):
