@@ -68,6 +68,18 @@ class Normalization:
             )
         return Normalization("none", torch.ones(m, p))
 
+    def slots_sha256(self, model_names: list[str], hooks: list[str], slots: list[tuple[str, str]]) -> str:
+        """sha256 of the normalization of some ``(model, hook)`` slots, in the order given: the method,
+        then per slot its scale and, for ``mean_std``, its mean and std (float32 bytes). Two caches that
+        normalize these slots alike have the same digest, whatever else they hold and in whatever order
+        (``model_names``/``hooks``: this cache's, which index ``scale_MP`` etc.)."""
+        h = hashlib.sha256(str(self.method).encode())
+        for model, hook in slots:
+            i, j = model_names.index(model), hooks.index(hook)
+            for t in [self.scale_MP[i, j]] + [t[i, j] for t in (self.mean_MPD, self.std_MPD) if t is not None]:
+                h.update(t.detach().to("cpu").float().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     def apply(self, raw_NMPD: torch.Tensor) -> torch.Tensor:
         """Raw activations -> normalized (float32)."""
         x = raw_NMPD.to(torch.float32)

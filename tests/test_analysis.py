@@ -96,7 +96,7 @@ def test_diff_roles():
     assert (spec.base, spec.ft, spec.base_slots, spec.ft_slots) == ("b", "a", [1], [0])
     assert diff_spec(FakeRun("crosscoder", ["a/h0", "a/h1"]))[0] is None  # type: ignore[arg-type]
     assert diff_spec(FakeRun("clt", names))[0] is None  # type: ignore[arg-type]
-    assert diff_spec(FakeRun("crosscoder", ["a/h", "b/h", "c/h"]))[0] is None  # type: ignore[arg-type]
+    assert (lambda s: (s.base, s.ft))(diff_spec(FakeRun("crosscoder", ["a/h", "b/h", "c/h"]))[0]) == ("a", "b")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not a model"):
         diff_spec(FakeRun("crosscoder", names), base="zz")  # type: ignore[arg-type]
 

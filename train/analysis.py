@@ -84,7 +84,7 @@ def _analyze(cfg: AnalysisConfig, run: RunData, t0: float) -> dict[str, Any]:
     L = model.cfg.n_latents
     notes: list[str] = []
     spec, why = diff_spec(run, cfg.base_model, cfg.ft_model)
-    if spec is None:
+    if why:  # why there is no diffing, or which pair of a 3+ model crosscoder it compares
         notes.append(why)
     with torch.no_grad():
         dec_LXoD = model.decoder_weight().detach().float().cpu()
@@ -133,14 +133,16 @@ def _analyze(cfg: AnalysisConfig, run: RunData, t0: float) -> dict[str, Any]:
 
 
 def _scaling_set(r_L: torch.Tensor, masks: dict[str, torch.Tensor], cfg: AnalysisConfig) -> torch.Tensor:
-    """Latents that get latent-scaling betas: fine-tune-only and top-r latents by descending r, then a
-    reference sample of up to 64 shared latents (evenly spaced by index); ``scaling_max_latents`` in all."""
+    """Latents that get latent-scaling betas, each once: fine-tune-only and top-r latents by descending r,
+    then a reference sample of up to 64 of the other shared latents (evenly spaced by index; a top-r latent
+    can be shared too, e.g. in every BatchTopK run, where r stays near 0.5); ``scaling_max_latents`` in all."""
     cap = cfg.scaling_max_latents
     n_ref = min(64, cap // 4)
     rr = torch.nan_to_num(r_L, nan=-1.0)
     cand = torch.nonzero(masks["ft_only"] | masks["top_r"]).flatten()
     chosen = cand[torch.argsort(rr[cand], descending=True, stable=True)][: cap - n_ref].tolist()
-    shared = torch.nonzero(masks["shared"]).flatten().tolist()
+    # Not the ft-only / top-r candidates (also those the cap left out): the reference is latents of neither.
+    shared = torch.nonzero(masks["shared"] & ~masks["ft_only"] & ~masks["top_r"]).flatten().tolist()
     room = cap - len(chosen)
     if shared and room > 0:
         chosen += shared[:: max(1, len(shared) // min(room, 64))][: min(room, 64)]
@@ -176,7 +178,7 @@ def _open_run_cache(run: RunData, given: str | None, notes: list[str]) -> tuple[
                 raise RunError(f"--cache {given} cannot be opened ({type(e).__name__}: {e})") from e
             problems.append(f"{where} cannot be opened ({type(e).__name__}: {e})")
             continue
-        other, differs = cache_mismatch(run, cache.manifest)
+        other, differs = cache_mismatch(run, cache.manifest, cache.dir)  # the dir: a mean_std cache's mean/std
         if other:
             if given:
                 raise RunError(f"--cache {given} is not the cache run {run.run_dir} was trained on: it has {other}")

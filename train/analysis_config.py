@@ -26,8 +26,12 @@ class AnalysisConfig:
         "Cache to read activations from: a folder or hf://USER/NAME[@REV]. Default: the folder the run "
         "trained on, else its --cache as given. For a cache that moved or a run trained elsewhere; it must "
         "hold the run's models, hooks, width and normalization.", default=None)
-    base_model: str | None = field_help("Model that plays 'base' (default: the run's first model).", default=None)
-    ft_model: str | None = field_help("Model that plays 'fine-tune' (default: the run's second model).", default=None)
+    base_model: str | None = field_help(
+        "Model that plays 'base' (default: the run's first model; the first model other than --ft-model when only "
+        "that is given).", default=None)
+    ft_model: str | None = field_help(
+        "Model that plays 'fine-tune' (default: the run's second model; the first model other than --base-model "
+        "when only that is given).", default=None)
     base_only_max: float = field_help("r <= this: base-only latent.", default=0.1)
     ft_only_min: float = field_help("r >= this: fine-tune-only latent (the crosscoder paper's r ~ 1).", default=0.9)
     shared_min: float = field_help("r in [shared_min, shared_max]: shared latent.", default=0.3)

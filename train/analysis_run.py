@@ -1,20 +1,26 @@
-"""The finished run an analysis reads (:class:`RunData`, :func:`load_run`) and its model-diffing roles
-(:class:`DiffSpec`, :func:`diff_spec`: which output slots are the base and which the fine-tune model).
+"""The finished run an analysis reads (:class:`RunData`, :func:`load_run`), the caches it can be read on
+(:func:`cache_mismatch`: the run's models and hooks, normalized as in training; :func:`run_slots`: its
+slots there, laid out as in training) and its model-diffing roles (:class:`DiffSpec`, :func:`diff_spec`:
+which output slots are the base and which the fine-tune model).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DiffSpec", "RunData", "RunError", "cache_mismatch", "cache_model_names", "diff_spec", "load_run"]
+__all__ = ["DiffSpec", "RunData", "RunError", "cache_mismatch", "cache_model_names", "check_cache",
+           "diff_spec", "load_run", "run_slots"]
 
 
 # ---- the run ---------------------------------------------------------------------------------------
 class RunError(ValueError):
-    """The folder is not a finished training run (no config.json or no dictionary/)."""
+    """The folder is not a finished training run (no config.json or no dictionary/), or a cache cannot
+    be read for it."""
 
 
 @dataclass
@@ -70,15 +76,33 @@ class RunData:
 
 
 def _same_model(run_name: str, cache_name: str) -> bool:
-    """Whether a cache's model name is the run's: the same, or as ``push`` publishes it (a path under
-    this machine's home folder written ``~/...``)."""
+    """Whether a cache's model name is the run's: the same, or one of them as ``push`` publishes the other
+    from this machine (a path under this machine's home folder written ``~/...``): a run trained on a local
+    cache read from its ``hf://`` copy, or a run trained from ``hf://`` read from the local original."""
     from shared.redact import MachineNames, redact_text
 
-    return run_name == cache_name or redact_text(run_name, MachineNames.here()) == cache_name
+    if run_name == cache_name:
+        return True
+    here = MachineNames.here()
+    return redact_text(run_name, here) == cache_name or redact_text(cache_name, here) == run_name
+
+
+def _same_rows(run: RunData, manifest: Any) -> bool:
+    """Whether ``manifest`` lists the very shards the run trained on (same bytes, hence the same models
+    and hooks in the same order, whatever the models are called in it)."""
+    rec = run.info.get("cache", {})
+    rec_models = [m.get("name") for m in rec.get("models", [])]
+    return (bool(rec.get("shards_sha256")) and rec["shards_sha256"] == manifest.shards_fingerprint
+            and len(rec_models) == len(manifest.model_names) and list(rec.get("hooks", [])) == list(manifest.hooks))
 
 
 def cache_model_names(run: RunData, manifest: Any) -> dict[str, str]:
-    """The run's model names -> the cache's (the same, or published with the home folder as ``~``)."""
+    """The run's model names -> the cache's. For the cache the run trained on (the same shards, say its
+    ``hf://`` copy pushed from another machine, where a home folder reads ``~/...``), by position in the
+    cache the run recorded; otherwise by name (the same, or published with this machine's home as ``~``)."""
+    if _same_rows(run, manifest):
+        rec_models = [m.get("name") for m in run.info["cache"]["models"]]
+        return {m: manifest.model_names[rec_models.index(m)] for m in run.models_used if m in rec_models}
     found = {}
     for name in run.models_used:
         match = next((c for c in manifest.model_names if _same_model(name, c)), None)
@@ -87,11 +111,41 @@ def cache_model_names(run: RunData, manifest: Any) -> dict[str, str]:
     return found
 
 
-def cache_mismatch(run: RunData, manifest: Any) -> tuple[str | None, str | None]:
+def run_slots(run: RunData, manifest: Any, cache_dir: str = "") -> Any:
+    """The slots of a cache that the run's dictionary reads, laid out as in training
+    (:class:`train.slots.SlotSpec`): the run's own models (as the cache names them) and hooks, in the
+    run's order, whatever order the cache holds them in and whatever else it holds. Raises
+    :class:`RunError` if they do not come out as the slots the run recorded."""
+    from train.slots import SlotError, resolve_slots
+
+    tc = run.info["config"]
+    names = cache_model_names(run, manifest)
+    try:
+        spec = resolve_slots(manifest, arch=tc["arch"], models=[names.get(m, m) for m in run.models_used],
+                             hooks=run.hooks_used, in_hooks=tc.get("in_hooks"), out_hooks=tc.get("out_hooks"),
+                             cache_dir=cache_dir)
+    except SlotError as e:
+        raise RunError(f"cache {cache_dir} cannot be read for run {run.run_dir}: {e}") from None
+    back = {c: r for r, c in names.items()}
+    got = ([f"{back.get(m, m)}/{h}" for m in spec.models for h in spec.hooks], spec.in_slots, spec.out_slots)
+    cfg = run.model.cfg if run.model is not None else None
+    want = ([f"{m}/{h}" for m, h in run.slot_pairs],
+            list(run.info.get("in_slots", cfg.in_slots if cfg else [])),
+            list(run.info.get("out_slots", cfg.out_slots if cfg else [])))
+    if got != want:
+        raise RunError(f"cache {cache_dir} gives run {run.run_dir} the slots {got[0]} (in {got[1]}, out {got[2]}), "
+                       f"not the ones it trained on: {want[0]} (in {want[1]}, out {want[2]})")
+    return spec
+
+
+def cache_mismatch(run: RunData, manifest: Any, cache_dir: str | Path | None = None
+                   ) -> tuple[str | None, str | None]:
     """How a cache differs from the one ``run`` trained on: (why it cannot be read for this run: a model
-    or hook the run uses is missing, another width, another normalization; None if it can be, and a
-    note on what else differs: other shards or rows, another storage dtype; None if nothing).
-    Runs that recorded less (older versions) are checked on less."""
+    or hook the run uses is missing, another width, another normalization of the run's slots; None if it
+    can be, and a note on what else differs: other shards or rows, another storage dtype, a mean/std that
+    could not be compared; None if nothing). Runs that recorded less (older versions) are checked on less.
+    ``cache_dir`` (the cache's folder) is where a ``mean_std`` cache keeps its mean and std; without it
+    they are compared only as far as the manifest tells (:func:`check_cache` compares them in full)."""
     rec = run.info.get("cache", {})
     hard, soft = [], []
     names = cache_model_names(run, manifest)
@@ -107,7 +161,9 @@ def cache_mismatch(run: RunData, manifest: Any) -> tuple[str | None, str | None]
     if rec.get("normalization") and rec["normalization"] != method:
         hard.append(f"normalization {method}, the run's {rec['normalization']}")
     elif not hard:
-        hard += _scale_mismatch(run, manifest, names)
+        other, note = _normalization_mismatch(run, manifest, names, cache_dir)
+        hard += other
+        soft += note
     if rec.get("shards_sha256") and rec["shards_sha256"] != manifest.shards_fingerprint:
         soft.append(f"other shards ({manifest.n_rows:,} rows; the run's cache had {int(rec.get('n_rows', 0)):,}): "
                     "another harvest of the same models and hooks")
@@ -118,41 +174,125 @@ def cache_mismatch(run: RunData, manifest: Any) -> tuple[str | None, str | None]
     return ("; ".join(hard) or None), ("; ".join(soft) or None)
 
 
-def _scale_mismatch(run: RunData, manifest: Any, names: dict[str, str]) -> list[str]:
-    """The used (model, hook) slots whose normalization differs from the run's cache's: its inputs would
-    be scaled otherwise than in training (checked where the run recorded it)."""
+def check_cache(run: RunData, cache: Any) -> None:
+    """Raise :class:`RunError` unless the opened ``cache`` can be read for ``run`` (:func:`cache_mismatch`
+    with the cache's folder, so a ``mean_std`` cache's mean and std are compared too)."""
+    other, _ = cache_mismatch(run, cache.manifest, cache.dir)
+    if other:
+        raise RunError(f"{cache.dir} is not the cache run {run.run_dir} was trained on: it has {other}")
+
+
+def _normalization_mismatch(run: RunData, manifest: Any, names: dict[str, str], cache_dir: str | Path | None
+                            ) -> tuple[list[str], list[str]]:
+    """(Why the run's slots are normalized otherwise in this cache than in the run's: its inputs would be
+    scaled otherwise than in training; a note where that could not be checked). Runs record the scale of
+    every slot of their cache and a digest of their own slots' normalization (:meth:`~shared.normalization.Normalization.slots_sha256`:
+    mean and std included); older runs only the side file's sha256, comparable when the cache's layout is
+    the recorded one."""
+    from shared.cache_format import CacheError
+    from shared.normalization import Normalization
+
     rec = run.info.get("cache", {})
     rec_models = [m.get("name") for m in rec.get("models", [])]
     rec_hooks = list(rec.get("hooks", []))
     scale = rec.get("normalization_scale")
-    if scale is not None and rec_models and rec_hooks:
-        cache_scale = manifest.normalization.get("scale")
-        for m in run.models_used:
-            for h in run.hooks_used:
-                if m not in rec_models or h not in rec_hooks or cache_scale is None:
-                    continue
+    cache_scale = manifest.normalization.get("scale")
+    if scale is not None and rec_models and rec_hooks and cache_scale is not None:
+        for m, h in run.slot_pairs:  # the slot that differs is named
+            if m in rec_models and h in rec_hooks and m in names and h in manifest.hooks:
                 then = scale[rec_models.index(m)][rec_hooks.index(h)]
                 now = cache_scale[manifest.model_names.index(names[m])][list(manifest.hooks).index(h)]
                 if then != now:
-                    return [f"normalization scale {now:.6g} for {m}/{h}, the run's {then:.6g} (another harvest)"]
-    side = rec.get("normalization_sha256")
-    if side and manifest.normalization.get("sha256") not in (None, side) and rec_hooks == list(manifest.hooks) \
-            and len(rec_models) == len(manifest.model_names):
-        return ["another normalization.safetensors (mean/std) than the run's cache"]
-    return []
+                    return [f"normalization scale {now:.6g} for {m}/{h}, the run's {then:.6g} (another harvest)"], []
+    method = manifest.normalization.get("method")
+    if _same_rows(run, manifest):  # the very rows the run trained on, normalized as they were
+        return [], []
+    digest = rec.get("normalization_slots_sha256")
+    if digest:
+        if method == "mean_std" and cache_dir is None:
+            return [], []  # its mean and std are in the side file: check_cache compares them
+        try:
+            norm = Normalization.from_manifest(cache_dir if cache_dir is not None else ".", manifest.normalization)
+        except CacheError as e:
+            return [f"a normalization that cannot be read ({e})"], []
+        if norm.slots_sha256(manifest.model_names, list(manifest.hooks),
+                             [(names[m], h) for m, h in run.slot_pairs]) != digest:
+            what = "mean/std (normalization.safetensors)" if method == "mean_std" else "scale"
+            return [f"another normalization {what} of the run's slots than the run's cache (another harvest)"], []
+        return [], []
+    if method != "mean_std":
+        return [], []
+    side, now = rec.get("normalization_sha256"), manifest.normalization.get("sha256")
+    same_layout = (len(rec_models) == len(manifest.model_names) and rec_hooks == list(manifest.hooks)
+                   and all(_same_model(r, c) for r, c in zip(rec_models, manifest.model_names)))
+    if side and now and same_layout:
+        return ([] if side == now else ["another normalization.safetensors (mean/std) than the run's cache"]), []
+    return [], [("its mean and std (normalization.safetensors) could not be compared with those the run trained "
+                 "with: the run recorded only its cache's whole side file (it was trained by an older crosscache), and "
+                 "this cache holds other models or hooks, or another order. If it is another harvest, the "
+                 "dictionary's inputs are scaled otherwise than in training and the numbers below are off")]
+
+
+def _training_holder(run_dir: Path) -> str | None:
+    """Who holds the run folder's lock (a training job writing there now: ``pid N ...``), or None if no
+    job does. Looks only: a non-blocking shared ``flock`` on the lock file, released at once (the lock is
+    exclusive, so a held one refuses it); never takes the folder."""
+    from shared.folder_lock import LOCK_NAME
+
+    path = run_dir / LOCK_NAME
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY)
+    except (ImportError, OSError):  # no lock file: no job there (or no flock on this platform)
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # held
+        except OSError:  # the filesystem has no flock: nothing to tell from
+            return None
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        try:
+            holder = json.loads(os.pread(fd, 8192, 0).decode(errors="replace") or "{}")
+        except (OSError, ValueError):
+            holder = {}
+    finally:
+        os.close(fd)
+    holder = holder if isinstance(holder, dict) else {}
+    if holder.get("pid") is None:
+        return "a job"
+    here = socket.gethostname()
+    who = f"pid {holder['pid']}" + (f" on host {holder['host']}" if holder.get("host") not in (None, here) else "")
+    if holder.get("started"):
+        who += f", started {holder['started']}"
+    return who
 
 
 def load_run(run_dir: str | Path) -> RunData:
     """Read ``config.json`` and ``dictionary/`` of a run (raises :class:`RunError` naming what is missing)."""
-    from train.export import load_dictionary
+    from train.export import EXPORT_FORMAT, load_dictionary
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise RunError(f"{run_dir} is not a training run: no config.json (train one with run_train.py --out DIR)")
+    info = json.loads((run_dir / "config.json").read_text())
+    if isinstance(info, dict) and info.get("format") == EXPORT_FORMAT:  # a run's export/ or dictionary/
+        parent = run_dir.resolve().parent
+        where = (f"pass the run folder that holds it: {parent}" if (parent / "config.json").is_file()
+                 else "pass the folder of the run that trained it (its --out)")
+        raise RunError(f"{run_dir} is a saved dictionary ({EXPORT_FORMAT}), not a run folder: analyze reads a run's "
+                       f"config.json (its cache, slots and eval split) and its dictionary/; {where}")
     if not (run_dir / "dictionary" / "config.json").is_file():
+        holder = _training_holder(run_dir)
+        if holder is not None:
+            raise RunError(f"{run_dir} is still training (its folder is locked by {holder}): it has no dictionary/ "
+                           "until the run finishes; wait for it to finish, then run analyze again")
         raise RunError(f"{run_dir} has no dictionary/ yet: the run has not finished; re-run its run_train.py "
                        "command to resume and export it")
-    info = json.loads((run_dir / "config.json").read_text())
     model = load_dictionary(run_dir / "dictionary").eval()
     names = [model.cfg.slot_names[s] for s in model.cfg.out_slots]
     return RunData(run_dir, info, model, names)
@@ -169,7 +309,11 @@ class DiffSpec:
 
 
 def diff_spec(run: RunData, base: str | None = None, ft: str | None = None) -> tuple[DiffSpec | None, str]:
-    """The diffing roles of a run, or ``(None, why not)``. Defaults: first and second model of the slots."""
+    """The diffing roles of a run and a note for the report (``""`` if none), or ``(None, why not)``.
+
+    Defaults: the first and second model of the slots; with only one of ``base`` / ``ft`` given, the other
+    is the first other model. A crosscoder of three or more models is diffed on that pair; the note names
+    the models left out."""
     if run.arch != "crosscoder":
         return None, f"this run is a {run.arch}, not a crosscoder: model-diffing sections do not apply"
     pairs = [tuple(n.rsplit("/", 1)) if "/" in n else (n, "") for n in run.out_slot_names]
@@ -180,9 +324,6 @@ def diff_spec(run: RunData, base: str | None = None, ft: str | None = None) -> t
     for role, name in (("base_model", base), ("ft_model", ft)):
         if name is not None and name not in models:
             raise ValueError(f"{role} {name!r} is not a model of this run; it has {models}")
-    if len(models) > 2 and (base is None or ft is None):
-        return None, (f"this crosscoder reads {len(models)} models {models}: pass --base-model and --ft-model to "
-                      "choose the pair to diff")
     base = base or (models[0] if ft != models[0] else models[1])
     ft = ft or next(m for m in models if m != base)
     if base == ft:
@@ -193,4 +334,8 @@ def diff_spec(run: RunData, base: str | None = None, ft: str | None = None) -> t
         return None, f"models {base} and {ft} have different hooks in this run ({hooks_b} vs {hooks_f})"
     b = [i for i, (m, _) in enumerate(pairs) if m == base]
     f = [i for i, (m, _) in enumerate(pairs) if m == ft]
-    return DiffSpec(base, ft, b, f), ""
+    others = [m for m in models if m not in (base, ft)]
+    note = (f"this crosscoder reads {len(models)} models {models}: the diffing sections compare {ft} (fine-tune) "
+            f"with {base} (base) and leave out {others}; --base-model / --ft-model choose another pair"
+            if others else "")
+    return DiffSpec(base, ft, b, f), note

@@ -12,12 +12,17 @@ import torch
 from einops import rearrange
 
 from train.analysis_config import AnalysisConfig
-from train.analysis_run import DiffSpec, RunData, cache_model_names
+from train.analysis_run import DiffSpec, RunData, check_cache, run_slots
 
 __all__ = ["StreamStats", "meta_table", "stream_eval"]
 
 
 # ---- the streaming pass ----------------------------------------------------------------------------
+_VAR_FLOOR = 1e-6
+"""A variance below this fraction of the second moment is rounding (the batch sums are float32): no
+variance, so no explained variance."""
+
+
 class StreamStats:
     """Accumulates per-latent statistics over batches of the eval split, in memory O(L·(k + V)).
 
@@ -55,6 +60,20 @@ class StreamStats:
             self.sc["dd"] = self.sc["dd_ft"] = self.d_JK.double().pow(2).sum(1)
             self.sc["dd_base"] = (self.d_JK.double() * dec_JXoD[:, spec.base_slots].flatten(1).double()).sum(1)
         self._dec_LK: torch.Tensor | None = None
+
+    def explained_variance(self) -> tuple[float | None, list[float | None]]:
+        """1 - FVU over the rows seen: overall, and per output slot (Xo order). None where it means nothing:
+        fewer than 2 rows, or a variance that is (up to rounding of the float32 batch sums) zero, where
+        1 - err / var would be any number (one row gives -1e14)."""
+        var_X = self.sq_X - self.sum_XD.pow(2).sum(-1) / max(self.rows, 1)
+        ok_X = var_X > _VAR_FLOOR * self.sq_X
+        if self.rows < 2:
+            ok_X[:] = False
+        per = [float(1 - e / v) if ok else None for e, v, ok in zip(self.err_X.tolist(), var_X.tolist(),
+                                                                   ok_X.tolist())]
+        var, sq = float(var_X.sum()), float(self.sq_X.sum())
+        overall = float(1 - self.err_X.sum() / var) if self.rows >= 2 and var > _VAR_FLOOR * sq else None
+        return overall, per
 
     @torch.no_grad()
     def update(self, model: Any, x_in_BXiD: torch.Tensor, x_out_BXoD: torch.Tensor, seq_B: torch.Tensor,
@@ -170,15 +189,14 @@ def stream_eval(run: RunData, cache: Any, cfg: AnalysisConfig, meta: dict[str, t
                 ) -> tuple[StreamStats, str, list[str]]:
     """One pass over the run's eval split (the train split, with a note, when the cache has none)."""
     from train.loader import ActivationLoader, default_eval_shards
-    from train.slots import resolve_slots
 
     tc = run.info["config"]
     notes: list[str] = []
-    # The run's model names as this cache has them (a pushed cache names a home path ~/...).
-    names = cache_model_names(run, cache.manifest)
-    models = [names.get(m, m) for m in tc["models"]] if tc.get("models") else None
-    spec = resolve_slots(cache.manifest, arch=tc["arch"], models=models, hooks=tc.get("hooks"),
-                         in_hooks=tc.get("in_hooks"), out_hooks=tc.get("out_hooks"), cache_dir=str(cache.dir))
+    # The dictionary's in/out slots index the layout it trained on: the run's own models (as this cache
+    # names them) and hooks in the run's order, not all of this cache's in its order (it may hold more,
+    # or the same in another order). And the mean/std of a mean_std cache, which need its folder.
+    check_cache(run, cache)
+    spec = run_slots(run, cache.manifest, str(cache.dir))
     model = run.model.to(device)
     L = model.cfg.n_latents
     batch = cfg.batch_size or int(min(4096, max(256, 2**24 // L)))
@@ -215,4 +233,7 @@ def stream_eval(run: RunData, cache: Any, cfg: AnalysisConfig, meta: dict[str, t
     finally:
         bar.close()
         it.close()
+    if stats.explained_variance()[0] is None:
+        notes.append(f"explained variance is n/a: it needs at least 2 eval rows (--eval-tokens), got {stats.rows}"
+                     if stats.rows < 2 else "explained variance is n/a: the eval rows hold no variance to explain")
     return stats, split, notes

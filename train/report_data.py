@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from shared.config import config_to_json
-from train.token_text import _context
+from train.token_text import contexts
 
 __all__ = ["CLASS_LABELS", "REPORT_FORMAT", "build_report"]
 
@@ -71,14 +71,11 @@ def build_report(cfg: Any, run: Any, norms_LXo: torch.Tensor, masks: dict[str, t
     focus_idx = None
     if stats is not None:
         fires, mass = stats.fires_L.cpu(), stats.mass_L.cpu()
-        var_X = stats.sq_X - stats.sum_XD.pow(2).sum(-1) / max(stats.rows, 1)
-        ev = 1 - stats.err_X.sum() / var_X.sum().clamp_min(1e-12)
+        ev, ev_X = stats.explained_variance()  # None (n/a) for < 2 rows or no variance
         rep["eval"] = {
             "split": data["split"], "rows": stats.rows,
             "explained_variance": _num(ev),
-            "explained_variance_per_slot": {
-                n: _num(1 - e / max(float(v), 1e-12))
-                for n, e, v in zip(run.out_slot_names, stats.err_X.tolist(), var_X.tolist())},
+            "explained_variance_per_slot": {n: _num(e) for n, e in zip(run.out_slot_names, ev_X)},
             "l0_mean": _num(stats.nnz / max(stats.rows, 1), 3),
             "firing_latents": int((fires > 0).sum()), "silent_latents": int((fires == 0).sum()),
             "row_share": {c: {str(v): _share(stats.meta_rows[c][i], stats.meta_rows[c].sum())
@@ -157,6 +154,7 @@ def build_report(cfg: Any, run: Any, norms_LXo: torch.Tensor, masks: dict[str, t
 
 def _scaling_json(diff: dict[str, Any], masks: dict[str, torch.Tensor], cfg: Any) -> dict[str, Any]:
     ids = diff["scaling_ids"].tolist()
+    assert len(set(ids)) == len(ids), "a latent twice in the latent-scaling set"  # each is one row and one point
     b = {k: v.tolist() for k, v in diff["betas"].items()}
     rows = diff["scaling_rows"]
     latents = []
@@ -225,6 +223,7 @@ def _shown_latents(cfg: Any, run: Any, masks: dict[str, torch.Tensor], diff: dic
     top_val = stats.top_val_KL.cpu()
     top_seq, top_pos = stats.top_seq_KL.cpu(), stats.top_pos_KL.cpu()
     shown: list[dict[str, Any]] = []
+    windows: list[tuple[list[int], int]] = []  # (ids, pos) of every context, decoded in one batch at the end
     done: set[int] = set()
     for group, mask in groups:
         cand = torch.nonzero(mask & (fires > 0)).flatten()
@@ -245,15 +244,18 @@ def _shown_latents(cfg: Any, run: Any, masks: dict[str, torch.Tensor], diff: dic
                     break
                 s, p = int(top_seq[kk, j]), int(top_pos[kk, j])
                 row = row_of_seq[s]
-                ids = ids_col[row].as_py()
-                c = {"value": _num(v, 3), "seq": s, "pos": p,
-                     **_context(ids, p, data["tokenizer"], cfg.context_before, cfg.context_after)}
-                c["meta"] = {m: meta_vals[m][row] for m in meta_cols}
-                ctxs.append(c)
+                windows.append((ids_col[row].as_py(), p))
+                ctxs.append({"value": _num(v, 3), "seq": s, "pos": p,
+                             "meta": {m: meta_vals[m][row] for m in meta_cols}})
             entry["contexts"] = ctxs
             entry["repeat"] = j in done
             done.add(j)
             shown.append(entry)
+    texts = iter(contexts(windows, data["tokenizer"], cfg.context_before, cfg.context_after))
+    for entry in shown:
+        for c in entry["contexts"]:
+            c.update(next(texts))
+            c["meta"] = c.pop("meta")  # last, as report.json has always had it
     return shown
 
 

@@ -13,7 +13,11 @@ import torch
 
 from train.report_data import CLASS_LABELS
 
-__all__ = ["figures"]
+__all__ = ["CLASS_COLORS", "figures"]
+
+# One colour per latent class in every figure (a bar, a point, a line of a class: always its colour).
+CLASS_COLORS = {"base_only": "#8172b2", "between": "#cccccc", "shared": "#55a868", "ft_only": "#c44e52",
+                "top_r": "#dd8452"}
 
 
 # ---- figures ----------------------------------------------------------------------------------------------
@@ -37,9 +41,11 @@ def figures(out: Path, rep: dict[str, Any], masks: dict[str, torch.Tensor], diff
         ax.hist(r, bins=50, range=(0, 1), color="#4c72b0")
         for x, lab in ((cfg.base_only_max, "base-only"), (cfg.ft_only_min, "fine-tune-only")):
             ax.axvline(x, color="k", ls="--", lw=0.8)
-        ax.axvspan(cfg.shared_min, cfg.shared_max, color="#dddddd", zorder=0, label="shared band")
+        ax.axvspan(cfg.shared_min, cfg.shared_max, color=CLASS_COLORS["shared"], alpha=0.15, zorder=0,
+                   label="shared band")
         if d["top_r_min"] is not None:
-            ax.axvline(d["top_r_min"], color="#c44e52", lw=1, label=f"top {d['thresholds']['top_r_percent']:g}% by r")
+            ax.axvline(d["top_r_min"], color=CLASS_COLORS["top_r"], lw=1,
+                       label=f"top {d['thresholds']['top_r_percent']:g}% by r")
         ax.set_yscale("log")
         ax.set_xlabel(f"relative decoder norm r = |d_ft| / (|d_base| + |d_ft|)   (0: {d['base_model']} only, "
                       f"1: {d['ft_model']} only)", fontsize=8)
@@ -50,7 +56,7 @@ def figures(out: Path, rep: dict[str, Any], masks: dict[str, torch.Tensor], diff
         cos = diff["cos"][masks["shared"] & ~torch.isnan(diff["cos"])].numpy()
         if len(cos):
             fig, ax = plt.subplots(figsize=(7, 3.2))
-            ax.hist(cos, bins=50, range=(-1, 1), color="#55a868")
+            ax.hist(cos, bins=50, range=(-1, 1), color=CLASS_COLORS["shared"])
             ax.set_xlabel("cosine similarity of the base and fine-tune decoder vectors")
             ax.set_ylabel("shared latents")
             ax.set_title(f"Decoder cosine of shared latents (r in [{cfg.shared_min}, {cfg.shared_max}], "
@@ -61,7 +67,7 @@ def figures(out: Path, rep: dict[str, Any], masks: dict[str, torch.Tensor], diff
             vals = [d["classes"][k]["focus_share"] or 0 for k in names]
             fig, ax = plt.subplots(figsize=(7, 3.2))
             ax.bar([CLASS_LABELS[k] + f"\n(n={d['classes'][k]['n']})" for k in names], vals,
-                   color=["#8172b2", "#cccccc", "#55a868", "#c44e52", "#dd8452"][: len(names)])
+                   color=[CLASS_COLORS[k] for k in names])
             ax.axhline(rep["focus"]["base_rate"], color="k", ls="--", lw=0.8, label="share of eval rows")
             ax.set_ylim(0, 1)
             ax.set_ylabel(f"share of activation mass\non {rep['focus']['column']} = {rep['focus']['value']}")
@@ -70,11 +76,14 @@ def figures(out: Path, rep: dict[str, Any], masks: dict[str, torch.Tensor], diff
         ls = d.get("latent_scaling")
         if ls:
             fig, ax = plt.subplots(figsize=(5, 4.2))
-            for g, col in (("shared", "#55a868"), ("top_r", "#dd8452"), ("ft_only", "#c44e52")):
+            labels = {"shared": "shared (reference sample)", "ft_only": CLASS_LABELS["ft_only"],
+                      # each latent is one point: a top-r latent that is fine-tune-only too is drawn as that
+                      "top_r": f"top {d['thresholds']['top_r_percent']:g}% by r, r < {cfg.ft_only_min}"}
+            for g in ("shared", "top_r", "ft_only"):
                 pts = [(e["nu_err"], e["nu_rec"]) for e in ls["latents"] if e["group"] == g
                        and e["nu_err"] is not None and e["nu_rec"] is not None]
                 if pts:
-                    ax.scatter(*zip(*pts), s=10, color=col, label=f"{CLASS_LABELS[g]} ({len(pts)})")
+                    ax.scatter(*zip(*pts), s=10, color=CLASS_COLORS[g], label=f"{labels[g]} ({len(pts)})")
             ax.axvline(cfg.nu_max, color="k", ls="--", lw=0.8)
             ax.axhline(cfg.nu_max, color="k", ls="--", lw=0.8)
             ax.set_xlabel("ν_ε (base error / fine-tune error)")

@@ -146,7 +146,9 @@ def _scaling_md(d: dict[str, Any], cfg: Any, figs: dict[str, str]) -> list[str]:
           "is the latent's fine-tune decoder vector: β = Σ f⟨d_j, y⟩ / (‖d_j‖² Σ f²). Targets, per model: its "
           "activation minus the reconstruction by all *other* latents (ε), its full reconstruction (r), its "
           "activation (x). ν = β(base) / β(fine-tune). ν near 0: the base model does not hold the latent's "
-          f"direction (genuinely fine-tune-only); near 1: it does. Flagged: ν_ε or ν_r above {cfg.nu_max}.", "",
+          f"direction (genuinely fine-tune-only); near 1: it does. Flagged: ν_ε or ν_r above {cfg.nu_max}. A latent "
+          "both fine-tune-only and top by r counts in both rows; the shared reference sample is other shared "
+          "latents.", "",
           "| latents | n | median ν_ε | median ν_r | median ν_x | flagged |", "|---|---|---|---|---|---|"]
     names = {"ft_only": "fine-tune-only", "top_r": f"top {d['thresholds']['top_r_percent']:g}% by r",
              "shared": "shared (reference sample)"}
@@ -171,7 +173,8 @@ def _contexts_md(rep: dict[str, Any], fl: str | None) -> list[str]:
     d = rep["diffing"]
     L = ["", "## Top-activating contexts", "",
          "For each latent, the rows where it fires most (activation value first, then the sequence's metadata). "
-         "The firing token is between « and »; ⏎ is a newline, ⇥ a tab.", ""]
+         "The firing token is between « and » (a character it shares with a neighbouring token, as byte-level "
+         "vocabularies split é, is shown whole between them); ⏎ is a newline, ⇥ a tab.", ""]
     titles = {"ft_only": "Fine-tune-only latents (most active)", "base_only": "Base-only latents (most active)",
               "shared": "Shared latents (most active)", "all": "Most active latents",
               "top_r": f"Top {d['thresholds']['top_r_percent']:g}% by r (highest r first)" if d else "Top by r"}

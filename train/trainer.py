@@ -34,6 +34,7 @@ import torch
 from einops import rearrange
 
 from shared.cache import Cache, open_cache
+from shared.cache_format import CacheError
 from shared.config import config_to_json
 from shared.devices import resolve_device
 from shared.folder_lock import FolderBusyError, FolderLock, FolderLockError
@@ -108,6 +109,17 @@ def build_dictionary_config(cfg: TrainConfig, spec: SlotSpec, d_model: int) -> D
     )
 
 
+def _slots_normalization_sha256(cache: Cache, spec: SlotSpec) -> str | None:
+    """The digest of the normalization of a run's own slots, which ``analyze --cache`` compares with
+    another cache's; None if the side file cannot be read (training does not need it)."""
+    try:
+        norm = cache.normalization()
+    except CacheError:
+        return None
+    return norm.slots_sha256(cache.manifest.model_names, list(cache.manifest.hooks),
+                             [(m, h) for m in spec.models for h in spec.hooks])
+
+
 def _completed(cfg: TrainConfig) -> TrainResult | None:
     """The result of a run that already finished (its final export is written), else None."""
     run_dir = Path(cfg.out)
@@ -177,11 +189,14 @@ class _Member:
             "out_slots": self.spec.out_slots, "sparsity_coeff": cfg.resolved_sparsity_coeff,
             "dead_tokens": cfg.resolved_dead_tokens(dist.world_size), "device": str(device), "world_size": dist.world_size,
             # What makes another cache this run's (analyze --cache): the same normalization of its slots
-            # (scale, or the mean_std side file) and, for the same rows, the same shards.
+            # (scale, or the mean_std side file; and a digest of its own slots' scale, mean and std, which
+            # holds for a cache with more models or hooks, or another order) and, for the same rows, the
+            # same shards.
             "cache": {"path": str(cache.dir.resolve()), "spec": cfg.cache, "models": man.models, "hooks": man.hooks,
                       "n_rows": man.n_rows, "dtype": man.dtype, "normalization": man.normalization["method"],
                       "normalization_scale": man.normalization.get("scale"),
                       "normalization_sha256": man.normalization.get("sha256"),
+                      "normalization_slots_sha256": _slots_normalization_sha256(cache, spec),
                       "shards_sha256": man.shards_fingerprint},
         }
         torch.manual_seed(cfg.seed)  # same seed, same init on every rank
