@@ -48,7 +48,8 @@ try:
 except ImportError:  # Windows: no flock (the rest of the project needs POSIX too)
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["BUSY_EXIT_CODE", "LOCK_NAME", "FolderBusyError", "FolderLock", "FolderLockError", "exit_code_for"]
+__all__ = ["BUSY_EXIT_CODE", "LOCK_NAME", "FolderBusyError", "FolderLock", "FolderLockError", "exit_code_for",
+           "lock_holder"]
 
 LOCK_NAME = ".crosscache.lock"
 """The lock file's name inside the locked folder (hidden; never part of a cache or a run)."""
@@ -362,6 +363,30 @@ def _owner(path: Path) -> str:
         return f"user {pwd.getpwuid(uid).pw_name}"
     except (ImportError, KeyError):  # no password database, or an unnamed uid (containers)
         return f"uid {uid}"
+
+
+def lock_holder(folder: str | Path) -> dict | None:
+    """Whether another job holds ``folder``'s lock now: the holder's details (pid, host, started,
+    command; ``{}`` if unreadable), or None if no job does (or the filesystem has no ``flock``).
+    Looks only: a non-blocking shared ``flock``, released at once (a held lock is exclusive, so it
+    refuses it); never takes the folder."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(Path(folder) / LOCK_NAME, os.O_RDONLY)
+    except OSError:  # no lock file: no job there
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(fd)
+        except OSError:  # no flock on this filesystem: nothing to tell from
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def _read_holder(fd: int) -> dict:

@@ -7,7 +7,6 @@ which output slots are the base and which the fine-tune model).
 from __future__ import annotations
 
 import json
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,35 +233,12 @@ def _normalization_mismatch(run: RunData, manifest: Any, names: dict[str, str], 
 
 
 def _training_holder(run_dir: Path) -> str | None:
-    """Who holds the run folder's lock (a training job writing there now: ``pid N ...``), or None if no
-    job does. Looks only: a non-blocking shared ``flock`` on the lock file, released at once (the lock is
-    exclusive, so a held one refuses it); never takes the folder."""
-    from shared.folder_lock import LOCK_NAME
+    """Who holds the run folder's lock (a training job writing there now: ``pid N ...``), or None."""
+    from shared.folder_lock import lock_holder
 
-    path = run_dir / LOCK_NAME
-    try:
-        import fcntl
-
-        fd = os.open(path, os.O_RDONLY)
-    except (ImportError, OSError):  # no lock file: no job there (or no flock on this platform)
+    holder = lock_holder(run_dir)
+    if holder is None:
         return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pass  # held
-        except OSError:  # the filesystem has no flock: nothing to tell from
-            return None
-        else:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        try:
-            holder = json.loads(os.pread(fd, 8192, 0).decode(errors="replace") or "{}")
-        except (OSError, ValueError):
-            holder = {}
-    finally:
-        os.close(fd)
-    holder = holder if isinstance(holder, dict) else {}
     if holder.get("pid") is None:
         return "a job"
     here = socket.gethostname()
