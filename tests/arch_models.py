@@ -35,78 +35,56 @@ def _gpt2():
                                       n_head=HEADS, n_inner=FF, **_IDS))
 
 
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _llama_like(model: str, config: str, **kw: Any) -> Any:
+    """A Llama-style ``transformers`` model (``model`` built from ``config``, class names) of this
+    module's sizes, with 2 KV heads for 4 query heads (grouped-query attention); ``kw`` adds or overrides."""
+    import transformers
 
+    sizes = dict(vocab_size=VOCAB, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
+                 num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=POSITIONS, **_IDS)
+    return getattr(transformers, model)(getattr(transformers, config)(**{**sizes, **kw}))
+
+
+def _llama():
     # Grouped-query attention (2 KV heads for 4 query heads), as Llama-3 has.
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
-                                        num_attention_heads=HEADS, num_key_value_heads=2,
-                                        max_position_embeddings=POSITIONS, **_IDS))
+    return _llama_like("LlamaForCausalLM", "LlamaConfig")
 
 
 def _qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
-                                        num_attention_heads=HEADS, num_key_value_heads=2,
-                                        max_position_embeddings=POSITIONS, tie_word_embeddings=True, **_IDS))
+    return _llama_like("Qwen2ForCausalLM", "Qwen2Config", tie_word_embeddings=True)
 
 
 def _mistral():
-    from transformers import MistralConfig, MistralForCausalLM
-
     # A sliding window shorter than the harvest's context (Mistral-7B-v0.1 has 4096 of 32k), so a
     # bridge that ignored it would give different rows past position 16.
-    return MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=FF,
-                                            num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=2,
-                                            max_position_embeddings=POSITIONS, sliding_window=16, **_IDS))
+    return _llama_like("MistralForCausalLM", "MistralConfig", sliding_window=16)
 
 
 def _gemma():
-    from transformers import GemmaConfig, GemmaForCausalLM
-
     # Multi-query attention (one KV head, as gemma-2b); embeddings scaled by sqrt(d_model).
-    return GemmaForCausalLM(GemmaConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
-                                        num_attention_heads=HEADS, num_key_value_heads=1, head_dim=D // HEADS,
-                                        max_position_embeddings=POSITIONS, **_IDS))
+    return _llama_like("GemmaForCausalLM", "GemmaConfig", num_key_value_heads=1, head_dim=D // HEADS)
 
 
 def _gemma2():
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
     # Norms before and after attention and MLP, logit soft-capping, local/global layers with a
     # sliding window shorter than the harvest's context.
-    return Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=D, intermediate_size=FF,
-                                          num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=2,
-                                          head_dim=D // HEADS, query_pre_attn_scalar=D // HEADS, sliding_window=16,
-                                          max_position_embeddings=POSITIONS, **_IDS))
+    return _llama_like("Gemma2ForCausalLM", "Gemma2Config", head_dim=D // HEADS, query_pre_attn_scalar=D // HEADS,
+                       sliding_window=16)
 
 
 def _gemma3():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
     # Gemma-2's layout plus q/k norms; five local (sliding-window) layers per global one.
-    return Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=FF,
-                                              num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=2,
-                                              head_dim=D // HEADS, query_pre_attn_scalar=D // HEADS, sliding_window=16,
-                                              max_position_embeddings=POSITIONS, **_IDS))
+    return _llama_like("Gemma3ForCausalLM", "Gemma3TextConfig", head_dim=D // HEADS, query_pre_attn_scalar=D // HEADS,
+                       sliding_window=16)
 
 
 def _qwen3():
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    return Qwen3ForCausalLM(Qwen3Config(vocab_size=VOCAB, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
-                                        num_attention_heads=HEADS, num_key_value_heads=2, head_dim=D // HEADS,
-                                        max_position_embeddings=POSITIONS, **_IDS))
+    return _llama_like("Qwen3ForCausalLM", "Qwen3Config", head_dim=D // HEADS)
 
 
 def _phi3():
-    from transformers import Phi3Config, Phi3ForCausalLM
-
     # Fused qkv and gate/up projections.
-    return Phi3ForCausalLM(Phi3Config(vocab_size=VOCAB, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
-                                      num_attention_heads=HEADS, num_key_value_heads=2,
-                                      max_position_embeddings=POSITIONS, **_IDS))
+    return _llama_like("Phi3ForCausalLM", "Phi3Config")
 
 
 def _opt():

@@ -96,7 +96,8 @@ def test_diff_roles():
     assert (spec.base, spec.ft, spec.base_slots, spec.ft_slots) == ("b", "a", [1], [0])
     assert diff_spec(FakeRun("crosscoder", ["a/h0", "a/h1"]))[0] is None  # type: ignore[arg-type]
     assert diff_spec(FakeRun("clt", names))[0] is None  # type: ignore[arg-type]
-    assert (lambda s: (s.base, s.ft))(diff_spec(FakeRun("crosscoder", ["a/h", "b/h", "c/h"]))[0]) == ("a", "b")  # type: ignore[arg-type]
+    three = diff_spec(FakeRun("crosscoder", ["a/h", "b/h", "c/h"]))[0]  # type: ignore[arg-type]
+    assert three is not None and (three.base, three.ft) == ("a", "b")  # 3+ models: the first two
     with pytest.raises(ValueError, match="not a model"):
         diff_spec(FakeRun("crosscoder", names), base="zz")  # type: ignore[arg-type]
 
@@ -314,11 +315,11 @@ def test_top_contexts_mark_the_firing_token(planted):
     md = (Path(rep["paths"]["report_md"])).read_text()
     assert f"«<{MARK_TOKEN}>»" in md
 
-    from train.token_text import _context
+    from train.token_text import contexts
 
-    whole = _context([0, 5, 6, 7], 2, None, before=20, after=4)  # the sequence's start and end are shown
+    whole = contexts([([0, 5, 6, 7], 2)], None, before=20, after=4)[0]  # the sequence's start and end are shown
     assert (whole["before"], whole["after"], whole["cut_before"], whole["cut_after"]) == ("<5>", "<7>", False, False)
-    assert _context(list(range(40)), 30, None, before=3, after=2)["cut_before"] is True
+    assert contexts([(list(range(40)), 30)], None, before=3, after=2)[0]["cut_before"] is True
 
 
 def test_metadata_breakdown(planted):

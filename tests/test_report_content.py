@@ -22,7 +22,7 @@ from train.analysis_config import AnalysisConfig
 from train.analysis_run import diff_spec
 from train.diffing import classify
 from train.report_figures import CLASS_COLORS
-from train.token_text import TokenDecoder, _context, load_token_decoder
+from train.token_text import TokenDecoder, contexts, load_token_decoder
 
 SPLIT = "\ufffd"  # what a decoder shows for part of a character
 
@@ -126,7 +126,7 @@ def _check_windows(dec: TokenDecoder, ids: list[int], whole: str, sizes=((40, 40
     out = {}
     for pos in range(1, len(ids)):
         for before, after in sizes:
-            c = _context(ids, pos, dec, before, after)
+            c = contexts([(ids, pos)], dec, before, after)[0]
             shown = c["before"] + c["token"] + c["after"]
             assert SPLIT not in shown, (pos, before, after, c)
             assert c["token"] and shown in whole, (pos, before, after, c)
@@ -154,8 +154,8 @@ def test_contexts_of_a_byte_level_tokenizer_show_whole_characters(toy_dirs):
                 assert c["token"] == alone, c
     ids = [0, *tok.encode("Café naïve", add_special_tokens=False).ids]  # C a f Ã © Ġn a Ã ¯ ve
     assert [tok.id_to_token(i) for i in ids[3:6]] == ["f", "Ã", "©"]
-    assert [_context(ids, p, dec, 20, 4)["token"] for p in (4, 5, 6)] == ["é", "é", " n"]
-    c = _context(ids, 4, dec, 20, 4)
+    assert [contexts([(ids, p)], dec, 20, 4)[0]["token"] for p in (4, 5, 6)] == ["é", "é", " n"]
+    c = contexts([(ids, 4)], dec, 20, 4)[0]
     assert (c["before"], c["after"]) == ("Caf", " naï")  # Ġn a Ã ¯: the ï its last two tokens split, whole
 
 
@@ -199,12 +199,12 @@ def test_contexts_of_a_sentencepiece_tokenizer_keep_each_tokens_space(style, tmp
             if piece.startswith("▁"):  # its space is the token's, also where it is not the text's first
                 assert ctx[pos]["token"].startswith(" "), (piece, ctx[pos])
                 for before in (1, 3):
-                    assert _context(ids, pos, dec, before, 1)["token"].startswith(" ")
+                    assert contexts([(ids, pos)], dec, before, 1)[0]["token"].startswith(" ")
             if piece.startswith("<0x"):  # a byte of a character: the whole character
                 assert len(ctx[pos]["token"]) == 1 and ord(ctx[pos]["token"]) > 127
     ids = [bos, *tok.encode("the quick brown fox jumps over").ids]
     fo = next(p for p in range(1, len(ids)) if tok.id_to_token(ids[p]) in ("fo", "▁fo"))
-    c = _context(ids, fo, dec, 20, 1)
+    c = contexts([(ids, fo)], dec, 20, 1)[0]
     # As trained: llama2 has tokens '▁br' 'ow' 'n▁' 'fo' 'x▁', metaspace '▁br' 'ow' 'n' '▁fo' 'x'.
     want = {"llama2": "the quick brown «fo»x ", "metaspace": "the quick brown« fo»x"}[style]
     assert c["before"] + "«" + c["token"] + "»" + c["after"] == want

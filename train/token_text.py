@@ -23,19 +23,16 @@ _SPLIT = "\ufffd"  # what a decoder makes of the bytes of a character it got onl
 
 
 class TokenDecoder:
-    """Token ids -> text with a ``tokenizers.Tokenizer``: ``decoder(i)`` for one id (memoized), and
+    """Token ids -> text with a ``tokenizers.Tokenizer``: ``decoder(i)`` for one id, and
     :meth:`decode_batch` for whole windows (special tokens kept: they are part of what the model read)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self._tok = tokenizer
-        self._memo: dict[int, str] = {}
         # Without a decoder, tokenizers joins tokens with spaces: the space is a separator, not the token's.
         self.joins_with_space = tokenizer.decoder is None
 
     def __call__(self, i: int) -> str:
-        if i not in self._memo:
-            self._memo[i] = self._tok.decode([i], skip_special_tokens=False)
-        return self._memo[i]
+        return self._tok.decode([i], skip_special_tokens=False)
 
     def decode_batch(self, seqs: list[list[int]]) -> list[str]:
         return self._tok.decode_batch(seqs, skip_special_tokens=False)
@@ -119,8 +116,3 @@ def _cut(texts: list[str], joins_with_space: bool) -> tuple[str, str, str]:
     tok_hi = max(tok_lo, tok_hi)
     end = max(tok_hi, end)
     return _clean(full[start:tok_lo]), _clean(full[tok_lo:tok_hi]), _clean(full[tok_hi:end])
-
-
-def _context(ids: list[int], pos: int, decode: TokenDecoder | None, before: int, after: int) -> dict[str, Any]:
-    """:func:`contexts` of one window."""
-    return contexts([(ids, pos)], decode, before, after)[0]
