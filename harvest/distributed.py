@@ -83,7 +83,7 @@ from shared.cache_format import CacheError, Manifest, ShardRecord, dtype_from_na
 from shared.folder_lock import FolderLock, FolderLockError
 from shared.normalization import Normalization
 from shared.token_table import write_token_table
-from shared.tokenizer_file import write_tokenizer_file
+from shared.tokenizer_file import foreign_tokenizer_file, write_tokenizer_file
 
 __all__ = ["assign_chunks", "harvest_distributed"]
 
@@ -294,6 +294,9 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
         if existing is not None:
             chunks, by_rank, carried, kept_bytes = collect_written(out, existing, layout, world)
         check_free_disk(cfg, out, (m, p, d), row_bytes, kept_bytes, say=say, suffix=f"; {_procs(world)}")
+        # Before `made` lists --out: a failed start discards the harvest's own files, not this one.
+        if (foreign := foreign_tokenizer_file(out, models.tokenizer, existing.tokenizer if existing else {})):
+            raise HarvestInputError(foreign)
         made.append((out, not out.exists()))  # it exists (the lock made it); lock.release() removes it if left empty
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(out)

@@ -52,7 +52,7 @@ from shared.folder_lock import LOCK_NAME, FolderLock
 from shared.normalization import Normalization
 from shared.shard_io import ShardReader
 from shared.token_table import TokenIndex, read_token_table, write_token_table
-from shared.tokenizer_file import tokenizer_file_problem, write_tokenizer_file
+from shared.tokenizer_file import foreign_tokenizer_file, tokenizer_file_problem, write_tokenizer_file
 
 __all__ = ["CacheDamage", "HarvestLayout", "estimate_cache_bytes", "find_damage", "harvest", "plan_for_resume",
            "plan_from_config", "token_table_problem"]
@@ -480,6 +480,9 @@ def _harvest_one_process(cfg: HarvestConfig) -> Manifest:
     row_bytes = m * p * d * storage.itemsize
 
     check_free_disk(cfg, out, (m, p, d), row_bytes, sum(s.bytes for s in existing.shards) if existing else 0)
+    # Before anything is written or cleaned up: a failed start removes the harvest's own files.
+    if (foreign := foreign_tokenizer_file(out, models.tokenizer, existing.tokenizer if existing else {})):
+        raise HarvestInputError(foreign)
 
     created = not out.exists()  # False: the lock made it; releasing the lock removes it if left empty
     out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from shared.shard_io import atomic_write_bytes, sha256_file
 
 __all__ = [
     "find_tokenizer_json",
+    "foreign_tokenizer_file",
     "listed_tokenizer_file",
     "tokenizer_file_problem",
     "tokenizer_json_bytes",
@@ -48,6 +49,25 @@ def tokenizer_json_bytes(tokenizer: Any) -> bytes | None:
     # tokenizers serializes vocabularies in id order: the same tokenizer gives the same bytes in
     # every process, which keeps a resumed harvest byte-identical to an uninterrupted one.
     return backend.to_str(pretty=True).encode()
+
+
+def foreign_tokenizer_file(cache_dir: str | Path, tokenizer: Any, listed: dict[str, Any]) -> str | None:
+    """Why ``<cache_dir>/tokenizer.json`` is not the harvest's to overwrite or delete, or None.
+
+    A file the manifest (``listed``: its ``tokenizer`` object, ``{}`` for a fresh harvest) does not
+    list, and whose bytes differ from what ``tokenizer`` writes, was put there by someone else: a
+    harvest must refuse rather than replace it, and must not remove it when it fails. A file with
+    the same bytes is a killed harvest's leftover (or an exact copy), safe to keep using.
+    """
+    path = Path(cache_dir) / TOKENIZER_NAME
+    if listed_tokenizer_file(listed) == TOKENIZER_NAME or not path.is_file():
+        return None
+    data = tokenizer_json_bytes(tokenizer)
+    if data is not None and hashlib.sha256(data).hexdigest() == sha256_file(path):
+        return None
+    what = "the harvest's tokenizer has none" if data is None else "it is not the harvest's tokenizer"
+    return (f"{path} is not this harvest's ({what}) and no manifest lists it, so the harvest would "
+            f"overwrite or delete it: move it out of the folder, or choose another --out")
 
 
 def write_tokenizer_file(cache_dir: str | Path, tokenizer: Any, listed: dict[str, Any],

@@ -469,6 +469,43 @@ def test_a_harvest_that_fails_before_its_first_manifest_leaves_nothing(toy_dirs,
     assert not (tmp_path / "dist").exists()
 
 
+def test_a_tokenizer_json_the_harvest_did_not_write_is_neither_overwritten_nor_deleted(toy_dirs, tmp_path,
+                                                                                      monkeypatch):
+    """A ``tokenizer.json`` alone in ``--out`` passes for a killed harvest's leftover: the harvest
+    used to overwrite it, and delete it when the start failed. Another tokenizer's is refused and
+    kept (under torchrun too); the harvest's own leftover (same bytes) is taken as it is."""
+    import socket
+
+    from shared.cache_format import TOKENIZER_NAME
+
+    out = tmp_path / "out"
+    out.mkdir()
+    theirs = b'{"version": "1.0", "note": "my own tokenizer"}'
+    (out / TOKENIZER_NAME).write_bytes(theirs)
+    with pytest.raises(HarvestInputError, match=r"tokenizer.json is not this harvest's .*move it out"):
+        harvest(small_harvest_config(out))
+    assert (out / TOKENIZER_NAME).read_bytes() == theirs and sorted(p.name for p in out.iterdir()) == [TOKENIZER_NAME]
+
+    with socket.socket() as sock:  # a free port for the one-rank process group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with monkeypatch.context() as patch:
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(port)}.items():
+            patch.setenv(key, value)
+        with pytest.raises(HarvestInputError, match="not this harvest's"):
+            harvest(small_harvest_config(out))
+    assert (out / TOKENIZER_NAME).read_bytes() == theirs
+
+    # The harvest's own file, left by a start killed before its first manifest, is reused.
+    done = harvest(small_harvest_config(tmp_path / "ref", tokens=300))
+    ours = (tmp_path / "ref" / TOKENIZER_NAME).read_bytes()
+    (out / TOKENIZER_NAME).write_bytes(ours)
+    again = harvest(small_harvest_config(out, tokens=300))
+    assert again.complete and [s.sha256 for s in again.shards] == [s.sha256 for s in done.shards]
+    assert (out / TOKENIZER_NAME).read_bytes() == ours
+
+
 def test_output_folder_with_a_different_harvest_is_refused(toy_cache):
     with pytest.raises(HarvestInputError, match=r"holds a different harvest \(hooks: "):
         harvest(small_harvest_config(toy_cache, hooks=["blocks.0.hook_resid_post"]))
