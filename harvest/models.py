@@ -174,6 +174,31 @@ def _post_norm_hooks(r: ResolvedModel, bridge: Any, hooks: list[str], captured: 
             "blocks.L.mlp.hook_in; the residual stream is blocks.L.hook_resid_pre/post")
 
 
+def _reads_later_tokens(bridge: Any, hooks: list[str], stop: int | None, probe_BP: torch.Tensor) -> bool:
+    """Whether position 0 of any harvested hook changes when the token after it does: two
+    sequences that differ only at position 1, forwarded one at a time the way the harvest forwards
+    them. A causal model computes position 0 the same way from the same inputs both times."""
+    first = int(probe_BP[0, 0])
+    runs: list[dict[str, Any]] = []
+    for second in (1, 2):
+        captured: dict[str, Any] = {}
+        handles = [bridge.hook_dict[h].register_forward_hook(
+            lambda _mod, _inp, out, h=h, point=bridge.hook_dict[h], keep=captured: keep.__setitem__(
+                h, hook_value(point, out))) for h in dict.fromkeys(hooks)]
+        try:
+            with torch.inference_mode():
+                bridge(torch.tensor([[first, second]], device=probe_BP.device), stop_at_layer=stop)
+        finally:
+            for handle in handles:
+                handle.remove()
+        runs.append(captured)
+    for h, acts in runs[0].items():
+        a_D, b_D = acts[0, 0].float(), runs[1][h][0, 0].float()
+        if (a_D - b_D).norm() > 1e-3 * a_D.norm() + 1e-6:
+            return True
+    return False
+
+
 def _hook_note(bridge: Any, hook: str) -> str | None:
     """What a ``*.hook_normalized`` hook of a norm with a weight or bias is, since its name suggests the
     norm's output: transformer-lens 4 fires it on ``(x - mean) / scale`` (LayerNorm) or ``x / scale``
@@ -484,6 +509,13 @@ def load_models(
                 )
         if problem := _post_norm_hooks(r, b, hooks, captured):
             raise HarvestInputError(problem)
+        if _reads_later_tokens(b, hooks, stop, probe):
+            raise HarvestInputError(
+                f"model {r.name!r} ({_model_type(r, b)}) reads later tokens: its activations at a position change "
+                "with the tokens after it (a bidirectional encoder, as BERT). The harvest runs causal language "
+                "models, whose row at position t depends only on tokens up to t (packed documents, the token table "
+                "and the reports assume it); choose a decoder-only model"
+            )
     if notes := list(dict.fromkeys(n for h in hooks if (n := _hook_note(bridges[0], h)))):
         from harvest.process_group import torchrun_env
 

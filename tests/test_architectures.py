@@ -222,6 +222,23 @@ def test_unsupported_architecture_is_named(arch_root, toy_dirs):
     assert "BioGptForCausalLM" in message and "biogpt" in message and "not an architecture" in message
 
 
+def test_bidirectional_encoder_is_refused(arch_root, toy_dirs):
+    """BERT loads through the bridge, but each of its rows reads later tokens (and, packed, the next
+    document): not the causal rows the cache promises. Refused by what the load-time probe sees."""
+    from arch_models import copy_tokenizer
+    from transformers import BertConfig, BertForMaskedLM
+
+    folder = arch_root / "bert"
+    if not folder.exists():
+        torch.manual_seed(0)
+        BertForMaskedLM(BertConfig(vocab_size=4096, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=128, max_position_embeddings=64,
+                                   pad_token_id=1)).save_pretrained(folder)
+        copy_tokenizer(toy_dirs["toy-base"], folder)
+    message = _refusal([str(folder)], ["blocks.0.hook_resid_post"])
+    assert "BertForMaskedLM" in message and "later tokens" in message and "causal" in message
+
+
 def test_phi_mlp_in_names_the_mlp_input(arch_root, toy_dirs):
     """Phi's blocks have no ln2 (attention and MLP read one norm): hook_mlp_in never fires, and the
     error says which hook is the MLP's input (checked above to equal it)."""
