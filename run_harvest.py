@@ -48,6 +48,11 @@ def _verify(argv: list[str]) -> int:
     for problem in report.problems:
         print(f"  - {problem}", file=sys.stderr)
     if not args.cache.startswith("hf://"):
+        from shared.folder_lock import BUSY_EXIT_CODE, holder_summary
+
+        if (holder := holder_summary(args.cache)) is not None:  # its problems may be work in progress
+            print(f"note: a harvest ({holder}) is writing this cache now: verify again when it ends", file=sys.stderr)
+            return BUSY_EXIT_CODE
         print(_repair_hint(Path(args.cache)), file=sys.stderr)
     return 1
 
@@ -67,6 +72,7 @@ def _repair_hint(cache_dir: Path) -> str:
 
 def _push(argv: list[str]) -> int:
     from shared.cache_format import CacheError
+    from shared.folder_lock import FolderBusyError, exit_code_for
     from shared.hub import push_cache, token_status
 
     parser = argparse.ArgumentParser(
@@ -90,6 +96,9 @@ def _push(argv: list[str]) -> int:
     try:
         plan = push_cache(args.cache, args.repo, private=args.private, revision=args.revision,
                           dry_run=args.dry_run, progress=True, force=args.force)
+    except FolderBusyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exit_code_for(e)
     except (CacheError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

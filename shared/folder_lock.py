@@ -49,7 +49,7 @@ except ImportError:  # Windows: no flock (the rest of the project needs POSIX to
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["BUSY_EXIT_CODE", "LOCK_NAME", "FolderBusyError", "FolderLock", "FolderLockError", "exit_code_for",
-           "lock_holder"]
+           "holder_summary", "lock_holder"]
 
 LOCK_NAME = ".crosscache.lock"
 """The lock file's name inside the locked folder (hidden; never part of a cache or a run)."""
@@ -387,6 +387,19 @@ def lock_holder(folder: str | Path) -> dict | None:
         return None
     finally:
         os.close(fd)
+
+
+def holder_summary(folder: str | Path) -> str | None:
+    """Who holds ``folder``'s lock now, in a few words (``pid N[ on host H], started S``; ``a job``
+    when the holder has not named itself yet), or None if no job does. Looks only (:func:`lock_holder`)."""
+    holder = lock_holder(folder)
+    if holder is None:
+        return None
+    if holder.get("pid") is None:
+        return "a job"
+    host = holder.get("host")
+    who = f"pid {holder['pid']}" + (f" on host {host}" if host not in (None, socket.gethostname()) else "")
+    return who + (f", started {holder['started']}" if holder.get("started") else "")
 
 
 def _read_holder(fd: int) -> dict:

@@ -51,6 +51,7 @@ from shared.cache_format import (
     Manifest,
 )
 from shared.card import render_card
+from shared.folder_lock import FolderBusyError, holder_summary
 from shared.hub_download import _shard_patterns, resolve_cache
 from shared.hub_push_plan import PushPlan, _deletes_manifest_first, _deletions, _refuse_unless_allowed
 from shared.hub_repo_state import _describe, _inspect
@@ -123,6 +124,8 @@ def push_cache(
     if revision is not None and (not revision.strip() or _COMMIT_RE.fullmatch(revision)):
         raise ValueError(f"--revision {revision!r} must be a branch name to push to (not a commit hash)")
     cache_dir = resolve_cache(cache_dir) if is_hub_spec(cache_dir) else Path(cache_dir)
+    if (holder := holder_summary(cache_dir)) is not None:  # its files may change while they are uploaded
+        raise FolderBusyError(f"refusing to push {cache_dir}: a harvest ({holder}) is writing it now; push when it ends")
     report = verify_cache(cache_dir, checksums=True, progress=progress)
     if not report.ok:
         raise CacheError(

@@ -422,3 +422,31 @@ def test_torchrun_training_and_harvest_into_a_held_folder_stop_every_rank(toy_ca
     finally:
         for h in holders:
             _kill_9(h)
+
+
+def test_verify_and_push_of_a_cache_a_harvest_is_writing(toy_cache, tmp_path, capsys):
+    """verify names the harvest at work (its problems may be work in progress, not damage to repair);
+    push refuses: the files could change while they are uploaded."""
+    import shutil
+
+    import run_harvest
+    from shared.cache_format import Manifest
+    from shared.hub import push_cache
+
+    cache = tmp_path / "cache"
+    shutil.copytree(toy_cache, cache)
+    (cache / Manifest.load(cache).shards[-1].file).unlink()  # as if the harvest were rewriting it
+    holder, _ = _hold(cache, "cache folder")
+    try:
+        assert run_harvest.main(["verify", str(cache), "--no-checksums"]) == BUSY_EXIT_CODE  # try again later
+        err = capsys.readouterr().err
+        assert f"note: a harvest (pid {holder.pid}, started " in err and "verify again when it ends" in err
+        assert "to repair" not in err
+        with pytest.raises(FolderBusyError, match=f"refusing to push {cache}: a harvest \\(pid {holder.pid}, started "
+                                                  ".*\\) is writing it now"):
+            push_cache(cache, "alice/toy-diff", dry_run=True)
+        assert run_harvest.main(["push", str(cache), "--repo", "alice/toy-diff", "--dry-run"]) == BUSY_EXIT_CODE
+    finally:
+        _kill_9(holder)
+    assert run_harvest.main(["verify", str(cache), "--no-checksums"]) == 1
+    assert "to repair" in capsys.readouterr().err

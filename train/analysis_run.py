@@ -7,7 +7,6 @@ which output slots are the base and which the fine-tune model).
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,24 +231,9 @@ def _normalization_mismatch(run: RunData, manifest: Any, names: dict[str, str], 
                  "dictionary's inputs are scaled otherwise than in training and the numbers below are off")]
 
 
-def _training_holder(run_dir: Path) -> str | None:
-    """Who holds the run folder's lock (a training job writing there now: ``pid N ...``), or None."""
-    from shared.folder_lock import lock_holder
-
-    holder = lock_holder(run_dir)
-    if holder is None:
-        return None
-    if holder.get("pid") is None:
-        return "a job"
-    here = socket.gethostname()
-    who = f"pid {holder['pid']}" + (f" on host {holder['host']}" if holder.get("host") not in (None, here) else "")
-    if holder.get("started"):
-        who += f", started {holder['started']}"
-    return who
-
-
 def load_run(run_dir: str | Path) -> RunData:
     """Read ``config.json`` and ``dictionary/`` of a run (raises :class:`RunError` naming what is missing)."""
+    from shared.folder_lock import holder_summary
     from train.export import EXPORT_FORMAT, load_dictionary
 
     run_dir = Path(run_dir)
@@ -263,7 +247,7 @@ def load_run(run_dir: str | Path) -> RunData:
         raise RunError(f"{run_dir} is a saved dictionary ({EXPORT_FORMAT}), not a run folder: analyze reads a run's "
                        f"config.json (its cache, slots and eval split) and its dictionary/; {where}")
     if not (run_dir / "dictionary" / "config.json").is_file():
-        holder = _training_holder(run_dir)
+        holder = holder_summary(run_dir)
         if holder is not None:
             raise RunError(f"{run_dir} is still training (its folder is locked by {holder}): it has no dictionary/ "
                            "until the run finishes; wait for it to finish, then run analyze again")
