@@ -112,6 +112,27 @@ def test_export_runs_on_raw_activations(toy_cache, tmp_path):
     torch.testing.assert_close(a.recon_BXoD / scale, b.recon_BXoD, rtol=1e-4, atol=1e-3)
 
 
+def test_export_keeps_this_machines_home_folder_out(toy_cache, tmp_path, monkeypatch):
+    """export/ is the folder researchers hand on: the cache and run paths under the home folder are
+    written ~/..., as push publishes a manifest; dictionary/ and the run's config keep them."""
+    import json
+    import shutil
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    cache = home / "caches" / "diff"
+    shutil.copytree(toy_cache, cache)
+    run = home / "runs" / "r"
+    train(_cfg(cache, run, steps=4))
+    exported = (run / "export" / "config.json").read_text()
+    assert str(home) not in exported
+    meta = json.loads(exported)["metadata"]
+    assert meta["cache"] == "~/caches/diff" and meta["train_config"]["out"] == "~/runs/r"
+    assert str(cache) in (run / "dictionary" / "config.json").read_text()
+    assert str(cache) in (run / "config.json").read_text()
+    load_dictionary(run / "export")  # the weights' checksum still matches
+
+
 # ---- crash, signals, resume ------------------------------------------------------------------
 
 RESUME_ARGS = ["--activation", "batchtopk", "--k", "8", "--latents", "128", "--steps", "300", "--batch-size", "128",

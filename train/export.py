@@ -38,6 +38,7 @@ from safetensors.torch import save as safetensors_save
 
 from shared.config import config_to_json
 from shared.normalization import Normalization
+from shared.redact import redact_machine
 from shared.shard_io import atomic_write_bytes, fsync_dir
 from train.dictionary import Dictionary, DictionaryConfig
 
@@ -148,21 +149,25 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def save_dictionary(path: str | Path, model: Dictionary, metadata: dict[str, Any]) -> None:
+def save_dictionary(path: str | Path, model: Dictionary, metadata: dict[str, Any], *, shareable: bool = False) -> None:
     """Write ``path/model.safetensors`` and ``path/config.json`` (atomic, config last).
 
     ``metadata`` (JSON-serialisable: e.g. normalization folded or not, cache id, step, metrics)
-    is stored verbatim under ``"metadata"``.
+    is stored verbatim under ``"metadata"``. ``shareable``: a folder meant to be handed on (a run's
+    ``export/``): paths under this machine's home folder are written ``~/...`` and user and host
+    names ``<user>``/``<host>`` in the config and metadata (:func:`shared.redact.redact_machine`),
+    as ``push`` publishes a manifest. The run's own ``config.json`` keeps them as they were.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     blob = safetensors_save(tensors, metadata={"format": EXPORT_FORMAT})
+    payload = {"format": EXPORT_FORMAT, "config": config_to_json(model.cfg), "metadata": metadata,
+               "weights_sha256": _sha256(blob)}
+    if shareable:
+        payload = redact_machine(payload)[0]
     try:
-        text = json.dumps(
-            {"format": EXPORT_FORMAT, "config": config_to_json(model.cfg), "metadata": metadata,
-             "weights_sha256": _sha256(blob)},
-            indent=2, sort_keys=True, allow_nan=False)
+        text = json.dumps(payload, indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"save_dictionary: metadata must be JSON-serialisable (no NaN/inf): {e}") from e
     atomic_write_bytes(path / WEIGHTS_NAME, blob)

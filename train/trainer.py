@@ -636,4 +636,5 @@ def export(m: _Member, cache: Cache, step: int, eval_metrics: dict[str, Any]) ->
     norm = cache.normalization().select([man.model_names.index(x) for x in spec.models],
                                         [man.hooks.index(h) for h in spec.hooks])
     folded = fold_normalization(model, norm, norm)
-    save_dictionary(m.run_dir / "export", folded, {**meta, "space": "raw", "normalization_folded": norm.method})
+    save_dictionary(m.run_dir / "export", folded, {**meta, "space": "raw", "normalization_folded": norm.method},
+                    shareable=True)
