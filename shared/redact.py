@@ -28,8 +28,9 @@ from typing import Any
 __all__ = ["MachineNames", "redact_machine", "redact_text"]
 
 # An absolute path (or one already turned into ~/...) inside a longer string: it starts where no
-# path character is right before it, and runs to whitespace, a quote or a separator.
-_PATH_RE = re.compile(r"(?<![\w.~/-])(?:~(?=/)|/)[^\s'\"=,;]*")
+# path character is right before it, or right after a "name/" (a metric key "eval/ev/" + "/home/..."
+# model name), and runs to whitespace, a quote or a separator.
+_PATH_RE = re.compile(r"(?:(?<![\w.~/-])|(?<=[\w.~-]/))(?:~(?=/)|/)[^\s'\"=,;]*")
 
 # Names too common to identify anyone, yet common as folder names: never replaced (see the module doc).
 _MIN_NAME = 3
@@ -84,7 +85,8 @@ def redact_text(text: str, names: MachineNames) -> str:
     the user or the host written ``<user>`` / ``<host>`` in the absolute paths left."""
     for home in names.homes:
         # The whole folder only: /home/al is not a prefix of /home/alice, nor /root of /rootfs.
-        text = re.sub(rf"(?<![\w.~/-]){re.escape(home)}(?![\w.-])", "~", text)
+        # After "name/" too: a key such as "eval/ev/" + a model folder "/home/al/m" + "/hook".
+        text = re.sub(rf"(?:(?<![\w.~/-])|(?<=[\w.~-]/)){re.escape(home)}(?![\w.-])", "~", text)
     swap = {**{u: "<user>" for u in names.users if _identifying(u)},
             **{h: "<host>" for h in names.hosts if _identifying(h)}}
     if not swap:

@@ -473,6 +473,10 @@ def test_redaction_of_home_user_and_host_in_text():
         "/srv/home/alice/x": "/srv/home/<user>/x",  # not the home folder: only the user name
         "alice/toy-diff": "alice/toy-diff",  # a Hub id, not a path
         "caches/alice": "caches/alice",  # a relative path is the user's choice
+        # A per-slot metric key of a model given as a folder: "eval/ev/" + "/home/alice/m" + "/hook".
+        "eval/ev//home/alice/m/blocks.0.hook_x": "eval/ev/~/m/blocks.0.hook_x",
+        "eval/ev//scratch/alice/m/blocks.0.hook_x": "eval/ev//scratch/<user>/m/blocks.0.hook_x",
+        "/data/home/alice/x": "/data/home/<user>/x",
     }
     for before, after in cases.items():
         assert redact_text(before, names) == after, before
