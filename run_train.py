@@ -7,6 +7,8 @@
     python run_train.py --sweep sweep.yaml --cache DIR --out runs/sweep   # many dictionaries, one stream
     torchrun --nproc-per-node N run_train.py ...                           # DDP
     python run_train.py analyze RUN_DIR                                    # report on a trained run
+    python run_train.py export-saelens RUN_DIR --out DIR                   # SAE/transcoder -> SAELens folder
+    python run_train.py export-circuit-tracer RUN [RUN ...] --out DIR      # CLT/transcoder set -> circuit-tracer
 
 Re-running the same command resumes from the newest checkpoint in --out.
 Every flag is a field of ``train.config.TrainConfig``.
@@ -37,6 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         from train.analysis import analyze_cli
 
         return analyze_cli(argv[1:])
+    if argv and argv[0] == "export-saelens":  # run_train.py export-saelens RUN_DIR --out DIR: for sae_lens
+        from train.export_saelens import export_saelens_cli
+
+        return export_saelens_cli(argv[1:])
+    if argv and argv[0] == "export-circuit-tracer":  # run_train.py export-circuit-tracer RUN [RUN ...] --out DIR
+        from train.export_circuit_tracer import export_circuit_tracer_cli
+
+        return export_circuit_tracer_cli(argv[1:])
     args = _train_parser().parse_args(argv)
     try:
         cfg = config_from_namespace(TrainConfig, args, args.config)

@@ -1,0 +1,373 @@
+"""Export a trained SAE or transcoder to the SAELens format (``SAE.load_from_disk(path)``).
+
+Input is our raw-space export (``RUN/export``, see :mod:`train.export`): normalization is already
+folded in, so the SAELens copy reads raw activations and sets ``normalize_activations="none"``.
+Output is a folder with ``sae_weights.safetensors`` and ``cfg.json`` (written atomically, config
+last), as SAELens 6.x saves its own inference SAEs (checked against ``sae_lens`` 6.54.12).
+
+What maps to what (one input slot, one output slot; L latents, D = d_model):
+
+====================================  =====================================  =====================
+ours (``Dictionary``)                 SAELens tensor                         shape
+====================================  =====================================  =====================
+``W_enc_XiDL[0]`` · c                 ``W_enc``                              [d_in, d_sae]
+``b_enc_L`` · c                       ``b_enc``                              [d_sae]
+``W_dec_LXoD[:, 0]`` / c              ``W_dec``                              [d_sae, d_in | d_out]
+``b_dec_XoD[0]``                      ``b_dec``                              [d_in | d_out]
+``exp(log_threshold_L)`` (jumprelu)   ``threshold``                          [d_sae]
+``threshold`` θ (batchtopk)           ``threshold`` (θ for every latent)     [d_sae]
+``W_skip_XiDXoD[0, :, 0, :]``ᵀ        ``W_skip`` (skip transcoders)          [d_out, d_in]
+====================================  =====================================  =====================
+
+c is 1 except for topk/batchtopk, whose ranking score is ``relu(pre) · c_l`` with
+``c_l = Σ_out ‖W_dec_l‖ · score_scale_l`` (``topk_score="pre_x_dec_norm"``; ``score_scale_l``
+only for ``"pre"``). SAELens's TopK ranks the plain pre-activation; its
+``rescale_acts_by_decoder_norm`` option ranks by the *raw-space* decoder norm, which is not our
+score once a ``mean_std`` normalization is folded in (``score_scale_l`` then differs per latent).
+So c is folded into the weights instead, as SAELens itself does when it saves a TopK SAE trained
+with that option: ReLU and threshold gates are positively homogeneous, so ``pre · c`` selects the
+same latents and ``(pre · c) · (W_dec / c)`` gives the same reconstruction. The price: SAELens's
+latent activations are our latents × c_l, i.e. our ranking score (a latent's activation times its
+decoder norm in the normalized space it was trained in), not our latent values.
+
+Architectures: crosscoder relu → ``standard``, jumprelu → ``jumprelu``, topk → ``topk``
+(``rescale_acts_by_decoder_norm=False``), batchtopk → ``jumprelu`` with our learned inference
+threshold θ on every latent (SAELens saves its own BatchTopK SAEs as JumpReLU the same way; with
+c folded in, ``pre·c > θ`` is exactly our per-token rule ``score > θ``). A directional run with
+one hook in and one out → ``transcoder`` / ``skip_transcoder`` (relu) or ``jumprelu_transcoder`` /
+``jumprelu_skip_transcoder`` (jumprelu, batchtopk). Refused, with the reason: CLTs, multi-slot
+crosscoders (several models or hooks), shared latents, a transcoder across two models, and topk
+transcoders (SAELens has no TopK transcoder class).
+
+SAELens's ``apply_b_dec_to_input`` is False: our encoder does not subtract ``b_dec``. The model's
+activations are those of transformer-lens's unprocessed weights (the harvest does not fold layer
+norms or centre weights), which SAELens's ``model_class_name="HookedTransformer"`` loads with
+``from_pretrained_no_processing``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as safetensors_save
+
+from shared.redact import MachineNames, redact_machine, redact_text
+from shared.shard_io import atomic_write_bytes, fsync_dir
+from train.dictionary import Dictionary
+from train.export import CONFIG_NAME as EXPORT_CONFIG_NAME
+from train.export import EXPORT_FORMAT, load_dictionary, load_metadata
+
+__all__ = [
+    "SAELENS_CFG_NAME",
+    "SAELENS_VERSION",
+    "SAELENS_WEIGHTS_NAME",
+    "SAELensExportError",
+    "SAELensWeights",
+    "check_exportable",
+    "export_saelens",
+    "export_saelens_cli",
+    "latent_scale",
+    "to_saelens",
+]
+
+SAELENS_VERSION = "6.54.12"
+"""The SAELens version whose format this writes (stored as ``metadata.sae_lens_version``; SAELens
+reads configs below 6.0 as its legacy format, so this must stay >= 6)."""
+SAELENS_CFG_NAME = "cfg.json"
+SAELENS_WEIGHTS_NAME = "sae_weights.safetensors"
+PROVENANCE_FORMAT = "crosscache.saelens/1"
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+                torch.bfloat16: "bfloat16"}
+_OUR_EXPORT = "use our own export instead: train.export.load_dictionary(RUN/export) runs it on raw activations"
+
+
+class SAELensExportError(ValueError):
+    """A dictionary SAELens has no format for; the message says why and what to use instead."""
+
+
+@dataclass(frozen=True)
+class SAELensWeights:
+    """One dictionary in SAELens terms: the ``architecture``, the state dict SAELens loads
+    (strictly: exactly these names), the architecture's cfg fields, and the factor c [L] folded
+    into the latents (SAELens latent = our latent · c)."""
+
+    architecture: str
+    tensors: dict[str, torch.Tensor]
+    cfg_fields: dict[str, Any]
+    latent_scale_L: torch.Tensor
+
+
+def _slot_model_hook(name: str) -> tuple[str, str]:
+    """'model/hook' split at the last '/' (HF ids and folders contain one)."""
+    model, _, hook = name.rpartition("/")
+    return model, hook
+
+
+def check_exportable(model: Dictionary) -> None:
+    """Raise :class:`SAELensExportError` unless SAELens has a format that runs ``model`` exactly."""
+    cfg = model.cfg
+    if cfg.arch == "clt":
+        raise SAELensExportError(
+            f"a cross-layer transcoder ({cfg.n_in} layers) writes each latent into several layers; SAELens "
+            f"{SAELENS_VERSION} has no CLT format (one encoder and one decoder per SAE). {_OUR_EXPORT}")
+    if cfg.shared_latents:
+        raise SAELensExportError(
+            f"this dictionary has {cfg.shared_latents} shared latents (one decoder tied across models); SAELens "
+            f"has no multi-model format. {_OUR_EXPORT}")
+    ins = [cfg.slot_names[s] for s in cfg.in_slots]
+    outs = [cfg.slot_names[s] for s in cfg.out_slots]
+    if cfg.n_in != 1 or cfg.n_out != 1:
+        what = (f"a crosscoder over {len(ins)} slots {ins}" if cfg.arch == "crosscoder"
+                else f"a directional dictionary from {ins} to {outs}")
+        raise SAELensExportError(
+            f"{what}: SAELens SAEs and transcoders read one hook of one model and write "
+            f"one; it has no crosscoder format. Train one SAE per slot (--models M --hooks H) or a transcoder "
+            f"(--in-hooks H1 --out-hooks H2) to export, or {_OUR_EXPORT}")
+    (m_in, _), (m_out, _) = _slot_model_hook(ins[0]), _slot_model_hook(outs[0])
+    if m_in != m_out:
+        raise SAELensExportError(
+            f"this transcoder reads model {m_in!r} and writes model {m_out!r}; SAELens's config names one model. "
+            f"{_OUR_EXPORT}")
+    if cfg.arch == "directional" and cfg.activation == "topk":
+        raise SAELensExportError(
+            f"SAELens {SAELENS_VERSION} has no TopK transcoder (its transcoders are relu or jumprelu, with or "
+            "without skip). Train the transcoder with --activation batchtopk (exported exactly as a JumpReLU "
+            f"transcoder) or jumprelu, or {_OUR_EXPORT}")
+    if cfg.activation == "batchtopk" and float(model.threshold) < 0:
+        raise SAELensExportError(
+            "this BatchTopK dictionary has no learned inference threshold (it never trained a step), so it "
+            "cannot run per token, in SAELens or here; export a trained run")
+
+
+@torch.no_grad()
+def latent_scale(model: Dictionary) -> torch.Tensor:
+    """c [L] (float64): the factor our topk/batchtopk score puts on ``relu(pre)``; ones otherwise."""
+    cfg = model.cfg
+    if cfg.activation not in ("topk", "batchtopk"):
+        return torch.ones(cfg.n_latents, dtype=torch.float64)
+    c_L = model.score_scale_L.to(torch.float64).cpu()
+    if cfg.topk_score == "pre_x_dec_norm":
+        c_L = c_L * model.decoder_norms().sum(-1).to(torch.float64).cpu()
+    return c_L
+
+
+@torch.no_grad()
+def to_saelens(model: Dictionary) -> SAELensWeights:
+    """The SAELens architecture, tensors and cfg fields of a raw-space ``model`` (see the module doc)."""
+    check_exportable(model)
+    cfg = model.cfg
+    dtype = model.b_enc_L.dtype
+    if dtype not in _DTYPE_NAMES:
+        raise SAELensExportError(f"weights of dtype {dtype} have no SAELens dtype name ({sorted(_DTYPE_NAMES.values())})")
+
+    def f64(t: torch.Tensor) -> torch.Tensor:  # fold in float64; stored in the model's dtype at the end
+        return t.detach().to("cpu", torch.float64)
+
+    c_L = latent_scale(model)
+    # A latent with c = 0 (a zero decoder row) scores 0 and writes nothing: give it zero weights,
+    # so SAELens's pre-activation is 0 and it never fires (ours could only tie at score 0).
+    live_L = c_L > 0
+    inv_c_L = torch.where(live_L, 1.0 / torch.where(live_L, c_L, torch.ones_like(c_L)), torch.zeros_like(c_L))
+    W_enc_DL = f64(model.W_enc_XiDL)[0] * c_L
+    b_enc_L = f64(model.b_enc_L) * c_L
+    W_dec_LD = f64(model.decoder_weight())[:, 0] * inv_c_L[:, None]
+    tensors: dict[str, torch.Tensor] = {"W_enc": W_enc_DL, "b_enc": b_enc_L, "W_dec": W_dec_LD,
+                                        "b_dec": f64(model.b_dec_XoD)[0]}
+
+    transcoder = cfg.arch == "directional"
+    if cfg.activation == "jumprelu":
+        tensors["threshold"] = f64(model.log_threshold_L).exp()
+    elif cfg.activation == "batchtopk":
+        # Our inference rule is relu(pre)·c > θ; SAELens's JumpReLU fires on pre' > threshold
+        # with pre' = pre·c folded above. θ >= 0 (checked), so the two gates are the same.
+        tensors["threshold"] = torch.full_like(b_enc_L, float(model.threshold))
+    if cfg.skip:
+        # Ours: x_in · W_skip [D_in, D_out]; SAELens: x @ W_skip.T with W_skip [d_out, d_in].
+        tensors["W_skip"] = f64(model.W_skip_XiDXoD)[0, :, 0, :].T.contiguous()
+
+    gated = cfg.activation in ("jumprelu", "batchtopk")
+    fields: dict[str, Any] = {}
+    if transcoder:
+        architecture = {(False, False): "transcoder", (False, True): "skip_transcoder",
+                        (True, False): "jumprelu_transcoder", (True, True): "jumprelu_skip_transcoder"}[
+            (gated, cfg.skip)]
+        fields["d_out"] = cfg.d_model
+    elif cfg.activation == "topk":
+        architecture = "topk"
+        fields.update(k=cfg.k, rescale_acts_by_decoder_norm=False)  # c is already in the weights
+    else:
+        architecture = "jumprelu" if gated else "standard"
+    return SAELensWeights(architecture, {k: v.to(dtype).contiguous() for k, v in tensors.items()}, fields, c_L)
+
+
+# ---- reading a run ---------------------------------------------------------------------------
+
+
+def _resolve(path: Path) -> tuple[Path, Path | None]:
+    """(export folder, run folder or None) of a run folder or an export folder."""
+    if (path / "export" / EXPORT_CONFIG_NAME).is_file():
+        return path / "export", path
+    cfg_path = path / EXPORT_CONFIG_NAME
+    if cfg_path.is_file() and json.loads(cfg_path.read_text()).get("format") == EXPORT_FORMAT:
+        parent_cfg = path.parent / "config.json"
+        run = path.parent if parent_cfg.is_file() and "dictionary" in json.loads(parent_cfg.read_text()) else None
+        return path, run
+    raise FileNotFoundError(
+        f"{path} is neither a run folder with an export/ (train it to the end first: the export is written "
+        f"after the last step) nor an export folder ({EXPORT_CONFIG_NAME} of format {EXPORT_FORMAT!r})")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _cache_manifest(run_cfg: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """The training cache's manifest if it is still where the run found it, else {}: it holds the
+    context size, the excluded tokens and the dataset, which the run folder does not repeat."""
+    cache = run_cfg.get("cache") if isinstance(run_cfg.get("cache"), dict) else {}
+    for where in (cache.get("path"), meta.get("cache")):
+        if isinstance(where, str) and not where.startswith("hf://"):
+            manifest = _read_json(Path(where).expanduser() / "manifest.json")  # export/ writes ~/...
+            if manifest:
+                return manifest
+    return {}
+
+
+def _weights_sha256(export_dir: Path) -> str | None:
+    return _read_json(export_dir / EXPORT_CONFIG_NAME).get("weights_sha256")
+
+
+def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, context_size: int | None = None) -> Path:
+    """Write ``out_dir/{sae_weights.safetensors,cfg.json}`` from a run's raw-space export; return ``out_dir``.
+
+    ``run_or_export_dir``: a run folder (its ``export/`` is used) or an export folder.
+    ``context_size``: recorded as ``metadata.context_size``; by default the training cache's
+    (read from its manifest when the cache is still where the run found it, else left None).
+    Raises :class:`SAELensExportError` for dictionaries SAELens cannot hold (see the module doc).
+    Every string written goes through :func:`shared.redact.redact_machine`: no home path or user
+    name lands in ``cfg.json``.
+    """
+    src, out = Path(run_or_export_dir), Path(out_dir)
+    export_dir, run_dir = _resolve(src)
+    meta = load_metadata(export_dir)
+    if meta.get("space") == "normalized":
+        raise SAELensExportError(f"{export_dir} is the dictionary on normalized activations; export the raw-space "
+                                 "one in the run's export/ folder (normalization folded in)")
+    if out.resolve() in {export_dir.resolve(), *([run_dir.resolve()] if run_dir else [])}:
+        raise ValueError(f"--out {out} is the run or export folder itself; give a new folder")
+    model = load_dictionary(export_dir).eval()
+    sl = to_saelens(model)
+    cfg = model.cfg
+
+    run_cfg = _read_json(run_dir / "config.json") if run_dir else {}
+    manifest = _cache_manifest(run_cfg, meta)
+    model_name, hook_in = _slot_model_hook(cfg.slot_names[cfg.in_slots[0]])
+    hook_out = _slot_model_hook(cfg.slot_names[cfg.out_slots[0]])[1]
+    # Slot names may be written redacted (~/...) while the manifest keeps the folder: compare both so.
+    names = MachineNames.here()
+    man_model = next((m for m in manifest.get("models", []) if isinstance(m.get("name"), str)
+                      and redact_text(m["name"], names) == redact_text(model_name, names)), {})
+    if not man_model or hook_in not in manifest.get("hooks", []):
+        manifest, man_model = {}, {}  # the folder now holds another harvest: trust nothing in it
+    excluded = manifest.get("excluded_tokens", {})
+    dataset = str(manifest.get("dataset", {}).get("name") or "")
+    if context_size is None:
+        context_size = manifest.get("context_size")
+
+    metadata: dict[str, Any] = {
+        "sae_lens_version": SAELENS_VERSION,
+        "sae_lens_training_version": None,  # not trained by SAELens
+        "model_name": model_name,
+        "model_class_name": "HookedTransformer",
+        "model_from_pretrained_kwargs": {},
+        "hook_name": hook_in,
+        "hook_head_index": None,
+        "context_size": context_size,
+        "prepend_bos": True,  # harvested sequences start with BOS (its row is excluded, as below)
+        "exclude_special_tokens": excluded.get("token_ids", True) if excluded else True,
+        # SAELens hands dataset_path to datasets.load_dataset; our built-in corpora are not there.
+        "dataset_path": None if dataset.startswith("builtin:") else (dataset or None),
+        "training_architecture": {"relu": "standard"}.get(cfg.activation, cfg.activation),
+        "crosscache": {
+            "format": PROVENANCE_FORMAT,
+            "run": str(run_dir) if run_dir else None,
+            "export": str(export_dir),
+            "export_weights_sha256": _weights_sha256(export_dir),
+            "step": meta.get("step"),
+            "cache": meta.get("cache"),
+            "dataset": dataset or None,
+            "model_revision": man_model.get("revision"),
+            "arch": cfg.arch,
+            "activation": cfg.activation,
+            "k": cfg.k,
+            "topk_score": cfg.topk_score if cfg.activation in ("topk", "batchtopk") else None,
+            "skip": cfg.skip,
+            "normalization_folded": meta.get("normalization_folded"),
+            "latent_scale": ("SAELens latent = crosscache latent x c, c = sum of decoder norms in the normalized "
+                             "training space (the TopK score); folded into W_enc, b_enc, W_dec"
+                             if bool((sl.latent_scale_L != 1).any()) else "none: latents equal crosscache's"),
+            # Per-slot keys (eval/ev/<model>/<hook>) repeat eval/ev/overall for one output slot:
+            # keep the slot-free keys (eval/ev/overall, eval/l0/mean, ...: at most two "/").
+            "eval": {k: v for k, v in meta.get("eval", {}).items() if k.count("/") <= 2},
+        },
+    }
+    if cfg.arch == "directional":
+        metadata["hook_name_out"] = hook_out
+        metadata["hook_head_index_out"] = None
+    sae_cfg: dict[str, Any] = {
+        "architecture": sl.architecture,
+        "d_in": cfg.d_model,
+        "d_sae": cfg.n_latents,
+        **sl.cfg_fields,
+        "dtype": _DTYPE_NAMES[model.b_enc_L.dtype],
+        "device": "cpu",
+        "apply_b_dec_to_input": False,  # our encoder reads x, not x - b_dec
+        "normalize_activations": "none",  # the cache's normalization is folded into the weights
+        "reshape_activations": "none",
+        "metadata": metadata,
+    }
+    sae_cfg, _ = redact_machine(sae_cfg, names)
+
+    blob = safetensors_save(sl.tensors, metadata={"format": "pt", "crosscache": PROVENANCE_FORMAT})
+    sae_cfg["metadata"]["crosscache"]["weights_sha256"] = hashlib.sha256(blob).hexdigest()
+    text = json.dumps(sae_cfg, indent=2, allow_nan=False) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / SAELENS_WEIGHTS_NAME, blob)
+    atomic_write_bytes(out / SAELENS_CFG_NAME, text.encode())  # last: a folder with cfg.json is complete
+    fsync_dir(out)
+    return out
+
+
+def export_saelens_cli(argv: list[str]) -> int:
+    """``run_train.py export-saelens RUN_DIR --out DIR``: prints what it wrote; errors exit 2."""
+    parser = argparse.ArgumentParser(
+        prog="run_train.py export-saelens",
+        description="Convert a trained SAE or transcoder (its raw-space export/) to a SAELens folder "
+                    "(cfg.json + sae_weights.safetensors) for sae_lens's SAE.load_from_disk.")
+    parser.add_argument("run", help="run folder (the --out of run_train.py), or its export/ folder")
+    parser.add_argument("--out", required=True, help="folder to write cfg.json and sae_weights.safetensors into")
+    parser.add_argument("--context-size", type=int, default=None,
+                        help="metadata.context_size (default: the training cache's, from its manifest)")
+    args = parser.parse_args(argv)
+    try:
+        out = export_saelens(args.run, args.out, context_size=args.context_size)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    written = json.loads((out / SAELENS_CFG_NAME).read_text())
+    print(f"wrote SAELens {written['architecture']} ({written['d_in']} -> {written['d_sae']} latents) to {out}")
+    if written["metadata"].get("context_size") is None:
+        print("note: context_size unknown (the training cache was not found); pass --context-size")
+    return 0
