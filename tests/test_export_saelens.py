@@ -9,6 +9,7 @@ differs between latents and only folding it into the weights keeps SAELens's ran
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -209,6 +210,17 @@ def test_cli(runs, tmp_path, capsys):
                            "--context-size", "64"]) == 0
     assert "standard" in capsys.readouterr().out
     assert json.loads((tmp_path / "sl" / "cfg.json").read_text())["metadata"]["context_size"] == 64
+    # The cache moved away: the context size the run recorded is used.
+    moved = tmp_path / "moved"
+    shutil.copytree(runs["relu"], moved)
+    info = json.loads((moved / "config.json").read_text())
+    info["cache"]["path"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(info))
+    export_cfg = json.loads((moved / "export" / "config.json").read_text())
+    export_cfg["metadata"]["cache"] = str(tmp_path / "gone")
+    (moved / "export" / "config.json").write_text(json.dumps(export_cfg))
+    assert run_train.main(["export-saelens", str(moved), "--out", str(tmp_path / "sl2")]) == 0
+    assert json.loads((tmp_path / "sl2" / "cfg.json").read_text())["metadata"]["context_size"] == 33
     # errors: a refused dictionary, the normalized-space copy, a folder that is no run
     bad = _saved(tmp_path, "cc", **TWO_MODELS)
     for src in (bad, runs["relu"] / "dictionary", tmp_path):

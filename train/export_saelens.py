@@ -283,8 +283,9 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
         manifest, man_model = {}, {}  # the folder now holds another harvest: trust nothing in it
     excluded = manifest.get("excluded_tokens", {})
     dataset = str(manifest.get("dataset", {}).get("name") or "")
-    if context_size is None:
-        context_size = manifest.get("context_size")
+    if context_size is None:  # the cache's; runs record it too (since session 14), for a cache moved away
+        recorded = run_cfg.get("cache") if isinstance(run_cfg.get("cache"), dict) else {}
+        context_size = manifest.get("context_size", recorded.get("context_size"))
 
     metadata: dict[str, Any] = {
         "sae_lens_version": SAELENS_VERSION,

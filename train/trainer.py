@@ -193,7 +193,8 @@ class _Member:
             # holds for a cache with more models or hooks, or another order) and, for the same rows, the
             # same shards.
             "cache": {"path": str(cache.dir.resolve()), "spec": cfg.cache, "models": man.models, "hooks": man.hooks,
-                      "n_rows": man.n_rows, "dtype": man.dtype, "normalization": man.normalization["method"],
+                      "n_rows": man.n_rows, "dtype": man.dtype, "context_size": man.context_size,
+                      "normalization": man.normalization["method"],
                       "normalization_scale": man.normalization.get("scale"),
                       "normalization_sha256": man.normalization.get("sha256"),
                       "normalization_slots_sha256": _slots_normalization_sha256(cache, spec),
