@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -424,12 +426,23 @@ def test_context_dataset_and_output_errors(toy_dirs, tmp_path):
     assert _own_file(foreign / "README.md")
 
 
+@contextlib.contextmanager
+def _one_rank_torchrun(monkeypatch):
+    """The environment torchrun gives a one-process job (a free port), so harvest() runs distributed here."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with monkeypatch.context() as patch:
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(port)}.items():
+            patch.setenv(key, value)
+        yield
+
+
 def test_a_harvest_that_fails_before_its_first_manifest_leaves_nothing(toy_dirs, tmp_path, monkeypatch):
     """No folder a failed harvest created is left behind (empty, or with a token table it could
     never resume from); a folder the user made stays, emptied of what the harvest wrote. Under
     torchrun too (one rank, in this process)."""
-    import socket
-
     from harvest.harvester import _Forward
 
     empty = tmp_path / "empty.txt"
@@ -458,13 +471,7 @@ def test_a_harvest_that_fails_before_its_first_manifest_leaves_nothing(toy_dirs,
     assert mine.is_dir() and not list(mine.iterdir())
     assert harvest(small_harvest_config(mine, tokens=300)).complete  # usable as before
 
-    with socket.socket() as sock:  # a free port for the one-rank process group
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with monkeypatch.context() as patch:
-        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(port)}.items():
-            patch.setenv(key, value)
+    with _one_rank_torchrun(monkeypatch):
         fail_after_the_token_table(small_harvest_config(tmp_path / "dist"))
     assert not (tmp_path / "dist").exists()
 
@@ -474,8 +481,6 @@ def test_a_tokenizer_json_the_harvest_did_not_write_is_neither_overwritten_nor_d
     """A ``tokenizer.json`` alone in ``--out`` passes for a killed harvest's leftover: the harvest
     used to overwrite it, and delete it when the start failed. Another tokenizer's is refused and
     kept (under torchrun too); the harvest's own leftover (same bytes) is taken as it is."""
-    import socket
-
     from shared.cache_format import TOKENIZER_NAME
 
     out = tmp_path / "out"
@@ -486,13 +491,7 @@ def test_a_tokenizer_json_the_harvest_did_not_write_is_neither_overwritten_nor_d
         harvest(small_harvest_config(out))
     assert (out / TOKENIZER_NAME).read_bytes() == theirs and sorted(p.name for p in out.iterdir()) == [TOKENIZER_NAME]
 
-    with socket.socket() as sock:  # a free port for the one-rank process group
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with monkeypatch.context() as patch:
-        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(port)}.items():
-            patch.setenv(key, value)
+    with _one_rank_torchrun(monkeypatch):
         with pytest.raises(HarvestInputError, match="not this harvest's"):
             harvest(small_harvest_config(out))
     assert (out / TOKENIZER_NAME).read_bytes() == theirs
