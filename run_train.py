@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         ev = result.eval_metrics.get("eval/ev/overall")
         l0 = result.eval_metrics.get("eval/l0/mean")
         print(f"trained {result.steps} steps -> {result.run_dir}"
-              + (f" (eval: explained variance {ev:.3f}, L0 {l0:.1f})" if ev is not None else ""))
+              + (f" (eval: explained variance {'n/a' if ev is None else f'{ev:.3f}'}, L0 {l0:.1f})"
+                 if l0 is not None else ""))
         print(f"exported dictionary (raw activations): {result.run_dir / 'export'}")
     return 0
 

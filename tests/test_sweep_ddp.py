@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from shared.cache import open_cache
 from train.config import TrainConfig
 from train.export import load_dictionary
 from train.metrics import TIMING_KEYS, read_metrics
@@ -135,6 +136,54 @@ def test_sweep_members_checkpoint_on_their_own_schedules_and_stay_resumable(toy_
         assert _metrics(Path(m.out)) == _metrics(Path(r.out))
 
 
+def test_a_sweep_with_no_common_checkpoint_says_it_starts_again(toy_cache, tmp_path, monkeypatch, capsys):
+    """Killed before its members shared a checkpoint step, a sweep can only start again: it says so
+    (it used to, silently) and reproduces the uninterrupted result."""
+    import train.trainer as trainer
+    from train.checkpoint import checkpoint_steps
+
+    def sweep(root: Path) -> list[TrainConfig]:
+        base = _cfg(toy_cache, root, steps=30, log_every=10)
+        return [dataclasses.replace(base, out=str(root / "a"), checkpoint_every=10),
+                dataclasses.replace(base, out=str(root / "b"), checkpoint_every=25, latents=32)]
+
+    ref = sweep(tmp_path / "ref")
+    train_many(ref)
+    members = sweep(tmp_path / "run")
+    real_prune = trainer.prune_checkpoints
+
+    def prune_then_crash(run_dir, keep, protect=()):
+        real_prune(run_dir, keep, protect)
+        if Path(run_dir).name == "a" and checkpoint_steps(run_dir)[-1] == 20:
+            raise RuntimeError("simulated crash after a's step-20 checkpoint, before b's first")
+
+    monkeypatch.setattr(trainer, "prune_checkpoints", prune_then_crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_many(members)
+    monkeypatch.setattr(trainer, "prune_checkpoints", real_prune)
+    capsys.readouterr()
+    train_many(members)
+    err = capsys.readouterr().err
+    assert "no checkpoint step is held by every member" in err and "steps [10, 20]" in err and ": none" in err
+    for m, r in zip(members, ref):
+        assert _metrics(Path(m.out)) == _metrics(Path(r.out))
+
+
+def test_sweep_members_share_a_stream_when_defaults_resolve_alike(toy_cache, tmp_path):
+    """eval_shards left out in one member and given as its default in the other, or device auto and
+    the device it picks, is one stream: not refused as different (it was, comparing the flags as written)."""
+    from train.loader import default_eval_shards
+
+    n = default_eval_shards(open_cache(toy_cache).n_shards)
+    base = _cfg(toy_cache, tmp_path, steps=2, log_every=1)
+    cfgs = [dataclasses.replace(base, out=str(tmp_path / "a"), device="auto"),
+            dataclasses.replace(base, out=str(tmp_path / "b"), eval_shards=n, device="cpu")]
+    assert [r.steps for r in train_many(cfgs)] == [2, 2]
+    with pytest.raises(SweepError, match="eval_shards"):
+        train_many([dataclasses.replace(c, out=str(tmp_path / "x" / str(i)), eval_shards=i + 1)
+                    for i, c in enumerate(cfgs)])
+
+
 def test_sweep_bad_members_fail_before_training(toy_cache, tmp_path):
     base = _cfg(toy_cache, tmp_path / "s")
     with pytest.raises(SweepError, match="cannot share member 0's loader stream: batch_size: 128 vs 64"):
@@ -193,6 +242,30 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(toy_cach
     assert [r["step"] for r in lines] == list(range(1, 7))
     assert lines[-1]["tokens"] == 6 * 256
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-0000003", "step-0000006"]
+
+
+@pytest.mark.slow
+def test_ddp_matches_one_process_across_an_unevenly_split_epoch_tail(tmp_path):
+    """An epoch's last batch of 33 rows splits 17/16 over two ranks. Each rank's loss is a mean over
+    its own rows and DDP averages the ranks' gradients, so without weighing each rank by its share
+    the tail steps differed from one process (weights off by 1e-3 after two epochs)."""
+    from cache_factory import make_cache
+
+    cache = tmp_path / "cache"
+    make_cache(cache, n_shards=5, rows_per_shard=[256, 256, 256, 289, 256], n_models=1, d_model=16,
+               dtype=torch.float32)  # 1,057 training rows (the last shard is the eval split): 4 x 256 + 33
+    args = ["--cache", str(cache), "--activation", "relu", "--latents", "32", "--steps", "10", "--lr", "3e-3",
+            "--log-every", "1", "--checkpoint-every", "1000", "--device", "cpu", "--no-progress", "--eval-shards", "1"]
+    one = subprocess.run([sys.executable, str(ROOT / "run_train.py"), *args, "--out", str(tmp_path / "one"),
+                          "--batch-size", "256"], env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = _torchrun([*args, "--out", str(tmp_path / "two"), "--batch-size", "128"], 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert [r["tokens"] for r in read_metrics(tmp_path / "two") if "loss/total" in r][4] == 4 * 256 + 33
+    a, b = load_dictionary(tmp_path / "one" / "export"), load_dictionary(tmp_path / "two" / "export")
+    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(v, w, rtol=1e-4, atol=2e-6, msg=k)
 
 
 @pytest.mark.slow

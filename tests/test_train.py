@@ -133,6 +133,36 @@ def test_export_keeps_this_machines_home_folder_out(toy_cache, tmp_path, monkeyp
     load_dictionary(run / "export")  # the weights' checksum still matches
 
 
+def test_eval_metrics_are_pooled_over_rows_whatever_the_batch_sizes(toy_cache, tmp_path):
+    """Eval EV and L0 are those of all eval rows together: a short last batch (here one row, whose
+    own EV was -1e14) weighs what its rows weigh. Checked against a recomputation from the shards."""
+    from train.loader import default_eval_shards
+    from train.metrics import ReconStats, batch_metrics
+
+    cache = open_cache(toy_cache)
+    eval_ids = range(cache.n_shards - default_eval_shards(cache.n_shards), cache.n_shards)
+    rows = torch.cat([cache.shard(i).acts.float() for i in eval_ids]).flatten(1, 2)  # [N, X, D], normalized
+    run = tmp_path / "run"
+    result = train(_cfg(toy_cache, run, batch_size=rows.shape[0] - 1, steps=3, eval_batches=2))
+    model = load_dictionary(run / "dictionary").eval()
+    with torch.no_grad():
+        out = model(rows, inference=True)
+    err, var = (rows - out.recon_BXoD).pow(2).sum(), (rows - rows.mean(0)).pow(2).sum()
+    assert result.eval_metrics["eval/ev/overall"] == pytest.approx((1 - err / var).item(), abs=1e-4)
+    assert result.eval_metrics["eval/l0/mean"] == pytest.approx((out.latents_BL > 0).sum(1).float().mean().item(),
+                                                                abs=1e-3)
+    # The pieces: any split of the rows gives the figures of the whole; one row alone has no EV.
+    whole, parts = ReconStats(["a", "b"]), ReconStats(["a", "b"])
+    l0_N = (out.latents_BL > 0).sum(1)
+    whole.update(l0_N, rows, out.recon_BXoD)
+    for sl in (slice(0, 1), slice(1, 100), slice(100, None)):
+        parts.update(l0_N[sl], rows[sl], out.recon_BXoD[sl])
+    for key, value in whole.metrics().items():
+        assert parts.metrics()[key] == pytest.approx(value, rel=1e-9), key
+    one = batch_metrics(out.latents_BL[:1], rows[:1], out.recon_BXoD[:1], ["a", "b"])
+    assert one["ev/overall"] is None and one["ev/a"] is None and one["l0/mean"] > 0
+
+
 # ---- crash, signals, resume ------------------------------------------------------------------
 
 RESUME_ARGS = ["--activation", "batchtopk", "--k", "8", "--latents", "128", "--steps", "300", "--batch-size", "128",
@@ -302,9 +332,18 @@ def test_non_finite_loss_stops_with_a_checkpoint(tmp_path):
 
 
 def test_cli_config_file_and_wandb_offline(toy_cache, tmp_path):
+    """A config file with flags over it, and wandb (offline) logging neither the API key nor this
+    machine: no home folder (the cache is under it), host name or command line in what it would upload."""
+    import shutil
+    import socket
+
+    home = tmp_path / "home"
+    cache = home / "caches" / "toy"
+    shutil.copytree(toy_cache, cache)
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"cache: {toy_cache}\nlatents: 32\nsteps: 10\nbatch-size: 128\nlog_every: 5\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline", WANDB_API_KEY="secret-key-never-logged")
+    cfg.write_text(f"cache: {cache}\nlatents: 32\nsteps: 10\nbatch-size: 128\nlog_every: 5\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline", WANDB_API_KEY="secret-key-never-logged",
+               HOME=str(home))
     res = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--config", str(cfg), "--out", str(tmp_path / "r"),
                           "--steps", "8", "--wandb-project", "crosscache-test", "--no-progress"],
                          env=env, capture_output=True, text=True, timeout=600)
@@ -315,6 +354,14 @@ def test_cli_config_file_and_wandb_offline(toy_cache, tmp_path):
     for f in (tmp_path / "r").rglob("*"):
         if f.is_file() and f.stat().st_size < 5_000_000:
             assert b"secret-key-never-logged" not in f.read_bytes(), f
+    host = socket.gethostname().encode()
+    uploaded = [f for f in (tmp_path / "r" / "wandb").rglob("*") if f.is_file() and "logs" not in f.parts]
+    assert any(f.suffix == ".wandb" for f in uploaded)
+    for f in uploaded:
+        data = f.read_bytes()
+        assert str(home).encode() not in data and b"run_train.py" not in data, f
+        assert len(host) < 3 or host not in data, f
+    assert b"~/caches/toy" in next(f for f in uploaded if f.suffix == ".wandb").read_bytes()  # the config, redacted
     bad = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--cache", str(tmp_path / "nope")],
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr

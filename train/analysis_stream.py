@@ -13,14 +13,12 @@ from einops import rearrange
 
 from train.analysis_config import AnalysisConfig
 from train.analysis_run import DiffSpec, RunData, check_cache, run_slots
+from train.metrics import explained_variance
 
 __all__ = ["StreamStats", "meta_table", "stream_eval"]
 
 
 # ---- the streaming pass ----------------------------------------------------------------------------
-_VAR_FLOOR = 1e-6
-"""A variance below this fraction of the second moment is rounding (the batch sums are float32): no
-variance, so no explained variance."""
 
 
 class StreamStats:
@@ -62,18 +60,9 @@ class StreamStats:
         self._dec_LK: torch.Tensor | None = None
 
     def explained_variance(self) -> tuple[float | None, list[float | None]]:
-        """1 - FVU over the rows seen: overall, and per output slot (Xo order). None where it means nothing:
-        fewer than 2 rows, or a variance that is (up to rounding of the float32 batch sums) zero, where
-        1 - err / var would be any number (one row gives -1e14)."""
-        var_X = self.sq_X - self.sum_XD.pow(2).sum(-1) / max(self.rows, 1)
-        ok_X = var_X > _VAR_FLOOR * self.sq_X
-        if self.rows < 2:
-            ok_X[:] = False
-        per = [float(1 - e / v) if ok else None for e, v, ok in zip(self.err_X.tolist(), var_X.tolist(),
-                                                                   ok_X.tolist())]
-        var, sq = float(var_X.sum()), float(self.sq_X.sum())
-        overall = float(1 - self.err_X.sum() / var) if self.rows >= 2 and var > _VAR_FLOOR * sq else None
-        return overall, per
+        """1 - FVU over the rows seen: overall, and per output slot (Xo order); None where it means
+        nothing (see :func:`train.metrics.explained_variance`)."""
+        return explained_variance(self.err_X, self.sum_XD, self.sq_X, self.rows)
 
     @torch.no_grad()
     def update(self, model: Any, x_in_BXiD: torch.Tensor, x_out_BXoD: torch.Tensor, seq_B: torch.Tensor,

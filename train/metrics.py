@@ -15,37 +15,83 @@ from typing import Any
 
 import torch
 
-__all__ = ["batch_metrics", "batch_metrics_from_l0", "MetricsLogger", "plot_metrics", "TIMING_KEYS"]
+__all__ = ["batch_metrics", "explained_variance", "MetricsLogger", "ReconStats", "plot_metrics", "TIMING_KEYS", "VAR_FLOOR"]
 
 TIMING_KEYS = ("tokens_per_s", "elapsed_s")
 """Keys that depend on the machine's speed (everything else is reproducible on resume)."""
 
 
+VAR_FLOOR = 1e-6
+"""A variance below this fraction of the second moment is rounding (the sums are of float32 rows): no
+variance, so no explained variance."""
+
+
+def explained_variance(err_X: torch.Tensor, sum_XD: torch.Tensor, sq_X: torch.Tensor,
+                       rows: int) -> tuple[float | None, list[float | None]]:
+    """1 − FVU pooled over ``rows`` rows, overall and per output slot, from their sums: squared error
+    ``err_X``, ``sum_XD`` (Σx) and ``sq_X`` (Σ‖x‖²). None where it means nothing: fewer than 2 rows, or
+    a variance that is (up to rounding) zero, where 1 − err / var would be any number (one row gave −1e14)."""
+    err_X, sum_XD, sq_X = err_X.double(), sum_XD.double(), sq_X.double()
+    var_X = sq_X - sum_XD.pow(2).sum(-1) / max(rows, 1)
+    ok_X = (var_X > VAR_FLOOR * sq_X) & (rows >= 2)
+    per = [float(1 - e / v) if ok else None for e, v, ok in zip(err_X.tolist(), var_X.tolist(), ok_X.tolist())]
+    var, sq = float(var_X.sum()), float(sq_X.sum())
+    overall = float(1 - err_X.sum() / var) if rows >= 2 and var > VAR_FLOOR * sq else None
+    return overall, per
+
+
+class ReconStats:
+    """L0 and explained variance pooled over any number of batches (each row counts once, whatever
+    the size of its batch): running sums in float64, and every row's L0 for its percentiles."""
+
+    def __init__(self, slot_names: list[str]) -> None:
+        self.slot_names = slot_names
+        self.rows = 0
+        self.err_X: torch.Tensor | None = None
+        self.sum_XD: torch.Tensor | None = None
+        self.sq_X: torch.Tensor | None = None
+        self.recon = 0.0  # Σ over rows of the squared error summed over slots and dims
+        self.l0: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def update(self, l0_B: torch.Tensor, x_out_BXoD: torch.Tensor, recon_BXoD: torch.Tensor) -> None:
+        """Fold in a batch: each row's count of active latents, its targets and its reconstructions."""
+        x, r = x_out_BXoD.double(), recon_BXoD.double()
+        err_X, sum_XD, sq_X = (x - r).pow(2).sum(dim=(0, 2)), x.sum(0), x.pow(2).sum(dim=(0, 2))
+        if self.err_X is None:
+            self.err_X, self.sum_XD, self.sq_X = err_X, sum_XD, sq_X
+        else:
+            assert self.sum_XD is not None and self.sq_X is not None
+            self.err_X, self.sum_XD, self.sq_X = self.err_X + err_X, self.sum_XD + sum_XD, self.sq_X + sq_X
+        self.recon += float(err_X.sum())
+        self.rows += x.shape[0]
+        self.l0.append(l0_B.float())
+
+    def metrics(self) -> dict[str, float | None]:
+        """``l0/mean``, ``l0/p10|p50|p90``, ``ev/overall``, ``ev/<slot>`` (None where undefined), ``recon``
+        (mean squared error per row, summed over slots and dims)."""
+        if not self.rows:
+            return {}
+        assert self.err_X is not None and self.sum_XD is not None and self.sq_X is not None
+        l0_N = torch.cat(self.l0)
+        q = torch.quantile(l0_N, torch.tensor([0.1, 0.5, 0.9], device=l0_N.device)).tolist()
+        overall, per = explained_variance(self.err_X, self.sum_XD, self.sq_X, self.rows)
+        out: dict[str, float | None] = {"l0/mean": l0_N.mean().item(), "l0/p10": q[0], "l0/p50": q[1],
+                                        "l0/p90": q[2], "ev/overall": overall}
+        out.update({f"ev/{name}": ev for name, ev in zip(self.slot_names, per)})
+        out["recon"] = self.recon / self.rows
+        return out
+
+
 @torch.no_grad()
 def batch_metrics(latents_BL: torch.Tensor, x_out_BXoD: torch.Tensor, recon_BXoD: torch.Tensor,
-                  slot_names: list[str]) -> dict[str, float]:
-    """L0 statistics and explained variance (1 − FVU) of one batch, overall and per output slot."""
-    return batch_metrics_from_l0((latents_BL > 0).sum(dim=1), x_out_BXoD, recon_BXoD, slot_names)
-
-
-@torch.no_grad()
-def batch_metrics_from_l0(l0_B: torch.Tensor, x_out_BXoD: torch.Tensor, recon_BXoD: torch.Tensor,
-                          slot_names: list[str]) -> dict[str, float]:
-    """:func:`batch_metrics` from each row's count of active latents ``l0_B`` (the latents
-    themselves may have been computed, and dropped, a piece of the batch at a time)."""
-    l0_B = l0_B.float()
-    q = torch.quantile(l0_B, torch.tensor([0.1, 0.5, 0.9], device=l0_B.device))
-    x, r = x_out_BXoD.float(), recon_BXoD.float()
-    err_X = (x - r).pow(2).sum(dim=(0, 2))
-    var_X = (x - x.mean(dim=0, keepdim=True)).pow(2).sum(dim=(0, 2))
-    out = {
-        "l0/mean": l0_B.mean().item(),
-        "l0/p10": q[0].item(), "l0/p50": q[1].item(), "l0/p90": q[2].item(),
-        "ev/overall": (1 - err_X.sum() / var_X.sum().clamp_min(1e-12)).item(),
-    }
-    ev_X = 1 - err_X / var_X.clamp_min(1e-12)
-    for name, ev in zip(slot_names, ev_X.tolist()):
-        out[f"ev/{name}"] = ev
+                  slot_names: list[str]) -> dict[str, float | None]:
+    """L0 statistics and explained variance (1 − FVU) of one batch, overall and per output slot
+    (None for a batch of one row, or of rows without variance)."""
+    stats = ReconStats(slot_names)
+    stats.update((latents_BL > 0).sum(dim=1), x_out_BXoD, recon_BXoD)
+    out = stats.metrics()
+    del out["recon"]
     return out
 
 
@@ -68,8 +114,12 @@ class MetricsLogger:
             import wandb
 
             # The API key, if any, comes from the environment (WANDB_API_KEY); nothing here logs it.
+            # wandb's own metadata (host name, command line, program and Python paths, git remote and
+            # commit, a copy of the code) would name this machine and its user: off. System metrics stay.
+            private = wandb.Settings(x_disable_meta=True, x_disable_machine_info=True, disable_git=True,
+                                     disable_code=True, save_code=False)
             self._wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=str(run_dir), config=config,
-                                     name=run_dir.name, resume="allow", id=_wandb_id(run_dir))
+                                     name=run_dir.name, resume="allow", id=_wandb_id(run_dir), settings=private)
 
     def log(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:

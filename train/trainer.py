@@ -38,6 +38,7 @@ from shared.cache_format import CacheError
 from shared.config import config_to_json
 from shared.devices import resolve_device
 from shared.folder_lock import FolderBusyError, FolderLock, FolderLockError
+from shared.redact import redact_machine
 from shared.shard_io import atomic_write_bytes, discard_temporaries
 from train.checkpoint import (
     CHECKPOINT_DIR,
@@ -54,7 +55,7 @@ from train.distributed import DistContext
 from train.export import fold_normalization, save_dictionary
 from train.loader import ActivationLoader, default_eval_shards
 from train.losses import loss_terms
-from train.metrics import MetricsLogger, batch_metrics, batch_metrics_from_l0, plot_metrics, read_metrics
+from train.metrics import MetricsLogger, ReconStats, batch_metrics, plot_metrics, read_metrics
 from train.run_dir import RunMismatchError, check_run_dir
 from train.slots import SlotSpec, resolve_slots
 
@@ -271,6 +272,11 @@ def _resume(members: list[_Member], device: torch.device,
     :class:`CheckpointError` when no intact common step is left."""
     resumable = [set(checkpoint_steps(m.run_dir)) if m.resuming else set() for m in members]
     common = sorted(set.intersection(*resumable) if all(resumable) else set(), reverse=True)
+    if not common and any(resumable) and dist.is_main:  # a sweep resumes only at a step all its members saved
+        held = "; ".join(f"{m.run_dir}: {f'steps {sorted(r)}' if r else 'none'}" for m, r in zip(members, resumable))
+        print(f"warning: no checkpoint step is held by every member of this sweep ({held}), so it starts again "
+              "from step 0 (and reproduces the same result). Members added to a sweep, or killed before their "
+              "first common checkpoint, do this; a shared --checkpoint-every gives common steps", file=sys.stderr)
     damaged: list[str] = []
     for step in common:
         try:
@@ -304,13 +310,22 @@ def train(cfg: TrainConfig) -> TrainResult:
     return train_many([cfg])[0]
 
 
-def _check_sweep(cfgs: list[TrainConfig]) -> None:
-    if not cfgs:
-        raise SweepError("a sweep needs at least one member")
+def _stream_value(cfg: TrainConfig, field: str, n_shards: int) -> Any:
+    """``cfg``'s value of a stream field with its default resolved: members leaving ``eval_shards``
+    out and giving its default, or ``device: auto`` and the device it picks, share one stream."""
+    if field == "eval_shards" and cfg.eval_shards is None:
+        return default_eval_shards(n_shards)
+    if field == "device":
+        return str(resolve_device(cfg.device))
+    return getattr(cfg, field)
+
+
+def _check_sweep(cfgs: list[TrainConfig], n_shards: int) -> None:
+    """Refuse a sweep whose members cannot share one loader stream (``n_shards``: the cache's)."""
     first = cfgs[0]
     for i, c in enumerate(cfgs[1:], 1):
         diffs = [f"{f}: {getattr(first, f)!r} vs {getattr(c, f)!r}" for f in STREAM_FIELDS
-                 if getattr(first, f) != getattr(c, f)]
+                 if _stream_value(first, f, n_shards) != _stream_value(c, f, n_shards)]
         if diffs:
             raise SweepError(f"sweep member {i} ({c.out}) cannot share member 0's loader stream: "
                              f"{'; '.join(diffs)}. Members must share {', '.join(STREAM_FIELDS)}")
@@ -331,9 +346,13 @@ def train_many(cfgs: list[TrainConfig]) -> list[TrainResult]:
     newest common checkpoint. Raises :class:`NonFiniteLossError` when a loss term or a gradient
     norm becomes NaN/inf (with ``--grad-clip 0`` too), after saving the state before that step.
     """
-    _check_sweep(cfgs)
+    if not cfgs:
+        raise SweepError("a sweep needs at least one member")
     first = cfgs[0]
+    if len({(c.cache, c.max_shards) for c in cfgs}) > 1:  # before opening member 0's cache for the rest
+        _check_sweep(cfgs, 1)
     cache = open_cache(first.cache, max_shards=first.max_shards)
+    _check_sweep(cfgs, cache.n_shards)
     device = resolve_device(first.device)
     dist = DistContext.from_env(device, first.dist_timeout)
     device = dist.device_for(device)
@@ -421,7 +440,8 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
                 m.calibrate_jumprelu(cache, union, models, hooks, device)
     for m in members:
         m.logger = MetricsLogger(m.run_dir, resume_step=step, wandb_project=m.cfg.wandb_project,
-                                 wandb_mode=m.cfg.wandb_mode, config=m.run_info, enabled=dist.is_main)
+                                 wandb_mode=m.cfg.wandb_mode, config=redact_machine(m.run_info)[0],
+                                 enabled=dist.is_main)
 
     stop: dict[str, int] = {}
 
@@ -490,9 +510,13 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
             # Every member's gradients are checked before any member steps, so a stop leaves all of
             # them at the state before this step. An inf norm would otherwise be clipped to a zero
             # gradient (a silent no-op step) and a NaN one would poison the weights.
+            # Every term is a mean over this rank's rows, and DDP averages the ranks' gradients: right when
+            # the ranks hold equal rows. An epoch's last batch may split unevenly (17 and 16 rows): weigh
+            # each rank by its share, so the step is the one batch of all ranks' rows gives.
+            share = x_BXD.shape[0] * dist.world_size / batch_tokens
             grad_norms = []
             for m, out, terms, *_ in outs:
-                terms["total"].backward()  # DDP averages gradients over ranks here
+                (terms["total"] * share if share != 1 else terms["total"]).backward()  # DDP averages here
                 # The norm before clipping; max_norm inf (--grad-clip 0) leaves the gradients untouched.
                 grad_norms.append(torch.nn.utils.clip_grad_norm_(m.model.parameters(), m.cfg.grad_clip or math.inf))
             bad_grads = dist.any(~torch.isfinite(torch.stack(grad_norms)))  # outs holds every member here
@@ -525,8 +549,10 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
             bar.update(1)
             if len(members) == 1 and members[0].last:
                 last = members[0].last
+                ev = last["ev/overall"]  # None for a batch with nothing to explain (one row)
                 bar.set_postfix_str(f"loss {last['loss/total']:.3g} L0 {last['l0/mean']:.1f} "
-                                    f"EV {last['ev/overall']:.3f} {last['tokens_per_s']:,.0f} tok/s", refresh=False)
+                                    f"EV {'n/a' if ev is None else f'{ev:.3f}'} {last['tokens_per_s']:,.0f} tok/s",
+                                    refresh=False)
             for m in members:
                 if m.cfg.eval_every and step % m.cfg.eval_every == 0 and step < first.steps and dist.is_main:
                     m.logger.log({"step": step, **evaluate(m, cache, models, hooks, device)})
@@ -598,8 +624,9 @@ def evaluate(m: _Member, cache: Cache, models: list[str], hooks: list[str], devi
         return {}
     loader = ActivationLoader(cache, _held_out_batch(cache, m.cfg, m.dist), models=models, hooks=hooks, split="eval",
                               seed=m.cfg.seed, eval_shards=m.cfg.eval_shards, device=device)
-    sums: dict[str, float] = {}
-    n = 0
+    # Pooled over every eval row (not a mean of per-batch figures, which a short last batch skews:
+    # a 1-row batch gave an EV of -1e14).
+    stats = ReconStats(m.out_names)
     model = m.model
     was_training = model.training
     model.eval()
@@ -610,20 +637,12 @@ def evaluate(m: _Member, cache: Cache, models: list[str], hooks: list[str], devi
         x_in, x_out = x_BXD.index_select(1, m.in_idx), x_BXD.index_select(1, m.out_idx)
         # Inference is per row: a forward per rank-sized piece scores the global batch without
         # holding N ranks' latents at once on rank 0.
-        l0_parts, recon_parts = [], []
-        for piece_BXiD in x_in.split(m.cfg.batch_size):
+        for piece_BXiD, target_BXoD in zip(x_in.split(m.cfg.batch_size), x_out.split(m.cfg.batch_size)):
             out = model(piece_BXiD, inference=True)
-            l0_parts.append((out.latents_BL > 0).sum(dim=1))
-            recon_parts.append(out.recon_BXoD)
+            stats.update((out.latents_BL > 0).sum(dim=1), target_BXoD, out.recon_BXoD)
             del out  # its latents: one piece's at a time
-        l0_B, recon_BXoD = torch.cat(l0_parts), torch.cat(recon_parts)
-        mets = batch_metrics_from_l0(l0_B, x_out, recon_BXoD, m.out_names)
-        mets["recon"] = (x_out - recon_BXoD).pow(2).sum(dim=(1, 2)).mean().item()
-        for k, v in mets.items():
-            sums[k] = sums.get(k, 0.0) + v
-        n += 1
     model.train(was_training)
-    return {f"eval/{k}": v / n for k, v in sums.items()} if n else {}
+    return {f"eval/{k}": v for k, v in stats.metrics().items()}
 
 
 def export(m: _Member, cache: Cache, step: int, eval_metrics: dict[str, Any]) -> None:
