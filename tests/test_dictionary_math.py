@@ -386,6 +386,30 @@ def test_save_load_tied_model_and_corruption(tmp_path) -> None:
         load_dictionary(tmp_path / "missing")
 
 
+def test_loaded_dictionary_is_in_eval_mode_and_encodes_each_row_by_the_threshold(tmp_path) -> None:
+    """A BatchTopK export used to load in train mode with ``inference=False`` by default, so
+    ``encode(one_row)`` applied the batch rule (exactly k latents) instead of the learned threshold."""
+    cfg = make_cfg("crosscoder", "batchtopk", n_latents=64, d=16, k=4)
+    model = make(cfg)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        model.update_inference_state(model(torch.randn(256, 4, 16, generator=gen)))
+    save_dictionary(tmp_path / "d", model, {})
+    loaded = load_dictionary(tmp_path / "d")
+    assert not loaded.training
+    rows = torch.randn(32, 1, 4, 16, generator=gen)
+    by_threshold = [loaded.encode(r, inference=True) for r in rows]
+    assert all(torch.equal(loaded.encode(r), want) for r, want in zip(rows, by_threshold))
+    assert all(torch.equal(loaded(r).latents_BL, want) for r, want in zip(rows, by_threshold))
+    # The batch rule differs on some rows (else this test would prove nothing) and is train mode's default,
+    # which the trainer's step relies on (it also reports the smallest kept score then).
+    assert any(int((w != 0).sum()) != cfg.k for w in by_threshold)
+    loaded.train()
+    assert all(torch.equal(loaded.encode(r), loaded.encode(r, inference=False)) for r in rows)
+    assert loaded(rows[0]).min_kept_score is not None and loaded.eval()(rows[0]).min_kept_score is None
+    assert not fold_normalization(loaded, SlotNorm.identity(4, 16), SlotNorm.identity(4, 16)).training
+
+
 def test_slot_norm_identity_is_a_no_op_and_rng_untouched() -> None:
     cfg = make_cfg("directional", "relu", skip=True)
     model = make(cfg)
@@ -421,6 +445,24 @@ def test_config_validation_names_the_field(overrides: dict, field: str) -> None:
                   out_slots=[0, 1, 2, 3], slot_names=NAMES4)
     kwargs.update(overrides)
     with pytest.raises(ValueError, match=rf"DictionaryConfig\.{field}\b"):
+        DictionaryConfig(**kwargs)
+
+
+def _real_fields() -> list[str]:
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(DictionaryConfig)
+    return [f.name for f in dataclasses.fields(DictionaryConfig) if "float" in str(hints[f.name])]
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("field", _real_fields())
+def test_config_refuses_non_finite_numbers_naming_the_field(field: str, value: float) -> None:
+    """``x > 0`` holds for inf: dec_init_norm, tanh_c and jumprelu_bandwidth passed and broke the loss at step 0."""
+    kwargs = dict(arch="crosscoder", activation="jumprelu", d_model=8, n_latents=12, in_slots=[0, 1, 2, 3],
+                  out_slots=[0, 1, 2, 3], slot_names=NAMES4, **{field: value})
+    with pytest.raises(ValueError, match=rf"DictionaryConfig\.{field}: must be a finite number, got"):
         DictionaryConfig(**kwargs)
 
 

@@ -285,3 +285,125 @@ def test_global_batch_rows_is_the_sum_over_ranks(caches, world):
         spans = [ld._batch_range(j) for ld in ranks]
         assert ranks[0].global_batch_rows(j) == sum(b - a for a, b in spans)
     assert ranks[0].global_batch_rows(ranks[0].batches_per_epoch - 1) < 100 * world  # 768 rows: a short tail
+
+
+# ---- 7. sweep member names stay under --out -------------------------------------------------------
+
+
+def _sweep(tmp_path: Path, text: str, **base_kw) -> list[TrainConfig]:
+    from train.sweep import expand_sweep
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    return expand_sweep(path, _cfg(tmp_path / "cache", tmp_path / "out", **base_kw))
+
+
+@pytest.mark.parametrize("members", ["[{name: 1, lr: 1.0e-3}, {name: 2}]", "[{name: /tmp/elsewhere}]",
+                                     "[{name: ../sibling}]", "[{name: a/b}]", "[{name: ..}]", "[{name: '.'}]",
+                                     "[{name: ''}]", "[{name: [a]}]"])
+def test_sweep_member_names_must_be_plain_folder_names(tmp_path, members):
+    """`name: 1` crashed with a TypeError; an absolute path or `..` trained the member outside --out."""
+    with pytest.raises(ValueError, match=r"sweep file .*: member name .* must be a plain folder name under --out"):
+        _sweep(tmp_path, f"members: {members}\n")
+
+
+def test_sweep_generated_and_quoted_names_stay_under_out(tmp_path):
+    text = "grid: {models: [[x/y], [z]]}\nmembers: [{}, {name: '1'}]\n"  # a '/' in a value: sanitised
+    outs = [Path(c.out) for c in _sweep(tmp_path, text)]
+    assert [p.name for p in outs] == ["models-x-y", "models-z", "1_models-x-y", "1_models-z"]
+    assert all(p.parent == tmp_path / "out" for p in outs)
+
+
+# ---- 8. non-finite hyperparameters, and a λ topk would ignore ---------------------------------------
+
+
+def _float_fields() -> list[str]:
+    import typing
+
+    hints = typing.get_type_hints(TrainConfig)
+    return [f.name for f in dataclasses.fields(TrainConfig) if "float" in str(hints[f.name])]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+@pytest.mark.parametrize("name", _float_fields())
+def test_non_finite_float_fields_are_refused_naming_the_flag(tmp_path, name, value):
+    """`--dec-init-norm inf`, `--tanh-c inf` and `--jumprelu-bandwidth inf` once passed and failed at step 0
+    with advice to lower --lr, leaving a checkpoint that refused the corrected command."""
+    given = (value, 0.999) if name == "betas" else value
+    flag = name.replace("_", "-")
+    with pytest.raises(ValueError, match=rf"^{name} \(--{flag}\) must be a finite number, got"):
+        _cfg(tmp_path / "cache", tmp_path / "run", activation="jumprelu", **{name: given})
+
+
+def test_cli_refuses_an_infinite_hyperparameter_before_writing(caches, tmp_path):
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--cache", str(caches["base"]), "--out", str(run),
+                          "--latents", "16", "--steps", "5", "--batch-size", "64", "--activation", "jumprelu",
+                          "--tanh-c", "inf", "--device", "cpu", "--no-progress"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "error: tanh_c (--tanh-c) must be a finite number, got inf" in res.stderr
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_an_explicit_sparsity_coeff_is_refused_for_topk(tmp_path, activation):
+    """topk/batchtopk have no sparsity loss: a given λ was logged in metrics.jsonl but never applied."""
+    with pytest.raises(ValueError, match=rf"--sparsity-coeff is only used by relu/jumprelu, not --activation "
+                                         rf"{activation} \(--k sets its sparsity\)"):
+        _cfg(tmp_path / "cache", tmp_path / "run", activation=activation, k=4, sparsity_coeff=5.0)
+    assert _cfg(tmp_path / "cache", tmp_path / "run", activation=activation, k=4).resolved_sparsity_coeff == 0.0
+
+
+def test_a_sweep_sharing_a_sparsity_coeff_names_the_topk_member(tmp_path):
+    text = "members: [{}, {activation: topk, k: 4}]\n"
+    with pytest.raises(ValueError, match=r"^sweep member 'activation-topk_k-4': --sparsity-coeff is only used by "
+                                         r"relu/jumprelu.*set sparsity_coeff: null in it"):
+        _sweep(tmp_path, text, sparsity_coeff=3.0)
+    relu, topk = _sweep(tmp_path, "members: [{}, {activation: topk, k: 4, sparsity_coeff: null}]\n",
+                        sparsity_coeff=3.0)
+    assert (relu.resolved_sparsity_coeff, topk.resolved_sparsity_coeff) == (3.0, 0.0)
+
+
+# ---- 9. a resume on another cache --------------------------------------------------------------------
+
+
+def test_resume_on_another_cache_with_the_same_slots_is_refused_and_a_moved_cache_resumes(caches, tmp_path):
+    """Same slots, other rows: refused by the run folder check (naming both caches), not by the loader's
+    'different stream' message. The same shards under another path are the same cache."""
+    import shutil
+
+    from shared.cache_format import Manifest
+    from train.run_dir import check_run_dir
+
+    other = tmp_path / "reharvest"
+    make_cache(other, n_models=1, model_names=["toy-base"], seed=1)
+    run = tmp_path / "run"
+    train(_cfg(caches["base"], run, steps=6, checkpoint_every=3))
+    (run / "export" / "config.json").unlink()  # not finished: the next call resumes
+    with pytest.raises(RunMismatchError, match=rf"--out {run} was trained on another cache: {caches['base']} .*"
+                                               rf"but --cache {other} is .*Re-run with the original --cache to "
+                                               r"resume, or choose another --out"):
+        train(_cfg(other, run, steps=6, checkpoint_every=3))
+    moved = tmp_path / "moved"
+    shutil.copytree(caches["base"], moved)
+    assert train(_cfg(moved, run, steps=6, checkpoint_every=3)).steps == 6
+
+    # A run recorded before the cache's shards were: the check is skipped (the loader still compares).
+    man = Manifest.load(other)
+    spec = resolve_slots(man, arch="crosscoder", models=None, hooks=None, in_hooks=None, out_hooks=None)
+    info = json.loads((run / "config.json").read_text())
+    del info["cache"]["shards_sha256"]
+    (run / "config.json").write_text(json.dumps(info))
+    assert check_run_dir(_cfg(other, run, steps=6, checkpoint_every=3), run, man.d_model, spec, len(man.shards), other)
+    # A topk run recorded with a λ (refused now, and never acting) resumes with the command without it.
+    info["config"].update(activation="topk", k=4, sparsity_coeff=5.0)
+    (run / "config.json").write_text(json.dumps(info))
+    assert check_run_dir(_cfg(other, run, steps=6, checkpoint_every=3, activation="topk", k=4), run, man.d_model,
+                         spec, len(man.shards), other)
+    # A run whose recorded config is refused now (an inf) is named, not a bare ValueError about it.
+    info["config"].update(activation="relu", k=None, sparsity_coeff=None, tanh_c=float("inf"))
+    (run / "config.json").write_text(json.dumps(info))
+    with pytest.raises(RunMismatchError, match=r"holds a run whose config is no longer accepted \(tanh_c"):
+        check_run_dir(_cfg(other, run, steps=6, checkpoint_every=3), run, man.d_model, spec, len(man.shards), other)

@@ -7,7 +7,7 @@ loads them from a file. Defaults train a ReLU/L1 model-diffing crosscoder on the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from shared.config import config_to_json, field_help, coerce_field_types
@@ -60,7 +60,8 @@ class TrainConfig:
     warmup_frac: float = field_help("Linear LR warm-up over this fraction of steps (5%: crosscode).", default=0.05)
     decay_frac: float = field_help("Linear LR decay to 0 over this final fraction of steps (20%).", default=0.2)
     sparsity_coeff: float | None = field_help(
-        "λ of the sparsity loss (default per activation: relu 2.0, jumprelu 0.5, topk/batchtopk 0).", default=None)
+        "λ of the sparsity loss (default per activation: relu 2.0, jumprelu 0.5); not for topk/batchtopk (--k).",
+        default=None)
     sparsity_warmup_frac: float = field_help("λ ramps linearly from 0 over this fraction of steps (5%).",
                                              default=0.05)
     pre_act_coeff: float = field_help("λ_p of the JumpReLU pre-activation loss (Jan 2025 update: 3e-6).",
@@ -101,11 +102,21 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         coerce_field_types(self)
+        # Every float field, before the range checks: `x > 0` holds for inf, and a NaN or inf
+        # hyperparameter otherwise reaches the loss and stops the run at step 0 with a misleading
+        # "lower --lr" (after writing a checkpoint that then refuses the corrected command).
+        for f in fields(self):
+            value = getattr(self, f.name)
+            for v in value if isinstance(value, tuple) else (value,):
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ValueError(f"{f.name} (--{f.name.replace('_', '-')}) must be a finite number, got {value}")
         for name in ("steps", "batch_size", "latents", "log_every", "checkpoint_every", "keep_checkpoints", "window",
                      "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "dist_timeout"):  # a step of 0; a collective that gives up at once
+        # 0 would be a step of 0, a collective that gives up at once, a tanh penalty of 0 and a
+        # JumpReLU straight-through window of width 0 (DictionaryConfig refuses the last two too).
+        for name in ("lr", "dist_timeout", "tanh_c", "jumprelu_bandwidth"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
@@ -119,6 +130,8 @@ class TrainConfig:
                 raise ValueError(f"{name} is a fraction of the steps: it must lie in [0, 1], got {getattr(self, name)}")
         if self.sparsity_coeff is not None and not (self.sparsity_coeff >= 0 and math.isfinite(self.sparsity_coeff)):
             raise ValueError(f"sparsity_coeff must be a finite number >= 0, got {self.sparsity_coeff}")
+        if self.dec_init_norm is not None and not self.dec_init_norm > 0:
+            raise ValueError(f"dec_init_norm must be a finite number > 0, got {self.dec_init_norm}")
         if self.warmup_frac + self.decay_frac > 1:
             raise ValueError(f"warmup_frac + decay_frac must be <= 1, got {self.warmup_frac} + {self.decay_frac}")
         if not all(0 <= b < 1 for b in self.betas):
@@ -128,6 +141,10 @@ class TrainConfig:
                 raise ValueError(f"--activation {self.activation} needs --k (active latents per token)")
             if not 0 < self.k < self.latents:
                 raise ValueError(f"k must be in [1, latents={self.latents}), got k={self.k}")
+            # No sparsity loss for them (k sets the sparsity): a given λ would be logged but ignored.
+            if self.sparsity_coeff is not None:
+                raise ValueError(f"--sparsity-coeff is only used by relu/jumprelu, not --activation {self.activation} "
+                                 f"(--k sets its sparsity); leave it out, got {self.sparsity_coeff}")
         elif self.k is not None:
             raise ValueError(f"--k is only used by topk/batchtopk, not --activation {self.activation}")
         if self.arch == "crosscoder" and (self.in_hooks or self.out_hooks):

@@ -25,7 +25,8 @@ expanded by index, so the models' copies are one tensor) and sparsity weight
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -125,6 +126,12 @@ class DictionaryConfig:
                 raise bad("k", f"must be an int in [1, n_latents={self.n_latents}), got {self.k!r}")
         elif self.k is not None:
             raise bad("k", f"is only used by topk/batchtopk, not activation={self.activation!r}; leave it None")
+        # Every real-valued field is finite: `x > 0` and `x >= 0` hold for inf (and NaN slips past
+        # `x < 0`), and a non-finite hyperparameter only shows up as a non-finite loss at step 0.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value):
+                raise bad(f.name, f"must be a finite number, got {value!r}")
         for name in ("shared_sparsity_ratio", "pre_act_coeff", "aux_k_coeff"):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)!r}")
@@ -342,9 +349,21 @@ class Dictionary(nn.Module):
                 return acts_BL * keep_BL, kept_BL.min()
         raise AssertionError(cfg.activation)
 
-    def encode(self, x_in_BXiD: torch.Tensor, *, inference: bool = False) -> torch.Tensor:
-        """Latents [B, L] of input slots [B, Xi, D]. ``inference``: batchtopk uses its threshold."""
-        return self._activate(self.pre_activations(x_in_BXiD), inference)[0]
+    def _inference(self, inference: bool | None) -> bool:
+        # The module's mode decides by default, so an exported model (load_dictionary returns it in
+        # eval mode) encodes each row on its own, while the trainer's train-mode forward keeps the
+        # batch rule BatchTopK is trained with.
+        return not self.training if inference is None else inference
+
+    def encode(self, x_in_BXiD: torch.Tensor, *, inference: bool | None = None) -> torch.Tensor:
+        """Latents [B, L] of input slots [B, Xi, D].
+
+        ``inference`` (only batchtopk depends on it): True keeps a latent where its score exceeds
+        the learned threshold, per row (the exported model's rule); False keeps the top ``k·B``
+        scores of the batch (the training rule: a single row gets exactly ``k``). None (default):
+        ``not self.training``, i.e. the threshold rule after ``.eval()``, as :func:`load_dictionary` returns.
+        """
+        return self._activate(self.pre_activations(x_in_BXiD), self._inference(inference))[0]
 
     def decode(self, latents_BL: torch.Tensor, x_in_BXiD: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruction [B, Xo, D] of latents [B, L] (a skip also needs ``x_in_BXiD``)."""
@@ -359,9 +378,12 @@ class Dictionary(nn.Module):
                 recon_BXoD = recon_BXoD + einsum(x_in_BXiD, self.W_skip_XiDXoD, "b xi d, xi d xo e -> b xo e")
         return recon_BXoD
 
-    def forward(self, x_in_BXiD: torch.Tensor, *, inference: bool = False) -> DictOutput:
+    def forward(self, x_in_BXiD: torch.Tensor, *, inference: bool | None = None) -> DictOutput:
+        """Encode and decode input slots [B, Xi, D]. ``inference`` as in :meth:`encode` (default:
+        ``not self.training``); the trainer's step runs in train mode, so batchtopk gets the batch
+        rule and ``min_kept_score`` for :meth:`update_inference_state`."""
         pre_BL = self.pre_activations(x_in_BXiD)
-        latents_BL, min_kept = self._activate(pre_BL, inference)
+        latents_BL, min_kept = self._activate(pre_BL, self._inference(inference))
         return DictOutput(latents_BL, pre_BL, self.decode(latents_BL, x_in_BXiD), min_kept)
 
     # ---- state the trainer drives --------------------------------------------------------------

@@ -95,7 +95,8 @@ def fold_normalization(
 
     ``norm_in`` / ``norm_out``: :class:`SlotNorm` of the input / output slots, or the cache's
     :class:`~shared.normalization.Normalization` (``cache.normalization()``), from which the
-    in/out slots' factors are picked by ``model.cfg.in_slots`` / ``out_slots``.
+    in/out slots' factors are picked by ``model.cfg.in_slots`` / ``out_slots``. The result is in
+    ``model``'s train/eval mode.
     """
     cfg = model.cfg
     ref = model.b_enc_L
@@ -142,7 +143,7 @@ def fold_normalization(
         w_new = folded.decoder_norms().sum(-1).to(torch.float64)
         ratio = torch.where(w_new > 0, w_old / w_new.clamp_min(1e-300), torch.ones_like(w_new))
         put("score_scale_L", model.score_scale_L.to(torch.float64) * ratio)
-    return folded
+    return folded.train(model.training)  # the same mode, so the default inference rule is the same too
 
 
 def _sha256(data: bytes) -> str:
@@ -191,7 +192,11 @@ def load_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def load_dictionary(path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
-    """Rebuild a dictionary saved by :func:`save_dictionary` (safetensors only, never pickle)."""
+    """Rebuild a dictionary saved by :func:`save_dictionary` (safetensors only, never pickle).
+
+    Returned in eval mode: ``encode``/``forward`` then default to the inference rule (batchtopk:
+    the learned per-row threshold, not the top k·B of the batch). Call ``.train()`` to train it on.
+    """
     path = Path(path)
     data = _read_config(path)
     weights = path / WEIGHTS_NAME
@@ -211,4 +216,4 @@ def load_dictionary(path: str | Path, device: str | torch.device = "cpu") -> Dic
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{weights}: tensors do not fit the config in {CONFIG_NAME}: {e}") from e
-    return model.to(device)
+    return model.to(device).eval()

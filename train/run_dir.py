@@ -12,6 +12,7 @@ import json
 import re
 from pathlib import Path
 
+from shared.cache_format import Manifest
 from shared.folder_lock import LOCK_NAME
 from shared.shard_io import is_temporary
 from train.checkpoint import checkpoint_steps
@@ -70,16 +71,38 @@ def _check_same_hub_commit(spec: str, saved_path: str | None, cache_dir: Path | 
         )
 
 
+def _check_same_cache(saved_cache: dict, cache_dir: Path | None, shards_sha256: str | None, run_dir: Path,
+                      spec: str) -> None:
+    """Refuse another cache's rows: the run's loader position and its learned dictionary describe the
+    shards it was trained on. Compared by content (the shards' digests), not by path, so a cache that
+    was moved or copied resumes. Runs from before ``shards_sha256`` was recorded are not checked here."""
+    then = saved_cache.get("shards_sha256")
+    if not then:
+        return
+    if shards_sha256 is None:
+        if cache_dir is None:
+            return
+        shards_sha256 = Manifest.load(cache_dir).shards_fingerprint  # the manifest open_cache read
+    if shards_sha256 != then:
+        now = str(cache_dir.resolve()) if cache_dir is not None else spec
+        raise RunMismatchError(
+            f"--out {run_dir} was trained on another cache: {saved_cache.get('path') or saved_cache.get('spec')} "
+            f"(shards {then[:12]}), but --cache {spec} is {now} (shards {shards_sha256[:12]}). Re-run with the "
+            "original --cache to resume, or choose another --out")
+
+
 def _launch_command(world_size: int) -> str:
     return ("python run_train.py ... (one process, no torchrun)" if world_size == 1
             else f"torchrun --nproc-per-node {world_size} run_train.py ...")
 
 
 def check_run_dir(cfg: TrainConfig, run_dir: Path, d_model: int, spec: SlotSpec, n_shards: int,
-                  cache_dir: Path | None = None, world_size: int = 1) -> bool:
+                  cache_dir: Path | None = None, world_size: int = 1, *, shards_sha256: str | None = None) -> bool:
     """Refuse a folder holding a different run. True if it holds this run (resume). Reads only.
     ``cache_dir``: where ``cfg.cache`` resolved now (an ``hf://`` spec names a commit-pinned folder).
     ``world_size``: processes of this command (a run resumes with the number it started with).
+    ``shards_sha256``: the opened cache's ``Manifest.shards_fingerprint`` (default: read from
+    ``cache_dir``'s manifest); a run recorded on other shards is refused.
 
     A folder whose ``config.json`` has no checkpoint or export beside it (an attempt stopped before
     its first checkpoint) holds nothing to resume or lose: it is started afresh, whatever its config.
@@ -94,7 +117,15 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path, d_model: int, spec: SlotSpec,
     if not has_results(run_dir):
         return False
     saved = json.loads(cfg_path.read_text())
-    prev = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in saved["config"].items()})
+    recorded = dict(saved["config"])
+    if recorded.get("activation") in ("topk", "batchtopk"):
+        # A λ it was given (refused now) never acted: the run resumes as if it had none.
+        recorded["sparsity_coeff"] = None
+    try:
+        prev = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in recorded.items()})
+    except ValueError as e:  # written before a check that now refuses it (a NaN/inf value, a λ with topk)
+        raise RunMismatchError(f"--out {run_dir} holds a run whose config is no longer accepted ({e}); it cannot "
+                               "be resumed: use another --out, or delete it") from None
     mine, theirs = _effective_signature(cfg, n_shards), _effective_signature(prev, n_shards)
     diffs = [f"{k}: {theirs[k]!r} there vs {mine[k]!r} now" for k in mine
              if k not in SLOT_FIELDS and theirs[k] != mine[k]]
@@ -118,4 +149,6 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path, d_model: int, spec: SlotSpec,
         raise RunMismatchError(
             f"--out {run_dir} was trained on {theirs_slots}; the cache {cfg.cache} with these --models/--hooks gives "
             f"{mine_slots}: resume with the cache and slots it was trained on, or use another --out")
+    # Last: another cache with other slots or width is named by the checks above, more precisely.
+    _check_same_cache(saved.get("cache") or {}, cache_dir, shards_sha256, run_dir, cfg.cache)
     return True

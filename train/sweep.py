@@ -2,8 +2,8 @@
 
 A sweep file (YAML or JSON) holds ``members:`` (a list of config overrides) and/or ``grid:``
 (a mapping of config field -> list of values, crossed). With both, every member is crossed
-with the grid. Each member may set ``name`` (its run folder under the sweep's ``--out``);
-otherwise the name is built from its overrides. A named member crossed with a grid of several
+with the grid. Each member may set ``name`` (its run folder under the sweep's ``--out``: one
+plain folder name, a string without ``/``, not ``..``); otherwise the name is built from its overrides. A named member crossed with a grid of several
 points gets one folder per point, ``<name>_<the point's overrides>``. Everything else comes
 from the base config (the command line). Example::
 
@@ -37,6 +37,16 @@ def member_name(overrides: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "-", "_".join(parts))[:120]
 
 
+def _check_name(path: str | Path, name: Any) -> None:
+    """Refuse a member ``name`` that is not one plain folder name: it becomes ``<--out>/<name>``, so
+    an absolute path, ``..`` or a separator would train the member outside the sweep's folder."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+            or Path(name).is_absolute()):
+        hint = "" if isinstance(name, str) else f" (quote it in YAML: name: '{name}')"
+        raise ValueError(f"sweep file {path}: member name {name!r} must be a plain folder name under --out (a "
+                         f"non-empty string, not '.' or '..', without '/' or '\\'){hint}")
+
+
 def expand_sweep(path: str | Path, base: TrainConfig) -> list[TrainConfig]:
     """The member configs of a sweep file, each with ``out = <base.out>/<name>``."""
     spec = load_config_file(path)
@@ -57,10 +67,13 @@ def expand_sweep(path: str | Path, base: TrainConfig) -> list[TrainConfig]:
         for point in points:
             overrides = {**{k.replace("-", "_"): v for k, v in member.items()}, **point}
             given = overrides.pop("name", None)
-            if given and len(points) > 1:  # one folder per grid point, not one name for all of them
+            if given is not None:
+                _check_name(path, given)
+            if given is not None and len(points) > 1:  # one folder per grid point, not one name for all of them
                 name = f"{given}_{member_name(point)}"
             else:
-                name = given or member_name(overrides)
+                name = member_name(overrides) if given is None else given
+            _check_name(path, name)  # generated names too (member_name keeps only [A-Za-z0-9._=-])
             bad = sorted(set(overrides) - fields)
             if bad:
                 raise ValueError(f"sweep file {path}: unknown config field(s) {bad} in member {name!r}")
@@ -72,7 +85,12 @@ def expand_sweep(path: str | Path, base: TrainConfig) -> list[TrainConfig]:
             try:
                 configs.append(dataclasses.replace(base, out=str(Path(base.out) / name), **overrides))
             except ValueError as e:
-                raise ValueError(f"sweep member {name!r}: {e}") from None
+                hint = ""
+                if "--sparsity-coeff is only used by" in str(e) and "sparsity_coeff" not in overrides:
+                    # The λ came from the shared flags: say how to keep it for the other members.
+                    hint = (f"; the shared --sparsity-coeff {base.sparsity_coeff} does not apply to this member: "
+                            "set sparsity_coeff: null in it, or give λ only to the relu/jumprelu members")
+                raise ValueError(f"sweep member {name!r}: {e}{hint}") from None
             names.append(name)
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

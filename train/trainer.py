@@ -400,7 +400,8 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
             spec = resolve_slots(man, arch=c.arch, models=c.models, hooks=c.hooks, in_hooks=c.in_hooks,
                                  out_hooks=c.out_hooks, cache_dir=c.cache)
             dict_cfg = build_dictionary_config(c, spec, man.d_model)
-            resuming = check_run_dir(c, Path(c.out), man.d_model, spec, len(man.shards), cache.dir, dist.world_size)
+            resuming = check_run_dir(c, Path(c.out), man.d_model, spec, len(man.shards), cache.dir, dist.world_size,
+                                     shards_sha256=man.shards_fingerprint)
         plans.append(_Plan(c, spec, dict_cfg, resuming, _completed(c) if resuming else None))
     # A finished run is not trained, evaluated, exported or logged again: re-running its command is a no-op.
     active = [p for p in plans if p.done is None]
