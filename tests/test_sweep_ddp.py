@@ -102,35 +102,43 @@ def test_sweep_resume_continues_every_member(toy_cache, tmp_path):
         assert _metrics(Path(m.out)) == ref[m.out]
 
 
-def test_sweep_members_checkpoint_on_their_own_schedules_and_stay_resumable(toy_cache, tmp_path, monkeypatch):
-    """Each member's --checkpoint-every is its own. A resume needs a step every member holds, so
-    pruning keeps the newest such step even past --keep-checkpoints."""
+def _two_schedules(toy_cache: Path, root: Path, steps: int, **kw) -> list[TrainConfig]:
+    """A sweep of two members checkpointing every 10 and every 25 steps."""
+    base = _cfg(toy_cache, root, steps=steps, log_every=10, **kw)
+    return [dataclasses.replace(base, out=str(root / "a"), checkpoint_every=10),
+            dataclasses.replace(base, out=str(root / "b"), checkpoint_every=25, latents=32)]
+
+
+def _crash_after_checkpoint(monkeypatch, members: list[TrainConfig], step: int) -> None:
+    """Train ``members`` until member a has just saved (and pruned to) ``step``, then crash there."""
     import train.trainer as trainer
-
-    def sweep(root: Path) -> list[TrainConfig]:
-        base = _cfg(toy_cache, root, steps=70, log_every=10, keep_checkpoints=1)
-        return [dataclasses.replace(base, out=str(root / "a"), checkpoint_every=10),
-                dataclasses.replace(base, out=str(root / "b"), checkpoint_every=25, latents=32)]
-
     from train.checkpoint import checkpoint_steps
 
-    ref = sweep(tmp_path / "ref")
-    train_many(ref)
-    members = sweep(tmp_path / "run")
     real_prune = trainer.prune_checkpoints
 
     def prune_then_crash(run_dir, keep, protect=()):
         real_prune(run_dir, keep, protect)
-        if Path(run_dir).name == "a" and checkpoint_steps(run_dir)[-1] == 60:
-            raise RuntimeError("simulated crash right after a's step-60 checkpoint")
+        if Path(run_dir).name == "a" and checkpoint_steps(run_dir)[-1] == step:
+            raise RuntimeError(f"simulated crash right after a's step-{step} checkpoint")
 
-    monkeypatch.setattr(trainer, "prune_checkpoints", prune_then_crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train_many(members)
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "prune_checkpoints", prune_then_crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train_many(members)
+
+
+def test_sweep_members_checkpoint_on_their_own_schedules_and_stay_resumable(toy_cache, tmp_path, monkeypatch):
+    """Each member's --checkpoint-every is its own. A resume needs a step every member holds, so
+    pruning keeps the newest such step even past --keep-checkpoints."""
+    from train.checkpoint import checkpoint_steps
+
+    ref = _two_schedules(toy_cache, tmp_path / "ref", 70, keep_checkpoints=1)
+    train_many(ref)
+    members = _two_schedules(toy_cache, tmp_path / "run", 70, keep_checkpoints=1)
+    _crash_after_checkpoint(monkeypatch, members, 60)
     # a saved 10, 20, ... and keeps its newest; b saved 25 and 50. 50 is the newest step both hold.
     assert checkpoint_steps(members[0].out) == [50, 60]
     assert checkpoint_steps(members[1].out) == [50]
-    monkeypatch.setattr(trainer, "prune_checkpoints", real_prune)
     train_many(members)
     for m, r in zip(members, ref):
         assert _metrics(Path(m.out)) == _metrics(Path(r.out))
@@ -139,49 +147,16 @@ def test_sweep_members_checkpoint_on_their_own_schedules_and_stay_resumable(toy_
 def test_a_sweep_with_no_common_checkpoint_says_it_starts_again(toy_cache, tmp_path, monkeypatch, capsys):
     """Killed before its members shared a checkpoint step, a sweep can only start again: it says so
     (it used to, silently) and reproduces the uninterrupted result."""
-    import train.trainer as trainer
-    from train.checkpoint import checkpoint_steps
-
-    def sweep(root: Path) -> list[TrainConfig]:
-        base = _cfg(toy_cache, root, steps=30, log_every=10)
-        return [dataclasses.replace(base, out=str(root / "a"), checkpoint_every=10),
-                dataclasses.replace(base, out=str(root / "b"), checkpoint_every=25, latents=32)]
-
-    ref = sweep(tmp_path / "ref")
+    ref = _two_schedules(toy_cache, tmp_path / "ref", 30)
     train_many(ref)
-    members = sweep(tmp_path / "run")
-    real_prune = trainer.prune_checkpoints
-
-    def prune_then_crash(run_dir, keep, protect=()):
-        real_prune(run_dir, keep, protect)
-        if Path(run_dir).name == "a" and checkpoint_steps(run_dir)[-1] == 20:
-            raise RuntimeError("simulated crash after a's step-20 checkpoint, before b's first")
-
-    monkeypatch.setattr(trainer, "prune_checkpoints", prune_then_crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train_many(members)
-    monkeypatch.setattr(trainer, "prune_checkpoints", real_prune)
+    members = _two_schedules(toy_cache, tmp_path / "run", 30)
+    _crash_after_checkpoint(monkeypatch, members, 20)  # b's first checkpoint would be at 25
     capsys.readouterr()
     train_many(members)
     err = capsys.readouterr().err
     assert "no checkpoint step is held by every member" in err and "steps [10, 20]" in err and ": none" in err
     for m, r in zip(members, ref):
         assert _metrics(Path(m.out)) == _metrics(Path(r.out))
-
-
-def test_sweep_members_share_a_stream_when_defaults_resolve_alike(toy_cache, tmp_path):
-    """eval_shards left out in one member and given as its default in the other, or device auto and
-    the device it picks, is one stream: not refused as different (it was, comparing the flags as written)."""
-    from train.loader import default_eval_shards
-
-    n = default_eval_shards(open_cache(toy_cache).n_shards)
-    base = _cfg(toy_cache, tmp_path, steps=2, log_every=1)
-    cfgs = [dataclasses.replace(base, out=str(tmp_path / "a"), device="auto"),
-            dataclasses.replace(base, out=str(tmp_path / "b"), eval_shards=n, device="cpu")]
-    assert [r.steps for r in train_many(cfgs)] == [2, 2]
-    with pytest.raises(SweepError, match="eval_shards"):
-        train_many([dataclasses.replace(c, out=str(tmp_path / "x" / str(i)), eval_shards=i + 1)
-                    for i, c in enumerate(cfgs)])
 
 
 def test_sweep_bad_members_fail_before_training(toy_cache, tmp_path):
