@@ -174,26 +174,31 @@ def _post_norm_hooks(r: ResolvedModel, bridge: Any, hooks: list[str], captured: 
             "blocks.L.mlp.hook_in; the residual stream is blocks.L.hook_resid_pre/post")
 
 
+def _capture(bridge: Any, names: list[str], tokens_BP: torch.Tensor, stop: int | None) -> dict[str, Any]:
+    """What the hook points ``names`` see in one forward of ``tokens_BP``, run the way the harvest
+    runs it (forward hooks on the hook points, ``stop_at_layer``); a point that never fires is absent."""
+    captured: dict[str, Any] = {}
+    handles = [bridge.hook_dict[h].register_forward_hook(
+        lambda _mod, _inp, out, h=h, point=bridge.hook_dict[h]: captured.__setitem__(h, hook_value(point, out)))
+        for h in dict.fromkeys(names)]
+    try:
+        with torch.inference_mode():
+            bridge(tokens_BP, stop_at_layer=stop)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
 def _reads_later_tokens(bridge: Any, hooks: list[str], stop: int | None, probe_BP: torch.Tensor) -> bool:
     """Whether position 0 of any harvested hook changes when the token after it does: two
     sequences that differ only at position 1, forwarded one at a time the way the harvest forwards
     them. A causal model computes position 0 the same way from the same inputs both times."""
     first = int(probe_BP[0, 0])
-    runs: list[dict[str, Any]] = []
-    for second in (1, 2):
-        captured: dict[str, Any] = {}
-        handles = [bridge.hook_dict[h].register_forward_hook(
-            lambda _mod, _inp, out, h=h, point=bridge.hook_dict[h], keep=captured: keep.__setitem__(
-                h, hook_value(point, out))) for h in dict.fromkeys(hooks)]
-        try:
-            with torch.inference_mode():
-                bridge(torch.tensor([[first, second]], device=probe_BP.device), stop_at_layer=stop)
-        finally:
-            for handle in handles:
-                handle.remove()
-        runs.append(captured)
-    for h, acts in runs[0].items():
-        a_D, b_D = acts[0, 0].float(), runs[1][h][0, 0].float()
+    a, b = (_capture(bridge, hooks, torch.tensor([[first, second]], device=probe_BP.device), stop)
+            for second in (1, 2))
+    for h, acts in a.items():
+        a_D, b_D = acts[0, 0].float(), b[h][0, 0].float()
         if (a_D - b_D).norm() > 1e-3 * a_D.norm() + 1e-6:
             return True
     return False
@@ -473,16 +478,7 @@ def load_models(
     probe = torch.tensor([[bos_id if bos_id is not None else 0] * 2], device=device)
     d_model = widths[0]
     for r, b in zip(resolved, bridges):
-        captured: dict[str, Any] = {}
-        handles = [b.hook_dict[h].register_forward_hook(
-            lambda _mod, _inp, out, h=h, point=b.hook_dict[h], keep=captured: keep.__setitem__(h, hook_value(point, out)))
-            for h in dict.fromkeys(hooks + _post_norm_points(b, hooks))]
-        try:
-            with torch.inference_mode():
-                b(probe, stop_at_layer=stop)
-        finally:
-            for handle in handles:
-                handle.remove()
+        captured = _capture(b, hooks + _post_norm_points(b, hooks), probe, stop)
         for hook in hooks:
             if hook not in captured:
                 alternative = ""

@@ -27,10 +27,12 @@ from typing import Any
 
 __all__ = ["MachineNames", "redact_machine", "redact_text"]
 
-# An absolute path (or one already turned into ~/...) inside a longer string: it starts where no
-# path character is right before it, or right after a "name/" (a metric key "eval/ev/" + "/home/..."
-# model name), and runs to whitespace, a quote or a separator.
-_PATH_RE = re.compile(r"(?:(?<![\w.~/-])|(?<=[\w.~-]/))(?:~(?=/)|/)[^\s'\"=,;]*")
+# Where an absolute path may start inside a longer string: where no path character is right before
+# it, or right after a "name/" (a metric key "eval/ev/" + a model folder "/home/al/m" + "/hook").
+_PATH_START = r"(?:(?<![\w.~/-])|(?<=[\w.~-]/))"
+
+# An absolute path (or one already turned into ~/...): from such a start to whitespace, a quote or a separator.
+_PATH_RE = re.compile(_PATH_START + r"(?:~(?=/)|/)[^\s'\"=,;]*")
 
 # Names too common to identify anyone, yet common as folder names: never replaced (see the module doc).
 _MIN_NAME = 3
@@ -85,8 +87,7 @@ def redact_text(text: str, names: MachineNames) -> str:
     the user or the host written ``<user>`` / ``<host>`` in the absolute paths left."""
     for home in names.homes:
         # The whole folder only: /home/al is not a prefix of /home/alice, nor /root of /rootfs.
-        # After "name/" too: a key such as "eval/ev/" + a model folder "/home/al/m" + "/hook".
-        text = re.sub(rf"(?:(?<![\w.~/-])|(?<=[\w.~-]/)){re.escape(home)}(?![\w.-])", "~", text)
+        text = re.sub(rf"{_PATH_START}{re.escape(home)}(?![\w.-])", "~", text)
     swap = {**{u: "<user>" for u in names.users if _identifying(u)},
             **{h: "<host>" for h in names.hosts if _identifying(h)}}
     if not swap:

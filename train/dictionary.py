@@ -318,12 +318,20 @@ class Dictionary(nn.Module):
             return rearrange(pre_BXL, "b x l -> b (x l)") + self.b_enc_L
         return einsum(x_in_BXiD, self.W_enc_XiDL, "b x d, x d l -> b l") + self.b_enc_L
 
+    @torch.no_grad()
+    def score_weight_L(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The per-latent factor the topk/batchtopk ranking score puts on a latent's activation:
+        ``score_scale_L``, times the latent's decoder norms summed over slots for ``pre_x_dec_norm``
+        (each factor cast to ``dtype`` first when given). Converters fold it into other formats."""
+        w_L = self.score_scale_L if dtype is None else self.score_scale_L.to(dtype)
+        if self.cfg.topk_score == "pre":
+            return w_L
+        norms_L = self.decoder_norms().sum(-1)
+        return (norms_L if dtype is None else norms_L.to(dtype)) * w_L
+
     def _scores(self, acts_BL: torch.Tensor) -> torch.Tensor:
         """Ranking score of topk/batchtopk (no gradient: selection is not differentiable)."""
-        with torch.no_grad():
-            if self.cfg.topk_score == "pre":
-                return acts_BL.detach() * self.score_scale_L
-            return acts_BL.detach() * (self.decoder_norms().sum(-1) * self.score_scale_L)
+        return acts_BL.detach() * self.score_weight_L()
 
     def _activate(self, pre_BL: torch.Tensor, inference: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         cfg = self.cfg

@@ -223,9 +223,7 @@ def _threshold_L(model: Dictionary, where: str) -> torch.Tensor | None:
             if theta < 0:
                 raise CircuitTracerExportError(f"{where}: the batchtopk inference threshold was never learned "
                                                "(the run did not finish a training step); train it again")
-            w_L = model.score_scale_L.detach().to(torch.float64)
-            if cfg.topk_score == "pre_x_dec_norm":
-                w_L = w_L * model.decoder_norms().detach().sum(-1).to(torch.float64)
+            w_L = model.score_weight_L(torch.float64)
             # relu(pre)·w > θ  <=>  pre > θ/w for w > 0 (θ >= 0); w = 0 never fires, whatever pre is.
             safe_L = torch.where(w_L > 0, w_L, torch.ones_like(w_L))
             return torch.where(w_L > 0, theta / safe_L, torch.full_like(w_L, float("inf"))).to(torch.float32)

@@ -153,10 +153,7 @@ def latent_scale(model: Dictionary) -> torch.Tensor:
     cfg = model.cfg
     if cfg.activation not in ("topk", "batchtopk"):
         return torch.ones(cfg.n_latents, dtype=torch.float64)
-    c_L = model.score_scale_L.to(torch.float64).cpu()
-    if cfg.topk_score == "pre_x_dec_norm":
-        c_L = c_L * model.decoder_norms().sum(-1).to(torch.float64).cpu()
-    return c_L
+    return model.score_weight_L(torch.float64).cpu()
 
 
 @torch.no_grad()
