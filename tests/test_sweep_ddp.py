@@ -159,6 +159,21 @@ def test_a_sweep_with_no_common_checkpoint_says_it_starts_again(toy_cache, tmp_p
         assert _metrics(Path(m.out)) == _metrics(Path(r.out))
 
 
+def test_sweep_members_share_a_stream_when_defaults_resolve_alike(toy_cache, tmp_path):
+    """eval_shards left out in one member and given as its default in the other, or device auto and
+    the device it picks, is one stream: not refused as different (it was, comparing the flags as written)."""
+    from train.loader import default_eval_shards
+
+    n = default_eval_shards(open_cache(toy_cache).n_shards)
+    base = _cfg(toy_cache, tmp_path, steps=2, log_every=1)
+    cfgs = [dataclasses.replace(base, out=str(tmp_path / "a"), device="auto"),
+            dataclasses.replace(base, out=str(tmp_path / "b"), eval_shards=n, device="cpu")]
+    assert [r.steps for r in train_many(cfgs)] == [2, 2]
+    with pytest.raises(SweepError, match="eval_shards"):
+        train_many([dataclasses.replace(c, out=str(tmp_path / "x" / str(i)), eval_shards=i + 1)
+                    for i, c in enumerate(cfgs)])
+
+
 def test_sweep_bad_members_fail_before_training(toy_cache, tmp_path):
     base = _cfg(toy_cache, tmp_path / "s")
     with pytest.raises(SweepError, match="cannot share member 0's loader stream: batch_size: 128 vs 64"):
