@@ -407,3 +407,37 @@ def test_resume_on_another_cache_with_the_same_slots_is_refused_and_a_moved_cach
     (run / "config.json").write_text(json.dumps(info))
     with pytest.raises(RunMismatchError, match=r"holds a run whose config is no longer accepted \(tanh_c"):
         check_run_dir(_cfg(other, run, steps=6, checkpoint_every=3), run, man.d_model, spec, len(man.shards), other)
+
+
+def test_a_resume_records_the_options_it_changed_in_config_json(caches, tmp_path):
+    """Options outside the resume signature may change on resume and take effect; config.json then
+    says so (the values now, and what changed when), instead of keeping the first command's."""
+    import shutil
+
+    run = tmp_path / "run"
+    train(_cfg(caches["base"], run, steps=6, checkpoint_every=3, log_every=2))
+    first = json.loads((run / "config.json").read_text())
+
+    def interrupt_after_step_3() -> None:
+        (run / "export" / "config.json").unlink()
+        shutil.rmtree(run / "checkpoints" / "step-0000006")
+
+    interrupt_after_step_3()
+    assert train(_cfg(caches["base"], run, steps=6, checkpoint_every=3, log_every=2)).steps == 6
+    assert json.loads((run / "config.json").read_text()) == first  # the same command changes nothing
+
+    interrupt_after_step_3()
+    moved = tmp_path / "moved"
+    shutil.copytree(caches["base"], moved)
+    assert train(_cfg(moved, run, steps=6, checkpoint_every=3, log_every=1, eval_batches=2)).steps == 6
+    info = json.loads((run / "config.json").read_text())
+    assert info["config"]["log_every"] == 1 and info["config"]["eval_batches"] == 2
+    assert info["config"]["cache"] == str(moved) and info["cache"]["path"] == str(moved.resolve())
+    [resume] = info["resumes"]
+    assert resume["changed"] == {"cache": [str(caches["base"]), str(moved)], "log_every": [2, 1],
+                                 "eval_batches": [first["config"]["eval_batches"], 2],
+                                 "cache.path": [str(caches["base"].resolve()), str(moved.resolve())]}
+    assert {k: v for k, v in info.items() if k not in ("config", "cache", "resumes")} == \
+        {k: v for k, v in first.items() if k not in ("config", "cache")}
+    lines = [r["step"] for r in read_metrics(run) if "loss/total" in r]
+    assert lines[-3:] == [4, 5, 6]  # --log-every 1 took effect after the resume at step 3

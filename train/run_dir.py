@@ -8,19 +8,21 @@ and the slots it resolves to on the cache) and it resumes.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from shared.cache_format import Manifest
 from shared.folder_lock import LOCK_NAME
-from shared.shard_io import is_temporary
+from shared.shard_io import atomic_write_bytes, is_temporary
 from train.checkpoint import checkpoint_steps
-from train.config import TrainConfig
+from train.config import RESUME_FIELDS, TrainConfig
 from train.loader import default_eval_shards
 from train.slots import SlotSpec
 
-__all__ = ["SLOT_FIELDS", "RunMismatchError", "check_run_dir", "has_results", "slot_summary"]
+__all__ = ["SLOT_FIELDS", "RunMismatchError", "check_run_dir", "has_results", "record_resume", "slot_summary"]
 
 
 class RunMismatchError(ValueError):
@@ -152,3 +154,36 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path, d_model: int, spec: SlotSpec,
     # Last: another cache with other slots or width is named by the checks above, more precisely.
     _check_same_cache(saved.get("cache") or {}, cache_dir, shards_sha256, run_dir, cfg.cache)
     return True
+
+
+def record_resume(run_dir: Path, run_info: dict[str, Any]) -> dict[str, list] | None:
+    """Bring a resumed run's ``config.json`` up to the command that resumed it, and say what changed.
+
+    A resume must repeat the run's math and stream (the signature), but may change how it is run:
+    ``--device``, ``--autocast``, ``--eval-every``, ``--log-every``, the cache's path (a moved
+    cache), ... Those take effect, so the file records them, and appends ``{"at", "changed":
+    {field: [before, now]}}`` to ``resumes``: the figures after a resume can be read knowing what
+    ran them. Slot fields keep the run's spelling (a resume compares what they resolve to).
+    Returns the changes (None: nothing changed, nothing written)."""
+    path = run_dir / "config.json"
+    saved = json.loads(path.read_text())
+    before, now = saved["config"], run_info["config"]
+    changed: dict[str, list] = {k: [before.get(k), v] for k, v in now.items()
+                                if k not in RESUME_FIELDS and k not in SLOT_FIELDS and before.get(k) != v}
+    for key in ("device",):
+        if saved.get(key) != run_info.get(key):
+            changed[key] = [saved.get(key), run_info.get(key)]
+    old_cache, new_cache = saved.get("cache") or {}, run_info.get("cache") or {}
+    if old_cache.get("path") != new_cache.get("path"):
+        changed["cache.path"] = [old_cache.get("path"), new_cache.get("path")]
+    if not changed:
+        return None
+    saved["config"] = {**before, **{k: v for k, v in now.items() if k in changed}}
+    if "device" in changed:
+        saved["device"] = run_info.get("device")
+    if "cache.path" in changed:
+        saved.setdefault("cache", {})["path"] = new_cache.get("path")
+    at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    saved.setdefault("resumes", []).append({"at": at, "changed": changed})
+    atomic_write_bytes(path, (json.dumps(saved, indent=1) + "\n").encode())
+    return changed

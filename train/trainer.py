@@ -56,7 +56,7 @@ from train.export import fold_normalization, save_dictionary
 from train.loader import ActivationLoader, default_eval_shards
 from train.losses import loss_terms
 from train.metrics import MetricsLogger, ReconStats, batch_metrics, plot_metrics, read_metrics
-from train.run_dir import RunMismatchError, check_run_dir
+from train.run_dir import RunMismatchError, check_run_dir, record_resume
 from train.slots import SlotSpec, resolve_slots
 
 __all__ = ["train", "train_many", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "RunMismatchError",
@@ -216,7 +216,8 @@ class _Member:
         self.last: dict[str, Any] = {}
 
     def write_config(self) -> None:
-        """Create the run folder and save ``config.json`` (rank 0; a resumed run keeps its own)."""
+        """Create the run folder and save ``config.json`` (rank 0); a resume records there the options
+        it changed (:func:`~train.run_dir.record_resume`)."""
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # A save killed before its rename left `.step-N.tmp-<pid>/` (a whole checkpoint) or a temp
@@ -225,6 +226,8 @@ class _Member:
             if not self.resuming:
                 (self.run_dir / "wandb_id.txt").unlink(missing_ok=True)  # a stale attempt's wandb run is not ours
                 atomic_write_bytes(self.run_dir / "config.json", (json.dumps(self.run_info, indent=1) + "\n").encode())
+            else:
+                record_resume(self.run_dir, self.run_info)
 
     def calibrate_jumprelu(self, cache: Cache, union: list[str], spec_models: list[str], spec_hooks: list[str],
                            device: torch.device) -> None:
