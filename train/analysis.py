@@ -55,7 +55,7 @@ from shared.config import add_dataclass_arguments, config_from_namespace
 from shared.devices import resolve_device
 from shared.folder_lock import FolderLock, FolderLockError, exit_code_for
 from train.analysis_config import AnalysisConfig
-from train.analysis_run import DiffSpec, RunData, RunError, cache_mismatch, diff_spec, load_run
+from train.analysis_run import DiffSpec, RunData, RunError, diff_spec, load_run, open_run_cache
 from train.analysis_stream import StreamStats, meta_table, stream_eval
 from train.diffing import classify, relative_norms, scaling_betas
 
@@ -107,7 +107,7 @@ def _analyze(cfg: AnalysisConfig, run: RunData, t0: float) -> dict[str, Any]:
             scaling = (scal_ids, dec_LXoD[scal_ids], spec)
 
     data: dict[str, Any] | None = None
-    opened = _open_run_cache(run, cfg.cache, notes)
+    opened = open_run_cache(run, cfg.cache, notes)
     if opened is not None:
         cache, tokens = opened
         device = resolve_device(cfg.device)
@@ -160,40 +160,6 @@ def _scaling_cap_note(masks: dict[str, torch.Tensor], scal_ids: torch.Tensor, cf
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------
-def _open_run_cache(run: RunData, given: str | None, notes: list[str]) -> tuple[Any, Any] | None:
-    """The run's cache and its token table: ``given`` (``--cache``; an error if it cannot be opened or
-    is another cache), else the first of :meth:`RunData.cache_candidates` that opens and matches. None,
-    with a note, when none does: the report then comes from the weights alone."""
-    from shared.cache import open_cache
-    from shared.cache_format import CacheError
-
-    problems: list[str] = []
-    for where in [given] if given else run.cache_candidates():
-        try:
-            # A run trained on the first N shards of a Hub cache reads the same view (its eval split).
-            cache = open_cache(where, max_shards=run.max_shards if where.startswith("hf://") else None)
-            tokens = cache.token_table()
-        except (CacheError, OSError, ValueError) as e:  # gone, moved, incomplete, corrupt
-            if given:
-                raise RunError(f"--cache {given} cannot be opened ({type(e).__name__}: {e})") from e
-            problems.append(f"{where} cannot be opened ({type(e).__name__}: {e})")
-            continue
-        other, differs = cache_mismatch(run, cache.manifest, cache.dir)  # the dir: a mean_std cache's mean/std
-        if other:
-            if given:
-                raise RunError(f"--cache {given} is not the cache run {run.run_dir} was trained on: it has {other}")
-            problems.append(f"{where} holds another cache now ({other})")
-            continue
-        if differs:
-            notes.append(f"the cache read ({where}) differs from the one the run trained on: {differs}")
-        run.cache_used = where
-        return cache, tokens
-    notes.append(f"the run's cache was not found: {'; '.join(problems)}. Sections that need activations (firing, "
-                 "top contexts, metadata, latent scaling) are skipped and everything below comes from the weights "
-                 "alone; pass --cache DIR (or hf://USER/NAME) to say where the cache is now")
-    return None
-
-
 def analyze_cli(argv: list[str]) -> int:
     """``run_train.py analyze RUN_DIR [flags]``: prints the headline and the report's path."""
     parser = argparse.ArgumentParser(prog="run_train.py analyze",

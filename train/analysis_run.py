@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["DiffSpec", "RunData", "RunError", "cache_mismatch", "cache_model_names", "check_cache",
-           "diff_spec", "load_run", "run_slots"]
+           "diff_spec", "load_run", "open_run_cache", "run_slots"]
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -256,6 +256,40 @@ def load_run(run_dir: str | Path) -> RunData:
     model = load_dictionary(run_dir / "dictionary").eval()
     names = [model.cfg.slot_names[s] for s in model.cfg.out_slots]
     return RunData(run_dir, info, model, names)
+
+
+def open_run_cache(run: RunData, given: str | None, notes: list[str]) -> tuple[Any, Any] | None:
+    """The run's cache and its token table: ``given`` (``--cache``; an error if it cannot be opened or
+    is another cache), else the first of :meth:`RunData.cache_candidates` that opens and matches. None,
+    with a note, when none does: the report then comes from the weights alone."""
+    from shared.cache import open_cache
+    from shared.cache_format import CacheError
+
+    problems: list[str] = []
+    for where in [given] if given else run.cache_candidates():
+        try:
+            # A run trained on the first N shards of a Hub cache reads the same view (its eval split).
+            cache = open_cache(where, max_shards=run.max_shards if where.startswith("hf://") else None)
+            tokens = cache.token_table()
+        except (CacheError, OSError, ValueError) as e:  # gone, moved, incomplete, corrupt
+            if given:
+                raise RunError(f"--cache {given} cannot be opened ({type(e).__name__}: {e})") from e
+            problems.append(f"{where} cannot be opened ({type(e).__name__}: {e})")
+            continue
+        other, differs = cache_mismatch(run, cache.manifest, cache.dir)  # the dir: a mean_std cache's mean/std
+        if other:
+            if given:
+                raise RunError(f"--cache {given} is not the cache run {run.run_dir} was trained on: it has {other}")
+            problems.append(f"{where} holds another cache now ({other})")
+            continue
+        if differs:
+            notes.append(f"the cache read ({where}) differs from the one the run trained on: {differs}")
+        run.cache_used = where
+        return cache, tokens
+    notes.append(f"the run's cache was not found: {'; '.join(problems)}. Sections that need activations (firing, "
+                 "top contexts, metadata, latent scaling) are skipped and everything below comes from the weights "
+                 "alone; pass --cache DIR (or hf://USER/NAME) to say where the cache is now")
+    return None
 
 
 @dataclass
