@@ -28,11 +28,13 @@ from typing import Any
 __all__ = ["MachineNames", "redact_machine", "redact_text"]
 
 # Where an absolute path may start inside a longer string: where no path character is right before
-# it, or right after a "name/" (a metric key "eval/ev/" + a model folder "/home/al/m" + "/hook").
-_PATH_START = r"(?:(?<![\w.~/-])|(?<=[\w.~-]/))"
+# it, right after a "name/" (a metric key "eval/ev/" + a model folder "/home/al/m" + "/hook"), or
+# right after a URL's "://" (the path of "file:///home/al/x").
+_PATH_START = r"(?:(?<![\w.~/-])|(?<=[\w.~-]/)|(?<=://))"
 
-# An absolute path (or one already turned into ~/...): from such a start to whitespace, a quote or a separator.
-_PATH_RE = re.compile(_PATH_START + r"(?:~(?=/)|/)[^\s'\"=,;]*")
+# An absolute path (or one already turned into ~/...): from such a start to whitespace, a quote or a
+# separator. Never from a "//": "hf://alice/x" is a Hub id (public, and needed as it is), not a path.
+_PATH_RE = re.compile(_PATH_START + r"(?:~(?=/)|/(?!/))[^\s'\"=,;]*")
 
 # Names too common to identify anyone, yet common as folder names: never replaced (see the module doc).
 _MIN_NAME = 3

@@ -477,6 +477,11 @@ def test_redaction_of_home_user_and_host_in_text():
         "eval/ev//home/alice/m/blocks.0.hook_x": "eval/ev/~/m/blocks.0.hook_x",
         "eval/ev//scratch/alice/m/blocks.0.hook_x": "eval/ev//scratch/<user>/m/blocks.0.hook_x",
         "/data/home/alice/x": "/data/home/<user>/x",
+        "hf://alice/toy-diff@v1": "hf://alice/toy-diff@v1",  # a Hub spec is public and must stay usable
+        "hf://datasets/alice/x": "hf://datasets/alice/x",
+        "https://huggingface.co/alice/x": "https://huggingface.co/alice/x",
+        "file:///home/alice/c": "file://~/c",
+        "file:///scratch/alice/c": "file:///scratch/<user>/c",
     }
     for before, after in cases.items():
         assert redact_text(before, names) == after, before
