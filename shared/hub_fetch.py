@@ -4,7 +4,9 @@
 a message that names the fix (:func:`_hub_errors`: no such repo or revision, no access, the Hub busy or out
 of reach, offline with no copy cached). :func:`_repo_files` lists a repo's files, :func:`_normalization_file`
 names the side file a manifest adds to what is fetched, and :func:`_offline_fix` and :func:`_other_revisions`
-word the advice that download errors end with.
+word the advice that download errors end with. :func:`_snapshot`, :func:`_hub_errors` and
+:func:`_other_revisions` take ``repo_type``: ``dataset`` (the default) for caches, ``model`` for the
+dictionaries of :mod:`train.hub_dictionary_fetch`; it also words their messages.
 
 :mod:`shared.hub_download` fetches a cache through here, and :mod:`shared.hub_integrity` a damaged
 file once more.
@@ -49,6 +51,11 @@ def _repo_files(repo: str, commit: str) -> list[str] | None:
         return None
 
 
+def _repo_url(repo: str, repo_type: str = REPO_TYPE) -> str:
+    """The repo's page on the Hub (dataset repos live under ``/datasets/``, model repos at the top)."""
+    return f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo}"
+
+
 def _offline_fix() -> str:
     from huggingface_hub import constants
 
@@ -72,7 +79,7 @@ def _is_offline() -> bool:
 
 
 @contextmanager
-def _hub_errors(spec: str, repo: str, revision: str | None) -> Iterator[None]:
+def _hub_errors(spec: str, repo: str, revision: str | None, *, repo_type: str = REPO_TYPE) -> Iterator[None]:
     """Turn what ``huggingface_hub`` raises into :class:`HubError` (a message naming the fix)."""
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -82,17 +89,19 @@ def _hub_errors(spec: str, repo: str, revision: str | None) -> Iterator[None]:
     )
 
     at = f"@{revision}" if revision else ""
+    kind = f"{repo_type} repo"
+    holds = "caches are *dataset* repos" if repo_type == "dataset" else "dictionaries are *model* repos"
     try:
         yield
     except RevisionNotFoundError:
         raise HubError(
-            f"{spec}: revision {revision!r} not found in dataset repo {repo}; see its branches and tags at "
-            f"https://huggingface.co/datasets/{repo}/tree/main, or drop @{revision} for the main branch"
+            f"{spec}: revision {revision!r} not found in {kind} {repo}; see its branches and tags at "
+            f"{_repo_url(repo, repo_type)}/tree/main, or drop @{revision} for the main branch"
         ) from None
     except RepositoryNotFoundError:  # also gated repos
         raise HubError(
-            f"{spec}: dataset repo {repo} not found on the Hub, or it is private/gated and no token with access "
-            "was found. Check the name (caches are *dataset* repos) and log in (`hf auth login`, or set HF_TOKEN)"
+            f"{spec}: {kind} {repo} not found on the Hub, or it is private/gated and no token with access "
+            f"was found. Check the name ({holds}) and log in (`hf auth login`, or set HF_TOKEN)"
         ) from None
     except LocalEntryNotFoundError:  # offline (or unreachable) and no (complete) copy cached
         raise HubError(
@@ -125,18 +134,19 @@ def _snapshot(
     *,
     ignore: list[str] | None = None,
     force: bool = False,
+    repo_type: str = REPO_TYPE,
 ) -> Path:
-    """``snapshot_download`` of ``patterns`` (less ``ignore``; ``force``: fetch again even if cached),
-    with its errors turned into :class:`HubError`."""
+    """``snapshot_download`` of ``patterns`` (less ``ignore``; ``force``: fetch again even if cached) from a
+    repo of ``repo_type``, with its errors turned into :class:`HubError`."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise ImportError(f"{spec}: Hub caches need huggingface_hub (pip install huggingface_hub)") from None
-    with _hub_errors(spec, repo, revision):
-        return Path(snapshot_download(repo, repo_type=REPO_TYPE, revision=revision, allow_patterns=patterns,
+    with _hub_errors(spec, repo, revision, repo_type=repo_type):
+        return Path(snapshot_download(repo, repo_type=repo_type, revision=revision, allow_patterns=patterns,
                                       ignore_patterns=ignore, force_download=force))
 
 
-def _other_revisions(repo: str, holding: str = "") -> str:
+def _other_revisions(repo: str, holding: str = "", repo_type: str = REPO_TYPE) -> str:
     return (f"or use another revision{holding} (hf://{repo}@REVISION; its branches and tags: "
-            f"https://huggingface.co/datasets/{repo}/tree/main)")
+            f"{_repo_url(repo, repo_type)}/tree/main)")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from shared.cache_format import TOKENS_NAME, Manifest, ShardRecord
 from shared.hub_fetch import _is_offline, _normalization_file, _other_revisions, _snapshot
-from shared.hub_spec import HubError, shown_files
+from shared.hub_spec import REPO_TYPE, HubError, shown_files
 from shared.shard_io import atomic_write_bytes
 from shared.tokenizer_file import listed_tokenizer_file
 
@@ -243,8 +243,9 @@ def _remove_download(spec: str, path: Path) -> None:
             ) from None
 
 
-def _download_again(spec: str, repo: str, commit: str | None, snapshot: Path, files: list[str]) -> None:
-    """Remove ``files`` from the local Hugging Face cache and download them anew."""
+def _download_again(spec: str, repo: str, commit: str | None, snapshot: Path, files: list[str], *,
+                    repo_type: str = REPO_TYPE) -> None:
+    """Remove ``files`` from the local Hugging Face cache and download them anew (from a repo of ``repo_type``)."""
     for rel in files:
         _remove_download(spec, snapshot / rel)
     if _is_offline():
@@ -254,7 +255,7 @@ def _download_again(spec: str, repo: str, commit: str | None, snapshot: Path, fi
             f"differs from the expected one) and have been removed: {shown}. Offline mode is on "
             "(HF_HUB_OFFLINE=1): unset it and run the same command again to download them anew."
         )
-    _snapshot(spec, repo, commit, [glob.escape(f) for f in files], force=True)
+    _snapshot(spec, repo, commit, [glob.escape(f) for f in files], force=True, repo_type=repo_type)
 
 
 def _check_downloads(

@@ -37,6 +37,8 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +263,44 @@ def _settle_tokenizer(plan: PushPlan) -> None:
                       "the published manifest as before")
 
 
+_RERUN = "run the same command again: the upload resumes where it stopped"
+
+
+@contextmanager
+def _push_errors(where: str, *, checks: str, rerun: str) -> Iterator[None]:
+    """Turn what ``huggingface_hub`` raises during a push to ``where`` into :class:`HubError` naming the fix.
+
+    ``checks``: what ``--dry-run`` does offline instead (``check the cache``); ``rerun``: the advice for
+    an error worth retrying (``run the same command again: ...``). Shared by the cache push and the
+    dictionary push (:mod:`train.hub_dictionary`); anything that is not a Hub or connection error is raised as is.
+    """
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    try:
+        yield
+    except OfflineModeIsEnabled:
+        raise HubError(
+            f"cannot push to {where}: offline mode is on (HF_HUB_OFFLINE=1). Unset it and run again, "
+            f"or use --dry-run to {checks} and see what would be uploaded"
+        ) from None
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            fix = "log in with `hf auth login` or set HF_TOKEN to a token with write access to the repo"
+        elif status == 404:
+            fix = "check the repo name and that your token (`hf auth login` or HF_TOKEN) can write to it"
+        else:
+            fix = rerun
+        raise HubError(f"push to {where} failed ({type(e).__name__}: {e}); {fix}") from None
+    except Exception as e:
+        if _network_cause(e) is None:
+            raise
+        raise HubError(
+            f"push to {where} failed: the Hub could not be reached ({type(e).__name__}: {e}); check the "
+            f"connection and {rerun}"
+        ) from None
+
+
 def _look_for_dry_run(plan: PushPlan) -> None:
     """A dry run's look at the repo (read only): fills ``plan.contents`` and ``plan.deletes``, or
     says in ``plan.notes`` why it could not look; raises the refusal a push would raise."""
@@ -291,7 +331,6 @@ def _upload(plan: PushPlan) -> None:
     import importlib.util
 
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     api = HfApi()  # token: HF_TOKEN or the saved login, read by huggingface_hub itself
     where = plan.where
@@ -305,7 +344,7 @@ def _upload(plan: PushPlan) -> None:
         for p in (plan.cache_dir / SHARD_DIR).rglob("*")
         if p.is_file() and p.relative_to(plan.cache_dir).as_posix() not in listed
     ]
-    try:
+    with _push_errors(where, checks="check the cache", rerun=_RERUN):
         # Look before touching anything: a refused push leaves the repo as it was (no branch made).
         contents = plan.contents = _inspect(api, plan.repo, plan.revision, plan.manifest, private=plan.private)
         _refuse_unless_allowed(plan)
@@ -355,27 +394,6 @@ def _upload(plan: PushPlan) -> None:
             commit_message=f"crosscache: manifest and card ({plan.n_rows:,} rows)",
         )
         plan.deletes = stale
-    except OfflineModeIsEnabled:
-        raise HubError(
-            f"cannot push to {where}: offline mode is on (HF_HUB_OFFLINE=1). Unset it and run again, "
-            "or use --dry-run to check the cache and see what would be uploaded"
-        ) from None
-    except HfHubHTTPError as e:
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        if status in (401, 403):
-            fix = "log in with `hf auth login` or set HF_TOKEN to a token with write access to the repo"
-        elif status == 404:
-            fix = "check the repo name and that your token (`hf auth login` or HF_TOKEN) can write to it"
-        else:
-            fix = "run the same command again: the upload resumes where it stopped"
-        raise HubError(f"push to {where} failed ({type(e).__name__}: {e}); {fix}") from None
-    except Exception as e:
-        if _network_cause(e) is None:
-            raise
-        raise HubError(
-            f"push to {where} failed: the Hub could not be reached ({type(e).__name__}: {e}); check the "
-            "connection and run the same command again: the upload resumes where it stopped"
-        ) from None
     if contents.replaces:
         if contents.state == "other":
             assert contents.manifest is not None

@@ -19,7 +19,8 @@ dictionary, where each model's activations have the same scale.
 On disk (``save_dictionary``): a folder with ``model.safetensors`` (the state dict; never
 pickle) and ``config.json`` ``{"format", "config", "metadata", "weights_sha256"}``; each file is
 written atomically and the config (written last) pins the weights' checksum, so a torn
-overwrite is detected on load.
+overwrite is detected on load. ``load_dictionary`` and ``load_metadata`` also take ``hf://USER/NAME[@REV]``,
+a dictionary ``run_train.py push`` put in a Hub model repo (:mod:`train.hub_dictionary_fetch`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from shared.config import config_to_json
+from shared.hub_spec import is_hub_spec
 from shared.normalization import Normalization
 from shared.redact import redact_machine
 from shared.shard_io import atomic_write_bytes, fsync_dir
@@ -187,16 +189,30 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def load_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``metadata`` dict stored by :func:`save_dictionary`."""
+    """The ``metadata`` dict stored by :func:`save_dictionary`, of a folder or of ``hf://USER/NAME[@REV]``
+    (only its ``config.json`` is downloaded)."""
+    if is_hub_spec(path):
+        from train.hub_dictionary_fetch import fetch_dictionary
+
+        return dict(fetch_dictionary(str(path), weights=False).config["metadata"])
     return dict(_read_config(Path(path))["metadata"])
 
 
 def load_dictionary(path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
     """Rebuild a dictionary saved by :func:`save_dictionary` (safetensors only, never pickle).
 
+    ``path``: a folder, or ``hf://USER/NAME[@REV]``: its ``config.json`` and ``model.safetensors`` are
+    downloaded into the Hugging Face cache (``HF_HUB_OFFLINE=1``: the copy there) and the weights checked
+    against the config's sha256, a damaged copy downloaded once more (:mod:`train.hub_dictionary_fetch`).
     Returned in eval mode: ``encode``/``forward`` then default to the inference rule (batchtopk:
     the learned per-row threshold, not the top k·B of the batch). Call ``.train()`` to train it on.
     """
+    if is_hub_spec(path):
+        from train.hub_dictionary_fetch import fetch_dictionary
+
+        fetched = fetch_dictionary(str(path))
+        assert fetched.weights is not None  # checked against the config's sha256
+        return _build(fetched.folder, fetched.config, fetched.weights, device)
     path = Path(path)
     data = _read_config(path)
     weights = path / WEIGHTS_NAME
@@ -205,6 +221,12 @@ def load_dictionary(path: str | Path, device: str | torch.device = "cpu") -> Dic
     blob = weights.read_bytes()
     if _sha256(blob) != data.get("weights_sha256"):
         raise ValueError(f"{weights}: checksum does not match {CONFIG_NAME} (torn or edited export); save again")
+    return _build(path, data, blob, device)
+
+
+def _build(path: Path, data: dict[str, Any], blob: bytes, device: str | torch.device) -> Dictionary:
+    """The dictionary of a parsed ``config.json`` (``data``) and its checked weights (``blob``), read from ``path``."""
+    weights = path / WEIGHTS_NAME
     try:
         cfg = DictionaryConfig(**data["config"])
     except TypeError as e:
