@@ -9,6 +9,8 @@
     python run_train.py analyze RUN_DIR                                    # report on a trained run
     python run_train.py export-saelens RUN_DIR --out DIR                   # SAE/transcoder -> SAELens folder
     python run_train.py export-circuit-tracer RUN [RUN ...] --out DIR      # CLT/transcoder set -> circuit-tracer
+    python run_train.py push RUN_DIR --repo USER/NAME [--dry-run]          # dictionary -> Hub model repo
+    python run_train.py lm-eval RUN_DIR                                    # splice it in: the models' loss
 
 Re-running the same command resumes from the newest checkpoint in --out.
 Every flag is a field of ``train.config.TrainConfig``.
@@ -47,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
         from train.export_circuit_tracer import export_circuit_tracer_cli
 
         return export_circuit_tracer_cli(argv[1:])
+    if argv and argv[0] == "lm-eval":  # run_train.py lm-eval RUN_DIR: what the LMs lose with it spliced in
+        from train.lm_eval import lm_eval_cli
+
+        return lm_eval_cli(argv[1:])
+    if argv and argv[0] == "push":  # run_train.py push RUN_DIR --repo USER/NAME: share the dictionary on the Hub
+        from train.hub_dictionary import push_cli
+
+        return push_cli(argv[1:])
     args = _train_parser().parse_args(argv)
     try:
         cfg = config_from_namespace(TrainConfig, args, args.config)

@@ -1,0 +1,347 @@
+"""What the language models lose when a trained dictionary stands in for their activations.
+
+``run_train.py lm-eval RUN_DIR`` (:func:`evaluate_lm`) loads the run's models, forwards held-out
+sequences of its cache (those whose rows are in the run's eval split), and for each model whose
+hooks the dictionary writes (its output slots) compares three forward passes:
+
+- clean: the model as it is;
+- spliced: each output hook's activation replaced by the dictionary's reconstruction;
+- zero-ablated: the same activations replaced by zeros (the usual floor).
+
+It reports the next-token cross-entropy of each, ``delta_ce = spliced - clean`` (nats/token),
+``loss_recovered = (zero - spliced) / (zero - clean)`` and the KL divergence of the spliced from the
+clean next-token distribution. Splicing uses the run's exported dictionary, which reads raw
+activations (the cache's normalization folded in), and replaces only the positions whose tokens the
+harvest kept (BOS and the other excluded tokens stay clean: the dictionary never saw them).
+
+The reconstructions are computed "open loop": every input slot is read from the clean forward passes
+(of every model: a crosscoder's encoder reads them all), then each model runs once with all of its
+output hooks replaced. For one hook that is the whole story; for several hooks of one model (a
+cross-layer crosscoder or CLT), a later hook's reconstruction is not fed the earlier splices.
+
+Before any figure, the clean activations are compared with the cache's own rows for the same tokens:
+models that no longer produce what was harvested (a model folder retrained since) are refused.
+No LLM runs inside training; this is an evaluation step after it, like ``analyze``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from shared.config import add_dataclass_arguments, coerce_field_types, config_from_namespace, field_help
+from shared.shard_io import atomic_write_bytes
+from train.analysis_run import RunData, RunError, cache_model_names, load_run, open_run_cache
+
+__all__ = ["ACTIVATION_CHECK_MAX", "LMEvalConfig", "evaluate_lm", "format_table", "lm_eval_cli"]
+
+ACTIVATION_CHECK_MAX = 0.05
+"""Largest median relative error between the models' activations now and the cache's rows for the same
+tokens. Storage rounding is ~0.4% (bfloat16) and batching changes little; a model retrained since the
+harvest is off by far more."""
+
+
+@dataclass(frozen=True)
+class LMEvalConfig:
+    """Options of ``run_train.py lm-eval``. Validated on construction; saved in the result."""
+
+    run: str = field_help("Run folder (from run_train.py).", default="runs/toy-diff", metadata={"cli": False})
+    cache: str | None = field_help(
+        "The run's cache (tokens and excluded tokens; a folder or hf://USER/NAME[@REV]). Default: where the run "
+        "trained on it, as analyze finds it.", default=None)
+    # 128 x 128 tokens: ~16k predictions per model, a delta CE to ~0.01 nats on the toy pair.
+    sequences: int = field_help("Held-out sequences to evaluate (from the run's eval split).", default=128)
+    batch_size: int = field_help("Sequences per forward pass.", default=8)
+    device: str = field_help("auto (cuda if available), cpu, cuda, ...", default="auto")
+    model_dtype: str = field_help("dtype the models run in (float32, bfloat16, float16).", default="float32")
+    out: str | None = field_help("Result JSON (default: RUN/analysis/lm_eval.json).", default=None)
+    progress: bool = field_help("Show a progress bar.", default=True)
+
+    def __post_init__(self) -> None:
+        coerce_field_types(self)
+        for name in ("sequences", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.model_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"model_dtype must be float32, bfloat16 or float16, got {self.model_dtype!r}")
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out) if self.out else Path(self.run) / "analysis" / "lm_eval.json"
+
+
+@dataclass
+class _Totals:
+    """Running sums over predicted tokens for one model."""
+
+    clean: float = 0.0
+    spliced: float = 0.0
+    zero: float = 0.0
+    kl: float = 0.0
+    n: int = 0
+
+    def summary(self, hooks: list[str]) -> dict[str, Any]:
+        clean, spliced, zero = self.clean / self.n, self.spliced / self.n, self.zero / self.n
+        recovered = (zero - spliced) / (zero - clean) if zero - clean > 1e-9 else None
+        return {"hooks": hooks, "tokens": self.n, "ce_clean": clean, "ce_spliced": spliced, "ce_zero_ablation": zero,
+                "delta_ce": spliced - clean, "loss_recovered": recovered, "kl_spliced": self.kl / self.n}
+
+
+def _held_out_sequences(cache: Any, run: RunData, n: int, notes: list[str]) -> list[int]:
+    """The first ``n`` sequences (by index) with rows in the run's eval split (the last shards)."""
+    from train.loader import default_eval_shards
+
+    n_eval = run.info["config"].get("eval_shards")
+    n_eval = default_eval_shards(cache.n_shards) if n_eval is None else int(n_eval)
+    if n_eval == 0:
+        notes.append("the run held out no shards (eval_shards 0, or a one-shard cache): the sequences evaluated "
+                     "are ones the dictionary was trained on")
+        n_eval = cache.n_shards
+    seqs = np.unique(np.concatenate([cache.shard(i).seq.numpy() for i in range(cache.n_shards - n_eval, cache.n_shards)]))
+    return [int(s) for s in seqs[:n]]
+
+
+def _load_spec(entry: dict[str, Any]) -> str:
+    """What to load for a cache's model entry: its recorded local folder if it is still there, else its name."""
+    path = entry.get("path")
+    if path and Path(path).expanduser().is_dir():
+        return str(Path(path).expanduser())
+    name, revision = entry["name"], entry.get("revision")
+    return f"{name}@{revision}" if revision and "@" not in name else name
+
+
+def _forward(bridge: Any, tokens_BP: torch.Tensor, hooks: dict[str, Any]) -> torch.Tensor:
+    """Logits of one forward with ``hooks`` (point name -> forward hook) registered for its duration."""
+    handles = [bridge.hook_dict[name].register_forward_hook(fn) for name, fn in hooks.items()]
+    try:
+        return bridge(tokens_BP)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _capture_hook(store: dict[str, torch.Tensor], name: str, point: Any) -> Any:
+    from harvest.models import hook_value
+
+    def hook(_module: Any, _inputs: Any, out: torch.Tensor) -> None:
+        store[name] = hook_value(point, out).detach().float()
+    return hook
+
+
+def _replace_hook(new_BPD: torch.Tensor, keep_BP: torch.Tensor) -> Any:
+    """A forward hook that puts ``new_BPD`` where ``keep_BP`` holds (kept tokens) and leaves the rest."""
+    def hook(_module: Any, _inputs: Any, out: torch.Tensor) -> torch.Tensor:
+        # OPT's MLP-side points fire on flattened [batch*pos, d] rows: the same elements, reshaped.
+        new = new_BPD.to(out.dtype).reshape(out.shape)
+        keep = keep_BP.reshape(*out.shape[:-1], 1)
+        return torch.where(keep, new, out)
+    return hook
+
+
+def _token_ce(logits_BPV: torch.Tensor, tokens_BP: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of every predicted position [B*(P-1)], in float32."""
+    return F.cross_entropy(rearrange(logits_BPV[:, :-1].float(), "b p v -> (b p) v"),
+                           rearrange(tokens_BP[:, 1:], "b p -> (b p)"), reduction="none")
+
+
+def _kl(clean_BPV: torch.Tensor, other_BPV: torch.Tensor) -> torch.Tensor:
+    """KL(clean || other) of the next-token distributions at every predicted position, summed."""
+    lp_clean = F.log_softmax(clean_BPV[:, :-1].float(), dim=-1)
+    lp_other = F.log_softmax(other_BPV[:, :-1].float(), dim=-1)
+    return (lp_clean.exp() * (lp_clean - lp_other)).sum()
+
+
+def _cache_rows(cache: Any, seqs: list[int], run: RunData) -> dict[tuple[int, int], torch.Tensor]:
+    """The cache's rows of sequences ``seqs`` in the run's slot layout [X, D], raw (normalization undone),
+    keyed by (seq, pos). Read from the eval shards' rows for those sequences."""
+    man = cache.manifest
+    names = cache_model_names(run, man)
+    m_idx = [man.model_names.index(names[m]) for m in run.models_used]
+    p_idx = [list(man.hooks).index(h) for h in run.hooks_used]
+    norm = cache.normalization().select(m_idx, p_idx)
+    wanted = set(seqs)
+    found: dict[tuple[int, int], torch.Tensor] = {}
+    for i in reversed(range(cache.n_shards)):  # held-out shards are the last ones
+        shard = cache.shard(i)
+        rows = np.nonzero(np.isin(shard.seq.numpy(), list(wanted)))[0]
+        if len(rows):
+            acts_NMPD = shard.acts[torch.from_numpy(rows)][:, m_idx][:, :, p_idx].float()
+            raw = rearrange(norm.undo(acts_NMPD), "n m p d -> n (m p) d")
+            for r, x in zip(rows.tolist(), raw):
+                found[(int(shard.seq[r]), int(shard.pos[r]))] = x
+        if len(found) >= 256:
+            break
+    return found
+
+
+def _activation_error(found: dict[tuple[int, int], torch.Tensor], seqs: list[int], x_BPXD: torch.Tensor) -> float | None:
+    """Median relative error of the activations computed now against the cache's rows of the same tokens."""
+    errors = []
+    for b, s in enumerate(seqs):
+        for (seq, pos), row in found.items():
+            if seq == s:
+                now = x_BPXD[b, pos].cpu()
+                errors.append(float((now - row).norm() / row.norm().clamp_min(1e-12)))
+    return float(np.median(errors)) if errors else None
+
+
+def evaluate_lm(cfg: LMEvalConfig) -> dict[str, Any]:
+    """Splice the run's exported dictionary into its models on held-out sequences (see the module
+    docstring); write the result to ``cfg.out_path`` (JSON) and return it."""
+    from harvest.models import load_models, resolve_device
+    from shared.cache_format import dtype_from_name
+    from train.export import load_dictionary
+
+    t0 = time.perf_counter()
+    run = load_run(cfg.run)
+    export_dir = Path(cfg.run) / "export"
+    if not (export_dir / "config.json").is_file():
+        raise RunError(f"{cfg.run} has no export/: re-run its run_train.py command to finish and export it")
+    device = resolve_device(cfg.device)
+    dictionary = load_dictionary(export_dir, device)  # raw activations in, raw out
+    notes: list[str] = []
+    opened = open_run_cache(run, cfg.cache, notes)
+    if opened is None:
+        raise RunError(f"lm-eval needs the run's cache (its tokens): {notes[-1]}")
+    cache, table = opened
+    man = cache.manifest
+    names = cache_model_names(run, man)
+    entries = {m["name"]: m for m in man.models}
+    specs = [_load_spec(entries[names[m]]) for m in run.models_used]
+    excluded = man.excluded_tokens
+    models = load_models(specs, list(run.hooks_used), context_size=man.context_size, device=device,
+                         model_dtype=dtype_from_name(cfg.model_dtype), exclude_special=bool(excluded.get("special", True)),
+                         exclude_token_ids=list(excluded.get("token_ids") or []),
+                         allow_vocab_extension="extended_by" in man.tokenizer, progress=cfg.progress)
+    # The cache's own list (what its rows lack); a cache written elsewhere without one: the models' rule.
+    ids = excluded.get("token_ids")
+    excluded_ids = torch.tensor(sorted(models.excluded_ids if ids is None else ids), dtype=torch.long, device=device)
+
+    seqs = _held_out_sequences(cache, run, cfg.sequences, notes)
+    if len(seqs) < cfg.sequences:
+        notes.append(f"the eval split holds {len(seqs)} sequences; all of them were evaluated")
+    seq_col = table.column("seq").to_numpy()
+    ids_col = table.column("input_ids")
+    row_of = {int(s): i for i, s in enumerate(seq_col)}
+    slots = run.slot_pairs  # (model, hook) of each slot, the dictionary's X order
+    in_slots, out_slots = list(dictionary.cfg.in_slots), list(dictionary.cfg.out_slots)
+    out_by_model = {m: [(x, h) for x, (mm, h) in enumerate(slots[s] for s in out_slots) if mm == m]
+                    for m in run.models_used}
+    out_by_model = {m: v for m, v in out_by_model.items() if v}
+    totals = {m: _Totals() for m in out_by_model}
+    check_rows = _cache_rows(cache, seqs[:cfg.batch_size], run)
+    activation_error = None
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(seqs) * man.context_size, unit="tok", unit_scale=True, desc="lm-eval",
+               disable=not cfg.progress, dynamic_ncols=True)
+    with torch.inference_mode():
+        for start in range(0, len(seqs), cfg.batch_size):
+            batch = seqs[start:start + cfg.batch_size]
+            tokens_BP = torch.tensor(np.stack([np.asarray(ids_col[row_of[s]].as_py()) for s in batch]),
+                                     dtype=torch.long, device=device)
+            keep_BP = ~torch.isin(tokens_BP, excluded_ids)
+            captured: dict[str, dict[str, torch.Tensor]] = {}
+            clean_logits: dict[str, torch.Tensor] = {}
+            for m, bridge in zip(run.models_used, models.bridges):
+                store: dict[str, torch.Tensor] = {}
+                hooks = {h: _capture_hook(store, h, bridge.hook_dict[h]) for h in run.hooks_used}
+                logits = _forward(bridge, tokens_BP, hooks)
+                captured[m] = store
+                if m in out_by_model:
+                    clean_logits[m] = logits
+            x_BPXD = torch.stack([captured[m][h] for m, h in slots], dim=2)
+            if activation_error is None:
+                activation_error = _activation_error(check_rows, batch, x_BPXD)
+                if activation_error is not None and activation_error > ACTIVATION_CHECK_MAX:
+                    raise RunError(
+                        f"the models loaded now ({', '.join(specs)}) do not reproduce the cache's activations for the "
+                        f"same tokens (median relative error {activation_error:.3f}, more than {ACTIVATION_CHECK_MAX}): "
+                        "a model folder changed since the harvest, or another model answers to its name. Evaluate with "
+                        "the models the cache was harvested from")
+            x_in_NXiD = rearrange(x_BPXD[:, :, in_slots], "b p x d -> (b p) x d")
+            recon_BPXD = rearrange(dictionary(x_in_NXiD).recon_BXoD, "(b p) x d -> b p x d", b=tokens_BP.shape[0])
+            for m, bridge in zip(run.models_used, models.bridges):
+                if m not in out_by_model:
+                    continue
+                t = totals[m]
+                spliced = _forward(bridge, tokens_BP, {h: _replace_hook(recon_BPXD[:, :, x], keep_BP)
+                                                        for x, h in out_by_model[m]})
+                zeroed = _forward(bridge, tokens_BP, {h: _replace_hook(torch.zeros_like(recon_BPXD[:, :, x]), keep_BP)
+                                                       for x, h in out_by_model[m]})
+                t.clean += float(_token_ce(clean_logits[m], tokens_BP).sum())
+                t.spliced += float(_token_ce(spliced, tokens_BP).sum())
+                t.zero += float(_token_ce(zeroed, tokens_BP).sum())
+                t.kl += float(_kl(clean_logits[m], spliced))
+                t.n += tokens_BP.shape[0] * (tokens_BP.shape[1] - 1)
+            bar.update(tokens_BP.numel())
+    bar.close()
+
+    result = {
+        "format": "crosscache.lm_eval/1",
+        "run": str(cfg.run), "cache": run.cache_used, "arch": dictionary.cfg.arch,
+        "sequences": len(seqs), "sequence_ids": seqs, "context_size": man.context_size,
+        "models": {m: totals[m].summary([h for _, h in out_by_model[m]]) for m in out_by_model},
+        "activation_check_median_rel_error": activation_error,
+        "method": ("open loop: reconstructions from the clean activations of every input slot; each model's output "
+                   "hooks replaced together at kept tokens (excluded tokens such as BOS stay clean); zero ablation "
+                   "replaces the same activations with zeros; cross-entropy averaged over every predicted token"),
+        "notes": notes,
+        "config": dataclasses.asdict(cfg),
+        "seconds": time.perf_counter() - t0,
+    }
+    path = cfg.out_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(result, indent=1, default=_json_default) + "\n").encode())
+    result["path"] = str(path)
+    return result
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def format_table(result: dict[str, Any]) -> list[str]:
+    """The result as lines of a table, one row per model."""
+    lines = [f"{'model':<24} {'CE clean':>9} {'spliced':>9} {'zero-abl':>9} {'ΔCE':>8} {'recovered':>9} {'KL':>8}"]
+    for m, r in result["models"].items():
+        rec = "n/a" if r["loss_recovered"] is None else f"{r['loss_recovered']:.3f}"
+        lines.append(f"{m[-24:]:<24} {r['ce_clean']:>9.4f} {r['ce_spliced']:>9.4f} {r['ce_zero_ablation']:>9.4f} "
+                     f"{r['delta_ce']:>8.4f} {rec:>9} {r['kl_spliced']:>8.4f}")
+    return lines
+
+
+def lm_eval_cli(argv: list[str]) -> int:
+    """``run_train.py lm-eval RUN_DIR [flags]``: prints the table and the result's path."""
+    parser = argparse.ArgumentParser(prog="run_train.py lm-eval",
+                                     description="Splice a trained dictionary into its models: what the LM loses.")
+    parser.add_argument("run", help="run folder (the --out of run_train.py)")
+    add_dataclass_arguments(parser, LMEvalConfig)
+    args = parser.parse_args(argv)
+    try:
+        cfg = dataclasses.replace(config_from_namespace(LMEvalConfig, args), run=args.run)
+        result = evaluate_lm(cfg)
+    except (RunError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for line in format_table(result):
+        print(line)
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(f"result: {result['path']}")
+    return 0
