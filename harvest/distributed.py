@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from harvest.config import HarvestConfig
-from harvest.models import HarvestInputError, load_models, resolve_device
+from harvest.models import HarvestInputError, check_same_weights, load_models, resolve_device
 from harvest.process_group import (
     RESUME_HINT,
     DistributedHarvestError,
@@ -292,6 +292,7 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
         by_rank: dict[int, list[ShardRecord]] = {}
         chunks: list[int] = []
         if existing is not None:
+            check_same_weights(existing.models, models.manifest_models())  # before anything is removed
             chunks, by_rank, carried, kept_bytes = collect_written(out, existing, layout, world)
         check_free_disk(cfg, out, (m, p, d), row_bytes, kept_bytes, say=say, suffix=f"; {_procs(world)}")
         # Before `made` lists --out: a failed start discards the harvest's own files, not this one.

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from harvest.config import HarvestConfig
-from harvest.models import HarvestInputError, LoadedModels, hook_value, load_models, resolve_device
+from harvest.models import (HarvestInputError, LoadedModels, check_same_weights, hook_value, load_models,
+                            resolve_device)
 from harvest.rank_manifests import damaged_shards, remove_unlisted_shards, shard_index
 from harvest.token_stream import TokenPlan, build_token_plan
 from harvest.writer import drain, shard_writer_for, writer_wait_note
@@ -473,6 +474,8 @@ def _harvest_one_process(cfg: HarvestConfig) -> Manifest:
         exclude_token_ids=cfg.exclude_token_ids, allow_vocab_extension=cfg.allow_vocab_extension,
         progress=cfg.progress,
     )
+    if existing is not None:
+        check_same_weights(existing.models, models.manifest_models())
     if models.vocab_extension_note():
         print(models.vocab_extension_note())
     m, p, d = len(cfg.models), len(cfg.hooks), models.d_model
@@ -566,7 +569,7 @@ def _harvest_one_process(cfg: HarvestConfig) -> Manifest:
                                        "forward_loop_cpu_seconds": round(loop_cpu, 3)}
     final = writer.finish()
     print(f"harvested {final.n_rows:,} rows into {_shards(len(final.shards))} at {out} "
-          f"({final.n_rows / max(seconds, 1e-9):,.0f} tokens/s this run)")
+          f"({manifest.created_by['last_run']['rows'] / max(seconds, 1e-9):,.0f} tokens/s this run)")
     if note := writer_wait_note(manifest.created_by["last_run"]["writer_wait_seconds"], forward_seconds):
         print(note)
     return final

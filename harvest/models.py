@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 __all__ = ["ResolvedModel", "resolve_model", "load_models", "LoadedModels", "stop_layer_for", "HarvestInputError",
-           "hook_value"]
+           "hook_value", "weights_fingerprint", "check_same_weights"]
 
 
 class HarvestInputError(ValueError):
@@ -249,6 +249,42 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return vocab_sha256(tokenizer.get_vocab())
 
 
+_FINGERPRINT_SAMPLES = 4096
+"""Values sampled per parameter tensor (evenly spaced): training or editing a model changes nearly
+every weight, so a sample shows it, at a cost of milliseconds even for a 7B model."""
+
+
+def weights_fingerprint(model: Any) -> str:
+    """A sha256 over every parameter's name, shape and an evenly spaced sample of its values (as
+    float32): the same weights give the same fingerprint on any device; a model retrained or edited
+    in place (a fine-tune folder rebuilt, a Hub branch that moved) gives another."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+            flat = param.detach().reshape(-1)
+            step = max(1, flat.numel() // _FINGERPRINT_SAMPLES)
+            sample = flat[::step][:_FINGERPRINT_SAMPLES].float().cpu().contiguous()
+            h.update(f"{name}:{tuple(param.shape)}:".encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_same_weights(recorded: list[dict[str, Any]], loaded: list[dict[str, Any]]) -> None:
+    """Refuse a resume whose models' weights differ from those the cache's rows came from (manifest
+    ``models[].weights_fingerprint``; caches from before it was recorded are not checked): the new
+    rows would be another model's, under the first rows' normalization, and nothing would tell."""
+    for then, now in zip(recorded, loaded):
+        a, b = then.get("weights_fingerprint"), now.get("weights_fingerprint")
+        if a and b and a != b:
+            raise HarvestInputError(
+                f"model {now['name']!r} has other weights than when this cache was started (fingerprint "
+                f"{a[:12]} then, {b[:12]} now: retrained or edited in place, or a Hub branch that moved). "
+                "Resuming would mix two models' activations in one cache: restore the original weights (or "
+                "pin them, NAME@REVISION), or harvest into a new --out")
+
+
 @dataclass
 class LoadedModels:
     """Bridges ready to harvest, plus what the manifest records about them."""
@@ -273,6 +309,7 @@ class LoadedModels:
                 "revision": r.revision,
                 "d_model": int(b.cfg.d_model),
                 "n_layers": int(b.cfg.n_layers),
+                "weights_fingerprint": weights_fingerprint(getattr(b, "original_model", b)),
             }
             for r, b in zip(self.resolved, self.bridges)
         ]

@@ -729,3 +729,38 @@ def test_rows_taken_in_the_callers_thread_stop_cleanly_on_an_error():
                     w.put_rows)
     assert len(cap.listed) == 2 and all("00000" in f or "00001" in f for f in cap.listed)
     assert not [t for t in threading.enumerate() if t.name.startswith("crosscache-shard-write")]
+
+
+def test_a_resume_with_other_weights_is_refused_and_loses_nothing(toy_dirs, tmp_path):
+    """A model folder retrained in place between a crash and the resume: the resume would write the new
+    model's rows beside the old one's, under the old normalization. It is refused, naming the model,
+    and the shards already written stay listed; with the original weights back, it resumes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "ft"
+    shutil.copytree(toy_dirs["toy-code"], model)
+    cfg = small_harvest_config(tmp_path / "c", models=["toy-base", str(model)], hooks=["blocks.1.hook_resid_post"],
+                               tokens=3000, shard_size=0.0625, shuffle_shards=2, calibration_tokens=500)
+    harvest(cfg)
+    done = Manifest.load(cfg.out)
+    assert all(len(m["weights_fingerprint"]) == 64 for m in done.models)
+    # As a crash leaves it: the manifest lists the first chunks, not complete.
+    man = json.loads((Path(cfg.out) / "manifest.json").read_text())
+    man["shards"], man["complete"] = man["shards"][:4], False
+    man["n_rows"] = sum(s["n_rows"] for s in man["shards"])
+    (Path(cfg.out) / "manifest.json").write_text(json.dumps(man))
+    weights = next(model.glob("*.safetensors"))
+    original = weights.read_bytes()
+    tensors = load_file(weights)
+    name = next(k for k in tensors if "layers.0.mlp" in k and k.endswith("weight"))
+    tensors[name] = tensors[name] * 3
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(HarvestInputError, match=rf"model '{model}' has other weights than when this cache was "
+                                                r"started .*harvest into a new --out"):
+        harvest(cfg)
+    assert Manifest.load(cfg.out).shards == Manifest.load(cfg.out).shards[:4] and len(Manifest.load(cfg.out).shards) == 4
+    weights.write_bytes(original)
+    resumed = harvest(cfg)
+    assert [s.sha256 for s in resumed.shards] == [s.sha256 for s in done.shards]
