@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from harvest.process_group import DistributedHarvestError
     from shared.cache_format import CacheError
     from shared.folder_lock import FolderLockError, exit_code_for
+    from shared.shard_io import DiskFullError
 
     try:
         harvest(cfg)
@@ -145,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         return exit_code_for(e)
     except (HarvestInputError, CacheError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except DiskFullError as e:  # its message says what to free and that a re-run resumes
+        print(f"error: {e.strerror or e}", file=sys.stderr)
         return 2
     except DistributedHarvestError as e:
         print(f"error: {e}", file=sys.stderr)

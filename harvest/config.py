@@ -13,10 +13,14 @@ from typing import Literal
 from shared.config import config_to_json, field_help, coerce_field_types
 from shared.normalization import NORM_METHODS
 
-__all__ = ["HarvestConfig", "CONTENT_FIELDS"]
+__all__ = ["HarvestConfig", "CONTENT_FIELDS", "MAX_SEED"]
 
 AUTO_SHARDS = 32
 """Shards an automatically sized cache is cut into (unless that makes shards < 1 MiB or > 64 MiB)."""
+
+MAX_SEED = (2**63 - 1 - 2**32) // 1_000_003
+"""Largest ``--seed``: the write shuffle seeds ``torch.Generator`` with ``seed * 1_000_003 + chunk``, an
+int64. Negative seeds are refused too: the streaming shuffle of file and Hub datasets needs seed >= 0."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ class HarvestConfig:
     shuffle_shards: int = field_help(
         "Write-time shuffle buffer, in shards: this many shards' rows are permuted together.", default=8
     )
-    seed: int = field_help("Seed for document order and the write-time shuffle.", default=0)
+    seed: int = field_help(f"Seed for document order and the write-time shuffle (0 to {MAX_SEED}).", default=0)
     exclude_special: bool = field_help(
         "Exclude BOS, padding and every other special token from the rows (their norms are outliers).",
         default=True,
@@ -123,6 +127,8 @@ class HarvestConfig:
             raise ValueError(f"shard_size must be a positive number of MiB, got {self.shard_size}")
         if self.normalize not in NORM_METHODS:
             raise ValueError(f"normalize must be one of {NORM_METHODS}, got {self.normalize!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
 
     def shard_rows(self, row_bytes: int) -> int:
         """Rows per shard for rows of ``row_bytes`` bytes (see ``shard_size``)."""

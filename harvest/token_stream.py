@@ -144,6 +144,14 @@ def _doc_tokens(batch: list[dict[str, Any]], tokenizer: Any, text_column: str, n
             f"dataset rows have no text column {text_column!r} (columns: {sorted(batch[0])}); "
             "pass --text-column NAME, or provide an input_ids column"
         )
+    odd = [d[text_column] for d in batch if not isinstance(d[text_column], (str, type(None)))]
+    if odd:
+        bad = odd[0]
+        raise HarvestInputError(
+            f"text column {text_column!r} holds {type(bad).__name__} values (e.g. {bad!r}), not text; pass "
+            f"--text-column NAME of a column of strings (columns: {sorted(batch[0])}), or give pre-tokenized "
+            "data as an input_ids column"
+        )
     texts = [d[text_column] or "" for d in batch]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
