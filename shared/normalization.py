@@ -25,7 +25,7 @@ from safetensors.torch import load, save
 from shared.cache_format import NORMALIZATION_NAME, CacheError
 from shared.shard_io import atomic_write_bytes
 
-__all__ = ["NormMethod", "NORM_METHODS", "Normalization"]
+__all__ = ["NormMethod", "NORM_METHODS", "Normalization", "NormalizationEstimator"]
 
 NormMethod = Literal["norm_scale", "mean_std", "none"]
 NORM_METHODS: tuple[str, ...] = ("norm_scale", "mean_std", "none")
@@ -45,28 +45,12 @@ class Normalization:
 
     @staticmethod
     def estimate(raw_NMPD: torch.Tensor, method: NormMethod) -> "Normalization":
-        """Estimate factors from calibration rows (special tokens must already be excluded)."""
-        if method not in NORM_METHODS:
-            raise ValueError(f"normalize must be one of {NORM_METHODS}, got {method!r}")
-        if raw_NMPD.shape[0] == 0:
-            raise ValueError("cannot estimate normalization from an empty calibration sample")
-        x = raw_NMPD.to(torch.float64)
-        _, m, p, d = x.shape
-        if method == "norm_scale":
-            mean_norm_MP = x.norm(dim=-1).mean(dim=0)
-            if (mean_norm_MP == 0).any():
-                raise ValueError("an activation slot is all zeros on the calibration sample")
-            if not torch.isfinite(mean_norm_MP).all():
-                raise ValueError("an activation slot is inf or NaN on the calibration sample")
-            scale = (math.sqrt(d) / mean_norm_MP).to(torch.float32)
-            return Normalization("norm_scale", scale)
-        if method == "mean_std":
-            mean = x.mean(dim=0)
-            std = x.std(dim=0, unbiased=False).clamp_min(_STD_FLOOR)
-            return Normalization(
-                "mean_std", torch.ones(m, p), mean.to(torch.float32), std.to(torch.float32)
-            )
-        return Normalization("none", torch.ones(m, p))
+        """Estimate factors from calibration rows (special tokens must already be excluded).
+
+        One sample in memory; :class:`NormalizationEstimator` gives the same factors from chunks."""
+        est = NormalizationEstimator(method)
+        est.add(raw_NMPD)
+        return est.result()
 
     def slots_sha256(self, model_names: list[str], hooks: list[str], slots: list[tuple[str, str]]) -> str:
         """sha256 of the normalization of some ``(model, hook)`` slots, in the order given: the method,
@@ -169,3 +153,75 @@ class Normalization:
                 "without it; restore the file, or delete the cache folder and re-run the harvest"
             )
         return Normalization(method, scale, tensors["mean"].float(), tensors["std"].float())
+
+
+class NormalizationEstimator:
+    """Running estimate of a :class:`Normalization` over calibration rows given in chunks.
+
+    Sums are float64 and chunks are combined exactly (Chan et al.'s pairwise update for mean and
+    variance), so the factors do not depend on how the sample is cut. Memory is the sums plus one
+    chunk converted to float64 at a time (``max_chunk_bytes``): the harvest used to concatenate
+    its calibration rows and copy them twice more (float32, float64), ~4x the sample's size at peak.
+    """
+
+    def __init__(self, method: NormMethod, *, max_chunk_bytes: int = 256 << 20) -> None:
+        if method not in NORM_METHODS:
+            raise ValueError(f"normalize must be one of {NORM_METHODS}, got {method!r}")
+        self.method: NormMethod = method
+        self.max_chunk_bytes = max_chunk_bytes
+        self.n_rows = 0
+        self._shape_MPD: tuple[int, int, int] | None = None
+        self._norm_sum_MP: torch.Tensor | None = None  # norm_scale: sum of row norms
+        self._mean_MPD: torch.Tensor | None = None  # mean_std: running mean ...
+        self._m2_MPD: torch.Tensor | None = None  # ... and sum of squared deviations from it
+
+    def add(self, raw_NMPD: torch.Tensor) -> None:
+        """Add calibration rows ``[N, M, P, D]`` (any float dtype, any device)."""
+        if raw_NMPD.dim() != 4:
+            raise ValueError(f"calibration rows must be [N, M, P, D], got shape {tuple(raw_NMPD.shape)}")
+        shape = tuple(raw_NMPD.shape[1:])
+        if self._shape_MPD is None:
+            self._shape_MPD = shape  # type: ignore[assignment]
+        elif shape != self._shape_MPD:
+            raise ValueError(f"calibration rows of shape {shape} after rows of shape {self._shape_MPD}")
+        row_bytes = 8 * max(1, math.prod(shape))
+        step = max(1, self.max_chunk_bytes // row_bytes)
+        for lo in range(0, raw_NMPD.shape[0], step):
+            self._add_chunk(raw_NMPD[lo:lo + step].to(device="cpu", dtype=torch.float64))
+
+    def _add_chunk(self, x_NMPD: torch.Tensor) -> None:
+        n = x_NMPD.shape[0]
+        if self.method == "norm_scale":
+            s = x_NMPD.norm(dim=-1).sum(dim=0)
+            self._norm_sum_MP = s if self._norm_sum_MP is None else self._norm_sum_MP + s
+        elif self.method == "mean_std":
+            mean_MPD = x_NMPD.mean(dim=0)
+            m2_MPD = (x_NMPD - mean_MPD).square().sum(dim=0)
+            if self._mean_MPD is None or self._m2_MPD is None:
+                self._mean_MPD, self._m2_MPD = mean_MPD, m2_MPD
+            else:
+                total = self.n_rows + n
+                delta_MPD = mean_MPD - self._mean_MPD
+                self._mean_MPD = self._mean_MPD + delta_MPD * (n / total)
+                self._m2_MPD = self._m2_MPD + m2_MPD + delta_MPD.square() * (self.n_rows * n / total)
+        self.n_rows += n
+
+    def result(self) -> Normalization:
+        """The normalization of every row added so far."""
+        if self.n_rows == 0 or self._shape_MPD is None:
+            raise ValueError("cannot estimate normalization from an empty calibration sample")
+        m, p, d = self._shape_MPD
+        if self.method == "norm_scale":
+            assert self._norm_sum_MP is not None
+            mean_norm_MP = self._norm_sum_MP / self.n_rows
+            if (mean_norm_MP == 0).any():
+                raise ValueError("an activation slot is all zeros on the calibration sample")
+            if not torch.isfinite(mean_norm_MP).all():
+                raise ValueError("an activation slot is inf or NaN on the calibration sample")
+            return Normalization("norm_scale", (math.sqrt(d) / mean_norm_MP).to(torch.float32))
+        if self.method == "mean_std":
+            assert self._mean_MPD is not None and self._m2_MPD is not None
+            std_MPD = (self._m2_MPD / self.n_rows).sqrt().clamp_min(_STD_FLOOR)
+            return Normalization("mean_std", torch.ones(m, p), self._mean_MPD.to(torch.float32),
+                                 std_MPD.to(torch.float32))
+        return Normalization("none", torch.ones(m, p))

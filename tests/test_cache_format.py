@@ -207,6 +207,33 @@ def test_normalization_round_trip(tmp_path, method):
     assert torch.allclose(again.apply(x), y)
 
 
+@pytest.mark.parametrize("method", ["norm_scale", "mean_std"])
+def test_normalization_estimated_in_chunks_equals_the_whole_sample(method):
+    """The harvest streams its calibration rows through NormalizationEstimator (uneven items, each
+    cut into chunks): the factors are those of the whole sample, computed directly in float64."""
+    from shared.normalization import NormalizationEstimator
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1000, 2, 3, 16, generator=g) * torch.linspace(0.5, 40, 16) + 100).to(torch.bfloat16)
+    whole = x.to(torch.float64)
+    est = NormalizationEstimator(method, max_chunk_bytes=37 * 2 * 3 * 16 * 8)  # 37 rows per chunk
+    for lo, hi in [(0, 1), (1, 250), (250, 251), (251, 1000)]:
+        est.add(x[lo:hi])
+    assert est.n_rows == 1000
+    got = est.result()
+    if method == "norm_scale":
+        want = (16 ** 0.5 / whole.norm(dim=-1).mean(0)).float()
+        torch.testing.assert_close(got.scale_MP, want, rtol=1e-6, atol=0)
+    else:
+        assert got.mean_MPD is not None and got.std_MPD is not None
+        torch.testing.assert_close(got.mean_MPD, whole.mean(0).float(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(got.std_MPD, whole.std(0, unbiased=False).float(), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="shape"):
+        est.add(torch.zeros(3, 2, 3, 8))
+    with pytest.raises(ValueError, match="empty"):
+        NormalizationEstimator(method).result()
+
+
 def test_damaged_normalization_side_file_is_named(tmp_path):
     """A mean_std side file that is truncated, altered, of other shapes or incomplete raises a
     CacheError naming the file, on load and in verify; a side file without a listed sha256 (an
