@@ -73,7 +73,8 @@ def _repair_hint(cache_dir: Path) -> str:
 def _push(argv: list[str]) -> int:
     from shared.cache_format import CacheError
     from shared.folder_lock import FolderBusyError, exit_code_for
-    from shared.hub import push_cache, token_status
+    from shared.hub import push_cache
+    from shared.hub_push_common import add_push_options, print_push_result
 
     parser = argparse.ArgumentParser(
         prog="run_harvest.py push",
@@ -81,17 +82,7 @@ def _push(argv: list[str]) -> int:
         "with a generated dataset card. The token comes from HF_TOKEN or `hf auth login`.",
     )
     parser.add_argument("cache", help="cache folder (or hf://USER/NAME[@REV])")
-    parser.add_argument("--repo", required=True, help="dataset repo USER/NAME (created if missing)")
-    parser.add_argument("--private", action="store_true",
-                        help="create the repo private; an existing public repo is refused (it keeps its "
-                        "visibility: make it private in its settings first, or drop --private)")
-    parser.add_argument("--revision", help="branch to push to (created from main if missing; default main)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="verify, print the card, the file list and what the repo holds (looked at, read "
-                        "only, unless offline); upload nothing")
-    parser.add_argument("--force", action="store_true",
-                        help="replace what the repo (branch) holds when it is not this cache: a different "
-                        "crosscache cache, or files that are not a cache. Without it such a push is refused")
+    add_push_options(parser, repo_type="dataset", thing="cache", dry_run_checks="verify")
     args = parser.parse_args(argv)
     try:
         plan = push_cache(args.cache, args.repo, private=args.private, revision=args.revision,
@@ -102,22 +93,7 @@ def _push(argv: list[str]) -> int:
     except (CacheError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for note in plan.notes:
-        print(f"note: {note}", file=sys.stderr)
-    if args.dry_run:
-        print(plan.card)
-        print(f"--- files for {plan.url} ---")
-        print(plan.file_list())
-        print(f"--- repo ---\n{plan.repo_summary()}")
-        print(f"auth: {token_status()}")
-        print("dry run: nothing uploaded")
-        return 0
-    print(f"pushed {len(plan.files)} files ({plan.total_bytes:,} bytes) to {plan.url}"
-          + (f"\ncommit: {plan.commit_url}" if plan.commit_url else ""))
-    if plan.deletes:
-        shown = ", ".join(plan.deletes[:10]) + (f" and {len(plan.deletes) - 10} more" if len(plan.deletes) > 10 else "")
-        print(f"deleted from the repo: {shown}")
-    return 0
+    return print_push_result(plan, dry_run=args.dry_run)
 
 
 def main(argv: list[str] | None = None) -> int:

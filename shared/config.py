@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-__all__ = ["add_dataclass_arguments", "config_from_namespace", "load_config_file", "config_to_json", "field_help",
+__all__ = ["read_json_object", "add_dataclass_arguments", "config_from_namespace", "load_config_file", "config_to_json", "field_help",
            "coerce_field_types"]
 
 T = TypeVar("T")
@@ -78,6 +78,16 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(_flag(f.name), type=tp, metavar=f.name.upper() if not optional else None, **kw)
             continue
         raise TypeError(f"config field {cls.__name__}.{f.name}: unsupported type {tp!r} for the CLI")
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object in file ``path``; ``{}`` when it is missing, unreadable or not an object (for optional
+    facts a report or card shows when present)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -19,9 +19,12 @@ The code is split by direction; this module is the entry point, import from here
   :mod:`shared.hub_fetch` (``snapshot_download``, its errors as :class:`HubError`),
   :mod:`shared.hub_integrity` (sha256 checks of downloads, :class:`FreshDigests`) and
   :mod:`shared.hub_partial` (partial-download views);
-- :mod:`shared.hub_upload`: :func:`push_cache`, :func:`token_status`, with
+- :mod:`shared.hub_upload`: :func:`push_cache`, with
   :mod:`shared.hub_push_plan` (:class:`PushPlan`, what a push may replace) and
-  :mod:`shared.hub_repo_state` (what the target branch holds).
+  :mod:`shared.hub_repo_state` (what the target branch holds);
+- :mod:`shared.hub_push_common`: what the cache push and the dictionary push
+  (:mod:`train.hub_dictionary`) share: :func:`token_status`, the read-only look at the branch,
+  push errors as :class:`HubError`, the CLI flags and output.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from shared.hub_download import resolve_cache, resolve_cache_with_digests
 from shared.hub_integrity import FreshDigests
 from shared.hub_push_plan import PushPlan
 from shared.hub_spec import HUB_PREFIX, HubError, is_hub_spec, parse_hub_spec
-from shared.hub_upload import push_cache, token_status
+from shared.hub_push_common import token_status
+from shared.hub_upload import push_cache
 
 __all__ = [
     "HUB_PREFIX",

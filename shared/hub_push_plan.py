@@ -12,19 +12,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from shared.cache_format import CARD_NAME, MANIFEST_NAME, NORMALIZATION_NAME, SHARD_DIR, TOKENIZER_NAME, Manifest
-from shared.hub_repo_state import GITATTRIBUTES, RepoContents, _describe
+from shared.hub_push_common import GITATTRIBUTES, PushTarget
+from shared.hub_repo_state import RepoContents, _describe
 from shared.hub_spec import HubError, shown_files
 
 _FORCE_HELP = "another --repo, or a --revision naming a new branch"
 
 
 @dataclass
-class PushPlan:
+class PushPlan(PushTarget):
     """What :func:`shared.hub_upload.push_cache` uploads (or, with ``dry_run``, would upload)."""
 
+    URL_PREFIX: ClassVar[str] = "https://huggingface.co/datasets/"
     cache_dir: Path
     repo: str
     revision: str | None
@@ -76,23 +78,9 @@ class PushPlan:
         """What the push uploads as ``path`` (a generated file, or the cache's own)."""
         return self.final_data[path] if path in self.final_data else (self.cache_dir / path).read_bytes()
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(size for _, size in self.files)
-
-    @property
-    def url(self) -> str:
-        return f"https://huggingface.co/datasets/{self.repo}" + (f"/tree/{self.revision}" if self.revision else "")
-
-    @property
-    def where(self) -> str:
-        """``USER/NAME`` or ``USER/NAME@BRANCH``: the target, as messages name it."""
-        return self.repo + (f"@{self.revision}" if self.revision else "")
-
     def file_list(self) -> str:
         """One line per file with its size, then the totals."""
-        width = max(len(path) for path, _ in self.files)
-        lines = [f"  {path:<{width}}  {size:>15,} bytes" for path, size in self.files]
+        lines = self.file_lines()
         last = list(self.final_data)
         lines.append(f"{len(self.files)} files, {self.total_bytes:,} bytes ({self.n_rows:,} rows); "
                      f"{', '.join(last[:-1])} and {last[-1]} are committed last")

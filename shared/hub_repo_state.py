@@ -9,11 +9,8 @@ starts as a copy of ``main``; what it inherits is replaced on the branch only, s
 
 from __future__ import annotations
 
-import json
 import re
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from shared.cache_format import (
@@ -26,9 +23,9 @@ from shared.cache_format import (
     CacheError,
     Manifest,
 )
+from shared.hub_push_common import GITATTRIBUTES, list_branch_files, read_repo_json
 from shared.hub_spec import REPO_TYPE, shown_files
 
-GITATTRIBUTES = ".gitattributes"
 """Created by the Hub with every repo; a push keeps it and never counts it as content."""
 
 # Data files a crosscache push uploads before its manifest: what an interrupted push leaves.
@@ -124,36 +121,16 @@ def _inspect(api: Any, repo: str, revision: str | None, manifest: Manifest | Non
 
 def _inspect_branch(api: Any, repo: str, revision: str | None, manifest: Manifest | None) -> RepoContents:
     """What branch ``revision`` of ``repo`` holds (read only), classified against the cache of ``manifest``."""
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
     assert manifest is not None
-    new_branch = False
-    try:
-        files = api.list_repo_files(repo, repo_type=REPO_TYPE, revision=revision)
-    except GatedRepoError:
-        raise  # exists, but this token may not read it: the HTTP error says so
-    except RepositoryNotFoundError:
-        return RepoContents("missing")
-    except RevisionNotFoundError:
-        if revision is None:  # a repo without even its first commit
-            return RepoContents("empty")
-        if revision.startswith("refs/"):
-            raise  # pull-request refs are not created by a push: the HTTP error names it
-        # The push creates the branch from main: main's files are what the branch starts with.
-        new_branch = True
-        files = api.list_repo_files(repo, repo_type=REPO_TYPE)
-    files = sorted(files)
-    if not [f for f in files if f != GITATTRIBUTES]:
-        return RepoContents("empty", files, new_branch=new_branch)
+    branch = list_branch_files(api, repo, revision, REPO_TYPE)
+    files, new_branch = branch.files, branch.new_branch
+    if branch.state != "files":
+        return RepoContents(branch.state, files, new_branch=new_branch)
     if MANIFEST_NAME in files:
         try:
-            # A temporary folder, not the HF cache: this copy only decides whether the push may go on.
-            with tempfile.TemporaryDirectory() as tmp:
-                path = api.hf_hub_download(repo, MANIFEST_NAME, repo_type=REPO_TYPE,
-                                           revision=None if new_branch else revision, local_dir=tmp)
-                obj = json.loads(Path(path).read_text())
+            obj = read_repo_json(api, repo, MANIFEST_NAME, REPO_TYPE, branch, revision)
             remote = Manifest.from_json(obj, where=f"hf://{repo}/{MANIFEST_NAME}")
-        except (ValueError, CacheError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        except (ValueError, CacheError) as e:
             return RepoContents("foreign", files, new_branch=new_branch,
                                 problem=f"its {MANIFEST_NAME} is not a crosscache manifest ({e})")
         state = "same" if _same_cache(remote, manifest) else "other"

@@ -3,7 +3,7 @@
 The files (manifest, card, token table, normalization tensors, the shards the manifest lists)
 go to a *dataset* repo; :class:`PushPlan` lists them, and is what a dry run returns (having only
 looked at the repo, read only, unless offline).
-:func:`token_status` says whether ``huggingface_hub`` finds a token, never the token.
+:func:`~shared.hub_push_common.token_status` says whether ``huggingface_hub`` finds a token, never the token.
 Import these from :mod:`shared.hub`.
 
 Before uploading anything, the push looks at what the target branch holds
@@ -37,8 +37,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +53,14 @@ from shared.cache_format import (
 from shared.card import render_card
 from shared.folder_lock import FolderBusyError, holder_summary
 from shared.hub_download import _shard_patterns, resolve_cache
+from shared.hub_push_common import look_read_only, push_errors
 from shared.hub_push_plan import PushPlan, _deletes_manifest_first, _deletions, _refuse_unless_allowed
 from shared.hub_repo_state import _describe, _inspect
 from shared.hub_spec import (
     _COMMIT_RE,
     _REPO_HELP,
     REPO_TYPE,
-    HubError,
     _is_repo_id,
-    _network_cause,
     is_hub_spec,
     shown_files,
 )
@@ -72,17 +69,6 @@ from shared.tokenizer_file import find_tokenizer_json, listed_tokenizer_file, vo
 
 # How a note saying that no tokenizer.json goes up starts (replaced when the repo's is kept).
 _NO_TOKENIZER = f"no {TOKENIZER_NAME} published"
-
-
-def token_status() -> str:
-    """Whether ``huggingface_hub`` finds a token (``HF_TOKEN`` or a saved login); never the token."""
-    try:
-        from huggingface_hub import get_token
-    except ImportError:
-        return "huggingface_hub is not installed: `pip install huggingface_hub` before pushing"
-    if get_token():
-        return "a Hugging Face token is available (HF_TOKEN or `hf auth login`)"
-    return "no Hugging Face token found: run `hf auth login` or set HF_TOKEN before pushing"
 
 
 def push_cache(
@@ -266,65 +252,17 @@ def _settle_tokenizer(plan: PushPlan) -> None:
 _RERUN = "run the same command again: the upload resumes where it stopped"
 
 
-@contextmanager
-def _push_errors(where: str, *, checks: str, rerun: str) -> Iterator[None]:
-    """Turn what ``huggingface_hub`` raises during a push to ``where`` into :class:`HubError` naming the fix.
-
-    ``checks``: what ``--dry-run`` does offline instead (``check the cache``); ``rerun``: the advice for
-    an error worth retrying (``run the same command again: ...``). Shared by the cache push and the
-    dictionary push (:mod:`train.hub_dictionary`); anything that is not a Hub or connection error is raised as is.
-    """
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
-    try:
-        yield
-    except OfflineModeIsEnabled:
-        raise HubError(
-            f"cannot push to {where}: offline mode is on (HF_HUB_OFFLINE=1). Unset it and run again, "
-            f"or use --dry-run to {checks} and see what would be uploaded"
-        ) from None
-    except HfHubHTTPError as e:
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        if status in (401, 403):
-            fix = "log in with `hf auth login` or set HF_TOKEN to a token with write access to the repo"
-        elif status == 404:
-            fix = "check the repo name and that your token (`hf auth login` or HF_TOKEN) can write to it"
-        else:
-            fix = rerun
-        raise HubError(f"push to {where} failed ({type(e).__name__}: {e}); {fix}") from None
-    except Exception as e:
-        if _network_cause(e) is None:
-            raise
-        raise HubError(
-            f"push to {where} failed: the Hub could not be reached ({type(e).__name__}: {e}); check the "
-            f"connection and {rerun}"
-        ) from None
-
-
 def _look_for_dry_run(plan: PushPlan) -> None:
     """A dry run's look at the repo (read only): fills ``plan.contents`` and ``plan.deletes``, or
     says in ``plan.notes`` why it could not look; raises the refusal a push would raise."""
-    try:
-        from huggingface_hub import HfApi, constants
-        from huggingface_hub.errors import HfHubHTTPError
-    except ImportError:
-        plan.notes.append(f"huggingface_hub is not installed: what {plan.where} holds was not looked at")
-        return
-    if constants.is_offline_mode():  # a dry run offline checks the cache only: it never reaches the Hub
-        plan.notes.append(f"offline mode is on (HF_HUB_OFFLINE=1): what {plan.where} holds was not looked at; "
-                          "a push looks before uploading anything")
-        return
-    try:
-        plan.contents = _inspect(HfApi(), plan.repo, plan.revision, plan.manifest, private=plan.private)
-    except Exception as e:
-        if not (isinstance(e, HfHubHTTPError) or _network_cause(e) is not None):
-            raise
-        plan.notes.append(f"could not look at what {plan.where} holds ({type(e).__name__}: {e}); "
-                          "a push looks again before uploading anything")
-        return
-    _settle_tokenizer(plan)
-    plan.deletes = _deletions(plan, plan.contents.files)
-    _refuse_unless_allowed(plan)
+
+    def look(api: Any) -> None:
+        plan.contents = _inspect(api, plan.repo, plan.revision, plan.manifest, private=plan.private)
+
+    if look_read_only(plan.where, plan.notes, look):
+        _settle_tokenizer(plan)
+        plan.deletes = _deletions(plan, plan.contents.files if plan.contents else [])
+        _refuse_unless_allowed(plan)
 
 
 def _upload(plan: PushPlan) -> None:
@@ -344,7 +282,7 @@ def _upload(plan: PushPlan) -> None:
         for p in (plan.cache_dir / SHARD_DIR).rglob("*")
         if p.is_file() and p.relative_to(plan.cache_dir).as_posix() not in listed
     ]
-    with _push_errors(where, checks="check the cache", rerun=_RERUN):
+    with push_errors(where, checks="check the cache", rerun=_RERUN):
         # Look before touching anything: a refused push leaves the repo as it was (no branch made).
         contents = plan.contents = _inspect(api, plan.repo, plan.revision, plan.manifest, private=plan.private)
         _refuse_unless_allowed(plan)

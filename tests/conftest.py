@@ -59,6 +59,60 @@ def small_harvest_config(out: Path, **overrides):
     return HarvestConfig(**kwargs)
 
 
+def serve_as_hub(server, monkeypatch) -> str:
+    """Serve ``server`` (an HTTP server on 127.0.0.1) on a daemon thread and point ``huggingface_hub``,
+    online, at it; returns its URL. The caller shuts it down."""
+    import threading
+    import types
+
+    from huggingface_hub import constants, file_download
+
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    # huggingface_hub waits 1 s before each of its 5 retries of a broken download: not here.
+    monkeypatch.setattr(file_download, "time", types.SimpleNamespace(sleep=lambda s: None))
+    return url
+
+
+def fill_disk_after(monkeypatch, n_ok: int) -> None:
+    """A disk that fills up: shard files opened for writing after the first ``n_ok`` fail every write
+    with ENOSPC (through ``shared.shard_io``'s ``open``; ``monkeypatch.undo()`` frees the space)."""
+    import errno
+
+    import shared.shard_io as shard_io
+
+    real_open = open
+    opened = {"n": 0}
+
+    class FullFile:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fake_open(path, mode="r", *a, **kw):
+        f = real_open(path, mode, *a, **kw)
+        if "shards" in str(path) and "w" in mode:
+            opened["n"] += 1
+            if opened["n"] > n_ok:
+                return FullFile(f)
+        return f
+
+    monkeypatch.setattr(shard_io, "open", fake_open, raising=False)
+
+
 @pytest.fixture(scope="session")
 def toy_cache(toy_dirs, tmp_path_factory) -> Path:
     """A small harvested cache of toy-base + toy-code at two hooks (shared, read-only)."""

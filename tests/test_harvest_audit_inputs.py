@@ -3,39 +3,18 @@ non-string --text-column is refused with a clear message."""
 
 from __future__ import annotations
 
-import errno
 import json
 
 import pytest
 
-from conftest import small_harvest_config
+from conftest import fill_disk_after, small_harvest_config
 from harvest.models import HarvestInputError
 
 
 def test_cli_disk_full_prints_one_error_line(toy_dirs, tmp_path, monkeypatch, capsys):
     import run_harvest
-    import shared.shard_io as shard_io
 
-    real_open = open
-
-    class FullFile:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            self.f.close()
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    def fake_open(path, mode="r", *a, **kw):
-        f = real_open(path, mode, *a, **kw)
-        return FullFile(f) if "shards" in str(path) and "w" in mode else f
-
-    monkeypatch.setattr(shard_io, "open", fake_open, raising=False)
+    fill_disk_after(monkeypatch, 0)
     out = tmp_path / "full"
     argv = ["--models", "toy-base", "--hooks", "blocks.2.hook_resid_post", "--dataset", "builtin:mixed",
             "--tokens", "1500", "--context-size", "64", "--batch-size", "16", "--shard-size", "0.0625",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import json
 import os
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, comparable_manifest, small_harvest_config
+from conftest import ROOT, comparable_manifest, fill_disk_after, small_harvest_config
 from harvest.harvester import harvest
 from harvest.models import HarvestInputError
 from shared.cache_format import Manifest
@@ -78,31 +77,7 @@ def test_disk_full_loses_nothing_and_resumes(toy_dirs, tmp_path, monkeypatch, wr
     cfg = small_harvest_config(tmp_path / "full", models=["toy-base"], hooks=["blocks.2.hook_resid_post"],
                                tokens=3000, shard_size=0.0625, shuffle_shards=2, calibration_tokens=500,
                                write_threads=write_threads)
-    real_open = open
-    writes = {"n": 0}
-
-    class FullFile:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            self.f.close()
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    def fake_open(path, mode="r", *a, **kw):
-        f = real_open(path, mode, *a, **kw)
-        if "shards" in str(path) and "w" in mode:
-            writes["n"] += 1
-            if writes["n"] > 4:
-                return FullFile(f)
-        return f
-
-    monkeypatch.setattr(shard_io, "open", fake_open, raising=False)
+    fill_disk_after(monkeypatch, 4)
     with pytest.raises(shard_io.DiskFullError, match="disk full"):
         harvest(cfg)
     partial = Manifest.load(cfg.out)

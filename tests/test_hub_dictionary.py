@@ -21,8 +21,6 @@ import os
 import re
 import shutil
 import socket
-import threading
-import types
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch
 
 import run_train
 import tests.test_hub as _test_hub
+from conftest import serve_as_hub
 import tests.test_hub_push_safety as safety
 from shared.hub import HubError
 from tests.cache_factory import make_cache
@@ -492,18 +491,9 @@ class _Server(ThreadingHTTPServer):
 
 @pytest.fixture
 def http_hub(hf_home, monkeypatch) -> _Server:
-    from huggingface_hub import constants, file_download
-
     server = _Server(("127.0.0.1", 0), _Handler)
     server.files, server.datasets, server.in_transit, server.gets = {}, set(), {}, Counter()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}"
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_ENDPOINT", url)
-    monkeypatch.setattr(constants, "ENDPOINT", url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(file_download, "time", types.SimpleNamespace(sleep=lambda s: None))
+    serve_as_hub(server, monkeypatch)
     yield server
     server.shutdown()
     server.server_close()

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import threading
-import types
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,6 +25,7 @@ import pytest
 
 import shared.hub_integrity as hi
 import tests.test_hub as _test_hub
+from conftest import serve_as_hub
 from shared.cache import open_cache, verify_cache
 from shared.cache_format import CacheError, Manifest
 from shared.card import render_card
@@ -140,20 +140,9 @@ class _Server(ThreadingHTTPServer):
 @pytest.fixture
 def fake_hub(hf_home, monkeypatch):
     """A :class:`FakeHub` that ``huggingface_hub`` (online mode) downloads from, into ``hf_home``."""
-    from huggingface_hub import constants, file_download
-
     server = _Server(("127.0.0.1", 0), _Handler)
     server.hub = FakeHub()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_port}"
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_ENDPOINT", url)
-    monkeypatch.setattr(constants, "ENDPOINT", url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
-    # huggingface_hub waits 1 s before each of its 5 retries of a broken download: not here.
-    monkeypatch.setattr(file_download, "time", types.SimpleNamespace(sleep=lambda s: None))
+    serve_as_hub(server, monkeypatch)
     yield server.hub
     server.shutdown()
     server.server_close()
@@ -586,10 +575,10 @@ def test_upload_and_download_tell_network_errors_apart_alike(tmp_path, hf_home, 
     import huggingface_hub
 
     import shared.hub_fetch
-    import shared.hub_upload
+    import shared.hub_push_common
     from shared.hub import push_cache
 
-    assert shared.hub_upload._network_cause is shared.hub_fetch._network_cause
+    assert shared.hub_push_common._network_cause is shared.hub_fetch._network_cause
     src = _cache(tmp_path / "c")
 
     def fail(*args, **kwargs):

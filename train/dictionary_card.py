@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.config import read_json_object
 from shared.hub_spec import HUB_PREFIX
 from shared.redact import MachineNames, redact_text
 
@@ -58,24 +59,16 @@ def read_facts(export_dir: Path, run_dir: Path | None, config: dict[str, Any], e
     facts = DictionaryFacts(config=config, extras=list(extras))
     if run_dir is None:
         return facts
-    facts.run_info = _read_json(run_dir / "config.json")
+    facts.run_info = read_json_object(run_dir / "config.json")
     facts.dead_frac = _last_dead_frac(run_dir / "metrics.jsonl")
     cache = facts.run_info.get("cache") if isinstance(facts.run_info.get("cache"), dict) else {}
     for where in (cache.get("path"), facts.metadata.get("cache")):
         if isinstance(where, str) and where and not where.startswith(HUB_PREFIX):
-            manifest = _read_json(Path(where).expanduser() / "manifest.json")  # export/ writes ~/...
+            manifest = read_json_object(Path(where).expanduser() / "manifest.json")  # export/ writes ~/...
             if manifest:
                 facts.manifest = manifest
                 break
     return facts
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _last_dead_frac(path: Path) -> float | None:

@@ -23,16 +23,17 @@ shows half a dictionary.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from shared.folder_lock import holder_summary
-from shared.hub_spec import _COMMIT_RE, _REPO_HELP, HubError, _is_repo_id, _network_cause, shown_files
-from shared.hub_upload import _push_errors, token_status
+from shared.hub_push_common import PushTarget, add_push_options, look_read_only, print_push_result, push_errors
+from shared.hub_spec import _COMMIT_RE, _REPO_HELP, HubError, _is_repo_id, shown_files
 from shared.redact import MachineNames, redact_machine, redact_text
+from shared.shard_io import sha256_file
 from train.dictionary_card import read_facts, render_dictionary_card
 from train.export import CONFIG_NAME, EXPORT_FORMAT, WEIGHTS_NAME, load_dictionary
 from train.hub_dictionary_repo import REPO_TYPE, DictionaryRepo, deletions, inspect_repo, refuse_unless_allowed
@@ -106,7 +107,7 @@ def find_export(path: str | Path) -> tuple[Path, Path | None]:
 
 
 @dataclass
-class DictionaryPushPlan:
+class DictionaryPushPlan(PushTarget):
     """What :func:`push_dictionary` uploads (or, with ``dry_run``, would upload)."""
 
     export_dir: Path
@@ -139,22 +140,9 @@ class DictionaryPushPlan:
         c = self.uploads[path]
         return c if isinstance(c, bytes) else c.read_bytes()
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(size for _, size in self.files)
-
-    @property
-    def url(self) -> str:
-        return f"https://huggingface.co/{self.repo}" + (f"/tree/{self.revision}" if self.revision else "")
-
-    @property
-    def where(self) -> str:
-        return self.repo + (f"@{self.revision}" if self.revision else "")
-
     def file_list(self) -> str:
         """One line per file with its size, then the totals."""
-        width = max(len(p) for p, _ in self.files)
-        lines = [f"  {p:<{width}}  {size:>15,} bytes" for p, size in self.files]
+        lines = self.file_lines()
         lines.append(f"{len(self.files)} files, {self.total_bytes:,} bytes, in one commit")
         return "\n".join(lines)
 
@@ -170,14 +158,6 @@ class DictionaryPushPlan:
         if self.deletes:
             lines.append(f"deleted: {len(self.deletes)} file(s): {shown_files(self.deletes, 10)}")
         return "\n".join(lines)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _published_json(path: Path, names: MachineNames, where: str, redacted: list[str], **dump: object) -> bytes:
@@ -229,7 +209,7 @@ def push_dictionary(
     if not weights.is_file():
         raise FileNotFoundError(f"refusing to push {export_dir}: {WEIGHTS_NAME} is missing (an interrupted export?); "
                                 f"delete {export_dir} and {_run_hint(run_dir) if run_dir else 'export it again'}")
-    if _sha256_file(weights) != want:
+    if sha256_file(weights) != want:
         fix = (f"delete {export_dir} and re-run the same `python run_train.py` command: it exports again from the "
                "final checkpoint" if run_dir else "export it again from its run")
         raise ValueError(f"refusing to push {export_dir}: {WEIGHTS_NAME} does not match the weights_sha256 its "
@@ -276,26 +256,13 @@ def push_dictionary(
 
 def _look_for_dry_run(plan: DictionaryPushPlan) -> None:
     """A dry run's read-only look at the repo; raises the refusal a push would raise."""
-    try:
-        from huggingface_hub import HfApi, constants
-        from huggingface_hub.errors import HfHubHTTPError
-    except ImportError:
-        plan.notes.append(f"huggingface_hub is not installed: what {plan.where} holds was not looked at")
-        return
-    if constants.is_offline_mode():  # offline a dry run checks the run only: it never reaches the Hub
-        plan.notes.append(f"offline mode is on (HF_HUB_OFFLINE=1): what {plan.where} holds was not looked at; "
-                          "a push looks before uploading anything")
-        return
-    try:
-        plan.contents = inspect_repo(HfApi(), plan.repo, plan.revision, plan.weights_sha256, private=plan.private)
-    except Exception as e:
-        if not (isinstance(e, HfHubHTTPError) or _network_cause(e) is not None):
-            raise
-        plan.notes.append(f"could not look at what {plan.where} holds ({type(e).__name__}: {e}); "
-                          "a push looks again before uploading anything")
-        return
-    plan.deletes = deletions(plan.contents, list(plan.uploads))
-    refuse_unless_allowed(plan.contents, plan.where, private=plan.private, force=plan.force, dry_run=True)
+
+    def look(api: Any) -> None:
+        plan.contents = inspect_repo(api, plan.repo, plan.revision, plan.weights_sha256, private=plan.private)
+
+    if look_read_only(plan.where, plan.notes, look) and plan.contents is not None:
+        plan.deletes = deletions(plan.contents, list(plan.uploads))
+        refuse_unless_allowed(plan.contents, plan.where, private=plan.private, force=plan.force, dry_run=True)
 
 
 def _upload(plan: DictionaryPushPlan) -> None:
@@ -303,7 +270,7 @@ def _upload(plan: DictionaryPushPlan) -> None:
 
     api = HfApi()  # token: HF_TOKEN or the saved login, read by huggingface_hub itself
     rerun = "run the same command again (nothing was committed: the repo is as it was)"
-    with _push_errors(plan.where, checks="check the run", rerun=rerun):
+    with push_errors(plan.where, checks="check the run", rerun=rerun):
         # Look before touching anything: a refused push leaves the repo as it was (no repo or branch made).
         contents = plan.contents = inspect_repo(api, plan.repo, plan.revision, plan.weights_sha256,
                                                 private=plan.private)
@@ -343,17 +310,7 @@ def push_cli(argv: list[str]) -> int:
         "comes from HF_TOKEN or `hf auth login`.",
     )
     parser.add_argument("run", help="run folder (the --out of run_train.py) or its export/ folder")
-    parser.add_argument("--repo", required=True, help="model repo USER/NAME (created if missing)")
-    parser.add_argument("--revision", help="branch to push to (created from main if missing; default main)")
-    parser.add_argument("--private", action="store_true",
-                        help="create the repo private; an existing public repo is refused (make it private in its "
-                        "settings first, or drop --private)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="check the run, print the card, the file list and what the repo holds (looked at, read "
-                        "only, unless offline); upload nothing")
-    parser.add_argument("--force", action="store_true",
-                        help="replace what the repo (branch) holds when it is not this dictionary: another "
-                        "dictionary, or files that are not one. Without it such a push is refused")
+    add_push_options(parser, repo_type="model", thing="dictionary", dry_run_checks="check the run")
     args = parser.parse_args(argv)
     try:
         plan = push_dictionary(args.run, args.repo, private=args.private, revision=args.revision,
@@ -361,19 +318,5 @@ def push_cli(argv: list[str]) -> int:
     except (HubError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for note in plan.notes:
-        print(f"note: {note}", file=sys.stderr)
-    if args.dry_run:
-        print(plan.card)
-        print(f"--- files for {plan.url} ---")
-        print(plan.file_list())
-        print(f"--- repo ---\n{plan.repo_summary()}")
-        print(f"auth: {token_status()}")
-        print("dry run: nothing uploaded")
-        return 0
-    print(f"pushed {len(plan.files)} files ({plan.total_bytes:,} bytes) to {plan.url}"
-          + (f"\ncommit: {plan.commit_url}" if plan.commit_url else ""))
-    if plan.deletes:
-        print(f"deleted from the repo: {shown_files(plan.deletes, 10)}")
-    print(f'load it with: load_dictionary("hf://{plan.where}")  # from train.export')
-    return 0
+    return print_push_result(plan, dry_run=args.dry_run,
+                             then=[f'load it with: load_dictionary("hf://{plan.where}")  # from train.export'])

@@ -13,13 +13,10 @@ cache's manifest).
 
 from __future__ import annotations
 
-import json
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from shared.hub_repo_state import GITATTRIBUTES
+from shared.hub_push_common import GITATTRIBUTES, list_branch_files, read_repo_json
 from shared.hub_spec import HubError, shown_files
 
 __all__ = ["REPO_TYPE", "DictionaryRepo", "deletions", "inspect_repo", "refuse_unless_allowed"]
@@ -104,34 +101,15 @@ def inspect_repo(api: Any, repo: str, revision: str | None, weights_sha256: str,
 
 
 def _inspect_branch(api: Any, repo: str, revision: str | None, weights_sha256: str) -> DictionaryRepo:
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-    new_branch = False
-    try:
-        files = api.list_repo_files(repo, repo_type=REPO_TYPE, revision=revision)
-    except GatedRepoError:
-        raise  # exists, but this token may not read it: the HTTP error says so
-    except RepositoryNotFoundError:
-        return DictionaryRepo("missing")
-    except RevisionNotFoundError:
-        if revision is None:  # a repo without even its first commit
-            return DictionaryRepo("empty")
-        if revision.startswith("refs/"):
-            raise  # pull-request refs are not created by a push
-        new_branch = True  # created from main: main's files are what it starts with
-        files = api.list_repo_files(repo, repo_type=REPO_TYPE)
-    files = sorted(files)
-    if not [f for f in files if f != GITATTRIBUTES]:
-        return DictionaryRepo("empty", files, new_branch=new_branch)
+    branch = list_branch_files(api, repo, revision, REPO_TYPE)
+    files, new_branch = branch.files, branch.new_branch
+    if branch.state != "files":
+        return DictionaryRepo(branch.state, files, new_branch=new_branch)
     if _CONFIG_NAME not in files:
         return DictionaryRepo("foreign", files, new_branch=new_branch)
     try:
-        # A temporary folder, not the HF cache: this copy only decides whether the push may go on.
-        with tempfile.TemporaryDirectory() as tmp:
-            path = api.hf_hub_download(repo, _CONFIG_NAME, repo_type=REPO_TYPE,
-                                       revision=None if new_branch else revision, local_dir=tmp)
-            config = json.loads(Path(path).read_text())
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        config = read_repo_json(api, repo, _CONFIG_NAME, REPO_TYPE, branch, revision)
+    except ValueError as e:
         return DictionaryRepo("foreign", files, new_branch=new_branch, problem=f"its {_CONFIG_NAME} does not read ({e})")
     fmt = config.get("format") if isinstance(config, dict) else None
     if not (isinstance(fmt, str) and fmt.startswith(_FORMAT_FAMILY)):
