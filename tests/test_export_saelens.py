@@ -169,6 +169,15 @@ def test_no_home_path_in_cfg_and_provenance(runs, tmp_path):
     assert meta["crosscache"]["run"] is not None and meta["crosscache"]["export_weights_sha256"]
 
 
+def test_the_same_dictionary_exports_to_the_same_bytes(runs, tmp_path):
+    """Exports of one dictionary are byte-identical, so cfg.json's weights_sha256 names the weights: the
+    safetensors header's metadata had two keys, which safetensors writes in hash-map order (it varied)."""
+    outs = [export_saelens(runs["topk"], tmp_path / f"sl{i}") for i in range(6)]
+    blobs = {(o / "sae_weights.safetensors").read_bytes() for o in outs}
+    shas = {json.loads((o / "cfg.json").read_text())["metadata"]["crosscache"]["weights_sha256"] for o in outs}
+    assert len(blobs) == 1 and len(shas) == 1
+
+
 def _saved(tmp_path: Path, name: str, **cfg_kw) -> Path:
     """An export folder of an untrained dictionary with config ``cfg_kw`` (refusals need no training)."""
     kw = {"arch": "crosscoder", "activation": "relu", "d_model": D, "n_latents": L, "in_slots": [0],

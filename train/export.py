@@ -30,7 +30,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from einops import einsum
@@ -44,7 +44,11 @@ from shared.redact import redact_machine
 from shared.shard_io import atomic_write_bytes, fsync_dir
 from train.dictionary import Dictionary, DictionaryConfig
 
-__all__ = ["SlotNorm", "fold_normalization", "save_dictionary", "load_dictionary", "load_metadata", "EXPORT_FORMAT"]
+if TYPE_CHECKING:
+    from train.hub_dictionary_fetch import FetchedDictionary
+
+__all__ = ["SlotNorm", "fold_normalization", "save_dictionary", "load_dictionary", "load_hub_dictionary",
+           "load_metadata", "EXPORT_FORMAT"]
 
 EXPORT_FORMAT = "crosscache.dictionary/1"
 WEIGHTS_NAME = "model.safetensors"
@@ -208,11 +212,7 @@ def load_dictionary(path: str | Path, device: str | torch.device = "cpu") -> Dic
     the learned per-row threshold, not the top k·B of the batch). Call ``.train()`` to train it on.
     """
     if is_hub_spec(path):
-        from train.hub_dictionary_fetch import fetch_dictionary
-
-        fetched = fetch_dictionary(str(path))
-        assert fetched.weights is not None  # checked against the config's sha256
-        return _build(fetched.folder, fetched.config, fetched.weights, device)
+        return load_hub_dictionary(str(path), device)[0]
     path = Path(path)
     data = _read_config(path)
     weights = path / WEIGHTS_NAME
@@ -222,6 +222,20 @@ def load_dictionary(path: str | Path, device: str | torch.device = "cpu") -> Dic
     if _sha256(blob) != data.get("weights_sha256"):
         raise ValueError(f"{weights}: checksum does not match {CONFIG_NAME} (torn or edited export); save again")
     return _build(path, data, blob, device)
+
+
+def load_hub_dictionary(spec: str, device: str | torch.device = "cpu") -> tuple[Dictionary, FetchedDictionary]:
+    """:func:`load_dictionary` of ``hf://USER/NAME[@REV]``, with what the fetch found: the parsed ``config.json``
+    (metadata, weights sha256) and the commit the files came from, for converters that record their source.
+
+    Errors are :func:`train.hub_dictionary_fetch.fetch_dictionary`'s (``ValueError`` for a bad spec,
+    :class:`~shared.hub_spec.HubError` for a repo that cannot be had or is no dictionary).
+    """
+    from train.hub_dictionary_fetch import fetch_dictionary
+
+    fetched = fetch_dictionary(spec)
+    assert fetched.weights is not None  # checked against the config's sha256
+    return _build(fetched.folder, fetched.config, fetched.weights, device), fetched
 
 
 def _build(path: Path, data: dict[str, Any], blob: bytes, device: str | torch.device) -> Dictionary:

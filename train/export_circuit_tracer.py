@@ -35,6 +35,13 @@ pre_x_dec_norm``, ``score_scale`` for ``pre``) and θ ≥ 0, i.e. iff ``pre > θ
 value is ``pre``: a JumpReLU whose threshold absorbs the decoder-norm score, weights untouched, so
 latent values equal ours (up to rounding at the threshold itself).
 
+A source may be a dictionary ``run_train.py push`` put on the Hub (``hf://USER/NAME[@REV]``, fetched by
+:mod:`train.hub_dictionary_fetch`). A push uploads the export (``config.json``, ``model.safetensors``),
+a card, curves and the analysis report, but not the run's ``config.json``, where the harvested model's
+layer count, revision and local folder are recorded: ``n_layers`` (``--n-layers``) is then required,
+the revision is read from a Hub id's ``@REV``, and a model folder's name calls for ``--model-name``.
+``config.yaml`` records the spec and the commit the files came from.
+
 Refused, each with the reason and the command that gives a convertible run: crosscoders;
 ``topk`` (no circuit-tracer loader builds a TopK activation, and its TopK neither applies ReLU
 nor uses our decoder-norm score); a CLT with ``--skip`` (``load_clt`` never reads skip weights);
@@ -64,10 +71,11 @@ from einops import rearrange
 from safetensors.torch import save as safetensors_save
 
 import shared
+from shared.hub_spec import HubError, is_hub_spec
 from shared.redact import redact_machine
 from shared.shard_io import atomic_write_bytes, fsync_dir
 from train.dictionary import Dictionary
-from train.export import CONFIG_NAME, load_dictionary, load_metadata
+from train.export import CONFIG_NAME, load_dictionary, load_hub_dictionary, load_metadata
 
 __all__ = ["CT_EXPORT_FORMAT", "CircuitTracerExportError", "export_circuit_tracer", "export_circuit_tracer_cli"]
 
@@ -91,12 +99,21 @@ class CircuitTracerExportError(ValueError):
 
 @dataclass
 class _Source:
-    """One trained dictionary: its raw-space export and what the run folder says about its cache."""
+    """One trained dictionary: its raw-space export, where it came from, and what its run folder says of its cache."""
 
-    export_dir: Path
+    key: str
+    """The export folder, or the ``hf://`` spec as given: one dictionary each."""
+    where: str
+    """What messages and ``config.yaml`` call it: the run folder (the export's parent), or the ``hf://`` spec."""
     model: Dictionary
     metadata: dict[str, Any]
-    cache_info: dict[str, Any] | None  # run config.json's "cache" (models with n_layers, spec)
+    cache_info: dict[str, Any] | None  # run config.json's "cache" (models with n_layers, spec); None: no run folder
+    hub_commit: str | None = None
+    """The Hub commit an ``hf://`` dictionary's files came from (None: a local folder)."""
+
+    @property
+    def on_hub(self) -> bool:
+        return is_hub_spec(self.key)
 
 
 # ---- reading runs ---------------------------------------------------------------------------------
@@ -137,7 +154,28 @@ def _load_source(export_dir: Path) -> _Source:
     cache_info = None
     if run_cfg.is_file():
         cache_info = json.loads(run_cfg.read_text()).get("cache")
-    return _Source(export_dir, load_dictionary(export_dir), meta, cache_info)
+    return _Source(str(export_dir), str(export_dir.parent), load_dictionary(export_dir), meta, cache_info)
+
+
+def _load_hub_source(spec: str) -> _Source:
+    """A dictionary ``run_train.py push`` put on the Hub: its ``config.json`` and weights (downloaded, checked).
+
+    A push uploads the export, a card, curves and the analysis report, never the run's ``config.json``: there is
+    no cache info (the model's depth, its revision and folder), which ``n_layers`` / ``model_name`` then supply.
+    """
+    model, fetched = load_hub_dictionary(spec)
+    meta = dict(fetched.config.get("metadata") or {})
+    if meta.get("space") != "raw":
+        raise CircuitTracerExportError(f"{spec} holds a dictionary on normalized activations; circuit-tracer feeds "
+                                       "raw ones: push the run (or its export/), where the normalization is folded in")
+    return _Source(spec, spec, model, meta, None, fetched.commit)
+
+
+def _sources(run: str | Path) -> list[_Source]:
+    """The dictionaries ``run`` names: ``hf://USER/NAME[@REV]`` (one: a repo holds one), or a folder's (see _expand)."""
+    if is_hub_spec(run):
+        return [_load_hub_source(str(run))]
+    return [_load_source(e) for e in _expand(Path(run))]
 
 
 def _split_slot(name: str) -> tuple[str, int, str]:
@@ -291,18 +329,22 @@ def export_circuit_tracer(
     """Write ``out_dir`` in circuit-tracer's format from one CLT run or per-layer transcoder runs.
 
     ``runs``: a CLT run (folder or its export/), or the directional runs of a transcoder set, one
-    per layer (folders, their export/, or a sweep folder holding them). ``model_name`` (default: the
+    per layer (folders, their export/, or a sweep folder holding them); any of them may be a dictionary
+    ``run_train.py push`` put on the Hub, ``hf://USER/NAME[@REV]`` (a ``str``; downloaded and checked by
+    :func:`train.export.load_hub_dictionary`, whose errors it raises: ``ValueError`` for a bad spec,
+    :class:`~shared.hub_spec.HubError` for a repo it cannot have). ``model_name`` (default: the
     harvested model's name) is what circuit-tracer loads with transformer-lens; ``scan`` names the
     feature set in its graph files; ``n_layers`` is needed only when no run folder records the model's
-    depth. Raises :class:`CircuitTracerExportError` (a ValueError) naming what cannot be exported and
-    the harvest/train commands that would give an exportable run. Returns ``out_dir``.
+    depth (a Hub dictionary has none). Raises :class:`CircuitTracerExportError` (a ValueError) naming
+    what cannot be exported and the harvest/train commands that would give an exportable run. Returns
+    ``out_dir``.
     """
-    paths = [Path(runs)] if isinstance(runs, (str, Path)) else [Path(p) for p in runs]
-    if not paths:
+    given = [runs] if isinstance(runs, (str, Path)) else list(runs)  # str kept: Path("hf://x") is "hf:/x"
+    if not given:
         raise CircuitTracerExportError("no run given")
-    sources = [_load_source(e) for p in paths for e in _expand(p)]
+    sources = [s for run in given for s in _sources(run)]
     archs = sorted({s.model.cfg.arch for s in sources})
-    where0 = str(sources[0].export_dir.parent)
+    where0 = sources[0].where
     if "crosscoder" in archs:
         raise CircuitTracerExportError(
             f"{where0}: a crosscoder (or SAE) reconstructs its own input; circuit-tracer needs transcoders that map "
@@ -316,7 +358,7 @@ def export_circuit_tracer(
     per_layer: list[tuple[int, str, str, _Source, str]] = []  # (layer, in suffix, out suffix, source, where)
     models: set[str] = set()
     for s in sources:
-        cfg, where = s.model.cfg, str(s.export_dir.parent)
+        cfg, where = s.model.cfg, s.where
         ins = [_split_slot(cfg.slot_names[i]) for i in cfg.in_slots]
         outs = [_split_slot(cfg.slot_names[i]) for i in cfg.out_slots]
         models |= {m for m, _, _ in ins + outs}
@@ -336,9 +378,13 @@ def export_circuit_tracer(
     depth = n_layers if n_layers is not None else (entry or {}).get("n_layers")
     in_sfxs, out_sfxs = sorted({t[1] for t in per_layer}), sorted({t[2] for t in per_layer})
     if depth is None:
+        hub = [s.where for s in sources if s.on_hub]
+        why = (f"a dictionary on the Hub ({hub[0]}) holds no run folder (a push uploads the export, not the run's "
+               "config.json, which records it)" if hub else "its config.json is missing")
         raise CircuitTracerExportError(
-            f"{where0}: no run folder records how many layers {model} has (its config.json is missing); pass "
-            "n_layers (--n-layers N) so the export can be checked to cover every layer")
+            f"{where0}: no run folder records how many layers {model} has ({why}); pass n_layers (--n-layers N, "
+            "the model's layer count: num_hidden_layers in its config) so the export can be checked to cover "
+            "every layer")
     if len(in_sfxs) != 1 or len(out_sfxs) != 1:
         raise CircuitTracerExportError(
             f"circuit-tracer uses one input and one output hook name at every layer; the runs use inputs "
@@ -369,13 +415,18 @@ def _config(kind: str, model: str, entry: dict[str, Any] | None, ct_in: str, ct_
             per_layer: list[tuple[int, str, str, _Source, str]], width: int, model_name: str | None,
             scan: str | None) -> dict[str, Any]:
     """config.yaml: circuit-tracer's keys first, then our provenance under ``crosscache`` (it ignores it)."""
-    revision = (entry or {}).get("revision")
-    name = model_name or (model.split("@")[0] if revision and not model.startswith(("/", ".", "~")) else model)
-    seen: dict[str, _Source] = {str(s.export_dir): s for _, _, _, s, _ in per_layer}
+    folder = model.startswith(("/", ".", "~", "<"))  # a local folder (or one published redacted: ~/..., <user>)
+    if entry is not None:
+        revision, from_folder = entry.get("revision"), bool(entry.get("path"))
+    else:  # no run folder (a Hub dictionary): a Hub id's "@REV" is the revision the harvest loaded, as it parses it
+        revision, from_folder = (None if folder else model.partition("@")[2] or None), folder
+    name = model_name or (model.split("@")[0] if revision and not folder else model)
+    seen: dict[str, _Source] = {s.key: s for _, _, _, s, _ in per_layer}
     runs = []
     for s in seen.values():
         meta = s.metadata
-        runs.append({"run": str(s.export_dir.parent), "arch": s.model.cfg.arch, "activation": s.model.cfg.activation,
+        runs.append({"run": s.where, "hub_commit": s.hub_commit, "arch": s.model.cfg.arch,
+                     "activation": s.model.cfg.activation,
                      "skip": s.model.cfg.skip, "step": meta.get("step"), "slots": meta.get("slots"),
                      "normalization_folded": meta.get("normalization_folded"),
                      "eval": {k: v for k, v in (meta.get("eval") or {}).items() if k in ("eval/ev/overall", "eval/l0/mean")},
@@ -383,7 +434,7 @@ def _config(kind: str, model: str, entry: dict[str, Any] | None, ct_in: str, ct_
     acts = sorted({s.model.cfg.activation for s in seen.values()})
     provenance = {
         "format": CT_EXPORT_FORMAT, "tool": "crosscache", "version": shared.__version__,
-        "model": model, "model_revision": revision, "model_from_local_folder": bool((entry or {}).get("path")),
+        "model": model, "model_revision": revision, "model_from_local_folder": from_folder,
         "n_layers": len(per_layer), "features_per_layer": width,
         "hooks": {"input": f"blocks.L.{in_sfx}", "output": f"blocks.L.{out_sfx}"},
         "activations": acts,
@@ -393,15 +444,21 @@ def _config(kind: str, model: str, entry: dict[str, Any] | None, ct_in: str, ct_
         "runs": runs,
     }
     config = {"model_kind": kind, "model_name": name, "feature_input_hook": ct_in, "feature_output_hook": ct_out,
-              "scan": scan or f"crosscache/{_set_name([s.export_dir.parent for s in seen.values()])}",
+              "scan": scan or f"crosscache/{_set_name(list(seen.values()))}",
               "crosscache": provenance}
     return redact_machine(config)[0]
 
 
-def _set_name(run_dirs: list[Path]) -> str:
-    """The run's folder name, or for per-layer runs their common parent's (a sweep folder)."""
-    parents = {p.resolve().parent for p in run_dirs}
-    return run_dirs[0].name if len(run_dirs) == 1 or len(parents) != 1 else parents.pop().name
+def _set_name(sources: list[_Source]) -> str:
+    """The run's folder name (a Hub dictionary's: its repo's NAME), or for per-layer runs their common parent's
+    (a sweep folder)."""
+    def name(s: _Source) -> str:
+        return s.key.split("@", 1)[0].rstrip("/").rsplit("/", 1)[-1] if s.on_hub else Path(s.where).name
+
+    if len(sources) == 1 or any(s.on_hub for s in sources):
+        return name(sources[0])
+    parents = {Path(s.where).resolve().parent for s in sources}
+    return name(sources[0]) if len(parents) != 1 else parents.pop().name
 
 
 def _write(out_dir: Path, files: dict[str, dict[str, torch.Tensor]], config: dict[str, Any]) -> None:
@@ -434,18 +491,20 @@ def export_circuit_tracer_cli(argv: list[str]) -> int:
         prog="run_train.py export-circuit-tracer",
         description="Write a CLT run, or per-layer transcoder runs (one per layer, or a sweep folder of them), "
                     "as a folder circuit-tracer loads (config.yaml + safetensors).")
-    parser.add_argument("runs", nargs="+", help="run folder(s), their export/, or a sweep folder of runs")
+    parser.add_argument("runs", nargs="+", help="run folder(s), their export/, a sweep folder of runs, or "
+                                                "hf://USER/NAME[@REV] (a dictionary pushed with `run_train.py push`)")
     parser.add_argument("--out", required=True, help="output folder (new, empty, or a previous export of this tool)")
     parser.add_argument("--model-name", help="model circuit-tracer loads (default: the harvested model's name); "
                                              "a Hub id transformer-lens knows, e.g. google/gemma-2-2b")
     parser.add_argument("--scan", help="feature-set name circuit-tracer puts in its graph files "
                                        "(default: crosscache/<run folder name>)")
-    parser.add_argument("--n-layers", type=int, help="the model's layer count, when the run folder does not record it")
+    parser.add_argument("--n-layers", type=int, help="the model's layer count, when no run folder records it "
+                                                     "(a dictionary from the Hub has none)")
     args = parser.parse_args(argv)
     try:
         out = export_circuit_tracer(args.runs, args.out, model_name=args.model_name, scan=args.scan,
                                     n_layers=args.n_layers)
-    except (ValueError, FileNotFoundError) as e:  # CircuitTracerExportError is a ValueError
+    except (ValueError, FileNotFoundError, HubError, ImportError) as e:  # CircuitTracerExportError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = yaml.safe_load((out / CT_CONFIG).read_text())

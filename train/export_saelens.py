@@ -1,7 +1,10 @@
 """Export a trained SAE or transcoder to the SAELens format (``SAE.load_from_disk(path)``).
 
-Input is our raw-space export (``RUN/export``, see :mod:`train.export`): normalization is already
+Input is our raw-space export (``RUN/export``, see :mod:`train.export`), or the same export as
+``run_train.py push`` put it on the Hub (``hf://USER/NAME[@REV]``): normalization is already
 folded in, so the SAELens copy reads raw activations and sets ``normalize_activations="none"``.
+A pushed repo holds no run folder: the cache's context size, dataset and excluded tokens come from
+its manifest only when the cache is on this machine where the export's metadata says.
 Output is a folder with ``sae_weights.safetensors`` and ``cfg.json`` (written atomically, config
 last), as SAELens 6.x saves its own inference SAEs (checked against ``sae_lens`` 6.54.12).
 
@@ -58,11 +61,13 @@ from typing import Any
 import torch
 from safetensors.torch import save as safetensors_save
 
+from shared.config import read_json_object
+from shared.hub_spec import HubError, is_hub_spec
 from shared.redact import MachineNames, redact_machine, redact_text
 from shared.shard_io import atomic_write_bytes, fsync_dir
 from train.dictionary import Dictionary
 from train.export import CONFIG_NAME as EXPORT_CONFIG_NAME
-from train.export import EXPORT_FORMAT, load_dictionary, load_metadata
+from train.export import EXPORT_FORMAT, load_dictionary, load_hub_dictionary, load_metadata
 
 __all__ = [
     "SAELENS_CFG_NAME",
@@ -222,53 +227,76 @@ def _resolve(path: Path) -> tuple[Path, Path | None]:
         f"after the last step) nor an export folder ({EXPORT_CONFIG_NAME} of format {EXPORT_FORMAT!r})")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _cache_manifest(run_cfg: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     """The training cache's manifest if it is still where the run found it, else {}: it holds the
     context size, the excluded tokens and the dataset, which the run folder does not repeat."""
     cache = run_cfg.get("cache") if isinstance(run_cfg.get("cache"), dict) else {}
     for where in (cache.get("path"), meta.get("cache")):
         if isinstance(where, str) and not where.startswith("hf://"):
-            manifest = _read_json(Path(where).expanduser() / "manifest.json")  # export/ writes ~/...
+            manifest = read_json_object(Path(where).expanduser() / "manifest.json")  # export/ writes ~/...
             if manifest:
                 return manifest
     return {}
 
 
 def _weights_sha256(export_dir: Path) -> str | None:
-    return _read_json(export_dir / EXPORT_CONFIG_NAME).get("weights_sha256")
+    return read_json_object(export_dir / EXPORT_CONFIG_NAME).get("weights_sha256")
+
+
+@dataclass(frozen=True)
+class _Source:
+    """The dictionary to convert and where it came from, as ``cfg.json``'s provenance names it."""
+
+    model: Dictionary
+    metadata: dict[str, Any]
+    export: str
+    """The export folder, or the ``hf://`` spec as given."""
+    run_dir: Path | None
+    """The run folder (None: a bare export folder, or a Hub dictionary, whose push uploads no run folder)."""
+    weights_sha256: str | None
+    hub_commit: str | None
+    """The Hub commit the files came from (None: a local folder, or the Hub did not name one)."""
+
+
+def _open_source(src: str | Path) -> _Source:
+    """The dictionary of a run folder, an export folder or ``hf://USER/NAME[@REV]`` (downloaded, checked)."""
+    if is_hub_spec(src):
+        model, fetched = load_hub_dictionary(str(src))
+        return _Source(model, dict(fetched.config.get("metadata") or {}), str(src), None,
+                       fetched.config.get("weights_sha256"), fetched.commit)
+    export_dir, run_dir = _resolve(Path(src))
+    return _Source(load_dictionary(export_dir), load_metadata(export_dir), str(export_dir), run_dir,
+                   _weights_sha256(export_dir), None)
 
 
 def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, context_size: int | None = None) -> Path:
     """Write ``out_dir/{sae_weights.safetensors,cfg.json}`` from a run's raw-space export; return ``out_dir``.
 
-    ``run_or_export_dir``: a run folder (its ``export/`` is used) or an export folder.
+    ``run_or_export_dir``: a run folder (its ``export/`` is used), an export folder, or a dictionary
+    ``run_train.py push`` put on the Hub, ``hf://USER/NAME[@REV]`` (a ``str``; downloaded and checked by
+    :func:`train.export.load_hub_dictionary`, whose errors it raises: ``ValueError`` for a bad spec,
+    :class:`~shared.hub_spec.HubError` for a repo it cannot have). ``cfg.json`` records the source (the
+    folder, or the spec and the commit the files came from).
     ``context_size``: recorded as ``metadata.context_size``; by default the training cache's
-    (read from its manifest when the cache is still where the run found it, else left None).
+    (read from its manifest when the cache is still where the run found it, else left None; a Hub
+    dictionary holds no run folder, so only a cache on this machine at the path it records gives it).
     Raises :class:`SAELensExportError` for dictionaries SAELens cannot hold (see the module doc).
     Every string written goes through :func:`shared.redact.redact_machine`: no home path or user
     name lands in ``cfg.json``.
     """
-    src, out = Path(run_or_export_dir), Path(out_dir)
-    export_dir, run_dir = _resolve(src)
-    meta = load_metadata(export_dir)
+    out = Path(out_dir)
+    source = _open_source(run_or_export_dir)
+    model, meta, run_dir = source.model, source.metadata, source.run_dir
     if meta.get("space") == "normalized":
-        raise SAELensExportError(f"{export_dir} is the dictionary on normalized activations; export the raw-space "
+        raise SAELensExportError(f"{source.export} is the dictionary on normalized activations; export the raw-space "
                                  "one in the run's export/ folder (normalization folded in)")
-    if out.resolve() in {export_dir.resolve(), *([run_dir.resolve()] if run_dir else [])}:
+    local = [] if is_hub_spec(source.export) else [Path(source.export), *([run_dir] if run_dir else [])]
+    if out.resolve() in {p.resolve() for p in local}:
         raise ValueError(f"--out {out} is the run or export folder itself; give a new folder")
-    model = load_dictionary(export_dir).eval()
     sl = to_saelens(model)
     cfg = model.cfg
 
-    run_cfg = _read_json(run_dir / "config.json") if run_dir else {}
+    run_cfg = read_json_object(run_dir / "config.json") if run_dir else {}
     manifest = _cache_manifest(run_cfg, meta)
     model_name, hook_in = _slot_model_hook(cfg.slot_names[cfg.in_slots[0]])
     hook_out = _slot_model_hook(cfg.slot_names[cfg.out_slots[0]])[1]
@@ -301,8 +329,9 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
         "crosscache": {
             "format": PROVENANCE_FORMAT,
             "run": str(run_dir) if run_dir else None,
-            "export": str(export_dir),
-            "export_weights_sha256": _weights_sha256(export_dir),
+            "export": source.export,  # a folder, or the hf:// spec as given
+            "hub_commit": source.hub_commit,  # what the spec resolved to (a branch moves; a commit does not)
+            "export_weights_sha256": source.weights_sha256,
             "step": meta.get("step"),
             "cache": meta.get("cache"),
             "dataset": dataset or None,
@@ -338,7 +367,9 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
     }
     sae_cfg, _ = redact_machine(sae_cfg, names)
 
-    blob = safetensors_save(sl.tensors, metadata={"format": "pt", "crosscache": PROVENANCE_FORMAT})
+    # One metadata key: safetensors writes several in hash-map order, which varies from save to save,
+    # and the bytes (their sha256 in cfg.json) would then differ for the same dictionary.
+    blob = safetensors_save(sl.tensors, metadata={"format": "pt"})
     sae_cfg["metadata"]["crosscache"]["weights_sha256"] = hashlib.sha256(blob).hexdigest()
     text = json.dumps(sae_cfg, indent=2, allow_nan=False) + "\n"
     out.mkdir(parents=True, exist_ok=True)
@@ -349,23 +380,28 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
 
 
 def export_saelens_cli(argv: list[str]) -> int:
-    """``run_train.py export-saelens RUN_DIR --out DIR``: prints what it wrote; errors exit 2."""
+    """``run_train.py export-saelens RUN_DIR|hf://USER/NAME[@REV] --out DIR``: prints what it wrote; errors exit 2."""
     parser = argparse.ArgumentParser(
         prog="run_train.py export-saelens",
-        description="Convert a trained SAE or transcoder (its raw-space export/) to a SAELens folder "
-                    "(cfg.json + sae_weights.safetensors) for sae_lens's SAE.load_from_disk.")
-    parser.add_argument("run", help="run folder (the --out of run_train.py), or its export/ folder")
+        description="Convert a trained SAE or transcoder (its raw-space export/, or a dictionary `run_train.py push` "
+                    "put on the Hub) to a SAELens folder (cfg.json + sae_weights.safetensors) for sae_lens's "
+                    "SAE.load_from_disk.")
+    parser.add_argument("run", help="run folder (the --out of run_train.py), its export/ folder, or "
+                                    "hf://USER/NAME[@REV] (a dictionary pushed with `run_train.py push`: branch, tag "
+                                    "or commit)")
     parser.add_argument("--out", required=True, help="folder to write cfg.json and sae_weights.safetensors into")
     parser.add_argument("--context-size", type=int, default=None,
                         help="metadata.context_size (default: the training cache's, from its manifest)")
     args = parser.parse_args(argv)
     try:
         out = export_saelens(args.run, args.out, context_size=args.context_size)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, HubError, ImportError) as e:  # HubError: an hf:// dictionary not had
         print(f"error: {e}", file=sys.stderr)
         return 2
     written = json.loads((out / SAELENS_CFG_NAME).read_text())
     print(f"wrote SAELens {written['architecture']} ({written['d_in']} -> {written['d_sae']} latents) to {out}")
     if written["metadata"].get("context_size") is None:
-        print("note: context_size unknown (the training cache was not found); pass --context-size")
+        where = ("the Hub dictionary holds no run folder, and its training cache is not on this machine"
+                 if is_hub_spec(args.run) else "the training cache was not found")
+        print(f"note: context_size unknown ({where}); pass --context-size")
     return 0
