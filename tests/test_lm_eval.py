@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -155,6 +154,8 @@ def test_cli_prints_the_table_and_refuses_an_unfinished_run(runs, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "CE clean" in proc.stdout and "toy-code" in proc.stdout and f"result: {tmp_path / 'r.json'}" in proc.stdout
+    # Away from the run's analysis folder: analyze reads it only with --out naming its folder.
+    assert f"`python run_train.py analyze {runs['directional']} --out {tmp_path}` includes it" in proc.stdout
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     import shutil
@@ -165,3 +166,32 @@ def test_cli_prints_the_table_and_refuses_an_unfinished_run(runs, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "lm-eval", str(unfinished), "--no-progress"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "has no export/" in proc.stderr, proc.stderr
+
+
+def test_analyze_shows_the_result_for_this_export_and_lm_eval_says_the_report_predates_it(runs, tmp_path, capsys):
+    """analyze, then lm-eval (to RUN/analysis/lm_eval.json): lm-eval records the export's weights sha256 and says
+    the report predates it, naming the analyze command that wrote it; analyze again tables its numbers."""
+    import shutil
+
+    from train.analysis import analyze
+    from train.analysis_config import AnalysisConfig
+    from train.lm_eval import lm_eval_cli
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["directional"], run)
+    before = analyze(AnalysisConfig(run=str(run), progress=False, top_k=3))
+    assert before["lm_eval"]["status"] == "missing"
+    assert lm_eval_cli([str(run), "--sequences", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert (f"{run / 'analysis' / 'report.md'} predates this result and does not show it: run "
+            f"`python run_train.py analyze {run} --top-k 3` to refresh it") in out, out
+    result = json.loads((run / "analysis" / "lm_eval.json").read_text())
+    assert result["export_weights_sha256"] == json.loads((run / "export" / "config.json").read_text())["weights_sha256"]
+
+    after = analyze(AnalysisConfig(run=str(run), progress=False, top_k=3))
+    want, got = result["models"]["toy-code"], after["lm_eval"]["models"]["toy-code"]
+    assert after["lm_eval"]["status"] == "current" and got["tokens"] == want["tokens"] == 2 * 63
+    assert got["ce_spliced"] == pytest.approx(want["ce_spliced"], abs=1e-6)
+    md = Path(after["paths"]["report_md"]).read_text()
+    assert (f"| `toy-code` | {want['ce_clean']:.4f} | {want['ce_spliced']:.4f} | {want['delta_ce']:+.4f} | "
+            f"{want['ce_zero_ablation']:.4f} |") in md

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
 import json
 import math
 import sys
@@ -44,6 +45,7 @@ from einops import rearrange
 from shared.config import add_dataclass_arguments, coerce_field_types, config_from_namespace, field_help
 from shared.shard_io import atomic_write_bytes
 from train.analysis_run import RunData, RunError, cache_model_names, load_run, open_run_cache
+from train.report_lm_eval import LM_EVAL_FORMAT, default_lm_eval_path, export_weights_sha256
 
 __all__ = ["ACTIVATION_CHECK_MAX", "LMEvalConfig", "evaluate_lm", "format_table", "lm_eval_cli"]
 
@@ -79,7 +81,7 @@ class LMEvalConfig:
 
     @property
     def out_path(self) -> Path:
-        return Path(self.out) if self.out else Path(self.run) / "analysis" / "lm_eval.json"
+        return Path(self.out) if self.out else default_lm_eval_path(self.run)
 
 
 @dataclass
@@ -210,6 +212,9 @@ def evaluate_lm(cfg: LMEvalConfig) -> dict[str, Any]:
     if not (export_dir / "config.json").is_file():
         raise RunError(f"{cfg.run} has no export/: re-run its run_train.py command to finish and export it")
     device = resolve_device(cfg.device)
+    # analyze shows the result only while the run's export still has this checksum (train.report_lm_eval). Read
+    # before the weights load: an export rewritten meanwhile leaves a result that reads as stale, never as current.
+    export_sha = export_weights_sha256(cfg.run)
     dictionary = load_dictionary(export_dir, device)  # raw activations in, raw out
     notes: list[str] = []
     opened = open_run_cache(run, cfg.cache, notes)
@@ -291,8 +296,9 @@ def evaluate_lm(cfg: LMEvalConfig) -> dict[str, Any]:
     bar.close()
 
     result = {
-        "format": "crosscache.lm_eval/1",
+        "format": LM_EVAL_FORMAT,
         "run": str(cfg.run), "cache": run.cache_used, "arch": dictionary.cfg.arch,
+        "export_weights_sha256": export_sha, "created": dt.datetime.now().isoformat(timespec="seconds"),
         "sequences": len(seqs), "sequence_ids": seqs, "context_size": man.context_size,
         "models": {m: totals[m].summary([h for _, h in out_by_model[m]]) for m in out_by_model},
         "activation_check_median_rel_error": activation_error,
@@ -343,5 +349,25 @@ def lm_eval_cli(argv: list[str]) -> int:
         print(line)
     for note in result["notes"]:
         print(f"note: {note}")
+    if note := _report_note(cfg):
+        print(f"note: {note}")
     print(f"result: {result['path']}")
     return 0
+
+
+def _report_note(cfg: LMEvalConfig) -> str | None:
+    """What to run so that an analysis report shows the result just written: the report beside it predates
+    it (its analyze command, flags and all, read from its report.json); a result written away from the run's
+    analysis folder is read by analyze only with --out naming its folder."""
+    from train.report_markdown import analyze_command
+
+    folder = cfg.out_path.parent
+    away = folder.resolve() != default_lm_eval_path(cfg.run).parent.resolve()
+    command = f"python run_train.py analyze {cfg.run}" + (f" --out {folder}" if away else "")
+    if not (folder / "report.md").is_file():
+        return f"analyze reads this result only from its report folder: `{command}` includes it" if away else None
+    try:
+        command = analyze_command(json.loads((folder / "report.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no readable report.json beside it: the plain command
+    return f"{folder / 'report.md'} predates this result and does not show it: run `{command}` to refresh it"

@@ -15,7 +15,7 @@ import torch
 from shared.config import config_to_json
 from train.token_text import contexts
 
-__all__ = ["CLASS_LABELS", "REPORT_FORMAT", "build_report"]
+__all__ = ["CLASS_LABELS", "REPORT_FORMAT", "build_report", "cli_flags"]
 
 REPORT_FORMAT = "crosscache.analysis/1"
 CLASS_LABELS = {"base_only": "base-only", "between": "in between", "shared": "shared", "ft_only": "fine-tune-only",
@@ -42,6 +42,24 @@ def _int(x: Any) -> str:
 def _share(num: torch.Tensor, den: torch.Tensor) -> float | None:
     d = float(den)
     return _num(float(num) / d) if d > 0 else None
+
+
+def cli_flags(given: dict[str, Any], defaults: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
+    """The command-line flags of the config values ``given`` that differ from ``defaults`` (both as saved in
+    JSON), as typed: ``" --top-k 5 --no-progress"``; the fields in ``skip`` left out (e.g. those that change no
+    number: device, progress)."""
+    out = []
+    for key, value in given.items():
+        if key in skip or value == defaults.get(key):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else f"--no-{key.replace('_', '-')}")
+        elif isinstance(value, list):
+            out.append(" ".join([flag, *map(str, value)]))
+        else:
+            out.append(f"{flag} {value}")
+    return "".join(" " + x for x in out)
 
 
 # ---- report.json ---------------------------------------------------------------------------------------
@@ -146,8 +164,17 @@ def build_report(cfg: Any, run: Any, norms_LXo: torch.Tensor, masks: dict[str, t
         rep["diffing"] = d
 
     rep["profiles"] = _profiles(run, norms_LXo, stats, cfg)
+    # What splicing the dictionary into its models costs, if lm-eval ran on this very export. Imported here:
+    # train.report_lm_eval formats with this module's helpers.
+    from train.report_lm_eval import lm_eval_block, lm_eval_headline, lm_eval_note
+
+    rep["lm_eval"] = lm_eval_block(run.run_dir, cfg.out_dir)
+    if note := lm_eval_note(rep["lm_eval"]):
+        rep["notes"].append(note)
     rep["shown_latents"] = _shown_latents(cfg, run, masks, diff, data, focus_col, focus_idx)
     rep["headline"] = _headline(rep, run, cfg)
+    if line := lm_eval_headline(rep["lm_eval"]):
+        rep["headline"].append(line)
     rep["elapsed_s"] = _num(elapsed_s, 2)
     return rep
 

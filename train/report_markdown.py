@@ -7,29 +7,21 @@ from __future__ import annotations
 from typing import Any
 
 from shared.config import config_to_json
-from train.report_data import CLASS_LABELS, _fmt, _int
+from train.report_data import CLASS_LABELS, _fmt, _int, cli_flags
+from train.report_lm_eval import lm_eval_markdown
 
-__all__ = ["render_markdown"]
+__all__ = ["analyze_command", "render_markdown"]
 
 
-def _flags(rep: dict[str, Any]) -> str:
-    """The analyze flags that differ from their defaults, as typed (so the command repeats the report)."""
+def analyze_command(rep: dict[str, Any]) -> str:
+    """The analyze command that wrote ``rep`` (report.json's dict): the flags that differ from their
+    defaults, as typed, so running it again repeats the report."""
     from train.analysis_config import AnalysisConfig
 
     given = rep.get("analysis_config", {})
     defaults = config_to_json(AnalysisConfig(run=given.get("run", ".")))
-    out = []
-    for key, value in given.items():
-        if key in ("run", "progress", "device") or value == defaults.get(key):  # the last two change no number
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            out.append(flag if value else f"--no-{key.replace('_', '-')}")
-        elif isinstance(value, list):
-            out.append(" ".join([flag, *map(str, value)]))
-        else:
-            out.append(f"{flag} {value}")
-    return "".join(" " + x for x in out)
+    flags = cli_flags(given, defaults, skip=("run", "progress", "device"))  # the last two change no number
+    return f"python run_train.py analyze {rep['run']}{flags}"
 
 
 def render_markdown(rep: dict[str, Any], cfg: Any) -> str:
@@ -45,7 +37,7 @@ def render_markdown(rep: dict[str, Any], cfg: Any) -> str:
     if ev:
         L.append(f"Activation statistics come from the cache's {ev['split']} split ({_int(ev['rows'])} token rows, "
                  "read back through each row's sequence and position).")
-    L += ["", f"Written `{rep['created']}` by `python run_train.py analyze {rep['run']}{_flags(rep)}`. Every number here is in "
+    L += ["", f"Written `{rep['created']}` by `{analyze_command(rep)}`. Every number here is in "
           "`report.json` beside this file, with per-latent arrays.", "", "## Summary", ""]
     L += [f"- {h}" for h in rep["headline"]]
     if rep["notes"]:
@@ -130,6 +122,7 @@ def render_markdown(rep: dict[str, Any], cfg: Any) -> str:
               f"fire on these rows.", ""]
         if figs.get("firing"):
             L += [f"![firing frequency]({figs['firing']})", ""]
+    L += lm_eval_markdown(rep["lm_eval"])
     if figs.get("curves"):
         L += ["", "## Training curves", "", f"![training curves]({figs['curves']})", ""]
     return "\n".join(L).rstrip() + "\n"
