@@ -560,9 +560,11 @@ def test_peak_memory_bounded_by_window(tmp_path: Path) -> None:
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["rows"] == man.n_rows
     assert res["max_mapped"] <= 2 and res["after"] == 0  # finished windows are unmapped
-    # One window's pages plus a constant (prefetched batches, thread arena), not the cache:
-    # without releasing windows the growth would be the whole 136 MB.
-    assert res["growth"] < window_bytes + 24 * 2**20, res
+    # One window's pages plus a constant (prefetched batches, malloc arenas of the loader's threads),
+    # not the cache: without releasing windows the growth would be the whole 136 MB. The constant was
+    # 24 MiB; a CI run under load measured 42.9 MB growth (17 MB window + 25.9 MB), so 32 MiB; the
+    # cache/3 bound below is what separates bounded from unbounded.
+    assert res["growth"] < window_bytes + 32 * 2**20, res
     assert res["growth"] < cache_bytes / 3, res
 
 
