@@ -192,8 +192,11 @@ def harvest_distributed(cfg: HarvestConfig, *, dist_timeout: float | None = None
     # Rank 0 takes it (the ranks of one job share the folder by design) and keeps it until the end,
     # released after a failed run's leftovers are discarded.
     lock = FolderLock(cfg.out, what="cache folder")
+    finished = False
     try:
-        return _run(cfg, group, local_rank, made, lock)
+        manifest = _run(cfg, group, local_rank, made, lock)
+        finished = True
+        return manifest
     except BaseException as e:
         from harvest.harvester import discard_unstarted
 
@@ -206,7 +209,7 @@ def harvest_distributed(cfg: HarvestConfig, *, dist_timeout: float | None = None
     finally:
         if on_main:
             signal.signal(signal.SIGTERM, previous)
-        group.close()
+        group.close(finished=finished)
         lock.release()
 
 

@@ -137,7 +137,16 @@ class Group:
             r, msg = failed[0]
             raise DistributedHarvestError(f"rank {self.rank}: stopping: rank {r} failed while {step}: {msg}")
 
-    def close(self) -> None:
+    def close(self, *, finished: bool) -> None:
+        """Leave the group. ``finished``: every rank got through the last step, so they wait for
+        each other first; a rank that tears gloo down while a peer still talks to it can die at
+        exit (SIGABRT, "terminate called without an active exception") after a complete harvest.
+        After a failure nobody waits: the peers may be dead or hung."""
+        if finished:
+            try:
+                self.dist.barrier(group=self.pg)
+            except Exception:  # noqa: BLE001 - the cache is complete; nothing left to protect
+                pass
         try:
             if self._own_default:
                 self.dist.destroy_process_group()
