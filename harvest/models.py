@@ -309,6 +309,9 @@ class LoadedModels:
                 "revision": r.revision,
                 "d_model": int(b.cfg.d_model),
                 "n_layers": int(b.cfg.n_layers),
+                # Attention and MLP in parallel (GPT-J, NeoX with use_parallel_residual, ...): hook_resid_mid
+                # never fires in a HookedTransformer then (the circuit-tracer export checks it).
+                "parallel_attn_mlp": bool(getattr(b.cfg, "parallel_attn_mlp", False)),
                 "weights_fingerprint": weights_fingerprint(getattr(b, "original_model", b)),
             }
             for r, b in zip(self.resolved, self.bridges)

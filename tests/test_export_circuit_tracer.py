@@ -13,6 +13,7 @@ and config.yaml alone, as its transcoder classes compute it (circuit-tracer 0.5.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -221,6 +222,19 @@ def test_refusals_name_the_reason_and_the_fix(runs, tmp_path, run, match):
     with pytest.raises(CircuitTracerExportError, match=match):
         export_circuit_tracer(runs[run], tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
+
+
+def test_parallel_blocks_are_known_from_the_record_without_the_model_folder(runs, tmp_path):
+    """An export handed on alone (no run folder; its model folder not on this machine): the harvest's record
+    (metadata.harvest, models[].parallel_attn_mlp) still says hook_resid_mid never fires."""
+    export = shutil.copytree(runs["clt_resid_mid"] / "export", tmp_path / "export")
+    cfg = json.loads((export / "config.json").read_text())
+    entry = cfg["metadata"]["harvest"]["models"][0]
+    assert entry["parallel_attn_mlp"] is True and entry["n_layers"] == N_LAYERS  # toy-base: GPT-NeoX, parallel
+    entry["path"] = str(tmp_path / "gone")
+    (export / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CircuitTracerExportError, match=r"parallel.*never fires hook_resid_mid"):
+        export_circuit_tracer(export, tmp_path / "ct")
 
 
 def test_refuses_missing_layers_normalized_dictionary_and_cli_exits_2(runs, tmp_path, capsys):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -153,16 +154,12 @@ def test_saelens_downloads_from_the_hub_and_records_the_commit(runs, http_hub, h
 
 
 # ---- circuit-tracer ---------------------------------------------------------------------------------
-def test_circuit_tracer_from_hub_needs_n_layers_then_matches_the_local_run(runs, fake_hub, tmp_path, capsys):
+def test_circuit_tracer_from_hub_matches_the_local_run(runs, fake_hub, tmp_path, capsys):
+    """The push uploads no run config.json; the export's metadata.harvest gives the depth and revision."""
     commit = _pushed(fake_hub, runs["clt"], "bob/clt")
     local = export_circuit_tracer(runs["clt"], tmp_path / "local")
     hub = tmp_path / "hub"
-    # The push uploads no run config.json, where the model's layer count is recorded: the flag supplies it.
-    assert run_train.main(["export-circuit-tracer", "hf://bob/clt", "--out", str(hub)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: hf://bob/clt: no run folder records how many layers org/tiny-llm@v2 has")
-    assert "--n-layers N" in err and "Traceback" not in err and not hub.exists()
-    assert run_train.main(["export-circuit-tracer", "hf://bob/clt", "--out", str(hub), "--n-layers", "2"]) == 0
+    assert run_train.main(["export-circuit-tracer", "hf://bob/clt", "--out", str(hub)]) == 0
     assert "wrote cross_layer_transcoder for org/tiny-llm (2 layers" in capsys.readouterr().out
 
     files = sorted(p.name for p in local.iterdir())
@@ -179,8 +176,51 @@ def test_circuit_tracer_from_hub_needs_n_layers_then_matches_the_local_run(runs,
     assert _without(theirs, run, CT_SOURCE_FIELDS) == _without(mine, mine["crosscache"]["runs"][0], CT_SOURCE_FIELDS)
 
 
+def _old_style_run(run: Path, dest: Path) -> Path:
+    """A copy of ``run`` whose export predates ``metadata.harvest`` (as a dictionary pushed before it was)."""
+    shutil.copytree(run, dest)
+    cfg_file = dest / "export" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    del cfg["metadata"]["harvest"]
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return dest
+
+
+def test_an_older_hub_export_needs_n_layers(runs, fake_hub, tmp_path, capsys):
+    _pushed(fake_hub, _old_style_run(runs["clt"], tmp_path / "old"), "bob/old-clt")
+    hub = tmp_path / "hub"
+    assert run_train.main(["export-circuit-tracer", "hf://bob/old-clt", "--out", str(hub)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: hf://bob/old-clt: nothing records how many layers org/tiny-llm@v2 has")
+    assert "--n-layers N" in err and "Traceback" not in err and not hub.exists()
+    assert run_train.main(["export-circuit-tracer", "hf://bob/old-clt", "--out", str(hub), "--n-layers", "2"]) == 0
+    same = export_circuit_tracer(runs["clt"], tmp_path / "local")
+    for name in ("W_enc_0.safetensors", "W_dec_1.safetensors"):
+        _same_tensors(hub / name, same / name)
+    # The revision then comes from the Hub id's @REV, as the harvest parsed it.
+    assert yaml.safe_load((hub / "config.yaml").read_text())["crosscache"]["model_revision"] == REVISION
+
+
+def test_an_export_copied_away_from_its_run_and_cache_still_converts(runs, home, tmp_path, monkeypatch):
+    """export/ alone, on a machine without the cache (HOME elsewhere: ~/caches/c is not there): both
+    converters take the depth, revision, context size and dataset from metadata.harvest."""
+    monkeypatch.setenv("HOME", str(tmp_path / "elsewhere"))
+    clt, tc = tmp_path / "clt-export", tmp_path / "tc-export"
+    shutil.copytree(runs["clt"] / "export", clt)
+    shutil.copytree(runs["tc"] / "export", tc)
+    ct = yaml.safe_load((export_circuit_tracer(clt, tmp_path / "ct") / "config.yaml").read_text())
+    assert (ct["model_kind"], ct["crosscache"]["n_layers"], ct["crosscache"]["model_revision"]) == \
+        ("cross_layer_transcoder", N_LAYERS, REVISION)
+    meta = json.loads((export_saelens(tc, tmp_path / "sl") / "cfg.json").read_text())["metadata"]
+    assert (meta["context_size"], meta["crosscache"]["model_revision"]) == (33, REVISION)
+    # Without the record, nothing on this machine gives them.
+    old = shutil.copytree(_old_style_run(runs["tc"], tmp_path / "old-tc") / "export", tmp_path / "old-tc-export")
+    meta = json.loads((export_saelens(old, tmp_path / "sl-old") / "cfg.json").read_text())["metadata"]
+    assert (meta["context_size"], meta["crosscache"]["model_revision"]) == (None, None)
+
+
 def test_a_transcoder_set_mixes_hub_and_local_runs(runs, fake_hub, tmp_path):
-    """Layer 0 from the Hub, layer 1 a local run: the local run's folder records the depth, so no --n-layers."""
+    """Layer 0 from the Hub, layer 1 a local run."""
     commit = _pushed(fake_hub, runs["tc"], "bob/tc")
     local = export_circuit_tracer([runs["tc"], runs["tc1"]], tmp_path / "local")
     mixed = export_circuit_tracer(["hf://bob/tc", runs["tc1"]], tmp_path / "mixed")

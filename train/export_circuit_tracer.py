@@ -37,9 +37,11 @@ latent values equal ours (up to rounding at the threshold itself).
 
 A source may be a dictionary ``run_train.py push`` put on the Hub (``hf://USER/NAME[@REV]``, fetched by
 :mod:`train.hub_dictionary_fetch`). A push uploads the export (``config.json``, ``model.safetensors``),
-a card, curves and the analysis report, but not the run's ``config.json``, where the harvested model's
-layer count, revision and local folder are recorded: ``n_layers`` (``--n-layers``) is then required,
-the revision is read from a Hub id's ``@REV``, and a model folder's name calls for ``--model-name``.
+a card, curves and the analysis report, but not the run's ``config.json``: the harvested model's layer
+count, revision and parallel-attention flag come from the export's ``metadata.harvest`` (the cache
+manifest's entries for the dictionary's models), as they do for an ``export/`` folder copied away
+from its run. An export from before that was recorded needs ``n_layers`` (``--n-layers``), the
+revision is then read from a Hub id's ``@REV``; a model folder's name calls for ``--model-name``.
 ``config.yaml`` records the spec and the commit the files came from.
 
 Refused, each with the reason and the command that gives a convertible run: crosscoders;
@@ -107,7 +109,8 @@ class _Source:
     """What messages and ``config.yaml`` call it: the run folder (the export's parent), or the ``hf://`` spec."""
     model: Dictionary
     metadata: dict[str, Any]
-    cache_info: dict[str, Any] | None  # run config.json's "cache" (models with n_layers, spec); None: no run folder
+    cache_info: dict[str, Any] | None
+    """The run config.json's "cache" (models with n_layers, spec), else the export's metadata.harvest; None: neither."""
     hub_commit: str | None = None
     """The Hub commit an ``hf://`` dictionary's files came from (None: a local folder)."""
 
@@ -154,21 +157,30 @@ def _load_source(export_dir: Path) -> _Source:
     cache_info = None
     if run_cfg.is_file():
         cache_info = json.loads(run_cfg.read_text()).get("cache")
+    if cache_info is None:  # an export/ copied away from its run: what the export recorded of the harvest
+        cache_info = _recorded_harvest(meta)
     return _Source(str(export_dir), str(export_dir.parent), load_dictionary(export_dir), meta, cache_info)
+
+
+def _recorded_harvest(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The export's ``metadata.harvest`` (its models' depth, revision, ...), else None (older exports)."""
+    recorded = meta.get("harvest")
+    return recorded if isinstance(recorded, dict) and isinstance(recorded.get("models"), list) else None
 
 
 def _load_hub_source(spec: str) -> _Source:
     """A dictionary ``run_train.py push`` put on the Hub: its ``config.json`` and weights (downloaded, checked).
 
-    A push uploads the export, a card, curves and the analysis report, never the run's ``config.json``: there is
-    no cache info (the model's depth, its revision and folder), which ``n_layers`` / ``model_name`` then supply.
+    A push uploads the export, a card, curves and the analysis report, never the run's ``config.json``: the
+    model's depth and revision come from the export's ``metadata.harvest``; a dictionary exported before it was
+    recorded has none, and ``n_layers`` / ``model_name`` then supply them.
     """
     model, fetched = load_hub_dictionary(spec)
     meta = dict(fetched.config.get("metadata") or {})
     if meta.get("space") != "raw":
         raise CircuitTracerExportError(f"{spec} holds a dictionary on normalized activations; circuit-tracer feeds "
                                        "raw ones: push the run (or its export/), where the normalization is folded in")
-    return _Source(spec, spec, model, meta, None, fetched.commit)
+    return _Source(spec, spec, model, meta, _recorded_harvest(meta), fetched.commit)
 
 
 def _sources(run: str | Path) -> list[_Source]:
@@ -193,7 +205,10 @@ def _model_entry(src: _Source, model: str) -> dict[str, Any] | None:
 
 
 def _parallel_residual(entry: dict[str, Any] | None) -> bool:
-    """Whether the model's HF config (when its folder is on this machine) declares parallel attention + MLP."""
+    """Whether the model runs attention and MLP in parallel: as the harvest recorded it (newer caches), else as
+    its HF config declares it when its folder is on this machine."""
+    if isinstance((entry or {}).get("parallel_attn_mlp"), bool):
+        return bool(entry["parallel_attn_mlp"])  # type: ignore[index]
     folder = (entry or {}).get("path")
     cfg_file = Path(folder).expanduser() / "config.json" if folder else None
     if cfg_file is None or not cfg_file.is_file():
@@ -379,10 +394,10 @@ def export_circuit_tracer(
     in_sfxs, out_sfxs = sorted({t[1] for t in per_layer}), sorted({t[2] for t in per_layer})
     if depth is None:
         hub = [s.where for s in sources if s.on_hub]
-        why = (f"a dictionary on the Hub ({hub[0]}) holds no run folder (a push uploads the export, not the run's "
-               "config.json, which records it)" if hub else "its config.json is missing")
+        why = (f"{hub[0]} was exported before exports recorded the harvest, and a push uploads no run folder"
+               if hub else "its config.json is missing and the export predates metadata.harvest")
         raise CircuitTracerExportError(
-            f"{where0}: no run folder records how many layers {model} has ({why}); pass n_layers (--n-layers N, "
+            f"{where0}: nothing records how many layers {model} has ({why}); pass n_layers (--n-layers N, "
             "the model's layer count: num_hidden_layers in its config) so the export can be checked to cover "
             "every layer")
     if len(in_sfxs) != 1 or len(out_sfxs) != 1:
@@ -498,8 +513,8 @@ def export_circuit_tracer_cli(argv: list[str]) -> int:
                                              "a Hub id transformer-lens knows, e.g. google/gemma-2-2b")
     parser.add_argument("--scan", help="feature-set name circuit-tracer puts in its graph files "
                                        "(default: crosscache/<run folder name>)")
-    parser.add_argument("--n-layers", type=int, help="the model's layer count, when no run folder records it "
-                                                     "(a dictionary from the Hub has none)")
+    parser.add_argument("--n-layers", type=int, help="the model's layer count, when nothing records it (an export "
+                                                     "from before exports recorded the harvest)")
     args = parser.parse_args(argv)
     try:
         out = export_circuit_tracer(args.runs, args.out, model_name=args.model_name, scan=args.scan,

@@ -3,8 +3,9 @@
 Input is our raw-space export (``RUN/export``, see :mod:`train.export`), or the same export as
 ``run_train.py push`` put it on the Hub (``hf://USER/NAME[@REV]``): normalization is already
 folded in, so the SAELens copy reads raw activations and sets ``normalize_activations="none"``.
-A pushed repo holds no run folder: the cache's context size, dataset and excluded tokens come from
-its manifest only when the cache is on this machine where the export's metadata says.
+The cache's context size, dataset and excluded tokens come from its manifest when the cache is on
+this machine where the run found it, else from the export's own record of the harvest
+(``metadata.harvest``), which a pushed repo (no run folder) carries too.
 Output is a folder with ``sae_weights.safetensors`` and ``cfg.json`` (written atomically, config
 last), as SAELens 6.x saves its own inference SAEs (checked against ``sae_lens`` 6.54.12).
 
@@ -228,15 +229,18 @@ def _resolve(path: Path) -> tuple[Path, Path | None]:
 
 
 def _cache_manifest(run_cfg: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
-    """The training cache's manifest if it is still where the run found it, else {}: it holds the
-    context size, the excluded tokens and the dataset, which the run folder does not repeat."""
+    """The training cache's manifest if it is still where the run found it, else the export's own record
+    of it (``metadata.harvest``: the manifest's keys for the dictionary's models and hooks; a Hub
+    dictionary or an export moved away has only that), else {}: the context size, the excluded tokens
+    and the dataset, which the run folder does not repeat."""
     cache = run_cfg.get("cache") if isinstance(run_cfg.get("cache"), dict) else {}
     for where in (cache.get("path"), meta.get("cache")):
         if isinstance(where, str) and not where.startswith("hf://"):
             manifest = read_json_object(Path(where).expanduser() / "manifest.json")  # export/ writes ~/...
             if manifest:
                 return manifest
-    return {}
+    recorded = meta.get("harvest")
+    return dict(recorded) if isinstance(recorded, dict) else {}
 
 
 def _weights_sha256(export_dir: Path) -> str | None:
@@ -278,8 +282,8 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
     :class:`~shared.hub_spec.HubError` for a repo it cannot have). ``cfg.json`` records the source (the
     folder, or the spec and the commit the files came from).
     ``context_size``: recorded as ``metadata.context_size``; by default the training cache's
-    (read from its manifest when the cache is still where the run found it, else left None; a Hub
-    dictionary holds no run folder, so only a cache on this machine at the path it records gives it).
+    (read from its manifest when the cache is still where the run found it, else from the export's
+    ``metadata.harvest``; None only for an export written before that was recorded, whose cache is gone).
     Raises :class:`SAELensExportError` for dictionaries SAELens cannot hold (see the module doc).
     Every string written goes through :func:`shared.redact.redact_machine`: no home path or user
     name lands in ``cfg.json``.
@@ -401,7 +405,7 @@ def export_saelens_cli(argv: list[str]) -> int:
     written = json.loads((out / SAELENS_CFG_NAME).read_text())
     print(f"wrote SAELens {written['architecture']} ({written['d_in']} -> {written['d_sae']} latents) to {out}")
     if written["metadata"].get("context_size") is None:
-        where = ("the Hub dictionary holds no run folder, and its training cache is not on this machine"
-                 if is_hub_spec(args.run) else "the training cache was not found")
+        where = ("the export was written before exports recorded their harvest, and its training cache is "
+                 "not on this machine")
         print(f"note: context_size unknown ({where}); pass --context-size")
     return 0

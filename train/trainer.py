@@ -649,11 +649,24 @@ def evaluate(m: _Member, cache: Cache, models: list[str], hooks: list[str], devi
     return {f"eval/{k}": v for k, v in stats.metrics().items()}
 
 
+def harvest_provenance(cache: Cache, spec: SlotSpec) -> dict[str, Any]:
+    """The cache manifest's keys about the dictionary's own models and hooks, for a dictionary handed on
+    without its run folder or cache (an ``export/`` copied away, or pushed to the Hub): the models' depth,
+    revision and weights fingerprint (the circuit-tracer export checks layer coverage against ``n_layers``),
+    the context size, dataset and excluded tokens (the SAELens export's metadata), the tokenizer."""
+    man = cache.manifest
+    by_name = {entry["name"]: entry for entry in man.models}
+    return {"models": [by_name[name] for name in spec.models], "hooks": list(spec.hooks), "d_model": man.d_model,
+            "context_size": man.context_size, "dataset": man.dataset, "excluded_tokens": man.excluded_tokens,
+            "tokenizer": {k: man.tokenizer.get(k) for k in ("name", "vocab_size", "sha256")},
+            "normalization": man.normalization["method"]}
+
+
 def export(m: _Member, cache: Cache, step: int, eval_metrics: dict[str, Any]) -> None:
     """Save the trained dictionary twice: as trained (normalized space) and folded (raw activations)."""
     cfg, spec = m.cfg, m.spec
     meta = {"step": step, "cache": cfg.cache, "slots": spec.slot_names, "models": spec.models, "hooks": spec.hooks,
-            "eval": eval_metrics, "train_config": config_to_json(cfg)}
+            "eval": eval_metrics, "train_config": config_to_json(cfg), "harvest": harvest_provenance(cache, spec)}
     model = m.model.eval()
     save_dictionary(m.run_dir / "dictionary", model, {**meta, "space": "normalized"})
     man = cache.manifest
