@@ -87,6 +87,25 @@ def _phi3():
     return _llama_like("Phi3ForCausalLM", "Phi3Config")
 
 
+def _mixtral():
+    # Mixture of experts: 4 experts, 2 per token (Mixtral-8x7B has 8 and 2); the MLP output is the
+    # router-weighted sum of the chosen experts' outputs.
+    return _llama_like("MixtralForCausalLM", "MixtralConfig", num_local_experts=4, num_experts_per_tok=2)
+
+
+def _qwen3_moe():
+    # Qwen3-MoE: q/k norms, 8 small experts, 2 per token; layer 1 a dense MLP (mlp_only_layers), as
+    # some MoE checkpoints mix dense and sparse blocks.
+    return _llama_like("Qwen3MoeForCausalLM", "Qwen3MoeConfig", head_dim=D // HEADS, num_experts=8,
+                       num_experts_per_tok=2, moe_intermediate_size=FF // 2, norm_topk_prob=True,
+                       mlp_only_layers=[1])
+
+
+def _olmoe():
+    # OLMoE: q/k norms, 8 experts, 2 per token, softmax router without renormalisation.
+    return _llama_like("OlmoeForCausalLM", "OlmoeConfig", num_experts=8, num_experts_per_tok=2)
+
+
 def _opt():
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -140,6 +159,9 @@ ARCHS: dict[str, Callable[[], Any]] = {
     "gemma3": _gemma3,
     "qwen3": _qwen3,
     "phi3": _phi3,
+    "mixtral": _mixtral,
+    "qwen3_moe": _qwen3_moe,
+    "olmoe": _olmoe,
     "opt": _opt,
     "opt_post_ln": _opt_post_ln,
     "openai_gpt": _openai_gpt,

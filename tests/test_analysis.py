@@ -403,6 +403,14 @@ def test_latent_scaling_cap_is_noted():
                                                   "highest r; --scaling-max-latents 8); raise it to fit them all")
     roomy = AnalysisConfig(scaling_max_latents=512)
     assert _scaling_cap_note(masks, _scaling_set(r_L, masks, roomy), roomy) is None
+    # Top-r latents that are not fine-tune-only (r below the class bound, as in BatchTopK runs) are counted too.
+    r_L = torch.cat([torch.linspace(0.60, 0.70, 20), torch.full((30,), 0.5)]).double()
+    cfg = AnalysisConfig(scaling_max_latents=8, top_r_frac=0.4)
+    masks = classify(r_L, cfg)
+    assert int(masks["ft_only"].sum()) == 0 and int(masks["top_r"].sum()) == 20
+    ids = _scaling_set(r_L, masks, cfg)
+    assert _scaling_cap_note(masks, ids, cfg) == ("latent scaling: 6 of 20 other top-r latents got betas (those of "
+                                                  "highest r; --scaling-max-latents 8); raise it to fit them all")
 
 
 # ---- bad input ------------------------------------------------------------------------------------------

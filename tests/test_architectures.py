@@ -50,6 +50,11 @@ ARCHS = {
                    "pre_feedforward_layernorm", "mlp"),
     "qwen3": Arch("model.layers", "self_attn", "mlp", "post_attention_layernorm", "mlp"),
     "phi3": Arch("model.layers", "self_attn", "mlp", "post_attention_layernorm", "mlp"),
+    # Mixtures of experts: hook_mlp_out is the router-weighted sum of the chosen experts (the whole
+    # sparse block's output), mlp.hook_in its input (what the router and experts read).
+    "mixtral": Arch("model.layers", "self_attn", "mlp", "post_attention_layernorm", "mlp"),
+    "qwen3_moe": Arch("model.layers", "self_attn", "mlp", "post_attention_layernorm", "mlp"),
+    "olmoe": Arch("model.layers", "self_attn", "mlp", "post_attention_layernorm", "mlp"),
     "opt": Arch("model.decoder.layers", "self_attn", "fc2", "final_layer_norm", "fc1"),
     "phi": Arch("model.layers", "self_attn", "mlp", None, "mlp", parallel=True),
     "gpt_neox": Arch("gpt_neox.layers", "attention", "mlp", "post_attention_layernorm", "mlp", parallel=True),
@@ -159,6 +164,8 @@ def test_rows_reproduce_transformers(arch, arch_root, toy_dirs, tmp_path):
                                             context_size=32, batch_size=8, dtype="float32", normalize="none",
                                             calibration_tokens=64))
     assert manifest.tokenizer["bos_token_id"] == 0  # qwen2: no BOS declared, its EOS (id 0) stands in
+    # Recorded for the circuit-tracer export (hook_resid_mid never fires in a parallel block).
+    assert [m["parallel_attn_mlp"] for m in manifest.models] == [ARCHS[arch].parallel] * 2
     cache, acts, seq, pos = _rows(out)
     ids = cache.token_table().column("input_ids").to_pylist()
     assert acts.shape == (240, 2, len(hooks), 64) and (pos > 0).all() and all(s[0] == 0 for s in ids)
@@ -244,6 +251,13 @@ def test_phi_mlp_in_names_the_mlp_input(arch_root, toy_dirs):
     error says which hook is the MLP's input (checked above to equal it)."""
     message = _refusal([str(arch_folder(arch_root, toy_dirs, "phi"))], ["blocks.1.hook_mlp_in"])
     assert "never fired" in message and "blocks.1.mlp.hook_in" in message and "PhiForCausalLM" in message
+
+
+@pytest.mark.parametrize("hook", ["blocks.1.mlp.gate.hook_out", "blocks.1.mlp.hook_expert_weights"])
+def test_moe_router_hooks_are_refused_by_width(arch_root, toy_dirs, hook):
+    """A mixture of experts' router hooks hold expert scores or choices, not d_model-wide rows."""
+    message = _refusal([str(arch_folder(arch_root, toy_dirs, "mixtral"))], [hook])
+    assert hook in message and "d_model=64" in message and "hook_mlp_out" in message
 
 
 def test_opt_flattened_hook_is_refused(arch_root, toy_dirs):

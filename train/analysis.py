@@ -150,12 +150,18 @@ def _scaling_set(r_L: torch.Tensor, masks: dict[str, torch.Tensor], cfg: Analysi
 
 
 def _scaling_cap_note(masks: dict[str, torch.Tensor], scal_ids: torch.Tensor, cfg: AnalysisConfig) -> str | None:
-    """A note when ``scaling_max_latents`` left fine-tune-only latents without betas."""
-    n_ft = int(masks["ft_only"].sum())
-    n_fit = int(masks["ft_only"][scal_ids].sum()) if len(scal_ids) else 0
-    if n_fit == n_ft:
+    """A note when ``scaling_max_latents`` left fine-tune-only or top-r latents (the candidates of
+    :func:`_scaling_set`) without betas, counting each class."""
+    chosen = torch.zeros_like(masks["ft_only"])
+    chosen[scal_ids] = True
+    left_out = []
+    for label, mask in (("fine-tune-only", masks["ft_only"]), ("other top-r", masks["top_r"] & ~masks["ft_only"])):
+        n, n_fit = int(mask.sum()), int((mask & chosen).sum())
+        if n_fit != n:
+            left_out.append(f"{n_fit} of {n} {label} latents")
+    if not left_out:
         return None
-    return (f"latent scaling: {n_fit} of {n_ft} fine-tune-only latents got betas (those of highest r; "
+    return (f"latent scaling: {' and '.join(left_out)} got betas (those of highest r; "
             f"--scaling-max-latents {cfg.scaling_max_latents}); raise it to fit them all")
 
 
