@@ -239,6 +239,9 @@ def test_a_bare_export_is_published_redacted_and_still_loads(runs, fake_hub, hf_
     published = json.loads(fake_hub.files[REPO]["main"]["config.json"])
     assert published["metadata"]["cache"] == "~/caches/c"
     assert "not recorded (pushed from an export folder" in plan.card
+    # No run folder: the cache's facts come from the export's metadata.harvest (redacted as it was written).
+    assert "| dataset | `/data/<host>/corpus.jsonl` (split" in plan.card and HOST not in plan.card
+    assert "| context size | 33 |" in plan.card and "| tokens in the cache | 512 |" in plan.card
     materialize(fake_hub)
     assert load_metadata(f"hf://{REPO}")["cache"] == "~/caches/c"
     assert torch.equal(load_dictionary(f"hf://{REPO}").W_enc_XiDL, load_dictionary(bare).W_enc_XiDL)

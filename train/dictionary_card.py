@@ -41,7 +41,8 @@ class DictionaryFacts:
     dead_frac: float | None = None
     """Fraction of dead latents at the last logged training step (None: no metrics.jsonl)."""
     manifest: dict[str, Any] = field(default_factory=dict)
-    """The training cache's manifest, when it is still where the run found it (else {})."""
+    """The training cache's manifest, when it is still where the run found it, else the export's record of
+    it (``metadata.harvest``: its keys for the dictionary's models and hooks), else {}."""
     extras: list[str] = field(default_factory=list)
     """Optional files uploaded beside the dictionary (``curves.png``, ``analysis/report.md`` ...)."""
 
@@ -57,6 +58,9 @@ class DictionaryFacts:
 def read_facts(export_dir: Path, run_dir: Path | None, config: dict[str, Any], extras: list[str]) -> DictionaryFacts:
     """The facts of the dictionary in ``export_dir`` (published ``config``), with what its run folder adds."""
     facts = DictionaryFacts(config=config, extras=list(extras))
+    recorded = facts.metadata.get("harvest")
+    if isinstance(recorded, dict):  # the export's own record of its cache's manifest (the cache may be gone)
+        facts.manifest = dict(recorded)
     if run_dir is None:
         return facts
     facts.run_info = read_json_object(run_dir / "config.json")
@@ -153,6 +157,8 @@ def render_dictionary_card(facts: DictionaryFacts, *, repo: str, revision: str |
     spec = f"{HUB_PREFIX}{repo}" + (f"@{revision}" if revision else "")
 
     cache = info.get("cache") if isinstance(info.get("cache"), dict) else {}
+    if not cache and isinstance(meta.get("harvest"), dict):  # a bare export: what it recorded of the harvest
+        cache = meta["harvest"]
     source = str(cache.get("spec") or meta.get("cache") or "")
     on_hub = source.startswith(HUB_PREFIX)
     front = ["---", "library_name: crosscache", "tags:", *[f"- {t}" for t in dict.fromkeys(tags)]]
@@ -207,7 +213,7 @@ def render_dictionary_card(facts: DictionaryFacts, *, repo: str, revision: str |
                             for m in cache_models) if cache_models else ", ".join(f"`{m}`" for m in models))
     ds = facts.manifest.get("dataset") if isinstance(facts.manifest.get("dataset"), dict) else {}
     dataset = (f"`{shown(ds.get('name'))}`" + (f" (split `{ds['split']}`)" if ds.get("split") else "")
-               if ds.get("name") else "not recorded (the cache was not on this machine when it was pushed)")
+               if ds.get("name") else "not recorded (an export older than metadata.harvest, pushed without its cache)")
     norm = cache.get("normalization") or meta.get("normalization_folded")
     data = f"""| | |
 |---|---|
