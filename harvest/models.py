@@ -539,9 +539,9 @@ def load_models(
                 )
             if not isinstance(out, torch.Tensor) or len(shape) != 3 or shape[-1] != d_model:
                 raise HarvestInputError(
-                    f"hook {hook!r} of model {r.name!r} gives activations of shape {shape} "
-                    f"(batch, pos, ...); v1 caches need [batch, pos, d_model={d_model}] for every "
-                    "hook: choose residual-stream-width hooks (hook_resid_*, hook_mlp_out, hook_attn_out)"
+                    f"hook {hook!r} of model {r.name!r} gives activations of shape {shape}, not "
+                    f"[batch, pos, d_model={d_model}] as v1 caches need for every hook: choose "
+                    "residual-stream-width hooks (hook_resid_*, hook_mlp_out, hook_attn_out)"
                 )
         if problem := _post_norm_hooks(r, b, hooks, captured):
             raise HarvestInputError(problem)
