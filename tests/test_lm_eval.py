@@ -8,6 +8,7 @@ zero ablation. The clean loss is recomputed with a plain ``transformers`` forwar
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,7 +108,7 @@ def test_excluded_tokens_stay_clean(runs, toy_cache, monkeypatch, tmp_path):
     manifest says so) nothing is replaced and the loss is the clean one: only kept tokens are spliced."""
     import shutil
 
-    from train import lm_eval
+    from train import splice
 
     _with_stub(monkeypatch, lambda x: x.roll(1, dims=-1))  # every dimension takes its neighbour's value
     cfg = dict(run=str(runs["crosscoder"]), sequences=3, progress=False, out=str(tmp_path / "r.json"))
@@ -126,7 +127,7 @@ def test_excluded_tokens_stay_clean(runs, toy_cache, monkeypatch, tmp_path):
     keep = torch.ones(1, 5, dtype=torch.bool)
     keep[0, 0] = False
     x = torch.arange(10, dtype=torch.float32).reshape(1, 5, 2)
-    out = lm_eval._replace_hook(torch.full_like(x, -1.0), keep)(None, None, x)
+    out = splice.replace_hook(torch.full_like(x, -1.0), keep)(None, None, x)
     assert torch.equal(out[0, 0], x[0, 0]) and bool((out[0, 1:] == -1).all())
 
 
@@ -195,3 +196,254 @@ def test_analyze_shows_the_result_for_this_export_and_lm_eval_says_the_report_pr
     md = Path(after["paths"]["report_md"]).read_text()
     assert (f"| `toy-code` | {want['ce_clean']:.4f} | {want['ce_spliced']:.4f} | {want['delta_ce']:+.4f} | "
             f"{want['ce_zero_ablation']:.4f} |") in md
+
+
+# ---- closed loop (--loop closed) -------------------------------------------------------------------------------
+CLT_IN = [f"blocks.{i}.ln2.hook_out" for i in (0, 1)]  # the MLP's exact input
+CLT_OUT = [f"blocks.{i}.hook_mlp_out" for i in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def clt_run(toy_dirs, tmp_path_factory) -> Path:
+    """A CLT over layers 0 and 1 of toy-code (MLP input -> MLP output), on a cache of its own."""
+    from conftest import small_harvest_config
+    from harvest.harvester import harvest
+
+    root = tmp_path_factory.mktemp("lm_eval_clt")
+    harvest(small_harvest_config(root / "cache", models=["toy-code"], hooks=CLT_IN + CLT_OUT, tokens=3000))
+    train(TrainConfig(cache=str(root / "cache"), out=str(root / "clt"), arch="clt", in_hooks=CLT_IN, out_hooks=CLT_OUT,
+                      latents=256, steps=20, batch_size=256, lr=3e-3, log_every=10, checkpoint_every=1000,
+                      progress=False, device="cpu"))
+    return root / "clt"
+
+
+@pytest.fixture(scope="module")
+def toy_code_bridge(toy_dirs):
+    """toy-code loaded as lm-eval loads it, with the CLT's hooks."""
+    from harvest.models import load_models
+
+    return load_models(["toy-code"], CLT_IN + CLT_OUT, context_size=32, device=torch.device("cpu"),
+                       model_dtype=torch.float32, progress=False).bridges[0]
+
+
+def _tokens(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """3 sequences of 32 token ids, BOS (id 0) first; and the kept tokens (all but BOS)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens_BP = torch.randint(2, 4096, (3, 32), generator=g)
+    tokens_BP[:, 0] = 0
+    return tokens_BP, tokens_BP != 0
+
+
+def _clean(bridge, tokens_BP: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from train.splice import capture_hook, forward_with_hooks
+
+    store: dict[str, torch.Tensor] = {}
+    logits = forward_with_hooks(bridge, tokens_BP, {h: capture_hook(store, h, bridge.hook_dict[h]) for h in CLT_IN})
+    return logits, store
+
+
+def _open_recon(dictionary, store: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The open loop's reconstruction [B, P, Xo, D] from clean inputs."""
+    x_in_BPXD = torch.stack([store[h] for h in CLT_IN], dim=2)
+    return dictionary(x_in_BPXD.flatten(0, 1)).recon_BXoD.unflatten(0, x_in_BPXD.shape[:2])
+
+
+def test_one_transcoder_gives_the_same_figures_in_both_loops(runs, tmp_path):
+    """One input hook upstream of one output hook: nothing is spliced before the input, so closed = open."""
+    cfg = dict(run=str(runs["directional"]), sequences=4, batch_size=3, progress=False)
+    opened = evaluate_lm(LMEvalConfig(**cfg, out=str(tmp_path / "open.json")))
+    closed = evaluate_lm(LMEvalConfig(**cfg, loop="closed", out=str(tmp_path / "closed.json")))
+    assert (opened["loop"], closed["loop"]) == ("open", "closed")
+    assert closed["method"].startswith("closed loop:") and opened["method"].startswith("open loop:")
+    o, c = opened["models"]["toy-code"], closed["models"]["toy-code"]
+    assert c["ce_spliced"] > c["ce_clean"] + 1e-3  # something was spliced
+    for key in ("ce_clean", "ce_spliced", "ce_zero_ablation", "kl_spliced"):
+        assert c[key] == pytest.approx(o[key], abs=1e-5), key
+
+
+def test_a_clt_closed_loop_differs_from_the_open_loop(clt_run, tmp_path):
+    """Layer 1's input is computed from layer 0's splice in closed loop: another spliced loss, the same clean
+    and zero-ablated ones."""
+    cfg = dict(run=str(clt_run), sequences=4, progress=False)
+    opened = evaluate_lm(LMEvalConfig(**cfg, out=str(tmp_path / "open.json")))["models"]["toy-code"]
+    closed = evaluate_lm(LMEvalConfig(**cfg, loop="closed", out=str(tmp_path / "closed.json")))["models"]["toy-code"]
+    assert closed["hooks"] == opened["hooks"] == CLT_OUT
+    assert closed["ce_clean"] == pytest.approx(opened["ce_clean"], abs=1e-6)
+    assert closed["ce_zero_ablation"] == pytest.approx(opened["ce_zero_ablation"], abs=1e-6)
+    assert abs(closed["ce_spliced"] - opened["ce_spliced"]) > 1e-4
+    assert closed["ce_clean"] < closed["ce_spliced"] < closed["ce_zero_ablation"]
+    assert json.loads((tmp_path / "closed.json").read_text())["loop"] == "closed"
+
+
+def test_a_clt_closed_loop_feeds_layer_1_the_spliced_layer_0(clt_run, toy_code_bridge):
+    """Layer 0's input is upstream of every splice: its reconstruction is the open loop's; layer 1's input comes
+    from the model with layer 0 spliced, so its reconstruction is not."""
+    from train.export import load_dictionary
+    from train.splice import closed_loop_forward
+
+    dictionary = load_dictionary(clt_run / "export")
+    tokens_BP, keep_BP = _tokens()
+    with torch.inference_mode():
+        open_BPXD = _open_recon(dictionary, _clean(toy_code_bridge, tokens_BP)[1])
+        recons: dict[int, torch.Tensor] = {}
+        closed_loop_forward(toy_code_bridge, dictionary, tokens_BP, keep_BP, CLT_IN, CLT_OUT, recons)
+    torch.testing.assert_close(recons[0], open_BPXD[:, :, 0], rtol=1e-5, atol=1e-6)
+    gap = (recons[1] - open_BPXD[:, :, 1]).norm(dim=-1)  # [B, P]
+    assert float(gap[:, 0].max()) < 1e-5  # BOS: nothing before it was replaced
+    assert float(gap[:, 1:].min()) > 1e-4
+
+
+def test_the_closed_loop_with_nothing_replaced_reconstructs_as_the_dictionary(clt_run, toy_code_bridge):
+    """The closed-loop machinery (hooks, per-layer encoding, decoding of layers <= j) with every token excluded:
+    nothing is replaced, so every input is clean and every reconstruction is Dictionary.forward's."""
+    from train.export import load_dictionary
+    from train.splice import closed_loop_forward
+
+    dictionary = load_dictionary(clt_run / "export")
+    tokens_BP, keep_BP = _tokens(1)
+    with torch.inference_mode():
+        clean_logits, store = _clean(toy_code_bridge, tokens_BP)
+        recons: dict[int, torch.Tensor] = {}
+        logits = closed_loop_forward(toy_code_bridge, dictionary, tokens_BP, torch.zeros_like(keep_BP), CLT_IN,
+                                      CLT_OUT, recons)
+        want_BPXD = _open_recon(dictionary, store)
+    assert torch.equal(logits, clean_logits)
+    assert sorted(recons) == [0, 1] and float(want_BPXD.norm()) > 0
+    for j in recons:
+        torch.testing.assert_close(recons[j], want_BPXD[:, :, j], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("act", ["relu", "jumprelu", "batchtopk"])
+def test_a_clt_output_slot_is_the_forwards_whatever_the_later_layers_hold(act):
+    """The closed loop's per-slot reconstruction (layers <= j encoded and decoded) against Dictionary.forward on
+    the same inputs, with every path of the formula non-zero (biases, skip) and garbage in the later layers."""
+    from train.dictionary import Dictionary, DictionaryConfig
+    from train.splice import clt_slot_recon
+
+    names = [f"m/blocks.{i}.ln2.hook_out" for i in range(3)] + [f"m/blocks.{i}.hook_mlp_out" for i in range(3)]
+    cfg = DictionaryConfig(arch="clt", activation=act, d_model=8, n_latents=30, in_slots=[0, 1, 2],
+                           out_slots=[3, 4, 5], slot_names=names, skip=True, k=4 if act == "batchtopk" else None)
+    torch.manual_seed(0)
+    model = Dictionary(cfg).eval()
+    with torch.no_grad():
+        for p in (model.b_enc_L, model.b_dec_XoD, model.W_skip_XiDD):
+            p.copy_(torch.randn_like(p) * 0.3)
+        if act == "batchtopk":
+            model.threshold.fill_(0.05)
+        if act == "jumprelu":
+            model.log_threshold_L.copy_(torch.randn_like(model.log_threshold_L) - 2)
+        x_in_NXiD = torch.randn(64, 3, 8)
+        full = model(x_in_NXiD)
+        assert 0 < float((full.latents_BL > 0).float().mean()) < 1  # some latents fire, some do not
+        for j in range(3):
+            garbage = x_in_NXiD.clone()
+            garbage[:, j + 1:] = torch.randn_like(garbage[:, j + 1:]) * 100
+            torch.testing.assert_close(clt_slot_recon(model, garbage, j), full.recon_BXoD[:, j], rtol=1e-5, atol=1e-5)
+
+
+def _cfg(arch: str, ins: list[str], outs: list[str], activation: str = "relu", models=("m",), d_model: int = 4):
+    """A DictionaryConfig of ``ins`` -> ``outs`` of ``models`` and its slots' (model, hook) pairs."""
+    from train.dictionary import DictionaryConfig
+
+    hooks = list(dict.fromkeys(ins + outs))
+    slots = [(m, h) for m in models for h in hooks]
+    names = [f"{m}/{h}" for m, h in slots]
+    in_slots = [names.index(f"{m}/{h}") for m in models for h in ins]
+    out_slots = [names.index(f"{m}/{h}") for m in models for h in outs]
+    cfg = DictionaryConfig(arch=arch, activation=activation, d_model=d_model, n_latents=8 * len(ins), in_slots=in_slots,
+                           out_slots=out_slots, slot_names=names, k=2 if activation == "topk" else None)
+    return cfg, slots
+
+
+def test_closed_loop_is_defined_only_where_the_forward_order_is_causal():
+    from train.splice import check_closed_loop
+
+    mlp_in, mlp_out = CLT_IN, CLT_OUT  # layers 0 and 1
+    ok = [
+        _cfg("clt", mlp_in, mlp_out),
+        _cfg("clt", ["blocks.0.hook_resid_mid", "blocks.1.hook_resid_mid"], mlp_out, "jumprelu"),
+        # Two names of one point (blocks.L.hook_in is hook_resid_pre): an input may be the point it writes.
+        _cfg("clt", ["blocks.0.hook_resid_pre", "blocks.1.hook_in"], ["blocks.0.hook_in", "blocks.1.attn.hook_out"]),
+        _cfg("directional", ["blocks.1.hook_resid_post"], ["blocks.2.hook_resid_post"], "topk"),
+        _cfg("directional", ["blocks.0.ln2.hook_out", "blocks.0.hook_resid_pre"], mlp_out),
+    ]
+    for cfg, slots in ok:
+        check_closed_loop(cfg, slots)
+    after = "which fires after it"
+    refused = [
+        (_cfg("crosscoder", ["blocks.1.hook_resid_post"], ["blocks.1.hook_resid_post"]),
+         "not defined for arch crosscoder"),
+        (_cfg("directional", ["blocks.2.hook_resid_post"], ["blocks.1.hook_resid_post"]),
+         f"output blocks.1.hook_resid_post reads input blocks.2.hook_resid_post, {after}"),
+        # Directional: one encoder over all inputs, so the second input must also precede the first output.
+        (_cfg("directional", mlp_in, mlp_out),
+         f"output blocks.0.hook_mlp_out reads input blocks.1.ln2.hook_out, {after}"),
+        # Within a block: the MLP's output fires before the block's output (the residual after it).
+        (_cfg("clt", ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"], mlp_out),
+         f"output blocks.0.hook_mlp_out reads input blocks.0.hook_resid_post, {after}"),
+        (_cfg("clt", mlp_in, mlp_out, "topk"), "a topk CLT keeps the k largest latents of all layers together"),
+        (_cfg("directional", ["blocks.1.hook_resid_post"], ["blocks.2.hook_resid_post"], models=("base", "ft")),
+         "reads and writes the slots of several models"),
+        (_cfg("directional", ["blocks.0.attn.hook_q"], ["blocks.0.attn.hook_z"]),
+         "whose order these names do not tell"),
+        (_cfg("directional", ["blocks.0.hook_weird"], mlp_out), "whose order these names do not tell"),
+    ]
+    for (cfg, slots), message in refused:
+        with pytest.raises(ValueError, match=re.escape(message) + r".*evaluate it with --loop open"):
+            check_closed_loop(cfg, slots)
+
+
+def test_closed_loop_is_refused_for_a_crosscoder_and_an_acausal_run(runs, toy_cache, tmp_path, capsys):
+    """Refused before any model loads, with the reason and --loop open; nothing is written."""
+    from train.lm_eval import lm_eval_cli
+
+    out = tmp_path / "r.json"
+    with pytest.raises(ValueError, match=r"not defined for arch crosscoder.*--loop open"):
+        evaluate_lm(LMEvalConfig(run=str(runs["crosscoder"]), loop="closed", progress=False, out=str(out)))
+    acausal = tmp_path / "acausal"  # layer 2 -> layer 1: its input fires after the hook it writes
+    train(TrainConfig(cache=str(toy_cache), out=str(acausal), arch="directional", models=["toy-code"],
+                      in_hooks=["blocks.2.hook_resid_post"], out_hooks=["blocks.1.hook_resid_post"], latents=32,
+                      steps=2, batch_size=64, log_every=1, checkpoint_every=1000, progress=False, device="cpu"))
+    capsys.readouterr()
+    assert lm_eval_cli([str(acausal), "--loop", "closed", "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert ("error: --loop closed needs every input a reconstruction reads to fire before the output hook it replaces: "
+            "output blocks.1.hook_resid_post reads input blocks.2.hook_resid_post, which fires after it") in err
+    assert "--loop open" in err and not out.exists()
+
+
+def test_an_input_hook_that_never_fires_is_an_error(toy_code_bridge):
+    """hook_mlp_in is gated off in transformer-lens unless asked for: a closed loop reading it must say so, not
+    reconstruct from nothing."""
+    from train.analysis_run import RunError
+    from train.dictionary import Dictionary
+    from train.splice import check_closed_loop, closed_loop_forward
+
+    cfg, slots = _cfg("directional", ["blocks.0.hook_mlp_in"], ["blocks.0.hook_mlp_out"], d_model=128)
+    check_closed_loop(cfg, slots)  # the names say it fires first (it does, where it fires)
+    torch.manual_seed(0)
+    model = Dictionary(cfg).eval()
+    tokens_BP, keep_BP = _tokens()
+    with pytest.raises(RunError, match=r"input hook\(s\) \['blocks.0.hook_mlp_in'\] had not fired when output hook "
+                                       r"blocks.0.hook_mlp_out did.*--loop open"), torch.inference_mode():
+        closed_loop_forward(toy_code_bridge, model, tokens_BP, keep_BP, ["blocks.0.hook_mlp_in"],
+                             ["blocks.0.hook_mlp_out"])
+
+
+def test_the_loop_flag_round_trips_into_the_result_and_its_rerun_command(runs, tmp_path, capsys):
+    from train.lm_eval import lm_eval_cli
+    from train.report_lm_eval import lm_eval_block
+
+    assert lm_eval_cli([str(runs["directional"]), "--loop", "closed", "--sequences", "2", "--no-progress",
+                        "--out", str(tmp_path / "lm_eval.json")]) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.splitlines()[0].startswith("closed loop") and "CE clean" in stdout.splitlines()[1]
+    result = json.loads((tmp_path / "lm_eval.json").read_text())
+    assert result["loop"] == result["config"]["loop"] == "closed"
+    # analyze's command to write it again keeps the flag (report_lm_eval derives it from the saved config).
+    assert " --loop closed" in lm_eval_block(runs["directional"], tmp_path)["command"]
+    with pytest.raises(SystemExit):
+        lm_eval_cli([str(runs["directional"]), "--loop", "sideways"])
+    assert "invalid choice: 'sideways'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="loop: expected one of 'open', 'closed', got 'sideways'"):
+        LMEvalConfig(loop="sideways")

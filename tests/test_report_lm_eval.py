@@ -85,10 +85,25 @@ def test_a_current_result_is_tabled_with_its_own_numbers(run):
     assert "| `model0` | 5.2267 | 5.3200 | +0.0933 | 9.4333 | 0.978 | 0.0400 | 12 | 192 |" in section
     assert "| `model1` | 4.4333 | 4.5800 | +0.1467 | 8.8067 | 0.966 | 0.0500 | 12 | 192 |" in section
     assert "Open loop" in section and f"`{run / 'analysis' / 'lm_eval.json'}`" in section
-    assert any("lm-eval" in h and "+0.0933" in h for h in rep["headline"])
+    assert any("lm-eval" in h and "+0.0933" in h and "open loop" in h for h in rep["headline"])
+    assert block["loop"] == "open"  # a result from before --loop has no key: it was open loop
     nums = _json_numbers(block)
     for value, dec in _numbers(section):  # every number of the section is in report.json's block
         assert any(abs(value - x) <= 0.5 * 10 ** -dec + 1e-9 for x in nums), value
+
+
+def test_a_closed_loop_result_is_said_to_be_one(run):
+    """lm-eval --loop closed: the headline, the section and the re-run command say so (older results: open)."""
+    result = _write_result(run, _export_sha(run))
+    result.update(loop="closed", config=dataclasses.asdict(LMEvalConfig(run=str(run), sequences=12, loop="closed",
+                                                                        progress=False)))
+    (run / "analysis" / "lm_eval.json").write_text(json.dumps(result))
+    rep, md = _analyze(run)
+    block = json.loads(Path(rep["paths"]["report_json"]).read_text())["lm_eval"]
+    assert block["loop"] == "closed" and "--loop closed" in block["command"]
+    section = _section(md)
+    assert "Closed loop: one forward pass per model" in section and "Open loop" not in section
+    assert any("lm-eval" in h and "closed loop" in h for h in rep["headline"])
 
 
 def test_a_missing_result_names_the_command(run):

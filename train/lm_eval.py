@@ -14,10 +14,22 @@ clean next-token distribution. Splicing uses the run's exported dictionary, whic
 activations (the cache's normalization folded in), and replaces only the positions whose tokens the
 harvest kept (BOS and the other excluded tokens stay clean: the dictionary never saw them).
 
-The reconstructions are computed "open loop": every input slot is read from the clean forward passes
-(of every model: a crosscoder's encoder reads them all), then each model runs once with all of its
-output hooks replaced. For one hook that is the whole story; for several hooks of one model (a
-cross-layer crosscoder or CLT), a later hook's reconstruction is not fed the earlier splices.
+``--loop`` says where the reconstructions' inputs come from:
+
+- ``open`` (default): every input slot is read from the clean forward passes (of every model: a
+  crosscoder's encoder reads them all), then each model runs once with all of its output hooks
+  replaced. For several hooks of one model (a cross-layer crosscoder or CLT), a later hook's
+  reconstruction is not fed the earlier splices.
+- ``closed``: one forward pass per model in which each input hook reads the activation as it flows
+  through the spliced model (earlier output hooks already replaced), and each output hook is
+  replaced by the reconstruction from the inputs captured before it: the "replacement model" of a
+  CLT ("Circuit Tracing", Ameisen et al. 2025; circuit-tracer). Defined only where the forward order
+  makes that causal (:func:`train.splice.check_closed_loop`): a CLT whose layer-j output reads inputs of layers
+  <= j that fire before it (e.g. ``blocks.L.ln2.hook_out`` -> ``blocks.L.hook_mlp_out``), or a
+  directional dictionary of one model whose every input fires before its first output. A crosscoder
+  (its encoder reads the hooks it writes), a dictionary reading another model than it writes, and a
+  topk CLT (its top k spans every layer, so layer j's latents depend on later inputs) are refused.
+  With one input and one output hook both loops give the same figures.
 
 Before any figure, the clean activations are compared with the cache's own rows for the same tokens:
 models that no longer produce what was harvested (a model folder retrained since) are refused.
@@ -35,7 +47,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -46,6 +58,7 @@ from shared.config import add_dataclass_arguments, coerce_field_types, config_fr
 from shared.shard_io import atomic_write_bytes
 from train.analysis_run import RunData, RunError, cache_model_names, load_run, open_run_cache
 from train.report_lm_eval import LM_EVAL_FORMAT, default_lm_eval_path, export_weights_sha256
+from train.splice import capture_hook, check_closed_loop, closed_loop_forward, forward_with_hooks, replace_hook
 
 __all__ = ["ACTIVATION_CHECK_MAX", "LMEvalConfig", "evaluate_lm", "format_table", "lm_eval_cli"]
 
@@ -68,11 +81,15 @@ class LMEvalConfig:
     batch_size: int = field_help("Sequences per forward pass.", default=8)
     device: str = field_help("auto (cuda if available), cpu, cuda, ...", default="auto")
     model_dtype: str = field_help("dtype the models run in (float32, bfloat16, float16).", default="float32")
+    loop: Literal["open", "closed"] = field_help(
+        "open: every reconstruction from the clean activations; closed: one forward per model where each input "
+        "hook reads the spliced model and each output hook its reconstruction from those inputs (a CLT's "
+        "replacement model; refused where the forward order is not causal, e.g. for a crosscoder).", default="open")
     out: str | None = field_help("Result JSON (default: RUN/analysis/lm_eval.json).", default=None)
     progress: bool = field_help("Show a progress bar.", default=True)
 
     def __post_init__(self) -> None:
-        coerce_field_types(self)
+        coerce_field_types(self)  # also refuses a loop other than open or closed (a Literal)
         for name in ("sequences", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -122,34 +139,6 @@ def _load_spec(entry: dict[str, Any]) -> str:
         return str(Path(path).expanduser())
     name, revision = entry["name"], entry.get("revision")
     return f"{name}@{revision}" if revision and "@" not in name else name
-
-
-def _forward(bridge: Any, tokens_BP: torch.Tensor, hooks: dict[str, Any]) -> torch.Tensor:
-    """Logits of one forward with ``hooks`` (point name -> forward hook) registered for its duration."""
-    handles = [bridge.hook_dict[name].register_forward_hook(fn) for name, fn in hooks.items()]
-    try:
-        return bridge(tokens_BP)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _capture_hook(store: dict[str, torch.Tensor], name: str, point: Any) -> Any:
-    from harvest.models import hook_value
-
-    def hook(_module: Any, _inputs: Any, out: torch.Tensor) -> None:
-        store[name] = hook_value(point, out).detach().float()
-    return hook
-
-
-def _replace_hook(new_BPD: torch.Tensor, keep_BP: torch.Tensor) -> Any:
-    """A forward hook that puts ``new_BPD`` where ``keep_BP`` holds (kept tokens) and leaves the rest."""
-    def hook(_module: Any, _inputs: Any, out: torch.Tensor) -> torch.Tensor:
-        # OPT's MLP-side points fire on flattened [batch*pos, d] rows: the same elements, reshaped.
-        new = new_BPD.to(out.dtype).reshape(out.shape)
-        keep = keep_BP.reshape(*out.shape[:-1], 1)
-        return torch.where(keep, new, out)
-    return hook
 
 
 def _token_ce(logits_BPV: torch.Tensor, tokens_BP: torch.Tensor) -> torch.Tensor:
@@ -216,6 +205,9 @@ def evaluate_lm(cfg: LMEvalConfig) -> dict[str, Any]:
     # before the weights load: an export rewritten meanwhile leaves a result that reads as stale, never as current.
     export_sha = export_weights_sha256(cfg.run)
     dictionary = load_dictionary(export_dir, device)  # raw activations in, raw out
+    slots = run.slot_pairs  # (model, hook) of each slot, the dictionary's X order
+    if cfg.loop == "closed":  # before the cache and the models load
+        check_closed_loop(dictionary.cfg, slots)
     notes: list[str] = []
     opened = open_run_cache(run, cfg.cache, notes)
     if opened is None:
@@ -240,7 +232,6 @@ def evaluate_lm(cfg: LMEvalConfig) -> dict[str, Any]:
     seq_col = table.column("seq").to_numpy()
     ids_col = table.column("input_ids")
     row_of = {int(s): i for i, s in enumerate(seq_col)}
-    slots = run.slot_pairs  # (model, hook) of each slot, the dictionary's X order
     in_slots, out_slots = list(dictionary.cfg.in_slots), list(dictionary.cfg.out_slots)
     out_by_model = {m: [(x, h) for x, (mm, h) in enumerate(slots[s] for s in out_slots) if mm == m]
                     for m in run.models_used}
@@ -263,8 +254,8 @@ def evaluate_lm(cfg: LMEvalConfig) -> dict[str, Any]:
             clean_logits: dict[str, torch.Tensor] = {}
             for m, bridge in zip(run.models_used, models.bridges):
                 store: dict[str, torch.Tensor] = {}
-                hooks = {h: _capture_hook(store, h, bridge.hook_dict[h]) for h in run.hooks_used}
-                logits = _forward(bridge, tokens_BP, hooks)
+                hooks = {h: capture_hook(store, h, bridge.hook_dict[h]) for h in run.hooks_used}
+                logits = forward_with_hooks(bridge, tokens_BP, hooks)
                 captured[m] = store
                 if m in out_by_model:
                     clean_logits[m] = logits
@@ -277,16 +268,22 @@ def evaluate_lm(cfg: LMEvalConfig) -> dict[str, Any]:
                         f"same tokens (median relative error {activation_error:.3f}, more than {ACTIVATION_CHECK_MAX}): "
                         "a model folder changed since the harvest, or another model answers to its name. Evaluate with "
                         "the models the cache was harvested from")
-            x_in_NXiD = rearrange(x_BPXD[:, :, in_slots], "b p x d -> (b p) x d")
-            recon_BPXD = rearrange(dictionary(x_in_NXiD).recon_BXoD, "(b p) x d -> b p x d", b=tokens_BP.shape[0])
+            if cfg.loop == "open":
+                x_in_NXiD = rearrange(x_BPXD[:, :, in_slots], "b p x d -> (b p) x d")
+                recon_BPXD = rearrange(dictionary(x_in_NXiD).recon_BXoD, "(b p) x d -> b p x d", b=tokens_BP.shape[0])
             for m, bridge in zip(run.models_used, models.bridges):
                 if m not in out_by_model:
                     continue
                 t = totals[m]
-                spliced = _forward(bridge, tokens_BP, {h: _replace_hook(recon_BPXD[:, :, x], keep_BP)
-                                                        for x, h in out_by_model[m]})
-                zeroed = _forward(bridge, tokens_BP, {h: _replace_hook(torch.zeros_like(recon_BPXD[:, :, x]), keep_BP)
-                                                       for x, h in out_by_model[m]})
+                if cfg.loop == "open":
+                    spliced = forward_with_hooks(bridge, tokens_BP, {h: replace_hook(recon_BPXD[:, :, x], keep_BP)
+                                                                     for x, h in out_by_model[m]})
+                else:  # one model reads and writes every slot (check_closed_loop)
+                    spliced = closed_loop_forward(bridge, dictionary, tokens_BP, keep_BP,
+                                                  [slots[s][1] for s in in_slots], [slots[s][1] for s in out_slots])
+                zero_BPD = torch.zeros(*tokens_BP.shape, dictionary.cfg.d_model, device=device)
+                zeroed = forward_with_hooks(bridge, tokens_BP,
+                                            {h: replace_hook(zero_BPD, keep_BP) for _, h in out_by_model[m]})
                 t.clean += float(_token_ce(clean_logits[m], tokens_BP).sum())
                 t.spliced += float(_token_ce(spliced, tokens_BP).sum())
                 t.zero += float(_token_ce(zeroed, tokens_BP).sum())
@@ -302,9 +299,8 @@ def evaluate_lm(cfg: LMEvalConfig) -> dict[str, Any]:
         "sequences": len(seqs), "sequence_ids": seqs, "context_size": man.context_size,
         "models": {m: totals[m].summary([h for _, h in out_by_model[m]]) for m in out_by_model},
         "activation_check_median_rel_error": activation_error,
-        "method": ("open loop: reconstructions from the clean activations of every input slot; each model's output "
-                   "hooks replaced together at kept tokens (excluded tokens such as BOS stay clean); zero ablation "
-                   "replaces the same activations with zeros; cross-entropy averaged over every predicted token"),
+        "loop": cfg.loop,
+        "method": _METHODS[cfg.loop],
         "notes": notes,
         "config": dataclasses.asdict(cfg),
         "seconds": time.perf_counter() - t0,
@@ -316,6 +312,19 @@ def evaluate_lm(cfg: LMEvalConfig) -> dict[str, Any]:
     return result
 
 
+_METHODS = {
+    "open": ("open loop: reconstructions from the clean activations of every input slot; each model's output hooks "
+             "replaced together at kept tokens (excluded tokens such as BOS stay clean); zero ablation replaces the "
+             "same activations with zeros; cross-entropy averaged over every predicted token"),
+    "closed": ("closed loop: one forward per model in which each input hook reads the spliced model's activation and "
+               "each output hook is replaced, at kept tokens (excluded tokens such as BOS keep the model's own value), "
+               "by the reconstruction from the inputs that fired before it; zero ablation replaces the same "
+               "activations with zeros; cross-entropy averaged over every predicted token"),
+}
+_LOOP_LINES = {"open": "open loop (reconstructions from the clean activations)",
+               "closed": "closed loop (each output hook reconstructed from the spliced model's own inputs)"}
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -323,8 +332,10 @@ def _json_default(value: Any) -> Any:
 
 
 def format_table(result: dict[str, Any]) -> list[str]:
-    """The result as lines of a table, one row per model."""
-    lines = [f"{'model':<24} {'CE clean':>9} {'spliced':>9} {'zero-abl':>9} {'ΔCE':>8} {'recovered':>9} {'KL':>8}"]
+    """The result as lines: the loop, then a table with one row per model."""
+    loop = result.get("loop", "open")  # results from before --loop are open loop
+    lines = [_LOOP_LINES.get(loop, f"{loop} loop"),
+             f"{'model':<24} {'CE clean':>9} {'spliced':>9} {'zero-abl':>9} {'ΔCE':>8} {'recovered':>9} {'KL':>8}"]
     for m, r in result["models"].items():
         rec = "n/a" if r["loss_recovered"] is None else f"{r['loss_recovered']:.3f}"
         lines.append(f"{m[-24:]:<24} {r['ce_clean']:>9.4f} {r['ce_spliced']:>9.4f} {r['ce_zero_ablation']:>9.4f} "

@@ -104,7 +104,8 @@ def _figures(data: dict[str, Any]) -> dict[str, Any]:
               for m, r in data["models"].items()}
     return {"sequences": int(data["sequences"]), "context_size": data.get("context_size"),
             "activation_check_median_rel_error": _num(data.get("activation_check_median_rel_error"), 6),
-            "method": data.get("method"), "notes": list(data.get("notes") or []), "models": models}
+            "method": data.get("method"), "loop": data.get("loop", "open"),  # results from before --loop: open
+            "notes": list(data.get("notes") or []), "models": models}
 
 
 def _signed(x: float | None, digits: int = 4) -> str:
@@ -117,7 +118,8 @@ def lm_eval_headline(block: dict[str, Any]) -> str | None:
         return None
     per_model = "; ".join(f"{m}: ΔCE {_signed(r['delta_ce'])} nats/token, loss recovered {_fmt(r['loss_recovered'])}"
                           for m, r in block["models"].items())
-    return f"spliced into its models (lm-eval, {_int(block['sequences'])} held-out sequences, open loop): {per_model}"
+    return (f"spliced into its models (lm-eval, {_int(block['sequences'])} held-out sequences, "
+            f"{block.get('loop', 'open')} loop): {per_model}")
 
 
 def lm_eval_note(block: dict[str, Any]) -> str | None:
@@ -125,6 +127,16 @@ def lm_eval_note(block: dict[str, Any]) -> str | None:
     if block["status"] not in ("stale", "unreadable"):
         return None
     return f"lm-eval result {block['path']} not shown: {block['reason']}; re-run `{block['command']}`"
+
+
+_LOOP_TEXT = {
+    "open": ("Open loop: every reconstruction is computed from the clean activations, then each model runs once "
+             "with all of its spliced hooks replaced (a later hook's reconstruction is not fed the earlier splices; "
+             "`--loop closed` feeds them, for CLTs and transcoders)."),
+    "closed": ("Closed loop: one forward pass per model in which each input hook reads the activation of the "
+               "spliced model (earlier output hooks already replaced) and each output hook is replaced by the "
+               "reconstruction from those inputs (a CLT's replacement model)."),
+}
 
 
 def lm_eval_markdown(block: dict[str, Any]) -> list[str]:
@@ -152,10 +164,9 @@ def lm_eval_markdown(block: dict[str, Any]) -> list[str]:
         L.append(f"| `{m}` | {_fmt(r['ce_clean'], 4)} | {_fmt(r['ce_spliced'], 4)} | {_signed(r['delta_ce'])} | "
                  f"{_fmt(r['ce_zero_ablation'], 4)} | {_fmt(r['loss_recovered'])} | {_fmt(r['kl_spliced'], 4)} | "
                  f"{_int(block['sequences'])} | {_int(r['tokens'])} |")
-    # Why "open loop" is said every time: for several hooks of one model the figures are not those of a model
-    # running on its own reconstructions (README, "What the models lose").
-    L += ["", "Open loop: every reconstruction is computed from the clean activations, then each model runs once "
-          "with all of its spliced hooks replaced (a later hook's reconstruction is not fed the earlier splices)."]
+    # Why the loop is said every time: for several hooks of one model, open-loop figures are not those of a
+    # model running on its own reconstructions (README, "What the models lose").
+    L += ["", _LOOP_TEXT.get(block.get("loop", "open"), f"{block.get('loop')} loop.")]
     if block["activation_check_median_rel_error"] is not None:
         L.append(f"The models reproduced the cache's activations to a median relative error of "
                  f"{_fmt(block['activation_check_median_rel_error'], 4)}.")
