@@ -12,9 +12,12 @@ removing the repo from the HF cache (``hf cache rm``) removes it too.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from shared.cache_format import CARD_NAME, MANIFEST_NAME, TOKENS_NAME, Manifest
@@ -80,20 +83,45 @@ def _partial_view(snapshot: Path, manifest: Manifest, n: int, repo: str, revisio
         files.append(tok_file)
     if _view_ok(view, data, files, snapshot):
         return view
-    # Build beside the final name, then rename: readers never see a half-built view.
-    tmp = view.with_name(f".{view.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for rel in files:
-        _link(snapshot / rel, tmp / rel)
-    (tmp / MANIFEST_NAME).write_bytes(data)
-    (tmp / CARD_NAME).write_text(render_card(Manifest.from_json(obj)))
-    if view.exists():  # damaged (a link to a deleted blob): its content is deterministic, rebuild it
-        shutil.rmtree(view, ignore_errors=True)
-    try:
-        os.rename(tmp, view)
-    except OSError:  # another process built it meanwhile
+    # One builder at a time (the ranks of a torchrun job open the same view at once): without it, a
+    # process that found no view could remove the one another process had just built and is reading.
+    with _building(view.parent):
+        if _view_ok(view, data, files, snapshot):  # built meanwhile
+            return view
+        # Build beside the final name, then rename: readers never see a half-built view.
+        tmp = view.with_name(f".{view.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        if not _view_ok(view, data, files, snapshot):
-            raise HubError(f"could not build the partial view {view} of {repo}; remove it and run again") from None
+        tmp.mkdir(parents=True)
+        for rel in files:
+            _link(snapshot / rel, tmp / rel)
+        (tmp / MANIFEST_NAME).write_bytes(data)
+        (tmp / CARD_NAME).write_text(render_card(Manifest.from_json(obj)))
+        if view.exists():  # damaged (a link to a deleted blob): its content is deterministic, rebuild it
+            shutil.rmtree(view, ignore_errors=True)
+        try:
+            os.rename(tmp, view)
+        except OSError:  # a process without the lock (flock unavailable) built it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not _view_ok(view, data, files, snapshot):
+                raise HubError(f"could not build the partial view {view} of {repo}; remove it and run again") from None
     return view
+
+
+@contextlib.contextmanager
+def _building(folder: Path) -> Iterator[None]:
+    """An exclusive flock on ``folder/.build.lock`` while a view is (re)built there; where the filesystem has
+    no flock, the build goes ahead unlocked (the rename above still keeps every view whole)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(folder / ".build.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held for the few ms a build of links takes
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -374,6 +374,28 @@ def test_max_shards_gives_a_consistent_partial_view(tmp_path, hf_home):
         push_cache(view, "bob/copy", dry_run=True)
 
 
+def test_a_view_another_process_just_built_is_kept(tmp_path, hf_home, monkeypatch):
+    """The race of two ranks opening one hf:// cache with max_shards: this process found no view, another
+    built it meanwhile and reads it. This process re-checks under the build lock and keeps that view (it
+    used to remove it: the other rank's shards vanished under it)."""
+    import shared.hub_partial as hub_partial
+
+    src = _cache(tmp_path / "c")
+    publish(hf_home / "hub", "alice/toy-diff", src, COMMIT_A)
+    view = resolve_cache("hf://alice/toy-diff", max_shards=2)  # the other process's view
+    inode = (view / "manifest.json").stat().st_ino
+    real_ok, calls = hub_partial._view_ok, []
+
+    def first_check_misses(*args):
+        calls.append(1)
+        return False if len(calls) == 1 else real_ok(*args)
+
+    monkeypatch.setattr(hub_partial, "_view_ok", first_check_misses)
+    assert resolve_cache("hf://alice/toy-diff", max_shards=2) == view
+    assert len(calls) == 2 and (view / "manifest.json").stat().st_ino == inode  # not rebuilt
+    assert not [p for p in view.parent.iterdir() if ".tmp-" in p.name]
+
+
 def test_max_shards_at_least_the_shard_count_is_the_whole_cache(tmp_path, hf_home):
     src = _cache(tmp_path / "c")
     publish(hf_home / "hub", "alice/toy-diff", src, COMMIT_A)
