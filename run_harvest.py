@@ -61,10 +61,17 @@ def _repair_hint(cache_dir: Path) -> str:
     """How to repair a local cache: a re-run of its harvest rewrites what is missing."""
     from shared.cache_format import Manifest
 
+    from harvest.rank_manifests import RANK_MANIFEST_GLOB
+
     try:
         command = Manifest.load(cache_dir).created_by.get("command") or ""
     except Exception:  # noqa: BLE001 - no readable manifest: nothing to re-run
         return "to repair: harvest again into a new or empty folder" if cache_dir.is_dir() else "no such cache folder"
+    if any(cache_dir.glob(RANK_MANIFEST_GLOB)):  # its shards so far are listed per rank, not in manifest.json
+        how = f"`torchrun --nproc-per-node N {command}`" if command.startswith("run_harvest.py") else "its command"
+        return (f"an interrupted multi-process harvest (the shards written so far are listed in {RANK_MANIFEST_GLOB}): "
+                f"to finish it, resume it under torchrun with the same flags, {how} (any N, 1 too); a plain "
+                "`python run_harvest.py` refuses it")
     return ("to repair: delete each shard reported corrupted (its sha256 or header), then re-run the harvest "
             f"command that made the cache{f' (`python {command}`)' if command.startswith('run_harvest.py') else ''}: it rewrites missing and "
             "truncated shards, the token table and tokenizer.json, byte for byte")

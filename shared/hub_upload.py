@@ -119,7 +119,8 @@ def push_cache(
         raise CacheError(
             f"refusing to push {cache_dir}: it failed verification with {len(report.problems)} problem(s):\n"
             + "\n".join(f"  - {p}" for p in report.problems)
-            + f"\nfix the cache (finish or re-run its harvest) until `python run_harvest.py verify {cache_dir}` passes"
+            + "\nfix the cache (finish or re-run its harvest, under torchrun if it was a multi-process one) until "
+            f"`python run_harvest.py verify {cache_dir}` passes"
         )
     manifest = Manifest.load(cache_dir)
     if "partial_of" in manifest.extra:

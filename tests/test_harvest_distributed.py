@@ -173,9 +173,13 @@ def test_a_killed_rank_stops_the_job_and_a_rerun_completes_it(reference, tmp_pat
     assert not partial.complete
     with pytest.raises(CacheError, match="incomplete"):
         open_cache(crashed)
-    # A plain one-process run does not pick up a multi-process harvest half way.
+    # A plain one-process run does not pick up a multi-process harvest half way; verify says how to finish it.
     with pytest.raises(HarvestInputError, match="multi-process harvest"):
         harvest(cfg)
+    check = subprocess.run([sys.executable, str(ROOT / "run_harvest.py"), "verify", str(crashed)], capture_output=True,
+                           text=True, timeout=120, env=_env())
+    assert check.returncode == 1 and "harvest not complete" in check.stderr
+    assert "resume it under torchrun with the same flags, `torchrun --nproc-per-node N run_harvest.py " in check.stderr
 
     rerun = _torchrun(cfg)
     out, _ = rerun.communicate(timeout=600)
