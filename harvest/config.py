@@ -129,6 +129,9 @@ class HarvestConfig:
             raise ValueError(f"normalize must be one of {NORM_METHODS}, got {self.normalize!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
+        # Checked here too, not only under torchrun: a value that would fail there fails in a test run first.
+        if self.dist_timeout is not None and not (self.dist_timeout > 0 and math.isfinite(self.dist_timeout)):
+            raise ValueError(f"dist_timeout must be a positive number of seconds, got {self.dist_timeout}")
 
     def shard_rows(self, row_bytes: int) -> int:
         """Rows per shard for rows of ``row_bytes`` bytes (see ``shard_size``)."""

@@ -37,6 +37,14 @@ def test_seed_range_is_checked(tmp_path):
             small_harvest_config(tmp_path, seed=bad)
 
 
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf")])
+def test_dist_timeout_is_checked_without_torchrun_too(tmp_path, bad):
+    """It was checked only under torchrun: `--dist-timeout 0` passed a one-process try of the command."""
+    assert small_harvest_config(tmp_path, dist_timeout=30).dist_timeout == 30
+    with pytest.raises(ValueError, match="dist_timeout must be a positive number of seconds"):
+        small_harvest_config(tmp_path, dist_timeout=bad)
+
+
 def test_max_seed_fits_the_write_shuffle():
     from harvest.config import MAX_SEED
     from harvest.writer import chunk_permutation

@@ -264,6 +264,22 @@ def test_non_finite_activations_are_blamed_on_the_cache(tmp_path):
 
 
 
+def test_a_diverging_sweep_member_is_named_and_the_rest_go_on_without_it(caches, tmp_path):
+    """One member diverges: the sweep stops (all members saved at the state before the step) and says to drop that
+    member from the sweep file; the same command then resumes the others (a changed member would be refused)."""
+    from train.sweep import expand_sweep
+
+    sweep, out = tmp_path / "sweep.yaml", tmp_path / "runs"
+    base = _cfg(caches["base"], out, steps=6, checkpoint_every=2)
+    sweep.write_text("members: [{name: good}, {name: wild, lr: 1.0e+35, grad_clip: 0}]\n")
+    with pytest.raises(NonFiniteLossError, match=r"Remove member 'wild' from the sweep file and re-run the same "
+                                                 r"command: the other members resume"):
+        train_many(expand_sweep(sweep, base))
+    sweep.write_text("members: [{name: good}]\n")
+    (good,) = train_many(expand_sweep(sweep, base))
+    assert good.steps == 6 and (out / "good" / "export" / "model.safetensors").is_file()
+
+
 def test_tokens_count_the_rows_of_each_batch_across_epochs(caches, tmp_path):
     """``tokens`` (metrics, and the dead-latent counters) adds each batch's real rows: the last
     batch of an epoch is shorter. 3 train shards of 256 rows, batch 100: 7 full batches and one
@@ -298,6 +314,25 @@ def _sweep(tmp_path: Path, text: str, **base_kw) -> list[TrainConfig]:
     return expand_sweep(path, _cfg(tmp_path / "cache", tmp_path / "out", **base_kw))
 
 
+@pytest.mark.parametrize("text,match", [
+    ("", "defines no member"), ("members: []\n", "defines no member"), ("grid: {}\n", "defines no member"),
+    ("grid:\n", "defines no member"),
+    ("grid: {lr: []}\n", "grid field 'lr' has no values"),
+    # The same dictionary twice: {} is the command line's lr; 1e-3 (a string to PyYAML) and 0.001 are one lr.
+    ("members: [{}, {lr: 3.0e-3}]\n", "members 'base' and 'lr-0.003' are the same configuration"),
+    ("grid: {lr: [1e-3, 0.001]}\n", "members 'lr-1e-3' and 'lr-0.001' are the same configuration"),
+    (f"members: [{{name: {'x' * 201}}}]\n", "at most 200 bytes"),
+])
+def test_sweep_files_that_train_nothing_or_the_same_twice_are_refused(tmp_path, text, match):
+    with pytest.raises(ValueError, match=match):
+        _sweep(tmp_path, text)
+
+
+def test_a_lone_grid_value_is_a_list_of_one(tmp_path):
+    (one,) = _sweep(tmp_path, "grid: {lr: 1.0e-3}\n")
+    assert one.lr == 1e-3 and Path(one.out).name == "lr-0.001"
+
+
 @pytest.mark.parametrize("members", ["[{name: 1, lr: 1.0e-3}, {name: 2}]", "[{name: /tmp/elsewhere}]",
                                      "[{name: ../sibling}]", "[{name: a/b}]", "[{name: ..}]", "[{name: '.'}]",
                                      "[{name: ''}]", "[{name: [a]}]"])
@@ -308,7 +343,7 @@ def test_sweep_member_names_must_be_plain_folder_names(tmp_path, members):
 
 
 def test_sweep_generated_and_quoted_names_stay_under_out(tmp_path):
-    text = "grid: {models: [[x/y], [z]]}\nmembers: [{}, {name: '1'}]\n"  # a '/' in a value: sanitised
+    text = "grid: {models: [[x/y], [z]]}\nmembers: [{}, {name: '1', lr: 1.0e-3}]\n"  # a '/' in a value: sanitised
     outs = [Path(c.out) for c in _sweep(tmp_path, text)]
     assert [p.name for p in outs] == ["models-x-y", "models-z", "1_models-x-y", "1_models-z"]
     assert all(p.parent == tmp_path / "out" for p in outs)

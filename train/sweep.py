@@ -3,9 +3,12 @@
 A sweep file (YAML or JSON) holds ``members:`` (a list of config overrides) and/or ``grid:``
 (a mapping of config field -> list of values, crossed). With both, every member is crossed
 with the grid. Each member may set ``name`` (its run folder under the sweep's ``--out``: one
-plain folder name, a string without ``/``, not ``..``); otherwise the name is built from its overrides. A named member crossed with a grid of several
-points gets one folder per point, ``<name>_<the point's overrides>``. Everything else comes
-from the base config (the command line). Example::
+plain folder name, a string without ``/``, not ``..``, at most 200 bytes); otherwise the name is
+built from its overrides. A named member crossed with a grid of several points gets one folder
+per point, ``<name>_<the point's overrides>``. Everything else comes from the base config (the
+command line). A grid value that is not a list is a list of one. Refused before anything is
+written: a file that defines no member, and two members that are the same configuration once
+the command line's values are filled in (``{}`` and ``{lr: <the base lr>}``). Example::
 
     grid:
       activation: [relu, batchtopk]
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -41,10 +45,10 @@ def _check_name(path: str | Path, name: Any) -> None:
     """Refuse a member ``name`` that is not one plain folder name: it becomes ``<--out>/<name>``, so
     an absolute path, ``..`` or a separator would train the member outside the sweep's folder."""
     if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
-            or Path(name).is_absolute()):
+            or Path(name).is_absolute() or len(name.encode()) > 200):
         hint = "" if isinstance(name, str) else f" (quote it in YAML: name: '{name}')"
         raise ValueError(f"sweep file {path}: member name {name!r} must be a plain folder name under --out (a "
-                         f"non-empty string, not '.' or '..', without '/' or '\\'){hint}")
+                         f"non-empty string of at most 200 bytes, not '.' or '..', without '/' or '\\'){hint}")
 
 
 def expand_sweep(path: str | Path, base: TrainConfig) -> list[TrainConfig]:
@@ -53,15 +57,23 @@ def expand_sweep(path: str | Path, base: TrainConfig) -> list[TrainConfig]:
     unknown = set(spec) - {"members", "grid"}
     if unknown:
         raise ValueError(f"sweep file {path}: unknown top-level key(s) {sorted(unknown)}; use 'members' and/or 'grid'")
+    if not spec.get("members") and not spec.get("grid"):  # an empty file, members: [], grid: {}
+        raise ValueError(f"sweep file {path} defines no member: give 'members:' (a list of config overrides, "
+                         "{} for the command line's config as it is) and/or 'grid:' (field: [values, ...])")
     members = spec.get("members") or [{}]
     grid = spec.get("grid") or {}
     if not isinstance(members, list) or not all(isinstance(m, dict) for m in members):
         raise ValueError(f"sweep file {path}: 'members' must be a list of mappings of config overrides")
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-        raise ValueError(f"sweep file {path}: 'grid' must map config fields to non-empty lists of values")
+    if not isinstance(grid, dict):
+        raise ValueError(f"sweep file {path}: 'grid' must map config fields to lists of values")
+    grid = {k.replace("-", "_"): v for k, v in grid.items()}  # YAML may spell fields as CLI flags
+    for k, v in grid.items():
+        if not isinstance(v, list):
+            grid[k] = [v]  # a lone value is a list of one, as everywhere in configs
+        elif not v:
+            raise ValueError(f"sweep file {path}: grid field {k!r} has no values; give it a list of one or more")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     configs, names = [], []
-    grid = {k.replace("-", "_"): v for k, v in grid.items()}  # YAML may spell fields as CLI flags
     points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] if grid else [{}]
     for member in members:
         for point in points:
@@ -92,6 +104,14 @@ def expand_sweep(path: str | Path, base: TrainConfig) -> list[TrainConfig]:
                             "set sparsity_coeff: null in it, or give λ only to the relu/jumprelu members")
                 raise ValueError(f"sweep member {name!r}: {e}{hint}") from None
             names.append(name)
+    # The same dictionary twice (`{}` and `{lr: <the base lr>}`, or `lr: [1e-3, 0.001]`): trained twice for nothing.
+    seen: dict[str, str] = {}
+    for name, cfg in zip(names, configs):
+        key = json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}, sort_keys=True, default=str)
+        if key in seen:
+            raise ValueError(f"sweep file {path}: members {seen[key]!r} and {name!r} are the same configuration once "
+                             "the command line's values are filled in; remove one (or change what they sweep)")
+        seen[key] = name
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"sweep file {path}: members share the name(s) {dupes}; give them distinct 'name' keys")

@@ -510,7 +510,7 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
                     f"loss term(s) {names} of {members[i].run_dir} became non-finite at step {step} "
                     f"(lr {members[i].cfg.lr_at(step):.3g}, λ {members[i].cfg.sparsity_at(step):.3g}); the state "
                     f"before this step is saved in {paths[i] if paths else members[i].run_dir}. "
-                    + _non_finite_advice(members[i], x_BXD, union))
+                    + _non_finite_advice(members[i], x_BXD, union, sweep=len(members) > 1))
             # Every member's gradients are checked before any member steps, so a stop leaves all of
             # them at the state before this step. An inf norm would otherwise be clipped to a zero
             # gradient (a silent no-op step) and a NaN one would poison the weights.
@@ -532,7 +532,8 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
                 raise NonFiniteLossError(
                     f"the gradient norm of {m.run_dir} became {float(grad_norms[j])} at step {step} (lr "
                     f"{m.cfg.lr_at(step):.3g}, λ {m.cfg.sparsity_at(step):.3g}; the loss was finite); the state before "
-                    f"this step is saved in {paths[i] if paths else m.run_dir}. " + _non_finite_advice(m, x_BXD, union))
+                    f"this step is saved in {paths[i] if paths else m.run_dir}. "
+                    + _non_finite_advice(m, x_BXD, union, sweep=len(members) > 1))
             for (m, out, terms, x_out_BXoD, dead_L, lr, lam), grad_norm in zip(outs, grad_norms):
                 m.opt.step()
                 m.opt.zero_grad(set_to_none=True)
@@ -594,7 +595,7 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
 
 
 @torch.no_grad()
-def _non_finite_advice(m: _Member, x_BXD: torch.Tensor, union: list[str]) -> str:
+def _non_finite_advice(m: _Member, x_BXD: torch.Tensor, union: list[str], *, sweep: bool = False) -> str:
     """What to do about a non-finite loss or gradient. Blames the batch when it holds non-finite
     activations or an outlier (no learning rate fixes those), else the optimizer settings."""
     idx_X = torch.cat([m.in_idx, m.out_idx]).unique()
@@ -613,9 +614,13 @@ def _non_finite_advice(m: _Member, x_BXD: torch.Tensor, union: list[str]) -> str
                 f"median: the cache is the likely cause, not the optimizer ({verify}; otherwise re-harvest).")
     # The stop is deterministic: the saved state, this batch and the settings (part of the run's
     # signature, so a resume cannot change them) give the same step again.
-    return (f"Train again in a new --out with a lower --lr or a --grad-clip (resuming would repeat this step). "
-            f"If it fails at this step whatever the lr, suspect the data: the batch's largest |activation| is "
+    data = (f"If it fails at this step whatever the lr, suspect the data: the batch's largest |activation| is "
             f"{amax:.3g} ({ratio:.2g}x its median; {verify}).")
+    if sweep:  # a member changed in the sweep file is refused; a renamed one restarts every member from 0
+        return (f"Remove member {m.run_dir.name!r} from the sweep file and re-run the same command: the other "
+                f"members resume from the step saved now. Train that member again on its own, in a new --out, with a "
+                f"lower --lr or a --grad-clip (resuming it unchanged would repeat this step). " + data)
+    return "Train again in a new --out with a lower --lr or a --grad-clip (resuming would repeat this step). " + data
 
 
 @torch.no_grad()
