@@ -113,15 +113,14 @@ def _building(folder: Path) -> Iterator[None]:
     no flock, the build goes ahead unlocked (the rename above still keeps every view whole)."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(folder / ".build.lock", os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:
-        yield
-        return
+        fd: int | None = os.open(folder / ".build.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # a cache folder this user may not write: build unlocked
+        fd = None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # held for the few ms a build of links takes
-        except OSError:
-            pass
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)  # held for the few ms a build of links takes
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock

@@ -662,7 +662,8 @@ def harvest_provenance(cache: Cache, spec: SlotSpec) -> dict[str, Any]:
     man = cache.manifest
     by_name = {entry["name"]: entry for entry in man.models}
     return {"models": [by_name[name] for name in spec.models], "hooks": list(spec.hooks), "d_model": man.d_model,
-            "n_rows": man.n_rows, "context_size": man.context_size, "dataset": man.dataset, "excluded_tokens": man.excluded_tokens,
+            "n_rows": man.n_rows, "context_size": man.context_size, "dataset": man.dataset,
+            "excluded_tokens": man.excluded_tokens,
             "tokenizer": {k: man.tokenizer.get(k) for k in ("name", "vocab_size", "sha256")},
             "normalization": man.normalization["method"]}
 
