@@ -17,8 +17,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-__all__ = ["read_json_object", "add_dataclass_arguments", "config_from_namespace", "load_config_file", "config_to_json", "field_help",
-           "coerce_field_types"]
+__all__ = ["read_json_object", "add_dataclass_arguments", "config_from_namespace", "load_config_file", "config_to_json",
+           "field_help", "coerce_field_types"]
 
 T = TypeVar("T")
 

@@ -24,6 +24,7 @@ from typing import Any
 from shared.config import read_json_object
 from shared.hub_spec import HUB_PREFIX
 from shared.redact import MachineNames, redact_text
+from train.export import training_cache_manifest
 
 __all__ = ["DictionaryFacts", "dictionary_kind", "read_facts", "render_dictionary_card"]
 
@@ -58,20 +59,13 @@ class DictionaryFacts:
 def read_facts(export_dir: Path, run_dir: Path | None, config: dict[str, Any], extras: list[str]) -> DictionaryFacts:
     """The facts of the dictionary in ``export_dir`` (published ``config``), with what its run folder adds."""
     facts = DictionaryFacts(config=config, extras=list(extras))
-    recorded = facts.metadata.get("harvest")
-    if isinstance(recorded, dict):  # the export's own record of its cache's manifest (the cache may be gone)
-        facts.manifest = dict(recorded)
-    if run_dir is None:
+    if run_dir is None:  # a bare export: what it recorded of the harvest
+        recorded = facts.metadata.get("harvest")
+        facts.manifest = dict(recorded) if isinstance(recorded, dict) else {}
         return facts
     facts.run_info = read_json_object(run_dir / "config.json")
     facts.dead_frac = _last_dead_frac(run_dir / "metrics.jsonl")
-    cache = facts.run_info.get("cache") if isinstance(facts.run_info.get("cache"), dict) else {}
-    for where in (cache.get("path"), facts.metadata.get("cache")):
-        if isinstance(where, str) and where and not where.startswith(HUB_PREFIX):
-            manifest = read_json_object(Path(where).expanduser() / "manifest.json")  # export/ writes ~/...
-            if manifest:
-                facts.manifest = manifest
-                break
+    facts.manifest = training_cache_manifest(facts.run_info, facts.metadata)
     return facts
 
 

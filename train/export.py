@@ -37,7 +37,7 @@ from einops import einsum
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from shared.config import config_to_json
+from shared.config import config_to_json, read_json_object
 from shared.hub_spec import is_hub_spec
 from shared.normalization import Normalization
 from shared.redact import redact_machine
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from train.hub_dictionary_fetch import FetchedDictionary
 
 __all__ = ["SlotNorm", "fold_normalization", "save_dictionary", "load_dictionary", "load_hub_dictionary",
-           "load_metadata", "EXPORT_FORMAT"]
+           "load_metadata", "training_cache_manifest", "EXPORT_FORMAT"]
 
 EXPORT_FORMAT = "crosscache.dictionary/1"
 WEIGHTS_NAME = "model.safetensors"
@@ -236,6 +236,21 @@ def load_hub_dictionary(spec: str, device: str | torch.device = "cpu") -> tuple[
     fetched = fetch_dictionary(spec)
     assert fetched.weights is not None  # checked against the config's sha256
     return _build(fetched.folder, fetched.config, fetched.weights, device), fetched
+
+
+def training_cache_manifest(run_info: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of the cache a dictionary trained on, for the facts its run folder does not repeat
+    (context size, dataset, excluded tokens): read from the cache if it is still where the run's
+    ``config.json`` (``run_info``) or the export's ``metadata`` says, else the export's own record of
+    it (``metadata.harvest``: the manifest's keys for the dictionary's models and hooks), else {}."""
+    cache = run_info.get("cache") if isinstance(run_info.get("cache"), dict) else {}
+    for where in (cache.get("path"), metadata.get("cache")):
+        if isinstance(where, str) and where and not is_hub_spec(where):
+            manifest = read_json_object(Path(where).expanduser() / "manifest.json")  # export/ writes ~/...
+            if manifest:
+                return manifest
+    recorded = metadata.get("harvest")
+    return dict(recorded) if isinstance(recorded, dict) else {}
 
 
 def _build(path: Path, data: dict[str, Any], blob: bytes, device: str | torch.device) -> Dictionary:

@@ -68,7 +68,8 @@ from shared.redact import MachineNames, redact_machine, redact_text
 from shared.shard_io import atomic_write_bytes, fsync_dir
 from train.dictionary import Dictionary
 from train.export import CONFIG_NAME as EXPORT_CONFIG_NAME
-from train.export import EXPORT_FORMAT, load_dictionary, load_hub_dictionary, load_metadata
+from train.export import (EXPORT_FORMAT, load_dictionary, load_hub_dictionary, load_metadata,
+                          training_cache_manifest)
 
 __all__ = [
     "SAELENS_CFG_NAME",
@@ -228,21 +229,6 @@ def _resolve(path: Path) -> tuple[Path, Path | None]:
         f"after the last step) nor an export folder ({EXPORT_CONFIG_NAME} of format {EXPORT_FORMAT!r})")
 
 
-def _cache_manifest(run_cfg: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
-    """The training cache's manifest if it is still where the run found it, else the export's own record
-    of it (``metadata.harvest``: the manifest's keys for the dictionary's models and hooks; a Hub
-    dictionary or an export moved away has only that), else {}: the context size, the excluded tokens
-    and the dataset, which the run folder does not repeat."""
-    cache = run_cfg.get("cache") if isinstance(run_cfg.get("cache"), dict) else {}
-    for where in (cache.get("path"), meta.get("cache")):
-        if isinstance(where, str) and not where.startswith("hf://"):
-            manifest = read_json_object(Path(where).expanduser() / "manifest.json")  # export/ writes ~/...
-            if manifest:
-                return manifest
-    recorded = meta.get("harvest")
-    return dict(recorded) if isinstance(recorded, dict) else {}
-
-
 def _weights_sha256(export_dir: Path) -> str | None:
     return read_json_object(export_dir / EXPORT_CONFIG_NAME).get("weights_sha256")
 
@@ -301,7 +287,7 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
     cfg = model.cfg
 
     run_cfg = read_json_object(run_dir / "config.json") if run_dir else {}
-    manifest = _cache_manifest(run_cfg, meta)
+    manifest = training_cache_manifest(run_cfg, meta)
     model_name, hook_in = _slot_model_hook(cfg.slot_names[cfg.in_slots[0]])
     hook_out = _slot_model_hook(cfg.slot_names[cfg.out_slots[0]])[1]
     # Slot names may be written redacted (~/...) while the manifest keeps the folder: compare both so.
