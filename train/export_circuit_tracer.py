@@ -349,8 +349,8 @@ def export_circuit_tracer(
     :func:`train.export.load_hub_dictionary`, whose errors it raises: ``ValueError`` for a bad spec,
     :class:`~shared.hub_spec.HubError` for a repo it cannot have). ``model_name`` (default: the
     harvested model's name) is what circuit-tracer loads with transformer-lens; ``scan`` names the
-    feature set in its graph files; ``n_layers`` is needed only when no run folder records the model's
-    depth (a Hub dictionary has none). Raises :class:`CircuitTracerExportError` (a ValueError) naming
+    feature set in its graph files; ``n_layers`` is needed only when neither a run folder nor the
+    export's ``metadata.harvest`` records the model's depth (an export written before that record). Raises :class:`CircuitTracerExportError` (a ValueError) naming
     what cannot be exported and the harvest/train commands that would give an exportable run. Returns
     ``out_dir``.
     """
