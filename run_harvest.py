@@ -58,10 +58,15 @@ def _verify(argv: list[str]) -> int:
 
 
 def _repair_hint(cache_dir: Path) -> str:
-    """How to repair a local cache: a re-run of its harvest rewrites what is missing."""
+    """How to repair a local cache: a re-run of its harvest rewrites what is missing; a folder of a Hub
+    cache download is downloaded again instead."""
     from shared.cache_format import Manifest
+    from shared.hub_spec import hub_download_of, rewrite_advice
 
     from harvest.rank_manifests import RANK_MANIFEST_GLOB
+
+    if hub_download_of(cache_dir) is not None:
+        return f"to repair: {rewrite_advice(cache_dir)}"
 
     try:
         command = Manifest.load(cache_dir).created_by.get("command") or ""

@@ -23,11 +23,8 @@ from pathlib import Path
 from shared.cache_format import CARD_NAME, MANIFEST_NAME, TOKENS_NAME, Manifest
 from shared.card import render_card
 from shared.hub_fetch import _normalization_file
-from shared.hub_spec import HubError
+from shared.hub_spec import PARTIAL_DIR, HubError
 from shared.tokenizer_file import listed_tokenizer_file
-
-PARTIAL_DIR = "crosscache-partial"
-"""Folder, inside a repo's folder of the HF cache, that holds partial-download views."""
 
 
 def _link(target: Path, link: Path) -> None:

@@ -8,12 +8,15 @@ re-export both directions without an import cycle.
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 from shared.cache_format import CacheError
 
 HUB_PREFIX = "hf://"
 REPO_TYPE = "dataset"
+PARTIAL_DIR = "crosscache-partial"  # beside snapshots/ in huggingface_hub's folder for a repo (shared.hub_partial)
 
 _NAME = r"[A-Za-z0-9](?:[\w.\-]{0,94}[A-Za-z0-9])?"
 _REPO_RE = re.compile(rf"{_NAME}/{_NAME}")
@@ -77,3 +80,45 @@ def _network_cause(error: BaseException) -> BaseException | None:
             return e
         todo += [c for c in (e.__cause__, e.__context__) if c is not None]
     return None
+
+
+# huggingface_hub keeps a dataset repo USER/NAME under <hub cache>/datasets--USER--NAME/; a download is
+# snapshots/<commit>/ there, and a ``max_shards`` view (shared.hub_partial) is crosscache-partial/<commit>-firstN/.
+_DOWNLOAD_RE = re.compile(r"datasets--(?P<user>[^/]+?)--(?P<name>[^/]+)")
+_VIEW_RE = re.compile(r"(?P<commit>[0-9a-f]{40})-first(?P<n>[1-9][0-9]*)")
+
+
+def hub_download_of(path: str | os.PathLike[str]) -> tuple[str, int | None] | None:
+    """The ``hf://USER/NAME@COMMIT`` spec a file or folder inside a Hub cache download belongs to, and the
+    shard count of a ``max_shards`` view (None for a whole download); None for a path outside one.
+
+    A path is looked at, not followed: a view's files link into the snapshot, and its own name is the
+    one to report.
+    """
+    parts = Path(os.path.abspath(path)).parts
+    for i in range(len(parts) - 2):
+        repo = _DOWNLOAD_RE.fullmatch(parts[i])
+        if repo is None:
+            continue
+        spec = f"{HUB_PREFIX}{repo['user']}/{repo['name']}"
+        if parts[i + 1] == "snapshots" and _COMMIT_RE.fullmatch(parts[i + 2]):
+            return f"{spec}@{parts[i + 2]}", None
+        view = _VIEW_RE.fullmatch(parts[i + 2])
+        if parts[i + 1] == PARTIAL_DIR and view is not None:
+            return f"{spec}@{view['commit']}", int(view["n"])
+    return None
+
+
+def rewrite_advice(path: str | os.PathLike[str]) -> str:
+    """How to get a cache file at ``path`` back: re-run the harvest, or, for a file of a Hub cache
+    download, open the ``hf://`` spec again (which downloads what is missing or damaged)."""
+    origin = hub_download_of(path)
+    if origin is None:
+        return "re-run the harvest to rewrite it"
+    spec, n = origin
+    if n is None:
+        return (f"it is part of a download of {spec} from the Hugging Face Hub, not a harvest: open {spec} again "
+                f"(e.g. `python run_harvest.py verify {spec}`), which downloads what is missing or damaged")
+    return (f"it is part of a download of the first {n} shards of {spec} from the Hugging Face Hub, not a harvest: "
+            f"run the command again with {spec} and --max-shards {n} (max_shards={n} in Python) rather than this "
+            "folder; that downloads what is missing or damaged")

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from shared.cache_format import TOKENS_NAME, CacheError
+from shared.hub_spec import rewrite_advice
 from shared.shard_io import fsync_dir
 
 __all__ = ["TokenIndex", "read_token_table", "write_token_table"]
@@ -59,7 +60,7 @@ def read_token_table(cache_dir: str | Path, path: str | Path | None = None) -> p
     """Memory-map and read ``tokens.arrow`` (or another path) as an Arrow table."""
     path = Path(path) if path is not None else Path(cache_dir) / TOKENS_NAME
     if not path.is_file():
-        raise CacheError(f"token table {path} is missing; re-run the harvest to rewrite it")
+        raise CacheError(f"token table {path} is missing; {rewrite_advice(path)}")
     try:
         with pa.memory_map(str(path), "r") as source:
             return pa.ipc.open_file(source).read_all()

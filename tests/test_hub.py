@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.cache import open_cache, verify_cache
+from shared.cache import Cache, open_cache, verify_cache
 from shared.cache_format import CacheError, Manifest
 from shared.card import render_card
 from shared.hub import HubError, is_hub_spec, parse_hub_spec, push_cache, resolve_cache
@@ -372,6 +372,48 @@ def test_max_shards_gives_a_consistent_partial_view(tmp_path, hf_home):
     # A partial view is not a cache to publish.
     with pytest.raises(CacheError, match="partial download"):
         push_cache(view, "bob/copy", dry_run=True)
+
+
+def test_a_download_opened_by_its_folder_says_to_download_again_not_to_harvest(tmp_path, hf_home):
+    """A snapshot or partial view used by its path (a script that kept resolve_cache's folder) whose files
+    the HF cache lost: the advice is to open the hf:// spec again, which downloads them, not to re-run a
+    harvest the user never ran."""
+    from shared.hub_spec import hub_download_of
+
+    src = _cache(tmp_path / "c", mean_std=True)
+    publish(hf_home / "hub", "alice/toy-diff", src, COMMIT_A)
+    snap = resolve_cache("hf://alice/toy-diff")
+    view = resolve_cache("hf://alice/toy-diff", max_shards=2)
+    spec = f"hf://alice/toy-diff@{COMMIT_A}"
+    assert hub_download_of(snap / "shards" / "x") == (spec, None) and hub_download_of(view) == (spec, 2)
+    assert hub_download_of(src) is None and hub_download_of(tmp_path / "datasets--a--b" / "snapshots") is None
+    cache = open_cache(view)
+    os.unlink(os.path.realpath(view / "shards" / "acts-00001.safetensors"))  # the blob, as delete-cache does
+    for opened in (lambda: open_cache(view), lambda: open_cache(snap), lambda: cache.shard(1)):
+        with pytest.raises(CacheError) as info:
+            opened()
+        msg = str(info.value)
+        assert spec in msg and "re-harvest" not in msg and "re-run the harvest" not in msg, msg
+    assert "--max-shards 2" in _message(lambda: open_cache(view)) and "--max-shards" not in _message(lambda: open_cache(snap))
+    os.unlink(os.path.realpath(snap / "tokens.arrow"))
+    assert spec in _message(lambda: Cache(snap, Manifest.load(snap)).token_table())
+    norm = os.path.realpath(snap / "normalization.safetensors")
+    Path(norm).write_bytes(b"damaged")
+    assert spec in _message(lambda: Cache(snap, Manifest.load(snap)).normalization())
+    out = subprocess.run([sys.executable, str(ROOT / "run_harvest.py"), "verify", str(view)], capture_output=True,
+                         text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 1 and f"to repair: it is part of a download of the first 2 shards of {spec}" in out.stderr
+    assert "re-run the harvest" not in out.stderr
+    # What downloading again does (offline here, so the blobs are put back by hand): the view is whole again.
+    for rel in ("shards/acts-00001.safetensors", "tokens.arrow", "normalization.safetensors"):
+        Path(os.path.realpath(snap / rel)).write_bytes((src / rel).read_bytes())
+    assert verify_cache(resolve_cache("hf://alice/toy-diff", max_shards=2)).ok
+
+
+def _message(call) -> str:
+    with pytest.raises(CacheError) as info:
+        call()
+    return str(info.value)
 
 
 def test_a_view_another_process_just_built_is_kept(tmp_path, hf_home, monkeypatch):
