@@ -335,10 +335,29 @@ def test_a_clt_output_slot_is_the_forwards_whatever_the_later_layers_hold(act):
         x_in_NXiD = torch.randn(64, 3, 8)
         full = model(x_in_NXiD)
         assert 0 < float((full.latents_BL > 0).float().mean()) < 1  # some latents fire, some do not
+        latents = [model.encode_layer(x_in_NXiD[:, i], i) for i in range(3)]
+        torch.testing.assert_close(torch.cat(latents, dim=1), full.latents_BL, rtol=1e-5, atol=1e-6)
         for j in range(3):
-            garbage = x_in_NXiD.clone()
-            garbage[:, j + 1:] = torch.randn_like(garbage[:, j + 1:]) * 100
-            torch.testing.assert_close(clt_slot_recon(model, garbage, j), full.recon_BXoD[:, j], rtol=1e-5, atol=1e-5)
+            garbage = [*latents[: j + 1], *(torch.randn_like(z) * 100 for z in latents[j + 1:])]  # never read
+            torch.testing.assert_close(clt_slot_recon(model, garbage, x_in_NXiD[:, j], j), full.recon_BXoD[:, j],
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_encode_layer_is_refused_where_a_layers_latents_read_more_than_its_input():
+    from train.dictionary import Dictionary, DictionaryConfig
+
+    names = ["m/blocks.0.ln2.hook_out", "m/blocks.1.ln2.hook_out", "m/blocks.0.hook_mlp_out", "m/blocks.1.hook_mlp_out"]
+    topk = Dictionary(DictionaryConfig(arch="clt", activation="topk", k=2, d_model=4, n_latents=8, in_slots=[0, 1],
+                                       out_slots=[2, 3], slot_names=names))
+    cross = Dictionary(DictionaryConfig(arch="crosscoder", activation="relu", d_model=4, n_latents=8, in_slots=[0, 1], out_slots=[0, 1],
+                                        slot_names=names[:2]))
+    for model in (topk, cross):
+        with pytest.raises(ValueError, match="encode_layer needs a clt whose layers encode independently"):
+            model.encode_layer(torch.zeros(3, 4), 0)
+    relu = Dictionary(DictionaryConfig(arch="clt", activation="relu", d_model=4, n_latents=8, in_slots=[0, 1], out_slots=[2, 3],
+                                       slot_names=names))
+    with pytest.raises(ValueError, match=r"a layer in \[0, 2\)"):
+        relu.encode_layer(torch.zeros(3, 4), 2)
 
 
 def _cfg(arch: str, ins: list[str], outs: list[str], activation: str = "relu", models=("m",), d_model: int = 4):

@@ -329,28 +329,34 @@ class Dictionary(nn.Module):
         norms_L = self.decoder_norms().sum(-1)
         return (norms_L if dtype is None else norms_L.to(dtype)) * w_L
 
-    def _scores(self, acts_BL: torch.Tensor) -> torch.Tensor:
-        """Ranking score of topk/batchtopk (no gradient: selection is not differentiable)."""
-        return acts_BL.detach() * self.score_weight_L()
+    def _scores(self, acts_BL: torch.Tensor, part: slice = slice(None)) -> torch.Tensor:
+        """Ranking score of topk/batchtopk (no gradient: selection is not differentiable); ``part``: the
+        latents ``acts_BL`` holds, when not all."""
+        return acts_BL.detach() * self.score_weight_L()[part]
 
-    def _activate(self, pre_BL: torch.Tensor, inference: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _activate(self, pre_BL: torch.Tensor, inference: bool,
+                  part: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The activation of pre-activations ``pre_BL`` of the latents ``part`` (all by default; a part only
+        where a latent's activation depends on its own pre-activation alone: see :meth:`encode_layer`)."""
         cfg = self.cfg
         match cfg.activation:
             case "relu":
                 return torch.relu(pre_BL), None
             case "jumprelu":
-                return jumprelu(pre_BL, self.log_threshold_L, cfg.jumprelu_bandwidth), None
+                return jumprelu(pre_BL, self.log_threshold_L[part], cfg.jumprelu_bandwidth), None
             case "topk":
+                assert part == slice(None), "topk ranks all latents together"
                 acts_BL = torch.relu(pre_BL)
                 return acts_BL * topk_mask(self._scores(acts_BL), cfg.k), None  # type: ignore[arg-type]
             case "batchtopk":
                 acts_BL = torch.relu(pre_BL)
-                score_BL = self._scores(acts_BL)
+                score_BL = self._scores(acts_BL, part)
                 if inference:  # per token: the exported model needs no batch (BatchTopK paper, sec. 3)
                     if float(self.threshold) < 0:
                         raise ValueError("batchtopk inference threshold was never learned: the trainer must call "
                                          "update_inference_state(out) after each training step")
                     return acts_BL * (score_BL > self.threshold), None
+                assert part == slice(None), "batchtopk's training rule ranks all latents together"
                 keep_BL = batchtopk_mask(score_BL, cfg.k)  # type: ignore[arg-type]
                 # Smallest positive kept score (+inf if none), without a host sync.
                 kept_BL = torch.where(keep_BL & (score_BL > 0), score_BL, torch.full_like(score_BL, math.inf))
@@ -372,6 +378,23 @@ class Dictionary(nn.Module):
         ``not self.training``, i.e. the threshold rule after ``.eval()``, as :func:`load_dictionary` returns.
         """
         return self._activate(self.pre_activations(x_in_BXiD), self._inference(inference))[0]
+
+    def encode_layer(self, x_BD: torch.Tensor, layer: int) -> torch.Tensor:
+        """A clt's latents of one layer [B, latents_per_layer] from that layer's input slot [B, D]: the columns
+        ``encode(x_in_BXiD, inference=True)`` gives for it, without encoding the other layers. Defined where a
+        layer's latents depend on its own input alone: relu, jumprelu, and batchtopk's inference threshold (a
+        topk CLT ranks all layers together: ValueError)."""
+        cfg = self.cfg
+        if cfg.arch != "clt" or cfg.activation == "topk":
+            raise ValueError(f"encode_layer needs a clt whose layers encode independently (relu, jumprelu, "
+                             f"batchtopk); this is arch {cfg.arch}, activation {cfg.activation}")
+        if not 0 <= layer < cfg.n_in or x_BD.ndim != 2 or x_BD.shape[1] != cfg.d_model:
+            raise ValueError(f"encode_layer needs a layer in [0, {cfg.n_in}) and x_BD [B, {cfg.d_model}], "
+                             f"got layer {layer} and {tuple(x_BD.shape)}")
+        Lp = cfg.latents_per_layer
+        part = slice(layer * Lp, (layer + 1) * Lp)
+        pre_BL = x_BD @ self.W_enc_XiDL[layer] + self.b_enc_L[part]
+        return self._activate(pre_BL, True, part)[0]
 
     def decode(self, latents_BL: torch.Tensor, x_in_BXiD: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruction [B, Xo, D] of latents [B, L] (a skip also needs ``x_in_BXiD``)."""

@@ -144,21 +144,16 @@ def check_closed_loop(cfg: Any, slots: list[tuple[str, str]]) -> None:
                                  f"hook it replaces: output {out} reads input {ins[i]}, which {why}{fix}")
 
 
-def clt_slot_recon(dictionary: Any, x_in_NXiD: torch.Tensor, j: int) -> torch.Tensor:
-    """Output slot ``j`` [N, D] of a clt's reconstruction of input slots ``x_in_NXiD`` [N, Xi, D]: the
-    ``recon_BXoD[:, j]`` of ``dictionary(x_in_NXiD)``, reading only layers <= j (the later inputs may hold
-    anything). Only the latents of layers <= j are decoded (the rest of the causal mask is zero); the
-    encoder runs over every layer (later inputs zero), so a closed loop over n layers encodes n times."""
+def clt_slot_recon(dictionary: Any, latents_by_layer: list[torch.Tensor], x_j_ND: torch.Tensor, j: int) -> torch.Tensor:
+    """Output slot ``j`` [N, D] of a clt's reconstruction: the ``recon_BXoD[:, j]`` of ``dictionary(x_in_NXiD)``
+    from what it reads, the latents of layers <= j (``latents_by_layer[i]`` = ``dictionary.encode_layer(x_i, i)``,
+    [N, latents_per_layer]; later entries are not read) and, for a skip connection, input j ``x_j_ND``."""
     cfg = dictionary.cfg
-    # Elementwise activations (relu, jumprelu, batchtopk's inference threshold; topk is refused): layer i's
-    # latents are those of its own input whatever the other inputs hold.
-    n = (j + 1) * cfg.latents_per_layer
-    latents_NL = dictionary.encode(x_in_NXiD, inference=True)[:, :n]
-    W_dec_XLD = dictionary.W_dec_XiLXoD[: j + 1, :, j]  # the mask is 1 on layers <= j
-    recon_ND = einsum(rearrange(latents_NL, "n (x l) -> n x l", x=j + 1), W_dec_XLD, "n x l, x l d -> n d")
-    recon_ND = recon_ND + dictionary.b_dec_XoD[j]
+    latents_NXL = torch.stack(latents_by_layer[: j + 1], dim=1)
+    W_dec_XLD = dictionary.W_dec_XiLXoD[: j + 1, :, j]  # the causal mask is 1 on layers <= j
+    recon_ND = einsum(latents_NXL, W_dec_XLD, "n x l, x l d -> n d") + dictionary.b_dec_XoD[j]
     if cfg.skip:
-        recon_ND = recon_ND + x_in_NXiD[:, j] @ dictionary.W_skip_XiDD[j]
+        recon_ND = recon_ND + x_j_ND @ dictionary.W_skip_XiDD[j]
     return recon_ND
 
 
@@ -172,6 +167,7 @@ def closed_loop_forward(bridge: Any, dictionary: Any, tokens_BP: torch.Tensor, k
     cfg = dictionary.cfg
     store: dict[str, torch.Tensor] = {}  # this forward's inputs only: nothing stale can be read
     memo: dict[str, torch.Tensor] = {}  # directional: its encoder reads every input, so one forward serves all outputs
+    clt_latents: dict[int, torch.Tensor] = {}  # clt: each layer encoded once, when the first output reading it fires
 
     def splice(j: int) -> Any:
         def hook(_module: Any, _inputs: Any, out: torch.Tensor) -> torch.Tensor:
@@ -181,12 +177,14 @@ def closed_loop_forward(bridge: Any, dictionary: Any, tokens_BP: torch.Tensor, k
                 raise RunError(f"--loop closed: input hook(s) {missing} had not fired when output hook {out_hooks[j]} "
                                "did (this architecture runs its block in another order, or never fires them, as "
                                "hook_resid_mid in parallel-attention blocks); evaluate with --loop open")
-            b, p, d = store[in_hooks[reads[0]]].shape
+            b = store[in_hooks[reads[0]]].shape[0]
             if cfg.arch == "clt":
-                zero_ND = torch.zeros(b * p, d, device=tokens_BP.device)  # layers > j: not read
-                x_in_NXiD = torch.stack([rearrange(store[h], "b p d -> (b p) d") if i in reads else zero_ND
-                                         for i, h in enumerate(in_hooks)], dim=1)
-                recon_BPD = rearrange(clt_slot_recon(dictionary, x_in_NXiD, j), "(b p) d -> b p d", b=b)
+                for i in reads:
+                    if i not in clt_latents:
+                        clt_latents[i] = dictionary.encode_layer(rearrange(store[in_hooks[i]], "b p d -> (b p) d"), i)
+                x_j_ND = rearrange(store[in_hooks[j]], "b p d -> (b p) d")
+                recon_ND = clt_slot_recon(dictionary, [clt_latents[i] for i in reads], x_j_ND, j)
+                recon_BPD = rearrange(recon_ND, "(b p) d -> b p d", b=b)
             else:
                 if "recon_BPXD" not in memo:
                     x_in_NXiD = torch.stack([rearrange(store[h], "b p d -> (b p) d") for h in in_hooks], dim=1)
