@@ -349,6 +349,18 @@ def test_sweep_generated_and_quoted_names_stay_under_out(tmp_path):
     assert all(p.parent == tmp_path / "out" for p in outs)
 
 
+def test_long_generated_names_keep_grid_points_apart(tmp_path):
+    """Names were cut at 120 characters, so grid points differing only after the cut shared a folder name and
+    the sweep was refused with advice (distinct 'name' keys) that a grid cannot follow."""
+    text = ("grid:\n  activation: [batchtopk]\n  lr: [1.0e-3]\n  dec_init_norm: [0.05]\n  aux_k_coeff: [0.03125]\n"
+            "  sparsity_coeff: [null]\n  warmup_frac: [0.05]\n  decay_frac: [0.25]\n  k: [4, 8]\n")
+    outs = [Path(c.out).name for c in _sweep(tmp_path, text)]
+    assert len(set(outs)) == 2 and all(len(n) == 120 for n in outs), outs
+    assert outs == [Path(c.out).name for c in _sweep(tmp_path, text)]  # stable: a resumed sweep finds its folders
+    (short,) = _sweep(tmp_path, "grid: {lr: 1.0e+20}\n")
+    assert Path(short.out).name == "lr-1e+20"  # not lr-1e-20
+
+
 # ---- 8. non-finite hyperparameters, and a λ topk would ignore ---------------------------------------
 
 

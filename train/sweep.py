@@ -21,6 +21,7 @@ the command line's values are filled in (``{}`` and ``{lr: <the base lr>}``). Ex
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import re
@@ -33,12 +34,23 @@ from train.config import TrainConfig
 __all__ = ["expand_sweep", "member_name"]
 
 
+_NAME_MAX = 120  # characters of a generated name, its digest included
+
+
 def member_name(overrides: dict[str, Any]) -> str:
-    """A folder name from overrides, e.g. ``activation-batchtopk_k-32``."""
+    """A folder name from overrides, e.g. ``activation-batchtopk_k-32``.
+
+    Characters other than ``[A-Za-z0-9._=+-]`` become ``-`` (``models-EleutherAI-pythia-70m``). A name longer
+    than 120 characters (a grid over many fields) is cut and ends in a digest of the overrides, so points that
+    differ only after the cut still get folders of their own."""
     if not overrides:
         return "base"
     parts = [f"{k}-{'-'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in overrides.items()]
-    return re.sub(r"[^A-Za-z0-9._=-]+", "-", "_".join(parts))[:120]
+    name = re.sub(r"[^A-Za-z0-9._=+-]+", "-", "_".join(parts))
+    if len(name) <= _NAME_MAX:
+        return name
+    digest = hashlib.sha256(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{name[: _NAME_MAX - 9]}-{digest}"
 
 
 def _check_name(path: str | Path, name: Any) -> None:
@@ -85,7 +97,7 @@ def expand_sweep(path: str | Path, base: TrainConfig) -> list[TrainConfig]:
                 name = f"{given}_{member_name(point)}"
             else:
                 name = member_name(overrides) if given is None else given
-            _check_name(path, name)  # generated names too (member_name keeps only [A-Za-z0-9._=-])
+            _check_name(path, name)  # generated names too (member_name keeps only [A-Za-z0-9._=+-])
             bad = sorted(set(overrides) - fields)
             if bad:
                 raise ValueError(f"sweep file {path}: unknown config field(s) {bad} in member {name!r}")
