@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from harvest.corpora import builtin_documents
+from shared.shard_io import atomic_write_bytes
 
 __all__ = ["TOY_NAMES", "build_toy_models", "ensure_toy_model", "is_toy_name", "toy_models_dir"]
 
@@ -92,7 +93,36 @@ def ensure_toy_model(name: str) -> Path:
         with _build_lock(out_dir):
             if not (out_dir / MARKER).exists():  # another process may have finished meanwhile
                 _build_atomically(out_dir, progress=True)
-    return out_dir / name
+    folder = out_dir / name
+    if _tokenizer_class(folder) == _TF5_TOKENIZER_CLASS:  # a build from before _portable_tokenizer_config
+        with _build_lock(out_dir):
+            _portable_tokenizer_config(folder)
+    return folder
+
+
+# transformers 5 saves tokenizers as "TokenizersBackend", a class transformers 4 does not have, so tools
+# pinned to it (circuit-tracer 0.5: transformers <= 4.57) could not load the toy models. Both versions load
+# "PreTrainedTokenizerFast" (transformers 5: an alias of TokenizersBackend) from the same tokenizer.json.
+_TF5_TOKENIZER_CLASS = "TokenizersBackend"
+_PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def _tokenizer_class(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        return None
+
+
+def _portable_tokenizer_config(folder: Path) -> None:
+    """Name the tokenizer class both transformers 4 and 5 load in ``folder``'s tokenizer_config.json
+    (metadata only: the vocabulary, and so every fingerprint, stays as it is)."""
+    path = folder / "tokenizer_config.json"
+    if _tokenizer_class(folder) != _TF5_TOKENIZER_CLASS:
+        return
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = _PORTABLE_TOKENIZER_CLASS
+    atomic_write_bytes(path, [(json.dumps(config, indent=2) + "\n").encode()])
 
 
 def build_toy_models(out_dir: Path, *, progress: bool = True) -> dict[str, Path]:
@@ -271,6 +301,7 @@ def _build_into(out: Path, *, progress: bool) -> None:
         folder = out / name
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        _portable_tokenizer_config(folder)
         info = {"name": name, "parent": parent, "train_corpus": corpus, "heldout_loss": losses,
                 "eval_tokens": {k: int(v.shape[0] * (SEQ_LEN - 1)) for k, v in evals.items()},
                 "tokens_trained": stats["tokens"], "seconds": round(stats["seconds"], 2),

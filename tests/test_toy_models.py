@@ -59,6 +59,22 @@ def test_tokenizer_shared_and_adds_no_bos(folders):
         assert tok.decode(ids) == "def f(x):\n    return x"  # byte-level: lossless round trip
 
 
+def test_tokenizer_config_names_a_class_transformers_4_has_too(folders, tmp_path, monkeypatch):
+    """transformers 5 saves "TokenizersBackend", which transformers 4 (circuit-tracer's pin) cannot load; the
+    build names PreTrainedTokenizerFast, and a build from before that is mended on first use."""
+    import shutil
+
+    for folder in folders.values():
+        assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    old = tmp_path / "toys"
+    shutil.copytree(toy_models_dir(), old)
+    config = old / "toy-code" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "tokenizer_class": "TokenizersBackend"}))
+    monkeypatch.setenv("CROSSCACHE_TOY_DIR", str(old))
+    assert ensure_toy_model("toy-code") == old / "toy-code"
+    assert json.loads(config.read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
 def test_loads_with_transformers(folders):
     import torch
     from transformers import AutoModelForCausalLM
