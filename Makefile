@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean-demo
+.PHONY: install demo test bench interop clean-demo
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,22 @@ test: install
 
 bench: install
 	$(PY) bench/harvest.py
+
+# Not part of `make test`: checks that export-circuit-tracer's output works in circuit-tracer itself (numbers,
+# attribute()). circuit-tracer pins transformers 4 and transformer-lens 2-3, so it gets a venv of its own; torch
+# is pinned there too, or pip would pull a CUDA build. 6-11 minutes on 2 cores the first time.
+CT_VENV ?= .venv-circuit-tracer
+CT_VERSION ?= 0.5.0
+$(CT_VENV)/.installed:
+	$(PYTHON) -m venv $(CT_VENV)
+	$(CT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CT_VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
+	echo "torch==$(TORCH_VERSION)" > $(CT_VENV)/constraints.txt
+	$(CT_VENV)/bin/python -m pip install --quiet -c $(CT_VENV)/constraints.txt circuit-tracer==$(CT_VERSION)
+	touch $@
+
+interop: install $(CT_VENV)/.installed
+	$(PY) interop/circuit_tracer_check.py all --build --ct-python $(CT_VENV)/bin/python
 
 clean-demo:
 	rm -rf caches/toy-diff caches/toy-prose-diff runs/demo-toy-code runs/demo-toy-prose
