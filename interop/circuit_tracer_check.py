@@ -1,23 +1,20 @@
 #!/usr/bin/env python3
 """Interop check: does `run_train.py export-circuit-tracer` output work in circuit-tracer, numerically?
 
-Run it with ``make interop`` (README: "Interop checks"), which makes the circuit-tracer venv and runs the ``all``
-role. One file, three roles:
+Run it with ``make interop`` (README, "Export to circuit-tracer"), which makes the circuit-tracer venv and
+runs the ``all`` role. One file, three roles:
 
-  python3 check.py all   [options]   orchestrator (any Python): builds the runs if asked, exports them,
-                                     runs the two roles below in their own venvs, exits non-zero on any
-                                     disagreement.
-  <project venv> check.py ours ...   crosscache side (cwd = the crosscache checkout): the harvested
-                                     model's raw MLP inputs/outputs on one prompt (transformer-lens 4
-                                     TransformerBridge, as the harvest runs it), and the dictionary's
-                                     latents/reconstructions: from RUN/export (raw space) and, independent
-                                     of the export code, from RUN/dictionary (normalized space) on inputs
-                                     normalized with the cache's own factors.
-  <circuit-tracer venv> check.py ct  circuit-tracer side: loads the export with circuit-tracer's own
-                                     loaders, compares its features/reconstructions with ours on the same
-                                     activations, builds circuit-tracer's ReplacementModel around the same
-                                     model (offline) and compares its hooks, features and error vectors,
-                                     then runs attribute() and compute_graph_scores().
+- ``python3 circuit_tracer_check.py all [options]`` (any Python): builds the runs if asked, exports them,
+  runs the two roles below in their own venvs, exits non-zero on any disagreement.
+- ``<project venv>/bin/python circuit_tracer_check.py ours ...`` (cwd = the crosscache checkout): the
+  harvested model's raw MLP inputs/outputs on one prompt (transformer-lens 4 TransformerBridge, as the
+  harvest runs it), and the dictionary's latents/reconstructions: from RUN/export (raw space) and,
+  independent of the export code, from RUN/dictionary (normalized space) on inputs normalized with the
+  cache's own factors.
+- ``<circuit-tracer venv>/bin/python circuit_tracer_check.py ct ...``: loads the export with circuit-tracer's
+  own loaders, compares its features/reconstructions with ours on the same activations, builds
+  circuit-tracer's ReplacementModel around the same model (offline) and compares its hooks, features and
+  error vectors, then runs attribute() and compute_graph_scores().
 
 Exit codes: 0 all agree; 1 a number disagrees (printed as FAIL); 2 a step could not run.
 """
@@ -68,7 +65,7 @@ def role_ours(argv: list[str]) -> int:
     from shared.cache import open_cache
     from train.export import SlotNorm, load_dictionary
 
-    ap = argparse.ArgumentParser(prog="check.py ours")
+    ap = argparse.ArgumentParser(prog="circuit_tracer_check.py ours")
     ap.add_argument("--runs", nargs="+", required=True, help="a CLT run, or per-layer runs / their parent folder")
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokens", type=int, default=48)
@@ -261,6 +258,14 @@ def _build_replacement_model(folder: Path, export: Path, device):
 
 
 def role_ct(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="circuit_tracer_check.py ct")
+    ap.add_argument("--export", required=True, help="folder export-circuit-tracer wrote")
+    ap.add_argument("--ref", required=True, help="safetensors file `circuit_tracer_check.py ours` wrote")
+    ap.add_argument("--work", default=str(ROOT / "runs" / "interop-circuit-tracer"))
+    ap.add_argument("--attr-tokens", type=int, default=12, help="prompt length (BOS included) for attribute()")
+    ap.add_argument("--edge-samples", type=int, default=20, help="features doubled in the edge check")
+    ap.add_argument("--json", help="write the numbers here")
+    args = ap.parse_args(argv)
     import torch
     import yaml
     from safetensors.torch import load_file
@@ -271,14 +276,6 @@ def role_ct(argv: list[str]) -> int:
     from circuit_tracer.transcoder.single_layer_transcoder import TranscoderSet, load_transcoder_set
     from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
 
-    ap = argparse.ArgumentParser(prog="check.py ct")
-    ap.add_argument("--export", required=True, help="folder export-circuit-tracer wrote")
-    ap.add_argument("--ref", required=True, help="safetensors file `check.py ours` wrote")
-    ap.add_argument("--work", default=str(ROOT / "runs" / "interop-circuit-tracer"))
-    ap.add_argument("--attr-tokens", type=int, default=12, help="prompt length (BOS included) for attribute()")
-    ap.add_argument("--edge-samples", type=int, default=20, help="features doubled in the edge check")
-    ap.add_argument("--json", help="write the numbers here")
-    args = ap.parse_args(argv)
     torch.manual_seed(0)
     dev = torch.device("cpu")
     export = Path(args.export).resolve()
@@ -331,6 +328,7 @@ def role_ct(argv: list[str]) -> int:
 
     # ---- 2. features and reconstructions on OUR activations ------------------------------------
     print("2. circuit-tracer's transcoders on our raw MLP inputs")
+    lat_e = None  # the eager loader's latents, which the other loaders must equal
     with torch.no_grad():
         for label, t in (("eager", tc), ("lazy", tc_lazy), ("abs-path loader", via_path)):
             if kind == "cross_layer_transcoder":
@@ -377,7 +375,7 @@ def role_ct(argv: list[str]) -> int:
 
     hooks = [(f"blocks.{l}.{h}", keep) for l in range(n) for h in (ct_in, model.original_feature_output_hook)]
     with torch.no_grad():
-        logits_ct = model.run_with_hooks(tokens[None], fwd_hooks=hooks)
+        model.run_with_hooks(tokens[None], fwd_hooks=hooks)
     rep.compare(f"model: blocks.L.{ct_in} vs our {json.loads(meta['in_hooks'])[0].split('.', 2)[2]}",
                 torch.stack([cache[f"blocks.{l}.{ct_in}"][0] for l in range(n)]), x_in, TOL_REL_MODEL)
     rep.compare(f"model: blocks.L.{ct_out} vs our {json.loads(meta['out_hooks'])[0].split('.', 2)[2]}",
@@ -517,7 +515,7 @@ def _sh(cmd: list[str], cwd: Path | None = None, log: Path | None = None) -> int
 
 
 def role_all(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="check.py all")
+    ap = argparse.ArgumentParser(prog="circuit_tracer_check.py all")
     ap.add_argument("--project", default=str(ROOT), help="crosscache checkout")
     ap.add_argument("--project-python", help="default: PROJECT/.venv/bin/python")
     ap.add_argument("--ct-python", default=str(ROOT / ".venv-circuit-tracer" / "bin" / "python"),
