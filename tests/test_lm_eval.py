@@ -13,12 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import ROOT
 from train.config import TrainConfig
-from train.lm_eval import LMEvalConfig, evaluate_lm
+from train.lm_eval import LMEvalConfig, evaluate_lm, format_table
 from train.trainer import train
 
 
@@ -88,6 +89,30 @@ def test_the_clean_loss_is_the_models_own(runs, toy_dirs, tmp_path):
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     assert r["models"]["toy-code"]["ce_clean"] == pytest.approx(float(ce), abs=2e-4)
     assert r["models"]["toy-code"]["ce_clean"] < r["models"]["toy-code"]["ce_spliced"]
+
+
+def test_the_share_of_evaluated_tokens_in_the_training_split_is_counted_and_kept_low(runs, tmp_path):
+    """Sequences were called held out when any row was in the eval split; the harvest's write shuffle puts most of
+    a sequence's rows in training shards. The sequences with the most rows in the eval split come first, and the
+    result says how many of their rows the training split holds (counted here from the shards)."""
+    from shared.cache import open_cache
+    from train.loader import default_eval_shards
+
+    r = evaluate_lm(LMEvalConfig(run=str(runs["directional"]), sequences=6, progress=False, out=str(tmp_path / "r.json")))
+    cache = open_cache(json.loads((runs["directional"] / "config.json").read_text())["cache"]["path"])
+    n_eval = default_eval_shards(cache.n_shards)
+    seqs = [cache.shard(i).seq.numpy() for i in range(cache.n_shards)]
+    in_eval = np.concatenate(seqs[cache.n_shards - n_eval:])
+    in_train = np.concatenate(seqs[: cache.n_shards - n_eval])
+    picked = r["sequence_ids"]
+    rows_eval, rows_train = np.isin(in_eval, picked).sum(), np.isin(in_train, picked).sum()
+    assert r["training_split_share"] == pytest.approx(rows_train / (rows_eval + rows_train))
+    # No eval-split sequence left out has a larger share of its rows in the eval split than one taken.
+    share = {int(q): (in_eval == q).sum() / ((in_eval == q).sum() + (in_train == q).sum()) for q in np.unique(in_eval)}
+    assert min(share[q] for q in picked) >= max(v for q, v in share.items() if q not in picked)
+    if r["training_split_share"] > 0:
+        assert any("training split" in n for n in r["notes"])
+        assert "of their tokens in the training split" in format_table(r)[0]
 
 
 def test_splicing_the_input_back_changes_nothing_and_zeros_match_the_ablation(runs, monkeypatch, tmp_path):

@@ -1,7 +1,8 @@
 """What the language models lose when a trained dictionary stands in for their activations.
 
-``run_train.py lm-eval RUN_DIR`` (:func:`evaluate_lm`) loads the run's models, forwards held-out
-sequences of its cache (those whose rows are in the run's eval split), and for each model whose
+``run_train.py lm-eval RUN_DIR`` (:func:`evaluate_lm`) loads the run's models, forwards sequences of
+its cache's eval split (those with the most of their rows there; ``training_split_share`` in the
+result says how many of their rows are in the training split), and for each model whose
 hooks the dictionary writes (its output slots) compares three forward passes:
 
 - clean: the model as it is;
@@ -77,7 +78,8 @@ class LMEvalConfig:
         "The run's cache (tokens and excluded tokens; a folder or hf://USER/NAME[@REV]). Default: where the run "
         "trained on it, as analyze finds it.", default=None)
     # 128 x 128 tokens: ~16k predictions per model, a delta CE to ~0.01 nats on the toy pair.
-    sequences: int = field_help("Held-out sequences to evaluate (from the run's eval split).", default=128)
+    sequences: int = field_help("Sequences to evaluate, from the run's eval split (those with the most of their "
+                                "rows there first).", default=128)
     batch_size: int = field_help("Sequences per forward pass.", default=8)
     device: str = field_help("auto (cuda if available), cpu, cuda, ...", default="auto")
     model_dtype: str = field_help("dtype the models run in (float32, bfloat16, float16).", default="float32")
@@ -118,8 +120,12 @@ class _Totals:
                 "delta_ce": spliced - clean, "loss_recovered": recovered, "kl_spliced": self.kl / self.n}
 
 
-def _held_out_sequences(cache: Any, run: RunData, n: int, notes: list[str]) -> list[int]:
-    """The first ``n`` sequences (by index) with rows in the run's eval split (the last shards)."""
+def _held_out_sequences(cache: Any, run: RunData, n: int, notes: list[str]) -> tuple[list[int], float]:
+    """``n`` sequences of the run's eval split (its last shards), those with the largest share of their rows
+    there first (then by index), and the share of the chosen sequences' rows that lie in the training split.
+
+    The harvest shuffles rows across several shards before writing them, so a sequence's rows are usually
+    split between the eval shards and the training ones: the share says how held out the evaluation is."""
     from train.loader import default_eval_shards
 
     n_eval = run.info["config"].get("eval_shards")
@@ -128,8 +134,24 @@ def _held_out_sequences(cache: Any, run: RunData, n: int, notes: list[str]) -> l
         notes.append("the run held out no shards (eval_shards 0, or a one-shard cache): the sequences evaluated "
                      "are ones the dictionary was trained on")
         n_eval = cache.n_shards
-    seqs = np.unique(np.concatenate([cache.shard(i).seq.numpy() for i in range(cache.n_shards - n_eval, cache.n_shards)]))
-    return [int(s) for s in seqs[:n]]
+    first_eval = cache.n_shards - n_eval
+    seq_by_shard = [cache.shard(i).seq.numpy() for i in range(cache.n_shards)]
+    eval_seq, eval_rows = np.unique(np.concatenate(seq_by_shard[first_eval:]), return_counts=True)
+    train_all = np.concatenate(seq_by_shard[:first_eval]) if first_eval else np.zeros(0, np.int64)
+    train_rows = np.zeros(len(eval_seq), np.int64)
+    found = np.isin(train_all, eval_seq)
+    if found.any():
+        where, counts = np.unique(train_all[found], return_counts=True)
+        train_rows[np.searchsorted(eval_seq, where)] = counts
+    share_eval = eval_rows / (eval_rows + train_rows)
+    order = np.lexsort((eval_seq, -share_eval))[:n]  # most held out first, then by index
+    picked_eval, picked_train = int(eval_rows[order].sum()), int(train_rows[order].sum())
+    trained_share = picked_train / max(1, picked_eval + picked_train)
+    if trained_share > 0:
+        notes.append(f"{trained_share:.0%} of the evaluated sequences' kept tokens have their rows in the training "
+                     "split: the harvest shuffles each sequence's rows over several shards, so few sequences lie "
+                     "wholly in the eval split (those that do were taken first)")
+    return [int(s) for s in eval_seq[order]], trained_share
 
 
 def _load_spec(entry: dict[str, Any]) -> str:
@@ -189,7 +211,7 @@ def _activation_error(found: dict[tuple[int, int], torch.Tensor], seqs: list[int
 
 
 def evaluate_lm(cfg: LMEvalConfig) -> dict[str, Any]:
-    """Splice the run's exported dictionary into its models on held-out sequences (see the module
+    """Splice the run's exported dictionary into its models on sequences of its eval split (see the module
     docstring); write the result to ``cfg.out_path`` (JSON) and return it."""
     from harvest.models import load_models, resolve_device
     from shared.cache_format import dtype_from_name
@@ -226,7 +248,7 @@ def evaluate_lm(cfg: LMEvalConfig) -> dict[str, Any]:
     ids = excluded.get("token_ids")
     excluded_ids = torch.tensor(sorted(models.excluded_ids if ids is None else ids), dtype=torch.long, device=device)
 
-    seqs = _held_out_sequences(cache, run, cfg.sequences, notes)
+    seqs, trained_share = _held_out_sequences(cache, run, cfg.sequences, notes)
     if len(seqs) < cfg.sequences:
         notes.append(f"the eval split holds {len(seqs)} sequences; all of them were evaluated")
     seq_col = table.column("seq").to_numpy()
@@ -297,6 +319,7 @@ def evaluate_lm(cfg: LMEvalConfig) -> dict[str, Any]:
         "run": str(cfg.run), "cache": run.cache_used, "arch": dictionary.cfg.arch,
         "export_weights_sha256": export_sha, "created": dt.datetime.now().isoformat(timespec="seconds"),
         "sequences": len(seqs), "sequence_ids": seqs, "context_size": man.context_size,
+        "training_split_share": trained_share,
         "models": {m: totals[m].summary([h for _, h in out_by_model[m]]) for m in out_by_model},
         "activation_check_median_rel_error": activation_error,
         "loop": cfg.loop,
@@ -334,7 +357,9 @@ def _json_default(value: Any) -> Any:
 def format_table(result: dict[str, Any]) -> list[str]:
     """The result as lines: the loop, then a table with one row per model."""
     loop = result.get("loop", "open")  # results from before --loop are open loop
-    lines = [_LOOP_LINES.get(loop, f"{loop} loop"),
+    share = result.get("training_split_share")
+    where = "" if share is None else f"; {result['sequences']} eval-split sequences, {share:.0%} of their tokens in the training split"
+    lines = [_LOOP_LINES.get(loop, f"{loop} loop") + where,
              f"{'model':<24} {'CE clean':>9} {'spliced':>9} {'zero-abl':>9} {'ΔCE':>8} {'recovered':>9} {'KL':>8}"]
     for m, r in result["models"].items():
         rec = "n/a" if r["loss_recovered"] is None else f"{r['loss_recovered']:.3f}"

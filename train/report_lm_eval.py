@@ -103,6 +103,7 @@ def _figures(data: dict[str, Any]) -> dict[str, Any]:
     models = {m: {"hooks": list(r.get("hooks", [])), "tokens": int(r["tokens"]), **{k: _num(r.get(k), 6) for k in keys}}
               for m, r in data["models"].items()}
     return {"sequences": int(data["sequences"]), "context_size": data.get("context_size"),
+            "training_split_share": _num(data.get("training_split_share"), 4),  # None: a result from before it
             "activation_check_median_rel_error": _num(data.get("activation_check_median_rel_error"), 6),
             "method": data.get("method"), "loop": data.get("loop", "open"),  # results from before --loop: open
             "notes": list(data.get("notes") or []), "models": models}
@@ -118,8 +119,16 @@ def lm_eval_headline(block: dict[str, Any]) -> str | None:
         return None
     per_model = "; ".join(f"{m}: ΔCE {_signed(r['delta_ce'])} nats/token, loss recovered {_fmt(r['loss_recovered'])}"
                           for m, r in block["models"].items())
-    return (f"spliced into its models (lm-eval, {_int(block['sequences'])} held-out sequences, "
+    return (f"spliced into its models (lm-eval, {_int(block['sequences'])} {_sequences_words(block)}, "
             f"{block.get('loop', 'open')} loop): {per_model}")
+
+
+def _sequences_words(block: dict[str, Any]) -> str:
+    """What the evaluated sequences are: eval-split sequences, and how much of them the training split holds."""
+    share = block.get("training_split_share")
+    if share is None:  # a result from before the share was recorded
+        return "eval-split sequences"
+    return f"eval-split sequences, {share:.0%} of their tokens in the training split"
 
 
 def lm_eval_note(block: dict[str, Any]) -> str | None:
@@ -167,6 +176,9 @@ def lm_eval_markdown(block: dict[str, Any]) -> list[str]:
     # Why the loop is said every time: for several hooks of one model, open-loop figures are not those of a
     # model running on its own reconstructions (README, "What the models lose").
     L += ["", _LOOP_TEXT.get(block.get("loop", "open"), f"{block.get('loop')} loop.")]
+    if block.get("training_split_share"):
+        L.append(f"The sequences are {_sequences_words(block)}: the harvest shuffles a sequence's rows over several "
+                 "shards, so most sequences have rows on both sides of the split.")
     if block["activation_check_median_rel_error"] is not None:
         L.append(f"The models reproduced the cache's activations to a median relative error of "
                  f"{_fmt(block['activation_check_median_rel_error'], 4)}.")
