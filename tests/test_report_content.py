@@ -291,3 +291,22 @@ def test_three_model_crosscoder_is_diffed_on_the_first_two_models(tmp_path):
     assert "## Relative decoder norms" in Path(rep["paths"]["report_md"]).read_text()
     rep = analyze(AnalysisConfig(run=str(run), out=str(tmp_path / "ft2"), progress=False, top_k=2, ft_model="model2"))
     assert (rep["diffing"]["base_model"], rep["diffing"]["ft_model"]) == ("model0", "model2")
+
+
+def test_r_histogram_leaves_out_tied_latents_and_the_text_names_the_caches_normalization(tmp_path):
+    """The histogram counted latents with one shared decoder (r = 0.5 by construction) while the class table left
+    them out; and a cache harvested with --normalize none was described as scaled to one mean norm."""
+    from train.config import TrainConfig
+    from train.trainer import train
+
+    _planted_cache(tmp_path / "cache")  # --normalize none
+    run = tmp_path / "run"
+    train(TrainConfig(cache=str(tmp_path / "cache"), out=str(run), latents=16, shared_latents=4, steps=3,
+                      batch_size=64, device="cpu", progress=False, eval_shards=2, log_every=1))
+    rep = analyze(AnalysisConfig(run=str(run), progress=False, top_k=2))
+    d = rep["diffing"]
+    assert d["counts"]["tied"] == 4 and d["normalization"] == "none"
+    assert sum(d["r_histogram"]["counts"]) == 16 - 4 - d["counts"]["no_decoder"]
+    assert any("not normalized" in n and "--normalize norm_scale" in n for n in rep["notes"])
+    text = Path(rep["paths"]["report_md"]).read_text()
+    assert "on the raw activations the dictionary was trained on" in text and "same mean norm" not in text

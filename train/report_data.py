@@ -142,11 +142,14 @@ def build_report(cfg: Any, run: Any, norms_LXo: torch.Tensor, masks: dict[str, t
 
     if diff is not None:
         r, cos = diff["r"], diff["cos"]
-        counts, edges = np.histogram(r[~torch.isnan(r)].numpy(), bins=50, range=(0.0, 1.0))
+        # The classified latents: tied ones (one shared decoder) sit at r = 0.5 by construction.
+        counts, edges = np.histogram(r[~torch.isnan(r) & ~masks["tied"]].numpy(), bins=50, range=(0.0, 1.0))
         shared = masks["shared"] & ~torch.isnan(cos)
         cs = cos[shared]
         d: dict[str, Any] = {
             "base_model": diff["base_model"], "ft_model": diff["ft_model"],
+            # The space r is measured in: the cache's normalization of the activations the dictionary trained on.
+            "normalization": (run.info.get("cache") or {}).get("normalization"),
             "thresholds": {"base_only_max": cfg.base_only_max, "shared_min": cfg.shared_min,
                            "shared_max": cfg.shared_max, "ft_only_min": cfg.ft_only_min,
                            "top_r_frac": cfg.top_r_frac, "top_r_percent": _num(100 * cfg.top_r_frac, 2)},
@@ -161,6 +164,11 @@ def build_report(cfg: Any, run: Any, norms_LXo: torch.Tensor, masks: dict[str, t
         }
         if "betas" in diff:
             d["latent_scaling"] = _scaling_json(diff, masks, cfg)
+        if d["normalization"] == "none":
+            rep["notes"].append("the cache is not normalized (harvested with --normalize none): r compares decoder "
+                                "norms in each model's raw units, so it leans towards the model whose activations "
+                                "are larger; harvest with --normalize norm_scale (the default) to compare the models "
+                                "on one scale")
         rep["diffing"] = d
 
     rep["profiles"] = _profiles(run, norms_LXo, stats, cfg)

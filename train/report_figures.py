@@ -36,7 +36,8 @@ def figures(out: Path, rep: dict[str, Any], masks: dict[str, torch.Tensor], diff
     figs: dict[str, str] = {}
     d = rep["diffing"]
     if d is not None and diff is not None:
-        r = diff["r"][~torch.isnan(diff["r"])].numpy()
+        # Classified latents only: tied ones sit at r = 0.5 by construction (the table leaves them out too).
+        r = diff["r"][~torch.isnan(diff["r"]) & ~masks["tied"]].numpy()
         fig, ax = plt.subplots(figsize=(7, 3.6))
         ax.hist(r, bins=50, range=(0, 1), color="#4c72b0")
         for x, lab in ((cfg.base_only_max, "base-only"), (cfg.ft_only_min, "fine-tune-only")):
@@ -50,7 +51,9 @@ def figures(out: Path, rep: dict[str, Any], masks: dict[str, torch.Tensor], diff
         ax.set_xlabel(f"relative decoder norm r = |d_ft| / (|d_base| + |d_ft|)   (0: {d['base_model']} only, "
                       f"1: {d['ft_model']} only)", fontsize=8)
         ax.set_ylabel("latents (log)")
-        ax.set_title(f"Relative decoder norms ({len(r)} latents)")
+        n_tied = int(masks["tied"].sum())
+        ax.set_title(f"Relative decoder norms ({len(r)} latents"
+                     + (f"; {n_tied} with a shared decoder, r = 0.5 by construction, not shown)" if n_tied else ")"))
         ax.legend(fontsize=7)
         figs["r_hist"] = _save(fig, out / "r_hist.png")
         cos = diff["cos"][masks["shared"] & ~torch.isnan(diff["cos"])].numpy()

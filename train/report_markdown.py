@@ -46,8 +46,7 @@ def render_markdown(rep: dict[str, Any], cfg: Any) -> str:
         th, cl = d["thresholds"], d["classes"]
         L += ["", "## Relative decoder norms", "",
               f"For each latent, r = ‖d_ft‖ / (‖d_base‖ + ‖d_ft‖) compares the norms of its decoder vectors into "
-              f"`{d['ft_model']}` (fine-tune) and `{d['base_model']}` (base), on the normalized activations the "
-              "dictionary was trained on (each model's activations scaled to the same mean norm). r near 0: the "
+              f"`{d['ft_model']}` (fine-tune) and `{d['base_model']}` (base), {_space_words(d.get('normalization'))}. r near 0: the "
               "latent writes only to the base model; near 0.5: to both alike; near 1: only to the fine-tune "
               "(roles: the run's first and second model unless `--base-model` / `--ft-model` say otherwise). A "
               "latent's *activation mass* is the sum of its activation values over the rows; a class's share of "
@@ -191,3 +190,15 @@ def _contexts_md(rep: dict[str, Any], fl: str | None) -> list[str]:
             L.append(f"{c['value']:>8.3f}  {meta:<6} {cut_before}{c['before']}«{c['token']}»{c['after']}{cut_after}")
         L += ["```", ""]
     return L
+
+
+def _space_words(method: str | None) -> str:
+    """Where r is measured, by the cache's normalization (None: a report from before it was recorded)."""
+    return {
+        "norm_scale": "on the normalized activations the dictionary was trained on (each model's activations scaled "
+                      "to the same mean norm)",
+        "mean_std": "on the normalized activations the dictionary was trained on (each dimension of each model's "
+                    "activations standardized to mean 0 and standard deviation 1)",
+        "none": "on the raw activations the dictionary was trained on (not normalized: r leans towards the model "
+                "whose activations are larger)",
+    }.get(method or "", "on the activations the dictionary was trained on")
