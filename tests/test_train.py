@@ -277,6 +277,14 @@ def test_resumed_run_refuses_another_width_or_config(tmp_path):
         train(_cfg(tmp_path / "c32", tmp_path / "run", steps=5))
     with pytest.raises(RunMismatchError, match="holds a different run .*latents: 64 there vs 32 now"):
         train(_cfg(tmp_path / "c16", tmp_path / "run", steps=5, latents=32))
+    # A default given by value is the same run (audit helper-45: these three were refused as different runs).
+    cfg = _cfg(tmp_path / "c16", tmp_path / "run", steps=5)
+    same = {"dec_init_norm": 1.0 if cfg.activation in ("topk", "batchtopk") else 0.1, "k_aux": 16 // 2,
+            "dead_tokens": cfg.resolved_dead_tokens(1)}
+    for field, value in same.items():
+        train(_cfg(tmp_path / "c16", tmp_path / "run", steps=5, **{field: value}))
+    with pytest.raises(RunMismatchError, match="dec_init_norm: 0.1 there vs 0.2 now"):
+        train(_cfg(tmp_path / "c16", tmp_path / "run", steps=5, dec_init_norm=0.2))
 
 
 def test_resume_of_an_hf_run_after_the_repo_moved_names_the_commit(tmp_path):

@@ -44,6 +44,18 @@ ARCHS: tuple[str, ...] = ("crosscoder", "directional", "clt")
 ACTIVATIONS: tuple[str, ...] = ("relu", "jumprelu", "topk", "batchtopk")
 
 
+def resolve_dec_init_norm(dec_init_norm: float | None, activation: str) -> float:
+    """The decoder columns' initial norm: as given, else 1.0 for topk/batchtopk and 0.1 otherwise."""
+    if dec_init_norm is not None:
+        return dec_init_norm
+    return 1.0 if activation in ("topk", "batchtopk") else 0.1
+
+
+def resolve_k_aux(k_aux: int | None, d_model: int) -> int:
+    """Dead latents aux-K uses: as given, else d_model // 2 (Gao et al. B.1)."""
+    return k_aux if k_aux is not None else max(1, d_model // 2)
+
+
 @dataclass(frozen=True)
 class DictionaryConfig:
     """Shape, activation and loss hyper-parameters of one dictionary. Validated on construction."""
@@ -170,13 +182,11 @@ class DictionaryConfig:
 
     @property
     def resolved_dec_init_norm(self) -> float:
-        if self.dec_init_norm is not None:
-            return self.dec_init_norm
-        return 1.0 if self.activation in ("topk", "batchtopk") else 0.1
+        return resolve_dec_init_norm(self.dec_init_norm, self.activation)
 
     @property
     def resolved_k_aux(self) -> int:
-        return self.k_aux if self.k_aux is not None else max(1, self.d_model // 2)
+        return resolve_k_aux(self.k_aux, self.d_model)
 
     def shared_hook_index(self) -> list[int]:
         """For each output slot, the index of its hook among the output hooks (shared latents).

@@ -19,6 +19,7 @@ from shared.folder_lock import LOCK_NAME
 from shared.shard_io import atomic_write_bytes, is_temporary
 from train.checkpoint import checkpoint_steps
 from train.config import RESUME_FIELDS, TrainConfig
+from train.dictionary import resolve_dec_init_norm, resolve_k_aux
 from train.loader import default_eval_shards
 from train.slots import SlotSpec
 
@@ -44,12 +45,16 @@ def slot_summary(names: list[str], in_slots: list[int], out_slots: list[int]) ->
     return f"slots {ins}" if ins == outs else f"slots {ins} -> {outs}"
 
 
-def _effective_signature(cfg: TrainConfig, n_shards: int) -> dict:
+def _effective_signature(cfg: TrainConfig, n_shards: int, d_model: int, world_size: int) -> dict:
     """The resume signature with defaults resolved: leaving a flag out and giving its default
-    value (λ, held-out shards of a cache of ``n_shards``) are the same run."""
+    value (λ, held-out shards of a cache of ``n_shards``, the decoder's initial norm, aux-K's
+    latents for ``d_model``, the dead-latent window for ``world_size`` processes) are the same run."""
     sig = cfg.resume_signature()
     sig["sparsity_coeff"] = cfg.resolved_sparsity_coeff
     sig["eval_shards"] = default_eval_shards(n_shards) if cfg.eval_shards is None else cfg.eval_shards
+    sig["dec_init_norm"] = resolve_dec_init_norm(cfg.dec_init_norm, cfg.activation)
+    sig["k_aux"] = resolve_k_aux(cfg.k_aux, d_model)
+    sig["dead_tokens"] = cfg.resolved_dead_tokens(world_size)
     return sig
 
 
@@ -128,7 +133,8 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path, d_model: int, spec: SlotSpec,
     except ValueError as e:  # written before a check that now refuses it (a NaN/inf value, a λ with topk)
         raise RunMismatchError(f"--out {run_dir} holds a run whose config is no longer accepted ({e}); it cannot "
                                "be resumed: use another --out, or delete it") from None
-    mine, theirs = _effective_signature(cfg, n_shards), _effective_signature(prev, n_shards)
+    mine = _effective_signature(cfg, n_shards, d_model, world_size)
+    theirs = _effective_signature(prev, n_shards, d_model, world_size)
     diffs = [f"{k}: {theirs[k]!r} there vs {mine[k]!r} now" for k in mine
              if k not in SLOT_FIELDS and theirs[k] != mine[k]]
     if diffs:
