@@ -382,6 +382,9 @@ def test_report_files_and_every_number_in_json(planted):
     nums = sorted(set(_json_numbers(on_disk)))
     md = (out / "report.md").read_text()
     assert "## Relative decoder norms" in md and "## Latent scaling" in md and "## Top-activating contexts" in md
+    # Every figure is a file of the report's own folder (training curves included): it can be moved or shared.
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert "curves.png" in linked and all((out / f).is_file() and "/" not in f for f in linked), linked
     assert f"analyze {planted['run']} --top-k 5 --latents-shown 8`" in md  # the command repeats the report
     found = _numbers(md)
     assert len(found) > 30

@@ -488,3 +488,18 @@ def test_a_resume_records_the_options_it_changed_in_config_json(caches, tmp_path
         {k: v for k, v in first.items() if k not in ("config", "cache")}
     lines = [r["step"] for r in read_metrics(run) if "loss/total" in r]
     assert lines[-3:] == [4, 5, 6]  # --log-every 1 took effect after the resume at step 3
+
+
+def test_curves_with_a_panel_of_nulls_draw_without_warnings(tmp_path):
+    """--batch-size 1 makes every per-batch EV null: the panel says so (matplotlib warned of a legend with no lines)."""
+    import warnings
+
+    from train.metrics import plot_metrics
+
+    rows = [{"step": s, "loss/total": 1.0 / (s + 1), "loss/recon": 0.5, "l0/mean": 3.0, "ev/overall": None,
+             "ev/m/h": None, "dead_frac": 0.0, "lr": 1e-3, "sparsity_coeff": 1.0} for s in range(3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = plot_metrics(tmp_path)
+    assert out is not None and out.stat().st_size > 0

@@ -182,8 +182,10 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
             ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xlabel("step")
-        if len(keys) > 1:
+        if len(keys) > 1 and ax.lines:  # no line: every value was null (e.g. EV of one-row batches)
             ax.legend(fontsize=7)
+        elif not ax.lines:
+            ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes, color="gray")
     fig.tight_layout()
     out = Path(run_dir) / "curves.png"
     fig.savefig(out, dpi=80)

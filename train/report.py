@@ -12,7 +12,6 @@ This module writes the report folder (:func:`write_report`); the parts live in
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,9 +32,12 @@ def write_report(cfg: Any, run: Any, rep: dict[str, Any], norms_LXo: torch.Tenso
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
     rep["figures"] = figures(out, rep, masks, diff, data, cfg)
+    # The training curves are the run's; a copy beside the report keeps the folder whole when it is moved or shared.
     curves = run.run_dir / "curves.png"
-    rep["figures"]["curves"] = (str(Path("..") / "curves.png") if out.resolve().parent == run.run_dir.resolve()
-                                else str(curves.resolve())) if curves.is_file() else None
+    rep["figures"]["curves"] = None
+    if curves.is_file():
+        atomic_write_bytes(out / "curves.png", curves.read_bytes())
+        rep["figures"]["curves"] = "curves.png"
     paths = {"report_md": str(out / "report.md"), "report_json": str(out / "report.json")}
     atomic_write_bytes(out / "report.json", (json.dumps(rep, indent=1, allow_nan=False) + "\n").encode())
     atomic_write_bytes(out / "report.md", render_markdown(rep, cfg).encode())
