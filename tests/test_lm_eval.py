@@ -115,6 +115,51 @@ def test_the_share_of_evaluated_tokens_in_the_training_split_is_counted_and_kept
         assert "of their tokens in the training split" in format_table(r)[0]
 
 
+def test_fresh_sequences_are_the_ones_a_longer_harvest_would_have_written_next(runs, toy_cache, toy_dirs, tmp_path):
+    """--sequences-from fresh evaluates the sequences the harvest's token stream gives after the cache's last one:
+    checked against a longer harvest of the same dataset and seed, whose token table holds them, and against a
+    plain transformers forward of those tokens."""
+    import pyarrow.ipc
+    from transformers import AutoModelForCausalLM
+
+    from harvest.harvester import harvest
+    from tests.conftest import small_harvest_config
+
+    r = evaluate_lm(LMEvalConfig(run=str(runs["directional"]), sequences=5, batch_size=2, sequences_from="fresh",
+                                 progress=False, out=str(tmp_path / "r.json")))
+    n_cached = json.loads((toy_cache / "manifest.json").read_text())["n_sequences"]
+    assert r["sequences_from"] == "fresh" and r["training_split_share"] == 0.0
+    assert r["sequence_ids"] == list(range(n_cached, n_cached + 5))
+    assert r["activation_check_median_rel_error"] < 0.01  # still checked, on eval-split sequences
+    assert "5 fresh sequences (never harvested)" in format_table(r)[0]
+    assert not any("training split" in n for n in r["notes"])
+    longer = tmp_path / "longer"
+    harvest(small_harvest_config(longer, models=["toy-code"], tokens=6000 + 5 * 64))
+    table = pyarrow.ipc.open_file(longer / "tokens.arrow").read_all()
+    ids = torch.tensor([table.column("input_ids")[i].as_py() for i in range(n_cached, n_cached + 5)])
+    model = AutoModelForCausalLM.from_pretrained(toy_dirs["toy-code"]).eval()
+    with torch.no_grad():
+        logits = model(ids).logits
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert r["models"]["toy-code"]["ce_clean"] == pytest.approx(float(ce), abs=2e-4)
+
+
+def test_fresh_sequences_fall_back_to_the_eval_split_with_a_note(runs, toy_cache, tmp_path):
+    import shutil
+
+    for dataset, why in ((str(tmp_path / "gone.txt"), "could not be read again"),
+                         ("builtin:docs", "no longer gives the cache's sequences")):
+        moved = tmp_path / f"cache-{why[:8].replace(' ', '-')}"
+        shutil.copytree(toy_cache, moved)
+        man = json.loads((moved / "manifest.json").read_text())
+        man["dataset"]["name"] = dataset
+        (moved / "manifest.json").write_text(json.dumps(man))
+        r = evaluate_lm(LMEvalConfig(run=str(runs["directional"]), cache=str(moved), sequences=3, sequences_from="fresh",
+                                     progress=False, out=str(tmp_path / "r.json")))
+        assert r["sequences_from"] == "eval" and len(r["sequence_ids"]) == 3
+        assert any(why in n and "evaluated sequences of the eval split instead" in n for n in r["notes"]), r["notes"]
+
+
 def test_splicing_the_input_back_changes_nothing_and_zeros_match_the_ablation(runs, monkeypatch, tmp_path):
     cfg = LMEvalConfig(run=str(runs["crosscoder"]), sequences=4, batch_size=3, progress=False, out=str(tmp_path / "r.json"))
     _with_stub(monkeypatch, lambda x: x.clone())  # a crosscoder reconstructs its inputs: identity is exact

@@ -2,7 +2,8 @@
 
 ``run_train.py lm-eval RUN_DIR`` (:func:`evaluate_lm`) loads the run's models, forwards sequences of
 its cache's eval split (those with the most of their rows there; ``training_split_share`` in the
-result says how many of their rows are in the training split), and for each model whose
+result says how many of their rows are in the training split) or, with ``--sequences-from fresh``,
+the sequences the harvest's dataset gives after the cache's last one, and for each model whose
 hooks the dictionary writes (its output slots) compares three forward passes:
 
 - clean: the model as it is;
@@ -78,8 +79,12 @@ class LMEvalConfig:
         "The run's cache (tokens and excluded tokens; a folder or hf://USER/NAME[@REV]). Default: where the run "
         "trained on it, as analyze finds it.", default=None)
     # 128 x 128 tokens: ~16k predictions per model, a delta CE to ~0.01 nats on the toy pair.
-    sequences: int = field_help("Sequences to evaluate, from the run's eval split (those with the most of their "
-                                "rows there first).", default=128)
+    sequences: int = field_help("Sequences to evaluate (see sequences_from).", default=128)
+    sequences_from: Literal["eval", "fresh"] = field_help(
+        "eval: sequences of the cache's eval split (part of their tokens' rows are in the training split: "
+        "the result says how many); fresh: the sequences the harvest's dataset gives after the cache's last one, "
+        "never harvested (reads and tokenizes the dataset from its start again; falls back to eval, with a "
+        "note, where it cannot).", default="eval")
     batch_size: int = field_help("Sequences per forward pass.", default=8)
     device: str = field_help("auto (cuda if available), cpu, cuda, ...", default="auto")
     model_dtype: str = field_help("dtype the models run in (float32, bfloat16, float16).", default="float32")
@@ -152,6 +157,46 @@ def _held_out_sequences(cache: Any, run: RunData, n: int, notes: list[str]) -> t
                      "split: the harvest shuffles each sequence's rows over several shards, so few sequences lie "
                      "wholly in the eval split (those that do were taken first)")
     return [int(s) for s in eval_seq[order]], trained_share
+
+
+def _fresh_sequences(man: Any, table: Any, models: Any, excluded_ids: list[int], n: int,
+                     notes: list[str]) -> list[np.ndarray] | None:
+    """Up to ``n`` sequences the harvest's token stream gives after the cache's last one (never harvested, so
+    never trained on): the cache's dataset packed again as the harvest packed it. None, with a note, where the
+    dataset cannot be read again, holds no more text, or no longer gives the cache's sequences (it changed)."""
+    from harvest.token_stream import build_token_plan
+
+    ds = man.dataset or {}
+    n_cached = table.num_rows
+    fallback = "; evaluated sequences of the eval split instead"
+    try:
+        plan = build_token_plan(
+            dataset=ds["name"], split=ds.get("split", "train"), text_column=ds.get("text_column", "text"),
+            meta_columns=ds.get("meta_columns"), seed=int(ds.get("seed", 0)), tokenizer=models.tokenizer,
+            context_size=man.context_size, bos_id=models.bos_id, eos_id=models.eos_id, excluded_ids=excluded_ids,
+            n_rows=man.n_rows + n * man.context_size, n_vocab=models.n_vocab)
+    except Exception as e:  # noqa: BLE001 - whatever keeps the dataset from being read again: said, then eval split
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        notes.append(f"--sequences-from fresh: the cache's dataset {ds.get('name')!r} could not be read again "
+                     f"({first}){fallback}")
+        return None
+    # The stream must still be the harvest's: its sequences, in its order (a dataset edited since differs).
+    cached = table.column("input_ids")
+    same = len(plan.input_ids) >= n_cached and all(
+        np.array_equal(plan.input_ids[i], np.asarray(cached[i].as_py())) for i in range(n_cached))
+    if not same:
+        notes.append(f"--sequences-from fresh: the cache's dataset {ds.get('name')!r} no longer gives the cache's "
+                     f"sequences (it changed since the harvest){fallback}")
+        return None
+    fresh = plan.input_ids[n_cached:n_cached + n]
+    if not fresh:
+        notes.append(f"--sequences-from fresh: the cache's dataset {ds.get('name')!r} holds no text past the "
+                     f"harvested sequences{fallback}")
+        return None
+    if len(fresh) < n:
+        notes.append(f"--sequences-from fresh: the dataset holds {len(fresh)} sequences past the harvest; all of "
+                     "them were evaluated")
+    return fresh
 
 
 def _load_spec(entry: dict[str, Any]) -> str:
@@ -248,48 +293,69 @@ def evaluate_lm(cfg: LMEvalConfig) -> dict[str, Any]:
     ids = excluded.get("token_ids")
     excluded_ids = torch.tensor(sorted(models.excluded_ids if ids is None else ids), dtype=torch.long, device=device)
 
-    seqs, trained_share = _held_out_sequences(cache, run, cfg.sequences, notes)
-    if len(seqs) < cfg.sequences:
-        notes.append(f"the eval split holds {len(seqs)} sequences; all of them were evaluated")
+    fresh = (_fresh_sequences(man, table, models, excluded_ids.tolist(), cfg.sequences, notes)
+             if cfg.sequences_from == "fresh" else None)
+    # The models must reproduce the cache's activations: checked on eval-split sequences, which have rows.
+    eval_notes: list[str] = []  # about the eval split: the result's notes only when its sequences are evaluated
+    eval_seqs, trained_share = _held_out_sequences(cache, run, cfg.batch_size if fresh else cfg.sequences, eval_notes)
     seq_col = table.column("seq").to_numpy()
     ids_col = table.column("input_ids")
     row_of = {int(s): i for i, s in enumerate(seq_col)}
+    if fresh is None:
+        seqs, token_ids = eval_seqs, [np.asarray(ids_col[row_of[s]].as_py()) for s in eval_seqs]
+        notes += eval_notes
+        if len(seqs) < cfg.sequences:
+            notes.append(f"the eval split holds {len(seqs)} sequences; all of them were evaluated")
+    else:  # numbered on from the cache's own sequences, as the stream gives them
+        seqs, token_ids, trained_share = [table.num_rows + i for i in range(len(fresh))], fresh, 0.0
     in_slots, out_slots = list(dictionary.cfg.in_slots), list(dictionary.cfg.out_slots)
     out_by_model = {m: [(x, h) for x, (mm, h) in enumerate(slots[s] for s in out_slots) if mm == m]
                     for m in run.models_used}
     out_by_model = {m: v for m, v in out_by_model.items() if v}
     totals = {m: _Totals() for m in out_by_model}
-    check_rows = _cache_rows(cache, seqs[:cfg.batch_size], run)
+    check_seqs = eval_seqs[:cfg.batch_size]
+    check_rows = _cache_rows(cache, check_seqs, run)
     activation_error = None
+
+    def clean_pass(tokens_BP: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Every slot's activations [B, P, X, D] and the clean logits of the models the dictionary writes."""
+        captured: dict[str, dict[str, torch.Tensor]] = {}
+        logits_of: dict[str, torch.Tensor] = {}
+        for m, bridge in zip(run.models_used, models.bridges):
+            store: dict[str, torch.Tensor] = {}
+            hooks = {h: capture_hook(store, h, bridge.hook_dict[h]) for h in run.hooks_used}
+            logits = forward_with_hooks(bridge, tokens_BP, hooks)
+            captured[m] = store
+            if m in out_by_model:
+                logits_of[m] = logits
+        return torch.stack([captured[m][h] for m, h in slots], dim=2), logits_of
+
+    def check_activations(batch: list[int], x_BPXD: torch.Tensor) -> float | None:
+        error = _activation_error(check_rows, batch, x_BPXD)
+        if error is not None and error > ACTIVATION_CHECK_MAX:
+            raise RunError(
+                f"the models loaded now ({', '.join(specs)}) do not reproduce the cache's activations for the "
+                f"same tokens (median relative error {error:.3f}, more than {ACTIVATION_CHECK_MAX}): "
+                "a model folder changed since the harvest, or another model answers to its name. Evaluate with "
+                "the models the cache was harvested from")
+        return error
 
     from tqdm import tqdm
 
     bar = tqdm(total=len(seqs) * man.context_size, unit="tok", unit_scale=True, desc="lm-eval",
                disable=not cfg.progress, dynamic_ncols=True)
     with torch.inference_mode():
+        if fresh is not None and check_seqs:  # fresh sequences have no rows: one extra clean pass for the check
+            check_BP = torch.tensor(np.stack([np.asarray(ids_col[row_of[s]].as_py()) for s in check_seqs]),
+                                    dtype=torch.long, device=device)
+            activation_error = check_activations(check_seqs, clean_pass(check_BP)[0])
         for start in range(0, len(seqs), cfg.batch_size):
             batch = seqs[start:start + cfg.batch_size]
-            tokens_BP = torch.tensor(np.stack([np.asarray(ids_col[row_of[s]].as_py()) for s in batch]),
-                                     dtype=torch.long, device=device)
+            tokens_BP = torch.tensor(np.stack(token_ids[start:start + cfg.batch_size]), dtype=torch.long, device=device)
             keep_BP = ~torch.isin(tokens_BP, excluded_ids)
-            captured: dict[str, dict[str, torch.Tensor]] = {}
-            clean_logits: dict[str, torch.Tensor] = {}
-            for m, bridge in zip(run.models_used, models.bridges):
-                store: dict[str, torch.Tensor] = {}
-                hooks = {h: capture_hook(store, h, bridge.hook_dict[h]) for h in run.hooks_used}
-                logits = forward_with_hooks(bridge, tokens_BP, hooks)
-                captured[m] = store
-                if m in out_by_model:
-                    clean_logits[m] = logits
-            x_BPXD = torch.stack([captured[m][h] for m, h in slots], dim=2)
-            if activation_error is None:
-                activation_error = _activation_error(check_rows, batch, x_BPXD)
-                if activation_error is not None and activation_error > ACTIVATION_CHECK_MAX:
-                    raise RunError(
-                        f"the models loaded now ({', '.join(specs)}) do not reproduce the cache's activations for the "
-                        f"same tokens (median relative error {activation_error:.3f}, more than {ACTIVATION_CHECK_MAX}): "
-                        "a model folder changed since the harvest, or another model answers to its name. Evaluate with "
-                        "the models the cache was harvested from")
+            x_BPXD, clean_logits = clean_pass(tokens_BP)
+            if fresh is None and activation_error is None:
+                activation_error = check_activations(batch, x_BPXD)
             if cfg.loop == "open":
                 x_in_NXiD = rearrange(x_BPXD[:, :, in_slots], "b p x d -> (b p) x d")
                 recon_BPXD = rearrange(dictionary(x_in_NXiD).recon_BXoD, "(b p) x d -> b p x d", b=tokens_BP.shape[0])
@@ -319,6 +385,7 @@ def evaluate_lm(cfg: LMEvalConfig) -> dict[str, Any]:
         "run": str(cfg.run), "cache": run.cache_used, "arch": dictionary.cfg.arch,
         "export_weights_sha256": export_sha, "created": dt.datetime.now().isoformat(timespec="seconds"),
         "sequences": len(seqs), "sequence_ids": seqs, "context_size": man.context_size,
+        "sequences_from": "eval" if fresh is None else "fresh",
         "training_split_share": trained_share,
         "models": {m: totals[m].summary([h for _, h in out_by_model[m]]) for m in out_by_model},
         "activation_check_median_rel_error": activation_error,
@@ -358,7 +425,12 @@ def format_table(result: dict[str, Any]) -> list[str]:
     """The result as lines: the loop, then a table with one row per model."""
     loop = result.get("loop", "open")  # results from before --loop are open loop
     share = result.get("training_split_share")
-    where = "" if share is None else f"; {result['sequences']} eval-split sequences, {share:.0%} of their tokens in the training split"
+    if result.get("sequences_from") == "fresh":
+        where = f"; {result['sequences']} fresh sequences (never harvested)"
+    elif share is None:  # a result from before the share was recorded
+        where = ""
+    else:
+        where = f"; {result['sequences']} eval-split sequences, {share:.0%} of their tokens in the training split"
     lines = [_LOOP_LINES.get(loop, f"{loop} loop") + where,
              f"{'model':<24} {'CE clean':>9} {'spliced':>9} {'zero-abl':>9} {'ΔCE':>8} {'recovered':>9} {'KL':>8}"]
     for m, r in result["models"].items():

@@ -104,6 +104,7 @@ def _figures(data: dict[str, Any]) -> dict[str, Any]:
               for m, r in data["models"].items()}
     return {"sequences": int(data["sequences"]), "context_size": data.get("context_size"),
             "training_split_share": _num(data.get("training_split_share"), 4),  # None: a result from before it
+            "sequences_from": data.get("sequences_from", "eval"),
             "activation_check_median_rel_error": _num(data.get("activation_check_median_rel_error"), 6),
             "method": data.get("method"), "loop": data.get("loop", "open"),  # results from before --loop: open
             "notes": list(data.get("notes") or []), "models": models}
@@ -125,6 +126,8 @@ def lm_eval_headline(block: dict[str, Any]) -> str | None:
 
 def _sequences_words(block: dict[str, Any]) -> str:
     """What the evaluated sequences are: eval-split sequences, and how much of them the training split holds."""
+    if block.get("sequences_from") == "fresh":
+        return "fresh sequences of the harvest's dataset, never harvested"
     share = block.get("training_split_share")
     if share is None:  # a result from before the share was recorded
         return "eval-split sequences"
