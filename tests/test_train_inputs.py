@@ -321,6 +321,8 @@ def _sweep(tmp_path: Path, text: str, **base_kw) -> list[TrainConfig]:
     # The same dictionary twice: {} is the command line's lr; 1e-3 (a string to PyYAML) and 0.001 are one lr.
     ("members: [{}, {lr: 3.0e-3}]\n", "members 'base' and 'lr-0.003' are the same configuration"),
     ("grid: {lr: [1e-3, 0.001]}\n", "members 'lr-1e-3' and 'lr-0.001' are the same configuration"),
+    # A default given by value (relu: dec_init_norm 0.1) is the same dictionary, as a resume sees it.
+    ("members: [{}, {dec_init_norm: 0.1}]\n", "members 'base' and 'dec_init_norm-0.1' are the same configuration"),
     (f"members: [{{name: {'x' * 201}}}]\n", "at most 200 bytes"),
 ])
 def test_sweep_files_that_train_nothing_or_the_same_twice_are_refused(tmp_path, text, match):

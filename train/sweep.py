@@ -30,6 +30,7 @@ from typing import Any
 
 from shared.config import load_config_file
 from train.config import TrainConfig
+from train.dictionary import resolve_dec_init_norm
 
 __all__ = ["expand_sweep", "member_name"]
 
@@ -119,7 +120,11 @@ def expand_sweep(path: str | Path, base: TrainConfig) -> list[TrainConfig]:
     # The same dictionary twice (`{}` and `{lr: <the base lr>}`, or `lr: [1e-3, 0.001]`): trained twice for nothing.
     seen: dict[str, str] = {}
     for name, cfg in zip(names, configs):
-        key = json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}, sort_keys=True, default=str)
+        fields_now = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}
+        # Defaults given by value are the same dictionary (as a resume sees it: train.run_dir).
+        fields_now.update(sparsity_coeff=cfg.resolved_sparsity_coeff, dead_tokens=cfg.resolved_dead_tokens(1),
+                          dec_init_norm=resolve_dec_init_norm(cfg.dec_init_norm, cfg.activation))
+        key = json.dumps(fields_now, sort_keys=True, default=str)
         if key in seen:
             raise ValueError(f"sweep file {path}: members {seen[key]!r} and {name!r} are the same configuration once "
                              "the command line's values are filled in; remove one (or change what they sweep)")
