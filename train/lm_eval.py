@@ -256,7 +256,7 @@ def _activation_error(found: dict[tuple[int, int], torch.Tensor], seqs: list[int
 
 
 def evaluate_lm(cfg: LMEvalConfig) -> dict[str, Any]:
-    """Splice the run's exported dictionary into its models on sequences of its eval split (see the module
+    """Splice the run's exported dictionary into its models on sequences of its cache or dataset (see the module
     docstring); write the result to ``cfg.out_path`` (JSON) and return it."""
     from harvest.models import load_models, resolve_device
     from shared.cache_format import dtype_from_name
