@@ -59,7 +59,7 @@ from einops import rearrange
 from shared.config import add_dataclass_arguments, coerce_field_types, config_from_namespace, field_help
 from shared.shard_io import atomic_write_bytes
 from train.analysis_run import RunData, RunError, cache_model_names, load_run, open_run_cache
-from train.report_lm_eval import LM_EVAL_FORMAT, default_lm_eval_path, export_weights_sha256
+from train.report_lm_eval import LM_EVAL_FORMAT, default_lm_eval_path, export_weights_sha256, sequences_words
 from train.splice import capture_hook, check_closed_loop, closed_loop_forward, forward_with_hooks, replace_hook
 
 __all__ = ["ACTIVATION_CHECK_MAX", "LMEvalConfig", "evaluate_lm", "format_table", "lm_eval_cli"]
@@ -424,14 +424,7 @@ def _json_default(value: Any) -> Any:
 def format_table(result: dict[str, Any]) -> list[str]:
     """The result as lines: the loop, then a table with one row per model."""
     loop = result.get("loop", "open")  # results from before --loop are open loop
-    share = result.get("training_split_share")
-    if result.get("sequences_from") == "fresh":
-        where = f"; {result['sequences']} fresh sequences (never harvested)"
-    elif share is None:  # a result from before the share was recorded
-        where = ""
-    else:
-        where = f"; {result['sequences']} eval-split sequences, {share:.0%} of their tokens in the training split"
-    lines = [_LOOP_LINES.get(loop, f"{loop} loop") + where,
+    lines = [f"{_LOOP_LINES.get(loop, f'{loop} loop')}; {result['sequences']} {sequences_words(result)}",
              f"{'model':<24} {'CE clean':>9} {'spliced':>9} {'zero-abl':>9} {'ΔCE':>8} {'recovered':>9} {'KL':>8}"]
     for m, r in result["models"].items():
         rec = "n/a" if r["loss_recovered"] is None else f"{r['loss_recovered']:.3f}"

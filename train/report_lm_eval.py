@@ -22,7 +22,7 @@ from shared.config import read_json_object
 from train.report_data import _fmt, _int, _num, cli_flags
 
 __all__ = ["LM_EVAL_FORMAT", "LM_EVAL_NAME", "default_lm_eval_path", "export_weights_sha256", "lm_eval_block",
-           "lm_eval_headline", "lm_eval_markdown", "lm_eval_note"]
+           "lm_eval_headline", "lm_eval_markdown", "lm_eval_note", "sequences_words"]
 
 LM_EVAL_FORMAT = "crosscache.lm_eval/1"
 LM_EVAL_NAME = "lm_eval.json"
@@ -120,14 +120,15 @@ def lm_eval_headline(block: dict[str, Any]) -> str | None:
         return None
     per_model = "; ".join(f"{m}: ΔCE {_signed(r['delta_ce'])} nats/token, loss recovered {_fmt(r['loss_recovered'])}"
                           for m, r in block["models"].items())
-    return (f"spliced into its models (lm-eval, {_int(block['sequences'])} {_sequences_words(block)}, "
+    return (f"spliced into its models (lm-eval, {_int(block['sequences'])} {sequences_words(block)}, "
             f"{block.get('loop', 'open')} loop): {per_model}")
 
 
-def _sequences_words(block: dict[str, Any]) -> str:
-    """What the evaluated sequences are: eval-split sequences, and how much of them the training split holds."""
+def sequences_words(block: dict[str, Any]) -> str:
+    """What the evaluated sequences of a result (or its report block) are: eval-split sequences and how much of
+    them the training split holds, or fresh ones (lm-eval's table and the report say it alike)."""
     if block.get("sequences_from") == "fresh":
-        return "fresh sequences of the harvest's dataset, never harvested"
+        return "fresh sequences (never harvested)"
     share = block.get("training_split_share")
     if share is None:  # a result from before the share was recorded
         return "eval-split sequences"
@@ -180,7 +181,7 @@ def lm_eval_markdown(block: dict[str, Any]) -> list[str]:
     # model running on its own reconstructions (README, "What the models lose").
     L += ["", _LOOP_TEXT.get(block.get("loop", "open"), f"{block.get('loop')} loop.")]
     if block.get("training_split_share"):
-        L.append(f"The sequences are {_sequences_words(block)}: the harvest shuffles a sequence's rows over several "
+        L.append(f"The sequences are {sequences_words(block)}: the harvest shuffles a sequence's rows over several "
                  "shards, so most sequences have rows on both sides of the split.")
     if block["activation_check_median_rel_error"] is not None:
         L.append(f"The models reproduced the cache's activations to a median relative error of "
