@@ -61,12 +61,12 @@ def _repair_hint(cache_dir: Path) -> str:
     """How to repair a local cache: a re-run of its harvest rewrites what is missing; a folder of a Hub
     cache download is downloaded again instead."""
     from shared.cache_format import Manifest
-    from shared.hub_spec import hub_download_of, rewrite_advice
+    from shared.hub_spec import rewrite_advice
 
     from harvest.rank_manifests import RANK_MANIFEST_GLOB
 
-    if hub_download_of(cache_dir) is not None:
-        return f"to repair: {rewrite_advice(cache_dir)}"
+    if hub_fix := rewrite_advice(cache_dir, local=None):
+        return f"to repair: {hub_fix}"
 
     try:
         command = Manifest.load(cache_dir).created_by.get("command") or ""

@@ -26,7 +26,7 @@ from shared.cache_format import (
     ShardRecord,
 )
 from shared.card import render_card
-from shared.hub_spec import hub_download_of, rewrite_advice
+from shared.hub_spec import rewrite_advice
 from shared.normalization import Normalization
 from shared.shard_io import ShardReader, atomic_write_bytes, discard_temporaries, sha256_file, write_shard
 from shared.token_table import TokenIndex, read_token_table
@@ -100,8 +100,7 @@ def open_cache(cache_dir: str | Path, *, allow_incomplete: bool = False, max_sha
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CacheError(
             f"cache {cache_dir}: {len(missing)} shard(s) listed in the manifest are missing: "
-            f"{shown}; " + (f"run `python run_harvest.py verify {cache_dir}` and re-harvest"
-                            if hub_download_of(cache_dir) is None else rewrite_advice(cache_dir))
+            f"{shown}; " + rewrite_advice(cache_dir, local=f"run `python run_harvest.py verify {cache_dir}` and re-harvest")
         )
     return Cache(cache_dir, manifest)
 

@@ -109,12 +109,13 @@ def hub_download_of(path: str | os.PathLike[str]) -> tuple[str, int | None] | No
     return None
 
 
-def rewrite_advice(path: str | os.PathLike[str]) -> str:
-    """How to get a cache file at ``path`` back: re-run the harvest, or, for a file of a Hub cache
-    download, open the ``hf://`` spec again (which downloads what is missing or damaged)."""
+def rewrite_advice(path: str | os.PathLike[str], local: str | None = "re-run the harvest to rewrite it") -> str | None:
+    """How to get a cache file at ``path`` back: for a file of a Hub cache download, open the ``hf://`` spec
+    again (which downloads what is missing or damaged); else ``local``, the caller's advice for a harvested
+    cache (None: the caller has none)."""
     origin = hub_download_of(path)
     if origin is None:
-        return "re-run the harvest to rewrite it"
+        return local
     spec, n = origin
     if n is None:
         return (f"it is part of a download of {spec} from the Hugging Face Hub, not a harvest: open {spec} again "

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load, save
 
 from shared.cache_format import NORMALIZATION_NAME, CacheError
-from shared.hub_spec import hub_download_of, rewrite_advice
+from shared.hub_spec import rewrite_advice
 from shared.shard_io import atomic_write_bytes
 
 __all__ = ["NormMethod", "NORM_METHODS", "Normalization", "NormalizationEstimator"]
@@ -131,8 +131,9 @@ class Normalization:
             return Normalization(method, scale)
         path = Path(cache_dir) / (entry.get("file") or NORMALIZATION_NAME)
         if not path.is_file():
+            fix = rewrite_advice(path, local=None)
             raise CacheError(f"{path} is missing: a mean_std cache keeps its mean and std there"
-                             + ("" if hub_download_of(path) is None else f"; {rewrite_advice(path)}"))
+                             + (f"; {fix}" if fix else ""))
         data = path.read_bytes()
         problem = None
         if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
@@ -150,8 +151,7 @@ class Normalization:
                     problem = (f"mean {list(mean.shape)} and std {list(std.shape)} do not fit the manifest's "
                                f"{list(scale.shape)} (models, hooks)")
         if problem is not None:
-            fix = ("restore the file, or delete the cache folder and re-run the harvest" if hub_download_of(path) is None
-                   else rewrite_advice(path))
+            fix = rewrite_advice(path, local="restore the file, or delete the cache folder and re-run the harvest")
             raise CacheError(
                 f"{path} is damaged: {problem}. The cache's rows cannot be mapped back to raw activations "
                 f"without it; {fix}"

@@ -28,7 +28,7 @@ from shared.cache_format import (
     CacheError,
     ShardRecord,
 )
-from shared.hub_spec import hub_download_of, rewrite_advice
+from shared.hub_spec import rewrite_advice
 
 __all__ = [
     "SHARD_TENSORS",
@@ -227,10 +227,10 @@ class ShardReader:
             raise CacheError(f"shard {self.path} is missing; {rewrite_advice(self.path)}")
         size = self.path.stat().st_size
         if expected_bytes is not None and size != expected_bytes:
-            fix = rewrite_advice(self.path)
+            fix = rewrite_advice(self.path, local="delete it and re-run the harvest to rewrite it")
             raise CacheError(
                 f"shard {self.path} has {size} bytes but the manifest says {expected_bytes}: "
-                f"it is truncated or was replaced; {fix if hub_download_of(self.path) else 'delete it and ' + fix}"
+                f"it is truncated or was replaced; {fix}"
             )
         with open(self.path, "rb") as f:
             # ACCESS_COPY: a private mapping, so tensors over it are writable without ever
