@@ -330,6 +330,25 @@ def test_sweep_files_that_train_nothing_or_the_same_twice_are_refused(tmp_path, 
         _sweep(tmp_path, text)
 
 
+def test_sweep_members_equal_once_the_cache_fills_in_defaults_are_refused(caches, tmp_path):
+    """k_aux's default needs d_model and eval_shards' the shard count, unknown when the sweep file is read:
+    `{}` beside `{k_aux: 8}` (d_model 16) or `{eval_shards: <default>}` trained one dictionary twice."""
+    from train.loader import default_eval_shards
+    from train.sweep import expand_sweep
+
+    base = _cfg(caches["base"], tmp_path / "sweep")
+    n_shards = json.loads((caches["base"] / "manifest.json").read_text())["shards"]
+    for same in ("k_aux: 8", f"eval_shards: {default_eval_shards(len(n_shards))}"):
+        (tmp_path / "s.yaml").write_text(f"members: [{{}}, {{{same}}}]\n")
+        cfgs = expand_sweep(tmp_path / "s.yaml", base)  # no cache yet: accepted here
+        with pytest.raises(ValueError, match=r"members 'base' and '.*' are the same configuration once the defaults "
+                                             r"are filled in for this cache \(d_model 16, so k_aux 8"):
+            train_many(cfgs)
+        assert not (tmp_path / "sweep").exists()
+    (tmp_path / "s.yaml").write_text("members: [{}, {k_aux: 4}]\n")  # another value: two dictionaries
+    assert [r.steps for r in train_many(expand_sweep(tmp_path / "s.yaml", base))] == [5, 5]
+
+
 def test_a_lone_grid_value_is_a_list_of_one(tmp_path):
     (one,) = _sweep(tmp_path, "grid: {lr: 1.0e-3}\n")
     assert one.lr == 1e-3 and Path(one.out).name == "lr-0.001"

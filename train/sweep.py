@@ -8,7 +8,8 @@ built from its overrides. A named member crossed with a grid of several points g
 per point, ``<name>_<the point's overrides>``. Everything else comes from the base config (the
 command line). A grid value that is not a list is a list of one. Refused before anything is
 written: a file that defines no member, and two members that are the same configuration once
-the command line's values are filled in (``{}`` and ``{lr: <the base lr>}``). Example::
+the command line's values are filled in (``{}`` and ``{lr: <the base lr>}``); defaults that need the
+cache (``k_aux``, ``eval_shards``) are compared once it is open (:func:`check_distinct_members`). Example::
 
     grid:
       activation: [relu, batchtopk]
@@ -30,9 +31,10 @@ from typing import Any
 
 from shared.config import load_config_file
 from train.config import TrainConfig
-from train.dictionary import resolve_dec_init_norm
+from train.dictionary import resolve_dec_init_norm, resolve_k_aux
+from train.loader import default_eval_shards
 
-__all__ = ["expand_sweep", "member_name"]
+__all__ = ["expand_sweep", "member_name", "first_duplicate", "check_distinct_members"]
 
 
 _NAME_MAX = 120  # characters of a generated name, its digest included
@@ -118,18 +120,48 @@ def expand_sweep(path: str | Path, base: TrainConfig) -> list[TrainConfig]:
                 raise ValueError(f"sweep member {name!r}: {e}{hint}") from None
             names.append(name)
     # The same dictionary twice (`{}` and `{lr: <the base lr>}`, or `lr: [1e-3, 0.001]`): trained twice for nothing.
-    seen: dict[str, str] = {}
-    for name, cfg in zip(names, configs):
-        fields_now = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}
-        # Defaults given by value are the same dictionary (as a resume sees it: train.run_dir).
-        fields_now.update(sparsity_coeff=cfg.resolved_sparsity_coeff, dead_tokens=cfg.resolved_dead_tokens(1),
-                          dec_init_norm=resolve_dec_init_norm(cfg.dec_init_norm, cfg.activation))
-        key = json.dumps(fields_now, sort_keys=True, default=str)
-        if key in seen:
-            raise ValueError(f"sweep file {path}: members {seen[key]!r} and {name!r} are the same configuration once "
-                             "the command line's values are filled in; remove one (or change what they sweep)")
-        seen[key] = name
+    # Defaults that need the cache (k_aux, eval_shards) are compared once it is open: check_distinct_members.
+    if (same := first_duplicate(configs, names)) is not None:
+        raise ValueError(f"sweep file {path}: members {same[0]!r} and {same[1]!r} are the same configuration once "
+                         "the command line's values are filled in; remove one (or change what they sweep)")
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"sweep file {path}: members share the name(s) {dupes}; give them distinct 'name' keys")
     return configs
+
+
+def _dictionary_key(cfg: TrainConfig, d_model: int | None, n_shards: int | None) -> str:
+    """Every field but ``out``, with defaults resolved as a resume resolves them (train.run_dir), so a
+    default given by value is the same dictionary. ``k_aux`` and ``eval_shards`` resolve only with the
+    cache's ``d_model`` and shard count; without them they are compared as given."""
+    fields_now = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}
+    fields_now.update(sparsity_coeff=cfg.resolved_sparsity_coeff, dead_tokens=cfg.resolved_dead_tokens(1),
+                      dec_init_norm=resolve_dec_init_norm(cfg.dec_init_norm, cfg.activation))
+    if d_model is not None:
+        fields_now["k_aux"] = resolve_k_aux(cfg.k_aux, d_model)
+    if n_shards is not None and cfg.eval_shards is None:
+        fields_now["eval_shards"] = default_eval_shards(n_shards)
+    return json.dumps(fields_now, sort_keys=True, default=str)
+
+
+def first_duplicate(cfgs: list[TrainConfig], names: list[str], d_model: int | None = None,
+                    n_shards: int | None = None) -> tuple[str, str] | None:
+    """The names of the first two members that train the same dictionary, or None."""
+    seen: dict[str, str] = {}
+    for name, cfg in zip(names, cfgs):
+        key = _dictionary_key(cfg, d_model, n_shards)
+        if key in seen:
+            return seen[key], name
+        seen[key] = name
+    return None
+
+
+def check_distinct_members(cfgs: list[TrainConfig], d_model: int, n_shards: int) -> None:
+    """Refuse, once the cache is open, two sweep members that differ only by a default given by value
+    that needs the cache (``k_aux: <d_model // 2>``, ``eval_shards: <the default for its shard count>``)."""
+    same = first_duplicate(cfgs, [Path(c.out).name for c in cfgs], d_model, n_shards)
+    if same is not None:
+        raise ValueError(
+            f"sweep members {same[0]!r} and {same[1]!r} are the same configuration once the defaults are filled in "
+            f"for this cache (d_model {d_model}, so k_aux {resolve_k_aux(None, d_model)}; {n_shards} shard(s), so "
+            f"eval_shards {default_eval_shards(n_shards)}); remove one (or change what they sweep)")

@@ -58,6 +58,7 @@ from train.losses import loss_terms
 from train.metrics import MetricsLogger, ReconStats, batch_metrics, plot_metrics, read_metrics
 from train.run_dir import RunMismatchError, check_run_dir, record_resume
 from train.slots import SlotSpec, resolve_slots
+from train.sweep import check_distinct_members
 
 __all__ = ["train", "train_many", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "RunMismatchError",
            "SweepError", "build_dictionary_config", "STREAM_FIELDS", "SWEEP_WIDE_FIELDS"]
@@ -356,6 +357,8 @@ def train_many(cfgs: list[TrainConfig]) -> list[TrainResult]:
         _check_sweep(cfgs, 1)
     cache = open_cache(first.cache, max_shards=first.max_shards)
     _check_sweep(cfgs, cache.n_shards)
+    if len(cfgs) > 1:
+        check_distinct_members(cfgs, cache.manifest.d_model, cache.n_shards)
     device = resolve_device(first.device)
     dist = DistContext.from_env(device, first.dist_timeout)
     device = dist.device_for(device)
