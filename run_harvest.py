@@ -69,7 +69,7 @@ def _repair_hint(cache_dir: Path) -> str:
         return f"to repair: {hub_fix}"
 
     try:
-        command = Manifest.load(cache_dir).created_by.get("command") or ""
+        command = _with_out(Manifest.load(cache_dir).created_by.get("command") or "", cache_dir)
     except Exception:  # noqa: BLE001 - no readable manifest: nothing to re-run
         return "to repair: harvest again into a new or empty folder" if cache_dir.is_dir() else "no such cache folder"
     if any(cache_dir.glob(RANK_MANIFEST_GLOB)):  # its shards so far are listed per rank, not in manifest.json
@@ -80,6 +80,24 @@ def _repair_hint(cache_dir: Path) -> str:
     return ("to repair: delete each shard reported corrupted (its sha256 or header), then re-run the harvest "
             f"command that made the cache{f' (`python {command}`)' if command.startswith('run_harvest.py') else ''}: it rewrites missing and "
             "truncated shards, the token table and tokenizer.json, byte for byte")
+
+
+def _with_out(command: str, cache_dir: Path) -> str:
+    """The recorded harvest command writing into ``cache_dir``, the folder checked: a copied or moved cache's
+    command names the folder it was harvested into, which a re-run would "repair" instead."""
+    import shlex
+
+    if not command.startswith("run_harvest.py"):
+        return command
+    words, kept, skip = command.split(" "), [], False  # recorded as the arguments joined by spaces
+    for word in words:
+        if skip:
+            skip = False
+        elif word == "--out":
+            skip = True
+        elif not word.startswith("--out="):
+            kept.append(word)
+    return " ".join(kept + ["--out", shlex.quote(str(cache_dir))])
 
 
 def _push(argv: list[str]) -> int:

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from shared.cache_format import TOKEN_TABLE_COLUMNS
 from shared.config import config_to_json, field_help, coerce_field_types
 from shared.normalization import NORM_METHODS
 
@@ -48,8 +49,9 @@ class HarvestConfig:
     )
     meta_columns: list[str] | None = field_help(
         "Per-document columns copied into tokens.arrow per sequence (default: 'source' when the "
-        "dataset has it). Sequences never mix documents with different metadata.",
-        default=None,
+        "dataset has it; the flag alone: none). Sequences never mix documents with different metadata, "
+        "so a column needs few values (source, language), not one per document.",
+        default=None, metadata={"nargs": "*"},
     )
     tokens: int = field_help("Rows (tokens) to write, after excluding special tokens.", default=200_000)
     context_size: int = field_help("Tokens per sequence, BOS included.", default=128)
@@ -115,6 +117,13 @@ class HarvestConfig:
             raise ValueError("hooks: give at least one hook, e.g. blocks.2.hook_resid_post")
         if len(set(self.hooks)) != len(self.hooks):
             raise ValueError(f"hooks: duplicate names in {self.hooks}")
+        if self.meta_columns is not None:
+            taken = [c for c in self.meta_columns if c in TOKEN_TABLE_COLUMNS]
+            if taken:  # before the models load, not when tokens.arrow is written
+                raise ValueError(f"meta_columns: {taken} would overwrite tokens.arrow's own column(s) "
+                                 f"{list(TOKEN_TABLE_COLUMNS)}; rename the dataset column or leave it out")
+            if len(set(self.meta_columns)) != len(self.meta_columns):
+                raise ValueError(f"meta_columns: duplicate names in {self.meta_columns}")
         for name in ("tokens", "context_size", "batch_size", "calibration_tokens", "shuffle_shards",
                      "capture_group_tokens"):
             if getattr(self, name) < 1:

@@ -274,8 +274,9 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
     models, err = attempt(load)
     group.agree("loading the models", err)
     assert device is not None
-    if models.vocab_extension_note():
-        say(models.vocab_extension_note())
+    for note in (models.vocab_extension_note(), models.special_tokens_note()):
+        if note:
+            say(note)
     m, p, d = len(cfg.models), len(cfg.hooks), models.d_model
     storage = dtype_from_name(cfg.dtype)
     row_bytes = m * p * d * storage.itemsize

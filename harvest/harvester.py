@@ -486,8 +486,9 @@ def _harvest_one_process(cfg: HarvestConfig) -> Manifest:
     )
     if existing is not None:
         check_same_weights(existing.models, models.manifest_models())
-    if models.vocab_extension_note():
-        print(models.vocab_extension_note())
+    for note in (models.vocab_extension_note(), models.special_tokens_note()):
+        if note:
+            print(note)
     m, p, d = len(cfg.models), len(cfg.hooks), models.d_model
     storage = dtype_from_name(cfg.dtype)
     row_bytes = m * p * d * storage.itemsize
@@ -601,7 +602,10 @@ def progress_bar(total: int, *, initial: int, desc: str, disable: bool, started:
 
 
 def final_rows_this_run(manifest: Manifest, start_chunk: int, layout: HarvestLayout) -> int:
-    return sum(s.n_rows for s in manifest.shards) - start_chunk * layout.chunk_size
+    """Rows this run wrote: those past the chunks it found whole (all of them when a resume only
+    rebuilt the token table, and the last chunk, being short, holds fewer than ``chunk_size``)."""
+    total = sum(s.n_rows for s in manifest.shards)
+    return total - min(start_chunk * layout.chunk_size, total)
 
 
 def _new_manifest(cfg: HarvestConfig, models: LoadedModels, plan: TokenPlan, norm: Normalization,

@@ -300,6 +300,8 @@ class LoadedModels:
     n_vocab: int  # token ids the models can embed: the smallest embedding table (pre-tokenized data is checked against it)
     tokenizer_model: int = 0  # index of the model whose tokenizer tokenizes (not 0 only with a vocabulary extension)
     added_tokens: dict[str, list[str]] = field(default_factory=dict)  # model name -> tokens it adds to that tokenizer
+    # model name -> its own BOS/EOS ids, for the models whose tokenizer declares others than the ones fed
+    own_special_ids: dict[str, dict[str, int | None]] = field(default_factory=dict)
 
     def manifest_models(self) -> list[dict[str, Any]]:
         return [
@@ -324,6 +326,27 @@ class LoadedModels:
         return (f"vocabulary extension: tokenizing with {self.resolved[self.tokenizer_model].name}'s tokenizer "
                 f"({_added_summary(self.added_tokens)}: never in the data)")
 
+    def special_tokens_note(self) -> str | None:
+        """What the harvest prints when the models' tokenizers declare different BOS/EOS tokens (a base and its
+        chat fine-tune often end documents differently): every model is fed one tokenizer's, so rows at the
+        same position hold the same tokens in every model."""
+        if not self.own_special_ids:
+            return None
+        t = self.tokenizer
+
+        def named(ids: dict[str, int | None], tok: Any) -> str:
+            return ", ".join(f"{k.split('_')[0].upper()} {'none' if i is None else repr(tok.convert_ids_to_tokens(i))}"
+                             f"{'' if i is None else f' ({i})'}" for k, i in ids.items())
+
+        fed = named({"bos_token_id": self.bos_id, "eos_token_id": self.eos_id}, t)
+        own = "; ".join(f"{name} declares {named(ids, b.tokenizer)}" for name, ids in self.own_special_ids.items()
+                        for r, b in zip(self.resolved, self.bridges) if r.name == name)
+        which = self.resolved[self.tokenizer_model].name
+        how = ("the first model's; list another first in --models to feed its own" if not self.added_tokens
+               else "the tokenizer the others extend")
+        return (f"special tokens: the models' tokenizers differ in BOS/EOS; every model is fed {which}'s ({how}): "
+                f"{fed}. {own}")
+
     def manifest_tokenizer(self) -> dict[str, Any]:
         t = self.tokenizer
         meta = {
@@ -335,6 +358,8 @@ class LoadedModels:
             "eos_token_id": self.eos_id,
             "pad_token_id": t.pad_token_id,
         }
+        if self.own_special_ids:  # readers ignore it; it says which models were fed BOS/EOS they do not declare
+            meta["own_special_tokens"] = self.own_special_ids
         if self.added_tokens:  # readers ignore it; it says why the models' tokenizers differ
             meta["extended_by"] = {
                 name: {"n_added": len(added), "added": added[:_ADDED_SHOWN]} for name, added in self.added_tokens.items()
@@ -462,8 +487,10 @@ def load_models(
             )
 
     tokenizer = bridges[which].tokenizer
-    bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos_id
+    bos_id, eos_id = _fed_special_ids(tokenizer)
+    # Models whose own BOS/EOS differ (a chat fine-tune's EOS): fed these all the same, said and recorded.
+    own_special_ids = {r.name: dict(zip(("bos_token_id", "eos_token_id"), ids)) for r, b in zip(resolved, bridges)
+                       if (ids := _fed_special_ids(b.tokenizer)) != (bos_id, eos_id)}
     excluded = set(exclude_token_ids or [])
     n_vocab = min(int(b.cfg.d_vocab) for b in bridges)
     if added_tokens:
@@ -558,4 +585,12 @@ def load_models(
         if (torchrun_env() or (0,))[0] == 0:  # once, not once per rank
             print("\n".join(notes))
     return LoadedModels(bridges, resolved, tokenizer, d_model, stop, sorted(excluded), bos_id, eos_id, n_vocab,
-                        tokenizer_model=which, added_tokens=added_tokens)
+                        tokenizer_model=which, added_tokens=added_tokens, own_special_ids=own_special_ids)
+
+
+def _fed_special_ids(tokenizer: Any) -> tuple[int | None, int | None]:
+    """The BOS and EOS ids a harvest with this tokenizer feeds: its own, each standing in for the other when it
+    declares only one (transformer-lens's convention for a tokenizer with no BOS)."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
+    return bos, eos

@@ -32,6 +32,10 @@ LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet":
 SHUFFLE_BUFFER = 10_000
 """Documents held by the seeded streaming shuffle of file and Hub datasets."""
 TOKENIZE_BATCH = 256
+MAX_OPEN_META_VALUES = 1024
+"""Metadata values that may hold a partly filled sequence at once. Documents are packed per value of the
+meta columns, so a column with a value per document (an id, a URL) would keep every document's tail
+(and every short document) in memory, never packed: refused past this many."""
 
 
 @dataclass
@@ -241,24 +245,43 @@ def build_token_plan(
                     seq = ([bos_id] if bos_id is not None else []) + buf[:body]
                     del buf[:body]
                     done = emit(seq, key, meta_names)
+                if not buf:
+                    del buffers[key]
+                elif len(buffers) > MAX_OPEN_META_VALUES:
+                    raise HarvestInputError(_too_many_values_message(meta_names, buffers, n_docs, body))
             if done:
                 break
     if n_docs == 0:
         raise HarvestInputError(f"dataset {dataset!r} (split {split!r}) yielded no documents")
+    held = sum(len(b) for b in buffers.values())
+    split_by = (f"; {held:,} tokens sit in partly filled sequences of {len(buffers):,} values of --meta-columns "
+                f"{' '.join(meta_names or [])} (documents are packed per value)" if held and meta_names else "")
     if total == 0:
         raise HarvestInputError(
             f"dataset {dataset!r} yielded {n_docs} documents but not one full sequence of "
-            f"{context_size} tokens; lower --context-size or use a bigger dataset"
+            f"{context_size} tokens{split_by}; lower --context-size or use a bigger dataset"
         )
     if total < n_rows:
+        split_by = split_by.replace("; ", "; another ", 1)
         raise HarvestInputError(
             f"dataset {dataset!r} (split {split!r}) holds only {total:,} usable tokens in "
-            f"{len(counts):,} sequences of {context_size}; --tokens asks for {n_rows:,}. "
+            f"{len(counts):,} sequences of {context_size}{split_by}; --tokens asks for {n_rows:,}. "
             f"Lower --tokens to at most {total:,} or use a bigger dataset"
         )
     _check_metadata_types(plan.metadata)
     plan.rows_per_seq = np.asarray(counts, dtype=np.int64)
     return plan
+
+
+def _too_many_values_message(meta_names: list[str], buffers: dict[tuple, list[int]], n_docs: int,
+                             body: int) -> str:
+    example = ", ".join(repr(k if len(k) > 1 else k[0]) for k in list(buffers)[:3])
+    return (f"--meta-columns {' '.join(meta_names)}: {len(buffers):,} distinct values among the first {n_docs:,} "
+            f"documents (e.g. {example}) each hold a partly filled sequence, past the limit of "
+            f"{MAX_OPEN_META_VALUES:,}. A sequence never mixes documents with different metadata, so a column "
+            f"with a value per document (an id, a URL) would keep only documents' whole {body}-token pieces and "
+            "drop every tail and every shorter document. Name columns with few values (source, language), or "
+            "pass --meta-columns alone for none")
 
 
 def _check_metadata_types(metadata: dict[str, list[Any]]) -> None:

@@ -40,6 +40,8 @@ __all__ = [
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENS_NAME = "tokens.arrow"
+TOKEN_TABLE_COLUMNS = ("seq", "input_ids")
+"""tokens.arrow's own columns; metadata columns take other names."""
 CARD_NAME = "README.md"
 NORMALIZATION_NAME = "normalization.safetensors"
 TOKENIZER_NAME = "tokenizer.json"

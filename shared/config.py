@@ -69,6 +69,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             elem = args[0] if args else str
             elem, _ = _unwrap_optional(elem)
             nargs: Any = "+" if origin is list or (len(args) == 2 and args[1] is Ellipsis) else len(args)
+            nargs = f.metadata.get("nargs", nargs)  # "*": the flag alone gives an empty list
             if get_origin(elem) is Literal:
                 parser.add_argument(_flag(f.name), nargs=nargs, choices=list(get_args(elem)), **kw)
             else:

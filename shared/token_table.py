@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from shared.cache_format import TOKENS_NAME, CacheError
+from shared.cache_format import TOKEN_TABLE_COLUMNS, TOKENS_NAME, CacheError
 from shared.hub_spec import rewrite_advice
 from shared.shard_io import fsync_dir
 
@@ -34,7 +34,7 @@ def write_token_table(
     for name, values in metadata.items():
         if len(values) != n:
             raise ValueError(f"metadata column {name!r} has {len(values)} values for {n} sequences")
-        if name in ("seq", "input_ids"):
+        if name in TOKEN_TABLE_COLUMNS:
             raise ValueError(f"metadata column name {name!r} is reserved")
     columns: dict[str, pa.Array] = {
         "seq": pa.array(range(first_seq, first_seq + n), type=pa.int64()),

@@ -73,3 +73,32 @@ def test_non_string_text_column_is_refused(toy_dirs, tmp_path):
                          tokenizer=tok, context_size=16, bos_id=0, eos_id=0, excluded_ids=[0], n_rows=50)
     msg = str(e.value)
     assert "'lang_id'" in msg and "int" in msg and "--text-column" in msg and "input_ids" in msg
+
+
+@pytest.mark.parametrize("name", ["seq", "input_ids"])
+def test_meta_columns_named_like_the_token_tables_own_are_refused_up_front(tmp_path, capsys, name):
+    """`--meta-columns seq` was a ValueError traceback (exit 1) when tokens.arrow was written, after the models
+    loaded and the dataset was read."""
+    import run_harvest
+
+    assert run_harvest.main(["--meta-columns", name, "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert f"meta_columns: ['{name}'] would overwrite tokens.arrow's own column(s)" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_meta_columns_flag_alone_means_none(toy_dirs, tmp_path):
+    """`--meta-columns` with no name (it was an argparse error): a dataset's `source` column is then not used."""
+    import argparse
+
+    from harvest.config import HarvestConfig
+    from harvest.harvester import harvest
+    from shared.config import add_dataclass_arguments, config_from_namespace
+    from shared.token_table import read_token_table
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, HarvestConfig)
+    assert config_from_namespace(HarvestConfig, parser.parse_args(["--meta-columns"]), None).meta_columns == []
+    cfg = small_harvest_config(tmp_path, meta_columns=[])
+    harvest(cfg)
+    assert read_token_table(cfg.out).column_names == ["seq", "input_ids"]

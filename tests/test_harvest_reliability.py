@@ -150,6 +150,8 @@ def test_rerun_repairs_damaged_shards_and_token_table(toy_cache, tmp_path, capsy
     out = rerun(cache)
     assert "tokens.arrow missing" in out
     assert mtimes == {s.file: (cache / s.file).stat().st_mtime_ns for s in ref.shards}
+    # No row was written (the last chunk is short: its rows once counted negative, "-1,810 tokens/s").
+    assert Manifest.load(cache).created_by["last_run"]["rows"] == 0 and " (0 tokens/s this run)" in out
 
     # An interrupted cache (3 chunks listed) whose listed shard of chunk 0 is gone, and whose
     # token table is unreadable: rewritten from chunk 0.
@@ -182,6 +184,8 @@ def test_token_table_of_a_changed_dataset_is_not_rebuilt(toy_dirs, tmp_path):
 def test_verify_cli_names_a_flipped_byte(toy_cache, tmp_path):
     import shutil
 
+    from shared.cache import CacheWriter
+
     copy = tmp_path / "copy"
     shutil.copytree(toy_cache, copy)
     ok = _run_cli(["verify", str(copy)])
@@ -196,6 +200,12 @@ def test_verify_cli_names_a_flipped_byte(toy_cache, tmp_path):
     assert victim.file in bad.stderr and "sha256" in bad.stderr
     assert Manifest.load(copy).shards[5].file in bad.stderr and "missing" in bad.stderr
     assert "to repair: delete each shard reported corrupted" in bad.stderr
+    # The advised command writes into the folder checked, not the one the copy was harvested into.
+    m = Manifest.load(copy)
+    m.created_by["command"] = f"run_harvest.py --models toy-base --out {toy_cache} --tokens 6000"
+    CacheWriter(copy, m).save_manifest()
+    hint = _run_cli(["verify", str(copy)]).stderr
+    assert f"(`python run_harvest.py --models toy-base --tokens 6000 --out {copy}`)" in hint and str(toy_cache) not in hint
     # The repair it advises: delete the corrupted shard, re-run the harvest.
     (copy / victim.file).unlink()
     harvest(small_harvest_config(copy))
@@ -368,6 +378,32 @@ def test_special_tokens_of_every_model_are_excluded_whatever_their_order(toy_dir
     one = load_models([str(nopad), "toy-base"], ["blocks.0.hook_resid_post"], **kw).excluded_ids
     two = load_models(["toy-base", str(nopad)], ["blocks.0.hook_resid_post"], **kw).excluded_ids
     assert one == two == load_models(["toy-base"], ["blocks.0.hook_resid_post"], **kw).excluded_ids
+
+
+def test_models_declaring_other_bos_eos_are_fed_the_first_models_and_told(toy_dirs, tmp_path, capsys):
+    """The same vocabulary, another BOS/EOS declared (a base and its chat fine-tune often end documents
+    differently): every model was fed the first model's, silently, so --models' order changed the cache."""
+    from shared.cache import open_cache
+
+    other = _tiny_model(tmp_path / "other-bos", toy_dirs["toy-base"])
+    tc = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**tc, "bos_token": "<|padding|>"}))
+    kw = dict(tokens=600, context_size=32, hooks=["blocks.1.hook_resid_post"])
+    for models, fed_bos in ((["toy-base", str(other)], 0), ([str(other), "toy-base"], 1)):
+        out = tmp_path / f"fed-{fed_bos}"
+        m = harvest(small_harvest_config(out, models=models, **kw))
+        said = capsys.readouterr().out
+        first, second = models
+        assert (f"special tokens: the models' tokenizers differ in BOS/EOS; every model is fed {first}'s (the first "
+                f"model's; list another first in --models to feed its own)") in said
+        own = {str(other): {"bos_token_id": 1, "eos_token_id": 0}, "toy-base": {"bos_token_id": 0, "eos_token_id": 0}}
+        assert f"{second} declares BOS {'<|endoftext|>' if fed_bos else '<|padding|>'!r}" in said
+        assert m.tokenizer["bos_token_id"] == fed_bos and m.tokenizer["own_special_tokens"] == {second: own[second]}
+        ids = open_cache(out).token_table().column("input_ids").to_pylist()
+        assert {seq[0] for seq in ids} == {fed_bos}
+    # Models that agree: no note, no key.
+    m = harvest(small_harvest_config(tmp_path / "agree", models=["toy-base", "toy-code"], **kw))
+    assert "special tokens:" not in capsys.readouterr().out and "own_special_tokens" not in m.tokenizer
 
 
 def test_context_dataset_and_output_errors(toy_dirs, tmp_path):

@@ -179,3 +179,30 @@ def test_documents_without_text_are_skipped_and_counted(tokenizer, tmp_path):
     for ids in plan.input_ids:  # after BOS, no two EOS in a row: an empty document would have made one
         body = ids[1:]
         assert not np.any((body[1:] == 0) & (body[:-1] == 0))
+
+
+def test_a_meta_column_with_a_value_per_document_is_refused(tokenizer, tmp_path):
+    """Documents are packed per metadata value: with a per-document id every document's tail (and every
+    short document) stayed in memory, never packed, and the harvest then blamed the dataset's size."""
+    from harvest.token_stream import MAX_OPEN_META_VALUES
+
+    jl = tmp_path / "ids.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": t, "doc_id": f"d{i}"})
+                            for i, t in enumerate(_texts(MAX_OPEN_META_VALUES + 50))))
+    with pytest.raises(HarvestInputError, match=rf"--meta-columns doc_id: {MAX_OPEN_META_VALUES + 1:,} distinct "
+                                                r"values among the first .* documents .* pass --meta-columns alone"):
+        _plan(tokenizer, str(jl), n_rows=10**6, meta_columns=["doc_id"])
+    # Without the column the same documents pack into full sequences.
+    assert _plan(tokenizer, str(jl), n_rows=3000, meta_columns=[]).n_rows == 3000
+
+
+def test_too_small_says_what_waits_in_partly_filled_sequences_per_meta_value(tokenizer, tmp_path):
+    jl = tmp_path / "few.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": t, "lang": f"l{i % 3}"}) for i, t in enumerate(_texts(12))))
+    for context_size, also in ((16, "another "), (128, "")):  # some sequences made, or none at all
+        with pytest.raises(HarvestInputError, match=rf"; {also}[\d,]+ tokens sit in partly filled sequences of 3 "
+                                                    r"values of --meta-columns lang \(documents are packed per value\)"):
+            _plan(tokenizer, str(jl), n_rows=10**6, meta_columns=["lang"], context_size=context_size)
+    with pytest.raises(HarvestInputError) as e:  # no meta column: nothing to say about values
+        _plan(tokenizer, str(jl), n_rows=10**6, meta_columns=[], context_size=128)
+    assert "partly filled" not in str(e.value)
