@@ -34,6 +34,11 @@ def render_card(manifest: "Manifest", *, hub_repo: str | None = None, hub_revisi
     if tokenizer_file:
         readers.append(f'`tokenizers.Tokenizer.from_file("{tokenizer_file}")`')
     without = ", ".join(readers[:-1]) + " and " + readers[-1]
+    fed = f"; BOS id {m.tokenizer.get('bos_token_id')}, EOS id {m.tokenizer.get('eos_token_id')} fed to every model"
+    own = m.tokenizer.get("own_special_tokens") or {}
+    if own:  # models whose tokenizer declares others (a chat fine-tune's EOS): say so beside the ids fed
+        fed += " (" + "; ".join(f"`{name}` declares BOS {ids.get('bos_token_id')}, EOS {ids.get('eos_token_id')}"
+                                for name, ids in own.items()) + ")"
     card = f"""---
 tags:
 - activations
@@ -57,7 +62,7 @@ Aligned, normalized language-model activations in **crosscache format v{m.format
 | dataset | `{ds.get('name')}` (split `{ds.get('split')}`) |
 | normalization | `{norm.get('method')}` (calibrated on {norm.get('calibration_rows')} rows, special tokens excluded) |
 | excluded tokens | special tokens: {m.excluded_tokens.get('special')}, ids {m.excluded_tokens.get('token_ids')} |
-| tokenizer | `{m.tokenizer.get('name')}` (vocab {m.tokenizer.get('vocab_size')}, sha256 `{str(m.tokenizer.get('sha256'))[:12]}…`) |
+| tokenizer | `{m.tokenizer.get('name')}` (vocab {m.tokenizer.get('vocab_size')}, sha256 `{str(m.tokenizer.get('sha256'))[:12]}…`){fed} |
 
 ## Models (axis M)
 

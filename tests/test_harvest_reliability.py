@@ -401,6 +401,9 @@ def test_models_declaring_other_bos_eos_are_fed_the_first_models_and_told(toy_di
         assert m.tokenizer["bos_token_id"] == fed_bos and m.tokenizer["own_special_tokens"] == {second: own[second]}
         ids = open_cache(out).token_table().column("input_ids").to_pylist()
         assert {seq[0] for seq in ids} == {fed_bos}
+        mine = own[second]
+        assert (f"; BOS id {fed_bos}, EOS id 0 fed to every model (`{second}` declares BOS {mine['bos_token_id']}, "
+                f"EOS 0) |") in (out / "README.md").read_text()  # the dataset card says it too
     # Models that agree: no note, no key.
     m = harvest(small_harvest_config(tmp_path / "agree", models=["toy-base", "toy-code"], **kw))
     assert "special tokens:" not in capsys.readouterr().out and "own_special_tokens" not in m.tokenizer
