@@ -27,6 +27,7 @@ torch.profiler, and the ops whose CPU time per batch the capture adds (on a laun
 the loop's CPU time is its speed).
 
     python bench/harvest.py [--tokens N] [--model-size toy|pythia-70m] [--device auto] [--batch-size 32] [--quick]
+                            [--ab-pin-writer]
                             [--profile-batches N]
 """
 
@@ -42,8 +43,9 @@ import sys
 import tempfile
 import time
 from collections import deque
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -226,6 +228,36 @@ def writer_alone_seconds(cfg: HarvestConfig, cache_dir: Path, out: Path) -> floa
     return time.perf_counter() - t
 
 
+@contextmanager
+def writer_off_the_loop_core() -> Iterator[None]:
+    """Within: this (the forward loop's) thread on one core, and the shard writer's threads, started
+    here, on the others, so on a launch-bound GPU host the writer never takes the loop's core (session 11's
+    experiment: 0.80 vs 0.74 over 3 rounds, not conclusive). Linux only; needs at least 2 allowed cores."""
+    import harvest.writer as writer
+
+    allowed = os.sched_getaffinity(0)
+    loop_core = min(allowed)
+    others = allowed - {loop_core}
+    if not others:
+        raise SystemExit("--ab-pin-writer needs at least 2 CPUs this process may run on")
+    pool, run = writer.ThreadPoolExecutor, writer.ShardWriterThread._run
+
+    def pinned_pool(*args: Any, **kwargs: Any) -> Any:
+        return pool(*args, initializer=lambda: os.sched_setaffinity(0, others), **kwargs)
+
+    def pinned_run(self: Any) -> None:
+        os.sched_setaffinity(0, others)  # 0: the calling thread
+        run(self)
+
+    writer.ThreadPoolExecutor, writer.ShardWriterThread._run = pinned_pool, pinned_run
+    os.sched_setaffinity(0, {loop_core})
+    try:
+        yield
+    finally:
+        writer.ThreadPoolExecutor, writer.ShardWriterThread._run = pool, run
+        os.sched_setaffinity(0, allowed)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=None, help="rows to harvest (default 200k toy, 2M pythia-70m)")
@@ -239,6 +271,10 @@ def main() -> None:
     ap.add_argument("--ab-capture-group-tokens", type=int, default=None, metavar="N",
                     help="also run, in every round right after the harvest, one with --capture-group-tokens N "
                          "(1: each batch taken alone, the path before session 9), against the same bare passes")
+    ap.add_argument("--ab-pin-writer", action="store_true",
+                    help="also run, in every round right after the harvest, one with the forward loop's thread on one "
+                         "core and the shard writer's threads on the others (Linux; for launch-bound GPU hosts), "
+                         "against the same bare passes")
     ap.add_argument("--repeats", type=int, default=5, help="harvests, each between two bare passes")
     ap.add_argument("--quick", action="store_true", help="smoke run: 20k tokens")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
@@ -265,6 +301,8 @@ def main() -> None:
         cpu_bare, cpu_capture, cpu_harvest = [], [], []  # and that CPU time
         ab_runs: list[float] = []  # harvests with --ab-capture-group-tokens, each right after the main one
         ab_ratios: list[float] = []
+        pin_runs: list[float] = []  # harvests with --ab-pin-writer, likewise
+        pin_ratios: list[float] = []
         bare_before = None
         for r in range(args.repeats):  # interleaved, so background load hits both alike
             run_cfg = HarvestConfig(**{**cfg.__dict__, "out": str(Path(tmp) / f"cache{r}")})
@@ -282,6 +320,12 @@ def main() -> None:
                 harvest(ab_cfg)
                 ab_runs.append(float(Manifest.load(ab_cfg.out).created_by["last_run"]["forward_and_write_seconds"]))
                 shutil.rmtree(ab_cfg.out)
+            if args.ab_pin_writer:
+                pin_cfg = HarvestConfig(**{**run_cfg.__dict__, "out": str(Path(tmp) / f"pin{r}")})
+                with writer_off_the_loop_core():
+                    harvest(pin_cfg)
+                pin_runs.append(float(Manifest.load(pin_cfg.out).created_by["last_run"]["forward_and_write_seconds"]))
+                shutil.rmtree(pin_cfg.out)
             if bare_before is None:  # the same batches as every harvest here (same seed and dataset)
                 bare_before = bare_forward_seconds(run_cfg, Path(run_cfg.out))[0]
             bare_after, bare_cpu = bare_forward_seconds(run_cfg, Path(run_cfg.out))
@@ -294,6 +338,8 @@ def main() -> None:
             pair_ratios.append((bare_before + bare_after) / 2 / harvest_runs[-1])
             if ab_runs:
                 ab_ratios.append((bare_before + bare_after) / 2 / ab_runs[-1])
+            if pin_runs:
+                pin_ratios.append((bare_before + bare_after) / 2 / pin_runs[-1])
             capture_wall, capture_cpu = capture_seconds(run_cfg, Path(run_cfg.out))
             capture_runs.append(capture_wall)
             cpu_capture.append(capture_cpu)
@@ -313,6 +359,12 @@ def main() -> None:
          f"{args.capture_group_tokens}, ratio to bare (median over harvests, each against the bare passes around it)"),
         (f"{statistics.median(ab_ratios):.3f}  (per harvest: {', '.join(f'{x:.3f}' for x in ab_ratios)}; "
          f"runs: {', '.join(f'{s:.2f}s' for s in ab_runs)})"))]
+    if pin_runs:
+        ab_rows.append((
+            ("A/B: harvest with the forward loop's thread on one core and the writer's threads on the others, ratio "
+             "to bare (median over harvests, each against the bare passes around it)"),
+            (f"{statistics.median(pin_ratios):.3f}  (per harvest: {', '.join(f'{x:.3f}' for x in pin_ratios)}; "
+             f"pinned / plain per round: {', '.join(f'{a / b:.3f}' for a, b in zip(pin_ratios, pair_ratios))})")))
     target = 0.90 if device == "cpu" else 0.95
     rows = [
         ("rows", f"{tokens:,}"),
