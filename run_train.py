@@ -22,7 +22,7 @@ import argparse
 import os
 import sys
 
-from shared.config import add_dataclass_arguments, config_from_namespace
+from shared.config import add_dataclass_arguments, config_from_namespace, config_values
 from train.config import TrainConfig
 
 
@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         return push_cli(argv[1:])
     args = _train_parser().parse_args(argv)
     try:
-        cfg = config_from_namespace(TrainConfig, args, args.config)
+        # A sweep's shared flags need not be a whole config (--activation batchtopk, k per member): each member is
+        # checked once its overrides are applied.
+        cfg = (config_values(TrainConfig, args, args.config) if args.sweep
+               else config_from_namespace(TrainConfig, args, args.config))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -212,12 +212,18 @@ def _known_fields(cls: type, values: dict[str, Any], source: str) -> dict[str, A
 
 def config_from_namespace(cls: type[T], ns: argparse.Namespace, config_file: str | Path | None = None) -> T:
     """Build ``cls`` from defaults, an optional config file, then the flags present in ``ns``."""
+    return cls(**config_values(cls, ns, config_file))
+
+
+def config_values(cls: type, ns: argparse.Namespace, config_file: str | Path | None = None) -> dict[str, Any]:
+    """The field values an optional config file, then the flags present in ``ns``, give ``cls``, not yet
+    checked (a sweep's shared values need not be a whole config: each member completes them)."""
     values: dict[str, Any] = {}
     if config_file:
         values.update(_known_fields(cls, load_config_file(config_file), str(config_file)))
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     values.update({k: v for k, v in vars(ns).items() if k in names})
-    return cls(**values)
+    return values
 
 
 def config_to_json(cfg: Any) -> dict[str, Any]:

@@ -349,6 +349,24 @@ def test_sweep_members_equal_once_the_cache_fills_in_defaults_are_refused(caches
     assert [r.steps for r in train_many(expand_sweep(tmp_path / "s.yaml", base))] == [5, 5]
 
 
+def test_sweep_shared_flags_need_not_be_a_whole_config(caches, tmp_path, capsys):
+    """`--activation batchtopk` with a grid over k was refused ("needs --k") before any member's overrides were
+    applied, and so was `--arch directional` with each member's hooks: only each member must be whole."""
+    import run_train
+
+    common = ["--cache", str(caches["base"]), "--latents", "16", "--steps", "2", "--batch-size", "64",
+              "--no-progress", "--device", "cpu"]
+    (tmp_path / "k.yaml").write_text("grid: {k: [2, 4]}\n")
+    assert run_train.main(["--sweep", str(tmp_path / "k.yaml"), "--activation", "batchtopk", *common,
+                           "--out", str(tmp_path / "k")]) == 0
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["k-2", "k-4"]
+    # A member the sweep file leaves incomplete is refused by name, and nothing is written.
+    (tmp_path / "lr.yaml").write_text("grid: {lr: [1.0e-3, 2.0e-3]}\n")
+    assert run_train.main(["--sweep", str(tmp_path / "lr.yaml"), "--activation", "batchtopk", *common,
+                           "--out", str(tmp_path / "lr")]) == 2
+    assert "error: sweep member 'lr-0.001': " in capsys.readouterr().err and not (tmp_path / "lr").exists()
+
+
 def test_a_lone_grid_value_is_a_list_of_one(tmp_path):
     (one,) = _sweep(tmp_path, "grid: {lr: 1.0e-3}\n")
     assert one.lr == 1e-3 and Path(one.out).name == "lr-0.001"

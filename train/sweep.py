@@ -26,6 +26,7 @@ import hashlib
 import itertools
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,16 @@ def _check_name(path: str | Path, name: Any) -> None:
                          f"non-empty string of at most 200 bytes, not '.' or '..', without '/' or '\\'){hint}")
 
 
-def expand_sweep(path: str | Path, base: TrainConfig) -> list[TrainConfig]:
-    """The member configs of a sweep file, each with ``out = <base.out>/<name>``."""
+def expand_sweep(path: str | Path, base: TrainConfig | Mapping[str, Any]) -> list[TrainConfig]:
+    """The member configs of a sweep file, each with ``out = <base.out>/<name>``.
+
+    ``base``: the shared config, or its field values unchecked (what the command line gives). Only each
+    member, once its overrides are applied, must be a valid config: ``--activation batchtopk`` with a
+    grid over ``k``, or ``--arch directional`` with each member's hooks, is a sweep, not an error."""
+    if isinstance(base, TrainConfig):
+        base = {f.name: getattr(base, f.name) for f in dataclasses.fields(TrainConfig)}
+    base = dict(base)
+    base_out = base.get("out", TrainConfig.__dataclass_fields__["out"].default)
     spec = load_config_file(path)
     unknown = set(spec) - {"members", "grid"}
     if unknown:
@@ -110,12 +119,12 @@ def expand_sweep(path: str | Path, base: TrainConfig) -> list[TrainConfig]:
             if "betas" in overrides:
                 overrides["betas"] = tuple(overrides["betas"])
             try:
-                configs.append(dataclasses.replace(base, out=str(Path(base.out) / name), **overrides))
+                configs.append(TrainConfig(**{**base, **overrides, "out": str(Path(base_out) / name)}))
             except ValueError as e:
                 hint = ""
                 if "--sparsity-coeff is only used by" in str(e) and "sparsity_coeff" not in overrides:
                     # The λ came from the shared flags: say how to keep it for the other members.
-                    hint = (f"; the shared --sparsity-coeff {base.sparsity_coeff} does not apply to this member: "
+                    hint = (f"; the shared --sparsity-coeff {base.get('sparsity_coeff')} does not apply to this member: "
                             "set sparsity_coeff: null in it, or give λ only to the relu/jumprelu members")
                 raise ValueError(f"sweep member {name!r}: {e}{hint}") from None
             names.append(name)
