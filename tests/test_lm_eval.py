@@ -115,6 +115,38 @@ def test_the_share_of_evaluated_tokens_in_the_training_split_is_counted_and_kept
         assert "of their tokens in the training split" in format_table(r)[0]
 
 
+def test_a_run_without_an_eval_split_says_its_sequences_were_trained_on(toy_cache, tmp_path):
+    """With --eval-shards 0 every evaluated token was trained on, but the table read "eval-split sequences, 0% of
+    their tokens in the training split"."""
+    run = tmp_path / "no-eval"
+    train(TrainConfig(cache=str(toy_cache), out=str(run), latents=32, steps=4, batch_size=256, eval_shards=0,
+                      progress=False, device="cpu", models=["toy-code"], hooks=["blocks.2.hook_resid_post"]))
+    r = evaluate_lm(LMEvalConfig(run=str(run), sequences=3, progress=False, out=str(tmp_path / "r.json")))
+    assert r["training_split_share"] == 1.0 and len(r["sequence_ids"]) == 3
+    assert format_table(r)[0].endswith("3 sequences the dictionary was trained on (the run held out no shards)")
+    assert any("held out no shards" in n for n in r["notes"])
+
+
+def test_loss_recovered_over_a_gap_of_noise_is_na_with_the_reason():
+    """A hook zero ablation barely moves gave loss recovered 11.6 (a 0.0003-nat gap), shown without a word."""
+    from train.lm_eval import _recovered_note, _Totals
+
+    for zero, said in ((1.0003, "raised the loss by only 0.0003 nats (< 0.01)"), (0.9, "lowered the loss (by 0.1000")):
+        r = _Totals(clean=1.0, spliced=0.99, zero=zero, n=1).summary(["h"])
+        assert r["loss_recovered"] is None and said in _recovered_note("m", r)
+    r = _Totals(clean=1.0, spliced=1.5, zero=3.0, n=1).summary(["h"])
+    assert r["loss_recovered"] == pytest.approx(0.75) and _recovered_note("m", r) is None
+
+
+def test_the_table_numbers_model_names_that_would_read_the_same_cut():
+    row = dict(ce_clean=1.0, ce_spliced=1.1, ce_zero_ablation=2.0, delta_ce=0.1, loss_recovered=0.9, kl_spliced=0.01)
+    same_end = ["/a/run-one/checkpoints-final-llama-64", "/b/run-two/checkpoints-final-llama-64"]
+    lines = format_table({"sequences": 2, "training_split_share": 0.5, "models": {m: row for m in same_end}})
+    assert [line[:3] for line in lines[2:4]] == ["1: ", "2: "] and lines[4:] == [f"1: {same_end[0]}", f"2: {same_end[1]}"]
+    lines = format_table({"sequences": 2, "training_split_share": 0.5, "models": {"toy-base": row, "toy-code": row}})
+    assert [line.split()[0] for line in lines[2:]] == ["toy-base", "toy-code"]
+
+
 def test_fresh_sequences_are_the_ones_a_longer_harvest_would_have_written_next(runs, toy_cache, toy_dirs, tmp_path):
     """--sequences-from fresh evaluates the sequences the harvest's token stream gives after the cache's last one:
     checked against a longer harvest of the same dataset and seed, whose token table holds them, and against a

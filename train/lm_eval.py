@@ -108,6 +108,22 @@ class LMEvalConfig:
         return Path(self.out) if self.out else default_lm_eval_path(self.run)
 
 
+MIN_ZERO_ABLATION_GAP = 0.01
+"""Nats zero ablation must add to the clean loss for loss recovered, a ratio over that gap, to be reported:
+below it (a hook the model barely uses, or random weights) the ratio is noise, e.g. 11.6 for a 0.0003-nat gap."""
+
+
+def _recovered_note(model: str, summary: dict[str, Any]) -> str | None:
+    """Why a model's loss recovered is n/a (zero ablation barely raised the loss, or lowered it), or None."""
+    if summary["loss_recovered"] is not None:
+        return None
+    gap = summary["ce_zero_ablation"] - summary["ce_clean"]
+    how = (f"lowered the loss (by {-gap:.4f} nats)" if gap < 0 else
+           f"raised the loss by only {gap:.4f} nats (< {MIN_ZERO_ABLATION_GAP})")
+    return (f"{model}: loss recovered is n/a: zero ablation {how}, so the ratio (zero - spliced) / (zero - clean) "
+            "means nothing; compare ΔCE with that gap instead")
+
+
 @dataclass
 class _Totals:
     """Running sums over predicted tokens for one model."""
@@ -120,7 +136,7 @@ class _Totals:
 
     def summary(self, hooks: list[str]) -> dict[str, Any]:
         clean, spliced, zero = self.clean / self.n, self.spliced / self.n, self.zero / self.n
-        recovered = (zero - spliced) / (zero - clean) if zero - clean > 1e-9 else None
+        recovered = (zero - spliced) / (zero - clean) if zero - clean >= MIN_ZERO_ABLATION_GAP else None
         return {"hooks": hooks, "tokens": self.n, "ce_clean": clean, "ce_spliced": spliced, "ce_zero_ablation": zero,
                 "delta_ce": spliced - clean, "loss_recovered": recovered, "kl_spliced": self.kl / self.n}
 
@@ -135,10 +151,11 @@ def _held_out_sequences(cache: Any, run: RunData, n: int, notes: list[str]) -> t
 
     n_eval = run.info["config"].get("eval_shards")
     n_eval = default_eval_shards(cache.n_shards) if n_eval is None else int(n_eval)
-    if n_eval == 0:
+    if n_eval == 0:  # every row was trained on: the share is 1 (the first sequences, by index)
         notes.append("the run held out no shards (eval_shards 0, or a one-shard cache): the sequences evaluated "
                      "are ones the dictionary was trained on")
-        n_eval = cache.n_shards
+        seqs = np.unique(np.concatenate([cache.shard(i).seq.numpy() for i in range(cache.n_shards)]))
+        return [int(x) for x in seqs[:n]], 1.0
     first_eval = cache.n_shards - n_eval
     seq_by_shard = [cache.shard(i).seq.numpy() for i in range(cache.n_shards)]
     eval_seq, eval_rows = np.unique(np.concatenate(seq_by_shard[first_eval:]), return_counts=True)
@@ -380,6 +397,8 @@ def evaluate_lm(cfg: LMEvalConfig) -> dict[str, Any]:
             bar.update(tokens_BP.numel())
     bar.close()
 
+    summaries = {m: totals[m].summary([h for _, h in out_by_model[m]]) for m in out_by_model}
+    notes += [note for m, r in summaries.items() if (note := _recovered_note(m, r))]
     result = {
         "format": LM_EVAL_FORMAT,
         "run": str(cfg.run), "cache": run.cache_used, "arch": dictionary.cfg.arch,
@@ -387,7 +406,7 @@ def evaluate_lm(cfg: LMEvalConfig) -> dict[str, Any]:
         "sequences": len(seqs), "sequence_ids": seqs, "context_size": man.context_size,
         "sequences_from": "eval" if fresh is None else "fresh",
         "training_split_share": trained_share,
-        "models": {m: totals[m].summary([h for _, h in out_by_model[m]]) for m in out_by_model},
+        "models": summaries,
         "activation_check_median_rel_error": activation_error,
         "loop": cfg.loop,
         "method": _METHODS[cfg.loop],
@@ -426,11 +445,24 @@ def format_table(result: dict[str, Any]) -> list[str]:
     loop = result.get("loop", "open")  # results from before --loop are open loop
     lines = [f"{_LOOP_LINES.get(loop, f'{loop} loop')}; {result['sequences']} {sequences_words(result)}",
              f"{'model':<24} {'CE clean':>9} {'spliced':>9} {'zero-abl':>9} {'ΔCE':>8} {'recovered':>9} {'KL':>8}"]
+    label, numbered = _short_labels(list(result["models"]))
     for m, r in result["models"].items():
         rec = "n/a" if r["loss_recovered"] is None else f"{r['loss_recovered']:.3f}"
-        lines.append(f"{m[-24:]:<24} {r['ce_clean']:>9.4f} {r['ce_spliced']:>9.4f} {r['ce_zero_ablation']:>9.4f} "
+        lines.append(f"{label[m]:<24} {r['ce_clean']:>9.4f} {r['ce_spliced']:>9.4f} {r['ce_zero_ablation']:>9.4f} "
                      f"{r['delta_ce']:>8.4f} {rec:>9} {r['kl_spliced']:>8.4f}")
+    if numbered:  # say which is which
+        lines += [f"{i}: {m}" for i, m in enumerate(label, 1)]
     return lines
+
+
+def _short_labels(names: list[str], width: int = 24) -> tuple[dict[str, str], bool]:
+    """Each model name cut to ``width`` characters (its end, which names the checkpoint), and False; or, where
+    two would then read the same, every name numbered in the table's order (``1: …``), and True."""
+    cut = {n: n if len(n) <= width else "…" + n[-(width - 1):] for n in names}
+    if len(set(cut.values())) == len(names):
+        return cut, False
+    return {n: f"{i}: " + (n if len(n) <= width - 2 - len(str(i)) else "…" + n[-(width - 3 - len(str(i))):])
+            for i, n in enumerate(names, 1)}, True
 
 
 def lm_eval_cli(argv: list[str]) -> int:

@@ -132,6 +132,8 @@ def sequences_words(block: dict[str, Any]) -> str:
     share = block.get("training_split_share")
     if share is None:  # a result from before the share was recorded
         return "eval-split sequences"
+    if share >= 1.0:  # an eval-split sequence has a row there: only a run with no eval split reaches 1
+        return "sequences the dictionary was trained on (the run held out no shards)"
     return f"eval-split sequences, {share:.0%} of their tokens in the training split"
 
 
