@@ -131,9 +131,8 @@ class Normalization:
             return Normalization(method, scale)
         path = Path(cache_dir) / (entry.get("file") or NORMALIZATION_NAME)
         if not path.is_file():
-            fix = rewrite_advice(path, local=None)
-            raise CacheError(f"{path} is missing: a mean_std cache keeps its mean and std there"
-                             + (f"; {fix}" if fix else ""))
+            fix = rewrite_advice(path, local="restore the file, or delete the cache folder and re-run the harvest")
+            raise CacheError(f"{path} is missing: a mean_std cache keeps its mean and std there; {fix}")
         data = path.read_bytes()
         problem = None
         if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:

@@ -261,3 +261,22 @@ def test_one_eval_row_notes_that_ev_is_na(crosscoder, tmp_path):
     rep = _analyze(crosscoder["run"], tmp_path / "an", eval_tokens=1)
     assert rep["eval"]["rows"] == 1 and rep["eval"]["explained_variance"] is None
     assert any("explained variance is n/a: it needs at least 2 eval rows" in n for n in rep["notes"]), rep["notes"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "flipped"])
+def test_a_mean_std_cache_without_its_side_file_is_refused_before_step_0(u, tmp_path, damage):
+    """Training went through every step and failed at the export, which folds the mean/std in."""
+    from shared.cache_format import CacheError
+
+    cache = _cache(tmp_path / "c", u, MODELS, HOOKS[:1], method="mean_std")
+    side = cache / "normalization.safetensors"
+    if damage == "missing":
+        side.unlink()
+    else:
+        data = bytearray(side.read_bytes())
+        data[-1] ^= 0x01
+        side.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=r"normalization.safetensors is (missing|damaged).*delete the cache folder and "
+                                         r"re-run the harvest.*refused before step 0"):
+        _train(tmp_path / "run", cache)
+    assert not (tmp_path / "run").exists()

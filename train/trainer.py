@@ -113,12 +113,8 @@ def build_dictionary_config(cfg: TrainConfig, spec: SlotSpec, d_model: int) -> D
 
 def _slots_normalization_sha256(cache: Cache, spec: SlotSpec) -> str | None:
     """The digest of the normalization of a run's own slots, which ``analyze --cache`` compares with
-    another cache's; None if the side file cannot be read (training does not need it)."""
-    try:
-        norm = cache.normalization()
-    except CacheError:
-        return None
-    return norm.slots_sha256(cache.manifest.model_names, list(cache.manifest.hooks),
+    another cache's (its side file was checked before the run started: :func:`_train_many`)."""
+    return cache.normalization().slots_sha256(cache.manifest.model_names, list(cache.manifest.hooks),
                              [(m, h) for m in spec.models for h in spec.hooks])
 
 
@@ -414,6 +410,11 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
     if not active:
         dist.barrier()
         return [p.done for p in plans if p.done is not None]
+    try:  # the export at the end folds the normalization in: a missing or damaged mean_std file refuses the run now
+        cache.normalization()
+    except CacheError as e:
+        raise CacheError(f"{e} (the run would end by exporting the dictionary in raw units, which needs it; refused "
+                         "before step 0)") from None
     first = active[0].cfg
     specs = [p.spec for p in active]
     # The loader serves the union of every member's models and hooks, in cache order.
