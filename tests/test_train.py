@@ -241,6 +241,9 @@ def test_sigterm_checkpoints_and_resumes(toy_cache, reference_run, tmp_path):
 def test_bad_input_errors(toy_cache, tmp_path):
     with pytest.raises(SlotError, match=r"hook \['blocks\.9\.hook_resid_post'\] not in cache"):
         train(_cfg(toy_cache, tmp_path / "a", hooks=["blocks.9.hook_resid_post"]))
+    with pytest.raises(SlotError, match=r"did you mean 'blocks\.2\.hook_resid_post' for 'blocks\.2\.hook_resid_pos'\? "
+                                        r"It holds hooks"):
+        train(_cfg(toy_cache, tmp_path / "a", hooks=["blocks.2.hook_resid_pos"]))
     with pytest.raises(SlotError, match=r"model \['toy-prose'\] not in cache .* holds models \['toy-base', 'toy-code'\]"):
         train(_cfg(toy_cache, tmp_path / "b", models=["toy-prose"]))
     with pytest.raises(SlotError, match="a cross-layer transcoder reads one model"):

@@ -6,6 +6,7 @@ The loader yields ``acts_BMPD`` for the chosen models and hooks; the trainer fla
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 
@@ -43,7 +44,12 @@ def _layer(hook: str) -> int | None:
 def _check_names(kind: str, asked: list[str], available: list[str], cache_dir: str) -> None:
     missing = [a for a in asked if a not in available]
     if missing:
-        raise SlotError(f"{kind} {missing} not in cache {cache_dir}; it holds {kind}s {available}")
+        # Hooks only: a typo there is common (hook_resid_pos), while a model name near another is another model.
+        close = {m: c[0] for m in missing
+                 if kind == "hook" and (c := difflib.get_close_matches(m, available, n=1, cutoff=0.6))}
+        meant = f"; did you mean {', '.join(f'{c!r} for {m!r}' for m, c in close.items())}?" if close else ""
+        raise SlotError(f"{kind} {missing} not in cache {cache_dir}{meant} It holds {kind}s {available}"
+                        if meant else f"{kind} {missing} not in cache {cache_dir}; it holds {kind}s {available}")
     if len(set(asked)) != len(asked):
         raise SlotError(f"{kind}s listed twice: {asked}")
 
