@@ -314,9 +314,6 @@ class LoadedModels:
                 # Attention and MLP in parallel (GPT-J, NeoX with use_parallel_residual, ...): hook_resid_mid
                 # never fires in a HookedTransformer then (the circuit-tracer export checks it).
                 "parallel_attn_mlp": bool(getattr(b.cfg, "parallel_attn_mlp", False)),
-                # LN or RMS (transformer-lens's names): which HookedTransformer hook, if any, holds a norm's output
-                # (export-saelens maps ln2.hook_out to ln2.hook_normalized only on LN models).
-                "normalization_type": getattr(b.cfg, "normalization_type", None),
                 "weights_fingerprint": weights_fingerprint(getattr(b, "original_model", b)),
             }
             for r, b in zip(self.resolved, self.bridges)

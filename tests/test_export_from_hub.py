@@ -32,7 +32,7 @@ from tests.test_hub import COMMIT_A
 from tests.test_hub_dictionary import materialize
 from train.config import TrainConfig
 from train.export_circuit_tracer import export_circuit_tracer
-from train.export_saelens import SAELensExportError, export_saelens
+from train.export_saelens import export_saelens
 from train.hub_dictionary import push_dictionary
 from train.trainer import train_many
 
@@ -43,7 +43,7 @@ http_hub = _hub_dict.http_hub
 
 D, N_LAYERS = 16, 2
 MODEL, REVISION = "org/tiny-llm@v2", "v2"  # a Hub id with a revision, as a harvest names it
-MLP_IN = [f"blocks.{l}.ln2.hook_out" for l in range(N_LAYERS)]
+MLP_IN = [f"blocks.{l}.hook_mlp_in" for l in range(N_LAYERS)]  # a hook SAELens and circuit-tracer both tap
 MLP_OUT = [f"blocks.{l}.hook_mlp_out" for l in range(N_LAYERS)]
 # Provenance: where the files came from (differs between a local run and its pushed copy by design); and
 # the written file's sha256, which differs between any two exports: safetensors writes the header's
@@ -71,8 +71,7 @@ def runs(home) -> dict[str, Path]:
         make_cache(cache, n_shards=2, rows_per_shard=256, n_models=1, n_hooks=2 * N_LAYERS, d_model=D,
                    dtype=torch.float32, tag=False, model_names=[MODEL], hook_names=MLP_IN + MLP_OUT)
         manifest = json.loads((cache / "manifest.json").read_text())
-        manifest["models"][0].update(revision=REVISION, n_layers=N_LAYERS, d_model=D,  # as a harvest records them
-                                     normalization_type="LN")
+        manifest["models"][0].update(revision=REVISION, n_layers=N_LAYERS, d_model=D)  # as a harvest records them
         (cache / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         root = home / "runs"
         common = dict(cache=str(cache), latents=32, steps=12, batch_size=128, lr=3e-3, log_every=6,
@@ -126,9 +125,8 @@ def test_saelens_from_hub_matches_the_local_run(runs, fake_hub, tmp_path, capsys
     assert mine["metadata"]["crosscache"]["hub_commit"] is None
     assert prov["weights_sha256"] == hashlib.sha256((hub / "sae_weights.safetensors").read_bytes()).hexdigest()
     assert mine["metadata"]["context_size"] == 33 and mine["metadata"]["crosscache"]["model_revision"] == REVISION
-    # ln2.hook_out is transformer-lens 4's; SAELens's HookedTransformer holds that tensor at ln2.hook_normalized (LN).
     assert (mine["metadata"]["hook_name"], mine["metadata"]["hook_name_out"]) == (
-        "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out")
+        "blocks.0.hook_mlp_in", "blocks.0.hook_mlp_out")
     assert _without(theirs, prov, SAELENS_SOURCE_FIELDS) == _without(mine, mine["metadata"]["crosscache"],
                                                                      SAELENS_SOURCE_FIELDS)
 
@@ -217,11 +215,10 @@ def test_an_export_copied_away_from_its_run_and_cache_still_converts(runs, home,
         ("cross_layer_transcoder", N_LAYERS, REVISION)
     meta = json.loads((export_saelens(tc, tmp_path / "sl") / "cfg.json").read_text())["metadata"]
     assert (meta["context_size"], meta["crosscache"]["model_revision"]) == (33, REVISION)
-    # Without the record, nothing on this machine gives them; nor the model's norm, which ln2.hook_out's SAELens
-    # name needs (ln2.hook_normalized holds that tensor only on LayerNorm models): refused, saying so.
+    # Without the record, nothing on this machine gives them.
     old = shutil.copytree(_old_style_run(runs["tc"], tmp_path / "old-tc") / "export", tmp_path / "old-tc-export")
-    with pytest.raises(SAELensExportError, match="normalization the cache does not record"):
-        export_saelens(old, tmp_path / "sl-old")
+    meta = json.loads((export_saelens(old, tmp_path / "sl-old") / "cfg.json").read_text())["metadata"]
+    assert (meta["context_size"], meta["crosscache"]["model_revision"]) == (None, None)
 
 
 def test_a_transcoder_set_mixes_hub_and_local_runs(runs, fake_hub, tmp_path):

@@ -237,39 +237,31 @@ def test_cli(runs, tmp_path, capsys):
         assert capsys.readouterr().err.startswith("error: ")
 
 
-@pytest.mark.parametrize("hook,norm,written", [
-    ("blocks.0.hook_resid_mid", None, ("blocks.0.hook_resid_mid", "none")),
-    ("blocks.0.hook_mlp_in", "RMS", ("blocks.0.hook_mlp_in", "none")),
-    ("blocks.1.attn.hook_z", None, ("blocks.1.attn.hook_z", "hook_z")),  # SAELens flattens the heads, as we did
-    ("blocks.1.ln2.hook_out", "LN", ("blocks.1.ln2.hook_normalized", "none")),  # after LayerNorm's weight and bias
-    ("blocks.1.mlp.hook_in", "LN", ("blocks.1.ln2.hook_normalized", "none")),
-    ("blocks.1.ln2.hook_out", "RMS", "an RMSNorm model"),  # RMSNorm's hook_normalized is before its weight
-    ("blocks.1.ln2.hook_out", None, "does not record"),
-    ("blocks.1.attn.hook_q", "LN", "flattens heads only at hook_z"),
-    ("blocks.1.mlp.hook_out", "LN", "has no hook 'mlp.hook_out'"),
+@pytest.mark.parametrize("hook,written", [
+    ("blocks.0.hook_resid_mid", ("blocks.0.hook_resid_mid", "none")),
+    ("blocks.0.hook_mlp_in", ("blocks.0.hook_mlp_in", "none")),
+    ("blocks.1.attn.hook_z", ("blocks.1.attn.hook_z", "hook_z")),  # SAELens flattens the heads, as we did
+    # An unprocessed HookedTransformer's ln2.hook_normalized precedes the norm's weight and bias: no hook holds it.
+    ("blocks.1.ln2.hook_out", "no hook on their output"),
+    ("blocks.1.mlp.hook_in", "no hook on their output"),
+    ("blocks.1.attn.hook_q", "flattens heads only at hook_z"),
+    ("blocks.1.mlp.hook_out", "has no hook 'mlp.hook_out'"),
 ])
-def test_hook_names_are_written_as_saelens_hookedtransformer_has_them(hook, norm, written):
+def test_hook_names_are_written_as_saelens_hookedtransformer_has_them(hook, written):
     """The export wrote transformer-lens 4's names (ln2.hook_out), which SAELens's HookedTransformer lacks, and
     reshape_activations 'none' for hook_z, whose heads SAELens then fed unflattened."""
     from train.export_saelens import saelens_hook
 
     if isinstance(written, tuple):
-        assert saelens_hook(hook, norm) == written
+        assert saelens_hook(hook) == written
     else:
         with pytest.raises(SAELensExportError, match=written):
-            saelens_hook(hook, norm)
+            saelens_hook(hook)
 
 
-@pytest.mark.parametrize("model_type,hook_name", [("gpt2", "blocks.0.ln2.hook_normalized"), ("llama", None)])
-def test_the_norm_type_of_an_older_cache_comes_from_the_model_folder(tmp_path, model_type, hook_name):
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": model_type}))
-    src = _saved(tmp_path, "export", slot_names=[f"{model}/blocks.0.ln2.hook_out"])
-    if hook_name is None:
-        with pytest.raises(SAELensExportError, match="an RMSNorm model"):
-            export_saelens(src, tmp_path / "sl")
-        assert not (tmp_path / "sl").exists()
-    else:
+def test_a_transcoder_on_the_norms_output_is_refused_and_nothing_written(tmp_path):
+    src = _saved(tmp_path, "export", arch="directional", in_slots=[0], out_slots=[1],
+                 slot_names=["m/blocks.0.ln2.hook_out", "m/blocks.0.hook_mlp_out"])
+    with pytest.raises(SAELensExportError, match="hook_resid_mid is what ln2 reads"):
         export_saelens(src, tmp_path / "sl")
-        assert json.loads((tmp_path / "sl" / "cfg.json").read_text())["metadata"]["hook_name"] == hook_name
+    assert not (tmp_path / "sl").exists()

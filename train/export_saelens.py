@@ -116,27 +116,8 @@ class SAELensWeights:
 # Hooks SAELens finds under the same name: it runs the model as transformer-lens 2/3's HookedTransformer
 # (the harvest names hooks as transformer-lens 4's bridge does; these are common to both).
 _SAME_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_mlp_in",
-               "attn.hook_z", "mlp.hook_pre", "mlp.hook_post", "ln1.hook_normalized", "ln2.hook_normalized")
-# HF model_type -> transformer-lens's normalization_type, for caches harvested before the manifest recorded it.
-_NORM_OF_MODEL_TYPE = {**dict.fromkeys(("gpt2", "gpt_neox", "gptj", "gpt_neo", "opt", "phi", "bloom", "openai-gpt"),
-                                       "LN"),
-                       **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2",
-                                        "gemma3", "gemma3_text", "olmo2", "phi3", "granite"), "RMS")}
-
-
-def _norm_type(man_model: dict[str, Any], model_name: str) -> str | None:
-    """``LN`` / ``RMS`` for the model: the manifest's record, else its folder's config.json model_type."""
-    if man_model.get("normalization_type"):
-        return str(man_model["normalization_type"])
-    for folder in (man_model.get("path"), model_name):
-        if isinstance(folder, str) and folder:
-            model_type = read_json_object(Path(folder).expanduser() / "config.json").get("model_type")
-            if model_type in _NORM_OF_MODEL_TYPE:
-                return _NORM_OF_MODEL_TYPE[model_type]
-    return None
-
-
-def saelens_hook(hook: str, norm_type: str | None) -> tuple[str, str]:
+               "attn.hook_z", "mlp.hook_pre", "mlp.hook_post")
+def saelens_hook(hook: str) -> tuple[str, str]:
     """The HookedTransformer hook SAELens attaches to for our ``hook`` (a transformer-lens 4 name), and its
     ``reshape_activations``. Raises :class:`SAELensExportError` where no HookedTransformer hook holds the same
     tensor, naming why."""
@@ -148,18 +129,12 @@ def saelens_hook(hook: str, norm_type: str | None) -> tuple[str, str]:
             "fed [..., n_heads, d_head] against a d_model-wide W_enc")
     if point in _SAME_HOOKS or (not prefix and point in ("hook_embed", "hook_pos_embed")):
         return hook, "hook_z" if point == "attn.hook_z" else "none"
-    norm = {"ln1.hook_out": "ln1", "ln2.hook_out": "ln2", "mlp.hook_in": "ln2", "ln_final.hook_out": "ln_final"}
-    if point in norm:  # a norm's output (the MLP's input is ln2's)
-        ln = norm[point]
-        if norm_type == "LN":  # transformer-lens 2/3 LayerNorm: hook_normalized is after the weight and bias
-            return f"{prefix}{ln}.hook_normalized", "none"
-        why = ("an RMSNorm model, whose" if norm_type == "RMS" else
-               "a model whose normalization the cache does not record (harvested before it did); on RMSNorm")
+    if point in ("ln1.hook_out", "ln2.hook_out", "mlp.hook_in", "ln_final.hook_out"):  # a norm's output
         raise SAELensExportError(
-            f"{hook}: SAELens runs the model as transformer-lens 2/3's HookedTransformer, which has no {point}. On "
-            f"LayerNorm models its {ln}.hook_normalized is the same tensor, but this is {why} "
-            f"{ln}.hook_normalized comes before the norm's weight, so no HookedTransformer hook holds this input. "
-            "Train on a hook SAELens has (hook_resid_mid is what the MLP's norm reads)")
+            f"{hook}: SAELens runs the model as transformer-lens 2/3's HookedTransformer, unprocessed, whose norms have "
+            "no hook on their output: hook_normalized comes before the norm's weight and bias (LayerNorm and "
+            "RMSNorm alike), so no hook there holds this input. Train on a hook SAELens has (hook_resid_mid is "
+            "what ln2 reads), or export to circuit-tracer, which taps the MLP's input")
     raise SAELensExportError(
         f"{hook}: SAELens runs the model as transformer-lens 2/3's HookedTransformer, which has no hook {point!r} "
         f"(hooks it shares with the harvest's names: {', '.join(_SAME_HOOKS)})")
@@ -349,9 +324,8 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
                       and redact_text(m["name"], names) == redact_text(model_name, names)), {})
     if not man_model or hook_in not in manifest.get("hooks", []):
         manifest, man_model = {}, {}  # the folder now holds another harvest: trust nothing in it
-    norm_type = _norm_type(man_model, model_name)
-    sl_hook_in, reshape = saelens_hook(hook_in, norm_type)
-    sl_hook_out = saelens_hook(hook_out, norm_type)[0] if cfg.arch == "directional" else None
+    sl_hook_in, reshape = saelens_hook(hook_in)
+    sl_hook_out = saelens_hook(hook_out)[0] if cfg.arch == "directional" else None
     excluded = manifest.get("excluded_tokens", {})
     dataset = str(manifest.get("dataset", {}).get("name") or "")
     if context_size is None:  # the cache's; runs record it too (since session 14), for a cache moved away
