@@ -43,6 +43,11 @@ one hook in and one out → ``transcoder`` / ``skip_transcoder`` (relu) or ``jum
 crosscoders (several models or hooks), shared latents, a transcoder across two models, and topk
 transcoders (SAELens has no TopK transcoder class).
 
+Hook names: SAELens attaches to transformer-lens 2/3's HookedTransformer, so the harvest's (transformer-lens 4)
+names are written only where that model has the same hook (:func:`saelens_hook`); ``attn.hook_z`` gets
+``reshape_activations: hook_z``, and a norm's output (``ln2.hook_out``), which no hook of an unprocessed
+HookedTransformer holds, is refused.
+
 SAELens's ``apply_b_dec_to_input`` is False: our encoder does not subtract ``b_dec``. The model's
 activations are those of transformer-lens's unprocessed weights (the harvest does not fold layer
 norms or centre weights), which SAELens's ``model_class_name="HookedTransformer"`` loads with
@@ -117,6 +122,8 @@ class SAELensWeights:
 # (the harvest names hooks as transformer-lens 4's bridge does; these are common to both).
 _SAME_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_mlp_in",
                "attn.hook_z", "mlp.hook_pre", "mlp.hook_post")
+
+
 def saelens_hook(hook: str) -> tuple[str, str]:
     """The HookedTransformer hook SAELens attaches to for our ``hook`` (a transformer-lens 4 name), and its
     ``reshape_activations``. Raises :class:`SAELensExportError` where no HookedTransformer hook holds the same

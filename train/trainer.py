@@ -111,11 +111,11 @@ def build_dictionary_config(cfg: TrainConfig, spec: SlotSpec, d_model: int) -> D
     )
 
 
-def _slots_normalization_sha256(cache: Cache, spec: SlotSpec) -> str | None:
+def _slots_normalization_sha256(cache: Cache, spec: SlotSpec) -> str:
     """The digest of the normalization of a run's own slots, which ``analyze --cache`` compares with
     another cache's (its side file was checked before the run started: :func:`_train_many`)."""
     return cache.normalization().slots_sha256(cache.manifest.model_names, list(cache.manifest.hooks),
-                             [(m, h) for m in spec.models for h in spec.hooks])
+                                              [(m, h) for m in spec.models for h in spec.hooks])
 
 
 def _completed(cfg: TrainConfig) -> TrainResult | None:
