@@ -339,8 +339,8 @@ class LoadedModels:
                              f"{'' if i is None else f' ({i})'}" for k, i in ids.items())
 
         fed = named({"bos_token_id": self.bos_id, "eos_token_id": self.eos_id}, t)
-        own = "; ".join(f"{name} declares {named(ids, b.tokenizer)}" for name, ids in self.own_special_ids.items()
-                        for r, b in zip(self.resolved, self.bridges) if r.name == name)
+        tokenizer_of = {r.name: b.tokenizer for r, b in zip(self.resolved, self.bridges)}
+        own = "; ".join(f"{name} declares {named(ids, tokenizer_of[name])}" for name, ids in self.own_special_ids.items())
         which = self.resolved[self.tokenizer_model].name
         how = ("the first model's; list another first in --models to feed its own" if not self.added_tokens
                else "the tokenizer the others extend")

@@ -254,18 +254,20 @@ def build_token_plan(
     if n_docs == 0:
         raise HarvestInputError(f"dataset {dataset!r} (split {split!r}) yielded no documents")
     held = sum(len(b) for b in buffers.values())
-    split_by = (f"; {held:,} tokens sit in partly filled sequences of {len(buffers):,} values of --meta-columns "
+
+    def waiting(also: str) -> str:  # what the meta columns' partly filled sequences hold, if any
+        return (f"; {also}{held:,} tokens sit in partly filled sequences of {len(buffers):,} values of --meta-columns "
                 f"{' '.join(meta_names or [])} (documents are packed per value)" if held and meta_names else "")
+
     if total == 0:
         raise HarvestInputError(
             f"dataset {dataset!r} yielded {n_docs} documents but not one full sequence of "
-            f"{context_size} tokens{split_by}; lower --context-size or use a bigger dataset"
+            f"{context_size} tokens{waiting('')}; lower --context-size or use a bigger dataset"
         )
     if total < n_rows:
-        split_by = split_by.replace("; ", "; another ", 1)
         raise HarvestInputError(
             f"dataset {dataset!r} (split {split!r}) holds only {total:,} usable tokens in "
-            f"{len(counts):,} sequences of {context_size}{split_by}; --tokens asks for {n_rows:,}. "
+            f"{len(counts):,} sequences of {context_size}{waiting('another ')}; --tokens asks for {n_rows:,}. "
             f"Lower --tokens to at most {total:,} or use a bigger dataset"
         )
     _check_metadata_types(plan.metadata)

@@ -47,9 +47,9 @@ def _check_names(kind: str, asked: list[str], available: list[str], cache_dir: s
         # Hooks only: a typo there is common (hook_resid_pos), while a model name near another is another model.
         close = {m: c[0] for m in missing
                  if kind == "hook" and (c := difflib.get_close_matches(m, available, n=1, cutoff=0.6))}
-        meant = f"; did you mean {', '.join(f'{c!r} for {m!r}' for m, c in close.items())}?" if close else ""
-        raise SlotError(f"{kind} {missing} not in cache {cache_dir}{meant} It holds {kind}s {available}"
-                        if meant else f"{kind} {missing} not in cache {cache_dir}; it holds {kind}s {available}")
+        holds = (f"; did you mean {', '.join(f'{c!r} for {m!r}' for m, c in close.items())}? It holds" if close
+                 else "; it holds")
+        raise SlotError(f"{kind} {missing} not in cache {cache_dir}{holds} {kind}s {available}")
     if len(set(asked)) != len(asked):
         raise SlotError(f"{kind}s listed twice: {asked}")
 
