@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench interop clean-demo
+.PHONY: install demo test bench interop interop-circuit-tracer interop-saelens clean-demo
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,8 +43,27 @@ $(CT_VENV)/.installed:
 	$(CT_VENV)/bin/python -m pip install --quiet -c $(CT_VENV)/constraints.txt circuit-tracer==$(CT_VERSION)
 	touch $@
 
-interop: install $(CT_VENV)/.installed
+interop-circuit-tracer: install $(CT_VENV)/.installed
 	$(PY) interop/circuit_tracer_check.py all --build --ct-python $(CT_VENV)/bin/python
+
+# Not part of `make test` either: checks that export-saelens's output runs in SAELens itself, on the model as
+# SAELens loads it (hook activations, encode/forward, latents once attached). sae-lens needs transformer-lens < 4,
+# so it gets a venv of its own, torch pinned as above. A few minutes on 2 cores the first time.
+SL_VENV ?= .venv-saelens
+SL_VERSION ?= 6.54.12
+$(SL_VENV)/.installed:
+	$(PYTHON) -m venv $(SL_VENV)
+	$(SL_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SL_VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
+	echo "torch==$(TORCH_VERSION)" > $(SL_VENV)/constraints.txt
+	$(SL_VENV)/bin/python -m pip install --quiet -c $(SL_VENV)/constraints.txt sae-lens==$(SL_VERSION)
+	touch $@
+
+interop-saelens: install $(SL_VENV)/.installed
+	$(PY) interop/saelens_check.py all --build --sl-python $(SL_VENV)/bin/python
+
+# Both checks.
+interop: interop-circuit-tracer interop-saelens
 
 clean-demo:
 	rm -rf caches/toy-diff caches/toy-prose-diff runs/demo-toy-code runs/demo-toy-prose

@@ -139,6 +139,8 @@ def test_saelens_forward_reproduces_the_dictionary(runs, raw_rows, tmp_path, nam
     meta = cfg["metadata"]
     assert meta["hook_name"] == HOOK_IN and meta["context_size"] == 33 and meta["prepend_bos"] is True
     assert int(meta["sae_lens_version"].split(".")[0]) >= 6  # older reads as SAELens's legacy format
+    assert meta["model_from_pretrained_kwargs"] == {}  # the unprocessed model, as harvested
+    assert meta["crosscache"]["norm_folded"] is None
     assert meta["crosscache"]["step"] == 20 and meta["crosscache"]["activation"] == overrides["activation"]
     if transcoder:
         assert cfg["d_out"] == D and meta["hook_name_out"] == HOOK_OUT
@@ -241,9 +243,12 @@ def test_cli(runs, tmp_path, capsys):
     ("blocks.0.hook_resid_mid", ("blocks.0.hook_resid_mid", "none")),
     ("blocks.0.hook_mlp_in", ("blocks.0.hook_mlp_in", "none")),
     ("blocks.1.attn.hook_z", ("blocks.1.attn.hook_z", "hook_z")),  # SAELens flattens the heads, as we did
-    # An unprocessed HookedTransformer's ln2.hook_normalized precedes the norm's weight and bias: no hook holds it.
-    ("blocks.1.ln2.hook_out", "no hook on their output"),
-    ("blocks.1.mlp.hook_in", "no hook on their output"),
+    # No HookedTransformer hook holds a norm's output: its hook_normalized (before the weight and bias), which
+    # the export folds the norm's weight and bias for (tests/test_export_saelens_norm_fold.py).
+    ("blocks.1.ln2.hook_out", ("blocks.1.ln2.hook_normalized", "none")),
+    ("blocks.1.mlp.hook_in", ("blocks.1.ln2.hook_normalized", "none")),
+    ("blocks.1.ln2.hook_normalized", ("blocks.1.ln2.hook_normalized", "none")),
+    ("ln_final.hook_normalized", ("ln_final.hook_normalized", "none")),
     ("blocks.1.attn.hook_q", "flattens heads only at hook_z"),
     ("blocks.1.mlp.hook_out", "has no hook 'mlp.hook_out'"),
 ])
@@ -259,9 +264,12 @@ def test_hook_names_are_written_as_saelens_hookedtransformer_has_them(hook, writ
             saelens_hook(hook)
 
 
-def test_a_transcoder_on_the_norms_output_is_refused_and_nothing_written(tmp_path):
+def test_a_transcoder_on_the_norms_output_needs_its_model_and_nothing_is_written_without(tmp_path):
+    """The norm's weight and bias are folded in, read off the model; a model that cannot be loaded is refused."""
+    from train.norm_affine import NormAffineError
+
     src = _saved(tmp_path, "export", arch="directional", in_slots=[0], out_slots=[1],
                  slot_names=["m/blocks.0.ln2.hook_out", "m/blocks.0.hook_mlp_out"])
-    with pytest.raises(SAELensExportError, match="hook_resid_mid is what ln2 reads"):
+    with pytest.raises(NormAffineError, match="reading the norm's weight and bias needs the model"):
         export_saelens(src, tmp_path / "sl")
     assert not (tmp_path / "sl").exists()

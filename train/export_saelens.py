@@ -45,13 +45,20 @@ transcoders (SAELens has no TopK transcoder class).
 
 Hook names: SAELens attaches to transformer-lens 2/3's HookedTransformer, so the harvest's (transformer-lens 4)
 names are written only where that model has the same hook (:func:`saelens_hook`); ``attn.hook_z`` gets
-``reshape_activations: hook_z``, and a norm's output (``ln2.hook_out``), which no hook of an unprocessed
-HookedTransformer holds, is refused.
+``reshape_activations: hook_z``. A norm's output (``ln2.hook_out`` = ``mlp.hook_in``, the MLP's input, where
+transcoders are usually trained) has no hook there: its ``hook_normalized`` holds the normalized input n
+before the norm's weight w and bias b. The export reads w and b off the model (:mod:`train.norm_affine`,
+fitted on a forward, checked against the harvest's weights fingerprint) and writes the dictionary for n:
+``W_enc ← w ⊙ W_enc``, ``b_enc ← b_enc + b · W_enc`` (and ``W_skip ← W_skip · diag(w)``, its constant
+``b · W_skipᵀ`` into ``b_dec``); where SAELens writes the slot (an SAE's output), ``W_dec ← W_dec / w``,
+``b_dec ← (b_dec − b) / w``, so it reconstructs n as the model feeds it on through w and b.
 
 SAELens's ``apply_b_dec_to_input`` is False: our encoder does not subtract ``b_dec``. The model's
 activations are those of transformer-lens's unprocessed weights (the harvest does not fold layer
-norms or centre weights), which SAELens's ``model_class_name="HookedTransformer"`` loads with
-``from_pretrained_no_processing``.
+norms or centre weights), which SAELens loads with ``from_pretrained_no_processing(model_name,
+**model_from_pretrained_kwargs)``. Those kwargs are ``{}``, or ``{"fold_ln": true}`` where SAELens taps a
+``hook_normalized``: transformer-lens 2.x's unprocessed LayerNorm fires it *after* its weight and bias
+(3.x before), a folded norm has neither, so it is the normalized input in every version SAELens accepts.
 """
 
 from __future__ import annotations
@@ -76,6 +83,7 @@ from train.dictionary import Dictionary
 from train.export import CONFIG_NAME as EXPORT_CONFIG_NAME
 from train.export import (EXPORT_FORMAT, load_dictionary, load_hub_dictionary, load_metadata,
                           training_cache_manifest)
+from train.norm_affine import NormAffine, fit_norm_affines, normalized_hook
 
 __all__ = [
     "SAELENS_CFG_NAME",
@@ -119,32 +127,34 @@ class SAELensWeights:
 
 
 # Hooks SAELens finds under the same name: it runs the model as transformer-lens 2/3's HookedTransformer
-# (the harvest names hooks as transformer-lens 4's bridge does; these are common to both).
+# (the harvest names hooks as transformer-lens 4's bridge does; these are common to both). A norm's
+# hook_normalized (its input centred and scaled, before its weight and bias) is that in both.
 _SAME_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_mlp_in",
-               "attn.hook_z", "mlp.hook_pre", "mlp.hook_post")
+               "attn.hook_z", "mlp.hook_pre", "mlp.hook_post", "ln1.hook_normalized", "ln2.hook_normalized")
 
 
 def saelens_hook(hook: str) -> tuple[str, str]:
     """The HookedTransformer hook SAELens attaches to for our ``hook`` (a transformer-lens 4 name), and its
-    ``reshape_activations``. Raises :class:`SAELensExportError` where no HookedTransformer hook holds the same
-    tensor, naming why."""
+    ``reshape_activations``. A norm's output (``ln2.hook_out``, ``mlp.hook_in``), which no hook of that model
+    holds, maps to the norm's ``hook_normalized``: the export folds the norm's weight and bias into the
+    dictionary for it (:func:`train.norm_affine.normalized_hook`). Raises :class:`SAELensExportError` where no
+    HookedTransformer hook holds the same tensor, naming why."""
     m = re.match(r"(blocks\.\d+\.)(.+)$", hook)
     prefix, point = (m.group(1), m.group(2)) if m else ("", hook)
     if point in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):
         raise SAELensExportError(
             f"{hook}: SAELens flattens heads only at hook_z (reshape_activations 'hook_z'); an SAE on {point} would be "
             "fed [..., n_heads, d_head] against a d_model-wide W_enc")
-    if point in _SAME_HOOKS or (not prefix and point in ("hook_embed", "hook_pos_embed")):
+    if (point in _SAME_HOOKS and prefix) or (not prefix and point in ("hook_embed", "hook_pos_embed",
+                                                                       "ln_final.hook_normalized")):
         return hook, "hook_z" if point == "attn.hook_z" else "none"
-    if point in ("ln1.hook_out", "ln2.hook_out", "mlp.hook_in", "ln_final.hook_out"):  # a norm's output
-        raise SAELensExportError(
-            f"{hook}: SAELens runs the model as transformer-lens 2/3's HookedTransformer, unprocessed, whose norms have "
-            "no hook on their output: hook_normalized comes before the norm's weight and bias (LayerNorm and "
-            "RMSNorm alike), so no hook there holds this input. Train on a hook SAELens has (hook_resid_mid is "
-            "what ln2 reads), or export to circuit-tracer, which taps the MLP's input")
+    folded = normalized_hook(hook)
+    if folded is not None:
+        return folded, "none"
     raise SAELensExportError(
         f"{hook}: SAELens runs the model as transformer-lens 2/3's HookedTransformer, which has no hook {point!r} "
-        f"(hooks it shares with the harvest's names: {', '.join(_SAME_HOOKS)})")
+        f"(hooks it shares with the harvest's names: {', '.join(_SAME_HOOKS)}; a norm's output, such as "
+        "ln2.hook_out, is exported on the norm's hook_normalized with its weight and bias folded in)")
 
 
 def _slot_model_hook(name: str) -> tuple[str, str]:
@@ -199,8 +209,13 @@ def latent_scale(model: Dictionary) -> torch.Tensor:
 
 
 @torch.no_grad()
-def to_saelens(model: Dictionary) -> SAELensWeights:
-    """The SAELens architecture, tensors and cfg fields of a raw-space ``model`` (see the module doc)."""
+def to_saelens(model: Dictionary, *, norm_in: NormAffine | None = None,
+               norm_out: NormAffine | None = None) -> SAELensWeights:
+    """The SAELens architecture, tensors and cfg fields of a raw-space ``model`` (see the module doc).
+
+    ``norm_in`` / ``norm_out``: the input / output slot is a norm's output ``y = n · w + b``, and SAELens is to
+    read / write the normalized ``n`` instead: the map is folded into the encoder (and ``W_skip``) / divided
+    out of the decoder, so that SAELens on ``n`` gives our latents, and our output as ``n``."""
     check_exportable(model)
     cfg = model.cfg
     dtype = model.b_enc_L.dtype
@@ -231,6 +246,26 @@ def to_saelens(model: Dictionary) -> SAELensWeights:
     if cfg.skip:
         # Ours: x_in · W_skip [D_in, D_out]; SAELens: x @ W_skip.T with W_skip [d_out, d_in].
         tensors["W_skip"] = f64(model.W_skip_XiDXoD)[0, :, 0, :].T.contiguous()
+    if norm_in is not None:
+        # x = n·w + b: x @ W_enc = n @ (w ⊙ W_enc) + b @ W_enc; the skip's constant b @ W_skip.T joins b_dec.
+        w, b = norm_in.weight_D, norm_in.bias_D
+        tensors["b_enc"] = tensors["b_enc"] + b @ tensors["W_enc"]
+        tensors["W_enc"] = w[:, None] * tensors["W_enc"]
+        if cfg.skip:
+            tensors["b_dec"] = tensors["b_dec"] + b @ tensors["W_skip"].T
+            tensors["W_skip"] = tensors["W_skip"] * w[None, :]
+    if norm_out is not None:
+        # SAELens writes n = (y − b) / w where we write y.
+        w, b = norm_out.weight_D, norm_out.bias_D
+        small = w.abs() <= 1e-6 * float(w.abs().max())
+        if bool(small.any()):
+            raise SAELensExportError(
+                f"{norm_out.hook}: the norm's weight is 0 in {int(small.sum())} coordinates, so the normalized "
+                f"{norm_out.normalized_hook} SAELens would reconstruct cannot be had from ours there")
+        tensors["W_dec"] = tensors["W_dec"] / w
+        tensors["b_dec"] = (tensors["b_dec"] - b) / w
+        if cfg.skip:
+            tensors["W_skip"] = tensors["W_skip"] / w[:, None]
 
     gated = cfg.activation in ("jumprelu", "batchtopk")
     fields: dict[str, Any] = {}
@@ -294,7 +329,8 @@ def _open_source(src: str | Path) -> _Source:
                    _weights_sha256(export_dir), None)
 
 
-def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, context_size: int | None = None) -> Path:
+def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, context_size: int | None = None,
+                   model_path: str | None = None) -> Path:
     """Write ``out_dir/{sae_weights.safetensors,cfg.json}`` from a run's raw-space export; return ``out_dir``.
 
     ``run_or_export_dir``: a run folder (its ``export/`` is used), an export folder, or a dictionary
@@ -305,7 +341,11 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
     ``context_size``: recorded as ``metadata.context_size``; by default the training cache's
     (read from its manifest when the cache is still where the run found it, else from the export's
     ``metadata.harvest``; None only for an export written before that was recorded, whose cache is gone).
-    Raises :class:`SAELensExportError` for dictionaries SAELens cannot hold (see the module doc).
+    ``model_path``: where to load the model from when a slot is a norm's output (``ln2.hook_out``), whose
+    weight and bias are then read off the model and folded in (:mod:`train.norm_affine`); by default the
+    model the harvest loaded (its ``--models`` name). Its weights must be the ones the cache recorded.
+    Raises :class:`SAELensExportError` for dictionaries SAELens cannot hold (see the module doc), and
+    :class:`~train.norm_affine.NormAffineError` when a norm to fold cannot be read off the model.
     Every string written goes through :func:`shared.redact.redact_machine`: no home path or user
     name lands in ``cfg.json``.
     """
@@ -318,7 +358,7 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
     local = [] if is_hub_spec(source.export) else [Path(source.export), *([run_dir] if run_dir else [])]
     if out.resolve() in {p.resolve() for p in local}:
         raise ValueError(f"--out {out} is the run or export folder itself; give a new folder")
-    sl = to_saelens(model)
+    check_exportable(model)
     cfg = model.cfg
 
     run_cfg = read_json_object(run_dir / "config.json") if run_dir else {}
@@ -333,6 +373,20 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
         manifest, man_model = {}, {}  # the folder now holds another harvest: trust nothing in it
     sl_hook_in, reshape = saelens_hook(hook_in)
     sl_hook_out = saelens_hook(hook_out)[0] if cfg.arch == "directional" else None
+    # A norm's output has no HookedTransformer hook: SAELens reads / writes the norm's hook_normalized, and the
+    # norm's weight and bias, read off the model, are folded in (an SAE's one slot is both its input and output).
+    to_fold = [h for h in dict.fromkeys([hook_in, hook_out]) if normalized_hook(h)]
+    norms = {}
+    if to_fold:
+        norms = fit_norm_affines(str(Path(model_path or model_name).expanduser()), to_fold,
+                                 recorded_fingerprint=man_model.get("weights_fingerprint"))
+    sl = to_saelens(model, norm_in=norms.get(hook_in), norm_out=norms.get(hook_out))
+    # SAELens loads the model with from_pretrained_no_processing(name, **model_from_pretrained_kwargs). An
+    # unprocessed transformer-lens 2.x LayerNorm fires hook_normalized after its weight and bias (3.x: before);
+    # with fold_ln the norm has neither, so hook_normalized is the normalized input in every version SAELens
+    # takes (>= 2.16), and folding changes no other hook we write.
+    taps_norm = any(h and h.endswith(".hook_normalized") for h in (sl_hook_in, sl_hook_out))
+    model_kwargs: dict[str, Any] = {"fold_ln": True} if taps_norm else {}
     excluded = manifest.get("excluded_tokens", {})
     dataset = str(manifest.get("dataset", {}).get("name") or "")
     if context_size is None:  # the cache's; runs record it too (since session 14), for a cache moved away
@@ -344,7 +398,7 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
         "sae_lens_training_version": None,  # not trained by SAELens
         "model_name": model_name,
         "model_class_name": "HookedTransformer",
-        "model_from_pretrained_kwargs": {},
+        "model_from_pretrained_kwargs": model_kwargs,
         "hook_name": sl_hook_in,
         "hook_head_index": None,
         "context_size": context_size,
@@ -369,6 +423,11 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
             "topk_score": cfg.topk_score if cfg.activation in ("topk", "batchtopk") else None,
             "skip": cfg.skip,
             "normalization_folded": meta.get("normalization_folded"),
+            # The norm's weight and bias folded in where our slot is its output and SAELens's hook its normalized
+            # input (None: no norm output among the slots).
+            "norm_folded": ({"input": norms[hook_in].record() if hook_in in norms else None,
+                             "output": norms[hook_out].record() if hook_out in norms else None,
+                             "model": redact_text(str(model_path or model_name), names)} if norms else None),
             "latent_scale": ("SAELens latent = crosscache latent x c, c = sum of decoder norms in the normalized "
                              "training space (the TopK score); folded into W_enc, b_enc, W_dec"
                              if bool((sl.latent_scale_L != 1).any()) else "none: latents equal crosscache's"),
@@ -419,9 +478,13 @@ def export_saelens_cli(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="folder to write cfg.json and sae_weights.safetensors into")
     parser.add_argument("--context-size", type=int, default=None,
                         help="metadata.context_size (default: the training cache's, from its manifest)")
+    parser.add_argument("--model", default=None,
+                        help="for a slot on a norm's output (ln2.hook_out, mlp.hook_in): the model to read the norm's "
+                             "weight and bias from, a local folder or Hub id with the weights the cache was harvested "
+                             "from (default: the harvest's --models name)")
     args = parser.parse_args(argv)
     try:
-        out = export_saelens(args.run, args.out, context_size=args.context_size)
+        out = export_saelens(args.run, args.out, context_size=args.context_size, model_path=args.model)
     except (ValueError, FileNotFoundError, HubError, ImportError) as e:  # HubError: an hf:// dictionary not had
         print(f"error: {e}", file=sys.stderr)
         return 2
