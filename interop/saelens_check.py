@@ -237,7 +237,7 @@ def role_all(argv: list[str]) -> int:
     ap.add_argument("--build", action="store_true", help="harvest and train the runs into WORK (else reuse them)")
     ap.add_argument("--model", default="toy-base")
     ap.add_argument("--arch", help="instead of --model: a tiny random-weight model of this architecture (tests/"
-                    "arch_models.py: llama, qwen2, mistral, gpt2, ...; norms with random weights and biases), "
+                    "arch_models.py; checked: llama, qwen2; norms with random weights), "
                     "built into WORK with --build")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
@@ -310,5 +310,6 @@ def role_all(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    role, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] in ("all", "ours", "sl") else ("all", sys.argv[1:])
+    role, rest = ((sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] in ("all", "ours", "sl")
+                  else ("all", sys.argv[1:]))
     sys.exit({"all": role_all, "ours": role_ours, "sl": role_sl}[role](rest))

@@ -43,8 +43,8 @@ def runs(toy_dirs, tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("sl_fold")
     cache = root / "cache"
-    harvest(small_harvest_config(cache, models=["toy-base"], hooks=[LN_OUT, LN_NORMALIZED, MLP_OUT], tokens=600, dtype="float32",
-                                 calibration_tokens=300))
+    harvest(small_harvest_config(cache, models=["toy-base"], hooks=[LN_OUT, LN_NORMALIZED, MLP_OUT], tokens=600,
+                                 dtype="float32", calibration_tokens=300))
     cfgs = [TrainConfig(cache=str(cache), out=str(root / name), models=["toy-base"], latents=32, steps=12,
                         batch_size=128, lr=3e-3, log_every=4, checkpoint_every=1000, eval_batches=1, progress=False,
                         device="cpu", **kw) for name, (kw, _) in CASES.items()]
@@ -143,6 +143,12 @@ def test_a_model_with_other_weights_is_refused_and_nothing_written(runs, tmp_pat
     err = capsys.readouterr().err
     assert "other weights than the harvest recorded" in err and "fingerprint" in err
     assert not (tmp_path / "sl").exists()
+
+
+def test_a_bad_device_is_refused_by_name(runs, tmp_path, capsys):
+    assert run_train.main(["export-saelens", str(runs["tc_relu_skip"]), "--out", str(tmp_path / "sl"),
+                           "--device", "tpu"]) == 2
+    assert "tpu" in capsys.readouterr().err and not (tmp_path / "sl").exists()
 
 
 def test_a_model_that_cannot_be_loaded_is_refused_and_nothing_written(runs, tmp_path):

@@ -330,7 +330,7 @@ def _open_source(src: str | Path) -> _Source:
 
 
 def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, context_size: int | None = None,
-                   model_path: str | None = None) -> Path:
+                   model_path: str | None = None, device: str = "cpu") -> Path:
     """Write ``out_dir/{sae_weights.safetensors,cfg.json}`` from a run's raw-space export; return ``out_dir``.
 
     ``run_or_export_dir``: a run folder (its ``export/`` is used), an export folder, or a dictionary
@@ -344,6 +344,7 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
     ``model_path``: where to load the model from when a slot is a norm's output (``ln2.hook_out``), whose
     weight and bias are then read off the model and folded in (:mod:`train.norm_affine`); by default the
     model the harvest loaded (its ``--models`` name). Its weights must be the ones the cache recorded.
+    ``device``: where that model loads and runs (whole, in float32: ``cuda`` for a model too large for RAM).
     Raises :class:`SAELensExportError` for dictionaries SAELens cannot hold (see the module doc), and
     :class:`~train.norm_affine.NormAffineError` when a norm to fold cannot be read off the model.
     Every string written goes through :func:`shared.redact.redact_machine`: no home path or user
@@ -379,7 +380,7 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
     norms = {}
     if to_fold:
         norms = fit_norm_affines(str(Path(model_path or model_name).expanduser()), to_fold,
-                                 recorded_fingerprint=man_model.get("weights_fingerprint"))
+                                 recorded_fingerprint=man_model.get("weights_fingerprint"), device=device)
     sl = to_saelens(model, norm_in=norms.get(hook_in), norm_out=norms.get(hook_out))
     # SAELens loads the model with from_pretrained_no_processing(name, **model_from_pretrained_kwargs). An
     # unprocessed transformer-lens 2.x LayerNorm fires hook_normalized after its weight and bias (3.x: before);
@@ -482,9 +483,12 @@ def export_saelens_cli(argv: list[str]) -> int:
                         help="for a slot on a norm's output (ln2.hook_out, mlp.hook_in): the model to read the norm's "
                              "weight and bias from, a local folder or Hub id with the weights the cache was harvested "
                              "from (default: the harvest's --models name)")
+    parser.add_argument("--device", default="cpu",
+                        help="where that model loads and runs, whole and in float32 (cpu, cuda, auto; default cpu)")
     args = parser.parse_args(argv)
     try:
-        out = export_saelens(args.run, args.out, context_size=args.context_size, model_path=args.model)
+        out = export_saelens(args.run, args.out, context_size=args.context_size, model_path=args.model,
+                             device=args.device)
     except (ValueError, FileNotFoundError, HubError, ImportError) as e:  # HubError: an hf:// dictionary not had
         print(f"error: {e}", file=sys.stderr)
         return 2

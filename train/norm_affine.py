@@ -99,18 +99,24 @@ def fit_norm_affines(model_name: str, hooks: list[str], *, recorded_fingerprint:
     a local folder or a Hub id, as the harvest loads it), in float32.
 
     ``recorded_fingerprint``: the weights fingerprint the cache recorded for this model; a model whose weights
-    differ now is refused (its norm is not the one the dictionary was trained behind). Raises
+    differ now is refused (its norm is not the one the dictionary was trained behind). ``device``: where the
+    model loads and runs (``cpu``, ``cuda``, ``auto``): the whole model is loaded, in float32. Raises
     :class:`NormAffineError` naming the problem."""
-    from harvest.models import HarvestInputError, _capture, load_models, weights_fingerprint
+    from harvest.models import (HarvestInputError, _capture, load_models, resolve_device, stop_layer_for,
+                                weights_fingerprint)
 
     targets = {h: normalized_hook(h) for h in hooks}
     if any(t is None for t in targets.values()):
         raise NormAffineError(f"not a norm's output: {[h for h, t in targets.items() if t is None]}")
     names = list(dict.fromkeys([*targets, *targets.values()]))  # type: ignore[list-item]
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the harvest's notes (what hook_normalized is) are not news here
-            lm = load_models([model_name], names, context_size=_PROBE_TOKENS, device=torch.device(device),
-                             model_dtype=torch.float32, progress=False)
+        dev = resolve_device(device)
+    except HarvestInputError as e:
+        raise NormAffineError(str(e)) from None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the harvest's notes on hook_normalized: not news here
+            lm = load_models([model_name], names, context_size=_PROBE_TOKENS, device=dev, model_dtype=torch.float32,
+                             progress=False)
     except HarvestInputError as e:
         raise NormAffineError(f"reading the norm's weight and bias needs the model: {e}") from e
     bridge = lm.bridges[0]
@@ -125,7 +131,8 @@ def fit_norm_affines(model_name: str, hooks: list[str], *, recorded_fingerprint:
     tokens_BP = torch.randint(0, lm.n_vocab, (_PROBE_SEQUENCES, _PROBE_TOKENS), generator=gen)
     if lm.bos_id is not None:
         tokens_BP[:, 0] = lm.bos_id
-    captured = _capture(bridge, names, tokens_BP.to(device), None)
+    stop = stop_layer_for(names, int(bridge.cfg.n_layers))  # the blocks after the last norm do not matter
+    captured = _capture(bridge, names, tokens_BP.to(dev), stop)
     out: dict[str, NormAffine] = {}
     for hook, target in targets.items():
         missing = [h for h in (hook, target) if captured.get(h) is None]
