@@ -136,6 +136,19 @@ def test_the_norm_is_read_from_a_model_given_by_path_with_the_same_weights(runs,
     assert (folder / "sae_weights.safetensors").read_bytes() == (by_name / "sae_weights.safetensors").read_bytes()
 
 
+def test_an_export_copied_away_folds_the_same_and_checks_the_recorded_weights(runs, tmp_path, capsys):
+    """No run folder, no cache: the model and its weights fingerprint come from the export's metadata.harvest."""
+    import shutil
+
+    away = tmp_path / "away"
+    shutil.copytree(runs["tc_relu_skip"] / "export", away)
+    here = export_saelens(runs["tc_relu_skip"], tmp_path / "here")
+    there = export_saelens(away, tmp_path / "there")
+    assert (here / "sae_weights.safetensors").read_bytes() == (there / "sae_weights.safetensors").read_bytes()
+    assert run_train.main(["export-saelens", str(away), "--out", str(tmp_path / "x"), "--model", "toy-prose"]) == 2
+    assert "other weights than the harvest recorded" in capsys.readouterr().err
+
+
 def test_a_model_with_other_weights_is_refused_and_nothing_written(runs, tmp_path, capsys):
     """toy-code has toy-base's architecture and other weights: its ln2 is not the one the dictionary saw."""
     assert run_train.main(["export-saelens", str(runs["tc_relu_skip"]), "--out", str(tmp_path / "sl"),
