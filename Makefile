@@ -33,15 +33,20 @@ bench: install
 # Not part of `make test`: checks that export-circuit-tracer's output works in circuit-tracer itself (numbers,
 # attribute()). circuit-tracer pins transformers 4 and transformer-lens 2-3, so it gets a venv of its own; torch
 # is pinned there too, or pip would pull a CUDA build. 6-11 minutes on 2 cores the first time.
+# A venv of its own for another tool: $(call tool_venv,FOLDER,PACKAGE==VERSION), torch pinned to the CPU wheel.
+define tool_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet --upgrade pip
+	$(1)/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
+	echo "torch==$(TORCH_VERSION)" > $(1)/constraints.txt
+	$(1)/bin/python -m pip install --quiet -c $(1)/constraints.txt $(2)
+	touch $(1)/.installed
+endef
+
 CT_VENV ?= .venv-circuit-tracer
 CT_VERSION ?= 0.5.0
 $(CT_VENV)/.installed:
-	$(PYTHON) -m venv $(CT_VENV)
-	$(CT_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(CT_VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
-	echo "torch==$(TORCH_VERSION)" > $(CT_VENV)/constraints.txt
-	$(CT_VENV)/bin/python -m pip install --quiet -c $(CT_VENV)/constraints.txt circuit-tracer==$(CT_VERSION)
-	touch $@
+	$(call tool_venv,$(CT_VENV),circuit-tracer==$(CT_VERSION))
 
 interop-circuit-tracer: install $(CT_VENV)/.installed
 	$(PY) interop/circuit_tracer_check.py all --build --ct-python $(CT_VENV)/bin/python
@@ -52,12 +57,7 @@ interop-circuit-tracer: install $(CT_VENV)/.installed
 SL_VENV ?= .venv-saelens
 SL_VERSION ?= 6.54.12
 $(SL_VENV)/.installed:
-	$(PYTHON) -m venv $(SL_VENV)
-	$(SL_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(SL_VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
-	echo "torch==$(TORCH_VERSION)" > $(SL_VENV)/constraints.txt
-	$(SL_VENV)/bin/python -m pip install --quiet -c $(SL_VENV)/constraints.txt sae-lens==$(SL_VERSION)
-	touch $@
+	$(call tool_venv,$(SL_VENV),sae-lens==$(SL_VERSION))
 
 interop-saelens: install $(SL_VENV)/.installed
 	$(PY) interop/saelens_check.py all --build --sl-python $(SL_VENV)/bin/python

@@ -254,10 +254,11 @@ _FINGERPRINT_SAMPLES = 4096
 every weight, so a sample shows it, at a cost of milliseconds even for a 7B model."""
 
 
-def weights_fingerprint(model: Any) -> str:
+def weights_fingerprint(model: Any, as_dtype: torch.dtype | None = None) -> str:
     """A sha256 over every parameter's name, shape and an evenly spaced sample of its values (as
     float32): the same weights give the same fingerprint on any device; a model retrained or edited
-    in place (a fine-tune folder rebuilt, a Hub branch that moved) gives another."""
+    in place (a fine-tune folder rebuilt, a Hub branch that moved) gives another. ``as_dtype``: the
+    fingerprint the same weights give when loaded in that dtype (values rounded to it first)."""
     import hashlib
 
     h = hashlib.sha256()
@@ -265,7 +266,8 @@ def weights_fingerprint(model: Any) -> str:
         for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
             flat = param.detach().reshape(-1)
             step = max(1, flat.numel() // _FINGERPRINT_SAMPLES)
-            sample = flat[::step][:_FINGERPRINT_SAMPLES].float().cpu().contiguous()
+            sample = flat[::step][:_FINGERPRINT_SAMPLES]
+            sample = (sample if as_dtype is None else sample.to(as_dtype)).float().cpu().contiguous()
             h.update(f"{name}:{tuple(param.shape)}:".encode())
             h.update(sample.numpy().tobytes())
     return h.hexdigest()

@@ -15,8 +15,8 @@ Run it with ``make interop-saelens`` (README, "Export to SAELens"), which makes 
 - ``<sae-lens venv>/bin/python saelens_check.py sl ...``: ``SAE.load_from_disk`` each export, loads the model
   the way SAELens says to (``HookedSAETransformer.from_pretrained_no_processing(model,
   **metadata.model_from_pretrained_kwargs)``, offline, from the local folder), and compares: the hook's
-  activations, ``encode`` / ``forward`` on them, and for SAEs the latents and reconstruction at the hook once
-  attached with ``add_sae``.
+  activations, ``encode`` / ``forward`` on them, and the latents and reconstruction once attached with
+  ``add_sae`` (a transcoder's at its output hook; SAELens's splice leaves a skip transcoder's W_skip out).
 
 Exit codes: 0 all agree; 1 a number disagrees (printed as FAIL); 2 a step could not run.
 """
@@ -47,12 +47,15 @@ CASES: dict[str, tuple[list[str], str, str | None]] = {
     "sae_topk_resid": (["--activation", "topk", "--k", "8"], L + "hook_resid_post", None),
     "sae_batchtopk_resid": (["--activation", "batchtopk", "--k", "8"], L + "hook_resid_post", None),
     "sae_relu_hook_z": (["--activation", "relu"], L + "attn.hook_z", None),
-    "sae_jumprelu_ln2_out": (["--activation", "jumprelu"], L + "ln2.hook_out", None),
+    "sae_relu_hook_mlp_in": (["--activation", "relu"], L + "hook_mlp_in", None),  # -> hook_resid_mid / _pre
+    "sae_jumprelu_ln2_out": (["--activation", "jumprelu"], L + "ln2.hook_out", None),  # -> mlp.hook_in
+    "sae_jumprelu_ln1_out": (["--activation", "jumprelu"], L + "ln1.hook_out", None),  # -> folded, hook_normalized
     "sae_relu_ln2_normalized": (["--activation", "relu"], L + "ln2.hook_normalized", None),
     "tc_relu_skip_ln2_out": (["--activation", "relu", "--skip"], L + "ln2.hook_out", L + "hook_mlp_out"),
     "tc_batchtopk_skip_ln2_out": (["--activation", "batchtopk", "--k", "8", "--skip"], L + "ln2.hook_out",
                                   L + "hook_mlp_out"),
     "tc_jumprelu_mlp_in": (["--activation", "jumprelu"], L + "mlp.hook_in", L + "hook_mlp_out"),
+    "tc_relu_skip_ln1_out": (["--activation", "relu", "--skip"], L + "ln1.hook_out", L + "hook_attn_out"),
 }
 HOOKS = sorted({h for _, i, o in CASES.values() for h in (i, o) if h})
 
@@ -97,7 +100,7 @@ def role_ours(argv: list[str]) -> int:
         res = model(flat[hook_in][:, None], inference=True)
         recon = res.recon_BXoD[:, 0]
         expected_out = recon
-        if hook_out is None and normalized_hook(hook_in):  # SAELens reconstructs the norm's normalized input
+        if hook_out is None and sl_hooks[c] == normalized_hook(hook_in):  # SAELens rebuilds the normalized input
             norm = bridge.get_submodule(normalized_hook(hook_in).rsplit(".", 1)[0]).original_component
             w = norm.weight.float() + (1.0 if "Gemma" in type(norm).__name__ else 0.0)  # Gemma scales by 1 + w
             b = norm.bias.float() if getattr(norm, "bias", None) is not None else torch.zeros_like(w)
@@ -198,21 +201,24 @@ def role_sl(argv: list[str]) -> int:
         if flips:
             rep.fails.append(f"{c}: {flips} latents active on one side only")
         rep.compare(f"{c}: sae(x) vs ours", flat(sae(x)), ref[f"{c}/out_sl"], TOL_SAE)
-        if getattr(meta, "hook_name_out", None):
-            continue  # transcoders: SAELens's add_sae splices an SAE's output into its own hook only
+        # Attached: an SAE at its hook; a transcoder reads its input hook and writes its output hook.
+        site = getattr(meta, "hook_name_out", None) or hook
         model.add_sae(sae)
-        acts_name = f"{hook}.hook_sae_acts_post"
-        _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith(("hook_sae_acts_post",
-                                                                                         "hook_sae_recons")))
+        _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.startswith(site + ".hook_sae"))
         spliced = {k: v[0] for k, v in cache.items()}
-        got = spliced.get(acts_name)
+        got = spliced.get(f"{site}.hook_sae_acts_post")
         if got is None:
-            rep.fails.append(f"{c}: attached, no {acts_name} among {sorted(spliced)}")
+            rep.fails.append(f"{c}: attached, no {site}.hook_sae_acts_post among {sorted(spliced)}")
         else:
             rep.compare(f"{c}: attached latents vs ours", got, ref[f"{c}/latents_sl"], TOL_SAE)
-            recons = spliced.get(f"{hook}.hook_sae_recons")
+            recons = spliced.get(f"{site}.hook_sae_recons")
             if recons is not None:
-                rep.compare(f"{c}: attached reconstruction vs ours", flat(recons), ref[f"{c}/out_sl"], TOL_SAE)
+                want = ref[f"{c}/out_sl"]
+                label = "attached reconstruction vs ours"
+                if "W_skip" in dict(sae.named_parameters()):  # add_sae splices decode(encode(x)): no skip path
+                    want = want - flat(x) @ sae.W_skip.detach().T
+                    label += " minus the skip (SAELens's add_sae leaves W_skip out)"
+                rep.compare(f"{c}: {label}", flat(recons), want, TOL_SAE)
         model.reset_saes()
     if args.json:
         Path(args.json).write_text(json.dumps({"versions": versions, "rows": rep.rows, "fails": rep.fails},

@@ -215,26 +215,26 @@ def test_hook_normalized_is_explained(arch, arch_root, toy_dirs, capsys):
     assert "the MLP's, for ln2) is blocks.1.ln2.hook_out" in printed
 
 
-# The norm the MLP reads through, as transformers names it.
-_MLP_NORM = {"gpt2": "transformer.h.1.ln_2", "llama": "model.layers.1.post_attention_layernorm",
-             "gemma2": "model.layers.1.pre_feedforward_layernorm"}
+# The norm attention reads through, as transformers names it.
+_ATTN_NORM = {"gpt2": "transformer.h.1.ln_1", "llama": "model.layers.1.input_layernorm",
+              "gemma2": "model.layers.1.input_layernorm"}
 
 
-@pytest.mark.parametrize("arch", list(_MLP_NORM))
-def test_the_saelens_norm_fold_reads_the_mlps_own_norm(arch, arch_root, toy_dirs):
-    """export-saelens folds the norm before the MLP into a dictionary on mlp.hook_in (train.norm_affine fits it on
-    a forward): the weight and bias it finds are the transformers module's own, LayerNorm with bias (GPT-2),
-    RMSNorm (Llama) and Gemma-2's pre-MLP norm, which scales by 1 + weight."""
+@pytest.mark.parametrize("arch", list(_ATTN_NORM))
+def test_the_saelens_norm_fold_reads_the_norms_own_parameters(arch, arch_root, toy_dirs):
+    """export-saelens folds ln1 into a dictionary on ln1.hook_out (train.norm_affine fits it on a forward): the
+    weight and bias it finds are the transformers module's own, LayerNorm with bias (GPT-2), RMSNorm (Llama)
+    and Gemma-2's, which scales by 1 + weight."""
     from transformers import AutoModelForCausalLM
 
     from train.norm_affine import fit_norm_affines
 
     folder = arch_folder(arch_root, toy_dirs, arch)
-    fit = fit_norm_affines(str(folder), ["blocks.1.mlp.hook_in"])["blocks.1.mlp.hook_in"]
-    norm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).get_submodule(_MLP_NORM[arch])
+    fit = fit_norm_affines(str(folder), ["blocks.1.ln1.hook_out"])["blocks.1.ln1.hook_out"]
+    norm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).get_submodule(_ATTN_NORM[arch])
     w = norm.weight.detach().double() + (1.0 if arch.startswith("gemma") else 0.0)
     b = norm.bias.detach().double() if getattr(norm, "bias", None) is not None else torch.zeros_like(w)
-    assert fit.normalized_hook == "blocks.1.ln2.hook_normalized" and fit.max_rel_residual < 1e-6
+    assert fit.normalized_hook == "blocks.1.ln1.hook_normalized" and fit.max_rel_residual < 1e-6
     assert float((w - 1).abs().mean()) > 0.01  # random weights: the fold is not the identity
     torch.testing.assert_close(fit.weight_D, w, rtol=0, atol=1e-5)
     torch.testing.assert_close(fit.bias_D, b, rtol=0, atol=1e-5)

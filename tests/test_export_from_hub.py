@@ -125,8 +125,8 @@ def test_saelens_from_hub_matches_the_local_run(runs, fake_hub, tmp_path, capsys
     assert mine["metadata"]["crosscache"]["hub_commit"] is None
     assert prov["weights_sha256"] == hashlib.sha256((hub / "sae_weights.safetensors").read_bytes()).hexdigest()
     assert mine["metadata"]["context_size"] == 33 and mine["metadata"]["crosscache"]["model_revision"] == REVISION
-    assert (mine["metadata"]["hook_name"], mine["metadata"]["hook_name_out"]) == (
-        "blocks.0.hook_mlp_in", "blocks.0.hook_mlp_out")
+    assert (mine["metadata"]["hook_name"], mine["metadata"]["hook_name_out"]) == (  # the tensor hook_mlp_in holds,
+        "blocks.0.hook_resid_mid", "blocks.0.hook_mlp_out")  # where HookedTransformer fires it
     assert _without(theirs, prov, SAELENS_SOURCE_FIELDS) == _without(mine, mine["metadata"]["crosscache"],
                                                                      SAELENS_SOURCE_FIELDS)
 

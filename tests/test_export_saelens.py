@@ -60,6 +60,7 @@ def cache(tmp_path_factory) -> Path:
     norm.write_side_file(path)
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["normalization"] = norm.to_manifest(calibration_rows=256)
+    manifest["models"][0]["parallel_attn_mlp"] = False  # hook_mlp_in is then hook_resid_mid for SAELens
     (path / "manifest.json").write_text(json.dumps(manifest))
     return path
 
@@ -137,7 +138,7 @@ def test_saelens_forward_reproduces_the_dictionary(runs, raw_rows, tmp_path, nam
     assert cfg["apply_b_dec_to_input"] is False
     assert tuple(tensors["W_enc"].shape) == (D, L) and tuple(tensors["W_dec"].shape) == (L, D)
     meta = cfg["metadata"]
-    assert meta["hook_name"] == HOOK_IN and meta["context_size"] == 33 and meta["prepend_bos"] is True
+    assert meta["hook_name"] == "blocks.0.hook_resid_mid" and meta["context_size"] == 33 and meta["prepend_bos"] is True
     assert int(meta["sae_lens_version"].split(".")[0]) >= 6  # older reads as SAELens's legacy format
     assert meta["model_from_pretrained_kwargs"] == {}  # the unprocessed model, as harvested
     assert meta["crosscache"]["norm_folded"] is None
@@ -241,12 +242,16 @@ def test_cli(runs, tmp_path, capsys):
 
 @pytest.mark.parametrize("hook,written", [
     ("blocks.0.hook_resid_mid", ("blocks.0.hook_resid_mid", "none")),
-    ("blocks.0.hook_mlp_in", ("blocks.0.hook_mlp_in", "none")),
+    # HookedTransformer fires hook_mlp_in only with use_hook_mlp_in, which SAELens never sets: the same tensor is
+    # hook_resid_mid (see the parallel case below).
+    ("blocks.0.hook_mlp_in", ("blocks.0.hook_resid_mid", "none")),
     ("blocks.1.attn.hook_z", ("blocks.1.attn.hook_z", "hook_z")),  # SAELens flattens the heads, as we did
-    # No HookedTransformer hook holds a norm's output: its hook_normalized (before the weight and bias), which
-    # the export folds the norm's weight and bias for (tests/test_export_saelens_norm_fold.py).
-    ("blocks.1.ln2.hook_out", ("blocks.1.ln2.hook_normalized", "none")),
-    ("blocks.1.mlp.hook_in", ("blocks.1.ln2.hook_normalized", "none")),
+    # The MLP's input: HookedSAETransformer's mlp.hook_in holds it, exactly (no fold).
+    ("blocks.1.ln2.hook_out", ("blocks.1.mlp.hook_in", "none")),
+    ("blocks.1.mlp.hook_in", ("blocks.1.mlp.hook_in", "none")),
+    # Other norms' outputs: their hook_normalized, the norm folded in (tests/test_export_saelens_norm_fold.py).
+    ("blocks.1.ln1.hook_out", ("blocks.1.ln1.hook_normalized", "none")),
+    ("ln_final.hook_out", ("ln_final.hook_normalized", "none")),
     ("blocks.1.ln2.hook_normalized", ("blocks.1.ln2.hook_normalized", "none")),
     ("ln_final.hook_normalized", ("ln_final.hook_normalized", "none")),
     ("blocks.1.attn.hook_q", "flattens heads only at hook_z"),
@@ -258,18 +263,34 @@ def test_hook_names_are_written_as_saelens_hookedtransformer_has_them(hook, writ
     from train.export_saelens import saelens_hook
 
     if isinstance(written, tuple):
-        assert saelens_hook(hook) == written
+        assert saelens_hook(hook, parallel_attn_mlp=False) == written
     else:
         with pytest.raises(SAELensExportError, match=written):
-            saelens_hook(hook)
+            saelens_hook(hook, parallel_attn_mlp=False)
 
 
-def test_a_transcoder_on_the_norms_output_needs_its_model_and_nothing_is_written_without(tmp_path):
-    """The norm's weight and bias are folded in, read off the model; a model that cannot be loaded is refused."""
+def test_hook_mlp_in_is_written_where_it_fires():
+    """hook_resid_mid never fires when attention and MLP run in parallel (GPT-NeoX, GPT-J): hook_resid_pre holds
+    the MLP's input there; unknown, it is refused rather than guessed."""
+    from train.export_saelens import saelens_hook
+
+    assert saelens_hook("blocks.2.hook_mlp_in", parallel_attn_mlp=True) == ("blocks.2.hook_resid_pre", "none")
+    with pytest.raises(SAELensExportError, match="use_hook_mlp_in"):
+        saelens_hook("blocks.2.hook_mlp_in")
+
+
+def test_a_transcoder_on_a_norms_output_needs_its_model_and_nothing_is_written_without(tmp_path):
+    """ln1's weight and bias are folded in, read off the model; a model that cannot be loaded is refused."""
     from train.norm_affine import NormAffineError
 
     src = _saved(tmp_path, "export", arch="directional", in_slots=[0], out_slots=[1],
-                 slot_names=["m/blocks.0.ln2.hook_out", "m/blocks.0.hook_mlp_out"])
-    with pytest.raises(NormAffineError, match="reading the norm's weight and bias needs the model"):
+                 slot_names=["m/blocks.0.ln1.hook_out", "m/blocks.0.hook_attn_out"])
+    with pytest.raises(NormAffineError, match="(?s)reading the norm's weight and bias needs the model.*--model PATH"):
         export_saelens(src, tmp_path / "sl")
     assert not (tmp_path / "sl").exists()
+
+
+def test_out_on_a_file_is_refused_before_any_work(runs, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert run_train.main(["export-saelens", str(runs["relu"]), "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file" in capsys.readouterr().err and (tmp_path / "afile").read_text() == "x"

@@ -1,9 +1,11 @@
 """SAELens export of dictionaries on a norm's output (train/export_saelens.py, train/norm_affine.py).
 
-SAELens's HookedTransformer has no hook on ``ln2.hook_out`` (the MLP's input); it taps ``ln2.hook_normalized``,
-the input before the norm's weight and bias. The export folds the norm into the dictionary. Checked here on the
-toy model, with the truth taken independently: the harvest records ``ln2.hook_normalized`` beside
-``ln2.hook_out`` for the same tokens, and the norm's weight and bias are the toy model's own parameters.
+The MLP's input (``ln2.hook_out`` = ``mlp.hook_in``) is written as HookedSAETransformer's ``mlp.hook_in``, as it
+is. Other norms' outputs (``ln1.hook_out``, ``ln_final.hook_out``) have no hook there: SAELens taps the norm's
+``hook_normalized``, the input before the norm's weight and bias, and the export folds the norm into the
+dictionary. Checked here on the toy model, with the truth taken independently: the harvest records
+``ln1.hook_normalized`` beside ``ln1.hook_out`` for the same tokens, and the norm's weight and bias are the toy
+model's own parameters.
 """
 
 from __future__ import annotations
@@ -24,16 +26,21 @@ from train.export import load_dictionary
 from train.export_saelens import SAELensExportError, export_saelens, saelens_hook, to_saelens
 from train.norm_affine import NormAffine, NormAffineError, fit_norm_affines, normalized_hook
 
-LN_OUT, LN_NORMALIZED, MLP_OUT = "blocks.1.ln2.hook_out", "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+LN_OUT, LN_NORMALIZED, ATTN_OUT = "blocks.1.ln1.hook_out", "blocks.1.ln1.hook_normalized", "blocks.1.hook_attn_out"
+MLP_IN, MLP_OUT = "blocks.1.ln2.hook_out", "blocks.1.hook_mlp_out"
+HOOKS = (LN_OUT, LN_NORMALIZED, ATTN_OUT, MLP_IN, MLP_OUT)
 CASES = {  # run name -> (TrainConfig overrides, SAELens architecture)
-    "tc_relu_skip": ({"arch": "directional", "in_hooks": [LN_OUT], "out_hooks": [MLP_OUT], "skip": True},
+    "tc_relu_skip": ({"arch": "directional", "in_hooks": [LN_OUT], "out_hooks": [ATTN_OUT], "skip": True},
                      "skip_transcoder"),
-    "tc_batchtopk_skip": ({"arch": "directional", "in_hooks": [LN_OUT], "out_hooks": [MLP_OUT], "skip": True,
+    "tc_batchtopk_skip": ({"arch": "directional", "in_hooks": [LN_OUT], "out_hooks": [ATTN_OUT], "skip": True,
                            "activation": "batchtopk", "k": 4}, "jumprelu_skip_transcoder"),
     "sae_jumprelu": ({"hooks": [LN_OUT], "activation": "jumprelu"}, "jumprelu"),
     "sae_topk": ({"hooks": [LN_OUT], "activation": "topk", "k": 4}, "topk"),
     "sae_normalized": ({"hooks": [LN_NORMALIZED]}, "standard"),  # a hook both have: written as it is
+    "tc_mlp_in": ({"arch": "directional", "in_hooks": [MLP_IN], "out_hooks": [MLP_OUT], "skip": True},
+                  "skip_transcoder"),  # HookedSAETransformer's mlp.hook_in: as it is
 }
+FOLDED = [n for n in CASES if n not in ("sae_normalized", "tc_mlp_in")]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +50,8 @@ def runs(toy_dirs, tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("sl_fold")
     cache = root / "cache"
-    harvest(small_harvest_config(cache, models=["toy-base"], hooks=[LN_OUT, LN_NORMALIZED, MLP_OUT], tokens=600,
-                                 dtype="float32", calibration_tokens=300))
+    harvest(small_harvest_config(cache, models=["toy-base"], hooks=list(HOOKS), tokens=600, dtype="float32",
+                                 calibration_tokens=300))
     cfgs = [TrainConfig(cache=str(cache), out=str(root / name), models=["toy-base"], latents=32, steps=12,
                         batch_size=128, lr=3e-3, log_every=4, checkpoint_every=1000, eval_batches=1, progress=False,
                         device="cpu", **kw) for name, (kw, _) in CASES.items()]
@@ -54,38 +61,43 @@ def runs(toy_dirs, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def rows(runs) -> dict[str, torch.Tensor]:
-    """Raw rows [N, D] of each hook, the same tokens for all three (stored float32: bf16 rounding of two hooks
-    would differ)."""
+    """Raw rows [N, D] of each hook, the same tokens for all (stored float32: bf16 rounding of two hooks would
+    differ)."""
     c = open_cache(runs["cache"])
     raw_NMHD = c.normalization().undo(c.shard(0).acts[:300].float())
-    return {h: raw_NMHD[:, 0, c.manifest.hooks.index(h)] for h in (LN_OUT, LN_NORMALIZED, MLP_OUT)}
+    return {h: raw_NMHD[:, 0, c.manifest.hooks.index(h)] for h in HOOKS}
 
 
 @pytest.fixture(scope="module")
-def ln2() -> tuple[torch.Tensor, torch.Tensor]:
-    """The toy model's own blocks.1.ln2 weight and bias."""
+def norms() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The toy model's own blocks.1.ln1 and blocks.1.ln2 weight and bias."""
     from harvest.models import load_models
 
     lm = load_models(["toy-base"], [LN_OUT], context_size=64, device=torch.device("cpu"), model_dtype=torch.float32,
                      progress=False)
-    ln = lm.bridges[0].get_submodule("blocks.1.ln2").original_component
-    return ln.weight.detach().double(), ln.bias.detach().double()
+    out = {}
+    for norm in ("ln1", "ln2"):
+        ln = lm.bridges[0].get_submodule(f"blocks.1.{norm}").original_component
+        out[norm] = (ln.weight.detach().double(), ln.bias.detach().double())
+    return out
 
 
-def test_the_fit_reads_the_norms_own_weight_and_bias(ln2):
-    w, b = ln2
-    fits = fit_norm_affines("toy-base", [LN_OUT, "blocks.1.mlp.hook_in"])
-    for hook, fit in fits.items():
-        assert fit.normalized_hook == LN_NORMALIZED
+def test_the_fit_reads_the_norms_own_weight_and_bias(norms):
+    fits = fit_norm_affines("toy-base", [LN_OUT, "blocks.1.mlp.hook_in"], d_model=128)
+    for hook, norm in ((LN_OUT, "ln1"), ("blocks.1.mlp.hook_in", "ln2")):
+        fit, (w, b) = fits[hook], norms[norm]
+        assert fit.normalized_hook == f"blocks.1.{norm}.hook_normalized"
         assert fit.max_rel_residual < 1e-6
         torch.testing.assert_close(fit.weight_D, w, rtol=0, atol=1e-6)
         torch.testing.assert_close(fit.bias_D, b, rtol=0, atol=1e-6)
         assert bool(b.any()) and fit.record()["bias"] == "fitted"
+    with pytest.raises(NormAffineError, match="128 wide, the dictionary 64"):
+        fit_norm_affines("toy-base", [LN_OUT], d_model=64)
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if n != "sae_normalized"])
-def test_saelens_on_the_normalized_input_gives_our_latents_and_outputs(runs, rows, ln2, tmp_path, name):
-    """SAELens's forward on ln2.hook_normalized rows == ours on the ln2.hook_out rows of the same tokens."""
+@pytest.mark.parametrize("name", FOLDED)
+def test_saelens_on_the_normalized_input_gives_our_latents_and_outputs(runs, rows, norms, tmp_path, name):
+    """SAELens's forward on ln1.hook_normalized rows == ours on the ln1.hook_out rows of the same tokens."""
     out = export_saelens(runs[name], tmp_path / "sl")
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["architecture"] == CASES[name][1]
@@ -96,7 +108,7 @@ def test_saelens_on_the_normalized_input_gives_our_latents_and_outputs(runs, row
     transcoder = name.startswith("tc")
     assert (folded["output"] is None) == transcoder
     if transcoder:
-        assert cfg["metadata"]["hook_name_out"] == MLP_OUT
+        assert cfg["metadata"]["hook_name_out"] == ATTN_OUT
 
     model = load_dictionary(runs[name] / "export")
     with torch.no_grad():
@@ -111,7 +123,7 @@ def test_saelens_on_the_normalized_input_gives_our_latents_and_outputs(runs, row
     if transcoder:
         torch.testing.assert_close(sl_out, ours_out, rtol=1e-4, atol=1e-4)
     else:  # SAELens reconstructs the normalized input; the model then applies the norm's weight and bias
-        w, b = ln2
+        w, b = norms["ln1"]
         torch.testing.assert_close(sl_out.double() * w + b, ours_out.double(), rtol=1e-4, atol=1e-4)
 
 
@@ -124,6 +136,20 @@ def test_a_dictionary_on_hook_normalized_is_written_as_it_is(runs, rows, tmp_pat
     with torch.no_grad():
         res = model(rows[LN_NORMALIZED][:, None], inference=True)
     sl_latents, sl_out = saelens_forward(out, rows[LN_NORMALIZED])
+    torch.testing.assert_close(sl_latents, res.latents_BL, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sl_out, res.recon_BXoD[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_mlps_input_is_written_as_hookedsaetransformers_mlp_hook_in_without_a_fold(runs, rows, tmp_path):
+    out = export_saelens(runs["tc_mlp_in"], tmp_path / "sl")
+    cfg = json.loads((out / "cfg.json").read_text())
+    meta = cfg["metadata"]
+    assert (meta["hook_name"], meta["hook_name_out"]) == ("blocks.1.mlp.hook_in", MLP_OUT)
+    assert meta["model_from_pretrained_kwargs"] == {} and meta["crosscache"]["norm_folded"] is None
+    model = load_dictionary(runs["tc_mlp_in"] / "export")
+    with torch.no_grad():
+        res = model(rows[MLP_IN][:, None], inference=True)
+    sl_latents, sl_out = saelens_forward(out, rows[MLP_IN])
     torch.testing.assert_close(sl_latents, res.latents_BL, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sl_out, res.recon_BXoD[:, 0], rtol=1e-5, atol=1e-5)
 
@@ -150,7 +176,7 @@ def test_an_export_copied_away_folds_the_same_and_checks_the_recorded_weights(ru
 
 
 def test_a_model_with_other_weights_is_refused_and_nothing_written(runs, tmp_path, capsys):
-    """toy-code has toy-base's architecture and other weights: its ln2 is not the one the dictionary saw."""
+    """toy-code has toy-base's architecture and other weights: its ln1 is not the one the dictionary saw."""
     assert run_train.main(["export-saelens", str(runs["tc_relu_skip"]), "--out", str(tmp_path / "sl"),
                            "--model", "toy-code"]) == 2
     err = capsys.readouterr().err
@@ -164,25 +190,46 @@ def test_a_bad_device_is_refused_by_name(runs, tmp_path, capsys):
     assert "tpu" in capsys.readouterr().err and not (tmp_path / "sl").exists()
 
 
+def test_a_harvest_run_in_bfloat16_is_recognised_as_the_same_weights(toy_dirs, tmp_path):
+    """The harvest fingerprints the model as it ran it (--model-dtype bfloat16); the export loads it in float32 to
+    fit the norm, and must still recognise the weights (rounded to bfloat16, they match)."""
+    from harvest.harvester import harvest
+    from train.trainer import train_many
+
+    cache = tmp_path / "cache"
+    harvest(small_harvest_config(cache, models=["toy-base"], hooks=[LN_OUT], tokens=300, calibration_tokens=200,
+                                 model_dtype="bfloat16"))
+    run = tmp_path / "run"
+    train_many([TrainConfig(cache=str(cache), out=str(run), models=["toy-base"], hooks=[LN_OUT], latents=16, steps=2,
+                            batch_size=64, log_every=1, checkpoint_every=1000, eval_batches=1, progress=False,
+                            device="cpu")])
+    out = export_saelens(run, tmp_path / "sl")
+    assert json.loads((out / "cfg.json").read_text())["metadata"]["hook_name"] == LN_NORMALIZED
+
+
 def test_a_model_that_cannot_be_loaded_is_refused_and_nothing_written(runs, tmp_path):
     with pytest.raises(NormAffineError, match="needs the model"):
         export_saelens(runs["tc_relu_skip"], tmp_path / "sl", model_path=str(tmp_path / "no-such-model"))
     assert not (tmp_path / "sl").exists()
 
 
-@pytest.mark.parametrize("hook,want", [
-    ("blocks.3.ln2.hook_out", "blocks.3.ln2.hook_normalized"),
-    ("blocks.3.mlp.hook_in", "blocks.3.ln2.hook_normalized"),
-    ("blocks.0.ln1.hook_out", "blocks.0.ln1.hook_normalized"),
-    ("ln_final.hook_out", "ln_final.hook_normalized"),
-    ("blocks.0.ln_final.hook_out", None),
-    ("ln2.hook_out", None),
-    ("blocks.3.hook_mlp_out", None),
+@pytest.mark.parametrize("hook,normalized,written", [
+    ("blocks.3.ln2.hook_out", "blocks.3.ln2.hook_normalized", "blocks.3.mlp.hook_in"),  # no fold needed there
+    ("blocks.3.mlp.hook_in", "blocks.3.ln2.hook_normalized", "blocks.3.mlp.hook_in"),
+    ("blocks.0.ln1.hook_out", "blocks.0.ln1.hook_normalized", "blocks.0.ln1.hook_normalized"),
+    ("ln_final.hook_out", "ln_final.hook_normalized", "ln_final.hook_normalized"),
+    ("blocks.0.ln_final.hook_out", None, None),
+    ("ln2.hook_out", None, None),
+    ("blocks.3.hook_mlp_out", None, "blocks.3.hook_mlp_out"),
 ])
-def test_normalized_hook_names(hook, want):
-    assert normalized_hook(hook) == want
-    if want:
-        assert saelens_hook(hook) == (want, "none")
+def test_normalized_hook_names(hook, normalized, written):
+    """Where a norm's output is, and the hook the export writes for it (a fold only where it is hook_normalized)."""
+    assert normalized_hook(hook) == normalized
+    if written:
+        assert saelens_hook(hook) == (written, "none")
+    else:
+        with pytest.raises(SAELensExportError):
+            saelens_hook(hook)
 
 
 def test_a_zero_norm_weight_on_the_output_side_is_refused():

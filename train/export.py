@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from train.hub_dictionary_fetch import FetchedDictionary
 
 __all__ = ["SlotNorm", "fold_normalization", "save_dictionary", "load_dictionary", "load_hub_dictionary",
-           "load_metadata", "training_cache_manifest", "EXPORT_FORMAT"]
+           "load_metadata", "parallel_attn_mlp", "training_cache_manifest", "EXPORT_FORMAT"]
 
 EXPORT_FORMAT = "crosscache.dictionary/1"
 WEIGHTS_NAME = "model.safetensors"
@@ -251,6 +251,21 @@ def training_cache_manifest(run_info: dict[str, Any], metadata: dict[str, Any]) 
                 return manifest
     recorded = metadata.get("harvest")
     return dict(recorded) if isinstance(recorded, dict) else {}
+
+
+def parallel_attn_mlp(entry: dict[str, Any] | None) -> bool:
+    """Whether the model of a manifest ``models`` entry runs attention and MLP in parallel (HookedTransformer then
+    never fires ``hook_resid_mid``): as the harvest recorded it (newer caches), else as its HF config declares
+    it when its folder is on this machine, else False."""
+    if isinstance((entry or {}).get("parallel_attn_mlp"), bool):
+        return bool(entry["parallel_attn_mlp"])  # type: ignore[index]
+    folder = (entry or {}).get("path")
+    cfg_file = Path(folder).expanduser() / "config.json" if folder else None
+    if cfg_file is None or not cfg_file.is_file():
+        return False
+    cfg = json.loads(cfg_file.read_text())
+    return bool(cfg.get("model_type") in ("gptj", "phi", "cohere") or cfg.get("use_parallel_residual")
+                or cfg.get("parallel_attn"))
 
 
 def _build(path: Path, data: dict[str, Any], blob: bytes, device: str | torch.device) -> Dictionary:

@@ -77,7 +77,7 @@ from shared.hub_spec import HubError, is_hub_spec
 from shared.redact import redact_machine
 from shared.shard_io import atomic_write_bytes, fsync_dir
 from train.dictionary import Dictionary
-from train.export import CONFIG_NAME, load_dictionary, load_hub_dictionary, load_metadata
+from train.export import CONFIG_NAME, load_dictionary, load_hub_dictionary, load_metadata, parallel_attn_mlp
 
 __all__ = ["CT_EXPORT_FORMAT", "CircuitTracerExportError", "export_circuit_tracer", "export_circuit_tracer_cli"]
 
@@ -202,20 +202,6 @@ def _model_entry(src: _Source, model: str) -> dict[str, Any] | None:
         if entry.get("name") == model:
             return dict(entry)
     return None
-
-
-def _parallel_residual(entry: dict[str, Any] | None) -> bool:
-    """Whether the model runs attention and MLP in parallel: as the harvest recorded it (newer caches), else as
-    its HF config declares it when its folder is on this machine."""
-    if isinstance((entry or {}).get("parallel_attn_mlp"), bool):
-        return bool(entry["parallel_attn_mlp"])  # type: ignore[index]
-    folder = (entry or {}).get("path")
-    cfg_file = Path(folder).expanduser() / "config.json" if folder else None
-    if cfg_file is None or not cfg_file.is_file():
-        return False
-    cfg = json.loads(cfg_file.read_text())
-    return bool(cfg.get("model_type") in ("gptj", "phi", "cohere") or cfg.get("use_parallel_residual")
-                or cfg.get("parallel_attn"))
 
 
 # ---- checks with the fix ------------------------------------------------------------------------
@@ -405,7 +391,7 @@ def export_circuit_tracer(
             f"circuit-tracer uses one input and one output hook name at every layer; the runs use inputs "
             f"{in_sfxs} and outputs {out_sfxs}. " + _commands(model, depth, "ln2.hook_out", "hook_mlp_out"))
     in_sfx, out_sfx = in_sfxs[0], out_sfxs[0]
-    ct_in, ct_out = _hook_pair(in_sfx, out_sfx, where0, model, depth, _parallel_residual(entry))
+    ct_in, ct_out = _hook_pair(in_sfx, out_sfx, where0, model, depth, parallel_attn_mlp(entry))
     _coverage([t[0] for t in per_layer], depth, where0, model, in_sfx, out_sfx)
 
     if archs == ["clt"]:

@@ -45,8 +45,10 @@ transcoders (SAELens has no TopK transcoder class).
 
 Hook names: SAELens attaches to transformer-lens 2/3's HookedTransformer, so the harvest's (transformer-lens 4)
 names are written only where that model has the same hook (:func:`saelens_hook`); ``attn.hook_z`` gets
-``reshape_activations: hook_z``. A norm's output (``ln2.hook_out`` = ``mlp.hook_in``, the MLP's input, where
-transcoders are usually trained) has no hook there: its ``hook_normalized`` holds the normalized input n
+``reshape_activations: hook_z``; the MLP's input (``ln2.hook_out`` = ``mlp.hook_in``) is written
+``mlp.hook_in``, which SAELens's HookedSAETransformer adds to every MLP; ``hook_mlp_in`` is written
+``hook_resid_mid`` (or ``hook_resid_pre``, parallel attention and MLP), which holds it and always fires.
+The output of ln1 or ln_final has no hook there: their ``hook_normalized`` holds the normalized input n
 before the norm's weight w and bias b. The export reads w and b off the model (:mod:`train.norm_affine`,
 fitted on a forward, checked against the harvest's weights fingerprint) and writes the dictionary for n:
 ``W_enc ← w ⊙ W_enc``, ``b_enc ← b_enc + b · W_enc`` (and ``W_skip ← W_skip · diag(w)``, its constant
@@ -81,7 +83,7 @@ from shared.redact import MachineNames, redact_machine, redact_text
 from shared.shard_io import atomic_write_bytes, fsync_dir
 from train.dictionary import Dictionary
 from train.export import CONFIG_NAME as EXPORT_CONFIG_NAME
-from train.export import (EXPORT_FORMAT, load_dictionary, load_hub_dictionary, load_metadata,
+from train.export import (EXPORT_FORMAT, load_dictionary, load_hub_dictionary, load_metadata, parallel_attn_mlp,
                           training_cache_manifest)
 from train.norm_affine import NormAffine, fit_norm_affines, normalized_hook
 
@@ -128,17 +130,23 @@ class SAELensWeights:
 
 # Hooks SAELens finds under the same name: it runs the model as transformer-lens 2/3's HookedTransformer
 # (the harvest names hooks as transformer-lens 4's bridge does; these are common to both). A norm's
-# hook_normalized (its input centred and scaled, before its weight and bias) is that in both.
-_SAME_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_mlp_in",
+# hook_normalized (its input centred and scaled, before its weight and bias) is that in both, given fold_ln.
+_SAME_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
                "attn.hook_z", "mlp.hook_pre", "mlp.hook_post", "ln1.hook_normalized", "ln2.hook_normalized")
 
 
-def saelens_hook(hook: str) -> tuple[str, str]:
+def saelens_hook(hook: str, *, parallel_attn_mlp: bool | None = None) -> tuple[str, str]:
     """The HookedTransformer hook SAELens attaches to for our ``hook`` (a transformer-lens 4 name), and its
-    ``reshape_activations``. A norm's output (``ln2.hook_out``, ``mlp.hook_in``), which no hook of that model
-    holds, maps to the norm's ``hook_normalized``: the export folds the norm's weight and bias into the
-    dictionary for it (:func:`train.norm_affine.normalized_hook`). Raises :class:`SAELensExportError` where no
-    HookedTransformer hook holds the same tensor, naming why."""
+    ``reshape_activations``. Raises :class:`SAELensExportError` where no hook there holds the same tensor,
+    naming why.
+
+    - ``ln2.hook_out`` / ``mlp.hook_in`` (the MLP's input) → ``mlp.hook_in``, which SAELens's
+      ``HookedSAETransformer`` adds to every MLP (its own circuit-tracer transcoders use it).
+    - ``hook_mlp_in`` → ``hook_resid_mid`` (``hook_resid_pre`` when attention and MLP run in parallel,
+      ``parallel_attn_mlp``): the same tensor, while ``HookedTransformer`` fires ``hook_mlp_in`` only with
+      ``use_hook_mlp_in`` set, which SAELens never sets (an SAE there would silently never run).
+    - ``ln1.hook_out``, ``ln_final.hook_out`` (other norms' outputs) → the norm's ``hook_normalized``, with the
+      norm's weight and bias folded into the dictionary by the export (:mod:`train.norm_affine`)."""
     m = re.match(r"(blocks\.\d+\.)(.+)$", hook)
     prefix, point = (m.group(1), m.group(2)) if m else ("", hook)
     if point in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):
@@ -148,13 +156,23 @@ def saelens_hook(hook: str) -> tuple[str, str]:
     if (point in _SAME_HOOKS and prefix) or (not prefix and point in ("hook_embed", "hook_pos_embed",
                                                                        "ln_final.hook_normalized")):
         return hook, "hook_z" if point == "attn.hook_z" else "none"
+    if prefix and point in ("ln2.hook_out", "mlp.hook_in"):
+        return f"{prefix}mlp.hook_in", "none"
+    if prefix and point == "hook_mlp_in":
+        if parallel_attn_mlp is None:
+            raise SAELensExportError(
+                f"{hook}: HookedTransformer fires hook_mlp_in only with use_hook_mlp_in set, which SAELens never sets; "
+                "the same tensor is hook_resid_mid, or hook_resid_pre where attention and MLP run in parallel, and "
+                "the cache's record does not say which this model does (a harvest older than that record)")
+        return f"{prefix}{'hook_resid_pre' if parallel_attn_mlp else 'hook_resid_mid'}", "none"
     folded = normalized_hook(hook)
     if folded is not None:
         return folded, "none"
     raise SAELensExportError(
         f"{hook}: SAELens runs the model as transformer-lens 2/3's HookedTransformer, which has no hook {point!r} "
-        f"(hooks it shares with the harvest's names: {', '.join(_SAME_HOOKS)}; a norm's output, such as "
-        "ln2.hook_out, is exported on the norm's hook_normalized with its weight and bias folded in)")
+        f"(hooks it shares with the harvest's names: {', '.join(_SAME_HOOKS)}; also mapped: ln2.hook_out and "
+        "mlp.hook_in to mlp.hook_in, hook_mlp_in to hook_resid_mid, ln1/ln_final.hook_out to the norm's "
+        "hook_normalized with its weight and bias folded in)")
 
 
 def _slot_model_hook(name: str) -> tuple[str, str]:
@@ -260,7 +278,8 @@ def to_saelens(model: Dictionary, *, norm_in: NormAffine | None = None,
         small = w.abs() <= 1e-6 * float(w.abs().max())
         if bool(small.any()):
             raise SAELensExportError(
-                f"{norm_out.hook}: the norm's weight is 0 in {int(small.sum())} coordinates, so the normalized "
+                f"{norm_out.hook}: the norm's weight is 0 in {int(small.sum())} coordinates (or the normalized input "
+                "was 0 there throughout the fit's probe, a dead dimension), so the normalized "
                 f"{norm_out.normalized_hook} SAELens would reconstruct cannot be had from ours there")
         tensors["W_dec"] = tensors["W_dec"] / w
         tensors["b_dec"] = (tensors["b_dec"] - b) / w
@@ -359,6 +378,8 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
     local = [] if is_hub_spec(source.export) else [Path(source.export), *([run_dir] if run_dir else [])]
     if out.resolve() in {p.resolve() for p in local}:
         raise ValueError(f"--out {out} is the run or export folder itself; give a new folder")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder (new, or one to overwrite the SAELens files in)")
     check_exportable(model)
     cfg = model.cfg
 
@@ -372,14 +393,19 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
                       and redact_text(m["name"], names) == redact_text(model_name, names)), {})
     if not man_model or hook_in not in manifest.get("hooks", []):
         manifest, man_model = {}, {}  # the folder now holds another harvest: trust nothing in it
-    sl_hook_in, reshape = saelens_hook(hook_in)
-    sl_hook_out = saelens_hook(hook_out)[0] if cfg.arch == "directional" else None
-    # A norm's output has no HookedTransformer hook: SAELens reads / writes the norm's hook_normalized, and the
-    # norm's weight and bias, read off the model, are folded in (an SAE's one slot is both its input and output).
-    to_fold = [h for h in dict.fromkeys([hook_in, hook_out]) if normalized_hook(h)]
+    parallel = parallel_attn_mlp(man_model)
+    sl_hook_in, reshape = saelens_hook(hook_in, parallel_attn_mlp=parallel)
+    sl_hook_out = saelens_hook(hook_out, parallel_attn_mlp=parallel)[0] if cfg.arch == "directional" else None
+    # ln1/ln_final's output has no HookedTransformer hook: SAELens reads / writes the norm's hook_normalized, and
+    # the norm's weight and bias, read off the model, are folded in (an SAE's one slot is its input and output).
+    to_fold = [h for h in dict.fromkeys([hook_in, hook_out])
+               if normalized_hook(h) and saelens_hook(h, parallel_attn_mlp=parallel)[0] == normalized_hook(h)]
     norms = {}
     if to_fold:
-        norms = fit_norm_affines(str(Path(model_path or model_name).expanduser()), to_fold,
+        if not man_model.get("weights_fingerprint"):
+            print(f"note: no weights fingerprint recorded for {model_name!r}; the norm is read from "
+                  f"{model_path or model_name!r} unchecked: it must be the model the cache was harvested from")
+        norms = fit_norm_affines(str(Path(model_path or model_name).expanduser()), to_fold, d_model=cfg.d_model,
                                  recorded_fingerprint=man_model.get("weights_fingerprint"), device=device)
     sl = to_saelens(model, norm_in=norms.get(hook_in), norm_out=norms.get(hook_out))
     # SAELens loads the model with from_pretrained_no_processing(name, **model_from_pretrained_kwargs). An

@@ -1,10 +1,10 @@
 """A norm's weight and bias, read off the model as it runs: ``output = normalized · weight + bias``.
 
 Tools built on transformer-lens 2/3 (SAELens) tap a norm at ``*.hook_normalized``, the normalized input
-before the norm's weight and bias; the harvest's usual hook there is the norm's output (``ln2.hook_out``,
-which is also ``mlp.hook_in``: what the MLP reads). A dictionary trained on the output runs exactly on the
-normalized input once the norm's elementwise affine map is folded into its weights (see
-:mod:`train.export_saelens`). This module finds that map.
+before the norm's weight and bias, where the harvest records the norm's output (``ln1.hook_out``,
+``ln_final.hook_out``; ``ln2.hook_out`` = ``mlp.hook_in`` has a hook of its own in SAELens). A dictionary
+trained on the output runs exactly on the normalized input once the norm's elementwise affine map is folded
+into its weights (see :mod:`train.export_saelens`). This module finds that map.
 
 It is fitted, not read from the parameters: the model is run (transformer-lens 4's bridge, as the harvest
 runs it) on a few random sequences, both hooks are captured, and ``weight``, ``bias`` are the per-coordinate
@@ -93,13 +93,15 @@ def _fit(y_ND: torch.Tensor, n_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return w, b, r
 
 
-def fit_norm_affines(model_name: str, hooks: list[str], *, recorded_fingerprint: str | None = None,
-                     device: str = "cpu") -> dict[str, NormAffine]:
+def fit_norm_affines(model_name: str, hooks: list[str], *, d_model: int | None = None,
+                     recorded_fingerprint: str | None = None, device: str = "cpu") -> dict[str, NormAffine]:
     """The map of each norm-output hook in ``hooks`` (see :data:`NORM_OUTPUTS`) of ``model_name`` (a toy name,
     a local folder or a Hub id, as the harvest loads it), in float32.
 
-    ``recorded_fingerprint``: the weights fingerprint the cache recorded for this model; a model whose weights
-    differ now is refused (its norm is not the one the dictionary was trained behind). ``device``: where the
+    ``d_model``: the width the dictionary reads; a model of another width is refused.
+    ``recorded_fingerprint``: the weights fingerprint the cache recorded for this model (at the dtype the
+    harvest ran it in: float32, bfloat16 or float16 are tried); a model whose weights differ now is refused
+    (its norm is not the one the dictionary was trained behind). ``device``: where the
     model loads and runs (``cpu``, ``cuda``, ``auto``): the whole model is loaded, in float32. Raises
     :class:`NormAffineError` naming the problem."""
     from harvest.models import (HarvestInputError, _capture, load_models, resolve_device, stop_layer_for,
@@ -118,11 +120,19 @@ def fit_norm_affines(model_name: str, hooks: list[str], *, recorded_fingerprint:
             lm = load_models([model_name], names, context_size=_PROBE_TOKENS, device=dev, model_dtype=torch.float32,
                              progress=False)
     except HarvestInputError as e:
-        raise NormAffineError(f"reading the norm's weight and bias needs the model: {e}") from e
+        raise NormAffineError(f"reading the norm's weight and bias needs the model: {e} (or pass --model PATH: a "
+                              "folder or Hub id with the weights the cache was harvested from)") from e
     bridge = lm.bridges[0]
+    if d_model is not None and int(bridge.cfg.d_model) != d_model:
+        raise NormAffineError(f"model {model_name!r} is {int(bridge.cfg.d_model)} wide, the dictionary {d_model}: not "
+                              "the model the cache was harvested from")
     if recorded_fingerprint:
-        now = weights_fingerprint(getattr(bridge, "original_model", bridge))
-        if now != recorded_fingerprint:
+        weights = getattr(bridge, "original_model", bridge)
+        # The harvest fingerprints the model as it ran it; loaded here in float32, the same weights match
+        # once rounded to the harvest's dtype.
+        seen = [weights_fingerprint(weights, dt) for dt in (None, torch.bfloat16, torch.float16)]
+        now = seen[0]
+        if recorded_fingerprint not in seen:
             raise NormAffineError(
                 f"model {model_name!r} has other weights than the harvest recorded (fingerprint "
                 f"{recorded_fingerprint[:12]} then, {now[:12]} now): its norm is not the one this dictionary was "
