@@ -514,6 +514,16 @@ def _sh(cmd: list[str], cwd: Path | None = None, log: Path | None = None) -> int
     return subprocess.call(cmd, cwd=cwd)
 
 
+def _with_side(status: int, rc: int, what: str) -> int:
+    """The exit status so far, with one other-venv side's exit code: 1 a disagreement, 2 a crash (named)."""
+    if rc == 1:
+        return max(status, 1)
+    if rc:
+        print(f"{what} crashed: rc {rc}")
+        return 2
+    return status
+
+
 def role_all(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="circuit_tracer_check.py all")
     ap.add_argument("--project", default=str(ROOT), help="crosscache checkout")
@@ -580,11 +590,7 @@ def role_all(argv: list[str]) -> int:
             tag = Path(ct_py).parent.parent.name
             rc = _sh([ct_py, str(HERE), "ct", "--export", str(exp), "--ref", str(ref), "--work", str(work),
                       "--json", str(work / f"result_{s}_{tag}.json")])
-            if rc == 1:
-                status = max(status, 1)
-            elif rc:
-                print(f"circuit-tracer side crashed ({ct_py}, {s}): rc {rc}")
-                status = 2
+            status = _with_side(status, rc, f"circuit-tracer side ({ct_py}, {s})")
     print("ALL AGREE" if status == 0 else f"DISAGREEMENT (exit {status})")
     return status
 

@@ -33,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]  # the crosscache checkout
 sys.path.insert(0, str(HERE.parent))
-from circuit_tracer_check import Report, _dist_version, _sh, _tl_model_folder  # noqa: E402
+from circuit_tracer_check import Report, _dist_version, _sh, _tl_model_folder, _with_side  # noqa: E402
 
 TOL_MODEL = 1e-5  # HookedTransformer (2.x/3.x) vs our TransformerBridge, same weights and tokens, float32
 TOL_SAE = 1e-4  # latents/outputs of the same weights through another float path (folds done in float64)
@@ -306,11 +306,7 @@ def role_all(argv: list[str]) -> int:
         tag = Path(sl_py).parent.parent.name
         rc = _sh([sl_py, str(HERE), "sl", "--work", str(work), "--ref", str(ref),
                   "--model-path", os.path.expanduser(model_path), "--json", str(work / f"result_{tag}.json")])
-        if rc == 1:
-            status = max(status, 1)
-        elif rc:
-            print(f"SAELens side crashed ({sl_py}): rc {rc}")
-            status = 2
+        status = _with_side(status, rc, f"SAELens side ({sl_py})")
     print("ALL AGREE" if status == 0 else f"DISAGREEMENT (exit {status})")
     return status
 

@@ -127,29 +127,21 @@ def test_saelens_on_the_normalized_input_gives_our_latents_and_outputs(runs, row
         torch.testing.assert_close(sl_out.double() * w + b, ours_out.double(), rtol=1e-4, atol=1e-4)
 
 
-def test_a_dictionary_on_hook_normalized_is_written_as_it_is(runs, rows, tmp_path):
-    out = export_saelens(runs["sae_normalized"], tmp_path / "sl")
-    cfg = json.loads((out / "cfg.json").read_text())
-    assert cfg["metadata"]["hook_name"] == LN_NORMALIZED and cfg["metadata"]["crosscache"]["norm_folded"] is None
-    assert cfg["metadata"]["model_from_pretrained_kwargs"] == {"fold_ln": True}
-    model = load_dictionary(runs["sae_normalized"] / "export")
+@pytest.mark.parametrize("name,row_hook,hooks,kwargs", [
+    # a hook both have: as it is, with fold_ln (transformer-lens 2.x's unfolded LayerNorm fires it after w, b)
+    ("sae_normalized", LN_NORMALIZED, (LN_NORMALIZED, None), {"fold_ln": True}),
+    # the MLP's input: HookedSAETransformer's mlp.hook_in holds it, unprocessed model
+    ("tc_mlp_in", MLP_IN, ("blocks.1.mlp.hook_in", MLP_OUT), {}),
+])
+def test_hooks_saelens_has_are_written_without_a_fold(runs, rows, tmp_path, name, row_hook, hooks, kwargs):
+    out = export_saelens(runs[name], tmp_path / "sl")
+    meta = json.loads((out / "cfg.json").read_text())["metadata"]
+    assert (meta["hook_name"], meta.get("hook_name_out")) == hooks
+    assert meta["model_from_pretrained_kwargs"] == kwargs and meta["crosscache"]["norm_folded"] is None
+    model = load_dictionary(runs[name] / "export")
     with torch.no_grad():
-        res = model(rows[LN_NORMALIZED][:, None], inference=True)
-    sl_latents, sl_out = saelens_forward(out, rows[LN_NORMALIZED])
-    torch.testing.assert_close(sl_latents, res.latents_BL, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sl_out, res.recon_BXoD[:, 0], rtol=1e-5, atol=1e-5)
-
-
-def test_the_mlps_input_is_written_as_hookedsaetransformers_mlp_hook_in_without_a_fold(runs, rows, tmp_path):
-    out = export_saelens(runs["tc_mlp_in"], tmp_path / "sl")
-    cfg = json.loads((out / "cfg.json").read_text())
-    meta = cfg["metadata"]
-    assert (meta["hook_name"], meta["hook_name_out"]) == ("blocks.1.mlp.hook_in", MLP_OUT)
-    assert meta["model_from_pretrained_kwargs"] == {} and meta["crosscache"]["norm_folded"] is None
-    model = load_dictionary(runs["tc_mlp_in"] / "export")
-    with torch.no_grad():
-        res = model(rows[MLP_IN][:, None], inference=True)
-    sl_latents, sl_out = saelens_forward(out, rows[MLP_IN])
+        res = model(rows[row_hook][:, None], inference=True)
+    sl_latents, sl_out = saelens_forward(out, rows[row_hook])
     torch.testing.assert_close(sl_latents, res.latents_BL, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sl_out, res.recon_BXoD[:, 0], rtol=1e-5, atol=1e-5)
 
