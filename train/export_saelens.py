@@ -360,7 +360,7 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
     ``context_size``: recorded as ``metadata.context_size``; by default the training cache's
     (read from its manifest when the cache is still where the run found it, else from the export's
     ``metadata.harvest``; None only for an export written before that was recorded, whose cache is gone).
-    ``model_path``: where to load the model from when a slot is a norm's output (``ln2.hook_out``), whose
+    ``model_path``: where to load the model from when a slot is ln1's or ln_final's output, whose
     weight and bias are then read off the model and folded in (:mod:`train.norm_affine`); by default the
     model the harvest loaded (its ``--models`` name). Its weights must be the ones the cache recorded.
     ``device``: where that model loads and runs (whole, in float32: ``cuda`` for a model too large for RAM).
@@ -506,7 +506,7 @@ def export_saelens_cli(argv: list[str]) -> int:
     parser.add_argument("--context-size", type=int, default=None,
                         help="metadata.context_size (default: the training cache's, from its manifest)")
     parser.add_argument("--model", default=None,
-                        help="for a slot on a norm's output (ln2.hook_out, mlp.hook_in): the model to read the norm's "
+                        help="for a slot on ln1's or ln_final's output: the model to read the norm's "
                              "weight and bias from, a local folder or Hub id with the weights the cache was harvested "
                              "from (default: the harvest's --models name)")
     parser.add_argument("--device", default="cpu",
