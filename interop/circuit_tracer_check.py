@@ -22,6 +22,7 @@ Exit codes: 0 all agree; 1 a number disagrees (printed as FAIL); 2 a step could 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -230,31 +231,38 @@ def _tl_model_folder(model_path: str, work: Path) -> Path:
     return dst
 
 
+@contextlib.contextmanager
+def _local_model_name(name: str):
+    """Let transformer-lens's HookedTransformer.from_pretrained take the local folder ``name``: it only takes names
+    it knows (get_official_model_name raises for others, even though get_pretrained_model_config and the weight
+    conversion accept a local folder), so that one lookup is let through for this folder while inside."""
+    import transformer_lens.loading_from_pretrained as loading
+
+    orig = loading.get_official_model_name
+    loading.get_official_model_name = lambda n: n if n == name else orig(n)
+    try:
+        yield
+    finally:
+        loading.get_official_model_name = orig
+
+
 def _build_replacement_model(folder: Path, export: Path, device):
     """circuit-tracer's own entry point, ReplacementModel.from_pretrained(model, <absolute export path>) (which
     loads the transcoders with load_transcoder_from_hub, lazy decoder, then calls from_pretrained_and_transcoders),
-    on a local model folder,
-    offline. transformer-lens's HookedTransformer.from_pretrained only takes names it knows
-    (get_official_model_name raises for others, even though get_pretrained_model_config and the weight
-    conversion accept a local folder): that one lookup is let through for this folder; the weights come from
-    hf_model (GPTNeoXForCausalLM etc. loaded from the folder), converted by transformer-lens itself."""
+    on a local model folder, offline (:func:`_local_model_name`); the weights come from hf_model
+    (GPTNeoXForCausalLM etc. loaded from the folder), converted by transformer-lens itself."""
     import torch
-    import transformer_lens.loading_from_pretrained as loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from circuit_tracer import ReplacementModel
 
     name = str(folder)
-    orig = loading.get_official_model_name
-    loading.get_official_model_name = lambda n: n if n == name else orig(n)
-    try:
+    with _local_model_name(name):
         hf = AutoModelForCausalLM.from_pretrained(name, torch_dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(name)
         return ReplacementModel.from_pretrained(
             name, str(export), backend="transformerlens", device=device, dtype=torch.float32,
             hf_model=hf, tokenizer=tok)
-    finally:
-        loading.get_official_model_name = orig
 
 
 def role_ct(argv: list[str]) -> int:

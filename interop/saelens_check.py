@@ -33,7 +33,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]  # the crosscache checkout
 sys.path.insert(0, str(HERE.parent))
-from circuit_tracer_check import Report, _dist_version, _sh, _tl_model_folder, _with_side  # noqa: E402
+from circuit_tracer_check import (Report, _dist_version, _local_model_name, _sh, _tl_model_folder,  # noqa: E402
+                                  _with_side)
 
 TOL_MODEL = 1e-5  # HookedTransformer (2.x/3.x) vs our TransformerBridge, same weights and tokens, float32
 TOL_SAE = 1e-4  # latents/outputs of the same weights through another float path (folds done in float64)
@@ -108,7 +109,6 @@ def role_ours(argv: list[str]) -> int:
         out[f"{c}/x_sl"] = flat[sl_hooks[c]]
         out[f"{c}/latents_sl"] = res.latents_BL * latent_scale(model).float()
         out[f"{c}/out_sl"] = expected_out
-        out[f"{c}/target"] = flat[hook_out or hook_in]  # what the dictionary reconstructs, in our space
         l0 = float((res.latents_BL[1:] > 0).float().sum(-1).mean())
         print(f"[ours] {c}: {hook_in} -> {hook_out or hook_in} (SAELens hook {sl_hooks[c]}), L0 {l0:.1f}")
     save_file({k: v.clone().contiguous() for k, v in out.items()}, args.out,  # clones: rows shared by cases
@@ -120,29 +120,25 @@ def role_ours(argv: list[str]) -> int:
 # role "sl": SAELens (its own venv)
 # ======================================================================================================
 def _load_model(folder: Path, kwargs: dict):
-    """SAELens's way, ``HookedSAETransformer.from_pretrained_no_processing(name, **kwargs)``, on a local folder:
-    transformer-lens only takes names it knows, so that one lookup is let through for this folder (the weights
-    come from ``hf_model``, converted by transformer-lens itself), as circuit_tracer_check does."""
+    """SAELens's way, ``HookedSAETransformer.from_pretrained_no_processing(name, **kwargs)``, on a local folder
+    (:func:`circuit_tracer_check._local_model_name`; the weights come from ``hf_model``, converted by
+    transformer-lens itself)."""
+    import tempfile
+
     import torch
-    import transformer_lens.loading_from_pretrained as loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sae_lens import HookedSAETransformer
 
     # transformer-lens guesses the architecture from names holding "llama" or "gemma" without reading the
     # folder's config: give it a path without them (a link in a fresh temporary folder).
-    import tempfile
     link = Path(tempfile.mkdtemp(prefix="sl-check-")) / "model"
     link.symlink_to(folder.resolve(), target_is_directory=True)
     name = str(link)
-    orig = loading.get_official_model_name
-    loading.get_official_model_name = lambda n: n if n == name else orig(n)
-    try:
+    with _local_model_name(name):
         hf = AutoModelForCausalLM.from_pretrained(name, torch_dtype=torch.float32)
         return HookedSAETransformer.from_pretrained_no_processing(
             name, hf_model=hf, tokenizer=AutoTokenizer.from_pretrained(name), device="cpu", **kwargs)
-    finally:
-        loading.get_official_model_name = orig
 
 
 def role_sl(argv: list[str]) -> int:
@@ -160,6 +156,7 @@ def role_sl(argv: list[str]) -> int:
 
     import sae_lens
     import transformer_lens
+    import transformers
     from sae_lens import SAE
 
     warnings.filterwarnings("ignore", message=".*model_from_pretrained_kwargs.*")  # what we do anyway
@@ -172,7 +169,6 @@ def role_sl(argv: list[str]) -> int:
     with safe_open(args.ref, "pt") as f:
         cases = json.loads(f.metadata()["cases"])
     tokens = ref["tokens"]
-    import transformers
     # One folder per transformers major: a tokenizer re-saved by transformers 5 does not load in 4.
     folder = _tl_model_folder(args.model_path, work / f"transformers{transformers.__version__.split('.')[0]}")
     models: dict[str, object] = {}
