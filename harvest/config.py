@@ -124,14 +124,14 @@ class HarvestConfig:
                                  f"{list(TOKEN_TABLE_COLUMNS)}; rename the dataset column or leave it out")
             if len(set(self.meta_columns)) != len(self.meta_columns):
                 raise ValueError(f"meta_columns: duplicate names in {self.meta_columns}")
-        for name in ("tokens", "context_size", "batch_size", "calibration_tokens", "shuffle_shards",
+        if self.context_size < 2:  # before the generic >= 1 check, so 0 and 1 get the same message
+            raise ValueError(f"context_size must be >= 2 (BOS plus at least one token), got {self.context_size}")
+        for name in ("tokens", "batch_size", "calibration_tokens", "shuffle_shards",
                      "capture_group_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.write_threads is not None and self.write_threads < 1:
             raise ValueError(f"write_threads must be >= 1 or None, got {self.write_threads}")
-        if self.context_size < 2:
-            raise ValueError("context_size must be >= 2 (BOS plus at least one token)")
         if self.shard_size is not None and not (self.shard_size > 0 and math.isfinite(self.shard_size)):
             raise ValueError(f"shard_size must be a positive number of MiB, got {self.shard_size}")
         if self.normalize not in NORM_METHODS:

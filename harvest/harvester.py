@@ -33,7 +33,7 @@ from harvest.config import HarvestConfig
 from harvest.models import (HarvestInputError, LoadedModels, check_same_weights, hook_value, load_models,
                             resolve_device)
 from harvest.rank_manifests import damaged_shards, remove_unlisted_shards, shard_index
-from harvest.token_stream import TokenPlan, build_token_plan
+from harvest.token_stream import TokenPlan, build_token_plan, empty_documents_note
 from harvest.writer import drain, shard_writer_for, writer_wait_note
 from shared.cache import CacheWriter, remove_stale_temp_files
 from shared.cache_format import (
@@ -226,9 +226,8 @@ def plan_from_config(cfg: HarvestConfig, models: LoadedModels, *, say: Callable[
         seed=cfg.seed, tokenizer=models.tokenizer, context_size=cfg.context_size, bos_id=models.bos_id,
         eos_id=models.eos_id, excluded_ids=models.excluded_ids, n_rows=cfg.tokens, n_vocab=models.n_vocab,
     )
-    if plan.empty_docs:
-        say(f"note: skipped {plan.empty_docs:,} documents with no text in column {cfg.text_column!r} (null, missing "
-            "or empty); if that is most of them, check --text-column")
+    if note := empty_documents_note(plan, cfg.text_column):
+        say(note)
     return plan
 
 

@@ -4,14 +4,17 @@ Sources (``--dataset``):
 - ``builtin:docs`` / ``builtin:code`` / ``builtin:mixed``: corpora every CPython carries
   (see :mod:`harvest.corpora`), with a ``source`` column;
 - a local ``.txt`` (documents separated by blank lines), ``.jsonl``/``.json`` or ``.parquet``
-  file, or a folder of them;
+  file; a folder of them, split by file names as ``datasets.load_dataset(folder)`` splits it;
+  a folder written by ``save_to_disk``;
 - a Hugging Face dataset id, streamed (``--split``, ``--text-column``).
 A row with an ``input_ids`` column is taken as pre-tokenized (ids of the models' tokenizer).
 
 Packing: each document's tokens are followed by EOS and appended to a buffer; every
 ``context_size - 1`` tokens become one sequence ``[BOS] + tokens``. Documents with different
 metadata (e.g. ``source``) go to separate buffers, so a sequence's metadata is exact.
-Pre-tokenized rows that already are ``[BOS] + context_size - 1`` tokens are kept as they are.
+Pre-tokenized rows that already are ``[BOS] + context_size - 1`` tokens are kept as they are
+when nothing of their metadata value waits in a buffer (else they are packed like any document,
+so the stream keeps its order).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 
 from harvest.models import HarvestInputError
 
-__all__ = ["TokenPlan", "iter_documents", "build_token_plan"]
+__all__ = ["TokenPlan", "iter_documents", "build_token_plan", "empty_documents_note"]
 
 LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SHUFFLE_BUFFER = 10_000
@@ -46,6 +49,7 @@ class TokenPlan:
     metadata: dict[str, list[Any]] = field(default_factory=dict)
     rows_per_seq: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # rows each seq contributes
     empty_docs: int = 0  # documents read with no tokens (no text in the text column): skipped
+    pretokenized: bool = False  # the rows held input_ids (empty_docs are then rows of no ids)
 
     @property
     def n_sequences(self) -> int:
@@ -61,17 +65,67 @@ class TokenPlan:
         return np.concatenate([[0], np.cumsum(self.rows_per_seq)[:-1]]).astype(np.int64)
 
 
-def _local_files(path: Path) -> tuple[str, list[str]]:
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
-    if not files:
-        raise HarvestInputError(f"dataset folder {path} holds no {'/'.join(LOCAL_SUFFIXES)} files")
-    kinds = {LOCAL_SUFFIXES.get(p.suffix) for p in files}
-    if None in kinds or len(kinds) > 1:
+SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+"""Files ``datasets.Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` leave in their folder."""
+
+
+def _local_files(path: Path, split: str) -> tuple[str, list[str]]:
+    """The builder and files of one split of a local file or folder.
+
+    A folder is read as ``datasets.load_dataset(folder)`` reads it: files in subfolders too, and split
+    by their names (``train.jsonl``/``test.jsonl``, ``data/train-00000-of-00001.parquet``), so a
+    folder holding a test split never leaks it into ``train``. Files of other kinds (README.md,
+    .gitattributes of a Hub snapshot) are left out."""
+    if path.is_file():
+        splits = {"train": [path]}
+    else:
+        from datasets.data_files import DataFilesDict, get_data_patterns
+
+        try:
+            patterns = get_data_patterns(str(path))
+        except Exception:  # noqa: BLE001 - datasets raises EmptyDatasetError for a folder of no files
+            patterns = {}
+        found = DataFilesDict.from_patterns(patterns, base_path=str(path)) if patterns else {}
+        splits = {str(name): [Path(f) for f in files if Path(f).suffix in LOCAL_SUFFIXES]
+                  for name, files in found.items()}
+        splits = {name: sorted(files) for name, files in splits.items() if files}
+        if not splits:
+            raise HarvestInputError(f"dataset folder {path} holds no {'/'.join(LOCAL_SUFFIXES)} files")
+    if split not in splits:
+        if len(splits) == 1:
+            raise HarvestInputError(
+                f"--split {split!r}: dataset {path} has one split, {next(iter(splits))!r}; drop --split, or name "
+                "the files by split (train.jsonl, test.jsonl) as Hugging Face datasets does")
+        raise HarvestInputError(f"--split {split!r}: dataset folder {path} has the splits {sorted(splits)} "
+                                "(by file name); pass one of them")
+    files = splits[split]
+    kinds = {LOCAL_SUFFIXES[p.suffix] for p in files}
+    if len(kinds) > 1:
         raise HarvestInputError(
             f"dataset {path}: expected files of one kind among {', '.join(LOCAL_SUFFIXES)}, got "
-            + ", ".join(sorted({p.suffix or '(no suffix)' for p in files}))
+            + ", ".join(sorted({p.suffix for p in files}))
         )
-    return kinds.pop(), [str(p) for p in files]  # type: ignore[return-value]
+    return kinds.pop(), [str(p) for p in files]
+
+
+def _saved_dataset(path: Path, split: str) -> Any:
+    """A folder written by ``save_to_disk``, as an iterable dataset of ``split``."""
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - datasets' errors for a damaged save
+        raise HarvestInputError(f"dataset folder {path} looks like a save_to_disk folder but does not load "
+                                f"({type(e).__name__}: {e})") from None
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise HarvestInputError(f"--split {split!r}: the saved dataset {path} has the splits {sorted(saved)}; "
+                                    "pass one of them")
+        saved = saved[split]
+    elif split != "train":
+        raise HarvestInputError(f"--split {split!r}: the saved dataset {path} is one split, read as 'train'; "
+                                "drop --split")
+    return saved.to_iterable_dataset()
 
 
 def iter_documents(dataset: str, split: str = "train", seed: int = 0) -> Iterator[dict[str, Any]]:
@@ -87,17 +141,18 @@ def iter_documents(dataset: str, split: str = "train", seed: int = 0) -> Iterato
     import datasets
 
     path = Path(dataset).expanduser()
-    if path.exists():
-        builder, files = _local_files(path)
+    if path.is_dir() and any((path / m).is_file() for m in SAVED_DATASET_MARKERS):
+        ds = _saved_dataset(path, split)
+    elif path.exists():
+        builder, files = _local_files(path, split)
         files = [f for f in files if not _holds_no_rows(f, builder)]  # datasets fails on them, unclearly
         if not files:
             return  # no documents: the caller says so
-        if split != "train":
-            raise HarvestInputError(
-                f"--split {split!r}: local dataset files have one split, 'train'; drop --split, or split the files"
-            )
-        kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
+        # utf-8-sig: a byte-order mark at a file's start is not text (plain utf-8 kept it as U+FEFF).
+        kwargs: dict[str, Any] = {"sample_by": "paragraph", "encoding": "utf-8-sig"} if builder == "text" else {}
         ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+        if builder == "text":  # paragraphs split on blank lines keep any extra newline; spaces-only lines are none
+            ds = ds.map(_tidy_paragraph)
     elif path.suffix in LOCAL_SUFFIXES or dataset.startswith((".", "/", "~")):
         raise HarvestInputError(f"dataset file {dataset} does not exist")
     else:
@@ -110,8 +165,23 @@ def iter_documents(dataset: str, split: str = "train", seed: int = 0) -> Iterato
             ) from e
     try:
         yield from ds.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
+    except UnicodeDecodeError as e:
+        raise HarvestInputError(f"reading dataset {dataset!r} failed: it is not UTF-8 text ({e}); convert it, "
+                                "e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8.txt") from e
     except Exception as e:  # noqa: BLE001 - datasets raises many types while reading; all mean bad data
-        raise HarvestInputError(f"reading dataset {dataset!r} failed: {type(e).__name__}: {e}") from e
+        raise HarvestInputError(f"reading dataset {dataset!r} failed: {type(e).__name__}: {_short(e)}") from e
+
+
+def _tidy_paragraph(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``.txt`` document without the newlines around it; blank (spaces only) is empty, so skipped."""
+    text = row["text"].strip("\r\n")
+    return {"text": text if text.strip() else ""}
+
+
+def _short(value: Any, limit: int = 300) -> str:
+    """``value`` as text, cut to ``limit`` characters (an error quoting a whole document or id list is unreadable)."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
 
 
 def _holds_no_rows(file: str, builder: str) -> bool:
@@ -132,9 +202,39 @@ def _holds_no_rows(file: str, builder: str) -> bool:
     return True
 
 
+def _pretokenized_ids(doc: dict[str, Any]) -> list[int]:
+    """One row's ``input_ids`` as ints: null is empty (skipped, as null text is); with an ``attention_mask``
+    column, only the ids it marks (padding is not text). Floats that are not whole numbers, nested lists
+    and other values are refused rather than cast."""
+    raw = doc["input_ids"]
+    if raw is None:
+        return []
+    if isinstance(raw, (str, bytes)) or not hasattr(raw, "__iter__"):
+        raise HarvestInputError(f"pre-tokenized input_ids must be a list of ints per row, got a "
+                                f"{type(raw).__name__} ({_short(repr(raw), 80)})")
+    ids: list[int] = []
+    for v in raw:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+            kind = "a nested list (one row per document: flatten it)" if isinstance(v, (list, tuple, np.ndarray)) \
+                else type(v).__name__
+            raise HarvestInputError(f"pre-tokenized input_ids must be a list of ints per row; a row holds "
+                                    f"{kind}: {_short(repr(v), 80)}")
+        if isinstance(v, (float, np.floating)) and not (np.isfinite(v) and v == int(v)):
+            raise HarvestInputError(f"pre-tokenized input_ids hold {v!r}, not a whole number; the ids must be the "
+                                    "models' own token ids")
+        ids.append(int(v))
+    mask = doc.get("attention_mask")
+    if mask is not None:
+        mask = list(mask)
+        if len(mask) != len(ids):
+            raise HarvestInputError(f"a row's attention_mask has {len(mask)} entries for {len(ids)} input_ids")
+        ids = [i for i, m in zip(ids, mask) if m]
+    return ids
+
+
 def _doc_tokens(batch: list[dict[str, Any]], tokenizer: Any, text_column: str, n_vocab: int) -> list[list[int]]:
     if "input_ids" in batch[0]:
-        docs = [list(map(int, d["input_ids"])) for d in batch]
+        docs = [_pretokenized_ids(d) for d in batch]
         for ids in docs:
             if ids and (min(ids) < 0 or max(ids) >= n_vocab):  # else a bare IndexError in the forward, later
                 bad = [i for i in ids if not 0 <= i < n_vocab]
@@ -152,7 +252,7 @@ def _doc_tokens(batch: list[dict[str, Any]], tokenizer: Any, text_column: str, n
     if odd:
         bad = odd[0]
         raise HarvestInputError(
-            f"text column {text_column!r} holds {type(bad).__name__} values (e.g. {bad!r}), not text; pass "
+            f"text column {text_column!r} holds {type(bad).__name__} values (e.g. {_short(repr(bad), 80)}), not text; pass "
             f"--text-column NAME of a column of strings (columns: {sorted(batch[0])}), or give pre-tokenized "
             "data as an input_ids column"
         )
@@ -190,6 +290,7 @@ def build_token_plan(
     counts: list[int] = []
     buffers: dict[tuple, list[int]] = {}
     total, n_docs = 0, 0
+    read, new_values = 0, 0  # tokens put in buffers; documents that opened a buffer of their own value
     docs = iter_documents(dataset, split, seed)
 
     def emit(ids: list[int], key: tuple, meta_names: list[str]) -> bool:
@@ -213,6 +314,7 @@ def build_token_plan(
         if not batch:
             break
         if meta_names is None:
+            plan.pretokenized = "input_ids" in batch[0]
             meta_names = meta_columns if meta_columns is not None else (["source"] if "source" in batch[0] else [])
             for name in meta_names:
                 if name not in batch[0]:
@@ -232,12 +334,14 @@ def build_token_plan(
                     f"meta column {odd!r} holds {type(doc[odd]).__name__} values; a meta column must hold one "
                     "string or number per document. Leave it out with --meta-columns NAME ..."
                 ) from None
-            if bos_id is not None and len(ids) == context_size and ids[0] == bos_id:
-                done = emit(ids, key, meta_names)  # already a packed sequence
+            if bos_id is not None and len(ids) == context_size and ids[0] == bos_id and not buffers.get(key):
+                done = emit(ids, key, meta_names)  # already a packed sequence (none waits before it)
             else:
                 if bos_id is not None and ids and ids[0] == bos_id:
                     ids = ids[1:]
+                new_values += key not in buffers
                 buf = buffers.setdefault(key, [])
+                read += len(ids) + (eos_id is not None)
                 buf.extend(ids)
                 if eos_id is not None:
                     buf.append(eos_id)
@@ -259,10 +363,13 @@ def build_token_plan(
         return (f"; {also}{held:,} tokens sit in partly filled sequences of {len(buffers):,} values of --meta-columns "
                 f"{' '.join(meta_names or [])} (documents are packed per value)" if held and meta_names else "")
 
+    if meta_names and n_docs >= 16 and 2 * new_values > n_docs and 10 * held > read:
+        # Below MAX_OPEN_META_VALUES, yet most documents had a value of their own: their tails never packed.
+        raise HarvestInputError(_too_many_values_message(meta_names, buffers, n_docs, body, dropped=(held, read)))
     if total == 0:
         raise HarvestInputError(
-            f"dataset {dataset!r} yielded {n_docs} documents but not one full sequence of "
-            f"{context_size} tokens{waiting('')}; lower --context-size or use a bigger dataset"
+            f"dataset {dataset!r} yielded {n_docs} documents{_empty_note(plan, text_column)} but not one full "
+            f"sequence of {context_size} tokens{waiting('')}; lower --context-size or use a bigger dataset"
         )
     if total < n_rows:
         raise HarvestInputError(
@@ -275,14 +382,32 @@ def build_token_plan(
     return plan
 
 
+def _empty_note(plan: TokenPlan, text_column: str) -> str:
+    if not plan.empty_docs:
+        return ""
+    what = "no input_ids" if plan.pretokenized else f"no text in column {text_column!r}"
+    return f" ({plan.empty_docs:,} of them with {what})"
+
+
+def empty_documents_note(plan: TokenPlan, text_column: str) -> str | None:
+    """What the harvest says of documents it skipped for having no tokens; None when there were none."""
+    if not plan.empty_docs:
+        return None
+    if plan.pretokenized:
+        return f"note: skipped {plan.empty_docs:,} rows with null or empty input_ids"
+    return (f"note: skipped {plan.empty_docs:,} documents with no text in column {text_column!r} (null, missing "
+            "or empty); if that is most of them, check --text-column")
+
+
 def _too_many_values_message(meta_names: list[str], buffers: dict[tuple, list[int]], n_docs: int,
-                             body: int) -> str:
-    example = ", ".join(repr(k if len(k) > 1 else k[0]) for k in list(buffers)[:3])
+                             body: int, dropped: tuple[int, int] | None = None) -> str:
+    example = ", ".join(_short(repr(k if len(k) > 1 else k[0]), 60) for k in list(buffers)[:3])
+    why = (f"past the limit of {MAX_OPEN_META_VALUES:,}" if dropped is None else
+           f"and would be dropped: {dropped[0]:,} of the {dropped[1]:,} tokens read ({dropped[0] / dropped[1]:.0%})")
     return (f"--meta-columns {' '.join(meta_names)}: {len(buffers):,} distinct values among the first {n_docs:,} "
-            f"documents (e.g. {example}) each hold a partly filled sequence, past the limit of "
-            f"{MAX_OPEN_META_VALUES:,}. A sequence never mixes documents with different metadata, so a column "
-            f"with a value per document (an id, a URL) would keep only documents' whole {body}-token pieces and "
-            "drop every tail and every shorter document. Name columns with few values (source, language), or "
+            f"documents (e.g. {example}) each hold a partly filled sequence, {why}. A sequence never mixes "
+            f"documents with different metadata, so a column with a value per document (an id, a URL) would "
+            f"keep only documents' whole {body}-token pieces and drop every tail and every shorter document. Name columns with few values (source, language), or "
             "pass --meta-columns alone for none")
 
 

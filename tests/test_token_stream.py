@@ -27,6 +27,15 @@ def _plan(tokenizer, dataset, n_rows=300, context_size=32, **kw):
     return build_token_plan(**args)
 
 
+def _plan_of_every_document(tokenizer, dataset, **kw):
+    """The plan of all a dataset's usable tokens: every document is read but those (shuffled) after its
+    last full sequence."""
+    with pytest.raises(HarvestInputError, match=r"holds only ([\d,]+) usable tokens") as e:
+        _plan(tokenizer, dataset, **{**kw, "n_rows": 10**6})
+    usable = int(e.value.args[0].split("holds only ")[1].split(" ")[0].replace(",", ""))
+    return _plan(tokenizer, dataset, **{**kw, "n_rows": usable})
+
+
 def _texts(n=60):
     return [f"Paragraph {i} talks about the assert statement and the import system, part {i}." for i in range(n)]
 
@@ -161,7 +170,7 @@ def test_local_files_that_are_empty_odd_or_inconsistent_get_clear_errors(tokeniz
     with pytest.raises(HarvestInputError, match="reading dataset .* failed"):
         _plan(tokenizer, str(differ), n_rows=3000)
 
-    with pytest.raises(HarvestInputError, match="local dataset files have one split"):
+    with pytest.raises(HarvestInputError, match="has one split, .train.; drop --split"):
         _plan(tokenizer, str(mixed), split="validation")
 
 
@@ -171,10 +180,7 @@ def test_documents_without_text_are_skipped_and_counted(tokenizer, tmp_path):
     rows = [{"text": t} for t in _texts()] + [{"text": None}] * 7 + [{"text": ""}] * 3 + [{"body": "x"}] * 5
     path = tmp_path / "gaps.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    with pytest.raises(HarvestInputError, match=r"holds only ([\d,]+) usable tokens") as e:
-        _plan(tokenizer, str(path), n_rows=10**6)
-    usable = int(e.value.args[0].split("holds only ")[1].split(" ")[0].replace(",", ""))
-    plan = _plan(tokenizer, str(path), n_rows=usable)  # reads every document
+    plan = _plan_of_every_document(tokenizer, str(path))
     assert plan.empty_docs == 15
     for ids in plan.input_ids:  # after BOS, no two EOS in a row: an empty document would have made one
         body = ids[1:]
@@ -206,3 +212,137 @@ def test_too_small_says_what_waits_in_partly_filled_sequences_per_meta_value(tok
     with pytest.raises(HarvestInputError) as e:  # no meta column: nothing to say about values
         _plan(tokenizer, str(jl), n_rows=10**6, meta_columns=[], context_size=128)
     assert "partly filled" not in str(e.value)
+
+
+def _doc_words(plan, tokenizer) -> set[str]:
+    return {w for ids in plan.input_ids for w in tokenizer.decode(ids, skip_special_tokens=True).split()}
+
+
+def test_a_folder_is_split_by_file_names_as_datasets_splits_it(tokenizer, tmp_path):
+    """A folder with train.jsonl and test.jsonl once read both into the train stream (held-out text leaked
+    into training); files in subfolders and a Hub snapshot's data/ layout were not read at all."""
+    words = {"train": "alpha", "test": "omega"}
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for split, word in words.items():
+        (flat / f"{split}.jsonl").write_text("\n".join(json.dumps({"text": f"{word} {t}"}) for t in _texts()))
+    (flat / "README.md").write_text("# a dataset card, not data\n")
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    for split, word in words.items():
+        pq.write_table(pa.table({"text": [f"{word} {t}" for t in _texts()]}), hub / f"{split}-00000-of-00001.parquet")
+    for folder in (flat, hub.parent):
+        for split, word in words.items():
+            got = _doc_words(_plan(tokenizer, str(folder), n_rows=300, split=split), tokenizer)
+            assert word in got and (set(words.values()) - {word}).isdisjoint(got), (folder, split)
+        with pytest.raises(HarvestInputError, match=r"has the splits \['test', 'train'\] \(by file name\)"):
+            _plan(tokenizer, str(folder), split="validation")
+
+    nested = tmp_path / "nested"
+    (nested / "sub").mkdir(parents=True)
+    (nested / "a.txt").write_text("\n\n".join(f"alpha {t}" for t in _texts(5)))
+    (nested / "sub" / "b.txt").write_text("\n\n".join(f"omega {t}" for t in _texts(5)))
+    assert {"alpha", "omega"} <= _doc_words(_plan(tokenizer, str(nested), n_rows=150), tokenizer)
+    with pytest.raises(HarvestInputError, match="has one split, 'train'; drop --split"):
+        _plan(tokenizer, str(nested), split="test")
+
+
+def test_a_save_to_disk_folder_is_read_with_its_splits(tokenizer, tmp_path):
+    import datasets
+
+    train = datasets.Dataset.from_dict({"text": [f"alpha {t}" for t in _texts()], "source": ["a"] * 60})
+    test = datasets.Dataset.from_dict({"text": [f"omega {t}" for t in _texts()], "source": ["b"] * 60})
+    train.save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "two"))
+    one = _plan(tokenizer, str(tmp_path / "one"), n_rows=300)
+    assert "alpha" in _doc_words(one, tokenizer) and set(one.metadata["source"]) == {"a"}
+    assert _doc_words(_plan(tokenizer, str(tmp_path / "two"), n_rows=300, split="test"), tokenizer) >= {"omega"}
+    with pytest.raises(HarvestInputError, match=r"has the splits \['test', 'train'\]; pass one of them"):
+        _plan(tokenizer, str(tmp_path / "two"), split="validation")
+    with pytest.raises(HarvestInputError, match="is one split, read as 'train'"):
+        _plan(tokenizer, str(tmp_path / "one"), split="test")
+
+
+def test_a_meta_column_with_a_value_per_document_is_refused_below_the_limit_too(tokenizer, tmp_path):
+    """Under 1,024 open values a per-document id dropped every tail silently (the audit: 1,291 sequences of
+    227 documents, 8 holding a document's end). Per-document values on long documents lose little: kept."""
+    short = tmp_path / "short.jsonl"
+    short.write_text("\n".join(json.dumps({"text": " ".join([t] * 2), "source": f"file{i}.py"})
+                               for i, t in enumerate(_texts(200))))
+    with pytest.raises(HarvestInputError, match=r"--meta-columns source: .* distinct values .* would be dropped: "
+                                                r"[\d,]+ of the [\d,]+ tokens read \(\d+%\)"):
+        _plan(tokenizer, str(short), n_rows=500)
+    assert _plan(tokenizer, str(short), n_rows=500, meta_columns=[]).n_rows == 500
+    books = tmp_path / "books.jsonl"
+    books.write_text("\n".join(json.dumps({"text": " ".join(_texts(60)), "title": f"book {i}"}) for i in range(20)))
+    plan = _plan(tokenizer, str(books), n_rows=20_000, meta_columns=["title"])
+    assert len(set(plan.metadata["title"])) > 10
+
+
+def test_pretokenized_rows_keep_their_order_when_some_are_already_packed(tokenizer, tmp_path):
+    """A row that is exactly [BOS] + context_size - 1 ids was emitted at once even while the previous
+    document's tail (and EOS) waited in the buffer, which then surfaced later, out of order."""
+    from harvest.token_stream import iter_documents
+
+    rng = np.random.default_rng(0)
+    rows = [[0] + rng.integers(2, 4000, 31).tolist() if i % 3 == 0 else rng.integers(2, 4000, 9 + i % 20).tolist()
+            for i in range(60)]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps({"input_ids": r}) for r in rows))
+    plan = _plan(tokenizer, str(path), n_rows=1000)
+    stream = np.concatenate([ids[1:] for ids in plan.input_ids]).tolist()
+    at = 0
+    for doc in iter_documents(str(path), "train", 0):  # the order the plan read them
+        ids = doc["input_ids"][1:] if doc["input_ids"][0] == 0 else doc["input_ids"]
+        found = next((i for i in range(at, len(stream) - len(ids) + 1) if stream[i:i + len(ids)] == ids), None)
+        if found is None:  # the plan stopped before this document
+            assert len(stream) - at < len(ids) + 32
+            break
+        assert found <= at + 1, "a document came out of order"  # +1: the EOS after the one before
+        at = found + len(ids)
+
+
+def test_pretokenized_values_are_checked_not_cast(tokenizer, tmp_path):
+    def plan_of(rows, read_all=False, **kw):
+        path = tmp_path / "pt.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+        return (_plan_of_every_document if read_all else _plan)(tokenizer, str(path), **kw)
+
+    good = [{"input_ids": list(range(5, 40))} for _ in range(10)]
+    with pytest.raises(HarvestInputError, match=r"hold 377\.5, not a whole number"):
+        plan_of(good + [{"input_ids": [5, 377.5, 6]}] * 300, n_rows=5000)
+    with pytest.raises(HarvestInputError, match=r"a row holds a nested list \(one row per document: flatten it\)"):
+        plan_of([{"input_ids": [[5, 6, 7], [8, 9]]}] * 5, n_rows=5)
+    plan = plan_of(good + [{"input_ids": None}] * 4 + [{"input_ids": []}] * 3, n_rows=10**6, read_all=True)
+    assert plan.empty_docs > 0 and plan.pretokenized  # most of the 7: the stream may end before the last
+    from harvest.token_stream import empty_documents_note
+
+    assert empty_documents_note(plan, "text") == f"note: skipped {plan.empty_docs} rows with null or empty input_ids"
+    # Right padding with a mask: the masked ids (pad 1) never reach a sequence.
+    padded = [{"input_ids": list(range(5, 25)) + [1] * 12, "attention_mask": [1] * 20 + [0] * 12}] * 20
+    assert not any(1 in ids for ids in plan_of(padded, n_rows=300).input_ids)
+    with pytest.raises(HarvestInputError, match="attention_mask has 3 entries for 32 input_ids"):
+        plan_of([{"input_ids": list(range(5, 37)), "attention_mask": [1, 1, 1]}] * 5, n_rows=5)
+
+
+def test_text_files_are_tidied_and_must_be_utf8(tokenizer, tmp_path):
+    """A byte-order mark, runs of 3+ newlines and lines of spaces no longer become text or documents."""
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeff".encode() + "\n\n\n\n\n".join(_texts(40)).encode() + b"\n\n   \n\n" * 5)
+    plan = _plan_of_every_document(tokenizer, str(bom))
+    assert plan.empty_docs > 0  # paragraphs of spaces
+    for ids in plan.input_ids:
+        text = tokenizer.decode(ids[1:])
+        assert "\ufeff" not in text and "<|endoftext|>\n" not in text and not text.startswith("\n")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 au lait\n\n".encode("latin-1") * 50)
+    with pytest.raises(HarvestInputError, match="it is not UTF-8 text .* convert it, e.g. iconv"):
+        _plan(tokenizer, str(latin), n_rows=100)
+
+
+@pytest.mark.parametrize("context_size", [0, 1])
+def test_context_size_below_two_has_one_message(context_size, tmp_path):
+    from conftest import small_harvest_config
+
+    with pytest.raises(ValueError, match=rf"context_size must be >= 2 \(BOS plus at least one token\), got {context_size}"):
+        small_harvest_config(tmp_path / "c", context_size=context_size)
