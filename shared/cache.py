@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -61,7 +62,8 @@ class Cache:
         return read_token_table(self.dir)
 
     def normalization(self) -> Normalization:
-        return Normalization.from_manifest(self.dir, self.manifest.normalization)
+        man = self.manifest
+        return Normalization.from_manifest(self.dir, man.normalization, model_names=man.model_names, hooks=man.hooks)
 
     def model_index(self, name: str) -> int:
         names = self.manifest.model_names
@@ -122,7 +124,8 @@ class VerifyReport:
 def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: bool = False) -> VerifyReport:
     """Check every shard against the manifest: present, size, sha256, header shapes and dtypes.
 
-    Also checks that the token table is readable and holds the manifest's ``n_sequences``, that
+    Also checks that the token table is readable and holds the manifest's ``n_sequences``, each of
+    ``context_size`` tokens, that
     the cache's own ``tokenizer.json`` is there and matches its sha256 when the manifest lists one,
     that a ``mean_std`` cache's normalization side file loads, fits and matches its sha256, and that
     every row's ``(seq, pos, token)`` is a position of the token table holding that token.
@@ -193,7 +196,8 @@ def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: boo
         report.problems.append(tokenizer_problem)
     if manifest.normalization.get("method") == "mean_std":
         try:
-            norm = Normalization.from_manifest(cache_dir, manifest.normalization)
+            norm = Normalization.from_manifest(cache_dir, manifest.normalization, model_names=manifest.model_names,
+                                               hooks=manifest.hooks)
             assert norm.mean_MPD is not None
             if norm.mean_MPD.shape[-1] != manifest.d_model:
                 report.problems.append(f"{NORMALIZATION_NAME}: width {norm.mean_MPD.shape[-1]}, manifest says "
@@ -205,6 +209,15 @@ def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: boo
         report.problems.append(f"{TOKENS_NAME}: {table.num_rows} sequences, manifest says {n_seq}")
     if index is not None and index.problem:
         report.problems.append(f"{TOKENS_NAME}: {index.problem}")
+    if index is not None:
+        lengths_S = np.diff(index.offsets)
+        other_S = np.nonzero(lengths_S != manifest.context_size)[0]
+        if other_S.size:  # rows would index tokens of sequences cut otherwise than the manifest says
+            first = int(other_S[0])
+            report.problems.append(
+                f"{TOKENS_NAME}: {other_S.size} sequence(s) do not hold the manifest's context_size "
+                f"{manifest.context_size} tokens (seq {first} holds {int(lengths_S[first])}); every input_ids row is "
+                "one whole sequence, BOS included: set context_size to that length, or rewrite the table")
     return report
 
 

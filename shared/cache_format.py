@@ -111,10 +111,12 @@ class ShardRecord:
     @staticmethod
     def from_json(obj: dict[str, Any], where: str) -> "ShardRecord":
         try:
+            if not isinstance(obj["file"], str):
+                raise TypeError(f"file must be a string, got {type(obj['file']).__name__}")
             return ShardRecord(
-                file=str(obj["file"]),
+                file=obj["file"],
                 n_rows=int(obj["n_rows"]),
-                sha256=str(obj["sha256"]),
+                sha256=str(obj["sha256"]).lower(),  # we write lowercase hex; another tool may write uppercase
                 bytes=int(obj["bytes"]),
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -138,6 +140,17 @@ _REQUIRED = (
 )
 
 
+def _checked_relative_path(file: Any, what: str, where: str, example: str) -> str:
+    """``file`` as a plain relative path inside the cache folder, normalized (``a//b``, ``./a/b`` -> ``a/b``,
+    so two spellings of one file compare equal); raise :class:`CacheError` naming ``what`` otherwise."""
+    parts = Path(file).parts if isinstance(file, str) else ()
+    # A reader opens <cache>/<file>: a name reaching outside the folder would read (or push) another file.
+    if not parts or Path(file).is_absolute() or "\\" in file or any(p in ("..", ".") for p in parts):
+        raise CacheError(f"{where}: {what} {file!r} must be a relative path inside the cache folder, with no "
+                         f"'..' (e.g. {example!r}); move the file into the folder and list it relative to it")
+    return "/".join(parts)
+
+
 def _checked_tokenizer(entry: Any, where: str) -> dict[str, Any]:
     """The manifest's ``tokenizer`` object, checked where it lists the cache's own tokenizer file:
     ``file`` a plain relative name inside the cache folder; ``file_sha256``, if given, 64 hex digits
@@ -147,15 +160,25 @@ def _checked_tokenizer(entry: Any, where: str) -> dict[str, Any]:
     file = entry.get("file")
     if file is None:
         return dict(entry)
-    parts = Path(str(file)).parts if isinstance(file, str) else ()
-    # A reader opens <cache>/<file>: a name reaching outside the folder would read another file.
-    if not parts or Path(file).is_absolute() or "\\" in file or any(p in ("..", ".") for p in parts):
-        raise CacheError(f"{where}: tokenizer.file {file!r} must be a relative path inside the cache folder "
-                         f"(the harvest writes {TOKENIZER_NAME!r})")
+    _checked_relative_path(file, "tokenizer.file", where, TOKENIZER_NAME)
     sha = entry.get("file_sha256")
-    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
         raise CacheError(f"{where}: tokenizer.file_sha256 must be the 64-hex sha256 of {file}, got {sha!r}")
-    return dict(entry)
+    return dict(entry, file_sha256=sha.lower()) if sha is not None else dict(entry)
+
+
+def _check_names(models: list[Any], hooks: list[Any], where: str) -> None:
+    """Every ``models`` entry an object with a ``name`` (its other keys are optional), and no model or hook
+    name twice: a name picks one index of the ``acts`` axes, so a repeated one is ambiguous."""
+    for i, m in enumerate(models):
+        if not (isinstance(m, dict) and isinstance(m.get("name"), str) and m["name"]):
+            raise CacheError(f"{where}: models[{i}] must be an object with a non-empty string \"name\" (e.g. "
+                             f"{{\"name\": \"gpt2\"}}; other keys are optional), got {str(m)[:80]}")
+    for kind, names in (("model", [m["name"] for m in models]), ("hook", [str(h) for h in hooks])):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise CacheError(f"{where}: {kind} name(s) {twice} appear more than once in {kind}s; each names one "
+                             f"index of the acts {kind} axis, so give every {kind} a distinct name")
 
 
 def _checked_normalization(entry: Any, n_models: int, n_hooks: int, where: str) -> dict[str, Any]:
@@ -169,6 +192,8 @@ def _checked_normalization(entry: Any, n_models: int, n_hooks: int, where: str) 
     method = entry.get("method")
     if method not in NORM_METHODS:
         raise CacheError(f"{where}: normalization.method {method!r} is not one of {', '.join(NORM_METHODS)}")
+    if entry.get("file") is not None:
+        _checked_relative_path(entry["file"], "normalization.file", where, NORMALIZATION_NAME)
     entry = dict(entry)
     if "scale" not in entry and method != "norm_scale":
         entry["scale"] = [[1.0] * n_hooks for _ in range(n_models)]
@@ -276,18 +301,33 @@ class Manifest:
             raise CacheError(
                 f"{where}: dtype {obj['dtype']!r} is not one of {', '.join(STORAGE_DTYPES)}"
             )
-        if not obj["models"] or not obj["hooks"]:
-            raise CacheError(f"{where}: a cache needs at least one model and one hook")
+        models, hooks = obj["models"], obj["hooks"]
+        if not (isinstance(models, list) and isinstance(hooks, list) and models and hooks):
+            raise CacheError(f"{where}: a cache needs at least one model and one hook (models: a list of objects, "
+                             "hooks: a list of names)")
+        _check_names(models, hooks, where)
+        complete = obj.get("complete", True)
+        if not isinstance(complete, bool):  # bool("false") is True: a string would pass an unfinished cache
+            raise CacheError(f"{where}: complete must be true or false (a JSON bool), got {complete!r}")
         shards = [ShardRecord.from_json(s, where) for s in obj["shards"]]
+        seen: dict[str, int] = {}
+        for i, rec in enumerate(shards):
+            rel = _checked_relative_path(rec.file, f"shards[{i}].file", where, shard_file_name(i))
+            if rel in seen:  # its rows would be served twice, and an eval shard could also be a training one
+                raise CacheError(f"{where}: shards[{seen[rel]}] and shards[{i}] list the same file {rel!r}; list "
+                                 "each shard file once (and n_rows as the sum of the remaining shards' rows)")
+            seen[rel] = i
         n_listed = sum(s.n_rows for s in shards)
-        complete = bool(obj.get("complete", True))
         if complete and n_listed != obj["n_rows"]:
             raise CacheError(
                 f"{where}: shards hold {n_listed} rows but n_rows says {obj['n_rows']}"
             )
+        if complete and n_listed == 0:  # a running harvest lists no shard at first: only a finished one is refused
+            raise CacheError(f"{where}: the cache holds no rows (shards lists {len(shards)} file(s) of 0 rows); list "
+                             "the shard files that hold its rows (a cache must hold at least one), or harvest it again")
         n_models, n_hooks, d_model = len(obj["models"]), len(obj["hooks"]), int(obj["d_model"])
         for i, m in enumerate(obj["models"]):
-            if isinstance(m, dict) and m.get("d_model") not in (None, d_model):
+            if m.get("d_model") not in (None, d_model):
                 raise CacheError(f"{where}: models[{i}] has d_model {m['d_model']}, the cache's d_model is {d_model}")
         normalization = _checked_normalization(obj["normalization"], n_models, n_hooks, where)
         known = set(_REQUIRED) | {"complete"}

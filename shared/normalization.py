@@ -120,9 +120,12 @@ class Normalization:
             atomic_write_bytes(Path(cache_dir) / NORMALIZATION_NAME, side)
 
     @staticmethod
-    def from_manifest(cache_dir: str | Path, entry: dict[str, Any]) -> "Normalization":
+    def from_manifest(cache_dir: str | Path, entry: dict[str, Any], *, model_names: list[str] | None = None,
+                      hooks: list[str] | None = None) -> "Normalization":
         """Rebuild from a manifest's ``normalization`` entry (and side file). A side file that is
-        missing, unreadable, of other shapes, or unlike its listed sha256 raises :class:`CacheError`."""
+        missing, unreadable, of other shapes, unlike its listed sha256, or whose mean is not finite or
+        std not finite and > 0 raises :class:`CacheError` (``model_names``, ``hooks``: the manifest's,
+        to name the slot at fault)."""
         method = entry.get("method")
         if method not in NORM_METHODS:
             raise CacheError(f"manifest normalization.method {method!r} is not one of {NORM_METHODS}")
@@ -135,7 +138,7 @@ class Normalization:
             raise CacheError(f"{path} is missing: a mean_std cache keeps its mean and std there; {fix}")
         data = path.read_bytes()
         problem = None
-        if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        if entry.get("sha256") and hashlib.sha256(data).hexdigest() != str(entry["sha256"]).lower():
             problem = "its sha256 differs from the manifest's"
         else:
             try:
@@ -149,6 +152,8 @@ class Normalization:
                 elif mean.ndim != 3 or mean.shape != std.shape or tuple(mean.shape[:2]) != tuple(scale.shape):
                     problem = (f"mean {list(mean.shape)} and std {list(std.shape)} do not fit the manifest's "
                                f"{list(scale.shape)} (models, hooks)")
+                else:
+                    problem = _factors_problem(mean.float(), std.float(), model_names, hooks)
         if problem is not None:
             fix = rewrite_advice(path, local="restore the file, or delete the cache folder and re-run the harvest")
             raise CacheError(
@@ -156,6 +161,22 @@ class Normalization:
                 f"without it; {fix}"
             )
         return Normalization(method, scale, tensors["mean"].float(), tensors["std"].float())
+
+
+def _factors_problem(mean_MPD: torch.Tensor, std_MPD: torch.Tensor, model_names: list[str] | None,
+                     hooks: list[str] | None) -> str | None:
+    """What makes mean_std factors unusable, naming the first (model, hook) slot at fault; None if they
+    are fine. Rows are divided by std: 0, negative or NaN there turns a slot's rows (and a dictionary
+    trained on them, once the normalization is folded in) into inf or NaN."""
+    bad_MPD = ~torch.isfinite(mean_MPD) | ~torch.isfinite(std_MPD) | ~(std_MPD > 0)
+    if not bad_MPD.any():
+        return None
+    m, p, d = (int(i) for i in bad_MPD.nonzero()[0])
+    slot = (f"{model_names[m]}/{hooks[p]}" if model_names is not None and hooks is not None
+            and m < len(model_names) and p < len(hooks) else f"models[{m}]/hooks[{p}]")
+    return (f"slot {slot} has mean {float(mean_MPD[m, p, d])} and std {float(std_MPD[m, p, d])} at dimension {d} "
+            f"({int(bad_MPD[m, p].sum())} such dimension(s)), but every mean must be finite and every std finite and "
+            f"> 0 (rows are divided by it; the harvest floors std at {_STD_FLOOR})")
 
 
 class NormalizationEstimator:

@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from shared.cache_format import TOKEN_TABLE_COLUMNS, TOKENS_NAME, CacheError
 from shared.hub_spec import rewrite_advice
 from shared.shard_io import fsync_dir
 
-__all__ = ["TokenIndex", "read_token_table", "write_token_table"]
+__all__ = ["TokenIndex", "position_problem", "read_token_table", "sequence_lengths", "write_token_table"]
 
 
 def write_token_table(
@@ -68,6 +69,31 @@ def read_token_table(cache_dir: str | Path, path: str | Path | None = None) -> p
         raise CacheError(f"token table {path} is not a readable Arrow IPC file ({e})") from None
 
 
+def sequence_lengths(table: pa.Table) -> np.ndarray:
+    """Tokens of every sequence of ``tokens.arrow``, int64 indexed by its ``seq`` value (-1: no sequence
+    has that value). Reads the list offsets only, not the tokens."""
+    seq = np.asarray(table.column("seq").to_numpy(), dtype=np.int64)
+    lengths = np.asarray(pc.list_value_length(table.column("input_ids")).fill_null(0).to_numpy(), dtype=np.int64)
+    out = np.full(len(seq), -1, dtype=np.int64)  # seq is 0..n-1: a value past that names no sequence (-1)
+    ok = (seq >= 0) & (seq < len(seq))
+    out[seq[ok]] = lengths[ok]
+    return out
+
+
+def position_problem(seq_N: np.ndarray, pos_N: np.ndarray, lengths_S: np.ndarray) -> str | None:
+    """What is wrong with rows' ``(seq, pos)`` as indices of the sequences of ``tokens.arrow`` (``lengths_S``:
+    :func:`sequence_lengths`): a ``seq`` no sequence has, a negative ``pos``, or one past its sequence's
+    end. None when every row names a token. Checked before indexing: numpy would wrap a negative index."""
+    n = len(lengths_S)
+    if seq_N.size and (seq_N.min() < 0 or seq_N.max() >= n or (lengths_S[seq_N] < 0).any()):
+        return f"seq values outside the {TOKENS_NAME} sequences 0..{n - 1}"
+    if pos_N.size and pos_N.min() < 0:
+        return f"negative pos values (as low as {int(pos_N.min())}; a position counts from 0, the BOS)"
+    if pos_N.size and (pos_N >= lengths_S[seq_N]).any():
+        return f"pos values past their sequence's length in {TOKENS_NAME}"
+    return None
+
+
 class TokenIndex:
     """Token sequences as one flat array and offsets, to check shard rows' ``(seq, pos, token)``
     against them in a few vectorized operations."""
@@ -93,11 +119,8 @@ class TokenIndex:
 
     def mismatch(self, seq: np.ndarray, pos: np.ndarray, token: np.ndarray) -> str | None:
         """What is wrong with a shard's rows against the sequences (None: every row matches)."""
-        n = len(self.offsets) - 1
-        if seq.size and (seq.min() < 0 or seq.max() >= n):
-            return f"seq values outside the {TOKENS_NAME} sequences 0..{n - 1}"
-        start, length = self.offsets[seq], self.offsets[seq + 1] - self.offsets[seq]
-        if pos.size and ((pos < 0) | (pos >= length)).any():
-            return f"pos values past their sequence's length in {TOKENS_NAME}"
-        wrong = int((self.flat[start + pos] != token).sum())
+        problem = position_problem(seq, pos, np.diff(self.offsets))
+        if problem is not None:
+            return problem
+        wrong = int((self.flat[self.offsets[seq] + pos] != token).sum())
         return f"{wrong} row(s) whose token differs from {TOKENS_NAME} input_ids[seq][pos]" if wrong else None

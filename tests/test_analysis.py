@@ -298,6 +298,81 @@ def test_contexts_are_text_from_the_caches_own_tokenizer(tmp_path):
     assert any("no tokenizer.json" in n for n in rep["notes"])
 
 
+def test_tokenizer_notes_say_what_is_missing(tmp_path):
+    """A manifest whose tokenizer names nothing says so (not "no tokenizer.json for None"); a cache's own
+    tokenizer.json that fails its check or does not load is named, rather than the model name blamed."""
+    import hashlib
+
+    cache = tmp_path / "cache"
+    _planted_cache(cache)
+    run = _planted_run(tmp_path, cache)
+    path = cache / "manifest.json"
+    obj = json.loads(path.read_text())
+
+    def note(tokenizer: dict, out: str) -> list[str]:
+        path.write_text(json.dumps({**obj, "tokenizer": tokenizer}))
+        rep = analyze(AnalysisConfig(run=str(run), out=str(tmp_path / out), progress=False, top_k=1, latents_shown=1))
+        return [n for n in rep["notes"] if "contexts show token ids" in n]
+
+    assert note({}, "a") == ["the manifest's tokenizer object lists no file, path or name to find one by: contexts "
+                             "show token ids as <id>"]
+    (cache / "tokenizer.json").write_text("not json")
+    listed = {"name": "no-such-model", "file": "tokenizer.json"}
+    assert note({**listed, "file_sha256": hashlib.sha256(b"not json").hexdigest()}, "b") == [
+        f"the cache's own {cache / 'tokenizer.json'} does not load as a tokenizers tokenizer.json; no tokenizer.json "
+        "for 'no-such-model' was found offline: contexts show token ids as <id>"]
+    assert note({**listed, "file_sha256": "0" * 64}, "c") == [
+        "the cache's own tokenizer.json is unusable (tokenizer.json: sha256 mismatch (corrupted)); no tokenizer.json "
+        "for 'no-such-model' was found offline: contexts show token ids as <id>"]
+
+
+def test_rows_outside_the_token_table_are_refused_with_verify_advice(tmp_path, capsys):
+    """Rows whose (seq, pos) is not a token of tokens.arrow (verify names them) stop the analysis with a clear
+    error, not an IndexError deep in the report (or, for a negative pos, a context from the sequence's end)."""
+    import numpy as np
+    import pyarrow as pa
+
+    import run_train
+
+    cache = tmp_path / "cache"
+    info = _planted_cache(cache)
+    run = _planted_run(tmp_path, cache)
+    ids, source = info["ids"].tolist(), info["source"]
+    for table, meta, match in [([x[:3] for x in ids], source, "pos values past their sequence's length"),
+                               (ids[:10], source[:10], r"seq values outside the tokens.arrow sequences 0..9")]:
+        (cache / "tokens.arrow").unlink()
+        write_token_table(cache, table, {"source": meta})
+        with pytest.raises(RunError, match=rf"eval split's rows hold {match}.*run_harvest.py verify {cache}"):
+            analyze(AnalysisConfig(run=str(run), progress=False))
+    assert run_train.main(["analyze", str(run), "--no-progress"]) == 2
+    assert "run_harvest.py verify" in capsys.readouterr().err
+    # The same check refuses a negative pos, which indexing would take from the sequence's end.
+    from shared.token_table import position_problem, sequence_lengths
+
+    lengths = sequence_lengths(pa.table({"seq": pa.array([0, 1], pa.int64()), "input_ids": [[0, 5, 6], [0, 7]]}))
+    assert position_problem(np.array([0, 1]), np.array([2, 1]), lengths) is None
+    assert "negative pos values" in str(position_problem(np.array([0, 1]), np.array([2, -1]), lengths))
+
+
+def test_held_out_shards_of_no_rows_are_analysed_as_no_held_out_split(tmp_path):
+    """A run whose held-out shards hold 0 rows (training refuses such a split now; older runs have one) is
+    analysed on the train split with the note a one-shard cache gets, not refused with "batch_size ... got 0"."""
+    from tests.cache_factory import make_cache
+    from train.config import TrainConfig
+    from train.trainer import train
+
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    make_cache(cache, n_shards=3, rows_per_shard=[256, 256, 0], d_model=D)
+    train(TrainConfig(cache=str(cache), out=str(run), latents=8, steps=2, batch_size=64, device="cpu",
+                      progress=False, eval_shards=0))
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["config"]["eval_shards"] = None  # the default: the last shard, of 0 rows
+    (run / "config.json").write_text(json.dumps(cfg))
+    rep = analyze(AnalysisConfig(run=str(run), progress=False))
+    assert rep["eval"]["split"] == "train" and rep["eval"]["rows"] == 512
+    assert any("no held-out split (eval_shards = 1 of 3 shards, and they hold 0 rows)" in n for n in rep["notes"])
+
+
 def test_top_contexts_mark_the_firing_token(planted):
     rep, ids = planted["rep"], planted["ids"]
     shown = {e["latent"]: e for e in rep["shown_latents"] if not e["repeat"]}

@@ -468,3 +468,108 @@ def test_the_caches_own_tokenizer_file_is_checked_when_listed(tmp_path):
     assert verify_cache(cache).problems == ["tokenizer.json: missing"]
     (cache / "tokenizer.json").write_bytes(data)
     assert verify_cache(cache).ok
+
+
+@pytest.mark.parametrize("tensor, value", [("std", 0.0), ("std", -1.0), ("std", float("nan")), ("std", float("inf")),
+                                           ("mean", float("inf"))])
+def test_mean_std_factors_that_would_divide_by_zero_or_nan_are_refused(tmp_path, tensor, value):
+    """A mean_std side file (another tool's: the harvest floors std at 1e-6) whose std is 0, negative or
+    not finite, or whose mean is not finite, is refused on load and by verify, naming the file and the slot."""
+    from tests.cache_factory import make_cache
+
+    cache = tmp_path / "cache"
+    m = make_cache(cache, n_shards=2, rows_per_shard=32, n_models=2, n_hooks=1, d_model=8)
+    norm = Normalization.estimate(torch.randn(50, 2, 1, 8), "mean_std")
+    getattr(norm, f"{tensor}_MPD")[1, 0, 3] = value
+    norm.write_side_file(cache)
+    m.normalization = norm.to_manifest(50)
+    (cache / "manifest.json").write_text(json.dumps(m.to_json()))
+    with pytest.raises(CacheError, match=r"normalization.safetensors is damaged: slot model1/blocks.0.hook_resid_post "
+                                         r"has .* at dimension 3 .*every std finite and > 0"):
+        open_cache(cache).normalization()
+    report = verify_cache(cache)
+    assert not report.ok and "slot model1/blocks.0.hook_resid_post" in report.problems[0]
+
+
+def test_shard_files_listed_twice_or_outside_the_folder_are_refused(tmp_path):
+    """A shard listed twice (however its path is spelled) would serve its rows twice, and could be both an eval
+    and a training shard; one outside the folder (absolute, ``..``) would be read, and pushed, from elsewhere
+    (so would a normalization side file)."""
+    from tests.cache_factory import make_cache
+
+    obj = make_cache(tmp_path / "c", n_shards=2, rows_per_shard=8, n_models=1, n_hooks=1).to_json()
+    first = obj["shards"][0]
+    for again in (first["file"], "./" + first["file"], first["file"].replace("/", "//")):
+        bad = {**obj, "shards": [*obj["shards"], {**first, "file": again}], "n_rows": obj["n_rows"] + first["n_rows"]}
+        with pytest.raises(CacheError, match=r"shards\[0\] and shards\[2\] list the same file 'shards/acts-00000"):
+            Manifest.from_json(bad)
+    for outside in ("../elsewhere.safetensors", str(tmp_path / "c" / first["file"]), "shards/../../x.safetensors"):
+        bad = {**obj, "shards": [{**first, "file": outside}, obj["shards"][1]]}
+        with pytest.raises(CacheError, match=r"shards\[0\].file .* must be a relative path inside the cache folder"):
+            Manifest.from_json(bad)
+    with pytest.raises(CacheError, match="normalization.file '/etc/n.safetensors' must be a relative path inside"):
+        Manifest.from_json({**obj, "normalization": {"method": "mean_std", "file": "/etc/n.safetensors"}})
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps({**obj, "shards": [{**first, "file": "../x"},
+                                                                                obj["shards"][1]]}))
+    assert "must be a relative path inside the cache folder" in verify_cache(tmp_path / "c").problems[0]
+
+
+def test_manifest_models_complete_and_row_count_are_checked(tmp_path):
+    """Problems that used to surface later as a KeyError, a wrong verify OK or a confusing eval message."""
+    from tests.cache_factory import make_cache
+
+    obj = make_cache(tmp_path / "c", n_shards=1, rows_per_shard=8, n_models=2, n_hooks=2).to_json()
+    models = obj["models"]
+    for key, value, match in [
+        ("models", [m["name"] for m in models], r"models\[0\] must be an object with a non-empty string \"name\""),
+        ("models", [{"d_model": 16}, models[1]], r"models\[0\] must be an object with a non-empty string \"name\""),
+        ("models", [models[0], {**models[1], "name": models[0]["name"]}], r"model name\(s\) \['model0'\] appear more"),
+        ("hooks", [obj["hooks"][0]] * 2, r"hook name\(s\) \['blocks.0.hook_resid_post'\] appear more than once"),
+        ("complete", "false", "complete must be true or false"),
+        ("shards", [], "the cache holds no rows"),
+    ]:
+        bad = dict(obj, **{key: value})
+        if key == "shards":
+            bad["n_rows"] = 0
+        with pytest.raises(CacheError, match=match):
+            Manifest.from_json(bad)
+    # A harvest that has just started lists no shard yet: an incomplete cache of no rows is fine.
+    assert Manifest.from_json({**obj, "shards": [], "n_rows": 0, "complete": False}).shards == []
+    assert Manifest.from_json({**obj, "models": [{"name": "a"}, {"name": "b"}]}).model_names == ["a", "b"]
+
+
+def test_verify_names_negative_positions_and_sequences_of_another_length(tmp_path):
+    """A negative pos is called negative (numpy would wrap it); every token sequence must hold context_size tokens."""
+    w = CacheWriter(tmp_path, _manifest())
+    w.add_shard(shard_file_name(0), torch.zeros(2, 2, 1, 8, dtype=torch.bfloat16), torch.tensor([0, 1]),
+                torch.tensor([1, -2]), torch.tensor([1, 2]))
+    write_token_table(tmp_path, [[0, 1, 2, 3], [0, 1, 2, 3]])
+    w.finish()
+    assert verify_cache(tmp_path).problems == [f"{shard_file_name(0)}: negative pos values (as low as -2; a position "
+                                                "counts from 0, the BOS)"]
+    (tmp_path / "tokens.arrow").unlink()
+    write_token_table(tmp_path, [[0, 1, 2, 3], [0, 1, 2, 3, 4]])
+    problems = verify_cache(tmp_path).problems
+    assert any("tokens.arrow: 1 sequence(s) do not hold the manifest's context_size 4 tokens (seq 1 holds 5)" in p
+               for p in problems), problems
+
+
+def test_sha256_values_in_uppercase_are_accepted(tmp_path):
+    """We write lowercase hex; another tool's uppercase digests check the same files."""
+    from tests.cache_factory import add_tokenizer, make_cache
+
+    cache = tmp_path / "cache"
+    m = make_cache(cache, n_shards=2, rows_per_shard=16, n_models=1, n_hooks=1, d_model=8)
+    norm = Normalization.estimate(torch.randn(20, 1, 1, 8), "mean_std")
+    norm.write_side_file(cache)
+    m.normalization = norm.to_manifest(20)
+    (cache / "manifest.json").write_text(json.dumps(m.to_json()))
+    add_tokenizer(cache)
+    obj = json.loads((cache / "manifest.json").read_text())
+    for s in obj["shards"]:
+        s["sha256"] = s["sha256"].upper()
+    obj["normalization"]["sha256"] = obj["normalization"]["sha256"].upper()
+    obj["tokenizer"]["file_sha256"] = obj["tokenizer"]["file_sha256"].upper()
+    (cache / "manifest.json").write_text(json.dumps(obj))
+    assert verify_cache(cache).ok, verify_cache(cache).problems
+    assert open_cache(cache).normalization().method == "mean_std"

@@ -62,6 +62,24 @@ def test_a_command_refused_before_training_writes_nothing(caches, tmp_path):
     assert train(_cfg(caches["base"], run)).steps == 5  # the corrected command is not refused
 
 
+def test_held_out_shards_of_no_rows_are_refused_naming_eval_shards(tmp_path):
+    """A cache whose last shards hold 0 rows would give a run with no eval and no word of it: refused before
+    anything is written, with the --eval-shards values that work; a one-shard cache still trains without eval."""
+    cache = tmp_path / "cache"
+    make_cache(cache, n_shards=4, rows_per_shard=[128, 128, 0, 0], n_models=1)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"held-out split of cache .* \(its last 1 of 4 shards, by default\) "
+                                         r"holds 0 rows.*--eval-shards 3 .*or --eval-shards 0"):
+        train(_cfg(cache, run))
+    with pytest.raises(ValueError, match=r"its last 2 of 4 shards\) holds 0 rows"):
+        train(_cfg(cache, run, eval_shards=2))
+    assert not run.exists()
+    assert train(_cfg(cache, run, eval_shards=3)).eval_metrics["eval/l0/mean"] is not None
+    assert train(_cfg(cache, tmp_path / "all", eval_shards=0)).eval_metrics == {}
+    make_cache(tmp_path / "one", n_shards=1, rows_per_shard=128, n_models=1)
+    assert train(_cfg(tmp_path / "one", tmp_path / "run-one")).eval_metrics == {}
+
+
 def test_a_sweep_refused_by_a_later_member_writes_nothing(tmp_path):
     cache = _mlp_cache(tmp_path / "cache")
     ok = _cfg(cache, tmp_path / "sweep" / "ok")

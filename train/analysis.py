@@ -115,13 +115,14 @@ def _analyze(cfg: AnalysisConfig, run: RunData, t0: float) -> dict[str, Any]:
         notes.extend(meta_notes)
         if scaling is not None:
             scaling = (scaling[0].to(device), scaling[1].to(device), scaling[2])
-        stats, split, stream_notes = stream_eval(run, cache, cfg, meta, scaling, device)
+        stats, split, stream_notes = stream_eval(run, cache, cfg, meta, scaling, device, tokens)
         notes.extend(stream_notes)
         data = {"stats": stats, "split": split, "tokens": tokens, "meta": meta,
                 "tokenizer": rep.load_token_decoder(cache.manifest.tokenizer, cache.dir)}
         if data["tokenizer"] is None:
-            notes.append(f"no tokenizer.json for {cache.manifest.tokenizer.get('name')!r} offline: contexts show "
-                         "token ids as <id>")
+            from train.token_text import no_decoder_note
+
+            notes.append(no_decoder_note(cache.manifest.tokenizer, cache.dir))
         if diff is not None and scaling is not None:
             diff["betas"] = scaling_betas({k: v.cpu() for k, v in stats.sc.items()})
             diff["scaling_rows"] = stats.sc["ff"].cpu()

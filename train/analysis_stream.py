@@ -12,7 +12,7 @@ import torch
 from einops import rearrange
 
 from train.analysis_config import AnalysisConfig
-from train.analysis_run import DiffSpec, RunData, check_cache, run_slots
+from train.analysis_run import DiffSpec, RunData, RunError, check_cache, run_slots
 from train.metrics import explained_variance
 
 __all__ = ["StreamStats", "meta_table", "stream_eval"]
@@ -174,9 +174,12 @@ def meta_table(token_table: Any, columns: list[str] | None
 
 
 def stream_eval(run: RunData, cache: Any, cfg: AnalysisConfig, meta: dict[str, tuple[list[Any], np.ndarray]],
-                scaling: tuple[torch.Tensor, torch.Tensor, DiffSpec] | None, device: torch.device
-                ) -> tuple[StreamStats, str, list[str]]:
-    """One pass over the run's eval split (the train split, with a note, when the cache has none)."""
+                scaling: tuple[torch.Tensor, torch.Tensor, DiffSpec] | None, device: torch.device,
+                tokens: Any = None) -> tuple[StreamStats, str, list[str]]:
+    """One pass over the run's eval split (the train split, with a note, when the cache has none or it
+    holds no rows). ``tokens``: the cache's ``tokens.arrow`` table (read here if None); every row's
+    ``(seq, pos)`` must name one of its tokens, else :class:`RunError`."""
+    from shared.token_table import position_problem, sequence_lengths
     from train.loader import ActivationLoader, default_eval_shards
 
     tc = run.info["config"]
@@ -193,16 +196,19 @@ def stream_eval(run: RunData, cache: Any, cfg: AnalysisConfig, meta: dict[str, t
               eval_shards=tc.get("eval_shards"), device=device)
     n = cache.n_shards
     k = default_eval_shards(n) if tc.get("eval_shards") is None else int(tc["eval_shards"])
-    split = "eval" if 0 < k < n else "train"
+    # Held-out shards of 0 rows are no held-out split either (training refuses them now; older runs have them).
+    split = "eval" if 0 < k < n and sum(cache.manifest.shards[i].n_rows for i in range(n - k, n)) else "train"
     if split == "train":
         kw["eval_shards"] = 0
-        notes.append(f"the cache has no held-out split (eval_shards = {k} of {n} shards); statistics come from the "
-                     "train split, which the dictionary was trained on")
+        held = "" if not 0 < k < n else ", and they hold 0 rows"
+        notes.append(f"the cache has no held-out split (eval_shards = {k} of {n} shards{held}); statistics come from "
+                     "the train split, which the dictionary was trained on")
     shards = range(n - k, n) if split == "eval" else range(n)
     rows = sum(cache.manifest.shards[i].n_rows for i in shards)
     loader = ActivationLoader(cache, min(batch, rows), split=split, **kw)  # type: ignore[arg-type]
     total = loader.split_rows if cfg.eval_tokens is None else min(cfg.eval_tokens, loader.split_rows)
     stats = StreamStats(L, cfg.top_k, meta, model.cfg.n_out, model.cfg.d_model, scaling, device)
+    lengths_S = sequence_lengths(cache.token_table() if tokens is None else tokens)
     in_idx = torch.tensor(model.cfg.in_slots, device=device)
     out_idx = torch.tensor(model.cfg.out_slots, device=device)
     from tqdm import tqdm
@@ -213,6 +219,12 @@ def stream_eval(run: RunData, cache: Any, cfg: AnalysisConfig, meta: dict[str, t
     try:
         for acts_BMPD, index_B2 in it:
             take = min(acts_BMPD.shape[0], total - stats.rows)
+            # Checked before use: an index past tokens.arrow fails deep in the report, a negative pos wraps.
+            problem = position_problem(index_B2[:take, 0].numpy(), index_B2[:take, 1].numpy(), lengths_S)
+            if problem is not None:
+                raise RunError(f"cache {cache.dir}: the {split} split's rows hold {problem}, so their tokens cannot "
+                               f"be shown; run `python run_harvest.py verify {cache.dir}` to find the shards at fault "
+                               "and re-harvest or repair them")
             x_BXD = rearrange(acts_BMPD[:take], "b m p d -> b (m p) d")
             idx = index_B2[:take].to(device)
             stats.update(model, x_BXD.index_select(1, in_idx), x_BXD.index_select(1, out_idx), idx[:, 0], idx[:, 1])

@@ -14,7 +14,7 @@ from typing import Any
 
 from shared.tokenizer_file import find_tokenizer_json, listed_tokenizer_file, tokenizer_file_problem
 
-__all__ = ["TokenDecoder", "contexts", "load_token_decoder"]
+__all__ = ["TokenDecoder", "contexts", "load_token_decoder", "no_decoder_note"]
 
 # Tokens decoded beyond each end of a shown window: a UTF-8 character is at most 4 bytes, so a character
 # that a window's edge splits (one byte-level token per byte at worst) is whole within 3 more tokens.
@@ -60,6 +60,24 @@ def load_token_decoder(tokenizer_meta: dict[str, Any], cache_dir: str | Path | N
         except Exception:  # noqa: BLE001, S112 - missing, damaged, or no tokenizers library: try the next, else ids
             continue
     return None
+
+
+def no_decoder_note(tokenizer_meta: dict[str, Any], cache_dir: str | Path | None = None) -> str:
+    """Why :func:`load_token_decoder` found no tokenizer, for the report's notes: the cache's own file named
+    when it is listed (a damaged copy is the cache's fault, not the model name's), the manifest's tokenizer
+    ``name``/``path`` only when it gives one."""
+    own = listed_tokenizer_file(tokenizer_meta)
+    why = []
+    if own is not None and cache_dir is not None:
+        problem = tokenizer_file_problem(cache_dir, tokenizer_meta)
+        why.append(f"the cache's own {own} is unusable ({problem})" if problem
+                   else f"the cache's own {Path(cache_dir) / own} does not load as a tokenizers tokenizer.json")
+    names = [str(v) for v in (tokenizer_meta.get("name"), tokenizer_meta.get("path")) if v]
+    if names:
+        why.append(f"no tokenizer.json for {' or '.join(map(repr, names))} was found offline")
+    elif own is None:
+        why.append("the manifest's tokenizer object lists no file, path or name to find one by")
+    return "; ".join(why) + ": contexts show token ids as <id>"
 
 
 def _clean(text: str) -> str:

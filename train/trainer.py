@@ -159,6 +159,22 @@ def _eval_rows(cache: Cache, cfg: TrainConfig) -> int:
     return sum(s.n_rows for s in cache.manifest.shards[cache.n_shards - n_eval:]) if n_eval else 0
 
 
+def _check_eval_split(cache: Cache, cfg: TrainConfig) -> None:
+    """Refuse held-out shards that hold no rows: the run would be evaluated on nothing, and say nothing of it
+    (a one-shard cache, or ``--eval-shards 0``, holds none out on purpose: that is not refused)."""
+    n = cache.n_shards
+    k = default_eval_shards(n) if cfg.eval_shards is None else cfg.eval_shards
+    if not 0 < k < n or _eval_rows(cache, cfg):
+        return
+    rows = [s.n_rows for s in cache.manifest.shards]
+    more = next((j for j in range(k + 1, n) if sum(rows[n - j:])), None)  # the fewest last shards holding rows
+    raise ValueError(
+        f"the held-out split of cache {cache.dir} (its last {k} of {n} shards"
+        f"{', by default' if cfg.eval_shards is None else ''}) holds 0 rows, so the run would have no eval; pass "
+        + (f"--eval-shards {more} to hold out the last {more} shards (they hold rows), or " if more else "")
+        + "--eval-shards 0 to train on every shard with no held-out eval")
+
+
 def _held_out_batch(cache: Cache, cfg: TrainConfig, dist: DistContext) -> int:
     """Rows per batch of the JumpReLU calibration and of eval: the *global* batch (batch size x
     ranks), capped by the held-out split, so that N ranks with batch B read exactly the rows one
@@ -399,6 +415,7 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
     plans = []
     for c in cfgs:
         with _member_errors(c, named=len(cfgs) > 1):
+            _check_eval_split(cache, c)
             spec = resolve_slots(man, arch=c.arch, models=c.models, hooks=c.hooks, in_hooks=c.in_hooks,
                                  out_hooks=c.out_hooks, cache_dir=c.cache)
             dict_cfg = build_dictionary_config(c, spec, man.d_model)
