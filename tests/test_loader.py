@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -240,6 +241,35 @@ def test_state_from_another_stream_is_refused(cache: Path) -> None:
         ActivationLoader(cache, 32, seed=1).load_state_dict({"epoch": 0})
     with pytest.raises(ValueError, match="run_rows"):
         ActivationLoader(cache, 32, seed=1, run_rows=5).load_state_dict(state)
+
+
+def test_integers_of_numpy_and_torch_and_dtype_names_are_accepted(cache: Path) -> None:
+    loader = ActivationLoader(cache, np.int64(32), seed=torch.tensor(1), window=np.int32(4), dtype="bfloat16")
+    assert (loader.batch_size, loader.seed, loader.window) == (32, 1, 4)
+    assert type(loader.batch_size) is int and next(iter(loader)).dtype == torch.bfloat16
+    assert ActivationLoader(cache, 32, dtype="torch.float16").dtype == torch.float16
+
+
+def test_one_shard_cache_has_no_eval_split(tmp_path: Path) -> None:
+    make_cache(tmp_path, n_shards=1, rows_per_shard=40)
+    with pytest.raises(ValueError, match=r"is one shard, so it holds nothing out: split='eval' needs at least 2"):
+        ActivationLoader(tmp_path, 8, split="eval")
+
+
+def test_state_positions_are_whole_numbers_within_the_loaders_epochs(cache: Path) -> None:
+    """int() took 5.5, "5" and True; an epoch past the loader's then served nothing while len() said more."""
+    loader = ActivationLoader(cache, 32, seed=1, epochs=2)
+    state = loader.state_dict()
+    for bad in ({"batch": 5.5}, {"batch": "5"}, {"batch": True}, {"epoch": 7}, {"epoch": 2, "batch": 3},
+                {"epoch": -1}):
+        with pytest.raises(ValueError, match="out of range for this loader"):
+            loader.load_state_dict({**state, **bad})
+    list(loader)  # a finished loader's state (epoch == epochs, batch 0) loads, and serves nothing more
+    done = loader.state_dict()
+    assert (done["epoch"], done["batch"]) == (2, 0)
+    again = ActivationLoader(cache, 32, seed=1, epochs=2)
+    again.load_state_dict(done)
+    assert list(again) == []
 
 
 def test_state_without_run_rows_is_a_single_row_stream(cache: Path) -> None:
@@ -635,6 +665,18 @@ def test_verify_checks_checksums(tmp_path: Path) -> None:
         (dict(batch_size=400, world_size=2, drop_last=True), "no batch"),
         (dict(run_rows=0), "run_rows must be None or an integer >= 1"),
         (dict(run_rows=2.5), "run_rows"),
+        # A set has no order (it differs between processes): ranks would serve their slots in different orders.
+        (dict(models={"model0", "model1"}), r"models must be a name or a list of names, in the order to serve"),
+        (dict(hooks=1), "hooks must be a name or a list of names"),
+        (dict(models=b"model0"), "models must be a name or a list of names"),
+        (dict(batch_size=True), r"batch_size must be an integer >= 1, got True"),  # bool is an int to Python
+        (dict(rank=True, world_size=2), "rank must be an integer >= 0, got True"),
+        (dict(seed=1.0), "seed must be an integer >= 0"),
+        (dict(batch_size=torch.tensor([8])), "batch_size must be an integer"),
+        (dict(dtype="float64x"), "dtype must be a floating torch dtype"),
+        (dict(dtype="int32"), "dtype must be a floating torch dtype"),
+        (dict(device="meta"), "device 'meta' holds no data"),
+        (dict(batch_size=1, world_size=10_000, rank=0), "use fewer ranks, or a bigger cache"),
     ],
 )
 def test_bad_arguments(cache: Path, kwargs: dict, match: str) -> None:

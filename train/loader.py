@@ -35,6 +35,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import operator
 import os
 import threading
 import warnings
@@ -83,6 +84,43 @@ def default_gather_threads(batch_bytes: int) -> int:
     5.50 GB/s with 2 threads against 4.14 with 1 and 3.13 with 4 (H100 host, 2026-11-22).
     """
     return 2 if batch_bytes >= CHUNK_BYTES and (os.cpu_count() or 1) >= 2 else 1
+
+
+def _whole_number(name: str, value: Any, low: int, *, none_ok: bool = False) -> int:
+    """``value`` as an int >= ``low``: Python, numpy or 0-d torch integers; bools and floats refused
+    (``True`` is an int to Python, and would pass as 1)."""
+    bad = isinstance(value, (bool, np.bool_, float, np.floating)) or (
+        isinstance(value, torch.Tensor) and (value.dim() > 0 or value.dtype.is_floating_point or value.dtype == torch.bool))
+    try:
+        number = None if bad else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < low:
+        raise ValueError(f"{name} must be {'None or ' if none_ok else ''}an integer >= {low}, got {value!r}")
+    return number
+
+
+def _names(kind: str, value: Any, default: list[str]) -> list[str]:
+    """Slot names to serve, in the order asked: None is all of the cache's, a lone name a list of one."""
+    if value is None:
+        return list(default)
+    if isinstance(value, str):
+        return [value]
+    # A set's order differs between processes (hash seeds): ranks would average gradients of different slots.
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{kind}s must be a name or a list of names, in the order to serve them (the cache's: "
+                         f"{default}), got {type(value).__name__} {value!r}")
+    return list(value)
+
+
+def _torch_dtype(dtype: Any) -> torch.dtype:
+    """``dtype`` as a floating torch dtype; names such as ``"bfloat16"`` or ``"torch.float32"`` are accepted."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype (torch.float32, torch.bfloat16, ... or its name), "
+                         f"got {dtype!r}")
+    return dtype
 
 
 def _lookup(kind: str, name: str, names: list[str]) -> int:
@@ -143,19 +181,22 @@ class ActivationLoader:
     ) -> None:
         self.cache = cache if isinstance(cache, Cache) else open_cache(cache)
         man = self.cache.manifest
-        for name, value, low in (("batch_size", batch_size, 1), ("window", window, 1), ("epochs", epochs, 1),
-                                 ("world_size", world_size, 1), ("prefetch", prefetch, 1), ("seed", seed, 0),
-                                 ("gather_threads", 1 if gather_threads is None else gather_threads, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if run_rows is not None and (not isinstance(run_rows, int) or run_rows < 1):
-            raise ValueError(f"run_rows must be None or an integer >= 1, got {run_rows!r}")
-        if not 0 <= rank < world_size:
+        batch_size, window, epochs, world_size, prefetch, seed = (
+            _whole_number(name, value, low) for name, value, low in (
+                ("batch_size", batch_size, 1), ("window", window, 1), ("epochs", epochs, 1),
+                ("world_size", world_size, 1), ("prefetch", prefetch, 1), ("seed", seed, 0)))
+        if gather_threads is not None:
+            gather_threads = _whole_number("gather_threads", gather_threads, 1, none_ok=True)
+        if run_rows is not None:
+            run_rows = _whole_number("run_rows", run_rows, 1, none_ok=True)
+        rank = _whole_number("rank", rank, 0)
+        if not rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        dtype = _torch_dtype(dtype)
+        if torch.device(device).type == "meta":
+            raise ValueError("device 'meta' holds no data: serve batches on 'cpu' or 'cuda'")
         self.batch_size, self.seed, self.epochs, self.window = batch_size, seed, epochs, window
         self.rank, self.world_size, self.split, self.drop_last = rank, world_size, split, drop_last
         self.device, self.dtype = torch.device(device), dtype
@@ -164,8 +205,8 @@ class ActivationLoader:
             raise ValueError(f"device {self.device} asked for but CUDA is not available")
 
         # Slot selection: names -> cache indices, in the order asked (a lone name is a list of one).
-        self.models = list(man.model_names if models is None else [models] if isinstance(models, str) else models)
-        self.hooks = list(man.hooks if hooks is None else [hooks] if isinstance(hooks, str) else hooks)
+        self.models = _names("model", models, man.model_names)
+        self.hooks = _names("hook", hooks, man.hooks)
         if not self.models or not self.hooks:
             raise ValueError(f"models {self.models} and hooks {self.hooks} must each name at least one "
                              "(None serves all of the cache's)")
@@ -180,10 +221,13 @@ class ActivationLoader:
         # Split: the last `eval_shards` shards in manifest order are held out (seed-independent).
         n = self.cache.n_shards
         k = default_eval_shards(n) if eval_shards is None else eval_shards
+        if n == 1 and split == "eval":
+            raise ValueError(f"cache {self.cache.dir} is one shard, so it holds nothing out: split='eval' needs at "
+                             "least 2 shards (harvest with a smaller --shard-size)")
         if not 0 <= k < n or (k == 0 and split == "eval"):
             raise ValueError(
-                f"eval_shards={eval_shards} does not fit a cache of {n} shard(s): need 0 <= eval_shards < {n}"
-                + (", and at least 1 for split='eval'" if split == "eval" else "")
+                f"eval_shards={k}{' (the default)' if eval_shards is None else ''} does not fit a cache of {n} "
+                f"shard(s): need 0 <= eval_shards < {n}" + (", and at least 1 for split='eval'" if split == "eval" else "")
             )
         self.eval_shards = k
         self.shard_ids = list(range(n - k)) if split == "train" else list(range(n - k, n))
@@ -214,7 +258,8 @@ class ActivationLoader:
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"the {split} split's {self.split_rows} rows make no batch of {batch_size} on each of "
-                f"{world_size} ranks with drop_last={drop_last}; use a smaller batch_size"
+                f"{world_size} ranks with drop_last={drop_last}; "
+                + ("use a smaller batch_size" if batch_size > 1 else "use fewer ranks, or a bigger cache")
             )
         if self.dropped_rows_per_epoch and not drop_last and rank == 0:  # every rank drops the same rows: say it once
             warnings.warn(
@@ -385,9 +430,13 @@ class ActivationLoader:
                 f"loader state is from a different stream ({'; '.join(diff)}); build the loader with the "
                 "settings and cache the state was taken with"
             )
-        epoch, batch = int(state["epoch"]), int(state["batch"])
-        if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
-            raise ValueError(f"loader state position epoch={epoch}, batch={batch} is out of range")
+        epoch, batch = state.get("epoch"), state.get("batch")
+        whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, batch))
+        # epoch == epochs, batch 0: the position after the last batch (a finished loader's state).
+        if not (whole and 0 <= epoch <= self.epochs and 0 <= batch < self.batches_per_epoch
+                and (epoch < self.epochs or batch == 0)):
+            raise ValueError(f"loader state position epoch={epoch!r}, batch={batch!r} is out of range for this loader "
+                             f"({self.epochs} epoch(s) of {self.batches_per_epoch} batches)")
         self._close_active("the loader was repositioned (load_state_dict or rewind); iterate it anew")
         self._epoch, self._batch = epoch, batch
 
