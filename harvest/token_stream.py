@@ -202,6 +202,9 @@ def _holds_no_rows(file: str, builder: str) -> bool:
     return True
 
 
+_KIND_NAMES = {"b": "bools", "U": "strings", "S": "bytes", "O": "nulls or mixed values"}  # numpy dtype kinds
+
+
 def _pretokenized_ids(doc: dict[str, Any]) -> list[int]:
     """One row's ``input_ids`` as ints: null is empty (skipped, as null text is); with an ``attention_mask``
     column, only the ids it marks (padding is not text). Floats that are not whole numbers, nested lists
@@ -209,27 +212,29 @@ def _pretokenized_ids(doc: dict[str, Any]) -> list[int]:
     raw = doc["input_ids"]
     if raw is None:
         return []
-    if isinstance(raw, (str, bytes)) or not hasattr(raw, "__iter__"):
-        raise HarvestInputError(f"pre-tokenized input_ids must be a list of ints per row, got a "
-                                f"{type(raw).__name__} ({_short(repr(raw), 80)})")
-    ids: list[int] = []
-    for v in raw:
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
-            kind = "a nested list (one row per document: flatten it)" if isinstance(v, (list, tuple, np.ndarray)) \
-                else type(v).__name__
-            raise HarvestInputError(f"pre-tokenized input_ids must be a list of ints per row; a row holds "
-                                    f"{kind}: {_short(repr(v), 80)}")
-        if isinstance(v, (float, np.floating)) and not (np.isfinite(v) and v == int(v)):
-            raise HarvestInputError(f"pre-tokenized input_ids hold {v!r}, not a whole number; the ids must be the "
-                                    "models' own token ids")
-        ids.append(int(v))
+    try:  # one array per row: checked in a few vectorized operations, not per id
+        ids = np.asarray(raw) if not isinstance(raw, (str, bytes, dict)) else None
+    except ValueError:  # numpy refuses ragged nested lists
+        ids = np.empty((0, 0))
+    if ids is None or ids.ndim != 1 or ids.dtype.kind not in "iuf":
+        what = ("a nested list (one row per document: flatten it)" if ids is not None and ids.ndim > 1
+                else _KIND_NAMES.get(ids.dtype.kind, f"{ids.dtype} values") if ids is not None and ids.ndim == 1
+                else type(raw).__name__)
+        raise HarvestInputError(f"pre-tokenized input_ids must be a list of ints per row; a row holds {what}: "
+                                f"{_short(repr(raw), 80)}")
+    if ids.dtype.kind == "f":
+        odd = ids[~np.isfinite(ids) | (ids != np.round(ids))]
+        if odd.size:
+            raise HarvestInputError(f"pre-tokenized input_ids hold {float(odd[0])!r}, not a whole number; the ids must be "
+                                    "the models' own token ids")
+    ids = ids.astype(np.int64)
     mask = doc.get("attention_mask")
     if mask is not None:
-        mask = list(mask)
-        if len(mask) != len(ids):
-            raise HarvestInputError(f"a row's attention_mask has {len(mask)} entries for {len(ids)} input_ids")
-        ids = [i for i, m in zip(ids, mask) if m]
-    return ids
+        mask = np.asarray(mask)
+        if mask.shape != ids.shape:
+            raise HarvestInputError(f"a row's attention_mask has {mask.size} entries for {ids.size} input_ids")
+        ids = ids[mask.astype(bool)]
+    return ids.tolist()
 
 
 def _doc_tokens(batch: list[dict[str, Any]], tokenizer: Any, text_column: str, n_vocab: int) -> list[list[int]]:
