@@ -568,3 +568,20 @@ def test_the_loop_flag_round_trips_into_the_result_and_its_rerun_command(runs, t
     assert "invalid choice: 'sideways'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="loop: expected one of 'open', 'closed', got 'sideways'"):
         LMEvalConfig(loop="sideways")
+
+
+def test_held_out_shards_of_no_rows_count_as_no_held_out_split(tmp_path):
+    """Runs trained before training refused them may hold out shards of 0 rows: evaluated as trained-on
+    sequences, with the note, instead of an evaluation of no sequences."""
+    from types import SimpleNamespace
+
+    from shared.cache import open_cache
+    from tests.cache_factory import make_cache
+    from train.lm_eval import _held_out_sequences
+
+    make_cache(tmp_path / "c", n_shards=3, rows_per_shard=[64, 64, 0])
+    notes: list[str] = []
+    run = SimpleNamespace(info={"config": {"eval_shards": 1}})
+    seqs, share = _held_out_sequences(open_cache(tmp_path / "c"), run, 3, notes)
+    assert len(seqs) == 3 and share == 1.0
+    assert any("held out no shards with rows" in n for n in notes)

@@ -151,9 +151,10 @@ def _held_out_sequences(cache: Any, run: RunData, n: int, notes: list[str]) -> t
 
     n_eval = run.info["config"].get("eval_shards")
     n_eval = default_eval_shards(cache.n_shards) if n_eval is None else int(n_eval)
-    if n_eval == 0:  # every row was trained on: the share is 1 (the first sequences, by index)
-        notes.append("the run held out no shards (eval_shards 0, or a one-shard cache): the sequences evaluated "
-                     "are ones the dictionary was trained on")
+    held_rows = sum(cache.manifest.shards[i].n_rows for i in range(cache.n_shards - n_eval, cache.n_shards))
+    if n_eval == 0 or held_rows == 0:  # every row was trained on: the share is 1 (the first sequences, by index)
+        notes.append("the run held out no shards with rows (eval_shards 0, a one-shard cache, or held-out shards of 0 "
+                     "rows): the sequences evaluated are ones the dictionary was trained on")
         seqs = np.unique(np.concatenate([cache.shard(i).seq.numpy() for i in range(cache.n_shards)]))
         return [int(x) for x in seqs[:n]], 1.0
     first_eval = cache.n_shards - n_eval
