@@ -91,6 +91,8 @@ def _local_files(path: Path, split: str) -> tuple[str, list[str]]:
         splits = {name: sorted(files) for name, files in splits.items() if files}
         if not splits:
             raise HarvestInputError(f"dataset folder {path} holds no {'/'.join(LOCAL_SUFFIXES)} files")
+    if split not in splits and len(splits) == 1 and split == "train":
+        split = next(iter(splits))  # the folder's only files, named like another split (eval.jsonl): all there is
     if split not in splits:
         if len(splits) == 1:
             raise HarvestInputError(

@@ -245,6 +245,11 @@ def test_a_folder_is_split_by_file_names_as_datasets_splits_it(tokenizer, tmp_pa
     assert {"alpha", "omega"} <= _doc_words(_plan(tokenizer, str(nested), n_rows=150), tokenizer)
     with pytest.raises(HarvestInputError, match="has one split, 'train'; drop --split"):
         _plan(tokenizer, str(nested), split="test")
+    # A folder whose only files are named like another split is read as the default split.
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "eval_texts.jsonl").write_text("\n".join(json.dumps({"text": f"alpha {t}"}) for t in _texts()))
+    assert "alpha" in _doc_words(_plan(tokenizer, str(lone), n_rows=100), tokenizer)
 
 
 def test_a_save_to_disk_folder_is_read_with_its_splits(tokenizer, tmp_path):
