@@ -234,6 +234,21 @@ def test_normalization_estimated_in_chunks_equals_the_whole_sample(method):
         NormalizationEstimator(method).result()
 
 
+def _mean_std_cache(cache, n_models, d_model, edit=None):
+    """A factory cache normalized by mean_std, its side file written from ``n_models`` random slots (``edit``
+    may change the factors first); returns the cache's manifest."""
+    from tests.cache_factory import make_cache
+
+    m = make_cache(cache, n_shards=2, rows_per_shard=32, n_models=n_models, n_hooks=1, d_model=d_model)
+    norm = Normalization.estimate(torch.randn(50, n_models, 1, d_model), "mean_std")
+    if edit is not None:
+        edit(norm)
+    norm.write_side_file(cache)
+    m.normalization = norm.to_manifest(50)
+    (cache / "manifest.json").write_text(json.dumps(m.to_json()))
+    return m
+
+
 def test_damaged_normalization_side_file_is_named(tmp_path):
     """A mean_std side file that is truncated, altered, of other shapes or incomplete raises a
     CacheError naming the file, on load and in verify; a side file without a listed sha256 (an
@@ -241,7 +256,6 @@ def test_damaged_normalization_side_file_is_named(tmp_path):
     from safetensors.torch import save_file
 
     from shared.cache import verify_cache
-    from tests.cache_factory import make_cache
 
     x = torch.randn(200, 2, 3, 16)
     norm = Normalization.estimate(x, "mean_std")
@@ -267,11 +281,7 @@ def test_damaged_normalization_side_file_is_named(tmp_path):
     damaged("missing", entry)
 
     cache = tmp_path / "cache"
-    m = make_cache(cache, n_shards=2, rows_per_shard=32, n_models=1, n_hooks=1, d_model=16)
-    one = Normalization.estimate(torch.randn(50, 1, 1, 16), "mean_std")
-    one.write_side_file(cache)
-    m.normalization = one.to_manifest(50)
-    (cache / "manifest.json").write_text(json.dumps(m.to_json()))
+    _mean_std_cache(cache, 1, 16)
     assert verify_cache(cache).ok
     (cache / "normalization.safetensors").write_bytes(b"\0" * 40)
     report = verify_cache(cache)
@@ -475,15 +485,8 @@ def test_the_caches_own_tokenizer_file_is_checked_when_listed(tmp_path):
 def test_mean_std_factors_that_would_divide_by_zero_or_nan_are_refused(tmp_path, tensor, value):
     """A mean_std side file (another tool's: the harvest floors std at 1e-6) whose std is 0, negative or
     not finite, or whose mean is not finite, is refused on load and by verify, naming the file and the slot."""
-    from tests.cache_factory import make_cache
-
     cache = tmp_path / "cache"
-    m = make_cache(cache, n_shards=2, rows_per_shard=32, n_models=2, n_hooks=1, d_model=8)
-    norm = Normalization.estimate(torch.randn(50, 2, 1, 8), "mean_std")
-    getattr(norm, f"{tensor}_MPD")[1, 0, 3] = value
-    norm.write_side_file(cache)
-    m.normalization = norm.to_manifest(50)
-    (cache / "manifest.json").write_text(json.dumps(m.to_json()))
+    _mean_std_cache(cache, 2, 8, edit=lambda norm: getattr(norm, f"{tensor}_MPD").__setitem__((1, 0, 3), value))
     with pytest.raises(CacheError, match=r"normalization.safetensors is damaged: slot model1/blocks.0.hook_resid_post "
                                          r"has .* at dimension 3 .*every std finite and > 0"):
         open_cache(cache).normalization()
@@ -556,14 +559,10 @@ def test_verify_names_negative_positions_and_sequences_of_another_length(tmp_pat
 
 def test_sha256_values_in_uppercase_are_accepted(tmp_path):
     """We write lowercase hex; another tool's uppercase digests check the same files."""
-    from tests.cache_factory import add_tokenizer, make_cache
+    from tests.cache_factory import add_tokenizer
 
     cache = tmp_path / "cache"
-    m = make_cache(cache, n_shards=2, rows_per_shard=16, n_models=1, n_hooks=1, d_model=8)
-    norm = Normalization.estimate(torch.randn(20, 1, 1, 8), "mean_std")
-    norm.write_side_file(cache)
-    m.normalization = norm.to_manifest(20)
-    (cache / "manifest.json").write_text(json.dumps(m.to_json()))
+    _mean_std_cache(cache, 1, 8)
     add_tokenizer(cache)
     obj = json.loads((cache / "manifest.json").read_text())
     for s in obj["shards"]:
