@@ -227,8 +227,8 @@ def _pretokenized_ids(doc: dict[str, Any]) -> list[int]:
     if ids.dtype.kind == "f":
         odd = ids[~np.isfinite(ids) | (ids != np.round(ids))]
         if odd.size:
-            raise HarvestInputError(f"pre-tokenized input_ids hold {float(odd[0])!r}, not a whole number; the ids must be "
-                                    "the models' own token ids")
+            raise HarvestInputError(f"pre-tokenized input_ids hold {float(odd[0])!r}, not a whole number; the ids "
+                                    "must be the models' own token ids")
     ids = ids.astype(np.int64)
     mask = doc.get("attention_mask")
     if mask is not None:
@@ -259,9 +259,9 @@ def _doc_tokens(batch: list[dict[str, Any]], tokenizer: Any, text_column: str, n
     if odd:
         bad = odd[0]
         raise HarvestInputError(
-            f"text column {text_column!r} holds {type(bad).__name__} values (e.g. {_short(repr(bad), 80)}), not text; pass "
-            f"--text-column NAME of a column of strings (columns: {sorted(batch[0])}), or give pre-tokenized "
-            "data as an input_ids column"
+            f"text column {text_column!r} holds {type(bad).__name__} values (e.g. {_short(repr(bad), 80)}), not "
+            f"text; pass --text-column NAME of a column of strings (columns: {sorted(batch[0])}), or give "
+            "pre-tokenized data as an input_ids column"
         )
     texts = [d[text_column] or "" for d in batch]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -414,8 +414,8 @@ def _too_many_values_message(meta_names: list[str], buffers: dict[tuple, list[in
     return (f"--meta-columns {' '.join(meta_names)}: {len(buffers):,} distinct values among the first {n_docs:,} "
             f"documents (e.g. {example}) each hold a partly filled sequence, {why}. A sequence never mixes "
             f"documents with different metadata, so a column with a value per document (an id, a URL) would "
-            f"keep only documents' whole {body}-token pieces and drop every tail and every shorter document. Name columns with few values (source, language), or "
-            "pass --meta-columns alone for none")
+            f"keep only documents' whole {body}-token pieces and drop every tail and every shorter document. "
+            "Name columns with few values (source, language), or pass --meta-columns alone for none")
 
 
 def _check_metadata_types(metadata: dict[str, list[Any]]) -> None:

@@ -89,8 +89,8 @@ def default_gather_threads(batch_bytes: int) -> int:
 def _whole_number(name: str, value: Any, low: int, *, none_ok: bool = False) -> int:
     """``value`` as an int >= ``low``: Python, numpy or 0-d torch integers; bools and floats refused
     (``True`` is an int to Python, and would pass as 1)."""
-    bad = isinstance(value, (bool, np.bool_, float, np.floating)) or (
-        isinstance(value, torch.Tensor) and (value.dim() > 0 or value.dtype.is_floating_point or value.dtype == torch.bool))
+    bad = isinstance(value, (bool, np.bool_, float, np.floating)) or (isinstance(value, torch.Tensor) and (
+        value.dim() > 0 or value.dtype.is_floating_point or value.dtype == torch.bool))
     try:
         number = None if bad else operator.index(value)
     except TypeError:
@@ -227,7 +227,8 @@ class ActivationLoader:
         if not 0 <= k < n or (k == 0 and split == "eval"):
             raise ValueError(
                 f"eval_shards={k}{' (the default)' if eval_shards is None else ''} does not fit a cache of {n} "
-                f"shard(s): need 0 <= eval_shards < {n}" + (", and at least 1 for split='eval'" if split == "eval" else "")
+                f"shard(s): need 0 <= eval_shards < {n}"
+                + (", and at least 1 for split='eval'" if split == "eval" else "")
             )
         self.eval_shards = k
         self.shard_ids = list(range(n - k)) if split == "train" else list(range(n - k, n))
