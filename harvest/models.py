@@ -134,13 +134,14 @@ def hook_value(point: Any, out: Any) -> Any:
     return conversion.convert(out)
 
 
-_MLP_SIDE = re.compile(r"blocks\.(\d+)\.(hook_mlp_in|hook_resid_mid|ln2\.\w+)$")
-"""Hooks whose meaning (the MLP's input, the residual between attention and MLP) assumes ln2 precedes the MLP."""
+_PRE_NORM_SIDE = re.compile(r"blocks\.(\d+)\.(hook_mlp_in|hook_resid_mid|ln[12]\.\w+)$")
+"""Hooks whose meaning (the MLP's input, the residual between attention and MLP, the norm before attention)
+assumes pre-norm blocks: ln1 before attention, ln2 before the MLP."""
 
 
 def _post_norm_points(bridge: Any, hooks: list[str]) -> list[str]:
     """Hook points the probe also captures to tell post-norm blocks (see :func:`_post_norm_hooks`)."""
-    layers = sorted({int(m.group(1)) for h in hooks if (m := _MLP_SIDE.match(h))})
+    layers = sorted({int(m.group(1)) for h in hooks if (m := _PRE_NORM_SIDE.match(h))})
     return [p for L in layers for p in (f"blocks.{L}.ln2.hook_in", f"blocks.{L}.mlp.hook_in", f"blocks.{L}.hook_mlp_out")
             if p in bridge.hook_dict]
 
@@ -152,7 +153,7 @@ def _post_norm_hooks(r: ResolvedModel, bridge: Any, hooks: list[str], captured: 
     ``hook_mlp_in``/``hook_resid_mid`` where they are ln2's input, are not the MLP's input."""
     bad = []
     for hook in hooks:
-        m = _MLP_SIDE.match(hook)
+        m = _PRE_NORM_SIDE.match(hook)
         if not m:
             continue
         block = f"blocks.{m.group(1)}"
@@ -168,10 +169,11 @@ def _post_norm_hooks(r: ResolvedModel, bridge: Any, hooks: list[str], captured: 
             bad.append(hook)
     if not bad:
         return None
-    return (f"hook(s) {bad} of model {r.name!r} ({_model_type(r, bridge)}) are not what their names say: its blocks normalize "
-            "after attention and after the MLP (post-LN, as opt-350m and GPT-1), and transformer-lens's ln2 is the "
-            "norm after the MLP, so these hooks hold the MLP's input plus output before that norm. The MLP reads "
-            "blocks.L.mlp.hook_in; the residual stream is blocks.L.hook_resid_pre/post")
+    return (f"hook(s) {bad} of model {r.name!r} ({_model_type(r, bridge)}) are not what their names say: its blocks "
+            "normalize after attention and after the MLP (post-LN, as opt-350m and GPT-1), and transformer-lens's ln1 "
+            "is the norm after attention (its output is the MLP's input, not the attention's), ln2 the norm after "
+            "the MLP (its hooks and hook_mlp_in/hook_resid_mid hold the MLP's input plus output before that norm). "
+            "The MLP reads blocks.L.mlp.hook_in; the residual stream is blocks.L.hook_resid_pre/post")
 
 
 def _capture(bridge: Any, names: list[str], tokens_BP: torch.Tensor, stop: int | None) -> dict[str, Any]:
@@ -420,6 +422,13 @@ def load_models(
                     "TransformerBridge supports; see its list of supported architectures"
                 ) from e
             raise HarvestInputError(f"cannot load model {r.name!r}: {str(e).splitlines()[0]}") from e
+        except (RuntimeError, KeyError, TypeError, AttributeError, IndexError, NotImplementedError,
+                AssertionError) as e:  # transformer-lens failing on a layout it does not handle
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise HarvestInputError(
+                f"transformer-lens's TransformerBridge fails to load model {r.name!r} ({_model_type(r)}): "
+                f"{type(e).__name__}: {first[:300]}. This configuration of the architecture is probably not "
+                "supported by the installed transformer-lens") from e
         finally:
             if bars_were_on:
                 hf_logging.enable_progress_bar()
@@ -440,9 +449,12 @@ def load_models(
         for hook in hooks:
             if hook not in b.hook_dict:
                 close = _close_hooks(hook, names_available)
+                parallel = hook.endswith("hook_resid_mid") and bool(getattr(b.cfg, "parallel_attn_mlp", False))
                 raise HarvestInputError(
-                    f"unknown hook {hook!r} for model {r.name!r}. Close names: {close}. "
-                    f"Layers run 0..{b.cfg.n_layers - 1}."
+                    f"unknown hook {hook!r} for model {r.name!r}"
+                    + (": its attention and MLP run in parallel on the same input, so no residual lies between "
+                       "them (the MLP reads blocks.L.mlp.hook_in)" if parallel else "")
+                    + f". Close names: {close}. Layers run 0..{b.cfg.n_layers - 1}."
                 )
 
     # Some hooks are gated off in transformer-lens until a setter turns them on; turn on

@@ -264,7 +264,14 @@ def _doc_tokens(batch: list[dict[str, Any]], tokenizer: Any, text_column: str, n
             "pre-tokenized data as an input_ids column"
         )
     texts = [d[text_column] or "" for d in batch]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    docs = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    top = max((max(ids) for ids in docs if ids), default=-1)
+    if top >= n_vocab:  # an embedding table smaller than the tokenizer: an IndexError mid-harvest, else
+        raise HarvestInputError(
+            f"the text tokenizes to id {top} ({tokenizer.convert_ids_to_tokens(top)!r}), past the smallest embedding "
+            f"table of the models ({n_vocab} rows): a model's tokenizer has tokens its embeddings lack (resize them: "
+            "model.resize_token_embeddings(len(tokenizer)), then save), or leave out the text that holds them")
+    return docs
 
 
 def build_token_plan(

@@ -255,6 +255,33 @@ def test_unsupported_architecture_is_named(arch_root, toy_dirs):
     assert "BioGptForCausalLM" in message and "biogpt" in message and "not an architecture" in message
 
 
+def test_a_layout_the_bridge_fails_on_is_refused_in_one_line(arch_root, toy_dirs):
+    """Falcon's new decoder architecture (Falcon-40B's grouped KV heads) makes transformer-lens's bridge raise a
+    RuntimeError while it splits the fused QKV weight: a traceback before, one line naming the model now."""
+    from arch_models import copy_tokenizer
+    from transformers import FalconConfig, FalconForCausalLM
+
+    folder = arch_root / "falcon_new"
+    if not folder.exists():
+        torch.manual_seed(0)
+        FalconForCausalLM(FalconConfig(vocab_size=4096, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       num_kv_heads=2, max_position_embeddings=64, new_decoder_architecture=True,
+                                       bias=True, alibi=False, bos_token_id=0, eos_token_id=0,
+                                       pad_token_id=1)).save_pretrained(folder)
+        copy_tokenizer(toy_dirs["toy-base"], folder)
+    try:
+        message = _refusal([str(folder)], ["blocks.0.hook_resid_post"])
+    except pytest.fail.Exception:  # a transformer-lens that loads this layout: nothing to refuse
+        pytest.skip("this transformer-lens loads Falcon's new decoder architecture")
+    assert "fails to load model" in message and "FalconForCausalLM" in message and "not supported" in message
+
+
+def test_resid_mid_on_parallel_attention_says_why(arch_root, toy_dirs):
+    """GPT-NeoX with use_parallel_residual (its default) has no residual between attention and MLP."""
+    message = _refusal([str(arch_folder(arch_root, toy_dirs, "gpt_neox"))], ["blocks.1.hook_resid_mid"])
+    assert "attention and MLP run in parallel" in message and "blocks.L.mlp.hook_in" in message
+
+
 def test_bidirectional_encoder_is_refused(arch_root, toy_dirs):
     """BERT loads through the bridge, but each of its rows reads later tokens (and, packed, the next
     document): not the causal rows the cache promises. Refused by what the load-time probe sees."""
@@ -294,8 +321,10 @@ def test_opt_flattened_hook_is_refused(arch_root, toy_dirs):
 
 
 @pytest.mark.parametrize("arch, hooks", [
-    ("opt_post_ln", ["blocks.1.hook_resid_mid", "blocks.1.hook_mlp_in", "blocks.1.ln2.hook_out"]),
-    ("openai_gpt", ["blocks.1.hook_mlp_in", "blocks.1.ln2.hook_normalized"]),
+    # ln1 there is the norm after attention: its output is the MLP's input, not the attention's (accepted before).
+    ("opt_post_ln", ["blocks.1.hook_resid_mid", "blocks.1.hook_mlp_in", "blocks.1.ln2.hook_out",
+                     "blocks.1.ln1.hook_out"]),
+    ("openai_gpt", ["blocks.1.hook_mlp_in", "blocks.1.ln2.hook_normalized", "blocks.1.ln1.hook_normalized"]),
 ])
 def test_post_ln_refuses_hooks_that_are_not_the_mlp_input(arch, hooks, arch_root, toy_dirs):
     """opt-350m's and GPT-1's LayerNorms follow attention and MLP; transformer-lens's ln2 is the norm

@@ -345,6 +345,14 @@ def test_text_files_are_tidied_and_must_be_utf8(tokenizer, tmp_path):
         _plan(tokenizer, str(latin), n_rows=100)
 
 
+def test_text_ids_past_a_smaller_embedding_table_are_refused_before_any_forward(tokenizer):
+    """A fine-tune whose tokenizer gained tokens its embeddings lack crashed mid-harvest (IndexError), or
+    passed when the sample held none of them."""
+    with pytest.raises(HarvestInputError, match=r"the text tokenizes to id \d+ .* past the smallest embedding table "
+                                                r"of the models \(1000 rows\).*resize_token_embeddings"):
+        _plan(tokenizer, "builtin:mixed", n_rows=500, n_vocab=1000)
+
+
 @pytest.mark.parametrize("context_size", [0, 1])
 def test_context_size_below_two_has_one_message(context_size, tmp_path):
     from conftest import small_harvest_config
