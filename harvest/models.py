@@ -150,7 +150,8 @@ def _post_norm_hooks(r: ResolvedModel, bridge: Any, hooks: list[str], captured: 
     """An error for hooks a post-norm block (opt-350m's ``do_layer_norm_before=False``, GPT-1) would
     silently harvest as something else. transformer-lens maps ln2 to the norm after the MLP there (its
     input is the MLP's input plus its output: the residual add), so ``ln2.*``, and
-    ``hook_mlp_in``/``hook_resid_mid`` where they are ln2's input, are not the MLP's input."""
+    ``hook_mlp_in``/``hook_resid_mid`` where they are ln2's input, are not the MLP's input; and ln1 to the
+    norm after attention, so ``ln1.*`` is not the attention's input."""
     bad = []
     for hook in hooks:
         m = _PRE_NORM_SIDE.match(hook)

@@ -210,7 +210,7 @@ def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: boo
     if index is not None and index.problem:
         report.problems.append(f"{TOKENS_NAME}: {index.problem}")
     if index is not None:
-        lengths_S = np.diff(index.offsets)
+        lengths_S = index.lengths
         other_S = np.nonzero(lengths_S != manifest.context_size)[0]
         if other_S.size:  # rows would index tokens of sequences cut otherwise than the manifest says
             first = int(other_S[0])

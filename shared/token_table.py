@@ -100,6 +100,7 @@ class TokenIndex:
 
     def __init__(self, flat: np.ndarray, offsets: np.ndarray, problem: str | None = None) -> None:
         self.flat, self.offsets = flat, offsets
+        self.lengths = np.diff(offsets)  # tokens per sequence: once, not per shard checked
         self.problem = problem  # what is wrong with the table itself (its seq column), if anything
 
     @staticmethod
@@ -119,7 +120,7 @@ class TokenIndex:
 
     def mismatch(self, seq: np.ndarray, pos: np.ndarray, token: np.ndarray) -> str | None:
         """What is wrong with a shard's rows against the sequences (None: every row matches)."""
-        problem = position_problem(seq, pos, np.diff(self.offsets))
+        problem = position_problem(seq, pos, self.lengths)
         if problem is not None:
             return problem
         wrong = int((self.flat[self.offsets[seq] + pos] != token).sum())
