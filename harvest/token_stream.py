@@ -9,7 +9,7 @@ Sources (``--dataset``):
 - a Hugging Face dataset id, streamed (``--split``, ``--text-column``).
 A row with an ``input_ids`` column is taken as pre-tokenized (ids of the models' tokenizer).
 
-Packing: each document's tokens are followed by EOS and appended to a buffer; every
+Packing: each document's tokens are followed by EOS (unless they end with it) and appended to a buffer; every
 ``context_size - 1`` tokens become one sequence ``[BOS] + tokens``. Documents with different
 metadata (e.g. ``source``) go to separate buffers, so a sequence's metadata is exact.
 Pre-tokenized rows that already are ``[BOS] + context_size - 1`` tokens are kept as they are
@@ -36,6 +36,10 @@ SHUFFLE_BUFFER = 10_000
 """Documents held by the seeded streaming shuffle of file and Hub datasets."""
 TOKENIZE_BATCH = 256
 MAX_OPEN_META_VALUES = 1024
+PADDED_SHARE = 20
+"""Mask-less pre-tokenized rows are refused as padded when at least one in this many ends or starts with a
+run of one special token (a tokenizer's ``padding="max_length"`` output): a few such rows (empty documents
+joined by another packer) are text, but a padded dataset pads most of its rows."""
 """Metadata values that may hold a partly filled sequence at once. Documents are packed per value of the
 meta columns, so a column with a value per document (an id, a URL) would keep every document's tail
 (and every short document) in memory, never packed: refused past this many."""
@@ -305,6 +309,9 @@ def build_token_plan(
     buffers: dict[tuple, list[int]] = {}
     total, n_docs = 0, 0
     read, new_values = 0, 0  # tokens put in buffers; documents that opened a buffer of their own value
+    special = {int(i) for i in getattr(tokenizer, "all_special_ids", [])}
+    special |= {i for i in (bos_id, eos_id) if i is not None}
+    padded: list[tuple[int, int, int, str]] = []  # mask-less pre-tokenized rows that look padded: (row, id, run, end)
     docs = iter_documents(dataset, split, seed)
 
     def emit(ids: list[int], key: tuple, meta_names: list[str]) -> bool:
@@ -339,6 +346,8 @@ def build_token_plan(
             if not ids:  # null, missing or empty text: packing it would add a lone EOS
                 plan.empty_docs += 1
                 continue
+            if plan.pretokenized and doc.get("attention_mask") is None and (run := _padding_run(ids, special)):
+                padded.append((n_docs, *run))
             key = tuple(doc[n] for n in meta_names)
             try:
                 hash(key)  # documents are packed per metadata value
@@ -355,9 +364,9 @@ def build_token_plan(
                     ids = ids[1:]
                 new_values += key not in buffers
                 buf = buffers.setdefault(key, [])
-                read += len(ids) + (eos_id is not None)
+                read += len(ids) + (eos_id is not None and ids[-1] != eos_id)
                 buf.extend(ids)
-                if eos_id is not None:
+                if eos_id is not None and ids[-1] != eos_id:  # a document that already ends with EOS gets no second
                     buf.append(eos_id)
                 while len(buf) >= body and not done:
                     seq = ([bos_id] if bos_id is not None else []) + buf[:body]
@@ -371,6 +380,8 @@ def build_token_plan(
                 break
     if n_docs == 0:
         raise HarvestInputError(f"dataset {dataset!r} (split {split!r}) yielded no documents")
+    if len(padded) >= 2 and len(padded) * PADDED_SHARE >= n_docs - plan.empty_docs:
+        raise HarvestInputError(_padded_message(padded, n_docs - plan.empty_docs, tokenizer))
     held = sum(len(b) for b in buffers.values())
 
     def waiting(also: str) -> str:  # what the meta columns' partly filled sequences hold, if any
@@ -394,6 +405,30 @@ def build_token_plan(
     _check_metadata_types(plan.metadata)
     plan.rows_per_seq = np.asarray(counts, dtype=np.int64)
     return plan
+
+
+def _padding_run(ids: list[int], special: set[int]) -> tuple[int, int, str] | None:
+    """``(id, length, "end" | "start")`` of the longer run of one special id (two or more) that ends or
+    starts a row: padding (pad, or EOS standing in for it), not text. None when there is none."""
+    best = None
+    for end, seq in (("end", ids[::-1]), ("start", ids)):
+        first = seq[0]
+        if first not in special:
+            continue
+        n = next((i for i, x in enumerate(seq) if x != first), len(seq))
+        if n >= 2 and (best is None or n > best[1]):
+            best = (first, n, end)
+    return best
+
+
+def _padded_message(padded: list[tuple[int, int, int, str]], n_rows: int, tokenizer: Any) -> str:
+    row, tok, run, end = max(padded, key=lambda p: p[2])
+    name = tokenizer.convert_ids_to_tokens(tok) if hasattr(tokenizer, "convert_ids_to_tokens") else tok
+    return (f"pre-tokenized rows look padded: {len(padded):,} of the {n_rows:,} rows read end or start with a run "
+            f"of one special token (row {row} {end}s with {run} x id {tok}, {name!r}), and there is no "
+            "attention_mask column. Packed as they are, the padding would sit between documents and every later "
+            "token would attend to it. Add an attention_mask column (1 for text, 0 for padding; the harvest drops "
+            "the masked ids), or strip the padding from input_ids")
 
 
 def _empty_note(plan: TokenPlan, text_column: str) -> str:

@@ -330,6 +330,31 @@ def test_pretokenized_values_are_checked_not_cast(tokenizer, tmp_path):
         plan_of([{"input_ids": list(range(5, 37)), "attention_mask": [1, 1, 1]}] * 5, n_rows=5)
 
 
+def test_padded_pretokenized_rows_without_a_mask_are_refused(tokenizer, tmp_path):
+    """``padding="max_length"`` output with no attention_mask: the pad runs were packed between documents
+    (every later token attended to them). A few rows ending in a run (another packer's empty documents)
+    are still text."""
+    rng = np.random.default_rng(0)
+
+    def plan_of(rows, **kw):
+        path = tmp_path / "pt.jsonl"
+        path.write_text("\n".join(json.dumps({"input_ids": r}) for r in rows))
+        return _plan(tokenizer, str(path), **kw)
+
+    text = [rng.integers(5, 4000, int(rng.integers(8, 40))).tolist() for _ in range(200)]
+    right = [t + [1] * (48 - len(t)) for t in text]  # pad 1
+    with pytest.raises(HarvestInputError, match=r"rows look padded: (\d+) of the \1 rows read .* no attention_mask"):
+        plan_of(right, n_rows=3000)
+    left = [[0] * (48 - len(t)) + t for t in text]  # EOS standing in for pad, on the left
+    with pytest.raises(HarvestInputError, match=r"look padded: .* starts with \d+ x id 0"):
+        plan_of(left, n_rows=3000)
+    few = [t + [0, 0] if i % 50 == 0 else t for i, t in enumerate(text)]  # 4 of 200: kept
+    assert plan_of(few, n_rows=3000).n_rows == 3000
+    # A row that ends with EOS already gets no second one.
+    stream = np.concatenate([ids[1:] for ids in plan_of([t + [0] for t in text], n_rows=3000).input_ids])
+    assert not np.any((stream[1:] == 0) & (stream[:-1] == 0))
+
+
 def test_text_files_are_tidied_and_must_be_utf8(tokenizer, tmp_path):
     """A byte-order mark, runs of 3+ newlines and lines of spaces no longer become text or documents."""
     bom = tmp_path / "bom.txt"
