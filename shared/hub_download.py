@@ -29,7 +29,15 @@ from shared.cache_format import (
     CacheError,
     Manifest,
 )
-from shared.hub_fetch import _is_offline, _normalization_file, _offline_fix, _other_revisions, _repo_files, _snapshot
+from shared.hub_fetch import (
+    _is_offline,
+    _normalization_file,
+    _offline_fix,
+    _other_revisions,
+    _repo_exists,
+    _repo_files,
+    _snapshot,
+)
 from shared.hub_integrity import FreshDigests, _check_downloads, _download_again
 from shared.hub_partial import _partial_view
 from shared.hub_spec import _COMMIT_RE, HubError, is_hub_spec, parse_hub_spec, shown_files
@@ -69,7 +77,16 @@ def resolve_cache_with_digests(spec: str | Path, *, max_shards: int | None = Non
         return Path(spec), FreshDigests()
     spec = str(spec)
     repo, revision = parse_hub_spec(spec)
-    first = _snapshot(spec, repo, revision, [MANIFEST_NAME])
+    try:
+        first = _snapshot(spec, repo, revision, [MANIFEST_NAME])
+    except HubError:
+        if _repo_exists(repo, "model"):
+            raise HubError(
+                f"{spec}: {repo} is a model repo (a crosscache dictionary?), not a dataset repo: crosscache pushes "
+                f"caches to dataset repos and dictionaries to model repos. To use it as a dictionary: "
+                f"`run_train.py export-saelens {spec} --out DIR` or train.load_dictionary({spec!r})"
+            ) from None
+        raise
     if not (first / MANIFEST_NAME).is_file():
         raise CacheError(
             f"{spec}: the dataset repo {repo} has no {MANIFEST_NAME}: it is not a crosscache cache, or a push to "
@@ -100,10 +117,17 @@ def resolve_cache_with_digests(spec: str | Path, *, max_shards: int | None = Non
     needed = side + shard_files
     missing = [f for f in needed if not (snapshot / f).is_file()]
     if missing:
-        shown = shown_files(missing)
+        listing = None if _is_offline() or commit is None else _repo_files(repo, commit)
+        absent = [f for f in missing if listing is not None and f not in listing]
+        if absent:  # not a connection problem: running again cannot help
+            raise HubError(
+                f"{spec}: the repo (commit {commit}) lacks {len(absent)} file(s) its manifest lists: "
+                f"{shown_files(absent)}. The cache on the Hub is incomplete: ask the repo's owner to push it "
+                f"again (`python run_harvest.py push`), {_other_revisions(repo)}"
+            )
         raise HubError(
             f"{spec}: {len(missing)} file(s) the manifest needs are neither in the local Hugging Face cache nor "
-            f"downloadable: {shown}. {_offline_fix()}"
+            f"downloadable: {shown_files(missing)}. {_offline_fix()}"
         )
     fresh = _check_downloads(spec, repo, commit, snapshot, manifest, shards)
     if not partial:

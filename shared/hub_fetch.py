@@ -72,6 +72,22 @@ def _offline_fix() -> str:
     )
 
 
+def _repo_exists(repo: str, repo_type: str) -> bool:
+    """Whether a repo of this name and type (``dataset`` or ``model``) exists: in the local HF cache when
+    offline, else asked of the Hub. Only to word an error better: False when it cannot tell."""
+    from huggingface_hub import HfApi, constants
+
+    prefix = "datasets" if repo_type == "dataset" else "models"
+    if (Path(constants.HF_HUB_CACHE) / f"{prefix}--{repo.replace('/', '--')}").is_dir():
+        return True
+    if _is_offline():
+        return False
+    try:
+        return bool(HfApi().repo_exists(repo, repo_type=repo_type))
+    except Exception:  # noqa: BLE001 - the original error stands otherwise
+        return False
+
+
 def _is_offline() -> bool:
     from huggingface_hub import constants
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from shared.cache_format import CARD_NAME, MANIFEST_NAME, NORMALIZATION_NAME, SHARD_DIR, TOKENIZER_NAME, Manifest
 from shared.hub_push_common import GITATTRIBUTES, PushTarget
-from shared.hub_repo_state import RepoContents, _describe
+from shared.hub_repo_state import RepoContents, _describe, _differences
 from shared.hub_spec import HubError, shown_files
 
 _FORCE_HELP = "another --repo, or a --revision naming a new branch"
@@ -140,7 +140,8 @@ def _refuse_unless_allowed(plan: PushPlan) -> None:
         return
     if c.state == "other":
         assert c.manifest is not None and plan.manifest is not None
-        held = f"a different crosscache cache ({_describe(c.manifest)}; this cache: {_describe(plan.manifest)})"
+        held = (f"a different crosscache cache ({_describe(c.manifest)}; this cache: {_describe(plan.manifest)}"
+                f"{_differences(c.manifest, plan.manifest)})")
         how = (f"its {MANIFEST_NAME} is deleted first, in a commit of its own, then this cache is uploaded over it "
                "and the old cache's files it does not use are deleted")
     else:

@@ -43,6 +43,28 @@ def _describe(manifest: Manifest) -> str:
             f"{len(manifest.shards)} shard{'s' * (len(manifest.shards) != 1)}")
 
 
+def _differences(held: Manifest, ours: Manifest) -> str:
+    """What tells two caches with the same models, hooks and rows apart (``"; they differ in ..."``), or ""
+    when :func:`_describe` already does."""
+    if (held.model_names, held.hooks, held.n_rows, len(held.shards)) != (
+            ours.model_names, ours.hooks, ours.n_rows, len(ours.shards)):
+        return ""
+    norm_a, norm_b = held.normalization, ours.normalization
+    seen = [
+        ("normalization", f"{norm_a.get('method')} vs {norm_b.get('method')}" if norm_a.get("method") !=
+         norm_b.get("method") else "its factors" if norm_a != norm_b else None),
+        ("storage dtype", f"{held.dtype} vs {ours.dtype}" if held.dtype != ours.dtype else None),
+        ("dataset", "" if held.dataset != ours.dataset else None),
+        ("context size", f"{held.context_size} vs {ours.context_size}"
+         if held.context_size != ours.context_size else None),
+    ]
+    parts = [name + (f" ({what})" if what else "") for name, what in seen if what is not None]
+    n_shards = sum(a.sha256.lower() != b.sha256.lower() or a.file != b.file for a, b in zip(held.shards, ours.shards))
+    if n_shards:
+        parts.append(f"the contents of {n_shards} of {len(ours.shards)} shards (sha256)")
+    return f"; they differ in {', '.join(parts)}" if parts else ""
+
+
 @dataclass
 class RepoContents:
     """What the target branch of a push held when :func:`push_cache` looked, and what it means."""

@@ -37,13 +37,16 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from shared.cache_format import (
     CARD_NAME,
     MANIFEST_NAME,
-    NORMALIZATION_NAME,
     SHARD_DIR,
     TOKENIZER_NAME,
     TOKENS_NAME,
@@ -60,6 +63,7 @@ from shared.hub_spec import (
     _COMMIT_RE,
     _REPO_HELP,
     REPO_TYPE,
+    HubError,
     _is_repo_id,
     is_hub_spec,
     shown_files,
@@ -134,8 +138,8 @@ def push_cache(
         raise CacheError(f"refusing to push {cache_dir}: the manifest's normalization file {norm_file} is missing")
 
     data = [TOKENS_NAME]
-    if (cache_dir / NORMALIZATION_NAME).is_file():
-        data.append(NORMALIZATION_NAME)
+    if norm_file:  # only the side file the manifest uses: a leftover one (norm_scale) is a stray
+        data.append(str(norm_file))
     data += [s.file for s in manifest.shards]
     # What is published is generated from the local manifest (left as it is): no path of this machine's
     # home folder, user or host name, and the tokenizer.json it lists.
@@ -266,6 +270,50 @@ def _look_for_dry_run(plan: PushPlan) -> None:
         _refuse_unless_allowed(plan)
 
 
+def _linked_folders(cache_dir: Path, files: list[str]) -> list[str]:
+    """The folders inside ``cache_dir`` on the way to ``files`` that are symbolic links (``shards/`` moved
+    to another disk): ``upload_folder`` lists a folder without entering linked folders, so their files
+    would be left out of the upload."""
+    folders = {Path(f).parent for f in files} - {Path(".")}
+    linked = {q.as_posix() for d in folders for q in (d, *d.parents) if q != Path(".") and (cache_dir / q).is_symlink()}
+    return sorted(linked)
+
+
+@contextmanager
+def _upload_folder_of(plan: PushPlan) -> Iterator[tuple[Path, list[str] | None]]:
+    """The folder to hand the uploader, and the stray files in it to ignore: the cache itself; or, when a
+    folder on the way to its data files is a symbolic link (which the uploader does not enter), a
+    temporary folder of links to exactly those files (then no strays)."""
+    files = [f for f, _ in plan.data_files]
+    if not _linked_folders(plan.cache_dir, files):
+        listed = set(files)
+        strays = [
+            glob.escape(q.relative_to(plan.cache_dir).as_posix())
+            for q in (plan.cache_dir / SHARD_DIR).rglob("*")
+            if q.is_file() and q.relative_to(plan.cache_dir).as_posix() not in listed
+        ]
+        yield plan.cache_dir, strays or None
+        return
+    with tempfile.TemporaryDirectory(prefix="crosscache-push-") as tmp:
+        for f in files:
+            (Path(tmp) / f).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink((plan.cache_dir / f).resolve(), Path(tmp) / f)
+        yield Path(tmp), None
+
+
+def _missing_after_upload(plan: PushPlan, repo_files: list[str]) -> None:
+    """Refuse to commit the manifest over data that did not all arrive: a manifest listing shards the
+    repo lacks would read as a finished cache with missing shards."""
+    have = set(repo_files)
+    missing = [f for f, _ in plan.data_files if f not in have]
+    if missing:
+        raise HubError(
+            f"the upload to {plan.where} left out {len(missing)} of the cache's {len(plan.data_files)} data files "
+            f"({shown_files(missing, 6)}), so the manifest was not committed (the repo reads as an unfinished "
+            f"push). Check that they are plain files readable under {plan.cache_dir} and push again"
+        )
+
+
 def _upload(plan: PushPlan) -> None:
     import importlib.util
 
@@ -273,17 +321,11 @@ def _upload(plan: PushPlan) -> None:
 
     api = HfApi()  # token: HF_TOKEN or the saved login, read by huggingface_hub itself
     where = plan.where
-    listed = {f for f, _ in plan.data_files}
     # Data patterns: the shard folder as one glob, then every other file in it (temp files of a
     # killed writer, shards no manifest lists) excluded by name: exactly the listed files go up.
     data_patterns = [glob.escape(f) for f, _ in plan.data_files if not f.startswith(f"{SHARD_DIR}/")]
     data_patterns += _shard_patterns([f for f, _ in plan.data_files if f.startswith(f"{SHARD_DIR}/")])
-    strays = [
-        glob.escape(p.relative_to(plan.cache_dir).as_posix())
-        for p in (plan.cache_dir / SHARD_DIR).rglob("*")
-        if p.is_file() and p.relative_to(plan.cache_dir).as_posix() not in listed
-    ]
-    with push_errors(where, checks="check the cache", rerun=_RERUN):
+    with push_errors(where, checks="check the cache", rerun=_RERUN), _upload_folder_of(plan) as (folder, strays):
         # Look before touching anything: a refused push leaves the repo as it was (no branch made).
         contents = plan.contents = _inspect(api, plan.repo, plan.revision, plan.manifest, private=plan.private)
         _refuse_unless_allowed(plan)
@@ -305,22 +347,24 @@ def _upload(plan: PushPlan) -> None:
             )
         if hasattr(api, "upload_large_folder"):  # huggingface_hub 1.x: the resumable uploader
             api.upload_large_folder(
-                repo_id=plan.repo, repo_type=REPO_TYPE, folder_path=plan.cache_dir,
-                revision=plan.revision, allow_patterns=data_patterns, ignore_patterns=strays or None,
+                repo_id=plan.repo, repo_type=REPO_TYPE, folder_path=folder,
+                revision=plan.revision, allow_patterns=data_patterns, ignore_patterns=strays,
             )
         else:  # 2.x: upload_folder itself is resumable and batches commits (with hf_xet)
             if importlib.util.find_spec("hf_xet") is None:
                 plan.notes.append("hf_xet is not installed: the data went up in one commit, and an interrupted "
                                   "upload restarts; `pip install hf_xet` makes it resumable")
             api.upload_folder(
-                repo_id=plan.repo, repo_type=REPO_TYPE, folder_path=plan.cache_dir,
-                revision=plan.revision, allow_patterns=data_patterns, ignore_patterns=strays or None,
+                repo_id=plan.repo, repo_type=REPO_TYPE, folder_path=folder,
+                revision=plan.revision, allow_patterns=data_patterns, ignore_patterns=strays,
                 commit_message=f"crosscache: upload data ({len(plan.data_files)} files)",
             )
         # The switch-over commit: the manifest, card and tokenizer.json, and the removal of what this
         # cache does not use (shards of an older push, a stale normalization or tokenizer file; when
         # replacing, the rest).
-        stale = _deletions(plan, api.list_repo_files(plan.repo, repo_type=REPO_TYPE, revision=plan.revision))
+        repo_files = api.list_repo_files(plan.repo, repo_type=REPO_TYPE, revision=plan.revision)
+        _missing_after_upload(plan, repo_files)
+        stale = _deletions(plan, repo_files)
         info = api.create_commit(
             plan.repo,
             repo_type=REPO_TYPE,

@@ -234,18 +234,10 @@ def test_push_offline_fails_cleanly(tmp_path):
     assert _files_containing(tmp_path, FAKE_TOKEN) == []
 
 
-def test_push_uploads_data_first_then_manifest_and_card(tmp_path, hf_home, monkeypatch):
-    """The upload sequence, against a recording stand-in for the Hub (no network)."""
-    import huggingface_hub
-    from huggingface_hub.utils import filter_repo_objects
-
-    calls: list[tuple[str, dict]] = []
-
-    def record(name, result=None):
-        def fn(self, *args, **kwargs):
-            calls.append((name, {"args": args, **kwargs}))
-            return result
-        return fn
+class RecordingHub:
+    """A recording stand-in for ``HfApi`` (no network): each call is kept in ``calls``; ``upload_folder``
+    adds to the branch's ``files`` what huggingface_hub's own folder listing picks (``upload=False``:
+    nothing), which ``list_repo_files`` then returns."""
 
     class Info:
         commit_url = "https://huggingface.co/datasets/alice/toy-diff/commit/123"
@@ -253,15 +245,42 @@ def test_push_uploads_data_first_then_manifest_and_card(tmp_path, hf_home, monke
     class RepoInfo:
         private = True  # an existing private repo: a --private push goes ahead
 
-    monkeypatch.delattr(huggingface_hub.HfApi, "upload_large_folder", raising=False)
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", record("create_repo"))
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", record("create_branch"))
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", record("upload_folder"))
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", record(
-        "list_repo_files", [".gitattributes", "README.md", "shards/acts-00000.safetensors",
-                            "shards/acts-00042.safetensors"]))
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", record("create_commit", Info()))
-    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", record("repo_info", RepoInfo()))
+    def __init__(self, monkeypatch, files: list[str], upload: bool = True):
+        import huggingface_hub
+
+        self.calls: list[tuple[str, dict]] = []
+        self.files = list(files)
+        hub = self
+
+        def record(name, result=None):
+            def fn(api, *args, **kwargs):
+                hub.calls.append((name, {"args": args, **kwargs}))
+                if name == "upload_folder" and upload:
+                    ops = api._prepare_upload_folder_additions(
+                        kwargs["folder_path"], "", allow_patterns=kwargs["allow_patterns"],
+                        ignore_patterns=kwargs["ignore_patterns"])
+                    hub.files += [op.path_in_repo for op in ops]
+                return list(hub.files) if name == "list_repo_files" else result
+            return fn
+
+        monkeypatch.delattr(huggingface_hub.HfApi, "upload_large_folder", raising=False)
+        for name, result in [("create_repo", None), ("create_branch", None), ("upload_folder", None),
+                             ("list_repo_files", None), ("create_commit", self.Info()),
+                             ("repo_info", self.RepoInfo())]:
+            monkeypatch.setattr(huggingface_hub.HfApi, name, record(name, result))
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+
+def test_push_uploads_data_first_then_manifest_and_card(tmp_path, hf_home, monkeypatch):
+    """The upload sequence, against a recording stand-in for the Hub (no network)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    hub = RecordingHub(monkeypatch, [".gitattributes", "README.md", "shards/acts-00000.safetensors",
+                                     "shards/acts-00042.safetensors"])
+    calls, Info = hub.calls, hub.Info
     src = _cache(tmp_path / "c")
     (src / "shards" / ".acts-00004.safetensors.tmp-9").write_bytes(b"half")
     (src / "shards" / "acts-00077.safetensors").write_bytes(b"not listed")
@@ -290,6 +309,26 @@ def test_push_uploads_data_first_then_manifest_and_card(tmp_path, hf_home, monke
     assert adds["manifest.json"].path_or_fileobj == (src / "manifest.json").read_bytes()  # nothing to redact here
     assert plan.commit_url == Info.commit_url
     assert FAKE_TOKEN not in repr(calls)  # the token is left to huggingface_hub, never passed around
+
+
+def test_push_of_a_cache_whose_shard_folder_is_a_link_uploads_every_shard(tmp_path, hf_home, monkeypatch):
+    """``shards/`` moved to another disk and linked back: the uploader does not enter a linked folder, so
+    the push published the manifest over no shards and said it succeeded. Now every shard goes up (through
+    a folder of links), and a manifest is never committed over data files the repo lacks."""
+    src = _cache(tmp_path / "c")
+    (src / "normalization.safetensors").write_bytes(b"left over")  # norm_scale: a stray, not published
+    (src / "shards").rename(tmp_path / "elsewhere")
+    (src / "shards").symlink_to(tmp_path / "elsewhere")
+    data = ["tokens.arrow"] + [f"shards/acts-{i:05d}.safetensors" for i in range(4)]
+    hub = RecordingHub(monkeypatch, [])
+    push_cache(src, "alice/toy-diff")
+    assert sorted(hub.files) == sorted(data)  # each listed data file, and only those
+    assert hub.names[-1] == "create_commit"
+
+    lost = RecordingHub(monkeypatch, [], upload=False)  # an upload that leaves files out, whatever the cause
+    with pytest.raises(HubError, match=r"left out 5 of the cache's 5 data files .* manifest was not committed"):
+        push_cache(src, "alice/toy-diff")
+    assert "create_commit" not in lost.names
 
 
 # --------------------------------------------------------------------------------------------

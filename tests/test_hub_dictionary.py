@@ -33,7 +33,7 @@ import run_train
 import tests.test_hub as _test_hub
 from conftest import serve_as_hub
 import tests.test_hub_push_safety as safety
-from shared.hub import HubError
+from shared.hub import HubError, resolve_cache
 from tests.cache_factory import make_cache
 from tests.test_hub import COMMIT_A, FAKE_TOKEN, _cache, publish
 from train.config import TrainConfig
@@ -415,6 +415,11 @@ def test_wrong_repo_kind_is_a_clear_error(runs, hf_home, tmp_path):
         load_dictionary("hf://bob/nothing")
     with pytest.raises(ValueError, match="bad Hub dictionary"):
         load_dictionary("hf://bob")
+    # The other way round: a model repo opened as a cache said "dataset repo not found".
+    with pytest.raises(HubError, match=r"bob/gpt is a model repo \(a crosscache dictionary\?\), not a dataset repo"):
+        resolve_cache("hf://bob/gpt")
+    with pytest.raises(HubError, match=r"cannot download bob/nothing"):
+        resolve_cache("hf://bob/nothing")
 
 
 # --------------------------------------------------------------------------------------------

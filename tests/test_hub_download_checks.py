@@ -298,6 +298,20 @@ def test_a_repo_that_does_not_match_its_manifest_says_so(tmp_path, hf_home, fake
     assert fake_hub.gets[SHARDS[0]] == 2
 
 
+@pytest.mark.parametrize("lost", [SHARDS[2], "tokens.arrow"])
+def test_a_file_the_repo_lacks_is_the_repos_fault_not_the_connections(tmp_path, hf_home, fake_hub, lost):
+    """A repo whose manifest lists a file it does not hold said to check the connection and run again,
+    which never helps."""
+    files = _hub_files(_cache(tmp_path / "c"))
+    del files[lost]
+    fake_hub.add(REPO, files)
+    with pytest.raises(HubError) as info:
+        resolve_cache(SPEC)
+    msg = str(info.value)
+    assert f"lacks 1 file(s) its manifest lists: {lost}" in msg and "ask the repo's owner to push it again" in msg
+    assert "connection" not in msg and f"hf://{REPO}@REVISION" in msg
+
+
 def test_offline_a_damaged_download_is_reported_and_removed(tmp_path, hf_home):
     src = _cache(tmp_path / "c")
     publish(hf_home / "hub", REPO, src, COMMIT_A)
@@ -517,7 +531,7 @@ def test_the_listed_tokenizer_is_downloaded_checked_and_in_partial_views(tmp_pat
     files = _hub_files(src, "alice/no-tok")
     del files["tokenizer.json"]
     fake_hub.add("alice/no-tok", files)
-    with pytest.raises(HubError, match=r"file\(s\) the manifest needs are neither .*: tokenizer\.json"):
+    with pytest.raises(HubError, match=r"lacks 1 file\(s\) its manifest lists: tokenizer\.json"):
         resolve_cache("hf://alice/no-tok")
     # Another tool's cache may list the file without its sha256: downloaded, and read, unchecked.
     files = _hub_files(src, "alice/tok-no-sha")

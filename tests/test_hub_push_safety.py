@@ -237,6 +237,10 @@ def test_push_refuses_to_replace_a_different_cache(fake_hub, two_caches, monkeyp
     assert run_harvest.main(["push", str(b), "--repo", REPO]) == 2
     err_out = capsys.readouterr().err
     assert "different crosscache cache" in err_out and "--force" in err_out and "Traceback" not in err_out
+    # Alike in models, hooks, rows and shards (the description was the same twice): what differs is named.
+    with pytest.raises(HubError, match=r"; they differ in normalization \(mean_std vs none\), the contents "
+                                       r"of 4 of 4 shards \(sha256\)\)"):
+        push_cache(_cache(a.parent / "alike", seed=3), REPO)
     # A dry run (online) says the same, and still uploads nothing.
     with online(monkeypatch):
         assert run_harvest.main(["push", str(b), "--repo", REPO, "--dry-run"]) == 2

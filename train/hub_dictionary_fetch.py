@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.hub_fetch import _is_offline, _offline_fix, _other_revisions, _snapshot
+from shared.hub_fetch import _is_offline, _offline_fix, _other_revisions, _repo_exists, _snapshot
 from shared.hub_integrity import _download_again, _lfs_sha256
 from shared.hub_spec import _COMMIT_RE, HUB_PREFIX, HubError, parse_hub_spec
 
@@ -83,7 +83,7 @@ def fetch_dictionary(spec: str, *, weights: bool = True) -> FetchedDictionary:
     try:
         first = _snapshot(spec, repo, revision, [CONFIG_NAME], repo_type=REPO_TYPE)
     except HubError as e:
-        if _dataset_exists(repo):
+        if _repo_exists(repo, "dataset"):
             raise HubError(_dataset_message(spec, repo)) from None
         raise e from None
     # Pin the commit config.json came from, so the weights are that config's.
@@ -94,20 +94,6 @@ def fetch_dictionary(spec: str, *, weights: bool = True) -> FetchedDictionary:
     folder = _snapshot(spec, repo, commit, [CONFIG_NAME, WEIGHTS_NAME], repo_type=REPO_TYPE)
     blob = _checked_weights(spec, repo, commit, folder, str(config.get("weights_sha256")))
     return FetchedDictionary(folder, config, blob, repo, commit)
-
-
-def _dataset_exists(repo: str) -> bool:
-    """Whether a *dataset* repo of this name exists (in the local HF cache when offline; else asked of the Hub)."""
-    from huggingface_hub import HfApi, constants
-
-    if (Path(constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}").is_dir():
-        return True
-    if _is_offline():
-        return False
-    try:
-        return bool(HfApi().repo_exists(repo, repo_type="dataset"))
-    except Exception:  # noqa: BLE001 - only to word the error better: the model repo's error stands otherwise
-        return False
 
 
 def _dataset_message(spec: str, repo: str) -> str:
