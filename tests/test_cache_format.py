@@ -362,7 +362,9 @@ def test_lone_names_and_empty_lists_in_train_configs():
 
 @pytest.mark.parametrize(("cli", "argv"), [
     ("run_harvest", ["--help"]), ("run_harvest", ["verify", "--help"]), ("run_harvest", ["push", "--help"]),
-    ("run_train", ["--help"]), ("run_train", ["analyze", "--help"]),
+    ("run_train", ["--help"]), ("run_train", ["analyze", "--help"]), ("run_train", ["lm-eval", "--help"]),
+    ("run_train", ["export-saelens", "--help"]), ("run_train", ["export-circuit-tracer", "--help"]),
+    ("run_train", ["push", "--help"]),
 ])
 def test_every_cli_help_prints(cli, argv, capsys):
     """``--help`` of every command prints and exits 0 (help texts with a literal "%", such as
@@ -378,7 +380,8 @@ def test_every_cli_help_prints(cli, argv, capsys):
 
 @pytest.mark.parametrize(("cli", "argv"), [
     ("run_harvest", []), ("run_harvest", ["verify"]), ("run_harvest", ["push"]),
-    ("run_train", []), ("run_train", ["analyze"]),
+    ("run_train", []), ("run_train", ["analyze"]), ("run_train", ["lm-eval"]), ("run_train", ["export-saelens"]),
+    ("run_train", ["export-circuit-tracer"]), ("run_train", ["push"]),
 ])
 def test_every_cli_flag_is_in_the_readme(cli, argv, capsys):
     """The README's CLI reference names every flag each command accepts (it once missed 11 of analyze's)."""
