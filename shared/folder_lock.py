@@ -245,7 +245,15 @@ class FolderLock:
                     os.close(fd)  # its holder released and removed it between our open and flock: lock the new one
                     continue
                 if writable:
-                    _write_holder(fd)
+                    try:
+                        _write_holder(fd)
+                    except OSError as e:  # the flock holds either way; the details are for a person to read
+                        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                            os.close(fd)
+                            raise
+                        # A full disk: the job may be what frees it (a resume removes a killed save's leftovers).
+                        print(f"warning: the disk of {self.folder} is full: this job holds its lock, but could not "
+                              f"write its details into {self.path.name}", file=sys.stderr)
                     return fd
                 # Another user's file, now locked by this job: no live job holds it. Replace it by a file of this
                 # job's own (which names it, and which release removes), keeping the old one locked meanwhile: a

@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import ROOT
 
+from shared.cache_format import CacheError
 from tests.cache_factory import make_cache
 from train.checkpoint import (
     CHECKPOINT_FILES,
@@ -119,13 +120,34 @@ def test_verify_names_the_file_and_what_is_wrong(reference, tmp_path):
         load_checkpoint(path)
 
 
+def _as_saved_before_checksums(path: Path) -> None:
+    """A checkpoint as crosscache saved it before checksums: no checksums.json, nor state.json's marker."""
+    (path / CHECKSUMS_FILE).unlink()
+    state = json.loads((path / "state.json").read_text())
+    del state["checksums"]
+    (path / "state.json").write_text(json.dumps(state, indent=1))
+
+
+def test_a_lost_checksums_file_is_damage_not_an_old_checkpoint(cache, reference, tmp_path, capsys):
+    """Deleting checksums.json turned the check off (any file could then be altered unseen): state.json
+    now says the checkpoint was saved with one, so its loss is damage, and the resume falls back."""
+    run = _crashed_copy(reference, tmp_path / "run")
+    (_step_dir(run, 12) / CHECKSUMS_FILE).unlink()
+    _flip_byte(_step_dir(run, 12) / "model.safetensors")
+    assert verify_checkpoint(_step_dir(run, 12))[0].startswith(f"{CHECKSUMS_FILE}: missing (this checkpoint was saved")
+    train(_cfg(cache, run))
+    assert "resuming from step 8" in capsys.readouterr().err
+    assert _metrics(run) == _metrics(reference)
+    _same_weights(run, reference)
+
+
 @pytest.mark.parametrize("name", CHECKPOINT_FILES)
 def test_a_checkpoint_without_checksums_still_reports_a_damaged_file_by_name(reference, tmp_path, name):
     """Checkpoints written before checksums were recorded: a file that does not parse is named,
     never a raw safetensors/pickle/json traceback."""
     path = tmp_path / "step-0000012"
     shutil.copytree(_step_dir(reference, 12), path)
-    (path / CHECKSUMS_FILE).unlink()
+    _as_saved_before_checksums(path)
     assert verify_checkpoint(path) == []
     _truncate(path / name)
     with pytest.raises(CheckpointError, match=rf"is damaged: {name}: unreadable \(\w+"):
@@ -230,6 +252,98 @@ def test_a_resume_discards_the_temporaries_of_killed_saves(cache, reference, tmp
     fresh.mkdir()
     (fresh / ".config.json.tmp-4000004").write_text("{")
     assert train(_cfg(cache, fresh, steps=2)).steps == 2 and not (fresh / ".config.json.tmp-4000004").exists()
+
+
+# ---- metrics.jsonl on resume, a full disk, a moved cache ---------------------------------------
+
+
+def test_metrics_survive_a_torn_last_line_and_a_failed_rewrite(cache, reference, tmp_path, monkeypatch):
+    """A resume rewrote metrics.jsonl in place (a kill mid-way left it empty, or cut off, after which every
+    resume died on a JSON error naming no file), and a half-written last line blocked every resume."""
+    import shared.shard_io as shard_io
+    from train.metrics import MetricsLogger
+
+    run = _crashed_copy(reference, tmp_path / "run")
+    before = (run / "metrics.jsonl").read_bytes()
+    with monkeypatch.context() as patch:  # the rename of the rewrite fails (a kill there): nothing is lost
+        patch.setattr(shard_io.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(5, "I/O error")))
+        with pytest.raises(OSError):
+            MetricsLogger(run, resume_step=4)
+    assert (run / "metrics.jsonl").read_bytes() == before
+    with open(run / "metrics.jsonl", "a") as f:  # a crash (or a full disk) mid-line
+        f.write('{"step": 14, "tokens": 89')
+    train(_cfg(cache, run))
+    assert _metrics(run) == _metrics(reference)
+    _same_weights(run, reference)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines[:3] + ["{not json"] + lines[3:]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 4, is not a metrics line .* Delete that line"):
+        MetricsLogger(run, resume_step=8)
+
+
+def test_a_checkpoint_save_on_a_full_disk_cleans_up_and_says_so(cache, reference, tmp_path, monkeypatch):
+    """torch.save reports a full disk as "unexpected pos"; the half-written temporary folder stayed and kept
+    the disk full (so the re-run could not even take the folder's lock)."""
+    import train.checkpoint as ckpt
+    from shared.shard_io import DiskFullError
+
+    run = tmp_path / "run"
+
+    def full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 526208 vs 526096")
+
+    real_save, saves = torch.save, []
+
+    def save_until_full(obj, f, *a, **k):
+        saves.append(f)
+        return (full if len(saves) == 2 else real_save)(obj, f, *a, **k)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt.torch, "save", save_until_full)
+        patch.setattr(ckpt.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10, 10))
+        with pytest.raises(DiskFullError, match=r"disk full while saving checkpoint step 8 in .*\(the partial one is "
+                                                r"removed; checkpoint step 4 is intact\): free space"):
+            train(_cfg(cache, run))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000004"]
+    assert verify_checkpoint(_step_dir(run, 4)) == []
+    train(_cfg(cache, run))  # space freed: the same command resumes and reproduces the run
+    assert _metrics(run) == _metrics(reference)
+    _same_weights(run, reference)
+
+
+def test_a_moved_cache_is_checked_against_its_checksums_once(cache, reference, tmp_path, capsys):
+    """A moved or copied cache resumes, matched by the checksums its manifest lists; a copy whose shards
+    were damaged resumed silently (export off by 0.03). Now its shards are hashed when the path changes."""
+    run = _crashed_copy(reference, tmp_path / "run")
+    moved = tmp_path / "moved"
+    shutil.copytree(cache, moved)
+    shard = sorted((moved / "shards").iterdir())[1]
+    _flip_byte(shard)
+    with pytest.raises(CacheError, match=rf"is a moved or copied cache .* 1 of its 4 shards do not match the "
+                                         rf"sha256 its manifest lists: shards/{shard.name}\. Copy them again"):
+        train(_cfg(moved, run))
+    assert checkpoint_steps(run) == [4, 8, 12]  # refused before anything changed
+    shutil.copy2(cache / "shards" / shard.name, shard)
+    train(_cfg(moved, run))
+    assert _metrics(run) == _metrics(reference)
+    _same_weights(run, reference)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["cache"]["path"] == str(moved.resolve())  # recorded: the next resume does not hash again
+
+
+def test_the_folder_lock_is_taken_on_a_full_disk(tmp_path, monkeypatch, capsys):
+    """The lock file's details (pid, host) could not be written on a full disk: the job died there, before
+    it could remove a killed save's leftovers and so free the space."""
+    import errno
+
+    import shared.folder_lock as folder_lock
+
+    def no_space(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(folder_lock.os, "pwrite", no_space)
+    with folder_lock.FolderLock(tmp_path / "run", what="run folder"):
+        assert "disk of" in capsys.readouterr().err
 
 
 # ---- the order of checkpoint folders --------------------------------------------------------

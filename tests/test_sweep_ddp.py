@@ -159,6 +159,25 @@ def test_a_sweep_with_no_common_checkpoint_says_it_starts_again(toy_cache, tmp_p
         assert _metrics(Path(m.out)) == _metrics(Path(r.out))
 
 
+def test_a_member_added_then_removed_leaves_no_gap(toy_cache, tmp_path, monkeypatch):
+    """A member added to a sweep restarts every member from step 0 and drops their metrics lines, but their
+    older checkpoints (a higher step) outlived the restart: with the member removed again, the next run
+    resumed from them, and the metrics lines between were gone."""
+    from train.checkpoint import checkpoint_steps
+
+    ref = _two_schedules(toy_cache, tmp_path / "ref", 60, keep_checkpoints=5)
+    train_many(ref)
+    members = _two_schedules(toy_cache, tmp_path / "run", 60, keep_checkpoints=5)
+    _crash_after_checkpoint(monkeypatch, members, 50)
+    added = dataclasses.replace(members[0], out=str(tmp_path / "run" / "c"), latents=48)
+    _crash_after_checkpoint(monkeypatch, [members[0], added, members[1]], 20)  # the restart, stopped at 20
+    assert max(checkpoint_steps(members[0].out)) == 20
+    train_many(members)
+    for m, r in zip(members, ref):
+        assert _metrics(Path(m.out)) == _metrics(Path(r.out))
+        assert [s["step"] for s in read_metrics(m.out) if "loss/total" in s] == list(range(10, 61, 10))
+
+
 def test_sweep_members_share_a_stream_when_defaults_resolve_alike(toy_cache, tmp_path):
     """eval_shards left out in one member and given as its default in the other, or device auto and
     the device it picks, is one stream: not refused as different (it was, comparing the flags as written)."""

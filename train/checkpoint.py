@@ -6,15 +6,18 @@ A checkpoint is a folder ``<run>/checkpoints/step-000500/`` with
   ``torch.load(weights_only=True)``, which refuses arbitrary objects);
 - ``state.safetensors``: trainer tensors (dead-latent counters, torch RNG state);
 - ``state.json``: step, tokens, loader state, the config's resume signature;
-- ``checksums.json``: size and sha256 of each file above, written last.
-It is built under a temporary name, fsynced, and renamed into place, so a killed save never
-leaves a folder that looks complete: a ``step-NNNNNNN`` folder is a committed checkpoint, and a
-file that no longer matches its checksum was damaged on disk afterwards (:class:`CheckpointError`).
+- ``checksums.json``: size and sha256 of each file above, written last (``state.json`` says one was
+  written, so a checkpoint that lost it is not taken for one from before checksums).
+It is built under a temporary name, fsynced, and renamed into place (a save that fails, say on a
+full disk, removes its temporary folder), so a killed save never leaves a folder that looks complete:
+a ``step-NNNNNNN`` folder is a committed checkpoint, and a file that no longer matches its checksum
+was damaged on disk afterwards (:class:`CheckpointError`).
 Only the last ``keep`` checkpoints are kept.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared.shard_io import fsync_dir, sha256_file
+from shared.shard_io import DiskFullError, fsync_dir, sha256_file
 
 __all__ = ["CHECKPOINT_DIR", "CHECKPOINT_FILES", "CHECKSUMS_FILE", "CheckpointError", "checkpoint_path",
            "checkpoint_steps", "latest_checkpoint", "load_checkpoint", "prune_checkpoints", "save_checkpoint",
@@ -37,6 +40,8 @@ CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "state.safetensors", "state.json")
 CHECKSUMS_FILE = "checksums.json"
 CHECKSUMS_FORMAT = "crosscache.checkpoint-checksums/1"
+CHECKSUMS_KEY = "checksums"
+"""The key of ``state.json`` naming the checksums format the checkpoint was saved with."""
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -89,19 +94,29 @@ def save_checkpoint(
     final = checkpoint_path(run_dir, step)
     tmp = root / f".step-{step:07d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp / "state.safetensors")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    # Recorded inside the folder before it is committed: damage found later is the disk's or a user's.
-    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-             for name in CHECKPOINT_FILES}
-    record = {"format": CHECKSUMS_FORMAT, "files": files, "record_sha256": _record_sha256(files)}
-    (tmp / CHECKSUMS_FILE).write_text(json.dumps(record, indent=1))
-    for f in tmp.iterdir():
-        _fsync_file(f)
-    fsync_dir(tmp)
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp / "state.safetensors")
+        # The marker says checksums.json belongs here: without it, its loss would pass for an old checkpoint.
+        (tmp / "state.json").write_text(json.dumps({**state, CHECKSUMS_KEY: CHECKSUMS_FORMAT}, indent=1))
+        # Recorded inside the folder before it is committed: damage found later is the disk's or a user's.
+        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+                 for name in CHECKPOINT_FILES}
+        record = {"format": CHECKSUMS_FORMAT, "files": files, "record_sha256": _record_sha256(files)}
+        (tmp / CHECKSUMS_FILE).write_text(json.dumps(record, indent=1))
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        fsync_dir(tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
+        shutil.rmtree(tmp, ignore_errors=True)  # else the half-written folder keeps the disk full
+        if not _disk_full(e, root, model_state):
+            raise
+        older = checkpoint_steps(run_dir)
+        kept = f"checkpoint step {older[-1]} is intact" if older else "no earlier checkpoint was saved"
+        raise DiskFullError(errno.ENOSPC, f"disk full while saving checkpoint step {step} in {root} (the partial one "
+                            f"is removed; {kept}): free space there and re-run the same command to resume") from e
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -109,6 +124,18 @@ def save_checkpoint(
     if keep is not None:
         prune_checkpoints(run_dir, keep)
     return final
+
+
+def _disk_full(e: BaseException, root: Path, model_state: dict[str, torch.Tensor]) -> bool:
+    """Whether a failed save ran out of space: ENOSPC/EDQUOT, or (torch.save hides the errno) less free
+    space left than the checkpoint needs (weights and two Adam moments)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    need = 3 * sum(t.numel() * t.element_size() for t in model_state.values())
+    try:
+        return shutil.disk_usage(root).free < need
+    except OSError:
+        return False
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int, protect: Collection[int] = ()) -> None:
@@ -140,7 +167,11 @@ def verify_checkpoint(path: str | Path) -> list[str]:
     try:
         record = json.loads((path / CHECKSUMS_FILE).read_text())
     except FileNotFoundError:
-        return [f"{name}: missing" for name in CHECKPOINT_FILES if not (path / name).is_file()]
+        missing = [f"{name}: missing" for name in CHECKPOINT_FILES if not (path / name).is_file()]
+        if _state_marker(path) is not None:  # saved with checksums: its own record is gone, so is the check
+            missing.insert(0, f"{CHECKSUMS_FILE}: missing (this checkpoint was saved with one: its files cannot be "
+                              "checked)")
+        return missing
     except (OSError, ValueError) as e:
         return [f"{CHECKSUMS_FILE}: unreadable ({e})"]
     files = record.get("files") if isinstance(record, dict) and record.get("format") == CHECKSUMS_FORMAT else None
@@ -164,6 +195,16 @@ def verify_checkpoint(path: str | Path) -> list[str]:
         except (OSError, KeyError, TypeError) as e:
             problems.append(f"{name}: unreadable ({e})")
     return problems
+
+
+def _state_marker(path: Path) -> str | None:
+    """The checksums format ``state.json`` says the checkpoint was saved with (None: before checksums, or
+    ``state.json`` unreadable, which loading reports)."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return state.get(CHECKSUMS_KEY) if isinstance(state, dict) else None
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from shared.shard_io import atomic_write_bytes
+
 __all__ = ["batch_metrics", "explained_variance", "MetricsLogger", "ReconStats", "plot_metrics", "TIMING_KEYS", "VAR_FLOOR"]
 
 TIMING_KEYS = ("tokens_per_s", "elapsed_s")
@@ -105,11 +107,11 @@ class MetricsLogger:
         self._wandb = None
         if not enabled:
             return
-        # Lines written after the checkpoint we resume from belong to the lost future: drop them.
+        # Lines written after the checkpoint we resume from belong to the lost future: drop them. The
+        # rewrite is atomic: a kill during it once left the file empty (every line lost) or cut off.
         if self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [line for line in _metric_lines(self.path) if line.get("step", 0) <= resume_step]
+            atomic_write_bytes(self.path, "".join(json.dumps(line) + "\n" for line in kept).encode())
         if wandb_project:
             import wandb
 
@@ -149,8 +151,31 @@ def _wandb_id(run_dir: Path) -> str:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The lines of ``<run>/metrics.jsonl`` (none if it is missing); see :func:`_metric_lines`."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    return _metric_lines(path) if path.exists() else []
+
+
+def _metric_lines(path: Path) -> list[dict[str, Any]]:
+    """The metric lines of ``path``. A last line cut off (a crash or a full disk mid-write) is left out,
+    since the step it logged is past the last checkpoint and is logged again on resume; any other line
+    that does not read is an error naming it."""
+    lines = path.read_text(errors="replace").splitlines()
+    out = []
+    for i, text in enumerate(lines):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+            if not isinstance(line, dict):
+                raise ValueError(f"a {type(line).__name__}, not an object")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}, line {i + 1}, is not a metrics line ({e}): {text[:80]!r}. Delete that line "
+                             "(or restore the file) and run again") from None
+        out.append(line)
+    return out
 
 
 def plot_metrics(run_dir: str | Path) -> Path | None:

@@ -14,16 +14,17 @@ import re
 from pathlib import Path
 from typing import Any
 
-from shared.cache_format import Manifest
+from shared.cache_format import CacheError, Manifest
 from shared.folder_lock import LOCK_NAME
-from shared.shard_io import atomic_write_bytes, is_temporary
+from shared.shard_io import atomic_write_bytes, is_temporary, sha256_file
 from train.checkpoint import checkpoint_steps
 from train.config import RESUME_FIELDS, TrainConfig
 from train.dictionary import resolve_dec_init_norm, resolve_k_aux
 from train.loader import default_eval_shards
 from train.slots import SlotSpec
 
-__all__ = ["SLOT_FIELDS", "RunMismatchError", "check_run_dir", "has_results", "record_resume", "slot_summary"]
+__all__ = ["SLOT_FIELDS", "RunMismatchError", "check_moved_cache", "check_run_dir", "has_results", "moved_from",
+           "record_resume", "slot_summary"]
 
 
 class RunMismatchError(ValueError):
@@ -96,6 +97,45 @@ def _check_same_cache(saved_cache: dict, cache_dir: Path | None, shards_sha256: 
             f"--out {run_dir} was trained on another cache: {saved_cache.get('path') or saved_cache.get('spec')} "
             f"(shards {then[:12]}), but --cache {spec} is {now} (shards {shards_sha256[:12]}). Re-run with the "
             "original --cache to resume, or choose another --out")
+
+
+def moved_from(run_dir: Path, cache_dir: Path, spec: str) -> str | None:
+    """The folder a resumed run's local cache was at when it was recorded, if the cache has been moved or
+    copied since (None: same place, an ``hf://`` cache, whose downloads are checked, or nothing recorded)."""
+    if str(spec).startswith("hf://"):
+        return None
+    try:
+        then = (json.loads((run_dir / "config.json").read_text()).get("cache") or {}).get("path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return then if then and then != str(cache_dir.resolve()) else None
+
+
+def check_moved_cache(manifest: Manifest, cache_dir: Path, moved: dict[str, str], *, progress: bool) -> None:
+    """Hash every shard of a cache that was moved or copied since a run was trained on it (``moved``: run
+    folder -> the cache's old folder), against the manifest: a copy is matched to the run by the checksums
+    its manifest lists, so the files themselves must hold them. Raises :class:`CacheError` naming the
+    shards that do not, before anything is trained."""
+    from tqdm import tqdm
+
+    total = sum(s.bytes for s in manifest.shards)
+    bad = []
+    with tqdm(total=total, unit="B", unit_scale=True, desc="check moved cache", disable=not progress) as bar:
+        for shard in manifest.shards:
+            path = cache_dir / shard.file
+            try:
+                if sha256_file(path) != shard.sha256.lower():
+                    bad.append(shard.file)
+            except OSError as e:
+                bad.append(f"{shard.file} ({e.strerror or e})")
+            bar.update(shard.bytes)
+    if bad:
+        run, old = next(iter(moved.items()))
+        raise CacheError(
+            f"--cache {cache_dir} is a moved or copied cache (run {run} was trained on it at {old}), and "
+            f"{len(bad)} of its {len(manifest.shards)} shards do not match the sha256 its manifest lists: "
+            f"{', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}. Copy them again from the original (`python "
+            f"run_harvest.py verify {cache_dir}` checks the whole cache), then resume")
 
 
 def _launch_command(world_size: int) -> str:

@@ -56,7 +56,7 @@ from train.export import fold_normalization, save_dictionary
 from train.loader import ActivationLoader, default_eval_shards
 from train.losses import loss_terms
 from train.metrics import MetricsLogger, ReconStats, batch_metrics, plot_metrics, read_metrics
-from train.run_dir import RunMismatchError, check_run_dir, record_resume
+from train.run_dir import RunMismatchError, check_moved_cache, check_run_dir, moved_from, record_resume
 from train.slots import SlotSpec, resolve_slots
 from train.sweep import check_distinct_members
 
@@ -291,8 +291,13 @@ def _resume(members: list[_Member], device: torch.device,
     if not common and any(resumable) and dist.is_main:  # a sweep resumes only at a step all its members saved
         held = "; ".join(f"{m.run_dir}: {f'steps {sorted(r)}' if r else 'none'}" for m, r in zip(members, resumable))
         print(f"warning: no checkpoint step is held by every member of this sweep ({held}), so it starts again "
-              "from step 0 (and reproduces the same result). Members added to a sweep, or killed before their "
-              "first common checkpoint, do this; a shared --checkpoint-every gives common steps", file=sys.stderr)
+              "from step 0 (and reproduces the same result); the members' checkpoints and metrics lines are "
+              "discarded, as a resume discards those past its step. Members added to a sweep, or killed before "
+              "their first common checkpoint, do this; a shared --checkpoint-every gives common steps",
+              file=sys.stderr)
+        for m in members:  # else an older, higher step outlives the restart and a later resume takes it up
+            for step in checkpoint_steps(m.run_dir):
+                shutil.rmtree(checkpoint_path(m.run_dir, step), ignore_errors=True)
     damaged: list[str] = []
     for step in common:
         try:
@@ -427,6 +432,12 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
     if not active:
         dist.barrier()
         return [p.done for p in plans if p.done is not None]
+    # A cache moved or copied since a run was trained on it matched by its manifest's checksums: check that
+    # its files hold them (once: the resume records the new folder).
+    moved = {p.cfg.out: old for p in active
+             if p.resuming and (old := moved_from(Path(p.cfg.out), cache.dir, p.cfg.cache))}
+    if moved:
+        check_moved_cache(man, cache.dir, moved, progress=active[0].cfg.progress and dist.is_main)
     try:  # the export at the end folds the normalization in: a missing or damaged mean_std file refuses the run now
         cache.normalization()
     except CacheError as e:
