@@ -99,8 +99,9 @@ def write_tokenizer_file(cache_dir: str | Path, tokenizer: Any, listed: dict[str
 def tokenizer_file_problem(cache_dir: str | Path, tokenizer_meta: dict[str, Any], *, checksum: bool = True,
                            sha256: Callable[[Path], str] = sha256_file) -> str | None:
     """What is wrong with the tokenizer file the manifest lists (missing, or its sha256 differs;
-    only presence without ``checksum`` or a listed ``file_sha256``), naming it; None when it is fine
-    or none is listed."""
+    only presence without ``checksum``), naming it; None when it is fine or none is listed. A file
+    listed without ``file_sha256`` (another tool's cache) is checked by what it holds: it must load as
+    a tokenizer whose vocabulary has the manifest's ``tokenizer.sha256``."""
     file = listed_tokenizer_file(tokenizer_meta)
     if file is None:
         return None
@@ -108,8 +109,17 @@ def tokenizer_file_problem(cache_dir: str | Path, tokenizer_meta: dict[str, Any]
     if not path.is_file():
         return f"{file}: missing"
     expected = tokenizer_meta.get("file_sha256")
-    if checksum and expected is not None and sha256(path) != expected:
-        return f"{file}: sha256 mismatch (corrupted)"
+    if not checksum:
+        return None
+    if expected is not None:
+        return f"{file}: sha256 mismatch (corrupted)" if sha256(path).lower() != str(expected).lower() else None
+    vocab = vocab_fingerprint(path)
+    if vocab is None:
+        return f"{file}: does not load as a tokenizers tokenizer.json (corrupted, or another kind of file)"
+    want = tokenizer_meta.get("sha256")
+    if isinstance(want, str) and vocab != want.lower():
+        return (f"{file}: its vocabulary (sha256 {vocab[:12]}) is not the one the manifest's tokenizer.sha256 "
+                f"names ({want[:12]}): another tokenizer's file")
     return None
 
 

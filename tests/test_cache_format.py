@@ -475,12 +475,21 @@ def test_the_caches_own_tokenizer_file_is_checked_when_listed(tmp_path):
                        ({"file_sha256": "abc"}, "file_sha256 must be the 64-hex sha256")]:
         with pytest.raises(CacheError, match=match):
             Manifest.from_json({**obj, "tokenizer": {**obj["tokenizer"], **bad}})
-    # Another tool may list the file without its sha256: the cache reads, verify checks presence.
+    # Another tool may list the file without its sha256: the cache reads, and verify checks what it holds.
+    from tests.cache_factory import synthetic_tokenizer_json
+
     obj["tokenizer"].pop("file_sha256")
     (cache / "manifest.json").write_text(json.dumps(obj))
     assert verify_cache(cache).problems == ["tokenizer.json: missing"]
     (cache / "tokenizer.json").write_bytes(data)
     assert verify_cache(cache).ok
+    (cache / "tokenizer.json").write_bytes(data[: len(data) // 2])
+    assert verify_cache(cache).problems == ["tokenizer.json: does not load as a tokenizers tokenizer.json "
+                                            "(corrupted, or another kind of file)"]
+    (cache / "tokenizer.json").write_bytes(synthetic_tokenizer_json(prefix="u"))
+    assert verify_cache(cache).problems[0].endswith("is not the one the manifest's tokenizer.sha256 names ("
+                                                    f"{obj['tokenizer']['sha256'][:12]}): another tokenizer's file")
+    assert verify_cache(cache, checksums=False).ok  # presence only
 
 
 @pytest.mark.parametrize("tensor, value", [("std", 0.0), ("std", -1.0), ("std", float("nan")), ("std", float("inf")),
