@@ -106,7 +106,7 @@ def _f(x: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default=".", help="folder that gets caches/ and runs/ (default: here)")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -18,11 +18,11 @@ import sys
 from pathlib import Path
 
 from harvest.config import HarvestConfig
-from shared.config import add_dataclass_arguments, config_from_namespace
+from shared.config import add_dataclass_arguments, config_from_namespace, unknown_command
 
 
 def _harvest_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(allow_abbrev=False, 
         prog="run_harvest.py",
         description="Harvest aligned, normalized activations of one or more models into a cache. "
         "Subcommands: `verify DIR` checks a cache against its manifest; `push DIR --repo USER/NAME` "
@@ -36,7 +36,8 @@ def _harvest_parser() -> argparse.ArgumentParser:
 def _verify(argv: list[str]) -> int:
     from shared.cache import verify_cache
 
-    parser = argparse.ArgumentParser(prog="run_harvest.py verify", description="Check every shard against the manifest.")
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="run_harvest.py verify",
+                                     description="Check every shard against the manifest.")
     parser.add_argument("cache", help="cache folder")
     parser.add_argument("--no-checksums", action="store_true", help="skip sha256 (sizes and headers only)")
     args = parser.parse_args(argv)
@@ -106,7 +107,7 @@ def _push(argv: list[str]) -> int:
     from shared.hub import push_cache
     from shared.hub_push_common import add_push_options, print_push_result
 
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(allow_abbrev=False, 
         prog="run_harvest.py push",
         description="Verify a cache and upload it to a Hugging Face dataset repo (resumable: re-run to resume), "
         "with a generated dataset card. The token comes from HF_TOKEN or `hf auth login`.",
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         return _verify(argv[1:])
     if argv and argv[0] == "push":
         return _push(argv[1:])
+    if problem := unknown_command(argv, ["verify", "push"], "run_harvest.py", "harvests"):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     args = _harvest_parser().parse_args(argv)
     try:
         cfg = config_from_namespace(HarvestConfig, args, args.config)

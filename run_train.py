@@ -22,12 +22,12 @@ import argparse
 import os
 import sys
 
-from shared.config import add_dataclass_arguments, config_from_namespace, config_values
+from shared.config import add_dataclass_arguments, config_from_namespace, config_values, unknown_command
 from train.config import TrainConfig
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run_train.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="run_train.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML or JSON file of TrainConfig fields (flags override it)")
     parser.add_argument("--sweep", help="YAML/JSON sweep file (members: and/or grid:): train every member from one "
                                         "loader stream, each in <--out>/<name>")
@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         from train.hub_dictionary import push_cli
 
         return push_cli(argv[1:])
+    if problem := unknown_command(argv, ["analyze", "lm-eval", "export-saelens", "export-circuit-tracer", "push"],
+                                  "run_train.py", "trains"):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     args = _train_parser().parse_args(argv)
     try:
         # A sweep's shared flags need not be a whole config (--activation batchtopk, k per member): each member is

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from shared.cache_format import TOKEN_TABLE_COLUMNS
-from shared.config import config_to_json, field_help, coerce_field_types
+from shared.config import MAX_DIST_TIMEOUT, coerce_field_types, config_to_json, field_help
 from shared.normalization import NORM_METHODS
 
 __all__ = ["HarvestConfig", "CONTENT_FIELDS", "MAX_SEED"]
@@ -31,7 +31,7 @@ class HarvestConfig:
     models: list[str] = field_help(
         "Models to harvest, aligned on the same tokens: toy names (toy-base, toy-code, "
         "toy-prose), local HF folders, or HF ids (NAME@REVISION pins a revision).",
-        default_factory=lambda: ["toy-base", "toy-code"],
+        default_factory=lambda: ["toy-base", "toy-code"], metadata={"path": True},
     )
     hooks: list[str] = field_help(
         "transformer-lens hook names, e.g. blocks.2.hook_resid_post; all must have width d_model.",
@@ -40,7 +40,7 @@ class HarvestConfig:
     dataset: str = field_help(
         "builtin:docs | builtin:code | builtin:mixed, a local .txt/.jsonl/.parquet file, or an "
         "HF dataset id (streamed).",
-        default="builtin:mixed",
+        default="builtin:mixed", metadata={"path": True},
     )
     split: str = field_help("Dataset split (built-ins: train, eval, all).", default="train")
     text_column: str = field_help(
@@ -55,7 +55,7 @@ class HarvestConfig:
     )
     tokens: int = field_help("Rows (tokens) to write, after excluding special tokens.", default=200_000)
     context_size: int = field_help("Tokens per sequence, BOS included.", default=128)
-    out: str = field_help("Output cache folder.", default="caches/toy-diff")
+    out: str = field_help("Output cache folder.", default="caches/toy-diff", metadata={"path": True})
     dtype: Literal["bfloat16", "float16", "float32"] = field_help(
         "Storage dtype of the shards (bf16 halves the bytes the trainer streams).", default="bfloat16"
     )
@@ -139,8 +139,9 @@ class HarvestConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
         # Checked here too, not only under torchrun: a value that would fail there fails in a test run first.
-        if self.dist_timeout is not None and not (self.dist_timeout > 0 and math.isfinite(self.dist_timeout)):
-            raise ValueError(f"dist_timeout must be a positive number of seconds, got {self.dist_timeout}")
+        if self.dist_timeout is not None and not (0 < self.dist_timeout <= MAX_DIST_TIMEOUT):
+            raise ValueError(f"dist_timeout must be a positive number of seconds, at most {MAX_DIST_TIMEOUT:.0e} "
+                             f"(~3 years), got {self.dist_timeout}")
 
     def shard_rows(self, row_bytes: int) -> int:
         """Rows per shard for rows of ``row_bytes`` bytes (see ``shard_size``)."""

@@ -347,7 +347,7 @@ def _print_table(out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the toy base/fine-tune model trio.")
+    parser = argparse.ArgumentParser(allow_abbrev=False, description="Build the toy base/fine-tune model trio.")
     parser.add_argument("--out", type=Path, default=None, help="build folder (default: cache dir)")
     parser.add_argument("--force", action="store_true", help="rebuild even if already built")
     args = parser.parse_args(argv)

@@ -17,10 +17,15 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-__all__ = ["read_json_object", "add_dataclass_arguments", "config_from_namespace", "load_config_file", "config_to_json",
-           "field_help", "coerce_field_types"]
+__all__ = ["MAX_DIST_TIMEOUT", "read_json_object", "add_dataclass_arguments", "config_from_namespace",
+           "load_config_file", "config_to_json", "field_help", "field_keys", "coerce_field_types",
+           "unknown_command"]
 
 T = TypeVar("T")
+
+MAX_DIST_TIMEOUT = 1e8
+"""Largest ``--dist-timeout`` (train and harvest) in seconds, ~3 years ("never" in practice):
+``datetime.timedelta`` overflows past ~8.6e13 s, which killed every rank with an OverflowError."""
 
 
 def field_help(help: str, **kwargs: Any) -> Any:
@@ -101,14 +106,77 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"config file {path} not found")
     text = path.read_text()
     try:
-        data = json.loads(text) if path.suffix == ".json" else (yaml.safe_load(text) or {})
+        data = (json.loads(text, object_pairs_hook=_no_duplicate_keys) if path.suffix == ".json"
+                else (yaml.load(text, Loader=_strict_yaml_loader()) or {}))
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         kind = "JSON" if path.suffix == ".json" else "YAML"
         raise ValueError(f"config file {path} is not valid {kind}: {e}") from None
+    except _DuplicateKey as e:
+        raise ValueError(f"config file {path} gives {e} twice: keep one") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of field names to values")
-    # Accept dashed keys too (as written on the command line).
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return field_keys(data, f"config file {path}")
+
+
+def unknown_command(argv: list[str], commands: list[str], prog: str, main: str) -> str | None:
+    """The error for a first argument that is neither a flag nor one of ``commands`` (a misspelt subcommand
+    gave argparse's "unrecognized arguments" with no list), or None. ``main``: what ``prog`` does without one."""
+    if not argv or argv[0].startswith("-") or argv[0] in commands:
+        return None
+    import difflib
+
+    close = difflib.get_close_matches(argv[0], commands, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return (f"{prog}: unknown command {argv[0]!r}{hint}; the commands are {', '.join(commands)}, and without one "
+            f"{prog} {main}, which takes flags only (see {prog} --help)")
+
+
+def field_keys(values: dict[Any, Any], source: str) -> dict[str, Any]:
+    """``values`` with dashed keys (as written on the command line) spelled as fields; refuses a key that is
+    not text (YAML reads ``yes:``, ``on:`` or ``1:`` as a boolean or a number) and a field given twice
+    (``eval-every`` beside ``eval_every``), naming ``source``."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{source}: key {key!r} ({type(key).__name__}) is not a field name; field names are text "
+                             "(YAML reads yes/no/on/off and numbers as such: quote the key)")
+        name = key.replace("-", "_")
+        if name in out:
+            raise ValueError(f"{source}: field {name!r} is given twice (as {key!r} and as another spelling); "
+                             "keep one")
+        out[name] = value
+    return out
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(repr(key))
+        out[key] = value
+    return out
+
+
+def _strict_yaml_loader() -> type:
+    """A safe YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise _DuplicateKey(f"{key!r} (line {key_node.start_mark.line + 1})")
+                if isinstance(key, typing.Hashable):
+                    seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
 
 
 def coerce_field_types(cfg: Any) -> None:
@@ -125,8 +193,23 @@ def coerce_field_types(cfg: Any) -> None:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         converted = _convert(value, hints[f.name], f.name)
+        if f.metadata.get("path") and converted is not None:
+            converted = _path_value(converted, f.name)
         if converted is not value:
             object.__setattr__(cfg, f.name, converted)
+
+
+def _path_value(value: Any, name: str) -> Any:
+    """A path field (``metadata={"path": True}``; a list of them too): ``~`` expanded, as a shell would have
+    (a quoted ``'~/x'``, or one from a config file, was a folder named ``~``); an empty path refused, since it
+    would mean the working folder."""
+    if isinstance(value, list):
+        return [_path_value(v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+    if not value.strip():
+        raise ValueError(f"{name}: an empty path (it would mean the current folder); give a folder or name")
+    return os.path.expanduser(value) if value.startswith("~") else value
 
 
 def _convert(value: Any, hint: Any, name: str) -> Any:
@@ -201,6 +284,11 @@ def _known_fields(cls: type, values: dict[str, Any], source: str) -> dict[str, A
     ``__post_init__``, :func:`coerce_field_types`)."""
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - names)
+    if "config" in unknown and isinstance(values.get("config"), dict):
+        raise ValueError(
+            f"{source} looks like a run folder's config.json: its {cls.__name__} fields are under \"config\". To "
+            "reuse them, save that object alone: python -c \"import json,sys; print(json.dumps(json.load(open("
+            f"sys.argv[1]))['config']))\" {source} > cfg.json, then --config cfg.json")
     if unknown:
         import difflib
 

@@ -169,7 +169,7 @@ def _scaling_cap_note(masks: dict[str, torch.Tensor], scal_ids: torch.Tensor, cf
 # ---- CLI ---------------------------------------------------------------------------------------------
 def analyze_cli(argv: list[str]) -> int:
     """``run_train.py analyze RUN_DIR [flags]``: prints the headline and the report's path."""
-    parser = argparse.ArgumentParser(prog="run_train.py analyze",
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="run_train.py analyze",
                                      description="Analyse a trained run: report.md, report.json and figures.")
     parser.add_argument("run", help="run folder (the --out of run_train.py)")
     add_dataclass_arguments(parser, AnalysisConfig)

@@ -20,12 +20,13 @@ __all__ = ["AnalysisConfig"]
 class AnalysisConfig:
     """Options of ``run_train.py analyze``. Validated on construction; saved in report.json."""
 
-    run: str = field_help("Run folder (from run_train.py).", default="runs/toy-diff", metadata={"cli": False})
-    out: str | None = field_help("Report folder (default: RUN/analysis).", default=None)
+    run: str = field_help("Run folder (from run_train.py).", default="runs/toy-diff",
+                          metadata={"cli": False, "path": True})
+    out: str | None = field_help("Report folder (default: RUN/analysis).", default=None, metadata={"path": True})
     cache: str | None = field_help(
         "Cache to read activations from: a folder or hf://USER/NAME[@REV]. Default: the folder the run "
         "trained on, else its --cache as given. For a cache that moved or a run trained elsewhere; it must "
-        "hold the run's models, hooks, width and normalization.", default=None)
+        "hold the run's models, hooks, width and normalization.", default=None, metadata={"path": True})
     base_model: str | None = field_help(
         "Model that plays 'base' (default: the run's first model; the first model other than --ft-model when only "
         "that is given).", default=None)
@@ -79,7 +80,7 @@ class AnalysisConfig:
             raise ValueError(f"eval_tokens must be >= 1, got {self.eval_tokens}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.focus is not None and "=" not in self.focus:
+        if self.focus is not None and ("=" not in self.focus or not self.focus.split("=", 1)[0].strip()):
             raise ValueError(f"focus must be COLUMN=VALUE (e.g. source=code), got {self.focus!r}")
 
     @property

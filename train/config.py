@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
-from shared.config import config_to_json, field_help, coerce_field_types
+from shared.config import MAX_DIST_TIMEOUT, coerce_field_types, config_to_json, field_help
 
 __all__ = ["TrainConfig", "RESUME_FIELDS", "DEFAULT_SPARSITY"]
 
@@ -22,15 +22,20 @@ the planted dictionary of tests/test_train.py (L0 2.9 for a true 3), λ = 2 over
 (EV 0.48). TopK/BatchTopK need none (k sets the sparsity)."""
 
 
+MAX_TRAIN_SEED = 2**63 - 1
+"""Largest ``--seed``: ``torch.manual_seed`` takes a 64-bit integer."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Options of one training run. Validated on construction; saved as ``config.json`` in the run."""
 
     cache: str = field_help("Activation cache folder (from run_harvest.py), or hf://USER/NAME[@REV] on the Hub.",
-                            default="caches/toy-diff")
+                            default="caches/toy-diff", metadata={"path": True})
     max_shards: int | None = field_help(
         "With an hf:// cache: download and use only its first N shards (a quick start).", default=None)
-    out: str = field_help("Run folder: checkpoints, metrics.jsonl, plots, exported dictionary.", default="runs/toy-diff")
+    out: str = field_help("Run folder: checkpoints, metrics.jsonl, plots, exported dictionary.",
+                          default="runs/toy-diff", metadata={"path": True})
     arch: Literal["crosscoder", "directional", "clt"] = field_help(
         "crosscoder: reconstruct all chosen slots from all of them (model diffing, SAE); directional: "
         "--in-hooks -> --out-hooks (a transcoder is one in, one out); clt: cross-layer transcoder.",
@@ -78,7 +83,7 @@ class TrainConfig:
     dec_init_norm: float | None = field_help(
         "Initial per-slot decoder row norm (default 0.1 relu/jumprelu, 1.0 topk/batchtopk).", default=None)
     grad_clip: float = field_help("Clip the gradient norm to this (0: off).", default=1.0)
-    seed: int = field_help("Seed for initialisation and the loader's shuffle.", default=0)
+    seed: int = field_help("Seed for initialisation and the loader's shuffle (0 to 2**63 - 1).", default=0)
     device: str = field_help("auto (cuda if available), cpu, cuda, cuda:1, ...", default="auto")
     autocast: bool = field_help("bf16 autocast on CUDA (ignored on CPU, where it is slower).", default=True)
     compile: bool = field_help("torch.compile the dictionary (opt-in; first steps are slow).", default=False)
@@ -160,6 +165,20 @@ class TrainConfig:
             raise ValueError(f"max_shards must be >= 1, got {self.max_shards}")
         if self.dead_tokens is not None and self.dead_tokens < 1:
             raise ValueError(f"dead_tokens must be >= 1, got {self.dead_tokens}")
+        if self.dist_timeout > MAX_DIST_TIMEOUT:
+            raise ValueError(f"dist_timeout must be at most {MAX_DIST_TIMEOUT:.0e} seconds (~3 years), got "
+                             f"{self.dist_timeout}")
+        if not 0 <= self.seed <= MAX_TRAIN_SEED:
+            raise ValueError(f"seed (--seed) must be an integer in [0, 2**63 - 1], got {self.seed}")
+        if not 0 <= self.shared_latents < self.latents:
+            raise ValueError(f"shared_latents (--shared-latents) must lie in [0, latents={self.latents}), got "
+                             f"{self.shared_latents}")
+        if self.k_aux is not None and self.k_aux < 1:
+            raise ValueError(f"k_aux (--k-aux) must be >= 1 (or left out for d_model/2), got {self.k_aux}")
+        if self.eval_shards is not None and self.eval_shards < 0:
+            raise ValueError(f"eval_shards (--eval-shards) must be >= 0 (0: no held-out split), got {self.eval_shards}")
+        if self.wandb_project is not None and not self.wandb_project.strip():
+            raise ValueError("wandb_project (--wandb-project) is empty: name a project, or leave it out for no wandb")
 
     @property
     def resolved_sparsity_coeff(self) -> float:

@@ -488,7 +488,7 @@ def _write(out_dir: Path, files: dict[str, dict[str, torch.Tensor]], config: dic
 # ---- CLI ------------------------------------------------------------------------------------------
 def export_circuit_tracer_cli(argv: list[str]) -> int:
     """``run_train.py export-circuit-tracer RUN [RUN ...] --out DIR``; refusals: ``error: ...``, exit 2."""
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(allow_abbrev=False, 
         prog="run_train.py export-circuit-tracer",
         description="Write a CLT run, or per-layer transcoder runs (one per layer, or a sweep folder of them), "
                     "as a folder circuit-tracer loads (config.yaml + safetensors).")

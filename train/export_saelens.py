@@ -68,6 +68,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -369,7 +370,13 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
     Every string written goes through :func:`shared.redact.redact_machine`: no home path or user
     name lands in ``cfg.json``.
     """
-    out = Path(out_dir)
+    if not str(out_dir).strip():
+        raise ValueError("--out is empty (it would mean the current folder): give the folder to write into")
+    if context_size is not None and (isinstance(context_size, bool) or not isinstance(context_size, int)
+                                     or context_size < 1):
+        raise ValueError(f"--context-size must be a whole number >= 1 (the tokens per sequence SAELens feeds the "
+                         f"model), got {context_size!r}")
+    out = Path(os.path.expanduser(str(out_dir)))
     source = _open_source(run_or_export_dir)
     model, meta, run_dir = source.model, source.metadata, source.run_dir
     if meta.get("space") == "normalized":
@@ -494,7 +501,7 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
 
 def export_saelens_cli(argv: list[str]) -> int:
     """``run_train.py export-saelens RUN_DIR|hf://USER/NAME[@REV] --out DIR``: prints what it wrote; errors exit 2."""
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(allow_abbrev=False, 
         prog="run_train.py export-saelens",
         description="Convert a trained SAE or transcoder (its raw-space export/, or a dictionary `run_train.py push` "
                     "put on the Hub) to a SAELens folder (cfg.json + sae_weights.safetensors) for sae_lens's "

@@ -303,7 +303,7 @@ def push_cli(argv: list[str]) -> int:
     """``run_train.py push RUN_DIR --repo USER/NAME [--revision B] [--private] [--dry-run] [--force]``."""
     import argparse
 
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(allow_abbrev=False, 
         prog="run_train.py push",
         description="Check a trained run's dictionary (its export/) and upload it to a Hugging Face model repo in one "
         "commit, with a generated model card, curves.png and the analysis report if the run has them. The token "

@@ -44,6 +44,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import os
 import math
 import sys
 import time
@@ -74,10 +75,11 @@ harvest is off by far more."""
 class LMEvalConfig:
     """Options of ``run_train.py lm-eval``. Validated on construction; saved in the result."""
 
-    run: str = field_help("Run folder (from run_train.py).", default="runs/toy-diff", metadata={"cli": False})
+    run: str = field_help("Run folder (from run_train.py).", default="runs/toy-diff",
+                          metadata={"cli": False, "path": True})
     cache: str | None = field_help(
         "The run's cache (tokens and excluded tokens; a folder or hf://USER/NAME[@REV]). Default: where the run "
-        "trained on it, as analyze finds it.", default=None)
+        "trained on it, as analyze finds it.", default=None, metadata={"path": True})
     # 128 x 128 tokens: ~16k predictions per model, a delta CE to ~0.01 nats on the toy pair.
     sequences: int = field_help("Sequences to evaluate (see sequences_from).", default=128)
     sequences_from: Literal["eval", "fresh"] = field_help(
@@ -92,7 +94,8 @@ class LMEvalConfig:
         "open: every reconstruction from the clean activations; closed: one forward per model where each input "
         "hook reads the spliced model and each output hook its reconstruction from those inputs (a CLT's "
         "replacement model; refused where the forward order is not causal, e.g. for a crosscoder).", default="open")
-    out: str | None = field_help("Result JSON (default: RUN/analysis/lm_eval.json).", default=None)
+    out: str | None = field_help("Result JSON (default: RUN/analysis/lm_eval.json).", default=None,
+                                 metadata={"path": True})
     progress: bool = field_help("Show a progress bar.", default=True)
 
     def __post_init__(self) -> None:
@@ -102,6 +105,9 @@ class LMEvalConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.model_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"model_dtype must be float32, bfloat16 or float16, got {self.model_dtype!r}")
+        if self.out is not None and (self.out.endswith(("/", os.sep)) or Path(self.out).is_dir()):
+            raise ValueError(f"out (--out) {self.out} is a folder; it names the result JSON file to write, e.g. "
+                             f"{Path(self.out) / 'lm_eval.json'}")
 
     @property
     def out_path(self) -> Path:
@@ -468,7 +474,7 @@ def _short_labels(names: list[str], width: int = 24) -> tuple[dict[str, str], bo
 
 def lm_eval_cli(argv: list[str]) -> int:
     """``run_train.py lm-eval RUN_DIR [flags]``: prints the table and the result's path."""
-    parser = argparse.ArgumentParser(prog="run_train.py lm-eval",
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="run_train.py lm-eval",
                                      description="Splice a trained dictionary into its models: what the LM loses.")
     parser.add_argument("run", help="run folder (the --out of run_train.py)")
     add_dataclass_arguments(parser, LMEvalConfig)

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shared.config import load_config_file
+from shared.config import field_keys, load_config_file
 from train.config import TrainConfig
 from train.dictionary import resolve_dec_init_norm, resolve_k_aux
 from train.loader import default_eval_shards
@@ -90,7 +90,7 @@ def expand_sweep(path: str | Path, base: TrainConfig | Mapping[str, Any]) -> lis
         raise ValueError(f"sweep file {path}: 'members' must be a list of mappings of config overrides")
     if not isinstance(grid, dict):
         raise ValueError(f"sweep file {path}: 'grid' must map config fields to lists of values")
-    grid = {k.replace("-", "_"): v for k, v in grid.items()}  # YAML may spell fields as CLI flags
+    grid = field_keys(grid, f"sweep file {path}: grid")  # YAML may spell fields as CLI flags
     for k, v in grid.items():
         if not isinstance(v, list):
             grid[k] = [v]  # a lone value is a list of one, as everywhere in configs
@@ -101,7 +101,7 @@ def expand_sweep(path: str | Path, base: TrainConfig | Mapping[str, Any]) -> lis
     points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] if grid else [{}]
     for member in members:
         for point in points:
-            overrides = {**{k.replace("-", "_"): v for k, v in member.items()}, **point}
+            overrides = {**field_keys(member, f"sweep file {path}: a member"), **point}
             given = overrides.pop("name", None)
             if given is not None:
                 _check_name(path, given)
@@ -116,8 +116,6 @@ def expand_sweep(path: str | Path, base: TrainConfig | Mapping[str, Any]) -> lis
             if "out" in overrides or "cache" in overrides:
                 raise ValueError(f"sweep file {path}: members share the base --cache and live under --out; "
                                  f"remove 'out'/'cache' from member {name!r}")
-            if "betas" in overrides:
-                overrides["betas"] = tuple(overrides["betas"])
             try:
                 configs.append(TrainConfig(**{**base, **overrides, "out": str(Path(base_out) / name)}))
             except ValueError as e:
