@@ -79,9 +79,10 @@ from harvest.rank_manifests import RANK_MANIFEST_GLOB, RankShardLog, collect_wri
 from harvest.token_stream import TokenPlan
 from harvest.writer import drain, shard_writer_for, writer_wait_note
 from shared.cache import CacheWriter, remove_stale_temp_files
-from shared.cache_format import CacheError, Manifest, ShardRecord, dtype_from_name
+from shared.cache_format import TOKENS_NAME, CacheError, Manifest, ShardRecord, dtype_from_name
 from shared.folder_lock import FolderLock, FolderLockError
 from shared.normalization import Normalization
+from shared.shard_io import sha256_file
 from shared.token_table import write_token_table
 from shared.tokenizer_file import foreign_tokenizer_file, write_tokenizer_file
 
@@ -322,7 +323,8 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
     # 4. the token plan: built by every rank (it is seeded), or read back when resuming.
     def plan_step() -> TokenPlan:
         if state == "resume":  # the token table is built again where it is missing or unreadable
-            return plan_for_resume(out, Manifest.load(out), cfg, models, rebuild=token_table_problem(out) is not None,
+            found = Manifest.load(out)
+            return plan_for_resume(out, found, cfg, models, rebuild=token_table_problem(out, found) is not None,
                                    write=is0)
         plan = plan_from_config(cfg, models, say=say)
         if is0:
@@ -459,6 +461,7 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
             "writer_wait_seconds": round(max(g["writer_wait"] for g in gathered), 3),
             "forward_loop_cpu_seconds": round(max(g["loop_cpu"] for g in gathered), 3),  # the busiest loop
         }
+        manifest.extra["tokens_sha256"] = sha256_file(out / TOKENS_NAME)  # as harvester.harvest records it
         merged = CacheWriter(out, manifest).finish()
         for path in out.glob(RANK_MANIFEST_GLOB):
             path.unlink(missing_ok=True)

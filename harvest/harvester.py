@@ -35,7 +35,7 @@ from harvest.models import (HarvestInputError, LoadedModels, check_same_weights,
 from harvest.rank_manifests import damaged_shards, remove_unlisted_shards, shard_index
 from harvest.token_stream import TokenPlan, build_token_plan, empty_documents_note
 from harvest.writer import drain, shard_writer_for, writer_wait_note
-from shared.cache import CacheWriter, remove_stale_temp_files
+from shared.cache import CacheWriter, remove_stale_temp_files, token_table_file_problem
 from shared.cache_format import (
     CARD_NAME,
     MANIFEST_NAME,
@@ -51,7 +51,7 @@ from shared.card import CARD_MARK
 from shared.config import config_to_json
 from shared.folder_lock import LOCK_NAME, FolderLock
 from shared.normalization import Normalization, NormalizationEstimator
-from shared.shard_io import ShardReader
+from shared.shard_io import ShardReader, sha256_file
 from shared.token_table import TokenIndex, read_token_table, write_token_table
 from shared.tokenizer_file import foreign_tokenizer_file, tokenizer_file_problem, write_tokenizer_file
 
@@ -204,19 +204,17 @@ def find_damage(out: Path, manifest: Manifest, shuffle_shards: int) -> CacheDama
     whatever is found here byte for byte."""
     bad = damaged_shards(out, manifest.shards)
     first = min((shard_index(r.file) // shuffle_shards for r, _ in bad), default=None)
-    return CacheDamage([f"{r.file}: {why}" for r, why in bad], first, token_table_problem(out),
+    return CacheDamage([f"{r.file}: {why}" for r, why in bad], first, token_table_problem(out, manifest),
                        tokenizer_file_problem(out, manifest.tokenizer))
 
 
-def token_table_problem(out: Path) -> str | None:
-    """Why ``out/tokens.arrow`` cannot be read back, or None when it can."""
+def token_table_problem(out: Path, manifest: Manifest) -> str | None:
+    """Why ``out/tokens.arrow`` cannot be used as it is (missing, unreadable, damaged inside, or not the file
+    whose sha256 a finished harvest recorded), or None. A harvest rebuilds it from the seeded dataset."""
     if not (out / TOKENS_NAME).is_file():
         return f"{TOKENS_NAME} missing"
-    try:
-        read_token_table(out)
-    except CacheError as e:
-        return f"{TOKENS_NAME} unreadable ({e})"
-    return None
+    problem = token_table_file_problem(out, manifest)
+    return None if problem is None else f"{TOKENS_NAME} unreadable or damaged ({problem})"
 
 
 def plan_from_config(cfg: HarvestConfig, models: LoadedModels, *, say: Callable[[str], None] = print) -> TokenPlan:
@@ -577,6 +575,8 @@ def _harvest_one_process(cfg: HarvestConfig) -> Manifest:
                                        "final_flush_seconds": round(shard_writer.flush_seconds, 3),
                                        "writer_wait_seconds": round(shard_writer.total_wait_seconds, 3),
                                        "forward_loop_cpu_seconds": round(loop_cpu, 3)}
+    # The token table's digest, once it is final: verify and a re-run then see damage inside it too.
+    writer.manifest.extra["tokens_sha256"] = sha256_file(out / TOKENS_NAME)
     final = writer.finish()
     print(f"harvested {final.n_rows:,} rows into {_shards(len(final.shards))} at {out} "
           f"({manifest.created_by['last_run']['rows'] / max(seconds, 1e-9):,.0f} tokens/s this run)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from shared.card import render_card
 from shared.hub_spec import rewrite_advice
 from shared.normalization import Normalization
 from shared.shard_io import ShardReader, atomic_write_bytes, discard_temporaries, sha256_file, write_shard
-from shared.token_table import TokenIndex, read_token_table
+from shared.token_table import TokenIndex, read_token_table, table_problem
 from shared.tokenizer_file import tokenizer_file_problem
 
 __all__ = ["Cache", "open_cache", "verify_cache", "CacheWriter", "VerifyReport"]
@@ -107,6 +108,23 @@ def open_cache(cache_dir: str | Path, *, allow_incomplete: bool = False, max_sha
     return Cache(cache_dir, manifest)
 
 
+def token_table_file_problem(cache_dir: Path, manifest: Manifest, *, checksum: bool = True,
+                             sha256: Callable[[Path], str] = sha256_file) -> str | None:
+    """What is wrong with ``tokens.arrow``: missing, not readable, its sha256 not the manifest's
+    ``tokens_sha256`` (with ``checksum``; recorded by harvests since it was added), or damaged inside
+    (a full validation: offsets, UTF-8); None when it is fine."""
+    path = cache_dir / TOKENS_NAME
+    want = manifest.extra.get("tokens_sha256")
+    if checksum and isinstance(want, str) and path.is_file() and sha256(path) != want.lower():
+        return f"{TOKENS_NAME}: sha256 mismatch (corrupted)"
+    try:
+        table = read_token_table(cache_dir)
+    except CacheError as e:
+        return str(e)
+    problem = table_problem(table)
+    return f"{TOKENS_NAME}: {problem}" if problem else None
+
+
 @dataclass
 class VerifyReport:
     """Outcome of :func:`verify_cache`: ``problems`` names each missing or corrupted file."""
@@ -156,14 +174,20 @@ def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: boo
         report.problems.append(str(e))
         return report
     report.n_shards = len(manifest.shards)
-    try:
+    table, tokens_problem = None, token_table_file_problem(cache_dir, manifest, checksum=checksums, sha256=sha256)
+    if tokens_problem is not None:
+        report.problems.append(tokens_problem)
+    else:
         table = read_token_table(cache_dir)
-    except CacheError as e:
-        table = None
-        report.problems.append(str(e))
     index = TokenIndex.from_table(table) if table is not None else None
     if not manifest.complete:
         report.problems.append(f"{MANIFEST_NAME}: harvest not complete; re-run it to finish")
+    planned = (manifest.extra.get("harvest") or {}).get("planned_rows") if isinstance(
+        manifest.extra.get("harvest"), dict) else None
+    if manifest.complete and isinstance(planned, int) and planned != manifest.n_rows and (
+            "partial_of" not in manifest.extra):  # a partial download's view lists its first shards only
+        report.problems.append(f"{MANIFEST_NAME}: lists {manifest.n_rows:,} rows, but its harvest wrote {planned:,} "
+                               "(harvest.planned_rows): shard entries were removed or added by hand")
     shards = manifest.shards
     if progress:
         from tqdm import tqdm

@@ -7,6 +7,7 @@ sequence as fed to the models, BOS included), then any per-sequence metadata col
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,10 @@ import pyarrow.compute as pc
 
 from shared.cache_format import TOKEN_TABLE_COLUMNS, TOKENS_NAME, CacheError
 from shared.hub_spec import rewrite_advice
-from shared.shard_io import fsync_dir
+from shared.shard_io import DiskFullError, fsync_dir
 
-__all__ = ["TokenIndex", "position_problem", "read_token_table", "sequence_lengths", "write_token_table"]
+__all__ = ["TokenIndex", "position_problem", "read_token_table", "sequence_lengths", "table_problem",
+           "write_token_table"]
 
 
 def write_token_table(
@@ -46,12 +48,19 @@ def write_token_table(
     table = pa.table(columns)
     path = Path(cache_dir) / TOKENS_NAME
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with pa.OSFile(str(tmp), "wb") as sink:
-        with pa.ipc.new_file(sink, table.schema) as writer:
-            for batch in table.to_batches(max_chunksize=8192):
-                writer.write_batch(batch)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink:
+            with pa.ipc.new_file(sink, table.schema) as writer:
+                for batch in table.to_batches(max_chunksize=8192):
+                    writer.write_batch(batch)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(e.errno, f"disk full while writing {path}: free space on {path.parent} and re-run "
+                                "the same command (nothing already written is lost)") from None
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
     return path
@@ -65,8 +74,19 @@ def read_token_table(cache_dir: str | Path, path: str | Path | None = None) -> p
     try:
         with pa.memory_map(str(path), "r") as source:
             return pa.ipc.open_file(source).read_all()
-    except pa.ArrowInvalid as e:
-        raise CacheError(f"token table {path} is not a readable Arrow IPC file ({e})") from None
+    except (pa.ArrowException, OSError) as e:  # a damaged footer is a plain OSError in pyarrow
+        raise CacheError(f"token table {path} is not a readable Arrow IPC file ({e}); "
+                         f"{rewrite_advice(path)}") from None
+
+
+def table_problem(table: pa.Table) -> str | None:
+    """What a full validation of a token table finds (offsets out of range, text that is not UTF-8: damage
+    that reads, then crashes or segfaults whoever reads the column), or None."""
+    try:
+        table.validate(full=True)
+    except (pa.ArrowException, ValueError) as e:
+        return f"damaged: {e}"
+    return None
 
 
 def sequence_lengths(table: pa.Table) -> np.ndarray:

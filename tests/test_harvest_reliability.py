@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -164,6 +165,60 @@ def test_rerun_repairs_damaged_shards_and_token_table(toy_cache, tmp_path, capsy
     (cache / "tokens.arrow").write_bytes(b"not arrow")
     out = rerun(cache)
     assert "unreadable" in out and "from chunk 0 of" in out
+
+
+def test_a_damaged_token_table_is_found_by_verify_and_rebuilt_by_a_rerun(toy_cache, tmp_path, capsys, monkeypatch):
+    """One flipped bit in tokens.arrow's footer made verify and the repair die with pyarrow's OSError; one in
+    its data (a BOS id, a `source` value) passed verify. A harvest now records the table's sha256."""
+    import errno
+    import shutil
+
+    import pyarrow as pa
+
+    from shared.cache import verify_cache
+    from shared.shard_io import DiskFullError
+    from shared.token_table import write_token_table
+
+    want = _snapshot(toy_cache)
+    sha = Manifest.load(toy_cache).extra["tokens_sha256"]
+    assert sha == hashlib.sha256((toy_cache / "tokens.arrow").read_bytes()).hexdigest()
+    for name, offset in [("data", 600), ("footer", -200)]:
+        cache = tmp_path / name
+        shutil.copytree(toy_cache, cache)
+        data = bytearray((cache / "tokens.arrow").read_bytes())
+        data[offset] ^= 0x08
+        (cache / "tokens.arrow").write_bytes(bytes(data))
+        problems = verify_cache(cache).problems
+        assert len(problems) == 1 and problems[0].startswith("tokens.arrow: sha256 mismatch") or (
+            "is not a readable Arrow IPC file" in problems[0]), problems
+        harvest(small_harvest_config(cache))
+        assert _snapshot(cache) == want and verify_cache(cache).ok
+        assert "repairing" in capsys.readouterr().out
+    # A full disk while the table is written: the harvest's message, not pyarrow's traceback; no temp left.
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "Error writing bytes to file")
+
+    monkeypatch.setattr(pa.ipc, "new_file", full)
+    with pytest.raises(DiskFullError, match=r"disk full while writing .*tokens\.arrow: free space"):
+        write_token_table(tmp_path / "data", [[0, 1, 2]])
+    assert not [p for p in (tmp_path / "data").iterdir() if p.name.startswith(".tokens.arrow.tmp")]
+
+
+def test_verify_names_shard_entries_removed_from_the_manifest(toy_cache, tmp_path):
+    """The last shard's entry dropped and n_rows lowered to match passed verify (and a re-run said the
+    harvest was complete): the rows the harvest wrote are recorded as harvest.planned_rows."""
+    import shutil
+
+    from shared.cache import CacheWriter, verify_cache
+
+    cache = tmp_path / "c"
+    shutil.copytree(toy_cache, cache)
+    m = Manifest.load(cache)
+    m.shards = m.shards[:-1]
+    m.n_rows = sum(s.n_rows for s in m.shards)
+    CacheWriter(cache, m).save_manifest()
+    assert verify_cache(cache).problems == [f"manifest.json: lists {m.n_rows:,} rows, but its harvest wrote 6,000 "
+                                            "(harvest.planned_rows): shard entries were removed or added by hand"]
 
 
 def test_token_table_of_a_changed_dataset_is_not_rebuilt(toy_dirs, tmp_path):
