@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from shared.cache_format import CacheError
     from shared.folder_lock import FolderLockError, exit_code_for
+    from shared.shard_io import DiskFullError
     from train.distributed import DistributedTrainingError
     from train.sweep import expand_sweep
     from train.trainer import NonFiniteLossError, TrainingInterrupted, train_many
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         return exit_code_for(e)
     except (CacheError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except DiskFullError as e:  # a checkpoint save: its message says what was kept and to re-run
+        print(f"error: {e.strerror or e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)

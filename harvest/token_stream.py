@@ -36,13 +36,13 @@ SHUFFLE_BUFFER = 10_000
 """Documents held by the seeded streaming shuffle of file and Hub datasets."""
 TOKENIZE_BATCH = 256
 MAX_OPEN_META_VALUES = 1024
-PADDED_SHARE = 20
-"""Mask-less pre-tokenized rows are refused as padded when at least one in this many ends or starts with a
-run of one special token (a tokenizer's ``padding="max_length"`` output): a few such rows (empty documents
-joined by another packer) are text, but a padded dataset pads most of its rows."""
 """Metadata values that may hold a partly filled sequence at once. Documents are packed per value of the
 meta columns, so a column with a value per document (an id, a URL) would keep every document's tail
 (and every short document) in memory, never packed: refused past this many."""
+PADDED_SHARE = 20
+"""Mask-less pre-tokenized rows are refused as padded when at least one in this many ends or starts with a
+run of one special token (``PADDING_RUN``; a tokenizer's ``padding="max_length"`` output): a few such rows
+(empty documents joined by another packer) are text, but a padded dataset pads most of its rows."""
 
 
 @dataclass
@@ -346,7 +346,9 @@ def build_token_plan(
             if not ids:  # null, missing or empty text: packing it would add a lone EOS
                 plan.empty_docs += 1
                 continue
-            if plan.pretokenized and doc.get("attention_mask") is None and (run := _padding_run(ids, special)):
+            prepacked = bos_id is not None and len(ids) == context_size and ids[0] == bos_id
+            if (plan.pretokenized and not prepacked and doc.get("attention_mask") is None
+                    and (run := _padding_run(ids, special, bos_id))):
                 padded.append((n_docs, *run))
             key = tuple(doc[n] for n in meta_names)
             try:
@@ -362,6 +364,9 @@ def build_token_plan(
             else:
                 if bos_id is not None and ids and ids[0] == bos_id:
                     ids = ids[1:]
+                if not ids:  # a document of a lone BOS: nothing to pack
+                    plan.empty_docs += 1
+                    continue
                 new_values += key not in buffers
                 buf = buffers.setdefault(key, [])
                 read += len(ids) + (eos_id is not None and ids[-1] != eos_id)
@@ -407,16 +412,23 @@ def build_token_plan(
     return plan
 
 
-def _padding_run(ids: list[int], special: set[int]) -> tuple[int, int, str] | None:
-    """``(id, length, "end" | "start")`` of the longer run of one special id (two or more) that ends or
-    starts a row: padding (pad, or EOS standing in for it), not text. None when there is none."""
+PADDING_RUN = 3
+"""A run of one special id this long or longer ending or starting a row (after its BOS) looks like padding.
+Shorter runs are what packers make of document boundaries: SAELens's defaults put a separator and a BOS
+side by side (2), and a document ending in EOS before another's BOS does the same."""
+
+
+def _padding_run(ids: list[int], special: set[int], bos_id: int | None) -> tuple[int, int, str] | None:
+    """``(id, length, "end" | "start")`` of the longer run of one special id (``PADDING_RUN`` or more) that
+    ends or starts a row (a leading BOS aside): padding (pad, or EOS standing in for it), not text."""
     best = None
-    for end, seq in (("end", ids[::-1]), ("start", ids)):
-        first = seq[0]
-        if first not in special:
+    head = ids[1:] if bos_id is not None and len(ids) > 1 and ids[0] == bos_id else ids
+    for end, seq in (("end", ids[::-1]), ("start", head)):
+        if not seq or seq[0] not in special:
             continue
+        first = seq[0]
         n = next((i for i, x in enumerate(seq) if x != first), len(seq))
-        if n >= 2 and (best is None or n > best[1]):
+        if n >= PADDING_RUN and (best is None or n > best[1]):
             best = (first, n, end)
     return best
 

@@ -169,6 +169,8 @@ def _strict_yaml_loader() -> type:
         def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
             seen = set()
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
+                    continue
                 key = self.construct_object(key_node, deep=deep)
                 if isinstance(key, typing.Hashable) and key in seen:
                     raise _DuplicateKey(f"{key!r} (line {key_node.start_mark.line + 1})")

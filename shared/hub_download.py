@@ -79,12 +79,12 @@ def resolve_cache_with_digests(spec: str | Path, *, max_shards: int | None = Non
     repo, revision = parse_hub_spec(spec)
     try:
         first = _snapshot(spec, repo, revision, [MANIFEST_NAME])
-    except HubError:
-        if _repo_exists(repo, "model"):
+    except HubError as e:
+        if not _repo_exists(repo, "dataset") and _repo_exists(repo, "model"):  # a hint; the error stands
             raise HubError(
-                f"{spec}: {repo} is a model repo (a crosscache dictionary?), not a dataset repo: crosscache pushes "
-                f"caches to dataset repos and dictionaries to model repos. To use it as a dictionary: "
-                f"`run_train.py export-saelens {spec} --out DIR` or train.load_dictionary({spec!r})"
+                f"{e} (note: {repo} is a model repo (a crosscache dictionary?), not a dataset repo: crosscache "
+                f"pushes caches to dataset repos and dictionaries to model repos; to use it as a dictionary: "
+                f"`run_train.py export-saelens {spec} --out DIR` or train.load_dictionary({spec!r}))"
             ) from None
         raise
     if not (first / MANIFEST_NAME).is_file():

@@ -18,14 +18,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from shared.cache_format import Manifest
+from shared.cache_format import NORMALIZATION_NAME, Manifest
 from shared.hub_spec import REPO_TYPE, HubError, _network_cause
 
 
 def _normalization_file(manifest: Manifest) -> str | None:
-    """The normalization side file the manifest lists (``mean_std``), or None."""
+    """The normalization side file a ``mean_std`` cache reads: the one its manifest lists, else
+    ``normalization.safetensors`` (as :meth:`Normalization.from_manifest` falls back); None for the others."""
     name = manifest.normalization.get("file")
-    return str(name) if name else None
+    if name:
+        return str(name)
+    return NORMALIZATION_NAME if manifest.normalization.get("method") == "mean_std" else None
 
 
 def _repo_files(repo: str, commit: str) -> list[str] | None:

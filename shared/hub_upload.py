@@ -56,6 +56,7 @@ from shared.cache_format import (
 from shared.card import render_card
 from shared.folder_lock import FolderBusyError, holder_summary
 from shared.hub_download import _shard_patterns, resolve_cache
+from shared.hub_fetch import _normalization_file
 from shared.hub_push_common import look_read_only, push_errors
 from shared.hub_push_plan import PushPlan, _deletes_manifest_first, _deletions, _refuse_unless_allowed
 from shared.hub_repo_state import _describe, _inspect
@@ -133,13 +134,13 @@ def push_cache(
             f"refusing to push {cache_dir}: it is a partial download ({len(manifest.shards)} of "
             f"{src.get('n_shards')} shards) of hf://{src.get('repo')}; push the full cache instead"
         )
-    norm_file = manifest.normalization.get("file")
-    if norm_file and not (cache_dir / str(norm_file)).is_file():
+    norm_file = _normalization_file(manifest)
+    if norm_file and not (cache_dir / norm_file).is_file():
         raise CacheError(f"refusing to push {cache_dir}: the manifest's normalization file {norm_file} is missing")
 
     data = [TOKENS_NAME]
-    if norm_file:  # only the side file the manifest uses: a leftover one (norm_scale) is a stray
-        data.append(str(norm_file))
+    if norm_file:  # only the side file the cache reads: a leftover one (norm_scale) is a stray
+        data.append(norm_file)
     data += [s.file for s in manifest.shards]
     # What is published is generated from the local manifest (left as it is): no path of this machine's
     # home folder, user or host name, and the tokenizer.json it lists.

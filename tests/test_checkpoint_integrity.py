@@ -281,7 +281,8 @@ def test_metrics_survive_a_torn_last_line_and_a_failed_rewrite(cache, reference,
         MetricsLogger(run, resume_step=8)
 
 
-def test_a_checkpoint_save_on_a_full_disk_cleans_up_and_says_so(cache, reference, tmp_path, monkeypatch):
+def test_a_checkpoint_save_on_a_full_disk_cleans_up_and_says_so(cache, reference, tmp_path, monkeypatch,
+                                                                 capsys):
     """torch.save reports a full disk as "unexpected pos"; the half-written temporary folder stayed and kept
     the disk full (so the re-run could not even take the folder's lock)."""
     import train.checkpoint as ckpt
@@ -306,6 +307,17 @@ def test_a_checkpoint_save_on_a_full_disk_cleans_up_and_says_so(cache, reference
             train(_cfg(cache, run))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000004"]
     assert verify_checkpoint(_step_dir(run, 4)) == []
+    # From the command line: the message and exit status 2, not a traceback.
+    import run_train
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt.torch, "save", full)
+        patch.setattr(ckpt.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10, 10))
+        args = ["--cache", str(cache), "--out", str(tmp_path / "cli"), "--activation", "topk", "--k", "4",
+                "--latents", "32", "--steps", str(STEPS), "--batch-size", "64", "--checkpoint-every", str(EVERY),
+                "--device", "cpu", "--no-progress"]
+        assert run_train.main(args) == 2
+    assert "disk full while saving checkpoint step 4" in capsys.readouterr().err
     train(_cfg(cache, run))  # space freed: the same command resumes and reproduces the run
     assert _metrics(run) == _metrics(reference)
     _same_weights(run, reference)

@@ -63,6 +63,9 @@ def test_sweep_keys_and_betas(tmp_path, capsys):
         expand_sweep(sweep, base)
     sweep.write_text("grid:\n  betas: [[0.0, 0.999], [0.9, 0.999]]\n")
     assert [c.betas for c in expand_sweep(sweep, base)] == [(0.0, 0.999), (0.9, 0.999)]
+    # YAML merge keys are not duplicates: a member may override what it merges.
+    sweep.write_text("members:\n  - &small {latents: 16, lr: 0.01}\n  - <<: *small\n    lr: 0.02\n")
+    assert [(c.latents, c.lr) for c in expand_sweep(sweep, base)] == [(16, 0.01), (16, 0.02)]
 
 
 @pytest.mark.parametrize(("kw", "match"), [

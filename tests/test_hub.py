@@ -325,6 +325,13 @@ def test_push_of_a_cache_whose_shard_folder_is_a_link_uploads_every_shard(tmp_pa
     assert sorted(hub.files) == sorted(data)  # each listed data file, and only those
     assert hub.names[-1] == "create_commit"
 
+    # A mean_std cache whose manifest names no side file reads normalization.safetensors: it goes up.
+    other = _cache(tmp_path / "ms", mean_std=True)
+    _edit_manifest(other, lambda obj: obj["normalization"].pop("file"))
+    hub = RecordingHub(monkeypatch, [])
+    push_cache(other, "alice/ms")
+    assert "normalization.safetensors" in hub.files
+
     lost = RecordingHub(monkeypatch, [], upload=False)  # an upload that leaves files out, whatever the cause
     with pytest.raises(HubError, match=r"left out 5 of the cache's 5 data files .* manifest was not committed"):
         push_cache(src, "alice/toy-diff")

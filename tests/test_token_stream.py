@@ -348,8 +348,15 @@ def test_padded_pretokenized_rows_without_a_mask_are_refused(tokenizer, tmp_path
     left = [[0] * (48 - len(t)) + t for t in text]  # EOS standing in for pad, on the left
     with pytest.raises(HarvestInputError, match=r"look padded: .* starts with \d+ x id 0"):
         plan_of(left, n_rows=3000)
-    few = [t + [0, 0] if i % 50 == 0 else t for i, t in enumerate(text)]  # 4 of 200: kept
+    few = [t + [0, 0, 0] if i % 50 == 0 else t for i, t in enumerate(text)]  # 4 of 200: kept
     assert plan_of(few, n_rows=3000).n_rows == 3000
+    # Another packer's sequences (SAELens's defaults: BOS, separator = BOS, BOS starting each document) hold
+    # runs of 2 at their ends, often: neither they nor rows of a lone BOS are padding.
+    stream = [x for t in text for x in [0] + t[:int(rng.integers(1, 8))]]
+    packed = [[0] + stream[i:i + 31] for i in range(0, len(stream) - 31, 31)]
+    assert sum(r[1] == 0 for r in packed) > len(packed) // 10
+    assert plan_of(packed, n_rows=500).n_rows == 500  # rows of exactly context_size starting with BOS
+    assert plan_of([r[:20] for r in packed] + [[0]] * 5, n_rows=200).n_rows == 200  # packed again; lone BOS rows
     # A row that ends with EOS already gets no second one.
     stream = np.concatenate([ids[1:] for ids in plan_of([t + [0] for t in text], n_rows=3000).input_ids])
     assert not np.any((stream[1:] == 0) & (stream[:-1] == 0))
