@@ -182,9 +182,10 @@ class CacheDamage:
     first_chunk: int | None  # the first chunk holding one: it and every later chunk are rewritten
     token_table: str | None  # why tokens.arrow cannot be read (it is then built again), if it cannot
     tokenizer: str | None = None  # what is wrong with the tokenizer.json the manifest lists (written again)
+    listing: str | None = None  # a finished manifest listing fewer rows than the harvest wrote (entries removed)
 
     def __bool__(self) -> bool:
-        return bool(self.shards) or self.token_table is not None or self.tokenizer is not None
+        return bool(self.shards) or self.token_table is not None or self.tokenizer is not None or bool(self.listing)
 
     def describe(self) -> str:
         parts = []
@@ -195,6 +196,8 @@ class CacheDamage:
             parts.append(self.token_table)
         if self.tokenizer is not None:
             parts.append(self.tokenizer)
+        if self.listing is not None:
+            parts.append(self.listing)
         return ", ".join(parts)
 
 
@@ -204,8 +207,16 @@ def find_damage(out: Path, manifest: Manifest, shuffle_shards: int) -> CacheDama
     whatever is found here byte for byte."""
     bad = damaged_shards(out, manifest.shards)
     first = min((shard_index(r.file) // shuffle_shards for r, _ in bad), default=None)
+    listing = None
+    planned = manifest.extra.get("harvest", {}).get("planned_rows")
+    if manifest.complete and isinstance(planned, int) and planned != manifest.n_rows:
+        # Shard entries removed by hand: rewrite from the chunk of the first index no entry holds.
+        held = sorted(shard_index(r.file) for r in manifest.shards)
+        gap = next((i for i, idx in enumerate(held) if idx != i), len(held))
+        first = min(first if first is not None else gap // shuffle_shards, gap // shuffle_shards)
+        listing = f"{MANIFEST_NAME} lists {manifest.n_rows:,} of the {planned:,} rows harvested (shard entries removed)"
     return CacheDamage([f"{r.file}: {why}" for r, why in bad], first, token_table_problem(out, manifest),
-                       tokenizer_file_problem(out, manifest.tokenizer))
+                       tokenizer_file_problem(out, manifest.tokenizer), listing)
 
 
 def token_table_problem(out: Path, manifest: Manifest) -> str | None:

@@ -136,15 +136,15 @@ def field_keys(values: dict[Any, Any], source: str) -> dict[str, Any]:
     not text (YAML reads ``yes:``, ``on:`` or ``1:`` as a boolean or a number) and a field given twice
     (``eval-every`` beside ``eval_every``), naming ``source``."""
     out: dict[str, Any] = {}
+    spelt: dict[str, str] = {}
     for key, value in values.items():
         if not isinstance(key, str):
             raise ValueError(f"{source}: key {key!r} ({type(key).__name__}) is not a field name; field names are text "
                              "(YAML reads yes/no/on/off and numbers as such: quote the key)")
         name = key.replace("-", "_")
         if name in out:
-            raise ValueError(f"{source}: field {name!r} is given twice (as {key!r} and as another spelling); "
-                             "keep one")
-        out[name] = value
+            raise ValueError(f"{source}: field {name!r} is given twice (as {spelt[name]!r} and as {key!r}); keep one")
+        out[name], spelt[name] = value, key
     return out
 
 

@@ -27,7 +27,7 @@ def _train(**kw) -> TrainConfig:
     ("steps: 20\n1: 2\n", r"key 1 \(int\) is not a field name.*quote the key"),
     ("yes: 3\n", r"key True \(bool\) is not a field name"),
     ("steps: 20\nsteps: 30\n", r"gives 'steps' \(line 2\) twice"),
-    ("eval-every: 5\neval_every: 10\n", r"field 'eval_every' is given twice"),
+    ("eval-every: 5\neval_every: 10\n", r"field 'eval_every' is given twice \(as 'eval-every' and as 'eval_every'\)"),
 ])
 def test_config_file_keys_are_field_names_given_once(tmp_path, text, match):
     """A YAML key read as a number or boolean crashed (AttributeError); a key given twice kept the last."""
@@ -45,7 +45,8 @@ def test_a_runs_config_json_as_config_says_where_its_fields_are(tmp_path, capsys
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"config": {"steps": 20}, "slots": ["a/h"], "d_model": 8}))
     assert run_train.main(["--config", str(path), "--steps", "3"]) == 2
-    assert "looks like a run folder's config.json: its TrainConfig fields are under \"config\"" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "looks like a run folder's config.json: its TrainConfig fields are under \"config\"" in err
 
 
 def test_sweep_keys_and_betas(tmp_path, capsys):
@@ -59,7 +60,7 @@ def test_sweep_keys_and_betas(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"sweep member .*betas: expected a list, got 0\.5"):
         expand_sweep(sweep, base)
     sweep.write_text("members:\n  - {lr: 0.01, lr: 0.02}\n")
-    with pytest.raises(ValueError, match=r"gives 'lr' \(line 2\) twice"):
+    with pytest.raises(ValueError, match=r"sweep file .* gives 'lr' \(line 2\) twice"):
         expand_sweep(sweep, base)
     sweep.write_text("grid:\n  betas: [[0.0, 0.999], [0.9, 0.999]]\n")
     assert [c.betas for c in expand_sweep(sweep, base)] == [(0.0, 0.999), (0.9, 0.999)]
@@ -75,6 +76,8 @@ def test_sweep_keys_and_betas(tmp_path, capsys):
     ({"shared_latents": -3}, r"shared_latents \(--shared-latents\) must lie in \[0, latents=32\)"),
     ({"shared_latents": 32}, r"shared_latents \(--shared-latents\) must lie in \[0, latents=32\)"),
     ({"k_aux": -1}, r"k_aux \(--k-aux\) must be >= 1"),
+    ({"latents": 10**23}, r"latents \(--latents\) must be at most 2\*\*31 - 1"),
+    ({"steps": 10**23}, r"steps \(--steps\) must be at most 2\*\*31 - 1"),
     ({"eval_shards": -1}, r"eval_shards \(--eval-shards\) must be >= 0"),
     ({"wandb_project": " "}, r"wandb_project \(--wandb-project\) is empty"),
     ({"out": ""}, r"out: an empty path"),

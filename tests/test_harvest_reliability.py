@@ -204,7 +204,7 @@ def test_a_damaged_token_table_is_found_by_verify_and_rebuilt_by_a_rerun(toy_cac
     assert not [p for p in (tmp_path / "data").iterdir() if p.name.startswith(".tokens.arrow.tmp")]
 
 
-def test_verify_names_shard_entries_removed_from_the_manifest(toy_cache, tmp_path):
+def test_verify_names_shard_entries_removed_from_the_manifest(toy_cache, tmp_path, capsys):
     """The last shard's entry dropped and n_rows lowered to match passed verify (and a re-run said the
     harvest was complete): the rows the harvest wrote are recorded as harvest.planned_rows."""
     import shutil
@@ -219,6 +219,10 @@ def test_verify_names_shard_entries_removed_from_the_manifest(toy_cache, tmp_pat
     CacheWriter(cache, m).save_manifest()
     assert verify_cache(cache).problems == [f"manifest.json: lists {m.n_rows:,} rows, but its harvest wrote 6,000 "
                                             "(harvest.planned_rows): shard entries were removed or added by hand"]
+    # A re-run said "harvest already complete"; it now rewrites from the first chunk missing an entry.
+    harvest(small_harvest_config(cache))
+    assert _snapshot(cache) == _snapshot(toy_cache) and verify_cache(cache).ok
+    assert "shard entries removed" in capsys.readouterr().out
 
 
 def test_token_table_of_a_changed_dataset_is_not_rebuilt(toy_dirs, tmp_path):

@@ -22,6 +22,8 @@ the planted dictionary of tests/test_train.py (L0 2.9 for a true 3), λ = 2 over
 (EV 0.48). TopK/BatchTopK need none (k sets the sparsity)."""
 
 
+MAX_COUNT = 2**31 - 1
+"""Largest ``--steps``, ``--batch-size`` and ``--latents``: far past any run, and below torch's overflow."""
 MAX_TRAIN_SEED = 2**63 - 1
 """Largest ``--seed``: ``torch.manual_seed`` takes a 64-bit integer."""
 
@@ -119,6 +121,10 @@ class TrainConfig:
                      "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("steps", "batch_size", "latents"):  # past this, torch overflows with a C++ traceback
+            if getattr(self, name) > MAX_COUNT:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be at most 2**31 - 1, got "
+                                 f"{getattr(self, name)}")
         # 0 would be a step of 0, a collective that gives up at once, a tanh penalty of 0 and a
         # JumpReLU straight-through window of width 0 (DictionaryConfig refuses the last two too).
         for name in ("lr", "dist_timeout", "tanh_c", "jumprelu_bandwidth"):

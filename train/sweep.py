@@ -77,7 +77,10 @@ def expand_sweep(path: str | Path, base: TrainConfig | Mapping[str, Any]) -> lis
         base = {f.name: getattr(base, f.name) for f in dataclasses.fields(TrainConfig)}
     base = dict(base)
     base_out = base.get("out", TrainConfig.__dataclass_fields__["out"].default)
-    spec = load_config_file(path)
+    try:
+        spec = load_config_file(path)
+    except ValueError as e:  # said of a config file: this one is a sweep file
+        raise ValueError(str(e).replace(f"config file {path}", f"sweep file {path}", 1)) from None
     unknown = set(spec) - {"members", "grid"}
     if unknown:
         raise ValueError(f"sweep file {path}: unknown top-level key(s) {sorted(unknown)}; use 'members' and/or 'grid'")
