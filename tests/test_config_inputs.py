@@ -158,3 +158,22 @@ def test_nothing_written_for_a_refused_config(tmp_path, monkeypatch):
     assert run_harvest.main(["--out", "", "--tokens", "100"]) == 2
     assert run_train.main(["--out", "", "--steps", "2"]) == 2
     assert list(Path(tmp_path).iterdir()) == []
+
+
+def test_a_dictionary_too_large_for_memory_is_named(tmp_path, monkeypatch, capsys):
+    """--latents 10000000000 died with torch's "can't allocate memory" traceback."""
+    import train.trainer as trainer
+    from tests.cache_factory import make_cache
+
+    cache = tmp_path / "cache"
+    make_cache(cache, n_shards=2, rows_per_shard=64, d_model=8)
+
+    def no_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(trainer, "Dictionary", no_memory)
+    args = ["--cache", str(cache), "--out", str(tmp_path / "run"), "--latents", "1000000", "--steps", "2",
+            "--batch-size", "16", "--device", "cpu", "--no-progress"]
+    assert run_train.main(args) == 2
+    assert "--latents 1,000,000 does not fit in memory on cpu" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -83,8 +83,8 @@ def fetch_dictionary(spec: str, *, weights: bool = True) -> FetchedDictionary:
     try:
         first = _snapshot(spec, repo, revision, [CONFIG_NAME], repo_type=REPO_TYPE)
     except HubError as e:
-        if _repo_exists(repo, "dataset"):
-            raise HubError(_dataset_message(spec, repo)) from None
+        if not _repo_exists(repo, "model") and _repo_exists(repo, "dataset"):  # a hint; the error stands
+            raise HubError(f"{e} (note: {_dataset_message(spec, repo)})") from None
         raise e from None
     # Pin the commit config.json came from, so the weights are that config's.
     commit = first.name if _COMMIT_RE.fullmatch(first.name) else revision

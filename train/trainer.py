@@ -215,7 +215,16 @@ class _Member:
                       "shards_sha256": man.shards_fingerprint},
         }
         torch.manual_seed(cfg.seed)  # same seed, same init on every rank
-        self.model = Dictionary(self.dict_cfg).to(device)
+        try:
+            self.model = Dictionary(self.dict_cfg).to(device)
+        except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if not isinstance(e, MemoryError) and "alloc" not in str(e).lower() and "out of memory" not in str(e):
+                raise
+            n_in, n_out = len(self.in_idx), len(self.out_idx)
+            need = cfg.latents * man.d_model * (n_in + n_out) * 4 * 4  # weights, grads and two Adam moments
+            raise ValueError(f"--latents {cfg.latents:,} does not fit in memory on {device}: the dictionary's "
+                             f"encoder and decoder ({n_in} in, {n_out} out slots of d_model {man.d_model}) need about "
+                             f"{need / 2**30:,.1f} GiB with gradients and Adam state; lower --latents") from None
         self.ddp: torch.nn.Module = self.model
         if dist.enabled:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
