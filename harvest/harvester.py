@@ -35,7 +35,7 @@ from harvest.models import (HarvestInputError, LoadedModels, check_same_weights,
 from harvest.rank_manifests import damaged_shards, remove_unlisted_shards, shard_index
 from harvest.token_stream import TokenPlan, build_token_plan, empty_documents_note
 from harvest.writer import drain, shard_writer_for, writer_wait_note
-from shared.cache import CacheWriter, remove_stale_temp_files, token_table_file_problem
+from shared.cache import CacheWriter, checked_token_table, planned_rows_unlisted, remove_stale_temp_files
 from shared.cache_format import (
     CARD_NAME,
     MANIFEST_NAME,
@@ -208,8 +208,7 @@ def find_damage(out: Path, manifest: Manifest, shuffle_shards: int) -> CacheDama
     bad = damaged_shards(out, manifest.shards)
     first = min((shard_index(r.file) // shuffle_shards for r, _ in bad), default=None)
     listing = None
-    planned = manifest.extra.get("harvest", {}).get("planned_rows")
-    if manifest.complete and isinstance(planned, int) and planned != manifest.n_rows:
+    if (planned := planned_rows_unlisted(manifest)) is not None:
         # Shard entries removed by hand: rewrite from the chunk of the first index no entry holds.
         held = sorted(shard_index(r.file) for r in manifest.shards)
         gap = next((i for i, idx in enumerate(held) if idx != i), len(held))
@@ -224,7 +223,7 @@ def token_table_problem(out: Path, manifest: Manifest) -> str | None:
     whose sha256 a finished harvest recorded), or None. A harvest rebuilds it from the seeded dataset."""
     if not (out / TOKENS_NAME).is_file():
         return f"{TOKENS_NAME} missing"
-    problem = token_table_file_problem(out, manifest)
+    problem = checked_token_table(out, manifest)[1]
     return None if problem is None else f"{TOKENS_NAME} unreadable or damaged ({problem})"
 
 

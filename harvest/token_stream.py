@@ -359,7 +359,7 @@ def build_token_plan(
                     f"meta column {odd!r} holds {type(doc[odd]).__name__} values; a meta column must hold one "
                     "string or number per document. Leave it out with --meta-columns NAME ..."
                 ) from None
-            if bos_id is not None and len(ids) == context_size and ids[0] == bos_id and not buffers.get(key):
+            if prepacked and not buffers.get(key):
                 done = emit(ids, key, meta_names)  # already a packed sequence (none waits before it)
             else:
                 if bos_id is not None and ids and ids[0] == bos_id:
@@ -369,10 +369,10 @@ def build_token_plan(
                     continue
                 new_values += key not in buffers
                 buf = buffers.setdefault(key, [])
-                read += len(ids) + (eos_id is not None and ids[-1] != eos_id)
+                eos = [eos_id] if eos_id is not None and ids[-1] != eos_id else []  # none after an EOS of its own
+                read += len(ids) + len(eos)
                 buf.extend(ids)
-                if eos_id is not None and ids[-1] != eos_id:  # a document that already ends with EOS gets no second
-                    buf.append(eos_id)
+                buf.extend(eos)
                 while len(buf) >= body and not done:
                     seq = ([bos_id] if bos_id is not None else []) + buf[:body]
                     del buf[:body]

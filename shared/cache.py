@@ -108,21 +108,33 @@ def open_cache(cache_dir: str | Path, *, allow_incomplete: bool = False, max_sha
     return Cache(cache_dir, manifest)
 
 
-def token_table_file_problem(cache_dir: Path, manifest: Manifest, *, checksum: bool = True,
-                             sha256: Callable[[Path], str] = sha256_file) -> str | None:
-    """What is wrong with ``tokens.arrow``: missing, not readable, its sha256 not the manifest's
-    ``tokens_sha256`` (with ``checksum``; recorded by harvests since it was added), or damaged inside
-    (a full validation: offsets, UTF-8); None when it is fine."""
+def checked_token_table(cache_dir: Path, manifest: Manifest, *, checksum: bool = True,
+                        sha256: Callable[[Path], str] = sha256_file) -> tuple[pa.Table | None, str | None]:
+    """``tokens.arrow`` read, and what is wrong with it: missing, not readable, its sha256 not the manifest's
+    ``tokens_sha256`` (with ``checksum``; recorded by harvests since it was added), or damaged inside (a full
+    validation: offsets, UTF-8). ``(table, None)`` when it is fine, ``(None, problem)`` otherwise."""
     path = cache_dir / TOKENS_NAME
     want = manifest.extra.get("tokens_sha256")
     if checksum and isinstance(want, str) and path.is_file() and sha256(path) != want.lower():
-        return f"{TOKENS_NAME}: sha256 mismatch (corrupted)"
+        return None, f"{TOKENS_NAME}: sha256 mismatch (corrupted)"
     try:
         table = read_token_table(cache_dir)
     except CacheError as e:
-        return str(e)
+        return None, str(e)
     problem = table_problem(table)
-    return f"{TOKENS_NAME}: {problem}" if problem else None
+    return (None, f"{TOKENS_NAME}: {problem}") if problem else (table, None)
+
+
+def planned_rows_unlisted(manifest: Manifest) -> int | None:
+    """The rows a finished harvest wrote (``harvest.planned_rows``) when its manifest lists another count
+    (shard entries removed or added by hand), else None; a partial download's view lists its first shards
+    only, and is not counted."""
+    harvest = manifest.extra.get("harvest")
+    planned = harvest.get("planned_rows") if isinstance(harvest, dict) else None
+    if manifest.complete and isinstance(planned, int) and planned != manifest.n_rows and (
+            "partial_of" not in manifest.extra):
+        return planned
+    return None
 
 
 @dataclass
@@ -174,18 +186,13 @@ def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: boo
         report.problems.append(str(e))
         return report
     report.n_shards = len(manifest.shards)
-    table, tokens_problem = None, token_table_file_problem(cache_dir, manifest, checksum=checksums, sha256=sha256)
+    table, tokens_problem = checked_token_table(cache_dir, manifest, checksum=checksums, sha256=sha256)
     if tokens_problem is not None:
         report.problems.append(tokens_problem)
-    else:
-        table = read_token_table(cache_dir)
     index = TokenIndex.from_table(table) if table is not None else None
     if not manifest.complete:
         report.problems.append(f"{MANIFEST_NAME}: harvest not complete; re-run it to finish")
-    planned = (manifest.extra.get("harvest") or {}).get("planned_rows") if isinstance(
-        manifest.extra.get("harvest"), dict) else None
-    if manifest.complete and isinstance(planned, int) and planned != manifest.n_rows and (
-            "partial_of" not in manifest.extra):  # a partial download's view lists its first shards only
+    if (planned := planned_rows_unlisted(manifest)) is not None:
         report.problems.append(f"{MANIFEST_NAME}: lists {manifest.n_rows:,} rows, but its harvest wrote {planned:,} "
                                "(harvest.planned_rows): shard entries were removed or added by hand")
     shards = manifest.shards

@@ -124,7 +124,7 @@ def check_moved_cache(manifest: Manifest, cache_dir: Path, moved: dict[str, str]
         for shard in manifest.shards:
             path = cache_dir / shard.file
             try:
-                if sha256_file(path) != shard.sha256.lower():
+                if sha256_file(path) != shard.sha256:
                     bad.append(shard.file)
             except OSError as e:
                 bad.append(f"{shard.file} ({e.strerror or e})")
