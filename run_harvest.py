@@ -14,6 +14,7 @@ Every flag is a field of ``harvest.HarvestConfig``; ``--config FILE.yaml`` loads
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -163,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     except DistributedHarvestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C (under torchrun every rank gets it): one line each, not a traceback
+        rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"{rank}interrupted: the shards written so far are kept; re-run the same command to resume",
+              file=sys.stderr)
+        return 130
     return 0
 
 

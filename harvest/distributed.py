@@ -76,6 +76,7 @@ from harvest.process_group import (
     torchrun_env,
 )
 from harvest.rank_manifests import RANK_MANIFEST_GLOB, RankShardLog, collect_written, shard_index
+from harvest.rank_progress import PROGRESS_GLOB, RankProgress, wait_for_ranks
 from harvest.token_stream import TokenPlan
 from harvest.writer import drain, shard_writer_for, writer_wait_note
 from shared.cache import CacheWriter, remove_stale_temp_files
@@ -254,7 +255,7 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
     if state == "complete":
         if is0:
             assert existing is not None
-            for p in out.glob(RANK_MANIFEST_GLOB):
+            for p in [*out.glob(RANK_MANIFEST_GLOB), *out.glob(PROGRESS_GLOB)]:
                 p.unlink(missing_ok=True)  # left by a run stopped right after its merge
             say(f"{out}: harvest already complete ({existing.n_rows:,} rows in {_shards(len(existing.shards))})")
         return Manifest.load(out)
@@ -408,6 +409,9 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
         seed=cfg.seed, row_shape=(m, p, d), dtype=storage, rank=rank, write_threads=cfg.write_threads,
     )
     norm_dev = norm.to(device)  # the factors move once, not per batch
+    # What the ranks that finish first watch while they wait at the merge (see harvest.rank_progress).
+    progress = RankProgress(out, rank, every_s=min(10.0, group.timeout / 4))
+    progress.moving(0)
 
     def send(first: int, acts_NMPD: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, tok: torch.Tensor) -> None:
         # Keep only rows of our own ranges (rank 0's calibration rows may reach into others').
@@ -419,6 +423,7 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
                                       pos[lo:hi], tok[lo:hi])
                 bar.update(hi - lo)
         bar.set_postfix_str(f"{shard_writer.bytes_written / 1e9:.2f} GB written", refresh=False)
+        progress.moving(first + n_all)
 
     try:
         shard_writer.write_all(chain(drain(held), own_items), send)
@@ -427,7 +432,13 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
         bar.set_postfix_str(f"{shard_writer.bytes_written / 1e9:.2f} GB written", refresh=False)
         bar.close()
 
-    # 8. merge.
+    # 8. merge: once every rank is done, or one stalled (the gather then times out on it, naming it).
+    progress.done()
+    if stalled := wait_for_ranks(out, rank, world, group.timeout):
+        raise DistributedHarvestError(
+            f"rank {rank}: no answer within --dist-timeout {group.timeout:g}s while waiting for the other ranks to "
+            f"finish their shards: rank(s) {stalled} made no progress in that time (died, failed or hang: see their "
+            f"output; torchrun's report names them). {RESUME_HINT}")
     gathered = group.all_gather({"records": [r.to_json() for r in log.records], "rows": shard_writer.rows_written,
                                  "flush": shard_writer.flush_seconds, "writer_wait": shard_writer.total_wait_seconds,
                                  "loop_cpu": time.thread_time() - cpu_forward},
@@ -463,7 +474,7 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
         }
         manifest.extra["tokens_sha256"] = sha256_file(out / TOKENS_NAME)  # as harvester.harvest records it
         merged = CacheWriter(out, manifest).finish()
-        for path in out.glob(RANK_MANIFEST_GLOB):
+        for path in [*out.glob(RANK_MANIFEST_GLOB), *out.glob(PROGRESS_GLOB)]:
             path.unlink(missing_ok=True)
         return merged
 

@@ -220,3 +220,68 @@ def test_a_hung_rank_makes_the_others_stop_after_the_timeout(toy_dirs, tmp_path)
     assert proc.returncode != 0
     assert waited < timeout + 60, waited  # rank 0's own rows, then the timeout
     assert f"error: rank 0: no answer within --dist-timeout {timeout}s while waiting for the other ranks" in text, text
+
+
+def test_wait_for_ranks_waits_while_they_move_and_names_the_stalled(tmp_path):
+    from harvest.rank_progress import RankProgress, progress_name, wait_for_ranks
+
+    now = [0.0]
+
+    def clock() -> float:  # each poll is 1 s later
+        now[0] += 1.0
+        return now[0]
+
+    mine, moving, stuck = (RankProgress(tmp_path, r, every_s=0) for r in range(3))
+    mine.done()
+    moving.moving(0)
+    stuck.moving(0)
+    # Rank 1 moves on every poll (this rank rewrites its file from the clock), rank 2 never: after 5 polls
+    # without a change rank 2 is named, while rank 1 (not done) kept the wait going until then.
+    real = clock
+
+    def clock_moving_rank1() -> float:
+        t = real()
+        moving.moving(int(t))
+        return t
+
+    assert wait_for_ranks(tmp_path, 0, 3, 5.0, poll_s=0, clock=clock_moving_rank1) == [2]
+    assert now[0] >= 6
+    stuck.done()
+    moving.done()
+    assert wait_for_ranks(tmp_path, 0, 3, 5.0, poll_s=0, clock=clock) == []
+    (tmp_path / progress_name(2)).unlink()  # never written (or removed): unchanged, so stalled in time
+    assert wait_for_ranks(tmp_path, 0, 3, 5.0, poll_s=0, clock=clock) == [2]
+
+
+SLOW_RANK1 = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import run_harvest
+from harvest import writer
+if os.environ["RANK"] == "1":  # rank 1 runs slower than rank 0 (an older device), by more than --dist-timeout
+    real = writer.ShardWriter.put_rows
+    def slow(self, *a, **k):
+        time.sleep(1)
+        return real(self, *a, **k)
+    writer.ShardWriter.put_rows = slow
+sys.exit(run_harvest.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_ranks_that_drift_apart_by_more_than_the_timeout_still_merge(reference, tmp_path):
+    """The ranks meet only at the start and the merge: rank 0, done first, waited for rank 1 in a collective
+    under --dist-timeout, and a long harvest whose ranks drift stopped at its very end. Rank 0 now waits
+    while rank 1's progress file moves."""
+    script = tmp_path / "slow_rank1.py"
+    script.write_text(SLOW_RANK1.format(root=str(ROOT)))
+    cfg = small_harvest_config(tmp_path / "drift", **CFG)
+    # Forward passes of 512 tokens: rank 1 sends its rows a dozen times, a second late each time (12 s in all).
+    cmd = [*TORCHRUN, "--nproc-per-node", "2", str(script), *_cli_args(cfg), "--capture-group-tokens", "512",
+           "--dist-timeout", "4"]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = tmp_path / "drift"
+    assert Manifest.load(got).complete and Manifest.load(got).n_rows == Manifest.load(reference).n_rows
+    assert verify_cache(got).ok
+    assert not list(got.glob("manifest.rank*"))  # rank manifests and progress files: gone with the merge

@@ -71,6 +71,30 @@ def test_resume_after_kill_9_is_byte_identical(toy_dirs, tmp_path):
     assert not [p for p in crashed.rglob("*") if ".tmp-" in p.name]
 
 
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_and_keeps_what_was_written(toy_dirs, tmp_path):
+    """Ctrl-C printed a KeyboardInterrupt traceback (from every rank under torchrun); now one line, exit 130."""
+    out = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_harvest.py"), *CRASH_ARGS, "--out", str(out)],
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads((out / "manifest.json").read_text())["shards"]) >= 2:
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.01)
+    assert proc.poll() is None, "harvest finished before it could be interrupted; make it longer"
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted: the shards written so far are kept; re-run the same command to resume" in err
+    assert "Traceback" not in err
+    assert Manifest.load(out).shards  # what was written is kept, for the re-run to resume
+
+
 @pytest.mark.parametrize("write_threads", [1, 3])
 def test_disk_full_loses_nothing_and_resumes(toy_dirs, tmp_path, monkeypatch, write_threads):
     import shared.shard_io as shard_io
