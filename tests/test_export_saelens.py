@@ -220,8 +220,20 @@ def test_unsupported_dictionaries_are_refused_with_the_reason(tmp_path, case):
 def test_cli(runs, tmp_path, capsys):
     assert run_train.main(["export-saelens", str(runs["relu"]), "--out", str(tmp_path / "sl"),
                            "--context-size", "64"]) == 0
-    assert "standard" in capsys.readouterr().out
-    assert json.loads((tmp_path / "sl" / "cfg.json").read_text())["metadata"]["context_size"] == 64
+    printed = capsys.readouterr().out
+    assert "standard" in printed
+    # The model was harvested from a folder: transformer-lens would not know model_name, and the note says so.
+    assert "note: the model was harvested from a local folder" in printed and "--model-name" in printed
+    meta = json.loads((tmp_path / "sl" / "cfg.json").read_text())["metadata"]
+    assert meta["context_size"] == 64 and meta["crosscache"]["model_from_local_folder"] is True
+    assert run_train.main(["export-saelens", str(runs["relu"]), "--out", str(tmp_path / "named"),
+                           "--model-name", "meta-llama/Llama-3.2-1B"]) == 0
+    assert "note: the model" not in capsys.readouterr().out
+    meta = json.loads((tmp_path / "named" / "cfg.json").read_text())["metadata"]
+    assert meta["model_name"] == "meta-llama/Llama-3.2-1B" and meta["crosscache"]["model"] == "~/models/tiny-llm"
+    assert run_train.main(["export-saelens", str(runs["relu"]), "--out", str(tmp_path / "x"),
+                           "--model-name", " "]) == 2
+    assert "--model-name is empty" in capsys.readouterr().err
     # The cache moved away: the context size the run recorded is used.
     moved = tmp_path / "moved"
     shutil.copytree(runs["relu"], moved)
@@ -238,6 +250,16 @@ def test_cli(runs, tmp_path, capsys):
     for src in (bad, runs["relu"] / "dictionary", tmp_path):
         assert run_train.main(["export-saelens", str(src), "--out", str(tmp_path / "x")]) == 2
         assert capsys.readouterr().err.startswith("error: ")
+
+
+@pytest.mark.parametrize("name,local", [("~/data/corpus.txt", True), ("/data/shards", True), ("./x", True),
+                                        ("<user>/data.jsonl", True), ("corpus.parquet", True),
+                                        ("HuggingFaceFW/fineweb", False), ("monology/pile-uncopyrighted", False)])
+def test_dataset_path_is_a_hub_id_or_null(name, local):
+    """SAELens hands dataset_path to datasets.load_dataset: a path on the harvesting machine is not written."""
+    from train.export_saelens import _local_path
+
+    assert _local_path(name) is local
 
 
 @pytest.mark.parametrize("hook,written", [

@@ -94,6 +94,26 @@ def test_latent_scaling_lists_each_latent_once_with_consistent_counts(overlap):
     assert points == sum(e["nu_err"] is not None and e["nu_rec"] is not None for e in ls["latents"]) <= 3
 
 
+def test_shared_cosine_median_and_the_top_r_bound_are_exact(overlap):
+    """The median of an even number of cosines is the mean of the middle two (torch's median() gave the lower
+    one), and the top-r class's bound is rounded down: its least r 0.99154 read "≥ 0.992", which it is not."""
+    import copy
+
+    from train.report_data import cosine_summary
+    from train.report_markdown import render_markdown
+
+    assert cosine_summary(torch.tensor([0.4, 0.1, 0.3, 0.2])) == {"n": 4, "median": 0.25, "mean": 0.25,
+                                                                  "frac_above_0.9": 0.0}
+    assert cosine_summary(torch.tensor([0.95, 0.1, 0.3]))["median"] == 0.3
+    assert cosine_summary(torch.tensor([]))["median"] is None
+    rep = overlap["rep"]
+    assert rep["diffing"]["cos_shared"]["n"] == 2
+    changed = copy.deepcopy(rep)
+    changed["diffing"]["top_r_min"] = 0.99154
+    md = render_markdown(changed, AnalysisConfig(run="x", progress=False, top_r_frac=0.5, top_k=3))
+    assert re.search(r"^\| top 50% by r \| ≥ 0\.991 \| 2 \|", md, flags=re.MULTILINE)
+
+
 # ---- 4. one colour per class in every figure ----------------------------------------------------------------
 def test_each_class_keeps_its_colour_when_a_class_is_empty(overlap):
     """No latent of the planted run is 'in between': the class-focus bars of the other classes keep their

@@ -82,6 +82,7 @@ from shared.config import read_json_object
 from shared.hub_spec import HubError, is_hub_spec
 from shared.redact import MachineNames, redact_machine, redact_text
 from shared.shard_io import atomic_write_bytes, fsync_dir
+from harvest.token_stream import LOCAL_SUFFIXES
 from train.dictionary import Dictionary
 from train.export import CONFIG_NAME as EXPORT_CONFIG_NAME
 from train.export import (EXPORT_FORMAT, load_dictionary, load_hub_dictionary, load_metadata, parallel_attn_mlp,
@@ -350,7 +351,7 @@ def _open_source(src: str | Path) -> _Source:
 
 
 def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, context_size: int | None = None,
-                   model_path: str | None = None, device: str = "cpu") -> Path:
+                   model_path: str | None = None, device: str = "cpu", model_name: str | None = None) -> Path:
     """Write ``out_dir/{sae_weights.safetensors,cfg.json}`` from a run's raw-space export; return ``out_dir``.
 
     ``run_or_export_dir``: a run folder (its ``export/`` is used), an export folder, or a dictionary
@@ -365,6 +366,8 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
     weight and bias are then read off the model and folded in (:mod:`train.norm_affine`); by default the
     model the harvest loaded (its ``--models`` name). Its weights must be the ones the cache recorded.
     ``device``: where that model loads and runs (whole, in float32: ``cuda`` for a model too large for RAM).
+    ``model_name``: ``metadata.model_name``, the model SAELens loads with transformer-lens (default: the
+    harvested model's name; a model harvested from a local folder needs the name transformer-lens knows it by).
     Raises :class:`SAELensExportError` for dictionaries SAELens cannot hold (see the module doc), and
     :class:`~train.norm_affine.NormAffineError` when a norm to fold cannot be read off the model.
     Every string written goes through :func:`shared.redact.redact_machine`: no home path or user
@@ -372,6 +375,8 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
     """
     if not str(out_dir).strip():
         raise ValueError("--out is empty (it would mean the current folder): give the folder to write into")
+    if model_name is not None and not model_name.strip():
+        raise ValueError("--model-name is empty: give the name transformer-lens knows the model by, or leave it out")
     if context_size is not None and (isinstance(context_size, bool) or not isinstance(context_size, int)
                                      or context_size < 1):
         raise ValueError(f"--context-size must be a whole number >= 1 (the tokens per sequence SAELens feeds the "
@@ -392,6 +397,7 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
 
     run_cfg = read_json_object(run_dir / "config.json") if run_dir else {}
     manifest = training_cache_manifest(run_cfg, meta)
+    model_name_given = model_name
     model_name, hook_in = _slot_model_hook(cfg.slot_names[cfg.in_slots[0]])
     hook_out = _slot_model_hook(cfg.slot_names[cfg.out_slots[0]])[1]
     # Slot names may be written redacted (~/...) while the manifest keeps the folder: compare both so.
@@ -430,7 +436,7 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
     metadata: dict[str, Any] = {
         "sae_lens_version": SAELENS_VERSION,
         "sae_lens_training_version": None,  # not trained by SAELens
-        "model_name": model_name,
+        "model_name": model_name_given or model_name,
         "model_class_name": "HookedTransformer",
         "model_from_pretrained_kwargs": model_kwargs,
         "hook_name": sl_hook_in,
@@ -438,8 +444,9 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
         "context_size": context_size,
         "prepend_bos": True,  # harvested sequences start with BOS (its row is excluded, as below)
         "exclude_special_tokens": excluded.get("token_ids", True) if excluded else True,
-        # SAELens hands dataset_path to datasets.load_dataset; our built-in corpora are not there.
-        "dataset_path": None if dataset.startswith("builtin:") else (dataset or None),
+        # SAELens hands dataset_path to datasets.load_dataset; our built-in corpora are not there, and a local
+        # file or folder is a path on the harvesting machine (crosscache.dataset keeps it).
+        "dataset_path": None if dataset.startswith("builtin:") or _local_path(dataset) else (dataset or None),
         "training_architecture": {"relu": "standard"}.get(cfg.activation, cfg.activation),
         "crosscache": {
             "format": PROVENANCE_FORMAT,
@@ -451,6 +458,8 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
             "cache": meta.get("cache"),
             "dataset": dataset or None,
             "model_revision": man_model.get("revision"),
+            "model": model_name,  # as harvested
+            "model_from_local_folder": bool(man_model.get("path")) or _local_path(model_name),
             "arch": cfg.arch,
             "activation": cfg.activation,
             "k": cfg.k,
@@ -499,6 +508,13 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
     return out
 
 
+def _local_path(name: str) -> bool:
+    """Whether a model or dataset name is a path on the machine that harvested (as the harvest reads it; a
+    published one reads ~/... or <user>), not a Hub id."""
+    return (name.startswith((".", "/", "~", "<")) or Path(name).suffix in LOCAL_SUFFIXES
+            or Path(name).expanduser().exists())
+
+
 def export_saelens_cli(argv: list[str]) -> int:
     """``run_train.py export-saelens RUN_DIR|hf://USER/NAME[@REV] --out DIR``: prints what it wrote; errors exit 2."""
     parser = argparse.ArgumentParser(allow_abbrev=False, 
@@ -516,12 +532,15 @@ def export_saelens_cli(argv: list[str]) -> int:
                         help="for a slot on ln1's or ln_final's output: the model to read the norm's "
                              "weight and bias from, a local folder or Hub id with the weights the cache was harvested "
                              "from (default: the harvest's --models name)")
+    parser.add_argument("--model-name", default=None,
+                        help="metadata.model_name, the model SAELens loads with transformer-lens (default: the "
+                             "harvested model's name); e.g. the Hub id a local model folder holds")
     parser.add_argument("--device", default="cpu",
                         help="where that model loads and runs, whole and in float32 (cpu, cuda, auto; default cpu)")
     args = parser.parse_args(argv)
     try:
         out = export_saelens(args.run, args.out, context_size=args.context_size, model_path=args.model,
-                             device=args.device)
+                             device=args.device, model_name=args.model_name)
     except (ValueError, FileNotFoundError, HubError, ImportError) as e:  # HubError: an hf:// dictionary not had
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -531,4 +550,8 @@ def export_saelens_cli(argv: list[str]) -> int:
         where = ("the export was written before exports recorded their harvest, and its training cache is "
                  "not on this machine")
         print(f"note: context_size unknown ({where}); pass --context-size")
+    if args.model_name is None and written["metadata"]["crosscache"]["model_from_local_folder"]:
+        print(f"note: the model was harvested from a local folder, and SAELens loads model_name "
+              f"{written['metadata']['model_name']!r} with transformer-lens, which knows models by name: pass "
+              "--model-name (e.g. the Hub id the folder holds) unless that name works")
     return 0

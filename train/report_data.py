@@ -35,6 +35,17 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def cosine_summary(cos_N: torch.Tensor) -> dict[str, Any]:
+    """``n``, ``median``, ``mean`` and ``frac_above_0.9`` of the shared latents' decoder cosines (None when
+    there are none). The median of an even count is the mean of the middle two, as numpy's (the latent-scaling
+    medians): torch's ``median()`` returns the lower one."""
+    if not len(cos_N):
+        return {"n": 0, "median": None, "mean": None, "frac_above_0.9": None}
+    cos_N = cos_N.double()
+    return {"n": len(cos_N), "median": _num(cos_N.quantile(0.5)), "mean": _num(cos_N.mean()),
+            "frac_above_0.9": _num((cos_N > 0.9).double().mean())}
+
+
 def _int(x: Any) -> str:
     return f"{int(x):,}"
 
@@ -156,9 +167,7 @@ def build_report(cfg: Any, run: Any, norms_LXo: torch.Tensor, masks: dict[str, t
             "counts": {k: int(v.sum()) for k, v in masks.items()},
             "classes": {k: class_stats(masks[k]) for k in ("base_only", "between", "shared", "ft_only", "top_r")},
             "r_histogram": {"edges": [_num(e) for e in edges], "counts": counts.tolist()},
-            "cos_shared": {"n": int(shared.sum()), "median": _num(cs.median()) if len(cs) else None,
-                           "mean": _num(cs.mean()) if len(cs) else None,
-                           "frac_above_0.9": _num((cs > 0.9).double().mean()) if len(cs) else None},
+            "cos_shared": cosine_summary(cs),
             "per_latent": {"r": [_num(x) for x in r.tolist()], "cos": [_num(x) for x in cos.tolist()]},
             "top_r_min": _num(r[masks["top_r"]].min()) if masks["top_r"].any() else None,
         }
