@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -261,9 +263,11 @@ def test_ddp_matches_one_process_across_an_unevenly_split_epoch_tail(tmp_path):
     from cache_factory import make_cache
 
     cache = tmp_path / "cache"
-    make_cache(cache, n_shards=5, rows_per_shard=[256, 256, 256, 289, 256], n_models=1, d_model=16,
-               dtype=torch.float32)  # 1,057 training rows (the last shard is the eval split): 4 x 256 + 33
-    args = ["--cache", str(cache), "--activation", "relu", "--latents", "32", "--steps", "10", "--lr", "3e-3",
+    man = make_cache(cache, n_shards=5, rows_per_shard=[256, 256, 256, 289, 256], n_models=1, n_hooks=2, d_model=16,
+                     dtype=torch.float32)  # 1,057 training rows (the last shard is the eval split): 4 x 256 + 33
+    # A skip transcoder: its W_skip [1, D, 1, D] got a gradient whose strides DDP warned about on every rank.
+    args = ["--cache", str(cache), "--arch", "directional", "--in-hooks", man.hooks[0], "--out-hooks", man.hooks[1],
+            "--skip", "--activation", "relu", "--latents", "32", "--steps", "10", "--lr", "3e-3",
             "--log-every", "1", "--checkpoint-every", "1000", "--device", "cpu", "--no-progress", "--eval-shards", "1"]
     one = subprocess.run([sys.executable, str(ROOT / "run_train.py"), *args, "--out", str(tmp_path / "one"),
                           "--batch-size", "256"], env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
@@ -271,10 +275,21 @@ def test_ddp_matches_one_process_across_an_unevenly_split_epoch_tail(tmp_path):
     assert one.returncode == 0, one.stderr
     two = _torchrun([*args, "--out", str(tmp_path / "two"), "--batch-size", "128"], 2)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "Grad strides do not match" not in two.stderr
     assert [r["tokens"] for r in read_metrics(tmp_path / "two") if "loss/total" in r][4] == 4 * 256 + 33
     a, b = load_dictionary(tmp_path / "one" / "export"), load_dictionary(tmp_path / "two" / "export")
     for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(v, w, rtol=1e-4, atol=2e-6, msg=k)
+    assert b.W_skip_XiDXoD.abs().max() > 0
+    # The export records the processes (train_config's batch_size is per process); a card counts the global batch.
+    from train.dictionary_card import read_facts, render_dictionary_card
+    from train.export import load_metadata
+
+    assert load_metadata(tmp_path / "two" / "export")["world_size"] == 2
+    config = json.loads((tmp_path / "two" / "export" / "config.json").read_text())
+    card = render_dictionary_card(read_facts(tmp_path / "two" / "export", tmp_path / "two", config, []),
+                                  repo="u/r", revision=None)
+    assert "| batch size | 256 tokens (2,560 tokens seen, 128 per process x 2 processes) |" in card
 
 
 @pytest.mark.slow
@@ -354,3 +369,67 @@ def test_ddp_a_hung_rank_stops_the_others_with_a_clear_error(toy_cache, tmp_path
     assert "error: rank 0: no answer from the other rank(s) within --dist-timeout 10s at step " in err, err[-3000:]
     assert "another rank died, failed or hangs" in err and "--nproc-per-node 2" in err
     assert "[rank0]: Traceback" not in err
+
+
+SLOW_RANK0 = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import run_train
+import train.trainer as trainer
+if os.environ["RANK"] == "0":  # rank 0's solo work (a save, an eval) takes longer than --dist-timeout
+    for name in ("save_checkpoint", "evaluate"):
+        def slow(*a, _real=getattr(trainer, name), **k):
+            time.sleep({sleep})
+            return _real(*a, **k)
+        setattr(trainer, name, slow)
+sys.exit(run_train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_rank0_saving_or_evaluating_longer_than_the_timeout_is_no_failure(toy_cache, tmp_path):
+    """The other ranks waited for rank 0's checkpoint save, eval and export under --dist-timeout: a large
+    dictionary's save took longer, and a healthy run was stopped, blaming a dead rank. They now wait up to
+    SOLO_WAIT_S; --dist-timeout still bounds every collective of the training steps."""
+    script = tmp_path / "slow_rank0.py"
+    script.write_text(SLOW_RANK0.format(root=str(ROOT), sleep=7))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    run = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(29900 + os.getpid() % 90), str(script), "--cache", str(toy_cache), "--out", str(run),
+                          "--batch-size", "64", "--latents", "64", "--steps", "2", "--eval-every", "1",
+                          "--checkpoint-every", "1000", "--dist-timeout", "4", "--device", "cpu", "--no-progress"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(run) if "eval/recon" in r] == [1, 2]  # an eval in the loop, and the last
+    assert (run / "export" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_outside_the_training_loop_is_reported(toy_cache, tmp_path):
+    """torchrun sends SIGTERM to every rank when one fails; outside the training loop (set-up, the final
+    export) a rank died of it silently. It now says where it was and how to resume (exit 130)."""
+    script = tmp_path / "slow_setup.py"
+    script.write_text(f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import run_train
+import train.trainer as trainer
+real = trainer._resume
+def slow(*a, **k):
+    print("resuming", flush=True)
+    time.sleep(60)
+    return real(*a, **k)
+trainer._resume = slow
+sys.exit(run_train.main(sys.argv[1:]))
+""")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(script), "--cache", str(toy_cache), "--out", str(tmp_path / "run"),
+                             "--latents", "64", "--steps", "2", "--device", "cpu", "--no-progress"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "resuming\n"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert "stopped by SIGTERM at setting up. The checkpoints saved so far are kept: re-run the same command" in err
+    assert "Traceback" not in err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -235,11 +236,24 @@ def test_directional_refuses_an_output_that_is_also_an_input(tmp_path):
     assert (spec.in_slots, spec.out_slots) == ([0], [1, 2])
 
 
+def test_clt_with_a_skip_refuses_an_output_that_is_also_an_input(tmp_path):
+    """A CLT with --skip whose layer-l output hook is its input hook learns the identity exactly (it trained to
+    EV 0.996 at L0 1 in an audit). Without --skip it is a weakly causal crosscoder: allowed."""
+    hooks = {"arch": "clt", "in_hooks": ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"],
+             "out_hooks": ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]}
+    with pytest.raises(ValueError, match=r"--skip with \['blocks.0.hook_resid_post', 'blocks.1.hook_resid_post'\] "
+                                         r"both an --in-hooks and an --out-hooks learns the identity map"):
+        _cfg(tmp_path / "cache", tmp_path / "run", skip=True, **hooks)
+    _cfg(tmp_path / "cache", tmp_path / "run", **hooks)
+    _cfg(tmp_path / "cache", tmp_path / "run", skip=True, arch="clt", in_hooks=["blocks.0.hook_mlp_in"],
+         out_hooks=["blocks.0.hook_mlp_out"])
+
+
 # ---- 6. non-finite losses and gradients ----------------------------------------------------------
 
 
-def _cache_with_value(path: Path, value: float) -> Path:
-    """One model, one hook, float32, d_model 8: N(0, 1) rows, one of them all ``value``."""
+def _cache_with_value(path: Path, value: float, shard: int = 0) -> Path:
+    """One model, one hook, float32, d_model 8: two shards of N(0, 1) rows, one row of ``shard`` all ``value``."""
     from shared.cache import CacheWriter
     from shared.cache_format import Manifest, shard_file_name
     from shared.token_table import write_token_table
@@ -251,7 +265,7 @@ def _cache_with_value(path: Path, value: float) -> Path:
     g = torch.Generator().manual_seed(0)
     for s in range(2):
         x = torch.randn(512, 1, 1, 8, generator=g)
-        if s == 0:
+        if s == shard:
             x[300, 0, 0, :] = value
         w.add_shard(shard_file_name(s), x, torch.arange(512), torch.ones(512), torch.ones(512))
     write_token_table(path, [[0, 1]] * 1024)
@@ -268,9 +282,11 @@ def test_non_finite_gradient_norm_stops_with_a_checkpoint(tmp_path, grad_clip):
     with pytest.raises(NonFiniteLossError, match=r"the gradient norm of .* became (inf|nan) at step (\d+) .*"
                                                  r"holds an outlier: its largest \|activation\| is 1e\+17") as err:
         train(cfg)
+    # Steps count from 1 as in metrics.jsonl; the checkpoint holds the state after the step before.
     step = int(str(err.value).split(" at step ")[1].split()[0])
-    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / f"step-{step:07d}")
-    assert ck["state"]["step"] == step
+    assert f"(after step {step - 1})" in str(err.value)
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / f"step-{step - 1:07d}")
+    assert ck["state"]["step"] == step - 1
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
@@ -279,6 +295,32 @@ def test_non_finite_activations_are_blamed_on_the_cache(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"non-finite at step \d+ .* batch holds non-finite activations in "
                                                  r"\['a/h'\]: the cache is the cause.*run_harvest.py verify"):
         train(_cfg(cache, tmp_path / "run", steps=20, eval_shards=0))
+
+
+def test_a_cache_of_one_shard_has_no_eval_lines(tmp_path):
+    """One shard is all train: no held-out split, so no eval line (a bare {"step": N} was written)."""
+    make_cache(tmp_path / "cache", n_shards=1, n_models=1)
+    train(_cfg(tmp_path / "cache", tmp_path / "run", steps=4, eval_every=2, log_every=1))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4] and all("loss/total" in line for line in lines)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_held_out_rows_are_left_out_of_the_eval(tmp_path, value, capsys):
+    """A NaN/inf row in the held-out shard made every eval figure NaN; the export (which refuses NaN
+    metadata) then failed on every re-run, so the trained weights could never be exported."""
+    cache = _cache_with_value(tmp_path / "cache", value, shard=1)
+    run = tmp_path / "run"
+    result = train(_cfg(cache, run, steps=6, eval_shards=1, eval_every=3, eval_batches=100))
+    assert "1 held-out row(s)" in capsys.readouterr().err
+    lines = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+             for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [line for line in lines if "eval/recon" in line]
+    assert [line["step"] for line in evals] == [3, 6]
+    assert all(line["eval/nonfinite_rows"] == 1 and math.isfinite(line["eval/recon"]) for line in evals)
+    assert math.isfinite(result.eval_metrics["eval/ev/overall"])
+    exported = json.loads((run / "export" / "config.json").read_text())["metadata"]["eval"]
+    assert exported == {k: v for k, v in evals[-1].items() if k != "step"}
 
 
 

@@ -101,7 +101,8 @@ class TrainConfig:
         "Keep the last K checkpoints (and in a sweep the newest K steps every member saved, which a resume needs).",
         default=2)
     dist_timeout: float = field_help(
-        "Seconds a process waits for the others under torchrun before failing (a dead rank stops the rest).",
+        "Seconds a process waits for the others under torchrun before failing (a dead rank stops the rest); "
+        "not while rank 0 alone checkpoints, evaluates or exports (up to 6 h).",
         default=300.0)
     wandb_project: str | None = field_help("Log to this wandb project (off when not given).", default=None)
     wandb_mode: Literal["online", "offline"] = field_help("wandb mode when a project is given.", default="offline")
@@ -164,6 +165,13 @@ class TrainConfig:
             raise ValueError(f"--arch {self.arch} needs --in-hooks and --out-hooks")
         if self.arch != "crosscoder" and self.hooks:
             raise ValueError(f"--hooks is for crosscoders; --arch {self.arch} uses --in-hooks/--out-hooks")
+        if self.arch == "clt" and self.skip and set(self.in_hooks or []) & set(self.out_hooks or []):
+            # Reading and writing one hook is a weakly causal crosscoder, which the sparse code keeps from the
+            # identity; a skip learns the identity exactly (EV 0.996 at L0 1 in an audit) and the latents nothing.
+            both = [h for h in self.in_hooks or [] if h in (self.out_hooks or [])]
+            raise ValueError(f"--skip with {both} both an --in-hooks and an --out-hooks learns the identity map; "
+                             "leave out --skip (a CLT reading and writing the same hooks is a weakly causal "
+                             "crosscoder), or map each layer's MLP input to its output")
         for name in ("models", "hooks"):
             if getattr(self, name) is not None and not getattr(self, name):
                 raise ValueError(f"{name}: give at least one name, or leave it out to use all of the cache's")

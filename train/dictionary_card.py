@@ -219,13 +219,19 @@ def render_dictionary_card(facts: DictionaryFacts, *, repo: str, revision: str |
 | context size | {cache.get('context_size') or 'not recorded'} |
 | normalization | `{norm}`, folded into these weights: the dictionary takes **raw** activations |"""
 
-    steps, batch = tc.get("steps"), tc.get("batch_size")
+    steps, batch = tc.get("steps"), tc.get("batch_size")  # batch_size is per process
+    world = meta.get("world_size", info.get("world_size", 1))
+    world = world if isinstance(world, int) and world >= 1 else 1
+    if isinstance(batch, int):
+        batch, per_process = batch * world, (f", {_num(batch)} per process x {world} processes" if world > 1 else "")
+    else:
+        per_process = ""
     seen = _num(steps * batch) if isinstance(steps, int) and isinstance(batch, int) else "n/a"
     coeff = info.get("sparsity_coeff", tc.get("sparsity_coeff"))
     training = f"""| | |
 |---|---|
 | steps | {_num(steps)} (step {_num(meta.get('step'))} exported) |
-| batch size | {_num(batch)} tokens ({seen} tokens seen) |
+| batch size | {_num(batch)} tokens ({seen} tokens seen{per_process}) |
 | learning rate | {tc.get('lr')} (Adam, betas {tc.get('betas')}) |
 | seed | {tc.get('seed')} |"""
     if cfg.get("activation") in ("relu", "jumprelu") and coeff is not None:

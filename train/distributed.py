@@ -4,7 +4,9 @@ One process per device; DDP averages gradients. The backend is gloo on CPU and n
 Every collective has the configured timeout, so a rank that dies or hangs makes the others fail
 instead of hanging forever: :meth:`DistContext.explain_failures` turns the backend's error into a
 :class:`DistributedTrainingError` naming the rank, where training was, and the fix (as the
-harvest's :mod:`harvest.process_group` does).
+harvest's :mod:`harvest.process_group` does). The one exception: while rank 0 alone saves a checkpoint,
+evaluates or exports, the others wait for it up to :data:`SOLO_WAIT_S` (or the timeout, if longer), since
+that work grows with the dictionary (a checkpoint of a large CLT is hundreds of GB) and is no sign of a hang.
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ import datetime as dt
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
 
-__all__ = ["DistContext", "DistributedTrainingError", "is_collective_failure"]
+__all__ = ["DistContext", "DistributedTrainingError", "is_collective_failure", "SOLO_WAIT_S"]
+
+SOLO_WAIT_S = 6 * 3600.0
+"""How long the other ranks wait while rank 0 alone checkpoints, evaluates or exports (seconds; a longer
+``--dist-timeout`` is used instead). A rank 0 that dies meanwhile is reported by torchrun at once."""
 
 
 class DistributedTrainingError(RuntimeError):
@@ -44,6 +51,9 @@ class DistContext:
     timeout_s: float = 0.0
     where: str = "setting up"
     """What this rank is doing (the trainer updates it: ``step 12 of 100``), for failure messages."""
+    solo_group: Any = None
+    """A gloo group with the longer timeout, for :meth:`wait_for_main` (gloo: its barrier needs no device)."""
+    waiting_for_main: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -63,7 +73,8 @@ class DistContext:
         if not torch_dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             torch_dist.init_process_group(backend, timeout=dt.timedelta(seconds=timeout_s))
-        return DistContext(rank, world, local, timeout_s)
+        solo = torch_dist.new_group(backend="gloo", timeout=dt.timedelta(seconds=max(timeout_s, SOLO_WAIT_S)))
+        return DistContext(rank, world, local, timeout_s, solo_group=solo)
 
     def device_for(self, device: torch.device) -> torch.device:
         """One GPU per process: cuda -> cuda:LOCAL_RANK."""
@@ -83,6 +94,15 @@ class DistContext:
         if self.enabled:
             torch_dist.barrier()
 
+    def wait_for_main(self) -> None:
+        """A barrier after work rank 0 does alone (a checkpoint, an eval, the export): the others wait for it
+        up to :data:`SOLO_WAIT_S`, not ``--dist-timeout`` (a large dictionary's save took longer than that)."""
+        if not self.enabled:
+            return
+        self.waiting_for_main = True
+        torch_dist.barrier(group=self.solo_group)
+        self.waiting_for_main = False
+
     @contextlib.contextmanager
     def explain_failures(self) -> Iterator[None]:
         """Turn a collective's timeout or lost peer into a :class:`DistributedTrainingError` that names
@@ -93,8 +113,14 @@ class DistContext:
             if not self.enabled or isinstance(e, DistributedTrainingError) or not is_collective_failure(e):
                 raise
             text = str(e).strip()
-            why = (f"no answer from the other rank(s) within --dist-timeout {self.timeout_s:g}s"
-                   if "timed out" in text.lower() or "timeout" in text.lower() else "lost contact with another rank")
+            timed_out = "timed out" in text.lower() or "timeout" in text.lower()
+            if timed_out and self.waiting_for_main:
+                why = (f"no answer from rank 0 within {max(self.timeout_s, SOLO_WAIT_S):g}s while it alone saved, "
+                       "evaluated or exported")
+            elif timed_out:
+                why = f"no answer from the other rank(s) within --dist-timeout {self.timeout_s:g}s"
+            else:
+                why = "lost contact with another rank"
             raise DistributedTrainingError(
                 f"rank {self.rank}: {why} at {self.where}: another rank died, failed or hangs (see its output; "
                 "torchrun's report names it). The checkpoints saved so far are kept: re-run the same command "

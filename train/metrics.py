@@ -9,6 +9,7 @@ given. Keys: ``step``, ``tokens``, ``loss/<term>``, ``l0/mean``, ``l0/p10|p50|p9
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ import torch
 
 from shared.shard_io import atomic_write_bytes
 
-__all__ = ["batch_metrics", "explained_variance", "MetricsLogger", "ReconStats", "plot_metrics", "TIMING_KEYS", "VAR_FLOOR"]
+__all__ = ["batch_metrics", "explained_variance", "finite_or_none", "MetricsLogger", "ReconStats", "plot_metrics",
+           "TIMING_KEYS", "VAR_FLOOR"]
 
 TIMING_KEYS = ("tokens_per_s", "elapsed_s")
 """Keys that depend on the machine's speed (everything else is reproducible on resume)."""
@@ -97,6 +99,12 @@ def batch_metrics(latents_BL: torch.Tensor, x_out_BXoD: torch.Tensor, recon_BXoD
     return out
 
 
+def finite_or_none(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` with NaN and ±inf floats as None: metrics.jsonl stays strict JSON (bare NaN is not JSON, and
+    the export's metadata refuses it), and a figure that is undefined reads as such, as ``ev`` already does."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+
+
 class MetricsLogger:
     """Appends metric dicts to ``metrics.jsonl`` (fsynced per line) and, optionally, wandb."""
 
@@ -127,7 +135,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+            f.write(json.dumps(finite_or_none(metrics), allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
         if self._wandb is not None:

@@ -19,11 +19,13 @@ disjoint parts of each epoch and only rank 0 writes. Each run folder is locked f
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,7 +57,7 @@ from train.distributed import DistContext
 from train.export import fold_normalization, save_dictionary
 from train.loader import ActivationLoader, default_eval_shards
 from train.losses import loss_terms
-from train.metrics import MetricsLogger, ReconStats, batch_metrics, plot_metrics, read_metrics
+from train.metrics import MetricsLogger, ReconStats, batch_metrics, finite_or_none, plot_metrics, read_metrics
 from train.run_dir import RunMismatchError, check_moved_cache, check_run_dir, moved_from, record_resume
 from train.slots import SlotSpec, resolve_slots
 from train.sweep import check_distinct_members
@@ -227,6 +229,10 @@ class _Member:
                              f"{need / 2**30:,.1f} GiB with gradients and Adam state; lower --latents") from None
         self.ddp: torch.nn.Module = self.model
         if dist.enabled:
+            # einsum's backward may give a gradient other strides on its size-1 dims (W_skip of one input and one
+            # output slot: [1, D, 1, D]); DDP's reducer then warns, on every rank, that it copies it slowly.
+            for p in self.model.parameters():
+                p.register_hook(functools.partial(_with_strides, strides=p.stride()))
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.fwd = torch.compile(self.ddp) if cfg.compile else self.ddp
@@ -388,11 +394,28 @@ def train_many(cfgs: list[TrainConfig]) -> list[TrainResult]:
     device = resolve_device(first.device)
     dist = DistContext.from_env(device, first.dist_timeout)
     device = dist.device_for(device)
+
+    def on_sigterm(signum: int, _frame: Any) -> None:
+        # Outside the training loop (set-up, resume, the final eval and export), which has its own handler that
+        # finishes the step and checkpoints. torchrun sends it when another rank failed: without this the rank
+        # died silently, leaving no line of its own.
+        rank = f"rank {dist.rank}: " if dist.enabled else ""
+        raise TrainingInterrupted(
+            f"{rank}stopped by SIGTERM at {dist.where}"
+            + (" (torchrun stops every rank when one fails; its report names it)" if dist.enabled else "")
+            + ". The checkpoints saved so far are kept: re-run the same command to resume")
+
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if on_main else None
     try:
         with dist.explain_failures(), _run_folder_locks(cfgs, dist, device):
             return _train_many(cfgs, cache, device, dist)
     finally:
+        if on_main:  # the error on its way out (the caller prints it) is not cut short while the group closes
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         dist.close()
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -506,7 +529,7 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
             common = sorted(set.intersection(*(set(checkpoint_steps(m.run_dir)) for m in members)))
             for m in due:  # prune only once every due member holds the step
                 prune_checkpoints(m.run_dir, m.cfg.keep_checkpoints, protect=common[-m.cfg.keep_checkpoints:])
-        dist.barrier()
+        dist.wait_for_main()
         return paths
 
     from tqdm import tqdm
@@ -547,10 +570,10 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
             if bad_terms:
                 paths = checkpoint()  # the state before this step: nothing stepped yet
                 i, names = bad_terms[0]
-                raise NonFiniteLossError(
-                    f"loss term(s) {names} of {members[i].run_dir} became non-finite at step {step} "
+                raise NonFiniteLossError(  # steps are counted from 1, as in metrics.jsonl and the progress bar
+                    f"loss term(s) {names} of {members[i].run_dir} became non-finite at step {step + 1} "
                     f"(lr {members[i].cfg.lr_at(step):.3g}, λ {members[i].cfg.sparsity_at(step):.3g}); the state "
-                    f"before this step is saved in {paths[i] if paths else members[i].run_dir}. "
+                    f"before this step (after step {step}) is saved in {paths[i] if paths else members[i].run_dir}. "
                     + _non_finite_advice(members[i], x_BXD, union, sweep=len(members) > 1))
             # Every member's gradients are checked before any member steps, so a stop leaves all of
             # them at the state before this step. An inf norm would otherwise be clipped to a zero
@@ -571,9 +594,9 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
                 m = outs[j][0]
                 i = members.index(m)
                 raise NonFiniteLossError(
-                    f"the gradient norm of {m.run_dir} became {float(grad_norms[j])} at step {step} (lr "
+                    f"the gradient norm of {m.run_dir} became {float(grad_norms[j])} at step {step + 1} (lr "
                     f"{m.cfg.lr_at(step):.3g}, λ {m.cfg.sparsity_at(step):.3g}; the loss was finite); the state before "
-                    f"this step is saved in {paths[i] if paths else m.run_dir}. "
+                    f"this step (after step {step}) is saved in {paths[i] if paths else m.run_dir}. "
                     + _non_finite_advice(m, x_BXD, union, sweep=len(members) > 1))
             for (m, out, terms, x_out_BXoD, dead_L, lr, lam), grad_norm in zip(outs, grad_norms):
                 m.opt.step()
@@ -599,9 +622,12 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
                 bar.set_postfix_str(f"loss {last['loss/total']:.3g} L0 {last['l0/mean']:.1f} "
                                     f"EV {'n/a' if ev is None else f'{ev:.3f}'} {last['tokens_per_s']:,.0f} tok/s",
                                     refresh=False)
-            for m in members:
-                if m.cfg.eval_every and step % m.cfg.eval_every == 0 and step < first.steps and dist.is_main:
-                    m.logger.log({"step": step, **evaluate(m, cache, models, hooks, device)})
+            evaluating = [m for m in members if m.cfg.eval_every and step % m.cfg.eval_every == 0 and step < first.steps]
+            for m in evaluating:
+                if dist.is_main and (eval_metrics := evaluate(m, cache, models, hooks, device)):  # {}: no eval split
+                    m.logger.log({"step": step, **eval_metrics})
+            if evaluating:
+                dist.wait_for_main()  # not the next step's collective, whose --dist-timeout rank 0's eval may pass
             if stop_now:
                 paths = checkpoint()
                 raise TrainingInterrupted(f"signal {stop['signal']} at step {step}: checkpoint saved to "
@@ -624,15 +650,21 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
         if dist.is_main:
             line = {"step": step, **eval_metrics}
             # A run stopped after its final checkpoint but before its export resumes right here:
-            # the final eval line it may have written already is not written twice.
-            if set(line) not in [set(r) for r in read_metrics(m.run_dir) if r.get("step") == step]:
+            # the final eval line it may have written already is not written twice. A cache with no
+            # held-out split (one shard) has no eval line.
+            if eval_metrics and set(line) not in [set(r) for r in read_metrics(m.run_dir) if r.get("step") == step]:
                 m.logger.log(line)
+            plot_metrics(m.run_dir)  # before the export, which marks the run finished: a kill between them redoes both
             export(m, cache, step, eval_metrics)
-            plot_metrics(m.run_dir)
         m.logger.close()
         trained[m.cfg.out] = TrainResult(m.run_dir, step, m.last, eval_metrics, loop_seconds)
-    dist.barrier()
+    dist.wait_for_main()
     return [p.done or trained[p.cfg.out] for p in plans]
+
+
+def _with_strides(grad: torch.Tensor, *, strides: tuple[int, ...]) -> torch.Tensor:
+    """``grad`` laid out as its (contiguous) parameter: the layout DDP's gradient buckets have."""
+    return grad if grad.stride() == strides else grad.clone(memory_format=torch.contiguous_format)
 
 
 @torch.no_grad()
@@ -680,11 +712,19 @@ def evaluate(m: _Member, cache: Cache, models: list[str], hooks: list[str], devi
     model = m.model
     was_training = model.training
     model.eval()
+    skipped = 0
     for i, acts_BMPD in enumerate(loader):
         if i >= m.cfg.eval_batches:
             break
         x_BXD = rearrange(acts_BMPD, "b m p d -> b (m p) d")
         x_in, x_out = x_BXD.index_select(1, m.in_idx), x_BXD.index_select(1, m.out_idx)
+        # A row the harvest wrote as NaN/inf (or a shard damaged after its checksum was taken) would make every
+        # figure NaN, and the export, which refuses NaN metadata, would fail on every re-run: such rows are
+        # left out, counted and reported; training on the other split stops at such a row instead.
+        finite_B = torch.isfinite(x_in).flatten(1).all(dim=1) & torch.isfinite(x_out).flatten(1).all(dim=1)
+        if not bool(finite_B.all()):
+            skipped += int((~finite_B).sum())
+            x_in, x_out = x_in[finite_B], x_out[finite_B]
         # Inference is per row: a forward per rank-sized piece scores the global batch without
         # holding N ranks' latents at once on rank 0.
         for piece_BXiD, target_BXoD in zip(x_in.split(m.cfg.batch_size), x_out.split(m.cfg.batch_size)):
@@ -692,7 +732,13 @@ def evaluate(m: _Member, cache: Cache, models: list[str], hooks: list[str], devi
             stats.update((out.latents_BL > 0).sum(dim=1), target_BXoD, out.recon_BXoD)
             del out  # its latents: one piece's at a time
     model.train(was_training)
-    return {f"eval/{k}": v for k, v in stats.metrics().items()}
+    out_metrics = {f"eval/{k}": v for k, v in stats.metrics().items()}
+    if skipped:
+        out_metrics["eval/nonfinite_rows"] = skipped
+        print(f"warning: {skipped} held-out row(s) of {m.cfg.cache} hold non-finite activations and were left out of "
+              f"the eval of {m.run_dir}; `python run_harvest.py verify {m.cfg.cache}` finds shards corrupted on "
+              f"disk, values the harvest itself wrote as NaN/inf need a re-harvest", file=sys.stderr)
+    return finite_or_none(out_metrics)
 
 
 def harvest_provenance(cache: Cache, spec: SlotSpec) -> dict[str, Any]:
@@ -712,8 +758,10 @@ def harvest_provenance(cache: Cache, spec: SlotSpec) -> dict[str, Any]:
 def export(m: _Member, cache: Cache, step: int, eval_metrics: dict[str, Any]) -> None:
     """Save the trained dictionary twice: as trained (normalized space) and folded (raw activations)."""
     cfg, spec = m.cfg, m.spec
+    # train_config's batch_size is per process: world_size says how many (the global batch is their product).
     meta = {"step": step, "cache": cfg.cache, "slots": spec.slot_names, "models": spec.models, "hooks": spec.hooks,
-            "eval": eval_metrics, "train_config": config_to_json(cfg), "harvest": harvest_provenance(cache, spec)}
+            "eval": eval_metrics, "train_config": config_to_json(cfg), "world_size": m.dist.world_size,
+            "harvest": harvest_provenance(cache, spec)}
     model = m.model.eval()
     save_dictionary(m.run_dir / "dictionary", model, {**meta, "space": "normalized"})
     man = cache.manifest
