@@ -236,6 +236,8 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
     def check_out() -> Manifest | None:
         nonlocal damage
         lock.acquire()  # before --out is looked at: a second job into it stops here, and so do its ranks
+        for p in out.glob(PROGRESS_GLOB):  # a killed run's: a stale "done" would end a wait at the merge early
+            p.unlink(missing_ok=True)
         found = _existing_manifest(out, cfg)
         if found is not None:
             damage = find_damage(out, found, cfg.shuffle_shards)

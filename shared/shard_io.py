@@ -210,7 +210,8 @@ class ShardReader:
     """A memory-mapped shard. ``reader.acts`` etc. are tensors over the mapping (no copy).
 
     Validates on open: the safetensors header parses, the four tensors exist with the
-    expected dtypes and shapes, and their byte ranges exactly cover the file.
+    expected dtypes and shapes, and their byte ranges (with any other tensors', which are
+    ignored) exactly cover the file.
     """
 
     def __init__(
@@ -269,6 +270,15 @@ class ShardReader:
                 self.tensors[name] = torch.from_numpy(raw).view(want).view(shape)
             else:  # an empty tensor needs no mapping
                 self.tensors[name] = torch.empty(shape, dtype=want)
+        for name, info in header.items():  # others (a writer's own extras) are ignored, as the format says, but
+            if name in SHARD_TENSORS:       # their bytes count: safetensors may put them after ours
+                continue
+            offsets = info.get("data_offsets") if isinstance(info, dict) else None
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                    and 0 <= offsets[0] <= offsets[1] and data_start + offsets[1] <= size):
+                raise CacheError(f"shard {self.path}: tensor {name!r} has byte range {offsets}, outside the file "
+                                 "(truncated or corrupted)")
+            end_max = max(end_max, offsets[1])
         if data_start + end_max != size:
             raise CacheError(f"shard {self.path}: {size - data_start - end_max} unexpected trailing bytes")
         n = self.tensors["acts"].shape[0]

@@ -88,6 +88,30 @@ def test_shard_bytes_are_what_safetensors_writes(tmp_path, dtype, n):
     assert rec.sha256 == hashlib.sha256(ref).hexdigest() and rec.bytes == len(ref)
 
 
+@pytest.mark.parametrize("extra", [torch.ones(37, dtype=torch.uint8), torch.zeros(3, dtype=torch.float64)])
+def test_a_shard_with_a_tensor_of_its_own_is_read(tmp_path, extra):
+    """The format lets a writer add tensors (readers ignore them); safetensors orders a file's tensors by
+    alignment, so a uint8 one lands after ours, and its bytes were refused as 'unexpected trailing bytes'."""
+    from safetensors.torch import save_file
+
+    from shared.shard_io import ShardReader
+
+    acts = torch.randn(37, 2, 3, 8).to(torch.bfloat16)
+    seq, pos = torch.arange(37), torch.arange(37, dtype=torch.int32)
+    path = tmp_path / "s.safetensors"
+    save_file({"acts": acts, "seq": seq, "pos": pos, "token": pos * 3, "keep_mask": extra}, path)
+    reader = ShardReader(path, row_shape=(2, 3, 8), dtype=torch.bfloat16, n_rows=37,
+                         expected_bytes=path.stat().st_size)
+    assert torch.equal(reader.tensors["acts"], acts) and torch.equal(reader.tensors["token"], pos * 3)
+    assert "keep_mask" not in reader.tensors
+    reader.close()
+    # Still refused: bytes no tensor claims, and an extra tensor whose range runs past the file.
+    with open(path, "ab") as f:
+        f.write(b"\0" * 5)
+    with pytest.raises(CacheError, match="5 unexpected trailing bytes"):
+        ShardReader(path, row_shape=(2, 3, 8), dtype=torch.bfloat16)
+
+
 def test_shard_golden_header(tmp_path):
     """The header layout a reader in another language relies on (README: Cache format v1)."""
     acts = torch.zeros(2, 1, 1, 2, dtype=torch.bfloat16)

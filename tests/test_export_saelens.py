@@ -255,10 +255,13 @@ def test_cli(runs, tmp_path, capsys):
 @pytest.mark.parametrize("name,local", [("~/data/corpus.txt", True), ("/data/shards", True), ("./x", True),
                                         ("<user>/data.jsonl", True), ("corpus.parquet", True),
                                         ("HuggingFaceFW/fineweb", False), ("monology/pile-uncopyrighted", False)])
-def test_dataset_path_is_a_hub_id_or_null(name, local):
-    """SAELens hands dataset_path to datasets.load_dataset: a path on the harvesting machine is not written."""
+def test_dataset_path_is_a_hub_id_or_null(name, local, tmp_path, monkeypatch):
+    """SAELens hands dataset_path to datasets.load_dataset: a path on the harvesting machine is not written.
+    Decided by the name alone: a folder of that name where the export runs says nothing of the harvest's."""
     from train.export_saelens import _local_path
 
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name.split("/")[0]).mkdir(exist_ok=True)
     assert _local_path(name) is local
 
 

@@ -141,6 +141,29 @@ def test_a_second_analysis_into_a_held_report_folder_is_refused(toy_cache, tmp_p
         _kill_9(holder)
 
 
+def test_analyze_and_lm_eval_of_a_run_still_training_say_try_again_later(toy_cache, tmp_path, capsys):
+    """A run still training has no dictionary/ or export/ yet: exit 75 (retry later), not 2 (bad command)."""
+    import shutil
+
+    from train.analysis import analyze_cli
+    from train.lm_eval import lm_eval_cli
+
+    run = tmp_path / "run"
+    train(_cfg(toy_cache, run))
+    shutil.rmtree(run / "export")
+    shutil.rmtree(run / "dictionary")
+    holder, _ = _hold(run, "run folder")
+    try:
+        assert analyze_cli([str(run), "--no-progress"]) == BUSY_EXIT_CODE
+        assert "is still training" in capsys.readouterr().err
+        assert lm_eval_cli([str(run), "--no-progress"]) == BUSY_EXIT_CODE
+        assert "then run lm-eval again" in capsys.readouterr().err
+    finally:
+        _kill_9(holder)
+    assert lm_eval_cli([str(run), "--no-progress"]) == 2  # not training any more: re-run its command
+    assert "has no dictionary/ yet: the run has not finished; re-run its run_train.py command" in capsys.readouterr().err
+
+
 def test_a_child_forked_by_the_holder_does_not_keep_the_lock_after_a_kill_9(tmp_path):
     """A forked worker shares the lock's open file; it must not keep the folder locked once its parent is killed."""
     holder, child = _hold(tmp_path / "out", "cache folder", fork=True)

@@ -276,6 +276,9 @@ def test_ranks_that_drift_apart_by_more_than_the_timeout_still_merge(reference, 
     script = tmp_path / "slow_rank1.py"
     script.write_text(SLOW_RANK1.format(root=str(ROOT)))
     cfg = small_harvest_config(tmp_path / "drift", **CFG)
+    # A killed run's "done" left behind must not end rank 0's wait early.
+    (tmp_path / "drift").mkdir()
+    (tmp_path / "drift" / "manifest.rank1.progress").write_text("done")
     # Forward passes of 512 tokens: rank 1 sends its rows a dozen times, a second late each time (12 s in all).
     cmd = [*TORCHRUN, "--nproc-per-node", "2", str(script), *_cli_args(cfg), "--capture-group-tokens", "512",
            "--dist-timeout", "4"]

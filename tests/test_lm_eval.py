@@ -257,8 +257,15 @@ def test_cli_prints_the_table_and_refuses_an_unfinished_run(runs, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "CE clean" in proc.stdout and "toy-code" in proc.stdout and f"result: {tmp_path / 'r.json'}" in proc.stdout
+    # Another name than lm_eval.json: no report reads it (the note named an analyze command that did not show it).
+    assert (f"analyze reads a result only as lm_eval.json in its report folder, so no report shows r.json; write it "
+            f"as {tmp_path / 'lm_eval.json'}") in proc.stdout
     # Away from the run's analysis folder: analyze reads it only with --out naming its folder.
-    assert f"`python run_train.py analyze {runs['directional']} --out {tmp_path}` includes it" in proc.stdout
+    from train.lm_eval import LMEvalConfig, _report_note
+
+    note = _report_note(LMEvalConfig(run=str(runs["directional"]), out=str(tmp_path / "lm_eval.json")))
+    assert note == (f"analyze reads this result only from its report folder: `python run_train.py analyze "
+                    f"{runs['directional']} --out {tmp_path}` includes it")
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     import shutil

@@ -108,10 +108,12 @@ def test_shared_cosine_median_and_the_top_r_bound_are_exact(overlap):
     assert cosine_summary(torch.tensor([]))["median"] is None
     rep = overlap["rep"]
     assert rep["diffing"]["cos_shared"]["n"] == 2
-    changed = copy.deepcopy(rep)
-    changed["diffing"]["top_r_min"] = 0.99154
-    md = render_markdown(changed, AnalysisConfig(run="x", progress=False, top_r_frac=0.5, top_k=3))
-    assert re.search(r"^\| top 50% by r \| ≥ 0\.991 \| 2 \|", md, flags=re.MULTILINE)
+    for top_r_min, shown in ((0.99154, "0.991"), (0.992, "0.992"), (0.9999, "0.999"), (0.5, "0.500")):
+        changed = copy.deepcopy(rep)
+        changed["diffing"]["top_r_min"] = top_r_min
+        md = render_markdown(changed, AnalysisConfig(run="x", progress=False, top_r_frac=0.5, top_k=3))
+        assert re.search(rf"^\| top 50% by r \| ≥ {re.escape(shown)} \| 2 \|", md, flags=re.MULTILINE), top_r_min
+    assert rep["diffing"]["top_r_min"] == 0.5  # report.json keeps it rounded down too (4 digits)
 
 
 # ---- 4. one colour per class in every figure ----------------------------------------------------------------

@@ -433,3 +433,35 @@ sys.exit(run_train.main(sys.argv[1:]))
     assert proc.returncode == 130, err[-3000:]
     assert "stopped by SIGTERM at setting up. The checkpoints saved so far are kept: re-run the same command" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_sigterm_reaches_a_rank_waiting_for_rank0(toy_cache, tmp_path):
+    """A rank waiting for rank 0's solo work (up to hours) still handles torchrun's SIGTERM at once: the
+    wait is polled, not blocked in the backend, so the signal is not held until the barrier returns."""
+    import time as _time
+
+    import psutil
+
+    script = tmp_path / "slow_rank0.py"
+    script.write_text(SLOW_RANK0.format(root=str(ROOT), sleep=120).replace('("save_checkpoint", "evaluate")',
+                                                                           '("evaluate",)'))
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                             str(29800 + os.getpid() % 90), str(script), "--cache", str(toy_cache), "--out", str(run),
+                             "--batch-size", "64", "--latents", "64", "--steps", "2", "--checkpoint-every", "1000",
+                             "--dist-timeout", "30", "--device", "cpu", "--no-progress"],
+                            env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = _time.time() + 300
+    while _time.time() < deadline and not (run / "checkpoints" / "step-0000002").is_dir():
+        assert proc.poll() is None, proc.communicate()
+        _time.sleep(0.1)
+    _time.sleep(3)  # rank 0 is in its (120 s) final eval, rank 1 waits for it
+    rank1 = next(c for c in psutil.Process(proc.pid).children(recursive=True)
+                 if "slow_rank0.py" in " ".join(c.cmdline()) and c.environ().get("RANK") == "1")
+    sent = _time.time()
+    rank1.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=100)
+    assert _time.time() - sent < 60, "the signal waited for the barrier"
+    assert "rank 1: stopped by SIGTERM at the final eval and export" in err, err[-3000:]

@@ -252,8 +252,8 @@ def test_clt_with_a_skip_refuses_an_output_that_is_also_an_input(tmp_path):
 # ---- 6. non-finite losses and gradients ----------------------------------------------------------
 
 
-def _cache_with_value(path: Path, value: float, shard: int = 0) -> Path:
-    """One model, one hook, float32, d_model 8: two shards of N(0, 1) rows, one row of ``shard`` all ``value``."""
+def _cache_with_value(path: Path, value: float, shard: int = 0, rows: slice = slice(300, 301)) -> Path:
+    """One model, one hook, float32, d_model 8: two shards of N(0, 1) rows, ``rows`` of ``shard`` all ``value``."""
     from shared.cache import CacheWriter
     from shared.cache_format import Manifest, shard_file_name
     from shared.token_table import write_token_table
@@ -266,7 +266,7 @@ def _cache_with_value(path: Path, value: float, shard: int = 0) -> Path:
     for s in range(2):
         x = torch.randn(512, 1, 1, 8, generator=g)
         if s == shard:
-            x[300, 0, 0, :] = value
+            x[rows, 0, 0, :] = value
         w.add_shard(shard_file_name(s), x, torch.arange(512), torch.ones(512), torch.ones(512))
     write_token_table(path, [[0, 1]] * 1024)
     w.finish()
@@ -305,19 +305,21 @@ def test_a_cache_of_one_shard_has_no_eval_lines(tmp_path):
     assert [line["step"] for line in lines] == [1, 2, 3, 4] and all("loss/total" in line for line in lines)
 
 
-@pytest.mark.parametrize("value", [float("inf"), float("nan")])
-def test_non_finite_held_out_rows_are_left_out_of_the_eval(tmp_path, value, capsys):
-    """A NaN/inf row in the held-out shard made every eval figure NaN; the export (which refuses NaN
-    metadata) then failed on every re-run, so the trained weights could never be exported."""
-    cache = _cache_with_value(tmp_path / "cache", value, shard=1)
+@pytest.mark.parametrize("value,activation", [(float("inf"), "relu"), (float("nan"), "relu"),
+                                              (float("nan"), "jumprelu")])
+def test_non_finite_held_out_rows_are_left_out_of_the_eval(tmp_path, value, activation, capsys):
+    """NaN/inf rows in the held-out shard made every eval figure NaN; the export (which refuses NaN
+    metadata) then failed on every re-run, so the trained weights could never be exported. JumpReLU
+    initialises its biases from a held-out batch: those rows made them NaN and the first step stop."""
+    cache = _cache_with_value(tmp_path / "cache", value, shard=1, rows=slice(0, 256))
     run = tmp_path / "run"
-    result = train(_cfg(cache, run, steps=6, eval_shards=1, eval_every=3, eval_batches=100))
-    assert "1 held-out row(s)" in capsys.readouterr().err
+    result = train(_cfg(cache, run, steps=6, eval_shards=1, eval_every=3, eval_batches=100, activation=activation))
+    assert "256 held-out row(s)" in capsys.readouterr().err
     lines = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
              for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [line for line in lines if "eval/recon" in line]
     assert [line["step"] for line in evals] == [3, 6]
-    assert all(line["eval/nonfinite_rows"] == 1 and math.isfinite(line["eval/recon"]) for line in evals)
+    assert all(line["eval/nonfinite_rows"] == 256 and math.isfinite(line["eval/recon"]) for line in evals)
     assert math.isfinite(result.eval_metrics["eval/ev/overall"])
     exported = json.loads((run / "export" / "config.json").read_text())["metadata"]["eval"]
     assert exported == {k: v for k, v in evals[-1].items() if k != "step"}
@@ -602,3 +604,23 @@ def test_curves_with_a_panel_of_nulls_draw_without_warnings(tmp_path):
         warnings.simplefilter("error")
         out = plot_metrics(tmp_path)
     assert out is not None and out.stat().st_size > 0
+
+
+def test_train_runs_on_a_thread_other_than_the_main_one(caches, tmp_path):
+    """signal.signal works only on the main thread: a run started from a worker thread (a notebook's
+    background job, a test harness) failed with ValueError before its first step."""
+    import threading
+
+    box: dict = {}
+
+    def work() -> None:
+        try:
+            box["result"] = train(_cfg(caches["base"], tmp_path / "run", steps=3))
+        except BaseException as e:  # noqa: BLE001 - handed to the assert below
+            box["error"] = e
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(timeout=300)
+    assert "error" not in box, box.get("error")
+    assert box["result"].steps == 3

@@ -16,6 +16,17 @@ __all__ = ["DiffSpec", "RunData", "RunError", "cache_mismatch", "cache_model_nam
 
 
 # ---- the run ---------------------------------------------------------------------------------------
+def still_training(run_dir: Path, lacks: str, command: str) -> None:
+    """Raise :class:`~shared.folder_lock.FolderBusyError` (exit 75, try again later, not 2) when the run
+    folder that ``lacks`` its output is locked by the training that will write it."""
+    from shared.folder_lock import FolderBusyError, holder_summary
+
+    holder = holder_summary(run_dir)
+    if holder is not None:
+        raise FolderBusyError(f"{run_dir} is still training (its folder is locked by {holder}): it has no {lacks} "
+                              f"until the run finishes; wait for it to finish, then run {command} again")
+
+
 class RunError(ValueError):
     """The folder is not a finished training run (no config.json or no dictionary/), or a cache cannot
     be read for it."""
@@ -231,9 +242,9 @@ def _normalization_mismatch(run: RunData, manifest: Any, names: dict[str, str], 
                  "dictionary's inputs are scaled otherwise than in training and the numbers below are off")]
 
 
-def load_run(run_dir: str | Path) -> RunData:
-    """Read ``config.json`` and ``dictionary/`` of a run (raises :class:`RunError` naming what is missing)."""
-    from shared.folder_lock import holder_summary
+def load_run(run_dir: str | Path, command: str = "analyze") -> RunData:
+    """Read ``config.json`` and ``dictionary/`` of a run (raises :class:`RunError` naming what is missing, or
+    :class:`~shared.folder_lock.FolderBusyError` while it is still training; ``command`` is the one to retry)."""
     from train.export import EXPORT_FORMAT, load_dictionary
 
     run_dir = Path(run_dir)
@@ -247,10 +258,7 @@ def load_run(run_dir: str | Path) -> RunData:
         raise RunError(f"{run_dir} is a saved dictionary ({EXPORT_FORMAT}), not a run folder: analyze reads a run's "
                        f"config.json (its cache, slots and eval split) and its dictionary/; {where}")
     if not (run_dir / "dictionary" / "config.json").is_file():
-        holder = holder_summary(run_dir)
-        if holder is not None:
-            raise RunError(f"{run_dir} is still training (its folder is locked by {holder}): it has no dictionary/ "
-                           "until the run finishes; wait for it to finish, then run analyze again")
+        still_training(run_dir, "dictionary/", command)
         raise RunError(f"{run_dir} has no dictionary/ yet: the run has not finished; re-run its run_train.py "
                        "command to resume and export it")
     model = load_dictionary(run_dir / "dictionary").eval()

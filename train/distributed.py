@@ -6,7 +6,8 @@ instead of hanging forever: :meth:`DistContext.explain_failures` turns the backe
 :class:`DistributedTrainingError` naming the rank, where training was, and the fix (as the
 harvest's :mod:`harvest.process_group` does). The one exception: while rank 0 alone saves a checkpoint,
 evaluates or exports, the others wait for it up to :data:`SOLO_WAIT_S` (or the timeout, if longer), since
-that work grows with the dictionary (a checkpoint of a large CLT is hundreds of GB) and is no sign of a hang.
+that work grows with the dictionary (a checkpoint of a large CLT is hundreds of GB) and is no sign of a hang
+(:meth:`DistContext.wait_for_main`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -51,9 +52,8 @@ class DistContext:
     timeout_s: float = 0.0
     where: str = "setting up"
     """What this rank is doing (the trainer updates it: ``step 12 of 100``), for failure messages."""
-    solo_group: Any = None
-    """A gloo group with the longer timeout, for :meth:`wait_for_main` (gloo: its barrier needs no device)."""
-    waiting_for_main: bool = False
+    solo_waits: int = 0
+    """How many :meth:`wait_for_main` calls this rank made (every rank makes the same ones): names the key."""
 
     @property
     def enabled(self) -> bool:
@@ -73,8 +73,7 @@ class DistContext:
         if not torch_dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             torch_dist.init_process_group(backend, timeout=dt.timedelta(seconds=timeout_s))
-        solo = torch_dist.new_group(backend="gloo", timeout=dt.timedelta(seconds=max(timeout_s, SOLO_WAIT_S)))
-        return DistContext(rank, world, local, timeout_s, solo_group=solo)
+        return DistContext(rank, world, local, timeout_s)
 
     def device_for(self, device: torch.device) -> torch.device:
         """One GPU per process: cuda -> cuda:LOCAL_RANK."""
@@ -95,13 +94,31 @@ class DistContext:
             torch_dist.barrier()
 
     def wait_for_main(self) -> None:
-        """A barrier after work rank 0 does alone (a checkpoint, an eval, the export): the others wait for it
-        up to :data:`SOLO_WAIT_S`, not ``--dist-timeout`` (a large dictionary's save took longer than that)."""
+        """The others wait for work rank 0 does alone (a checkpoint, an eval, the export) up to :data:`SOLO_WAIT_S`,
+        not ``--dist-timeout`` (a large dictionary's save took longer than that). Rank 0 sets a key in the
+        process group's store when done, which the others poll: unlike a pending barrier, polling leaves a
+        signal (torchrun's SIGTERM) handled at once and nothing to wait for when the process exits."""
         if not self.enabled:
             return
-        self.waiting_for_main = True
-        torch_dist.barrier(group=self.solo_group)
-        self.waiting_for_main = False
+        self.solo_waits += 1
+        key = f"crosscache/rank0-done/{self.solo_waits}"
+        try:
+            store = torch_dist.distributed_c10d._get_default_store()
+        except (AttributeError, RuntimeError):  # a torch without it: a barrier, under --dist-timeout
+            torch_dist.barrier()
+            return
+        if self.is_main:
+            store.set(key, "1")
+            return
+        limit = max(self.timeout_s, SOLO_WAIT_S)
+        deadline = time.monotonic() + limit
+        while not store.check([key]):
+            if time.monotonic() > deadline:
+                raise DistributedTrainingError(
+                    f"rank {self.rank}: no answer from rank 0 within {limit:g}s while it alone saved, evaluated or "
+                    f"exported, at {self.where}: it hangs or its disk stalls (see its output). The checkpoints saved "
+                    f"so far are kept: re-run the same command (the same --nproc-per-node {self.world_size}) to resume")
+            time.sleep(0.1)
 
     @contextlib.contextmanager
     def explain_failures(self) -> Iterator[None]:
@@ -113,14 +130,8 @@ class DistContext:
             if not self.enabled or isinstance(e, DistributedTrainingError) or not is_collective_failure(e):
                 raise
             text = str(e).strip()
-            timed_out = "timed out" in text.lower() or "timeout" in text.lower()
-            if timed_out and self.waiting_for_main:
-                why = (f"no answer from rank 0 within {max(self.timeout_s, SOLO_WAIT_S):g}s while it alone saved, "
-                       "evaluated or exported")
-            elif timed_out:
-                why = f"no answer from the other rank(s) within --dist-timeout {self.timeout_s:g}s"
-            else:
-                why = "lost contact with another rank"
+            why = (f"no answer from the other rank(s) within --dist-timeout {self.timeout_s:g}s"
+                   if "timed out" in text.lower() or "timeout" in text.lower() else "lost contact with another rank")
             raise DistributedTrainingError(
                 f"rank {self.rank}: {why} at {self.where}: another rank died, failed or hangs (see its output; "
                 "torchrun's report names it). The checkpoints saved so far are kept: re-run the same command "

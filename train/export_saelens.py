@@ -509,10 +509,10 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
 
 
 def _local_path(name: str) -> bool:
-    """Whether a model or dataset name is a path on the machine that harvested (as the harvest reads it; a
-    published one reads ~/... or <user>), not a Hub id."""
-    return (name.startswith((".", "/", "~", "<")) or Path(name).suffix in LOCAL_SUFFIXES
-            or Path(name).expanduser().exists())
+    """Whether a model or dataset name reads as a path on the machine that harvested (absolute, relative with
+    ./, ~/..., <user> as published, or a data file's suffix), not a Hub id. By its text alone: what exists
+    in this process's folder says nothing of the harvest's (a folder named gpt2 here is no sign)."""
+    return name.startswith((".", "/", "~", "<")) or Path(name).suffix in LOCAL_SUFFIXES
 
 
 def export_saelens_cli(argv: list[str]) -> int:

@@ -58,8 +58,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from shared.config import add_dataclass_arguments, coerce_field_types, config_from_namespace, field_help
+from shared.folder_lock import FolderLockError, exit_code_for
 from shared.shard_io import atomic_write_bytes
-from train.analysis_run import RunData, RunError, cache_model_names, load_run, open_run_cache
+from train.analysis_run import RunData, RunError, cache_model_names, load_run, open_run_cache, still_training
 from train.report_lm_eval import LM_EVAL_FORMAT, default_lm_eval_path, export_weights_sha256, sequences_words
 from train.splice import capture_hook, check_closed_loop, closed_loop_forward, forward_with_hooks, replace_hook
 
@@ -287,9 +288,10 @@ def evaluate_lm(cfg: LMEvalConfig) -> dict[str, Any]:
     from train.export import load_dictionary
 
     t0 = time.perf_counter()
-    run = load_run(cfg.run)
+    run = load_run(cfg.run, command="lm-eval")
     export_dir = Path(cfg.run) / "export"
     if not (export_dir / "config.json").is_file():
+        still_training(Path(cfg.run), "export/", "lm-eval")
         raise RunError(f"{cfg.run} has no export/: re-run its run_train.py command to finish and export it")
     device = resolve_device(cfg.device)
     # analyze shows the result only while the run's export still has this checksum (train.report_lm_eval). Read
@@ -482,6 +484,9 @@ def lm_eval_cli(argv: list[str]) -> int:
     try:
         cfg = dataclasses.replace(config_from_namespace(LMEvalConfig, args), run=args.run)
         result = evaluate_lm(cfg)
+    except FolderLockError as e:  # the run is still training: 75, try again later
+        print(f"error: {e}", file=sys.stderr)
+        return exit_code_for(e)
     except (RunError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -499,9 +504,14 @@ def _report_note(cfg: LMEvalConfig) -> str | None:
     """What to run so that an analysis report shows the result just written: the report beside it predates
     it (its analyze command, flags and all, read from its report.json); a result written away from the run's
     analysis folder is read by analyze only with --out naming its folder."""
+    from train.report_lm_eval import LM_EVAL_NAME
     from train.report_markdown import analyze_command
 
     folder = cfg.out_path.parent
+    if cfg.out_path.name != LM_EVAL_NAME:  # analyze looks for that name only
+        return (f"analyze reads a result only as {LM_EVAL_NAME} in its report folder, so no report shows "
+                f"{cfg.out_path.name}; write it as {folder / LM_EVAL_NAME} (and run `python run_train.py analyze "
+                f"{cfg.run} --out {folder}`) to see it in one")
     away = folder.resolve() != default_lm_eval_path(cfg.run).parent.resolve()
     command = f"python run_train.py analyze {cfg.run}" + (f" --out {folder}" if away else "")
     if not (folder / "report.md").is_file():

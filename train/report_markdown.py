@@ -59,8 +59,9 @@ def render_markdown(rep: dict[str, Any], cfg: Any) -> str:
         ranges = {"base_only": f"≤ {th['base_only_max']}", "between": "other",
                   "shared": f"{th['shared_min']} to {th['shared_max']}", "ft_only": f"≥ {th['ft_only_min']}",
                   # Rounded down: every latent of the class has r at least the figure shown (rounded, 0.99154
-                  # read "≥ 0.992", which that latent is not).
-                  "top_r": "≥ n/a" if d["top_r_min"] is None else f"≥ {math.floor(d['top_r_min'] * 1e3) / 1e3:.3f}"}
+                  # read "≥ 0.992", which that latent is not). round() first: 0.992 * 1e3 is 991.9999...
+                  "top_r": "≥ n/a" if d["top_r_min"] is None
+                  else f"≥ {math.floor(round(d['top_r_min'] * 1e3, 6)) / 1e3:.3f}"}
         for c in ("base_only", "between", "shared", "ft_only", "top_r"):
             x = cl[c]
             name = CLASS_LABELS[c] if c != "top_r" else f"top {th['top_r_percent']:g}% by r"

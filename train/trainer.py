@@ -268,9 +268,14 @@ class _Member:
         calib = ActivationLoader(cache, _held_out_batch(cache, self.cfg, self.dist), models=spec_models,
                                  hooks=spec_hooks, seed=self.cfg.seed, split="eval" if eval_rows else "train",
                                  eval_shards=self.cfg.eval_shards, device=device)
-        x_BXD = rearrange(next(iter(calib)), "b m p d -> b (m p) d")
-        self.model.calibrate_encoder_bias(x_BXD.index_select(1, self.in_idx),
-                                          firing_rate=min(JUMPRELU_INIT_RATE, 10_000 / self.cfg.latents))
+        x_BXiD = rearrange(next(iter(calib)), "b m p d -> b (m p) d").index_select(1, self.in_idx)
+        # Rows the eval leaves out (NaN/inf) would make every bias NaN, and the first step stop blaming the lr.
+        x_BXiD = x_BXiD[finite_rows(x_BXiD)]
+        if not len(x_BXiD):
+            raise CacheError(f"the held-out batch JumpReLU initialises from holds only non-finite activations: "
+                             f"`python run_harvest.py verify {self.cfg.cache}` finds shards corrupted on disk; values "
+                             "the harvest itself wrote as NaN/inf need a re-harvest")
+        self.model.calibrate_encoder_bias(x_BXiD, firing_rate=min(JUMPRELU_INIT_RATE, 10_000 / self.cfg.latents))
 
     def state(self, step: int, tokens: int, loader: ActivationLoader) -> dict[str, Any]:
         return dict(model_state=self.model.state_dict(), optimizer_state=self.opt.state_dict(),
@@ -516,7 +521,9 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
     def on_signal(signum: int, _frame: Any) -> None:
         stop["signal"] = signum  # finish this step, checkpoint, exit
 
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Signals reach only the main thread (signal.signal refuses any other): a run on another thread has none.
+    handlers = ({s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+                if threading.current_thread() is threading.main_thread() else {})
 
     def checkpoint(due: list[_Member] | None = None) -> list[Path]:
         """Save the ``due`` members (default: all) at ``step`` (rank 0), then prune them. A resume needs a step
@@ -662,6 +669,11 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
     return [p.done or trained[p.cfg.out] for p in plans]
 
 
+def finite_rows(x_B: torch.Tensor) -> torch.Tensor:
+    """Which rows (the first dim) hold only finite values."""
+    return torch.isfinite(x_B).flatten(1).all(dim=1)
+
+
 def _with_strides(grad: torch.Tensor, *, strides: tuple[int, ...]) -> torch.Tensor:
     """``grad`` laid out as its (contiguous) parameter: the layout DDP's gradient buckets have."""
     return grad if grad.stride() == strides else grad.clone(memory_format=torch.contiguous_format)
@@ -721,7 +733,7 @@ def evaluate(m: _Member, cache: Cache, models: list[str], hooks: list[str], devi
         # A row the harvest wrote as NaN/inf (or a shard damaged after its checksum was taken) would make every
         # figure NaN, and the export, which refuses NaN metadata, would fail on every re-run: such rows are
         # left out, counted and reported; training on the other split stops at such a row instead.
-        finite_B = torch.isfinite(x_in).flatten(1).all(dim=1) & torch.isfinite(x_out).flatten(1).all(dim=1)
+        finite_B = finite_rows(x_in) & finite_rows(x_out)
         if not bool(finite_B.all()):
             skipped += int((~finite_B).sum())
             x_in, x_out = x_in[finite_B], x_out[finite_B]
