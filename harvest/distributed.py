@@ -414,6 +414,7 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
     # What the ranks that finish first watch while they wait at the merge (see harvest.rank_progress).
     progress = RankProgress(out, rank, every_s=min(10.0, group.timeout / 4))
     progress.moving(0)
+    forward.on_batch = progress.moving  # per forward batch: a group of them may take longer than the timeout
 
     def send(first: int, acts_NMPD: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, tok: torch.Tensor) -> None:
         # Keep only rows of our own ranges (rank 0's calibration rows may reach into others').

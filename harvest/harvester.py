@@ -332,6 +332,9 @@ class _Forward:
         # Resolved once: bridge.hook_dict rebuilds its alias table on every access (~3% of a
         # launch-bound GPU harvest's main thread when it ran per batch).
         self.hook_points = [[bridge.hook_dict[h] for h in self.hooks] for bridge in models.bridges]
+        # Called with each forward batch's first sequence: a multi-process harvest's sign of life for the ranks
+        # waiting at its merge (harvest.rank_progress), more often than a group's rows are sent.
+        self.on_batch: Callable[[int], None] | None = None
 
     def batch_end(self, row: int) -> int:
         """The first row after the forward batch holding row ``row - 1``: cut a row range there and
@@ -429,6 +432,8 @@ class _Forward:
                 if missing:
                     raise RuntimeError(f"hook(s) {missing} did not fire in the forward pass")
                 outs_MP.append([captured[h] for h in self.hooks])  # only the hooked outputs stay alive
+            if self.on_batch is not None:
+                self.on_batch(lo)
             yield _Batch(lo, tokens_BS, flat_N, int(row_BS.flat[flat_N[0]]), outs_MP)
 
     def _take(self, group: list[_Batch]) -> tuple:

@@ -223,13 +223,14 @@ def test_an_export_folder_names_its_run(crosscoder):
 
 
 def test_a_run_still_training_says_so(crosscoder, tmp_path):
-    from shared.folder_lock import LOCK_NAME, FolderLock
+    from shared.folder_lock import LOCK_NAME, FolderBusyError, FolderLock
 
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(crosscoder["run"] / "config.json", run / "config.json")
     with FolderLock(run, what="run folder"):  # a training job holds its run folder's lock
-        with pytest.raises(RunError, match=rf"still training \(its folder is locked by pid {os.getpid()}.*wait for it"):
+        # FolderBusyError: the CLIs exit 75 (try again later), not 2 (a bad command)
+        with pytest.raises(FolderBusyError, match=rf"still training \(its folder is locked by pid {os.getpid()}.*wait for"):
             load_run(run)
         assert (run / LOCK_NAME).is_file()
     assert not (run / LOCK_NAME).exists()  # looking took nothing: the holder released and removed it

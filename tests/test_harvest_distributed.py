@@ -257,34 +257,41 @@ SLOW_RANK1 = """
 import os, sys, time
 sys.path.insert(0, {root!r})
 import run_harvest
-from harvest import writer
+from harvest import harvester, rank_progress
 if os.environ["RANK"] == "1":  # rank 1 runs slower than rank 0 (an older device), by more than --dist-timeout
-    real = writer.ShardWriter.put_rows
-    def slow(self, *a, **k):
-        time.sleep(1)
-        return real(self, *a, **k)
-    writer.ShardWriter.put_rows = slow
+    writing = []  # from its write phase on (before it, the ranks meet at collectives under the timeout)
+    real_init, real_batches = rank_progress.RankProgress.__init__, harvester._Forward._batches
+    def init(self, *a, **k):
+        writing.append(True)
+        real_init(self, *a, **k)
+    def slow(self, a, b):
+        for batch in real_batches(self, a, b):
+            if writing:
+                time.sleep(1)
+            yield batch
+    rank_progress.RankProgress.__init__, harvester._Forward._batches = init, slow
 sys.exit(run_harvest.main(sys.argv[1:]))
 """
 
 
 @pytest.mark.slow
-def test_ranks_that_drift_apart_by_more_than_the_timeout_still_merge(reference, tmp_path):
+def test_ranks_that_drift_apart_by_more_than_the_timeout_still_merge(toy_dirs, tmp_path):
     """The ranks meet only at the start and the merge: rank 0, done first, waited for rank 1 in a collective
     under --dist-timeout, and a long harvest whose ranks drift stopped at its very end. Rank 0 now waits
     while rank 1's progress file moves."""
     script = tmp_path / "slow_rank1.py"
     script.write_text(SLOW_RANK1.format(root=str(ROOT)))
-    cfg = small_harvest_config(tmp_path / "drift", **CFG)
+    cfg = small_harvest_config(tmp_path / "drift", **{**CFG, "tokens": 20_000})
     # A killed run's "done" left behind must not end rank 0's wait early.
     (tmp_path / "drift").mkdir()
     (tmp_path / "drift" / "manifest.rank1.progress").write_text("done")
-    # Forward passes of 512 tokens: rank 1 sends its rows a dozen times, a second late each time (12 s in all).
-    cmd = [*TORCHRUN, "--nproc-per-node", "2", str(script), *_cli_args(cfg), "--capture-group-tokens", "512",
+    # Rank 1's forward batches (8 x 64 tokens) are a second late each once it writes (12 s in all), in groups of
+    # 8 batches (4096 tokens, 8 s): its progress moves with every batch, not only when a group's rows are sent.
+    cmd = [*TORCHRUN, "--nproc-per-node", "2", str(script), *_cli_args(cfg), "--capture-group-tokens", "4096",
            "--dist-timeout", "4"]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     got = tmp_path / "drift"
-    assert Manifest.load(got).complete and Manifest.load(got).n_rows == Manifest.load(reference).n_rows
+    assert Manifest.load(got).complete and Manifest.load(got).n_rows == 20_000
     assert verify_cache(got).ok
     assert not list(got.glob("manifest.rank*"))  # rank manifests and progress files: gone with the merge
