@@ -435,7 +435,7 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
         bar.set_postfix_str(f"{shard_writer.bytes_written / 1e9:.2f} GB written", refresh=False)
         bar.close()
 
-    # 8. merge: once every rank is done, or one stalled (the gather then times out on it, naming it).
+    # 8. merge: once every rank is done (an error naming the rank that stalls for --dist-timeout).
     progress.done()
     if stalled := wait_for_ranks(out, rank, world, group.timeout):
         raise DistributedHarvestError(

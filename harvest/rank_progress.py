@@ -3,8 +3,8 @@
 The ranks meet only at the start and at the merge, where a rank that finished its share waits for the
 slowest. Ranks drift (uneven devices, a shared disk): over a long harvest by more than ``--dist-timeout``,
 so a plain collective at the merge stopped healthy ranks at the very end. Instead, each rank rewrites a
-small file, ``manifest.rank{r}.progress`` beside its rank manifest, with the last row it has sent (at most every
-few seconds), and ``done`` when its share is written. A finished rank waits while every other rank is done
+small file, ``manifest.rank{r}.progress`` beside its rank manifest, with a number that grows as it works (its
+forward batches, the rows it sends; at most every few seconds), and ``done`` when its share is written. A finished rank waits while every other rank is done
 or still moving; one whose file has not changed for ``--dist-timeout`` (a hang) ends the wait with an
 error naming it. The folder is shared by the ranks by design (one cache).
 """
@@ -40,7 +40,7 @@ class RankProgress:
         self._last = time.monotonic()
 
     def moving(self, row: int) -> None:
-        """The rank has sent its rows up to ``row`` (any number that grows will do)."""
+        """The rank has got as far as ``row`` (a row it sent, a sequence it forwarded: any number that moves)."""
         if time.monotonic() - self._last >= self.every_s:
             self._write(f"row {row}")
 
