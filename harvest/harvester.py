@@ -212,7 +212,7 @@ def find_damage(out: Path, manifest: Manifest, shuffle_shards: int) -> CacheDama
         # Shard entries removed by hand: rewrite from the chunk of the first index no entry holds.
         held = sorted(shard_index(r.file) for r in manifest.shards)
         gap = next((i for i, idx in enumerate(held) if idx != i), len(held))
-        first = min(first if first is not None else gap // shuffle_shards, gap // shuffle_shards)
+        first = gap // shuffle_shards if first is None else min(first, gap // shuffle_shards)
         listing = f"{MANIFEST_NAME} lists {manifest.n_rows:,} of the {planned:,} rows harvested (shard entries removed)"
     return CacheDamage([f"{r.file}: {why}" for r, why in bad], first, token_table_problem(out, manifest),
                        tokenizer_file_problem(out, manifest.tokenizer), listing)

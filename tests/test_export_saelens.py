@@ -258,11 +258,11 @@ def test_cli(runs, tmp_path, capsys):
 def test_dataset_path_is_a_hub_id_or_null(name, local, tmp_path, monkeypatch):
     """SAELens hands dataset_path to datasets.load_dataset: a path on the harvesting machine is not written.
     Decided by the name alone: a folder of that name where the export runs says nothing of the harvest's."""
-    from train.export_saelens import _local_path
+    from train.export import names_local_path
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / name.split("/")[0]).mkdir(exist_ok=True)
-    assert _local_path(name) is local
+    assert names_local_path(name) is local
 
 
 @pytest.mark.parametrize("hook,written", [

@@ -222,10 +222,9 @@ def render_dictionary_card(facts: DictionaryFacts, *, repo: str, revision: str |
     steps, batch = tc.get("steps"), tc.get("batch_size")  # batch_size is per process
     world = meta.get("world_size", info.get("world_size", 1))
     world = world if isinstance(world, int) and world >= 1 else 1
+    per_process = f", {_num(batch)} per process x {world} processes" if world > 1 and isinstance(batch, int) else ""
     if isinstance(batch, int):
-        batch, per_process = batch * world, (f", {_num(batch)} per process x {world} processes" if world > 1 else "")
-    else:
-        per_process = ""
+        batch *= world
     seen = _num(steps * batch) if isinstance(steps, int) and isinstance(batch, int) else "n/a"
     coeff = info.get("sparsity_coeff", tc.get("sparsity_coeff"))
     training = f"""| | |

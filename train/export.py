@@ -37,6 +37,7 @@ from einops import einsum
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from harvest.token_stream import LOCAL_SUFFIXES
 from shared.config import config_to_json, read_json_object
 from shared.hub_spec import is_hub_spec
 from shared.normalization import Normalization
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from train.hub_dictionary_fetch import FetchedDictionary
 
 __all__ = ["SlotNorm", "fold_normalization", "save_dictionary", "load_dictionary", "load_hub_dictionary",
-           "load_metadata", "parallel_attn_mlp", "training_cache_manifest", "EXPORT_FORMAT"]
+           "load_metadata", "names_local_path", "parallel_attn_mlp", "training_cache_manifest", "EXPORT_FORMAT"]
 
 EXPORT_FORMAT = "crosscache.dictionary/1"
 WEIGHTS_NAME = "model.safetensors"
@@ -251,6 +252,14 @@ def training_cache_manifest(run_info: dict[str, Any], metadata: dict[str, Any]) 
                 return manifest
     recorded = metadata.get("harvest")
     return dict(recorded) if isinstance(recorded, dict) else {}
+
+
+def names_local_path(name: str) -> bool:
+    """Whether a model or dataset name the harvest recorded reads as a path on the machine that harvested
+    (absolute, ./relative, ~/..., <user> as published, or a data file's suffix), not a Hub id. By its text
+    alone: what exists in this process's folder says nothing of the harvest's (a folder named gpt2 here is no
+    sign). The exports write a Hub id as the model or dataset other tools load; a path they cannot."""
+    return name.startswith((".", "/", "~", "<")) or Path(name).suffix in LOCAL_SUFFIXES
 
 
 def parallel_attn_mlp(entry: dict[str, Any] | None) -> bool:

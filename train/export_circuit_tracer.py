@@ -77,7 +77,8 @@ from shared.hub_spec import HubError, is_hub_spec
 from shared.redact import redact_machine
 from shared.shard_io import atomic_write_bytes, fsync_dir
 from train.dictionary import Dictionary
-from train.export import CONFIG_NAME, load_dictionary, load_hub_dictionary, load_metadata, parallel_attn_mlp
+from train.export import (CONFIG_NAME, load_dictionary, load_hub_dictionary, load_metadata, names_local_path,
+                          parallel_attn_mlp)
 
 __all__ = ["CT_EXPORT_FORMAT", "CircuitTracerExportError", "export_circuit_tracer", "export_circuit_tracer_cli"]
 
@@ -416,7 +417,7 @@ def _config(kind: str, model: str, entry: dict[str, Any] | None, ct_in: str, ct_
             per_layer: list[tuple[int, str, str, _Source, str]], width: int, model_name: str | None,
             scan: str | None) -> dict[str, Any]:
     """config.yaml: circuit-tracer's keys first, then our provenance under ``crosscache`` (it ignores it)."""
-    folder = model.startswith(("/", ".", "~", "<"))  # a local folder (or one published redacted: ~/..., <user>)
+    folder = names_local_path(model)  # a local folder (or one published redacted: ~/..., <user>)
     if entry is not None:
         revision, from_folder = entry.get("revision"), bool(entry.get("path"))
     else:  # no run folder (a Hub dictionary): a Hub id's "@REV" is the revision the harvest loaded, as it parses it

@@ -82,11 +82,10 @@ from shared.config import read_json_object
 from shared.hub_spec import HubError, is_hub_spec
 from shared.redact import MachineNames, redact_machine, redact_text
 from shared.shard_io import atomic_write_bytes, fsync_dir
-from harvest.token_stream import LOCAL_SUFFIXES
 from train.dictionary import Dictionary
 from train.export import CONFIG_NAME as EXPORT_CONFIG_NAME
-from train.export import (EXPORT_FORMAT, load_dictionary, load_hub_dictionary, load_metadata, parallel_attn_mlp,
-                          training_cache_manifest)
+from train.export import (EXPORT_FORMAT, load_dictionary, load_hub_dictionary, load_metadata, names_local_path,
+                          parallel_attn_mlp, training_cache_manifest)
 from train.norm_affine import NormAffine, fit_norm_affines, normalized_hook
 
 __all__ = [
@@ -397,13 +396,12 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
 
     run_cfg = read_json_object(run_dir / "config.json") if run_dir else {}
     manifest = training_cache_manifest(run_cfg, meta)
-    model_name_given = model_name
-    model_name, hook_in = _slot_model_hook(cfg.slot_names[cfg.in_slots[0]])
+    harvested, hook_in = _slot_model_hook(cfg.slot_names[cfg.in_slots[0]])
     hook_out = _slot_model_hook(cfg.slot_names[cfg.out_slots[0]])[1]
     # Slot names may be written redacted (~/...) while the manifest keeps the folder: compare both so.
     names = MachineNames.here()
     man_model = next((m for m in manifest.get("models", []) if isinstance(m.get("name"), str)
-                      and redact_text(m["name"], names) == redact_text(model_name, names)), {})
+                      and redact_text(m["name"], names) == redact_text(harvested, names)), {})
     if not man_model or hook_in not in manifest.get("hooks", []):
         manifest, man_model = {}, {}  # the folder now holds another harvest: trust nothing in it
     parallel = parallel_attn_mlp(man_model)
@@ -416,9 +414,9 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
     norms = {}
     if to_fold:
         if not man_model.get("weights_fingerprint"):
-            print(f"note: no weights fingerprint recorded for {model_name!r}; the norm is read from "
-                  f"{model_path or model_name!r} unchecked: it must be the model the cache was harvested from")
-        norms = fit_norm_affines(str(Path(model_path or model_name).expanduser()), to_fold, d_model=cfg.d_model,
+            print(f"note: no weights fingerprint recorded for {harvested!r}; the norm is read from "
+                  f"{model_path or harvested!r} unchecked: it must be the model the cache was harvested from")
+        norms = fit_norm_affines(str(Path(model_path or harvested).expanduser()), to_fold, d_model=cfg.d_model,
                                  recorded_fingerprint=man_model.get("weights_fingerprint"), device=device)
     sl = to_saelens(model, norm_in=norms.get(hook_in), norm_out=norms.get(hook_out))
     # SAELens loads the model with from_pretrained_no_processing(name, **model_from_pretrained_kwargs). An
@@ -436,7 +434,7 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
     metadata: dict[str, Any] = {
         "sae_lens_version": SAELENS_VERSION,
         "sae_lens_training_version": None,  # not trained by SAELens
-        "model_name": model_name_given or model_name,
+        "model_name": model_name or harvested,
         "model_class_name": "HookedTransformer",
         "model_from_pretrained_kwargs": model_kwargs,
         "hook_name": sl_hook_in,
@@ -446,7 +444,7 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
         "exclude_special_tokens": excluded.get("token_ids", True) if excluded else True,
         # SAELens hands dataset_path to datasets.load_dataset; our built-in corpora are not there, and a local
         # file or folder is a path on the harvesting machine (crosscache.dataset keeps it).
-        "dataset_path": None if dataset.startswith("builtin:") or _local_path(dataset) else (dataset or None),
+        "dataset_path": None if dataset.startswith("builtin:") or names_local_path(dataset) else (dataset or None),
         "training_architecture": {"relu": "standard"}.get(cfg.activation, cfg.activation),
         "crosscache": {
             "format": PROVENANCE_FORMAT,
@@ -458,8 +456,8 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
             "cache": meta.get("cache"),
             "dataset": dataset or None,
             "model_revision": man_model.get("revision"),
-            "model": model_name,  # as harvested
-            "model_from_local_folder": bool(man_model.get("path")) or _local_path(model_name),
+            "model": harvested,  # as harvested
+            "model_from_local_folder": bool(man_model.get("path")) or names_local_path(harvested),
             "arch": cfg.arch,
             "activation": cfg.activation,
             "k": cfg.k,
@@ -470,7 +468,7 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
             # input (None: no norm output among the slots).
             "norm_folded": ({"input": norms[hook_in].record() if hook_in in norms else None,
                              "output": norms[hook_out].record() if hook_out in norms else None,
-                             "model": redact_text(str(model_path or model_name), names)} if norms else None),
+                             "model": redact_text(str(model_path or harvested), names)} if norms else None),
             "latent_scale": ("SAELens latent = crosscache latent x c, c = sum of decoder norms in the normalized "
                              "training space (the TopK score); folded into W_enc, b_enc, W_dec"
                              if bool((sl.latent_scale_L != 1).any()) else "none: latents equal crosscache's"),
@@ -506,13 +504,6 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
     atomic_write_bytes(out / SAELENS_CFG_NAME, text.encode())  # last: a folder with cfg.json is complete
     fsync_dir(out)
     return out
-
-
-def _local_path(name: str) -> bool:
-    """Whether a model or dataset name reads as a path on the machine that harvested (absolute, relative with
-    ./, ~/..., <user> as published, or a data file's suffix), not a Hub id. By its text alone: what exists
-    in this process's folder says nothing of the harvest's (a folder named gpt2 here is no sign)."""
-    return name.startswith((".", "/", "~", "<")) or Path(name).suffix in LOCAL_SUFFIXES
 
 
 def export_saelens_cli(argv: list[str]) -> int:

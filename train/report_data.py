@@ -35,6 +35,12 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def _floor(x: float, digits: int) -> float:
+    """``x`` rounded down to ``digits`` decimals, for a class's lower bound (rounded to nearest, 0.99196 read
+    0.992, which that latent is not). round() first: 0.992 * 1e3 is 991.9999..."""
+    return math.floor(round(x * 10**digits, 6)) / 10**digits
+
+
 def cosine_summary(cos_N: torch.Tensor) -> dict[str, Any]:
     """``n``, ``median``, ``mean`` and ``frac_above_0.9`` of the shared latents' decoder cosines (None when
     there are none). The median of an even count is the mean of the middle two, as numpy's (the latent-scaling
@@ -169,8 +175,7 @@ def build_report(cfg: Any, run: Any, norms_LXo: torch.Tensor, masks: dict[str, t
             "r_histogram": {"edges": [_num(e) for e in edges], "counts": counts.tolist()},
             "cos_shared": cosine_summary(cs),
             "per_latent": {"r": [_num(x) for x in r.tolist()], "cos": [_num(x) for x in cos.tolist()]},
-            # Rounded down, as the class's bound: rounded to nearest, 0.99196 read 0.992, which that latent is not.
-            "top_r_min": math.floor(float(r[masks["top_r"]].min()) * 1e4) / 1e4 if masks["top_r"].any() else None,
+            "top_r_min": _floor(float(r[masks["top_r"]].min()), 4) if masks["top_r"].any() else None,
         }
         if "betas" in diff:
             d["latent_scaling"] = _scaling_json(diff, masks, cfg)

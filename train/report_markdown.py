@@ -4,11 +4,10 @@ a reader who did not run the training: each section says what the quantity is an
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from shared.config import config_to_json
-from train.report_data import CLASS_LABELS, _fmt, _int, cli_flags
+from train.report_data import CLASS_LABELS, _floor, _fmt, _int, cli_flags
 from train.report_lm_eval import lm_eval_markdown
 
 __all__ = ["analyze_command", "render_markdown"]
@@ -58,10 +57,7 @@ def render_markdown(rep: dict[str, Any], cfg: Any) -> str:
         L += [head, "|---|---|---|---|---|" + ("---|" if fl else "")]
         ranges = {"base_only": f"≤ {th['base_only_max']}", "between": "other",
                   "shared": f"{th['shared_min']} to {th['shared_max']}", "ft_only": f"≥ {th['ft_only_min']}",
-                  # Rounded down: every latent of the class has r at least the figure shown (rounded, 0.99154
-                  # read "≥ 0.992", which that latent is not). round() first: 0.992 * 1e3 is 991.9999...
-                  "top_r": "≥ n/a" if d["top_r_min"] is None
-                  else f"≥ {math.floor(round(d['top_r_min'] * 1e3, 6)) / 1e3:.3f}"}
+                  "top_r": "≥ n/a" if d["top_r_min"] is None else f"≥ {_floor(d['top_r_min'], 3):.3f}"}
         for c in ("base_only", "between", "shared", "ft_only", "top_r"):
             x = cl[c]
             name = CLASS_LABELS[c] if c != "top_r" else f"top {th['top_r_percent']:g}% by r"
