@@ -302,7 +302,8 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
         if existing is not None:
             check_same_weights(existing.models, models.manifest_models())  # before anything is removed
             chunks, by_rank, carried, kept_bytes = collect_written(out, existing, layout, world)
-        check_free_disk(cfg, out, (m, p, d), row_bytes, kept_bytes, say=say, suffix=f"; {_procs(world)}")
+        check_free_disk(cfg, out, (m, p, d), row_bytes, kept_bytes, tokenizer=models.tokenizer, say=say,
+                        suffix=f"; {_procs(world)}")
         # Before `made` lists --out: a failed start discards the harvest's own files, not this one.
         if (foreign := foreign_tokenizer_file(out, models.tokenizer, existing.tokenizer if existing else {})):
             raise HarvestInputError(foreign)

@@ -53,7 +53,8 @@ from shared.folder_lock import LOCK_NAME, FolderLock
 from shared.normalization import Normalization, NormalizationEstimator
 from shared.shard_io import ShardReader, sha256_file
 from shared.token_table import TokenIndex, read_token_table, write_token_table
-from shared.tokenizer_file import foreign_tokenizer_file, tokenizer_file_problem, write_tokenizer_file
+from shared.tokenizer_file import (foreign_tokenizer_file, tokenizer_file_problem, tokenizer_json_bytes,
+                                   write_tokenizer_file)
 
 __all__ = ["CacheDamage", "HarvestLayout", "estimate_cache_bytes", "find_damage", "harvest", "plan_for_resume",
            "plan_from_config", "token_table_problem"]
@@ -61,13 +62,15 @@ __all__ = ["CacheDamage", "HarvestLayout", "estimate_cache_bytes", "find_damage"
 _OWN_FILES = {MANIFEST_NAME, TOKENS_NAME, NORMALIZATION_NAME, TOKENIZER_NAME, SHARD_DIR}
 
 
-def estimate_cache_bytes(n_rows: int, n_models: int, n_hooks: int, d_model: int, dtype: str, context_size: int) -> int:
-    """Bytes a cache will take: activations + per-row index + token table (approximate)."""
+def estimate_cache_bytes(n_rows: int, n_models: int, n_hooks: int, d_model: int, dtype: str, context_size: int,
+                         *, tokenizer_bytes: int = 0) -> int:
+    """Bytes a cache will take: activations + per-row index + token table (approximate), plus
+    ``tokenizer_bytes`` for its ``tokenizer.json`` (a few MB for a large vocabulary)."""
     itemsize = dtype_from_name(dtype).itemsize
     acts = n_rows * n_models * n_hooks * d_model * itemsize
     index = n_rows * (8 + 4 + 4)
     tokens = int(n_rows * 4 * context_size / max(context_size - 1, 1)) + 4096
-    return acts + index + tokens
+    return acts + index + tokens + tokenizer_bytes
 
 
 @dataclass(frozen=True)
@@ -277,11 +280,15 @@ def _check_plan_against_shards(out: Path, manifest: Manifest, plan: TokenPlan) -
 
 
 def check_free_disk(cfg: HarvestConfig, out: Path, row_shape: tuple[int, int, int], row_bytes: int,
-                    written: int, *, say: Callable[[str], None] = print, suffix: str = "") -> None:
+                    written: int, *, tokenizer: Any = None, say: Callable[[str], None] = print,
+                    suffix: str = "") -> None:
     """Print the estimated cache size and refuse to start when it exceeds free disk.
 
-    ``written``: bytes of shards already on disk (a resume needs only the rest)."""
-    estimate = estimate_cache_bytes(cfg.tokens, *row_shape, cfg.dtype, cfg.context_size)
+    ``written``: bytes of shards already on disk (a resume needs only the rest); ``tokenizer``: the
+    harvest's, whose ``tokenizer.json`` the cache holds too."""
+    tokenizer_bytes = len(tokenizer_json_bytes(tokenizer) or b"") if tokenizer is not None else 0
+    estimate = estimate_cache_bytes(cfg.tokens, *row_shape, cfg.dtype, cfg.context_size,
+                                    tokenizer_bytes=tokenizer_bytes)
     probe_dir = out if out.exists() else next(q for q in out.absolute().parents if q.exists())
     free = shutil.disk_usage(probe_dir).free
     say(f"estimated cache size: {_fmt_bytes(estimate)} ({cfg.tokens:,} rows x {row_bytes} bytes); "
@@ -505,7 +512,8 @@ def _harvest_one_process(cfg: HarvestConfig) -> Manifest:
     storage = dtype_from_name(cfg.dtype)
     row_bytes = m * p * d * storage.itemsize
 
-    check_free_disk(cfg, out, (m, p, d), row_bytes, sum(s.bytes for s in existing.shards) if existing else 0)
+    check_free_disk(cfg, out, (m, p, d), row_bytes, sum(s.bytes for s in existing.shards) if existing else 0,
+                    tokenizer=models.tokenizer)
     # Before anything is written or cleaned up: a failed start removes the harvest's own files.
     if (foreign := foreign_tokenizer_file(out, models.tokenizer, existing.tokenizer if existing else {})):
         raise HarvestInputError(foreign)

@@ -245,6 +245,15 @@ def test_cli(runs, tmp_path, capsys):
     (moved / "export" / "config.json").write_text(json.dumps(export_cfg))
     assert run_train.main(["export-saelens", str(moved), "--out", str(tmp_path / "sl2")]) == 0
     assert json.loads((tmp_path / "sl2" / "cfg.json").read_text())["metadata"]["context_size"] == 33
+    # exclude_special_tokens: the ids the harvest dropped; a record with only the flag, or none (another
+    # tool's cache), gives the flag (absent: nothing excluded, SAELens's default), never a guess of True.
+    harvested_ids = export_cfg["metadata"]["harvest"]["excluded_tokens"]["token_ids"]
+    assert harvested_ids and meta["exclude_special_tokens"] == harvested_ids
+    for record, written in (({}, False), ({"special": True}, True), ({"special": False, "token_ids": []}, [])):
+        export_cfg["metadata"]["harvest"]["excluded_tokens"] = record
+        (moved / "export" / "config.json").write_text(json.dumps(export_cfg))
+        assert run_train.main(["export-saelens", str(moved), "--out", str(tmp_path / "sl3")]) == 0
+        assert json.loads((tmp_path / "sl3" / "cfg.json").read_text())["metadata"]["exclude_special_tokens"] == written
     # errors: a refused dictionary, the normalized-space copy, a folder that is no run
     bad = _saved(tmp_path, "cc", **TWO_MODELS)
     for src in (bad, runs["relu"] / "dictionary", tmp_path):

@@ -861,3 +861,29 @@ def test_a_resume_with_other_weights_is_refused_and_loses_nothing(toy_dirs, tmp_
     weights.write_bytes(original)
     resumed = harvest(cfg)
     assert [s.sha256 for s in resumed.shards] == [s.sha256 for s in done.shards]
+
+
+def test_disk_check_counts_the_tokenizer_file(toy_dirs, tmp_path, monkeypatch):
+    """The cache's tokenizer.json (MBs for a large vocabulary) is part of the size the disk check
+    needs: free space that fits the rows but not the tokenizer file is refused before anything runs."""
+    import shutil
+    from collections import namedtuple
+
+    from transformers import AutoTokenizer
+
+    from harvest import harvester
+    from shared.tokenizer_file import tokenizer_json_bytes
+
+    tok = AutoTokenizer.from_pretrained(toy_dirs["toy-base"])
+    tok_bytes = len(tokenizer_json_bytes(tok))
+    assert tok_bytes > 10_000
+    cfg = small_harvest_config(tmp_path / "out")
+    rows_only = harvester.estimate_cache_bytes(cfg.tokens, 2, 2, 128, cfg.dtype, cfg.context_size)
+    assert harvester.estimate_cache_bytes(cfg.tokens, 2, 2, 128, cfg.dtype, cfg.context_size,
+                                          tokenizer_bytes=tok_bytes) == rows_only + tok_bytes
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, rows_only + tok_bytes // 2))
+    said: list[str] = []
+    harvester.check_free_disk(cfg, tmp_path / "out", (2, 2, 128), 512, 0, say=said.append)  # no tokenizer: fits
+    with pytest.raises(HarvestInputError, match="not enough disk"):
+        harvester.check_free_disk(cfg, tmp_path / "out", (2, 2, 128), 512, 0, tokenizer=tok, say=said.append)

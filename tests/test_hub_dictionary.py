@@ -245,6 +245,18 @@ def test_a_bare_export_is_published_redacted_and_still_loads(runs, fake_hub, hf_
     materialize(fake_hub)
     assert load_metadata(f"hf://{REPO}")["cache"] == "~/caches/c"
     assert torch.equal(load_dictionary(f"hf://{REPO}").W_enc_XiDL, load_dictionary(bare).W_enc_XiDL)
+    # The card says why the dataset is unknown: a record naming none (another tool's cache), or no record.
+    from train.dictionary_card import read_facts, render_dictionary_card
+
+    def dataset_row(harvest):
+        cfg = json.loads(json.dumps(config))
+        cfg["metadata"].pop("harvest", None)
+        if harvest is not None:
+            cfg["metadata"]["harvest"] = harvest
+        card = render_dictionary_card(read_facts(bare, None, cfg, []), repo=REPO, revision=None)
+        return next(line for line in card.splitlines() if line.startswith("| dataset |"))
+    assert "the cache's manifest names none" in dataset_row({**config["metadata"]["harvest"], "dataset": {}})
+    assert "an export older than metadata.harvest" in dataset_row(None)
 
 
 # --------------------------------------------------------------------------------------------

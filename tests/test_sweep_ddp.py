@@ -382,6 +382,11 @@ if os.environ["RANK"] == "0":  # rank 0's solo work (a save, an eval) takes long
             time.sleep({sleep})
             return _real(*a, **k)
         setattr(trainer, name, slow)
+    real_write_config = trainer._Member.write_config
+    def slow_write_config(self):  # its solo set-up before the loop too (removing a killed save's temporaries)
+        time.sleep({setup_sleep})
+        return real_write_config(self)
+    trainer._Member.write_config = slow_write_config
 sys.exit(run_train.main(sys.argv[1:]))
 """
 
@@ -390,9 +395,10 @@ sys.exit(run_train.main(sys.argv[1:]))
 def test_ddp_rank0_saving_or_evaluating_longer_than_the_timeout_is_no_failure(toy_cache, tmp_path):
     """The other ranks waited for rank 0's checkpoint save, eval and export under --dist-timeout: a large
     dictionary's save took longer, and a healthy run was stopped, blaming a dead rank. They now wait up to
-    SOLO_WAIT_S; --dist-timeout still bounds every collective of the training steps."""
+    SOLO_WAIT_S; --dist-timeout still bounds every collective of the training steps. Its set-up before
+    the loop (the run folder) too."""
     script = tmp_path / "slow_rank0.py"
-    script.write_text(SLOW_RANK0.format(root=str(ROOT), sleep=7))
+    script.write_text(SLOW_RANK0.format(root=str(ROOT), sleep=7, setup_sleep=7))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     run = tmp_path / "run"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
@@ -444,7 +450,7 @@ def test_sigterm_reaches_a_rank_waiting_for_rank0(toy_cache, tmp_path):
     import psutil
 
     script = tmp_path / "slow_rank0.py"
-    script.write_text(SLOW_RANK0.format(root=str(ROOT), sleep=120).replace('("save_checkpoint", "evaluate")',
+    script.write_text(SLOW_RANK0.format(root=str(ROOT), sleep=120, setup_sleep=0).replace('("save_checkpoint", "evaluate")',
                                                                            '("evaluate",)'))
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",

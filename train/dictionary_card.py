@@ -207,7 +207,9 @@ def render_dictionary_card(facts: DictionaryFacts, *, repo: str, revision: str |
                             for m in cache_models) if cache_models else ", ".join(f"`{m}`" for m in models))
     ds = facts.manifest.get("dataset") if isinstance(facts.manifest.get("dataset"), dict) else {}
     dataset = (f"`{shown(ds.get('name'))}`" + (f" (split `{ds['split']}`)" if ds.get("split") else "")
-               if ds.get("name") else "not recorded (an export older than metadata.harvest, pushed without its cache)")
+               if ds.get("name") else
+               "not recorded (the cache's manifest names none)" if facts.manifest else
+               "not recorded (an export older than metadata.harvest, pushed without its cache)")
     norm = cache.get("normalization") or meta.get("normalization_folded")
     data = f"""| | |
 |---|---|

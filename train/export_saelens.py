@@ -425,7 +425,7 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
     # takes (>= 2.16), and folding changes no other hook we write.
     taps_norm = any(h and h.endswith(".hook_normalized") for h in (sl_hook_in, sl_hook_out))
     model_kwargs: dict[str, Any] = {"fold_ln": True} if taps_norm else {}
-    excluded = manifest.get("excluded_tokens", {})
+    excluded = manifest["excluded_tokens"] if isinstance(manifest.get("excluded_tokens"), dict) else {}
     dataset = str(manifest.get("dataset", {}).get("name") or "")
     if context_size is None:  # the cache's; runs record it too (since session 14), for a cache moved away
         recorded = run_cfg.get("cache") if isinstance(run_cfg.get("cache"), dict) else {}
@@ -441,7 +441,10 @@ def export_saelens(run_or_export_dir: str | Path, out_dir: str | Path, *, contex
         "hook_head_index": None,
         "context_size": context_size,
         "prepend_bos": True,  # harvested sequences start with BOS (its row is excluded, as below)
-        "exclude_special_tokens": excluded.get("token_ids", True) if excluded else True,
+        # SAELens: a list of ids, or a bool for all special tokens. The ids the harvest dropped (special ones
+        # included); a manifest that records only the flag (or nothing: another tool's cache) gives that.
+        "exclude_special_tokens": (list(excluded["token_ids"]) if isinstance(excluded.get("token_ids"), list)
+                                   else bool(excluded.get("special", False))),
         # SAELens hands dataset_path to datasets.load_dataset; our built-in corpora are not there, and a local
         # file or folder is a path on the harvesting machine (crosscache.dataset keeps it).
         "dataset_path": None if dataset.startswith("builtin:") or names_local_path(dataset) else (dataset or None),

@@ -308,16 +308,19 @@ def _resume(members: list[_Member], device: torch.device,
     :class:`CheckpointError` when no intact common step is left."""
     resumable = [set(checkpoint_steps(m.run_dir)) if m.resuming else set() for m in members]
     common = sorted(set.intersection(*resumable) if all(resumable) else set(), reverse=True)
-    if not common and any(resumable) and dist.is_main:  # a sweep resumes only at a step all its members saved
-        held = "; ".join(f"{m.run_dir}: {f'steps {sorted(r)}' if r else 'none'}" for m, r in zip(members, resumable))
-        print(f"warning: no checkpoint step is held by every member of this sweep ({held}), so it starts again "
-              "from step 0 (and reproduces the same result); the members' checkpoints and metrics lines are "
-              "discarded, as a resume discards those past its step. Members added to a sweep, or killed before "
-              "their first common checkpoint, do this; a shared --checkpoint-every gives common steps",
-              file=sys.stderr)
-        for m in members:  # else an older, higher step outlives the restart and a later resume takes it up
-            for step in checkpoint_steps(m.run_dir):
-                shutil.rmtree(checkpoint_path(m.run_dir, step), ignore_errors=True)
+    if not common and any(resumable):  # a sweep resumes only at a step all its members saved
+        if dist.is_main:
+            held = "; ".join(f"{m.run_dir}: {f'steps {sorted(r)}' if r else 'none'}"
+                             for m, r in zip(members, resumable))
+            print(f"warning: no checkpoint step is held by every member of this sweep ({held}), so it starts again "
+                  "from step 0 (and reproduces the same result); the members' checkpoints and metrics lines are "
+                  "discarded, as a resume discards those past its step. Members added to a sweep, or killed before "
+                  "their first common checkpoint, do this; a shared --checkpoint-every gives common steps",
+                  file=sys.stderr)
+            for m in members:  # else an older, higher step outlives the restart and a later resume takes it up
+                for step in checkpoint_steps(m.run_dir):
+                    shutil.rmtree(checkpoint_path(m.run_dir, step), ignore_errors=True)
+        dist.wait_for_main()  # removing a large dictionary's checkpoints may outlast --dist-timeout
     damaged: list[str] = []
     for step in common:
         try:
@@ -337,6 +340,7 @@ def _resume(members: list[_Member], device: torch.device,
             for m in members:  # the abandoned future, as metrics.jsonl's lines past `step` are
                 for later in (s for s in checkpoint_steps(m.run_dir) if s > step):
                     shutil.rmtree(checkpoint_path(m.run_dir, later), ignore_errors=True)
+        dist.wait_for_main()
         return step, int(state["tokens"]), state
     if damaged:
         folders = sorted({str(checkpoint_path(m.run_dir, s)) for m in members for s in common})
@@ -501,6 +505,7 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
     dist.barrier()  # every rank has looked at the run folders before rank 0 writes into them
     for m in members:
         m.write_config()
+    dist.wait_for_main()  # rank 0 alone: a killed save's temporaries it removes can be a large dictionary's
 
     step, tokens, state = _resume(members, device, dist)
     if state is not None:
