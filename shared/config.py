@@ -47,6 +47,19 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+class _ListFlagOnce(argparse.Action):
+    """A list flag given twice (``--models a --models b``) is refused: argparse would keep only the
+    last list, silently dropping the first (a scalar flag given twice still keeps the last, which
+    lets a script's defaults be overridden)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if hasattr(namespace, self.dest):
+            parser.error(f"{option_string} given twice ({' '.join(map(str, getattr(namespace, self.dest)))} and "
+                         f"{' '.join(map(str, values))}): list every value after one {option_string}")
+        setattr(namespace, self.dest, list(values))
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag per dataclass field. Flags not given are absent from the namespace."""
     hints = typing.get_type_hints(cls)
@@ -76,9 +89,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             nargs: Any = "+" if origin is list or (len(args) == 2 and args[1] is Ellipsis) else len(args)
             nargs = f.metadata.get("nargs", nargs)  # "*": the flag alone gives an empty list
             if get_origin(elem) is Literal:
-                parser.add_argument(_flag(f.name), nargs=nargs, choices=list(get_args(elem)), **kw)
+                parser.add_argument(_flag(f.name), nargs=nargs, choices=list(get_args(elem)), action=_ListFlagOnce,
+                                    **kw)
             else:
-                parser.add_argument(_flag(f.name), nargs=nargs, type=elem, **kw)
+                parser.add_argument(_flag(f.name), nargs=nargs, type=elem, action=_ListFlagOnce, **kw)
             continue
         if tp in (int, float, str):
             parser.add_argument(_flag(f.name), type=tp, metavar=f.name.upper() if not optional else None, **kw)

@@ -153,6 +153,32 @@ def test_flags_are_not_abbreviated(main, argv, capsys):
     assert exit_info.value.code == 2 and f"unrecognized arguments: {argv[0]}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("main", "argv", "flag"), [
+    (run_harvest.main, ["--models", "toy-base", "--models", "toy-code"], "--models"),
+    (run_train.main, ["--cache", "c", "--hooks", "a", "b", "--hooks", "c"], "--hooks"),
+])
+def test_a_list_flag_given_twice_is_refused(main, argv, flag, capsys):
+    """argparse kept only the last list: `--models a --models b` harvested b alone."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"{flag} given twice" in err and f"list every value after one {flag}" in err
+
+
+def test_a_scalar_flag_given_twice_keeps_the_last():
+    """A script's defaults followed by an override (`$BASE --lr 1e-3 --lr 3e-4`) is a common pattern."""
+    import argparse
+
+    from shared.config import add_dataclass_arguments, config_from_namespace
+    from train.config import TrainConfig
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, TrainConfig)
+    ns = parser.parse_args(["--cache", "c", "--lr", "1e-3", "--lr", "3e-4", "--hooks", "a", "b"])
+    cfg = config_from_namespace(TrainConfig, ns)
+    assert cfg.lr == 3e-4 and cfg.hooks == ["a", "b"]
+
+
 def test_nothing_written_for_a_refused_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run_harvest.main(["--out", "", "--tokens", "100"]) == 2
