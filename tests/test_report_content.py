@@ -79,8 +79,13 @@ def test_latent_scaling_lists_each_latent_once_with_consistent_counts(overlap):
     assert (g["ft_only"]["n"], g["top_r"]["n"], g["shared"]["n"]) == (1, 2, 1)  # top_r n counts latent 3 as well
     for name, group in g.items():
         assert group["n"] <= d["counts"][name]
-        if name != "shared":
-            assert group["n_flagged"] <= group["n"]
+        assert group["n_flagged"] == sum(e["flagged"] for e in ls["latents"] if e["group"] == name
+                                         or (name == "top_r" and e["latent"] in (0, 3))) <= group["n"]
+    # Latents 0 and 1 are read by both models alike (ν ≈ 1): top-r latent 0 is flagged, the shared reference
+    # sample never is (it is what ν is read against).
+    flagged = {e["latent"]: e["flagged"] for e in ls["latents"]}
+    assert flagged == {0: True, 1: False, 3: False}, ls["latents"]
+    assert g["shared"]["n_flagged"] == 0
     # report.md: one row per latent in the per-latent table, and the group counts as in report.json.
     md = Path(rep["paths"]["report_md"]).read_text()
     section = md.split("## Latent scaling", 1)[1].split("\n## ", 1)[0]

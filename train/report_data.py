@@ -213,7 +213,9 @@ def _scaling_json(diff: dict[str, Any], masks: dict[str, torch.Tensor], cfg: Any
         entry = {"latent": j, "group": group, "r": _num(diff["r"][j]), "sum_f2": _num(rows[i], 3)}
         entry.update({k: _num(v[i]) for k, v in b.items()})
         nu_e, nu_r = entry["nu_err"], entry["nu_rec"]
-        entry["flagged"] = bool((nu_e is not None and nu_e > cfg.nu_max) or (nu_r is not None and nu_r > cfg.nu_max))
+        # The shared sample is the reference ν is read against: only fine-tune-only and top-r latents are flagged.
+        entry["flagged"] = group != "shared" and bool((nu_e is not None and nu_e > cfg.nu_max)
+                                                      or (nu_r is not None and nu_r > cfg.nu_max))
         latents.append(entry)
 
     def summary(group: str) -> dict[str, Any]:
@@ -222,7 +224,7 @@ def _scaling_json(diff: dict[str, Any], masks: dict[str, torch.Tensor], cfg: Any
         for k in ("nu_err", "nu_rec", "nu_act", "beta_err_base", "beta_rec_base"):
             vals = [e[k] for e in es if e[k] is not None]
             out[f"median_{k}"] = _num(float(np.median(vals))) if vals else None
-        out["n_flagged"] = sum(e["flagged"] for e in es if group != "shared")
+        out["n_flagged"] = sum(e["flagged"] for e in es)
         return out
 
     return {"nu_max": cfg.nu_max, "groups": {g: summary(g) for g in ("ft_only", "top_r", "shared")},
