@@ -359,6 +359,16 @@ def test_a_run_without_export_a_sweep_and_the_normalized_dictionary_are_refused(
         push_dictionary(runs["a"], REPO, revision=COMMIT_A, dry_run=True)
 
 
+def test_commands_that_read_a_local_run_say_so_for_a_hub_dictionary(capsys):
+    """`analyze hf://...` said "hf:/bob/x is not a training run" (Path folded the spec): now what reads it."""
+    for argv, needle in ((["analyze", f"hf://{REPO}"], f"hf://{REPO}: analyze reads a run folder on this machine"),
+                         (["lm-eval", f"hf://{REPO}"], f"hf://{REPO}: lm-eval reads a run folder on this machine"),
+                         (["push", f"hf://{REPO}", "--repo", REPO], f"hf://{REPO} is already on the Hub")):
+        assert run_train.main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "hf:/b" not in err, err
+
+
 def test_tampered_weights_are_refused(runs, fake_hub, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(runs["a"], run)
@@ -425,6 +435,14 @@ def test_wrong_repo_kind_is_a_clear_error(runs, hf_home, tmp_path):
         load_metadata("hf://bob/gpt")
     with pytest.raises(HubError, match=r"cannot download bob/nothing.*HF_HUB_OFFLINE=1"):
         load_dictionary("hf://bob/nothing")
+    # A model repo whose main holds no dictionary: it may be on the branch it was pushed to.
+    _lay_out(hf_home / "hub", "bob/onbranch", COMMIT_A, {"README.md": b"#"})
+    with pytest.raises(HubError, match=r"has no config\.json.*one pushed with --revision is on that branch: "
+                                       r"hf://bob/onbranch@BRANCH\."):
+        load_dictionary("hf://bob/onbranch")
+    with pytest.raises(HubError, match=r"has no config\.json") as named:
+        load_dictionary("hf://bob/onbranch@main")
+    assert "@BRANCH" not in str(named.value)
     with pytest.raises(ValueError, match="bad Hub dictionary"):
         load_dictionary("hf://bob")
     # The other way round: a model repo opened as a cache said "dataset repo not found".

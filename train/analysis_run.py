@@ -247,6 +247,10 @@ def load_run(run_dir: str | Path, command: str = "analyze") -> RunData:
     :class:`~shared.folder_lock.FolderBusyError` while it is still training; ``command`` is the one to retry)."""
     from train.export import EXPORT_FORMAT, load_dictionary
 
+    if str(run_dir).startswith("hf://"):  # Path() would fold it into "hf:/..." and say it is no run
+        raise RunError(f"{run_dir}: {command} reads a run folder on this machine (its config.json, dictionary/ and "
+                       "cache), not a dictionary on the Hub; export-saelens, export-circuit-tracer and "
+                       "train.export.load_dictionary read hf:// dictionaries")
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise RunError(f"{run_dir} is not a training run: no config.json (train one with run_train.py --out DIR)")

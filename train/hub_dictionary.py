@@ -71,6 +71,8 @@ def find_export(path: str | Path) -> tuple[Path, Path | None]:
     finished), the normalized-space ``dictionary/``, a sweep folder (its members are listed), or a folder
     that is none of these.
     """
+    if str(path).startswith("hf://"):  # Path() would fold it into "hf:/..."
+        raise ValueError(f"{path} is already on the Hub: push publishes a run folder or export/ on this machine")
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such folder (pass a run folder, the --out of run_train.py, or its export/)")
@@ -269,7 +271,8 @@ def _upload(plan: DictionaryPushPlan) -> None:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     api = HfApi()  # token: HF_TOKEN or the saved login, read by huggingface_hub itself
-    rerun = "run the same command again (nothing was committed: the repo is as it was)"
+    rerun = ("run the same command again (nothing was committed: the repo's files are as they were, though a "
+             "new repo or branch may have been created empty)")
     with push_errors(plan.where, checks="check the run", rerun=rerun):
         # Look before touching anything: a refused push leaves the repo as it was (no repo or branch made).
         contents = plan.contents = inspect_repo(api, plan.repo, plan.revision, plan.weights_sha256,

@@ -109,7 +109,9 @@ def _read_config(spec: str, repo: str, commit: str | None, folder: Path) -> dict
     if not path.is_file():
         raise HubError(
             f"{spec}: the model repo {repo} has no {CONFIG_NAME}: it is not a crosscache dictionary (those hold "
-            f"{CONFIG_NAME} and {WEIGHTS_NAME}, written by `python run_train.py push`). {_offline_hint()}"
+            f"{CONFIG_NAME} and {WEIGHTS_NAME}, written by `python run_train.py push`)"
+            + ("" if "@" in spec else f"; one pushed with --revision is on that branch: hf://{repo}@BRANCH")
+            + "." + (f" {hint}" if (hint := _offline_hint()) else "")
         )
     refetched = False
     while True:
