@@ -263,6 +263,30 @@ def test_a_bare_export_is_published_redacted_and_still_loads(runs, fake_hub, hf_
 # what the repo holds: refused without --force, replaced with it
 
 
+def test_the_card_names_the_dictionarys_own_models_and_hooks_from_a_run_or_a_bare_export(tmp_path):
+    """A run's record lists every model and hook of its cache, an export's metadata.harvest only the dictionary's:
+    the card listed the cache's from a run and the dictionary's from a copied export/. Now the dictionary's."""
+    from train.dictionary_card import read_facts, render_dictionary_card
+
+    cache = tmp_path / "cache"
+    make_cache(cache, n_shards=3, rows_per_shard=64, n_models=2, n_hooks=2, d_model=D, dtype=torch.float32)
+    man = json.loads((cache / "manifest.json").read_text())
+    model, hook = man["models"][1]["name"], man["hooks"][1]
+    run = tmp_path / "run"
+    train_many([TrainConfig(cache=str(cache), out=str(run), models=[model], hooks=[hook], latents=16, steps=2,
+                            batch_size=32, checkpoint_every=1000, progress=False, device="cpu")])
+    bare = tmp_path / "export"
+    shutil.copytree(run / "export", bare)
+    config = json.loads((bare / "config.json").read_text())
+    cards = [render_dictionary_card(read_facts(run / "export", run, config, []), repo=REPO, revision=None),
+             render_dictionary_card(read_facts(bare, None, config, []), repo=REPO, revision=None)]
+    rows = [{line.split(" | ")[0]: line for line in card.splitlines() if line.startswith(("| hooks |", "| models |"))}
+            for card in cards]
+    assert rows[0] == rows[1] and len(rows[0]) == 2, rows
+    assert rows[0]["| hooks"] == f"| hooks | `{hook}` |"
+    assert f"`{model}`" in rows[0]["| models"] and man["models"][0]["name"] not in rows[0]["| models"]
+
+
 def test_another_dictionary_is_refused_without_force_and_replaced_with_it(runs, fake_hub, monkeypatch, capsys):
     push_dictionary(runs["a"], REPO)
     before, n_log = fake_hub.state(REPO), len(fake_hub.log)

@@ -202,7 +202,9 @@ def render_dictionary_card(facts: DictionaryFacts, *, repo: str, revision: str |
     tc = meta.get("train_config") if isinstance(meta.get("train_config"), dict) else {}
     if tc.get("max_shards"):
         where += f" (its first {tc['max_shards']} shards)"
-    cache_models = [m for m in cache.get("models", []) if isinstance(m, dict)]
+    # The dictionary's own models and hooks: a run's record lists all of its cache's, an export's
+    # metadata.harvest only the dictionary's; the same dictionary gets the same card from either.
+    cache_models = [m for m in cache.get("models", []) if isinstance(m, dict) and shown(m.get("name")) in models]
     model_text = (", ".join(f"`{shown(m.get('name'))}`" + (f" @ `{m['revision']}`" if m.get("revision") else "")
                             for m in cache_models) if cache_models else ", ".join(f"`{m}`" for m in models))
     ds = facts.manifest.get("dataset") if isinstance(facts.manifest.get("dataset"), dict) else {}
@@ -215,7 +217,7 @@ def render_dictionary_card(facts: DictionaryFacts, *, repo: str, revision: str |
 |---|---|
 | cache | {where} |
 | models | {model_text} |
-| hooks | {', '.join(f'`{h}`' for h in (cache.get('hooks') or hooks))} |
+| hooks | {', '.join(f'`{h}`' for h in hooks)} |
 | dataset | {dataset} |
 | tokens in the cache | {_num(cache.get('n_rows')) if cache.get('n_rows') else 'not recorded'} |
 | context size | {cache.get('context_size') or 'not recorded'} |
