@@ -106,6 +106,19 @@ def discard_temporaries(*folders: str | Path) -> list[Path]:
     return sorted(gone)
 
 
+def too_many_open_files(path: str | Path) -> str:
+    """The error for a shard that cannot be opened because the process holds its open-file limit."""
+    try:
+        import resource
+
+        limit = f"this process's limit, `ulimit -n`, is {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}"
+    except (ImportError, OSError, ValueError):
+        limit = "the process's open-file limit is reached"
+    return (f"cannot open shard {path}: too many open files ({limit}). Each shard mapped at once holds a file "
+            "descriptor, and training maps one or two windows of --window shards at a time: lower --window, or "
+            "raise the limit (`ulimit -n 65536` in the shell that runs the command)")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes | Sequence[Buffer]) -> None:
     """Write ``data`` (bytes, or buffers written one after another) to ``path`` atomically: temp
     file in the same folder, fsync, rename.
@@ -128,7 +141,7 @@ def atomic_write_bytes(path: str | Path, data: bytes | Sequence[Buffer]) -> None
             raise DiskFullError(
                 e.errno,
                 f"disk full while writing {path}: free space on {path.parent} and re-run the "
-                "same command; it resumes from the shards already written",
+                "same command; it resumes from what was already written",
             ) from e
         raise
     fsync_dir(path.parent)
@@ -233,10 +246,15 @@ class ShardReader:
                 f"shard {self.path} has {size} bytes but the manifest says {expected_bytes}: "
                 f"it is truncated or was replaced; {fix}"
             )
-        with open(self.path, "rb") as f:
-            # ACCESS_COPY: a private mapping, so tensors over it are writable without ever
-            # touching the file (torch warns on read-only buffers).
-            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        try:
+            with open(self.path, "rb") as f:
+                # ACCESS_COPY: a private mapping, so tensors over it are writable without ever
+                # touching the file (torch warns on read-only buffers).
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            raise CacheError(too_many_open_files(self.path)) from e
         header, data_start = self._parse_header(size)
         self.metadata: dict[str, Any] = header.pop("__metadata__", {}) or {}
         self.tensors: dict[str, torch.Tensor] = {}

@@ -323,6 +323,42 @@ def test_a_checkpoint_save_on_a_full_disk_cleans_up_and_says_so(cache, reference
     _same_weights(run, reference)
 
 
+def test_a_full_disk_inside_the_weights_file_cleans_up_and_says_so(cache, reference, tmp_path, monkeypatch, capsys):
+    """safetensors' save_file reports a full disk as a SafetensorError (an Exception, not an OSError): the save
+    left its temporary folder and the run ended in a traceback. Seen on a real full tmpfs; the errno is in the text."""
+    from safetensors import SafetensorError
+
+    import run_train
+    import train.checkpoint as ckpt
+
+    real_save_file, saves = ckpt.save_file, []
+
+    def save_file_until_full(tensors, path, *a, **k):
+        saves.append(path)
+        if len(saves) == 3:  # the second checkpoint's weights: half written, then the disk is full
+            Path(path).write_bytes(b"\0" * 100)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save_file(tensors, path, *a, **k)
+
+    run = tmp_path / "run"
+    args = ["--cache", str(cache), "--out", str(run), "--activation", "topk", "--k", "4", "--latents", "32",
+            "--steps", str(STEPS), "--batch-size", "64", "--checkpoint-every", str(EVERY), "--device", "cpu",
+            "--no-progress"]
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt, "save_file", save_file_until_full)
+        assert run_train.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"disk full while saving checkpoint step {2 * EVERY}" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{EVERY:07d}"]  # no temporary left
+    # Another failure of the save is not called a full disk, and still leaves no temporary folder.
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt, "save_file", lambda *a, **k: (_ for _ in ()).throw(SafetensorError("other")))
+        with pytest.raises(SafetensorError, match="other"):
+            ckpt.save_checkpoint(tmp_path / "other", 1, model_state={"w": torch.zeros(2)}, optimizer_state={},
+                                 tensors={}, state={}, keep=None)
+    assert [p.name for p in (tmp_path / "other" / "checkpoints").iterdir()] == []
+
+
 def test_a_moved_cache_is_checked_against_its_checksums_once(cache, reference, tmp_path, capsys):
     """A moved or copied cache resumes, matched by the checksums its manifest lists; a copy whose shards
     were damaged resumed silently (export off by 0.03). Now its shards are hashed when the path changes."""

@@ -624,3 +624,38 @@ def test_train_runs_on_a_thread_other_than_the_main_one(caches, tmp_path):
     t.join(timeout=300)
     assert "error" not in box, box.get("error")
     assert box["result"].steps == 3
+
+
+FEW_FILES = """
+import os, resource, sys, types
+sys.path.insert(0, {root!r})
+import run_train
+from shared.cache import open_cache
+from train.lm_eval import _held_out_sequences
+
+cache = open_cache({cache!r})
+limit = len(os.listdir("/proc/self/fd")) + 40  # fewer descriptors left than the cache has shards
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+# lm-eval's choice of held-out sequences reads every shard's seq column: one shard mapped at a time.
+run = types.SimpleNamespace(info={{"config": {{"eval_shards": 3}}}})
+seqs, share = _held_out_sequences(cache, run, 4, [])
+print("held-out", len(seqs))
+# A window of more shards than the limit allows: a clear error, not an EMFILE traceback.
+sys.exit(run_train.main(["--cache", {cache!r}, "--out", {out!r}, "--window", "100", "--latents", "16",
+                         "--steps", "3", "--batch-size", "32", "--device", "cpu", "--no-progress"]))
+"""
+
+
+def test_more_shards_than_the_open_file_limit(tmp_path):
+    """Each mapped shard holds a file descriptor. lm-eval kept every shard of the cache mapped at once (EMFILE
+    past `ulimit -n` shards, e.g. 1024); a --window above the limit ended in an EMFILE traceback."""
+    cache = tmp_path / "cache"
+    make_cache(cache, n_shards=120, rows_per_shard=16, n_models=1, n_hooks=1, d_model=8, dtype=torch.float32)
+    script = tmp_path / "few_files.py"
+    script.write_text(FEW_FILES.format(root=str(ROOT), cache=str(cache), out=str(tmp_path / "run")))
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert "held-out " in res.stdout, res.stderr[-3000:]
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "too many open files (this process's limit, `ulimit -n`, is" in res.stderr
+    assert "lower --window, or raise the limit" in res.stderr and "Traceback" not in res.stderr

@@ -109,8 +109,10 @@ def save_checkpoint(
         for f in tmp.iterdir():
             _fsync_file(f)
         fsync_dir(tmp)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
-        shutil.rmtree(tmp, ignore_errors=True)  # else the half-written folder keeps the disk full
+    # torch.save reports a full disk as a RuntimeError ("unexpected pos"), safetensors' save_file as a
+    # SafetensorError (an Exception): whatever failed, the half-written folder goes (else it keeps the disk full).
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
         if not _disk_full(e, root, model_state):
             raise
         older = checkpoint_steps(run_dir)
@@ -130,6 +132,8 @@ def _disk_full(e: BaseException, root: Path, model_state: dict[str, torch.Tensor
     """Whether a failed save ran out of space: ENOSPC/EDQUOT, or (torch.save hides the errno) less free
     space left than the checkpoint needs (weights and two Adam moments)."""
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if f"os error {errno.ENOSPC})" in str(e) or f"os error {errno.EDQUOT})" in str(e):  # safetensors' Rust io error
         return True
     need = 3 * sum(t.numel() * t.element_size() for t in model_state.values())
     try:

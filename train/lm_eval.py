@@ -148,6 +148,13 @@ class _Totals:
                 "delta_ce": spliced - clean, "loss_recovered": recovered, "kl_spliced": self.kl / self.n}
 
 
+def _shard_seqs(cache: Any, i: int) -> np.ndarray:
+    """Shard ``i``'s ``seq`` column, copied and the shard closed: a view would keep every shard mapped at once
+    (one file descriptor each: a cache of more shards than ``ulimit -n`` failed with EMFILE)."""
+    with cache.shard(i) as shard:
+        return shard.seq.numpy().copy()
+
+
 def _held_out_sequences(cache: Any, run: RunData, n: int, notes: list[str]) -> tuple[list[int], float]:
     """``n`` sequences of the run's eval split (its last shards), those with the largest share of their rows
     there first (then by index), and the share of the chosen sequences' rows that lie in the training split.
@@ -162,10 +169,10 @@ def _held_out_sequences(cache: Any, run: RunData, n: int, notes: list[str]) -> t
     if n_eval == 0 or held_rows == 0:  # every row was trained on: the share is 1 (the first sequences, by index)
         notes.append("the run held out no shards with rows (eval_shards 0, a one-shard cache, or held-out shards of 0 "
                      "rows): the sequences evaluated are ones the dictionary was trained on")
-        seqs = np.unique(np.concatenate([cache.shard(i).seq.numpy() for i in range(cache.n_shards)]))
+        seqs = np.unique(np.concatenate([_shard_seqs(cache, i) for i in range(cache.n_shards)]))
         return [int(x) for x in seqs[:n]], 1.0
     first_eval = cache.n_shards - n_eval
-    seq_by_shard = [cache.shard(i).seq.numpy() for i in range(cache.n_shards)]
+    seq_by_shard = [_shard_seqs(cache, i) for i in range(cache.n_shards)]
     eval_seq, eval_rows = np.unique(np.concatenate(seq_by_shard[first_eval:]), return_counts=True)
     train_all = np.concatenate(seq_by_shard[:first_eval]) if first_eval else np.zeros(0, np.int64)
     train_rows = np.zeros(len(eval_seq), np.int64)
@@ -257,13 +264,13 @@ def _cache_rows(cache: Any, seqs: list[int], run: RunData) -> dict[tuple[int, in
     wanted = set(seqs)
     found: dict[tuple[int, int], torch.Tensor] = {}
     for i in reversed(range(cache.n_shards)):  # held-out shards are the last ones
-        shard = cache.shard(i)
-        rows = np.nonzero(np.isin(shard.seq.numpy(), list(wanted)))[0]
-        if len(rows):
-            acts_NMPD = shard.acts[torch.from_numpy(rows)][:, m_idx][:, :, p_idx].float()
-            raw = rearrange(norm.undo(acts_NMPD), "n m p d -> n (m p) d")
-            for r, x in zip(rows.tolist(), raw):
-                found[(int(shard.seq[r]), int(shard.pos[r]))] = x
+        with cache.shard(i) as shard:  # closed at once: one shard mapped at a time
+            rows = np.nonzero(np.isin(shard.seq.numpy(), list(wanted)))[0]
+            if len(rows):
+                acts_NMPD = shard.acts[torch.from_numpy(rows)][:, m_idx][:, :, p_idx].float()
+                raw = rearrange(norm.undo(acts_NMPD), "n m p d -> n (m p) d")
+                for r, x in zip(rows.tolist(), raw):
+                    found[(int(shard.seq[r]), int(shard.pos[r]))] = x
         if len(found) >= 256:
             break
     return found
