@@ -19,7 +19,7 @@ from shared.token_table import write_token_table
 from train.analysis import analyze
 from train.analysis_config import AnalysisConfig
 from train.analysis_run import DiffSpec, RunError, diff_spec, load_run
-from train.analysis_stream import StreamStats
+from train.analysis_stream import StreamStats, default_batch_rows
 from train.dictionary import Dictionary, DictionaryConfig
 from train.diffing import classify, relative_norms, scaling_betas
 from train.export import save_dictionary
@@ -643,3 +643,13 @@ def test_known_answer_on_the_toy_trio(toy_dirs, tmp_path):
     # Latent scaling runs on the fine-tune-only latents; the shared reference sample is held by both models.
     ls = reports["toy-code"]["diffing"]["latent_scaling"]["groups"]
     assert ls["ft_only"]["n"] == c["n_ft"] and ls["shared"]["median_nu_err"] > ls["ft_only"]["median_nu_err"]
+
+
+def test_the_default_batch_counts_slot_width_as_well_as_latents():
+    """A wide crosscoder (many slots x d_model) with few latents got 4096 rows from 2^24 / latents alone: 16 toy
+    slots at 1024 latents peaked ~270 MB above baseline, an OOM in a 500 MB container. Rows now shrink with
+    2 x in+out slots x d_model too; the common two-slot toy case keeps 4096, and the clamp holds."""
+    assert default_batch_rows(1024, 32, 128) == 2**24 // (1024 + 2 * 32 * 128) == 1820
+    assert default_batch_rows(2048, 4, 128) == 4096
+    assert default_batch_rows(16384, 4, 4096) == 2**24 // (16384 + 2 * 4 * 4096) == 341
+    assert default_batch_rows(2**20, 2, 4096) == 256

@@ -46,8 +46,9 @@ class AnalysisConfig:
         "COLUMN=VALUE whose share of each class's activation mass is the headline number.", default="source=code")
     eval_tokens: int | None = field_help("Stream at most this many eval rows (default: the whole split).",
                                          default=None)
-    batch_size: int | None = field_help("Rows per batch (default: 2^24 / latents, clamped to [256, 4096]).",
-                                        default=None)
+    batch_size: int | None = field_help(
+        "Rows per batch (default: 2^24 / (latents + 2 x in+out slots x d_model), clamped to [256, 4096]).",
+        default=None)
     top_k: int = field_help("Top-activating contexts kept per latent.", default=10)
     latents_shown: int = field_help("Latents shown with their contexts per class in report.md.", default=6)
     context_before: int = field_help("Tokens shown before the firing token.", default=20)

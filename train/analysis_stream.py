@@ -173,6 +173,15 @@ def meta_table(token_table: Any, columns: list[str] | None
     return out, notes
 
 
+def default_batch_rows(n_latents: int, n_slots: int, d_model: int) -> int:
+    """Rows per analysis batch when --batch-size is not given: 2^24 floats over a row's latents plus twice
+    its in+out slot activations, clamped to [256, 4096]. A batch holds a few latent-sized copies and about
+    six slot-sized ones (inputs, outputs, reconstruction, error, its square), so a wide crosscoder (many
+    slots, a large d_model) with few latents needs fewer rows: 16 toy slots at 1024 latents took 4096
+    rows and ~270 MB above baseline, where 1820 rows take ~120 MB."""
+    return int(min(4096, max(256, 2**24 // (n_latents + 2 * n_slots * d_model))))
+
+
 def stream_eval(run: RunData, cache: Any, cfg: AnalysisConfig, meta: dict[str, tuple[list[Any], np.ndarray]],
                 scaling: tuple[torch.Tensor, torch.Tensor, DiffSpec] | None, device: torch.device,
                 tokens: Any = None) -> tuple[StreamStats, str, list[str]]:
@@ -191,7 +200,7 @@ def stream_eval(run: RunData, cache: Any, cfg: AnalysisConfig, meta: dict[str, t
     spec = run_slots(run, cache.manifest, str(cache.dir))
     model = run.model.to(device)
     L = model.cfg.n_latents
-    batch = cfg.batch_size or int(min(4096, max(256, 2**24 // L)))
+    batch = cfg.batch_size or default_batch_rows(L, len(model.cfg.in_slots) + model.cfg.n_out, model.cfg.d_model)
     kw = dict(models=spec.models, hooks=spec.hooks, seed=int(tc.get("seed", 0)), with_index=True,
               eval_shards=tc.get("eval_shards"), device=device)
     n = cache.n_shards
