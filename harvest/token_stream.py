@@ -147,6 +147,7 @@ def iter_documents(dataset: str, split: str = "train", seed: int = 0) -> Iterato
     import datasets
 
     path = Path(dataset).expanduser()
+    json_lines: list[str] = []  # local JSON Lines files read: where a parse error is looked for
     if path.is_dir() and any((path / m).is_file() for m in SAVED_DATASET_MARKERS):
         ds = _saved_dataset(path, split)
     elif path.exists():
@@ -159,6 +160,7 @@ def iter_documents(dataset: str, split: str = "train", seed: int = 0) -> Iterato
         ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
         if builder == "text":  # paragraphs split on blank lines keep any extra newline; spaces-only lines are none
             ds = ds.map(_tidy_paragraph)
+        json_lines = [f for f in files if f.endswith(".jsonl")]
     elif path.suffix in LOCAL_SUFFIXES or dataset.startswith((".", "/", "~")):
         raise HarvestInputError(f"dataset file {dataset} does not exist")
     else:
@@ -175,7 +177,35 @@ def iter_documents(dataset: str, split: str = "train", seed: int = 0) -> Iterato
         raise HarvestInputError(f"reading dataset {dataset!r} failed: it is not UTF-8 text ({e}); convert it, "
                                 "e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8.txt") from e
     except Exception as e:  # noqa: BLE001 - datasets raises many types while reading; all mean bad data
+        # pyarrow's "in row N" counts from 0 within the block it parsed, not the file: name the line ourselves.
+        if where := next(filter(None, map(_bad_json_line, json_lines)), None):
+            raise HarvestInputError(f"reading dataset {dataset!r} failed: {where}; fix or remove that line") from e
         raise HarvestInputError(f"reading dataset {dataset!r} failed: {type(e).__name__}: {_short(e)}") from e
+
+
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
+
+
+def _bad_json_line(file: str) -> str | None:
+    """Where the first line of a JSON Lines file that is not a JSON object lies, and why (``FILE line N
+    (1-based): ...``); None when every line is one (blank lines are allowed)."""
+    import json
+
+    with open(file, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line:
+                continue
+            shown = _short(line.decode("utf-8", "replace"), 80)
+            try:
+                row = json.loads(line)
+            except ValueError as e:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not UTF-8
+                return f"{file} line {number} is not valid JSON ({e}): {shown}"
+            if not isinstance(row, dict):
+                kind = _JSON_KINDS.get(type(row), "a value")
+                return f"{file} line {number} is {kind}, not an object of columns: {shown}"
+    return None
 
 
 def _tidy_paragraph(row: dict[str, Any]) -> dict[str, Any]:
