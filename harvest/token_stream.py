@@ -241,10 +241,10 @@ def _holds_no_rows(file: str, builder: str) -> bool:
 _KIND_NAMES = {"b": "bools", "U": "strings", "S": "bytes", "O": "nulls or mixed values"}  # numpy dtype kinds
 
 
-def _pretokenized_ids(doc: dict[str, Any]) -> list[int]:
+def _pretokenized_ids(doc: dict[str, Any], n_vocab: int) -> list[int]:
     """One row's ``input_ids`` as ints: null is empty (skipped, as null text is); with an ``attention_mask``
-    column, only the ids it marks (padding is not text). Floats that are not whole numbers, nested lists
-    and other values are refused rather than cast."""
+    column, only the ids it marks (padding is not text). Floats that are not whole numbers, nested lists,
+    ids outside ``[0, n_vocab)`` and other values are refused rather than cast."""
     raw = doc["input_ids"]
     if raw is None:
         return []
@@ -263,27 +263,25 @@ def _pretokenized_ids(doc: dict[str, Any]) -> list[int]:
         if odd.size:
             raise HarvestInputError(f"pre-tokenized input_ids hold {float(odd[0])!r}, not a whole number; the ids "
                                     "must be the models' own token ids")
-    ids = ids.astype(np.int64)
     mask = doc.get("attention_mask")
     if mask is not None:
         mask = np.asarray(mask)
         if mask.shape != ids.shape:
             raise HarvestInputError(f"a row's attention_mask has {mask.size} entries for {ids.size} input_ids")
         ids = ids[mask.astype(bool)]
-    return ids.tolist()
+    # Checked before the cast to int64, which turns an id past 2**63 (uint64, or a float) into a negative one.
+    bad = ids[(ids < 0) | (ids >= n_vocab)]
+    if bad.size:  # else a bare IndexError in the forward, later
+        raise HarvestInputError(
+            f"pre-tokenized input_ids hold id {int(bad[0])} ({bad.size} such id(s) in one document), outside the "
+            f"models' vocabulary [0, {n_vocab}); the ids must come from the models' own tokenizer"
+        )
+    return ids.astype(np.int64).tolist()
 
 
 def _doc_tokens(batch: list[dict[str, Any]], tokenizer: Any, text_column: str, n_vocab: int) -> list[list[int]]:
     if "input_ids" in batch[0]:
-        docs = [_pretokenized_ids(d) for d in batch]
-        for ids in docs:
-            if ids and (min(ids) < 0 or max(ids) >= n_vocab):  # else a bare IndexError in the forward, later
-                bad = [i for i in ids if not 0 <= i < n_vocab]
-                raise HarvestInputError(
-                    f"pre-tokenized input_ids hold id {bad[0]} ({len(bad)} such id(s) in one document), outside the "
-                    f"models' vocabulary [0, {n_vocab}); the ids must come from the models' own tokenizer"
-                )
-        return docs
+        return [_pretokenized_ids(d, n_vocab) for d in batch]
     if text_column not in batch[0]:
         raise HarvestInputError(
             f"dataset rows have no text column {text_column!r} (columns: {sorted(batch[0])}); "

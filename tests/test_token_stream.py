@@ -101,8 +101,9 @@ def test_local_text_jsonl_parquet_and_pretokenized(tokenizer, tmp_path):
     assert all(len(x) == 32 and x[0] == 0 for x in p_short.input_ids)
 
 
-@pytest.mark.parametrize("bad_id", [-5, 4096, 10**6])
+@pytest.mark.parametrize("bad_id", [-5, 4096, 10**6, 2**70])
 def test_pretokenized_ids_outside_the_vocabulary_are_refused(tokenizer, tmp_path, bad_id):
+    # 2**70 (read from JSON as a float) was named as id -9223372036854775808: the check came after a cast to int64.
     path = tmp_path / "oov.jsonl"
     path.write_text("\n".join(json.dumps({"input_ids": [5, 6, bad_id, 7] * 20}) for _ in range(5)))
     with pytest.raises(HarvestInputError, match=rf"id {bad_id} \(20 such id\(s\) in one document\).*\[0, {len(tokenizer)}\)"):
