@@ -39,6 +39,8 @@ MAX_OPEN_META_VALUES = 1024
 """Metadata values that may hold a partly filled sequence at once. Documents are packed per value of the
 meta columns, so a column with a value per document (an id, a URL) would keep every document's tail
 (and every short document) in memory, never packed: refused past this many."""
+_NAN = float("nan")
+"""The one NaN that stands for every NaN metadata value (a missing float): documents with it pack together."""
 PADDED_SHARE = 20
 """Mask-less pre-tokenized rows are refused as padded when at least one in this many ends or starts with a
 run of one special token (``PADDING_RUN``; a tokenizer's ``padding="max_length"`` output): a few such rows
@@ -378,7 +380,8 @@ def build_token_plan(
             if (plan.pretokenized and not prepacked and doc.get("attention_mask") is None
                     and (run := _padding_run(ids, special, bos_id))):
                 padded.append((n_docs, *run))
-            key = tuple(doc[n] for n in meta_names)
+            # NaN != NaN, so each document's NaN opened a buffer of its own (its tail never packed): one NaN.
+            key = tuple(_NAN if isinstance(doc[n], float) and doc[n] != doc[n] else doc[n] for n in meta_names)
             try:
                 hash(key)  # documents are packed per metadata value
             except TypeError:

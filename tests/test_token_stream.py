@@ -404,3 +404,15 @@ def test_a_bad_jsonl_line_is_named_by_file_and_line(tokenizer, tmp_path):
         path.write_text("\n".join(lines[:30] + [bad] + lines[30:]))
         with pytest.raises(HarvestInputError, match=rf"bad\.jsonl line 31 {what}.*fix or remove that line"):
             _plan(tokenizer, str(path), n_rows=10**6)
+
+
+def test_nan_metadata_values_are_one_value(tokenizer, tmp_path):
+    """NaN != NaN: every document whose float metadata was NaN (a missing value, as polars or numpy write it)
+    opened a partly filled sequence of its own, so those documents were never packed together (their tails
+    dropped, or the column refused as holding a value per document)."""
+    n = 200
+    pq.write_table(pa.table({"text": _texts(n), "score": pa.array([float("nan") if i % 2 else 1.5 for i in range(n)])}),
+                   tmp_path / "nan.parquet")
+    plan = _plan(tokenizer, str(tmp_path / "nan.parquet"), n_rows=1500, meta_columns=["score"])
+    nan_seqs = [ids for ids, v in zip(plan.input_ids, plan.metadata["score"]) if v != v]
+    assert nan_seqs and all(int((ids[1:] == 0).sum()) >= 1 for ids in nan_seqs)  # several documents per sequence
