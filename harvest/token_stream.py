@@ -149,7 +149,7 @@ def iter_documents(dataset: str, split: str = "train", seed: int = 0) -> Iterato
     import datasets
 
     path = Path(dataset).expanduser()
-    json_lines: list[str] = []  # local JSON Lines files read: where a parse error is looked for
+    json_lines: list[str] = []  # local .jsonl/.json files read: where a parse error is looked for
     if path.is_dir() and any((path / m).is_file() for m in SAVED_DATASET_MARKERS):
         ds = _saved_dataset(path, split)
     elif path.exists():
@@ -162,7 +162,7 @@ def iter_documents(dataset: str, split: str = "train", seed: int = 0) -> Iterato
         ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
         if builder == "text":  # paragraphs split on blank lines keep any extra newline; spaces-only lines are none
             ds = ds.map(_tidy_paragraph)
-        json_lines = [f for f in files if f.endswith(".jsonl")]
+        json_lines = files if builder == "json" else []
     elif path.suffix in LOCAL_SUFFIXES or dataset.startswith((".", "/", "~")):
         raise HarvestInputError(f"dataset file {dataset} does not exist")
     else:
@@ -191,9 +191,11 @@ _JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a num
 
 def _bad_json_line(file: str) -> str | None:
     """Where the first line of a JSON Lines file that is not a JSON object lies, and why (``FILE line N
-    (1-based): ...``); None when every line is one (blank lines are allowed)."""
+    (1-based): ...``); None when every line is one (blank lines are allowed), or for a ``.json`` file whose
+    first line is not an object (one JSON document, not JSON Lines: its lines are no rows)."""
     import json
 
+    lines_only = file.endswith(".jsonl")  # a .json file may be either
     with open(file, "rb") as f:
         for number, raw in enumerate(f, 1):
             line = raw.strip()
@@ -203,7 +205,12 @@ def _bad_json_line(file: str) -> str | None:
             try:
                 row = json.loads(line)
             except ValueError as e:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not UTF-8
-                return f"{file} line {number} is not valid JSON ({e}): {shown}"
+                row = e
+            if not lines_only and not isinstance(row, dict):
+                return None
+            lines_only = True  # a .json file whose first line is an object: JSON Lines
+            if isinstance(row, ValueError):
+                return f"{file} line {number} is not valid JSON ({row}): {shown}"
             if not isinstance(row, dict):
                 kind = _JSON_KINDS.get(type(row), "a value")
                 return f"{file} line {number} is {kind}, not an object of columns: {shown}"

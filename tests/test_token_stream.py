@@ -404,6 +404,14 @@ def test_a_bad_jsonl_line_is_named_by_file_and_line(tokenizer, tmp_path):
         path.write_text("\n".join(lines[:30] + [bad] + lines[30:]))
         with pytest.raises(HarvestInputError, match=rf"bad\.jsonl line 31 {what}.*fix or remove that line"):
             _plan(tokenizer, str(path), n_rows=10**6)
+    # A .json file may be JSON Lines too (its bad line is named), or one document (no line is named).
+    (tmp_path / "lines.json").write_text("\n".join(lines[:30] + ["{not json"] + lines[30:]))
+    with pytest.raises(HarvestInputError, match=r"lines\.json line 31 is not valid JSON"):
+        _plan(tokenizer, str(tmp_path / "lines.json"), n_rows=10**6)
+    (tmp_path / "one.json").write_text(json.dumps([{"text": t} for t in _texts()], indent=2)[:-3])
+    with pytest.raises(HarvestInputError, match="reading dataset .* failed") as e:
+        _plan(tokenizer, str(tmp_path / "one.json"), n_rows=10**6)
+    assert " line " not in str(e.value)
 
 
 def test_nan_metadata_values_are_one_value(tokenizer, tmp_path):
