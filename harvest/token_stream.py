@@ -116,23 +116,38 @@ def _local_files(path: Path, split: str) -> tuple[str, list[str]]:
     return kinds.pop(), [str(p) for p in files]
 
 
-def _saved_dataset(path: Path, split: str) -> Any:
-    """A folder written by ``save_to_disk``, as an iterable dataset of ``split``."""
+def _saved_dataset(path: Path, split: str) -> Any | None:
+    """A folder written by ``save_to_disk``, as an iterable dataset of ``split``; None when it holds no rows."""
+    import json
+
     import datasets
 
-    try:
-        saved = datasets.load_from_disk(str(path))
-    except Exception as e:  # noqa: BLE001 - datasets' errors for a damaged save
-        raise HarvestInputError(f"dataset folder {path} looks like a save_to_disk folder but does not load "
-                                f"({type(e).__name__}: {e})") from None
-    if isinstance(saved, datasets.DatasetDict):
-        if split not in saved:
-            raise HarvestInputError(f"--split {split!r}: the saved dataset {path} has the splits {sorted(saved)}; "
+    def unreadable(e: Exception) -> HarvestInputError:
+        return HarvestInputError(f"dataset folder {path} looks like a save_to_disk folder but does not load "
+                                 f"({type(e).__name__}: {e})")
+
+    if (path / "dataset_dict.json").is_file():
+        try:
+            splits = [str(s) for s in json.loads((path / "dataset_dict.json").read_text())["splits"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise unreadable(e) from None
+        if split not in splits:
+            raise HarvestInputError(f"--split {split!r}: the saved dataset {path} has the splits {sorted(splits)}; "
                                     "pass one of them")
-        saved = saved[split]
+        # Only that split's folder: load_from_disk reads every split, and fails on an empty one (no .arrow file).
+        path = path / split
     elif split != "train":
         raise HarvestInputError(f"--split {split!r}: the saved dataset {path} is one split, read as 'train'; "
                                 "drop --split")
+    try:
+        if json.loads((path / "state.json").read_text()).get("_data_files") == []:
+            return None  # save_to_disk of no rows writes no data file, which load_from_disk cannot read
+    except (OSError, ValueError, AttributeError):
+        pass  # no readable state.json: load_from_disk says what is wrong
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - datasets' errors for a damaged save
+        raise unreadable(e) from None
     return saved.to_iterable_dataset()
 
 
@@ -152,6 +167,8 @@ def iter_documents(dataset: str, split: str = "train", seed: int = 0) -> Iterato
     json_lines: list[str] = []  # local .jsonl/.json files read: where a parse error is looked for
     if path.is_dir() and any((path / m).is_file() for m in SAVED_DATASET_MARKERS):
         ds = _saved_dataset(path, split)
+        if ds is None:
+            return  # no documents: the caller says so
     elif path.exists():
         builder, files = _local_files(path, split)
         files = [f for f in files if not _holds_no_rows(f, builder)]  # datasets fails on them, unclearly

@@ -267,6 +267,14 @@ def test_a_save_to_disk_folder_is_read_with_its_splits(tokenizer, tmp_path):
         _plan(tokenizer, str(tmp_path / "two"), split="validation")
     with pytest.raises(HarvestInputError, match="is one split, read as 'train'"):
         _plan(tokenizer, str(tmp_path / "one"), split="test")
+    # An empty split (no .arrow file) made load_from_disk fail for the whole folder: "does not load".
+    empty = datasets.Dataset.from_dict({"text": []})
+    datasets.DatasetDict({"train": train, "validation": empty}).save_to_disk(str(tmp_path / "three"))
+    assert "alpha" in _doc_words(_plan(tokenizer, str(tmp_path / "three"), n_rows=300), tokenizer)
+    empty.save_to_disk(str(tmp_path / "none"))
+    for folder, split in (("three", "validation"), ("none", "train")):
+        with pytest.raises(HarvestInputError, match=rf"\(split '{split}'\) yielded no documents"):
+            _plan(tokenizer, str(tmp_path / folder), split=split)
 
 
 def test_a_meta_column_with_a_value_per_document_is_refused_below_the_limit_too(tokenizer, tmp_path):
