@@ -83,6 +83,9 @@ def _local_files(path: Path, split: str) -> tuple[str, list[str]]:
     folder holding a test split never leaks it into ``train``. Files of other kinds (README.md,
     .gitattributes of a Hub snapshot) are left out."""
     if path.is_file():
+        if path.suffix not in LOCAL_SUFFIXES:  # a .csv, a .jsonl.gz, no suffix: a bare KeyError below, else
+            raise HarvestInputError(f"dataset file {path}: not a {'/'.join(LOCAL_SUFFIXES)} file (by its name); "
+                                    "convert it, or rename it if it is one of them")
         splits = {"train": [path]}
     else:
         from datasets.data_files import DataFilesDict, get_data_patterns

@@ -174,6 +174,12 @@ def test_local_files_that_are_empty_odd_or_inconsistent_get_clear_errors(tokeniz
     with pytest.raises(HarvestInputError, match="has one split, .train.; drop --split"):
         _plan(tokenizer, str(mixed), split="validation")
 
+    # A file of another kind (by its name) was a bare KeyError: '.csv'.
+    for name in ("x.csv", "a.jsonl.gz", "noext"):
+        (tmp_path / name).write_text("text\nhello\n")
+        with pytest.raises(HarvestInputError, match=r"not a \.txt/\.jsonl/\.json/\.parquet file \(by its name\)"):
+            _plan(tokenizer, str(tmp_path / name))
+
 
 def test_documents_without_text_are_skipped_and_counted(tokenizer, tmp_path):
     """Rows whose text is null, missing or empty add no lone EOS to the stream; they are counted
