@@ -199,8 +199,10 @@ def iter_documents(dataset: str, split: str = "train", seed: int = 0) -> Iterato
         raise HarvestInputError(f"reading dataset {dataset!r} failed: it is not UTF-8 text ({e}); convert it, "
                                 "e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8.txt") from e
     except Exception as e:  # noqa: BLE001 - datasets raises many types while reading; all mean bad data
-        # pyarrow's "in row N" counts from 0 within the block it parsed, not the file: name the line ourselves.
-        if where := next(filter(None, map(_bad_json_line, json_lines)), None):
+        # pyarrow's "in row N" counts from 0 within the block it parsed, not the file: name the line ourselves
+        # (files are read again only for a parse error: a column mismatch would have every file scanned for nothing).
+        parse_error = "JSON parse error" in str(e)
+        if parse_error and (where := next(filter(None, map(_bad_json_line, json_lines)), None)):
             raise HarvestInputError(f"reading dataset {dataset!r} failed: {where}; fix or remove that line") from e
         raise HarvestInputError(f"reading dataset {dataset!r} failed: {type(e).__name__}: {_short(e)}") from e
 
