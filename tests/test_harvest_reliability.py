@@ -613,6 +613,56 @@ def test_cli_reports_errors_without_traceback(toy_dirs, tmp_path):
     assert "error: unknown hook" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_rows_past_float16_or_non_finite_stop_the_harvest(toy_dirs, tmp_path):
+    """A float32 model whose activations pass float16's 65,504, stored as float16: the rows became inf in
+    the shards (the calibration check sees only the raw sample), verify passed them and only training
+    stopped. Now the harvest stops before writing them, naming the slot, the token and the fix."""
+    from safetensors.torch import load_file, save_file
+
+    huge = _tiny_model(tmp_path / "huge", toy_dirs["toy-base"])
+    weights = load_file(huge / "model.safetensors")
+    weights["gpt_neox.embed_in.weight"] = weights["gpt_neox.embed_in.weight"] * 1e7  # raw rows ~1e5-1e6, finite
+    save_file(weights, huge / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    cfg = small_harvest_config(out, models=[str(huge)], hooks=["blocks.1.hook_resid_post"], normalize="none",
+                               dtype="float16", tokens=1000, calibration_tokens=500)
+    with pytest.raises(HarvestInputError, match=r"hold inf in .*huge/blocks\.1\.hook_resid_post as stored \(float16\), "
+                       r"the first at sequence \d+ position \d+ \(token \d+\).*use --dtype bfloat16"):
+        harvest(cfg)
+    assert not list(out.glob("shards/*.safetensors"))  # nothing written, nothing listed
+    # The same rows fit bfloat16: the check does not fire on finite rows.
+    ok = harvest(small_harvest_config(tmp_path / "bf16", models=[str(huge)], hooks=["blocks.1.hook_resid_post"],
+                                      normalize="none", dtype="bfloat16", tokens=1000, calibration_tokens=500))
+    assert ok.complete and ok.n_rows == 1000
+
+
+def test_writer_refuses_nan_rows_and_names_the_model_dtype():
+    """NaN rows past the calibration sample (float16 models overflow on a rare token): refused, with the
+    --model-dtype fix, before any shard of their chunk is written."""
+    from types import SimpleNamespace
+
+    from harvest.writer import ShardWriter
+
+    class NoWrites:
+        dir = Path("cache")
+        manifest = SimpleNamespace(model_names=["a", "b"], hooks=["h"],
+                                   extra={"harvest": {"config": {"model_dtype": "float16"}}})
+
+        def write_shard_file(self, *a, **kw):
+            raise AssertionError("not reached")
+
+    w = ShardWriter(NoWrites(), chunk_rows=[8], shard_rows=8, shuffle_shards=1, seed=0, row_shape=(2, 1, 4),
+                    dtype=torch.bfloat16, write_threads=1)
+    acts = torch.zeros(8, 2, 1, 4, dtype=torch.bfloat16)
+    acts[5, 1, 0, 2] = float("nan")
+    ids = torch.arange(8)
+    w.put_rows(0, acts[:4], ids[:4], ids[:4], ids[:4])  # finite rows are taken
+    with pytest.raises(HarvestInputError, match=r"1 of the 4 rows from stream row 4 hold NaN in b/h as stored "
+                       r"\(bfloat16\), the first at sequence 5 position 5 \(token 5\).*--model-dtype float16 overflows"):
+        w.put_rows(4, acts[4:], ids[4:], ids[4:], ids[4:])
+    w.abort()
+
+
 def test_writer_that_died_does_not_hang_close(tmp_path):
     """The writer thread fails on a piece while the caller waits for room in the queue: the
     caller's put() and close() re-raise its error instead of blocking forever on room that a dead
