@@ -30,7 +30,8 @@ from shared.cache_format import (
 from shared.card import render_card
 from shared.hub_spec import rewrite_advice
 from shared.normalization import Normalization
-from shared.shard_io import ShardReader, atomic_write_bytes, discard_temporaries, sha256_file, write_shard
+from shared.shard_io import (ShardReader, atomic_write_bytes, discard_temporaries, nonfinite_count, sha256_file,
+                             write_shard)
 from shared.token_table import TokenIndex, read_token_table, table_problem
 from shared.tokenizer_file import tokenizer_file_problem
 
@@ -215,11 +216,14 @@ def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: boo
         try:
             with ShardReader(path, row_shape=manifest.row_shape, dtype=manifest.torch_dtype, n_rows=rec.n_rows) as shard:
                 mismatch = index.mismatch(shard.seq.numpy(), shard.pos.numpy(), shard.token.numpy()) if index else None
+                # Reading every value, as hashing does: a shard written with inf/NaN (a float16 overflow, by
+                # an older harvest or another tool) has the right sha256, and training stops on it.
+                nonfinite = _nonfinite_problem(shard.acts, manifest) if checksums and not mismatch else None
         except CacheError as e:
             report.problems.append(f"{rec.file}: {e}")
             continue
-        if mismatch:
-            report.problems.append(f"{rec.file}: {mismatch}")
+        if mismatch or nonfinite:
+            report.problems.append(f"{rec.file}: {mismatch or nonfinite}")
             continue
         report.n_rows += rec.n_rows
     tokenizer_problem = tokenizer_file_problem(cache_dir, manifest.tokenizer, checksum=checksums, sha256=sha256)
@@ -250,6 +254,21 @@ def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: boo
                 f"{manifest.context_size} tokens (seq {first} holds {int(lengths_S[first])}); every input_ids row is "
                 "one whole sequence, BOS included: set context_size to that length, or rewrite the table")
     return report
+
+
+def _nonfinite_problem(acts_NMPD: torch.Tensor, manifest: Manifest) -> str | None:
+    """What :func:`verify_cache` says of a shard whose activations hold inf or NaN (None if none do)."""
+    n = nonfinite_count(acts_NMPD)
+    if not n:
+        return None
+    bad_NMP = ~torch.isfinite(acts_NMPD.float()).all(dim=-1)
+    slots = [f"{manifest.model_names[m]}/{manifest.hooks[p]}" for m, p in bad_NMP.any(dim=0).nonzero().tolist()]
+    storage = ("--dtype bfloat16 (float16 stores values past 65,504 as inf), or "
+               if manifest.dtype == "float16" else "")
+    return (f"{n} activation value(s) in {int(bad_NMP.flatten(1).any(dim=1).sum())} row(s) are inf or NaN (in "
+            f"{', '.join(slots)}; storage {manifest.dtype}): written so when the cache was made, not damaged since, and "
+            f"training stops on them. Harvest again into a new folder with {storage}--model-dtype bfloat16 or float32 "
+            "if the models overflowed")
 
 
 class CacheWriter:

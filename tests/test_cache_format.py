@@ -452,6 +452,33 @@ def test_verify_cross_checks_rows_against_the_token_table(tmp_path):
     assert any("seq values outside the tokens.arrow sequences 0..0" in p for p in verify_cache(cache).problems)
 
 
+def test_verify_names_inf_and_nan_activations(tmp_path):
+    """A shard written with inf or NaN (float16 storage past 65,504, a model that overflowed) has the right
+    sha256: verify said OK, while training stopped on it and told the user to run verify. It is named now,
+    with its slot; --no-checksums, which reads no activations, does not look."""
+    from tests.cache_factory import make_cache
+
+    cache = tmp_path / "cache"
+    make_cache(cache, n_shards=2, rows_per_shard=64, n_models=2, n_hooks=1, dtype=torch.float16,
+               model_names=["base", "chat"])
+    assert verify_cache(cache).ok
+    man = json.loads((cache / "manifest.json").read_text())
+    rec = man["shards"][1]
+    with ShardReader(cache / rec["file"], row_shape=(2, 1, 16), dtype=torch.float16, n_rows=rec["n_rows"]) as shard:
+        acts, seq, pos, token = (t.clone() for t in (shard.acts, shard.seq, shard.pos, shard.token))
+    acts[3, 1, 0, 7] = 70000.0  # inf in float16
+    acts[9, 1, 0, 8] = float("nan")
+    new = write_shard(cache, rec["file"], acts, seq, pos, token)
+    rec.update(sha256=new.sha256, bytes=new.bytes)
+    (cache / "manifest.json").write_text(json.dumps(man))
+    report = verify_cache(cache)
+    assert report.problems == [f"{rec['file']}: 2 activation value(s) in 2 row(s) are inf or NaN (in chat/blocks.0.hook_resid_post; "
+                               "storage float16): written so when the cache was made, not damaged since, and training stops "
+                               "on them. Harvest again into a new folder with --dtype bfloat16 (float16 stores values past "
+                               "65,504 as inf), or --model-dtype bfloat16 or float32 if the models overflowed"]
+    assert verify_cache(cache, checksums=False).ok
+
+
 def test_manifest_normalization_and_widths_are_checked(tmp_path):
     """scale must be [n_models][n_hooks] numbers (it may be left out for none and mean_std, where
     it is 1.0); a model whose listed d_model differs from the cache's is refused."""
