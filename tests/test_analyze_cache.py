@@ -264,6 +264,28 @@ def test_one_eval_row_notes_that_ev_is_na(crosscoder, tmp_path):
     assert any("explained variance is n/a: it needs at least 2 eval rows" in n for n in rep["notes"]), rep["notes"]
 
 
+def test_rows_holding_inf_or_nan_are_left_out_with_a_note(u, crosscoder, tmp_path):
+    """An eval row the harvest wrote as inf or NaN (an older harvest's float16 overflow) made analyze fail
+    with an IndexError in its top-k bookkeeping; it is left out and counted, as training's eval does."""
+    from shared.shard_io import ShardReader, write_shard
+
+    cache = _cache(tmp_path / "c", u, ["base", "ft"], [HOOKS[1]], method="norm_scale")
+    man = json.loads((cache / "manifest.json").read_text())
+    rec = man["shards"][-1]  # held out (eval_shards 2)
+    with ShardReader(cache / rec["file"], row_shape=(2, 1, D), dtype=torch.float32, n_rows=rec["n_rows"]) as shard:
+        acts, seq, pos, tok = (t.clone() for t in (shard.acts, shard.seq, shard.pos, shard.token))
+    acts[5, 1, 0, 3], acts[9, 0, 0, 0] = float("inf"), float("nan")
+    new = write_shard(cache, rec["file"], acts, seq, pos, tok)
+    rec.update(sha256=new.sha256, bytes=new.bytes)
+    (cache / "manifest.json").write_text(json.dumps(man))
+    rep = _analyze(crosscoder["run"], tmp_path / "an", cache)
+    assert rep["eval"]["rows"] == crosscoder["rep"]["eval"]["rows"] - 2
+    ev, own = rep["eval"]["explained_variance"], crosscoder["rep"]["eval"]["explained_variance"]
+    assert ev is not None and abs(ev - own) < 0.05, (ev, own)  # the other rows' figure, not NaN
+    assert any(n.startswith("2 eval-split row(s) of ") and "hold non-finite (inf or NaN) activations and were left out"
+               in n for n in rep["notes"]), rep["notes"]
+
+
 @pytest.mark.parametrize("damage", ["missing", "flipped"])
 def test_a_mean_std_cache_without_its_side_file_is_refused_before_step_0(u, tmp_path, damage):
     """Training went through every step and failed at the export, which folds the mean/std in."""

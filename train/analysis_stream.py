@@ -225,6 +225,7 @@ def stream_eval(run: RunData, cache: Any, cfg: AnalysisConfig, meta: dict[str, t
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"analyze ({split} split)", disable=not cfg.progress,
                dynamic_ncols=True)
     it = iter(loader)
+    skipped = 0
     try:
         for acts_BMPD, index_B2 in it:
             take = min(acts_BMPD.shape[0], total - stats.rows)
@@ -236,6 +237,12 @@ def stream_eval(run: RunData, cache: Any, cfg: AnalysisConfig, meta: dict[str, t
                                "and re-harvest or repair them")
             x_BXD = rearrange(acts_BMPD[:take], "b m p d -> b (m p) d")
             idx = index_B2[:take].to(device)
+            # Rows the harvest wrote as inf/NaN are left out and counted, as training's eval does: an infinite
+            # latent value broke the top-k bookkeeping (an IndexError) and made every figure NaN.
+            finite_B = torch.isfinite(x_BXD).flatten(1).all(dim=1)
+            if not bool(finite_B.all()):
+                skipped += int((~finite_B).sum())
+                x_BXD, idx = x_BXD[finite_B], idx[finite_B]
             stats.update(model, x_BXD.index_select(1, in_idx), x_BXD.index_select(1, out_idx), idx[:, 0], idx[:, 1])
             bar.update(take)
             if stats.rows >= total:
@@ -243,6 +250,9 @@ def stream_eval(run: RunData, cache: Any, cfg: AnalysisConfig, meta: dict[str, t
     finally:
         bar.close()
         it.close()
+    if skipped:
+        notes.append(f"{skipped:,} {split}-split row(s) of {cache.dir} hold non-finite (inf or NaN) activations and were "
+                     f"left out of every statistic; `python run_harvest.py verify {cache.dir}` names their shards")
     if stats.explained_variance()[0] is None:
         notes.append(f"explained variance is n/a: it needs at least 2 eval rows (--eval-tokens), got {stats.rows}"
                      if stats.rows < 2 else "explained variance is n/a: the eval rows hold no variance to explain")
