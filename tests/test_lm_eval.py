@@ -251,6 +251,24 @@ def test_models_that_no_longer_match_the_cache_are_refused(runs, toy_cache, toy_
                                  out=str(tmp_path / "r.json")))
 
 
+def test_the_activation_check_leaves_out_cache_rows_that_are_not_finite():
+    """A cache row written as inf or NaN gave a NaN relative error and a NaN median, which `> 0.05` never
+    refuses: models that no longer matched the cache passed. Such rows are left out; activations that are
+    not finite now count as wrong."""
+    from train.lm_eval import ACTIVATION_CHECK_MAX, _activation_error
+
+    x_BPXD = torch.randn(1, 4, 2, 8)
+    found = {(7, p): x_BPXD[0, p].clone() for p in range(1, 4)}
+    found[(7, 1)][0, 3] = float("inf")
+    found[(7, 2)][1, 0] = float("nan")
+    assert _activation_error(found, [7], x_BPXD) == 0.0  # the one finite row matches exactly
+    other_BPXD = x_BPXD + 1.0  # another model: refused, whatever the cache's bad rows
+    assert _activation_error(found, [7], other_BPXD) > ACTIVATION_CHECK_MAX
+    now_BPXD = x_BPXD.clone()
+    now_BPXD[0, 3, 0, 0] = float("nan")  # the models overflow now
+    assert _activation_error(found, [7], now_BPXD) == float("inf")
+
+
 def test_cli_prints_the_table_and_refuses_an_unfinished_run(runs, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "run_train.py"), "lm-eval", str(runs["directional"]),
                            "--sequences", "2", "--no-progress", "--out", str(tmp_path / "r.json")],

@@ -277,13 +277,18 @@ def _cache_rows(cache: Any, seqs: list[int], run: RunData) -> dict[tuple[int, in
 
 
 def _activation_error(found: dict[tuple[int, int], torch.Tensor], seqs: list[int], x_BPXD: torch.Tensor) -> float | None:
-    """Median relative error of the activations computed now against the cache's rows of the same tokens."""
+    """Median relative error of the activations computed now against the cache's rows of the same tokens.
+
+    Cache rows holding inf or NaN (an older harvest's float16 overflow) are left out: their NaN error made the
+    median NaN, which passed the check whatever the models. Activations that are not finite now count as
+    infinitely wrong."""
     errors = []
     for b, s in enumerate(seqs):
         for (seq, pos), row in found.items():
-            if seq == s:
+            if seq == s and bool(torch.isfinite(row).all()):
                 now = x_BPXD[b, pos].cpu()
-                errors.append(float((now - row).norm() / row.norm().clamp_min(1e-12)))
+                error = float((now - row).norm() / row.norm().clamp_min(1e-12))
+                errors.append(error if math.isfinite(error) else math.inf)
     return float(np.median(errors)) if errors else None
 
 
