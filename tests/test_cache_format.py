@@ -421,6 +421,61 @@ def test_every_cli_flag_is_in_the_readme(cli, argv, capsys):
     assert flags and not sorted(f for f in flags if not re.search(re.escape(f) + r"(?![\w-])", readme))
 
 
+def _readme_flag_tables() -> list[dict[str, list[str]]]:
+    """Each `| flag | default | meaning |` table of the README, as {field name: [flag, default, meaning]}."""
+    import re
+
+    from conftest import ROOT
+
+    tables: list[dict[str, list[str]]] = []
+    rows: dict[str, list[str]] | None = None
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("| flag |"):
+            rows = {}
+            tables.append(rows)
+        elif rows is not None and line.startswith("|") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            if m := re.match(r"`--([a-z0-9-]+)", cells[0]):
+                rows[m.group(1).replace("-", "_")] = cells
+        elif not line.startswith("|"):
+            rows = None
+    return tables
+
+
+def test_readme_flag_tables_give_the_code_defaults_and_choices():
+    """Each CLI reference table (run_harvest.py, run_train.py, analyze, lm-eval) shows the dataclass default
+    where it writes one as a literal, and names every choice a flag accepts (the harvest's --model-dtype and
+    train's --wandb-mode once did not)."""
+    import dataclasses
+    import typing
+
+    from harvest.config import HarvestConfig
+    from train.analysis_config import AnalysisConfig
+    from train.config import TrainConfig
+    from train.lm_eval import LMEvalConfig
+
+    tables = _readme_flag_tables()
+    assert len(tables) == 4
+    for rows, cls in zip(tables, (HarvestConfig, TrainConfig, AnalysisConfig, LMEvalConfig)):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("cli") is False:
+                continue
+            assert f.name in rows, f"{cls.__name__}.{f.name} has no row in the README table"
+            _, default_cell, meaning = rows[f.name]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            literal = default_cell.startswith("`") and default_cell.endswith("`") and default_cell.count("`") == 2
+            if default is None:  # shown as "—" or described ("auto", "`source` if present"), never as a value
+                assert not literal, (cls.__name__, f.name, default_cell)
+            elif literal:
+                shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+                assert default_cell.strip("`") == shown, (cls.__name__, f.name, default_cell, shown)
+            tp = hints[f.name]
+            if typing.get_origin(tp) is typing.Literal:
+                missing = [c for c in typing.get_args(tp) if f"`{c}`" not in meaning and c not in meaning]
+                assert not missing, f"README row of --{f.name.replace('_', '-')} does not name {missing}"
+
+
 def test_config_files_that_do_not_parse_are_named(tmp_path):
     """A config (or sweep) file with a syntax error raises a ValueError naming the file; any
     name but .json is read as YAML, which also reads JSON."""
