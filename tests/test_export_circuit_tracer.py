@@ -246,3 +246,15 @@ def test_refuses_missing_layers_normalized_dictionary_and_cli_exits_2(runs, tmp_
         export_circuit_tracer(runs["clt_relu"] / "dictionary", tmp_path / "ct")
     assert export_circuit_tracer_cli([str(runs["clt_topk"]), "--out", str(tmp_path / "ct")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_n_layers_never_overrides_the_recorded_depth(runs, tmp_path, capsys):
+    """--n-layers stands in for a missing record only: a count that contradicts the harvest's record (which
+    let two of toy-base's four layers export as a whole 2-layer set) or one below 1 is refused, exit 2."""
+    some = [runs["plt/layer0"], runs["plt/layer1"]]
+    with pytest.raises(CircuitTracerExportError, match=r"--n-layers\) 2 differs from the 4 layers the harvest recorded"):
+        export_circuit_tracer(some, tmp_path / "ct", n_layers=2)
+    assert not (tmp_path / "ct").exists()
+    assert export_circuit_tracer_cli([str(runs["clt_relu"]), "--out", str(tmp_path / "ct"), "--n-layers", "0"]) == 2
+    assert "layer count, >= 1; got 0" in capsys.readouterr().err
+    export_circuit_tracer(runs["clt_relu"], tmp_path / "ct", n_layers=N_LAYERS)  # the recorded count is fine

@@ -342,6 +342,8 @@ def export_circuit_tracer(
     ``out_dir``.
     """
     given = [runs] if isinstance(runs, (str, Path)) else list(runs)  # str kept: Path("hf://x") is "hf:/x"
+    if n_layers is not None and not n_layers >= 1:
+        raise CircuitTracerExportError(f"n_layers (--n-layers) is the model's layer count, >= 1; got {n_layers}")
     if not given:
         raise CircuitTracerExportError("no run given")
     sources = [s for run in given for s in _sources(run)]
@@ -377,7 +379,14 @@ def export_circuit_tracer(
     model = models.pop()
     per_layer.sort(key=lambda t: t[0])
     entry = next((e for s in sources if (e := _model_entry(s, model)) is not None), None)
-    depth = n_layers if n_layers is not None else (entry or {}).get("n_layers")
+    recorded = (entry or {}).get("n_layers")
+    # --n-layers stands in for a missing record; it must not override one (a wrong count would pass the
+    # coverage check for a model whose other layers have no transcoder).
+    if n_layers is not None and recorded is not None and n_layers != recorded:
+        raise CircuitTracerExportError(
+            f"{where0}: n_layers (--n-layers) {n_layers} differs from the {recorded} layers the harvest recorded for "
+            f"{model}; --n-layers is only for exports that record none: leave it out")
+    depth = n_layers if n_layers is not None else recorded
     in_sfxs, out_sfxs = sorted({t[1] for t in per_layer}), sorted({t[2] for t in per_layer})
     if depth is None:
         hub = [s.where for s in sources if s.on_hub]
