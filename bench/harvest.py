@@ -200,13 +200,15 @@ def profile_capture(cfg: HarvestConfig, cache_dir: Path, n_batches: int, top: in
     return "\n".join(lines)
 
 
-def writer_alone_seconds(cfg: HarvestConfig, cache_dir: Path, out: Path) -> float:
+def writer_alone_seconds(cfg: HarvestConfig, cache_dir: Path, out: Path) -> tuple[float, float]:
     """The harvest's write path alone: ``cfg.tokens`` rows of the harvested cache's shape, handed to
     a :class:`ShardWriter` in forward-batch-sized pieces from host memory as fast as it takes
     them (the chunk-buffer scatter, sha256, write and fsync of every shard, the manifest per chunk),
     with the harvest's shard layout and write threads, into a fresh folder beside the harvest's.
-    No model runs. Seconds from the first piece to the last shard listed: the fastest this
-    machine's CPUs and disk can write a harvest's rows."""
+    No model runs. Returns the seconds from the first piece to the last shard listed (the fastest
+    this machine's CPUs and disk can write a harvest's rows) and the CPU seconds of the thread that
+    took the pieces (the chunk-buffer scatter): a CUDA harvest's writer thread does that work alone,
+    so rows made faster than that thread's rate wait for it, however many write threads hash."""
     manifest = Manifest.load(cache_dir)
     manifest.shards, manifest.n_rows, manifest.complete = [], 0, False
     storage = manifest.torch_dtype
@@ -223,9 +225,17 @@ def writer_alone_seconds(cfg: HarvestConfig, cache_dir: Path, out: Path) -> floa
             n = min(piece, cfg.tokens - a)
             yield a, acts_NMPD[:n], seq_N[:n], pos_N[:n], token_N[:n]
 
+    taking = 0.0
+
+    def put_rows(*piece_rows: Any) -> None:
+        nonlocal taking
+        c = time.thread_time()
+        writer.put_rows(*piece_rows)
+        taking += time.thread_time() - c
+
     t = time.perf_counter()
-    writer.write_all(pieces(), writer.put_rows)
-    return time.perf_counter() - t
+    writer.write_all(pieces(), put_rows)
+    return time.perf_counter() - t, taking
 
 
 @contextmanager
@@ -296,7 +306,7 @@ def main() -> None:
         # Warm the page cache and the toy build; measured harvests go to fresh folders.
         harvest(HarvestConfig(**{**cfg.__dict__, "tokens": min(tokens, 5000), "out": str(Path(tmp) / "warm")}))
         harvest_runs, bare_runs, pair_ratios, flushes = [], [], [], []
-        capture_runs, capture_ratios, waits, alone_runs = [], [], [], []
+        capture_runs, capture_ratios, waits, alone_runs, taking_runs = [], [], [], [], []
         off_cpu_bare, off_cpu_harvest = [], []  # the forward loop's thread: wall minus its CPU time
         cpu_bare, cpu_capture, cpu_harvest = [], [], []  # and that CPU time
         ab_runs: list[float] = []  # harvests with --ab-capture-group-tokens, each right after the main one
@@ -344,7 +354,9 @@ def main() -> None:
             capture_runs.append(capture_wall)
             cpu_capture.append(capture_cpu)
             capture_ratios.append(bare_after / capture_runs[-1])  # its neighbour in time
-            alone_runs.append(writer_alone_seconds(run_cfg, Path(run_cfg.out), Path(tmp) / "writer"))
+            alone, taking = writer_alone_seconds(run_cfg, Path(run_cfg.out), Path(tmp) / "writer")
+            alone_runs.append(alone)
+            taking_runs.append(taking)
             if args.profile_batches and r == args.repeats - 1:
                 profiled = profile_capture(run_cfg, Path(run_cfg.out), args.profile_batches)
             shutil.rmtree(Path(tmp) / "writer")  # a GPU run's rows are GBs
@@ -401,6 +413,10 @@ def main() -> None:
           f"GB/s; runs: {', '.join(f'{s:.2f}s' for s in alone_runs)})")),
         (("ratio writer alone / bare (of the medians): below 1, this machine cannot write rows as fast as the models "
           "make them, and the harvest is bound by writing"), f"{bare / statistics.median(alone_runs):.3f}"),
+        (("writer alone, the CPU of the thread taking the rows (the chunk-buffer scatter; on a GPU a harvest's writer "
+          "thread does this alone, so it caps the rows a harvest takes), median"),
+         (f"{statistics.median(taking_runs):.2f}s  ({tokens * row_bytes / max(statistics.median(taking_runs), 1e-9) / 1e9:.2f} "
+          f"GB/s of rows; runs: {', '.join(f'{s:.2f}s' for s in taking_runs)})")),
     ]
     machine = f"{platform.node() or 'unknown'}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, device {device}"
     if device.startswith("cuda"):

@@ -4,9 +4,9 @@ The forward loop hands over the rows of each group of forward batches (already n
 cast to the storage dtype). Each row is copied straight to its place in the current chunk's buffer
 (``shuffle_shards`` shards of rows), at the position the chunk's permutation gives (a generator
 seeded by ``(seed, chunk)``): the buffer fills already shuffled, and each shard is a contiguous
-slice of it. When the chunk is full, ``write_threads`` threads write its shards atomically
-(sha256, write, fsync) while the next chunk fills; the chunk's shards are then listed in the
-manifest in order, and it is saved. Two chunk buffers alternate. The permutation depends only on
+slice of it. When the chunk is full, ``write_threads`` threads check its shards for inf/NaN and
+write them atomically (sha256, write, fsync) while the next chunk fills; the chunk's shards are
+then listed in the manifest in order, and it is saved. Two chunk buffers alternate. The permutation depends only on
 the seed and the chunk index, so a resumed harvest rewrites byte-identical shards.
 
 CPU rows are copied in the forward loop's own thread (:class:`ShardWriter`). CUDA rows start
@@ -22,7 +22,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -165,6 +167,7 @@ class ShardWriter:
         # final flush aside. Near 0: writing kept up with the forward passes.
         self.wait_seconds = 0.0
         self._stop = threading.Event()
+        self._refused = threading.Event()  # a shard held inf/NaN: the chunk's other jobs write nothing
         self._pool = ThreadPoolExecutor(write_threads or default_write_threads(), "crosscache-shard-write")
         self._chunk: int | None = None  # the chunk filling now, and its buffer
         self._buf: dict | None = None
@@ -226,11 +229,6 @@ class ShardWriter:
     def _take(self, piece: Piece) -> float:
         """Copy a piece's rows to their places in its chunk's buffer; start writing the chunk when it
         is full. Returns the seconds that waited for the previous chunk's shards to be written."""
-        if nonfinite_count(piece.acts_NMPD):
-            # Checked here, on the host, for every row (the calibration check sees only the raw
-            # calibration sample): a float16 overflow in storage, or models that turn inf/NaN later
-            # in the stream, were written silently, passed verify and only stopped training.
-            raise self._nonfinite_error(piece)
         if self._chunk != piece.chunk:
             self._chunk, self._buf = piece.chunk, self._chunk_buffer(piece.chunk)
         buf = self._buf
@@ -250,12 +248,15 @@ class ShardWriter:
         self._chunk, self._buf = None, None
         return waited
 
-    def _nonfinite_error(self, piece: Piece) -> HarvestInputError:
-        """The error for rows holding inf or NaN: which slots, the first such token, the likely cause."""
-        x_NMPD = piece.acts_NMPD.float()
+    def _nonfinite_error(self, rel_file: str, acts_NMPD: torch.Tensor, seq_N: torch.Tensor, pos_N: torch.Tensor,
+                         token_N: torch.Tensor) -> HarvestInputError:
+        """The error for a shard's rows holding inf or NaN: which slots, the first such token, the likely cause."""
+        x_NMPD = acts_NMPD.float()
         bad_NMP = ~torch.isfinite(x_NMPD).all(dim=-1)
-        n = int(bad_NMP.flatten(1).any(dim=1).sum())
-        first = int(bad_NMP.flatten(1).any(dim=1).nonzero()[0])
+        bad_N = bad_NMP.flatten(1).any(dim=1)
+        n = int(bad_N.sum())
+        rows = bad_N.nonzero().flatten().tolist()
+        first = min(rows, key=lambda r: (int(seq_N[r]), int(pos_N[r])))  # the shard is shuffled: the earliest token
         manifest = getattr(self.writer, "manifest", None)
         names = getattr(manifest, "model_names", None)
         hooks = getattr(manifest, "hooks", None)
@@ -273,11 +274,11 @@ class ShardWriter:
                       + (" (--model-dtype float16 overflows): use --model-dtype bfloat16 or float32" if flag
                          else ": check the model's weights"))
         where = getattr(self.writer, "dir", None)
-        start = piece.chunk * self.shard_rows * self.shuffle_shards + piece.offset
         return HarvestInputError(
-            f"{n} of the {len(bad_NMP):,} rows from stream row {start:,} hold {kinds} in {', '.join(slots)} as stored "
-            f"({storage}), the first at sequence {int(piece.seq_N[first])} position {int(piece.pos_N[first])} (token "
-            f"{int(piece.token_N[first])}); the harvest stops before writing them (training would stop on them). "
+            f"{n} of the {len(bad_N):,} rows of shard {rel_file} hold {kinds} in {', '.join(slots)} as stored "
+            f"({storage}), the first at sequence {int(seq_N[first])} position {int(pos_N[first])} (token "
+            f"{int(token_N[first])}); the harvest stops and keeps no shard of their chunk (training would stop on "
+            "them). "
             + ("Either " + "; or ".join(causes) if len(causes) > 1 else causes[0][0].upper() + causes[0][1:])
             + (". Harvest again with that flag into a new --out" + (f" (or delete {where})" if where is not None else "")
                if flag or len(causes) > 1 else ""))
@@ -311,10 +312,19 @@ class ShardWriter:
 
     def _write_shard(self, rel_file: str, buf: dict, start: int, end: int) -> ShardRecord | None:
         """Pool job: write one shard, rows ``[start, end)`` of the (shuffled) chunk buffer (None once
-        the writer is aborted)."""
-        if self._stop.is_set():
+        the writer is aborted, or another shard of the chunk was refused)."""
+        if self._stop.is_set() or self._refused.is_set():
             return None
-        return self.writer.write_shard_file(rel_file, *(buf[k][start:end] for k in ("acts", "seq", "pos", "token")))
+        acts_NMPD, seq_N, pos_N, token_N = (buf[k][start:end] for k in ("acts", "seq", "pos", "token"))
+        if nonfinite_count(acts_NMPD):
+            # Every row is checked (the calibration check sees only the raw calibration sample): a
+            # float16 overflow in storage, or models that turn inf/NaN later in the stream, were
+            # written silently, passed verify and only stopped training. Checked here, not as rows
+            # arrive: the pool's threads share the cost, and the forward loop and the CUDA writer
+            # thread, each a single thread on a harvest's critical path, never pay it.
+            self._refused.set()
+            raise self._nonfinite_error(rel_file, acts_NMPD, seq_N, pos_N, token_N)
+        return self.writer.write_shard_file(rel_file, acts_NMPD, seq_N, pos_N, token_N)
 
     def _list_written(self, *, wait: bool) -> None:
         """List the shards of the chunk being written, in order, and save the manifest once: now
@@ -322,8 +332,16 @@ class ShardWriter:
         if not self._writing or not (wait or all(f.done() for f in self._writing)):
             return
         futures, self._writing = self._writing, []
-        records = [f.result() for f in futures]
+        wait_all(futures)
         self._spare_buf, self._writing_buf = self._writing_buf, None  # no job reads it any more
+        error = next((e for e in (f.exception() for f in futures) if e is not None), None)
+        if error is not None:
+            if self._refused.is_set():  # rows with inf/NaN: remove the chunk's shards already written
+                for f in futures:
+                    if f.exception() is None and f.result() is not None:
+                        (Path(self.writer.dir) / f.result().file).unlink(missing_ok=True)
+            raise error
+        records = [f.result() for f in futures]
         if any(r is None for r in records):  # aborted: the chunk is rewritten on resume
             return
         for j, record in enumerate(records):

@@ -64,27 +64,40 @@ _SAFETENSORS_DTYPE_RANK = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16
                            "F32", "F64", "I64", "U64"]
 
 
-# Per storage dtype: the integer type of its width and the mask of its exponent bits. A value is inf or
-# NaN exactly when every exponent bit is set.
-_EXPONENT_MASKS: dict[torch.dtype, tuple[type, int]] = {
-    torch.float16: (np.int16, 0x7C00),
-    torch.bfloat16: (np.int16, 0x7F80),
-    torch.float32: (np.int32, 0x7F800000),
+# Per storage dtype: the unsigned integer type of its width and the mask of its exponent bits. A
+# value is inf or NaN exactly when every exponent bit is set, that is when its magnitude bits (all
+# but the sign) read as an integer are at least the mask.
+_EXPONENT_MASKS: dict[torch.dtype, tuple[torch.dtype, type, int]] = {
+    torch.float16: (torch.int16, np.uint16, 0x7C00),
+    torch.bfloat16: (torch.int16, np.uint16, 0x7F80),
+    torch.float32: (torch.int32, np.uint32, 0x7F800000),
 }
+# Values tested at a time: the block's masked copy stays in the core's L2 cache between the two
+# passes over it (2.3 GB/s unblocked, 8.4 GB/s at 2^18 values on a 2-CPU VM, one thread).
+_NONFINITE_BLOCK = 1 << 18
 
 
 def nonfinite_count(acts: torch.Tensor) -> int:
     """How many values of a CPU float tensor are inf or NaN.
 
-    For the storage dtypes this tests the exponent bits with numpy: ~15x faster than
-    ``torch.isfinite`` on float16/bfloat16 on the CPU (which converts every value first), so a
-    harvest's writer and ``verify`` can check every row for about a tenth of what hashing costs."""
+    For the storage dtypes this tests the exponent bits with numpy, a cache-sized block at a time:
+    ~20x faster than ``torch.isfinite`` on float16/bfloat16 on the CPU (which converts every value
+    first) and ~5x faster than sha256, so a harvest's shard writer and ``verify`` check every row
+    for a fraction of what hashing costs. One thread: it never competes with torch's own."""
     code = _EXPONENT_MASKS.get(acts.dtype)
     if code is None:
         return int((~torch.isfinite(acts)).sum())
-    int_type, mask = code
-    bits = acts.detach().view(torch.int16 if int_type is np.int16 else torch.int32).numpy()
-    return int(np.count_nonzero((bits & mask) == mask))
+    int_dtype, uint_type, mask = code
+    bits = acts.detach().view(int_dtype).numpy().view(uint_type).reshape(-1)
+    magnitude = uint_type((1 << (8 * bits.itemsize - 1)) - 1)  # every bit but the sign
+    scratch = np.empty(min(bits.size, _NONFINITE_BLOCK), dtype=uint_type)
+    count = 0
+    for start in range(0, bits.size, _NONFINITE_BLOCK):
+        block = scratch[: min(_NONFINITE_BLOCK, bits.size - start)]
+        np.bitwise_and(bits[start : start + len(block)], magnitude, out=block)
+        if block.max() >= mask:  # rare: count only the blocks that hold one
+            count += int(np.count_nonzero(block >= mask))
+    return count
 
 
 class DiskFullError(OSError):

@@ -534,6 +534,34 @@ def test_verify_names_inf_and_nan_activations(tmp_path):
     assert verify_cache(cache, checksums=False).ok
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_nonfinite_count_matches_isfinite_on_every_kind_of_value(dtype):
+    """The exponent-bit count, block by block, against torch.isfinite: every 16-bit pattern, both signs
+    of inf and NaN, the largest finite values and subnormals, values in a last partial block and across
+    block edges, and a strided view."""
+    from shared.shard_io import _NONFINITE_BLOCK, nonfinite_count
+
+    def reference(x: torch.Tensor) -> int:
+        return int((~torch.isfinite(x.double())).sum())
+
+    if dtype != torch.float32:
+        every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+        assert nonfinite_count(every) == reference(every) == (2048 if dtype == torch.float16 else 256)
+    gen = torch.Generator().manual_seed(0)
+    n = 2 * _NONFINITE_BLOCK + 5
+    x = torch.randn(n, generator=gen).to(dtype)
+    assert nonfinite_count(x) == 0 and nonfinite_count(x[:0]) == 0
+    info = torch.finfo(dtype)
+    x[:4] = torch.tensor([info.max, -info.max, info.tiny / 4, -info.tiny], dtype=dtype)
+    assert nonfinite_count(x) == 0
+    bad = [_NONFINITE_BLOCK - 1, _NONFINITE_BLOCK, 2 * _NONFINITE_BLOCK + 4, 17]
+    for i, v in zip(bad, [float("inf"), -float("inf"), float("nan"), -float("nan")]):
+        x[i] = v
+    assert nonfinite_count(x) == reference(x) == 4
+    strided = x[: (n // 4) * 4].view(-1, 4)[:, 1:3]
+    assert nonfinite_count(strided) == reference(strided)
+    assert nonfinite_count(x.view(1, -1, 1)) == 4
+
 def test_manifest_normalization_and_widths_are_checked(tmp_path):
     """scale must be [n_models][n_hooks] numbers (it may be left out for none and mean_std, where
     it is 1.0); a model whose listed d_model differs from the cache's is refused."""

@@ -639,31 +639,41 @@ def test_rows_past_float16_or_non_finite_stop_the_harvest(toy_dirs, tmp_path):
     assert ok.complete and ok.n_rows == 1000
 
 
-def test_writer_refuses_nan_rows_and_names_the_model_dtype():
+@pytest.mark.parametrize("threaded", [False, True], ids=["in-thread", "writer-thread"])
+def test_writer_refuses_nan_rows_and_names_the_model_dtype(tmp_path, threaded):
     """NaN rows past the calibration sample (float16 models overflow on a rare token): refused, with the
-    --model-dtype fix, before any shard of their chunk is written."""
-    from types import SimpleNamespace
+    --model-dtype fix, and no shard of their chunk is kept; earlier chunks stay written and listed."""
+    from harvest.writer import ShardWriter, ShardWriterThread
+    from shared.cache import CacheWriter
+    from tests.cache_factory import make_cache
 
-    from harvest.writer import ShardWriter
+    manifest = make_cache(tmp_path / "src", n_shards=1, rows_per_shard=8, d_model=4, tag=False, model_names=["a", "b"],
+                          hook_names=["h"])
+    manifest.shards, manifest.n_rows, manifest.complete = [], 0, False
+    manifest.extra["harvest"] = {"config": {"model_dtype": "float16"}}
+    cache = CacheWriter(tmp_path / "cache", manifest)
+    kind = ShardWriterThread if threaded else ShardWriter
+    w = kind(cache, chunk_rows=[16, 8], shard_rows=4, shuffle_shards=4, seed=0, row_shape=(2, 1, 4),
+             dtype=torch.bfloat16, write_threads=2)
+    acts = torch.zeros(24, 2, 1, 4, dtype=torch.bfloat16)
+    acts[19, 1, 0, 2] = float("nan")
+    ids = torch.arange(24)
+    w.put_rows(0, acts[:16], ids[:16], ids[:16], ids[:16])  # a finite chunk: written and listed
+    with pytest.raises(HarvestInputError, match=r"1 of the 4 rows of shard shards/acts-\d+\.safetensors hold NaN in b/h as "
+                       r"stored \(bfloat16\), the first at sequence 19 position 19 \(token 19\).*keeps no shard of "
+                       r"their chunk.*--model-dtype float16 overflows"):
+        w.write_all([(16, acts[16:], ids[16:], ids[16:], ids[16:])], w.put_rows)
+    assert [s.n_rows for s in cache.manifest.shards] == [4, 4, 4, 4]  # the first chunk only
+    assert sorted(p.name for p in (tmp_path / "cache" / "shards").iterdir()) == \
+        sorted(Path(s.file).name for s in cache.manifest.shards)
 
-    class NoWrites:
-        dir = Path("cache")
-        manifest = SimpleNamespace(model_names=["a", "b"], hooks=["h"],
-                                   extra={"harvest": {"config": {"model_dtype": "float16"}}})
-
-        def write_shard_file(self, *a, **kw):
-            raise AssertionError("not reached")
-
-    w = ShardWriter(NoWrites(), chunk_rows=[8], shard_rows=8, shuffle_shards=1, seed=0, row_shape=(2, 1, 4),
+    # Two bad rows in one shard: the earliest token is named, whatever the shuffle put first.
+    acts[13, 1, 0, 2], acts[10, 0, 0, 0] = float("nan"), float("inf")
+    w = ShardWriter(cache, chunk_rows=[8], shard_rows=8, shuffle_shards=1, seed=3, row_shape=(2, 1, 4),
                     dtype=torch.bfloat16, write_threads=1)
-    acts = torch.zeros(8, 2, 1, 4, dtype=torch.bfloat16)
-    acts[5, 1, 0, 2] = float("nan")
-    ids = torch.arange(8)
-    w.put_rows(0, acts[:4], ids[:4], ids[:4], ids[:4])  # finite rows are taken
-    with pytest.raises(HarvestInputError, match=r"1 of the 4 rows from stream row 4 hold NaN in b/h as stored "
-                       r"\(bfloat16\), the first at sequence 5 position 5 \(token 5\).*--model-dtype float16 overflows"):
-        w.put_rows(4, acts[4:], ids[4:], ids[4:], ids[4:])
-    w.abort()
+    with pytest.raises(HarvestInputError, match=r"2 of the 8 rows .*hold inf and NaN in a/h, b/h .* the first at "
+                       r"sequence 10 position 10"):
+        w.write_all([(0, acts[8:16], ids[8:16], ids[8:16], ids[8:16])], w.put_rows)
 
 
 def test_writer_that_died_does_not_hang_close(tmp_path):
