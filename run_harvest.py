@@ -17,9 +17,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harvest.config import HarvestConfig
 from shared.config import add_dataclass_arguments, config_from_namespace, unknown_command
+
+if TYPE_CHECKING:
+    from shared.cache import VerifyReport
 
 
 def _harvest_parser() -> argparse.ArgumentParser:
@@ -55,17 +59,25 @@ def _verify(argv: list[str]) -> int:
         if (holder := holder_summary(args.cache)) is not None:  # its problems may be work in progress
             print(f"note: a harvest ({holder}) is writing this cache now: verify again when it ends", file=sys.stderr)
             return BUSY_EXIT_CODE
-        print(_repair_hint(Path(args.cache)), file=sys.stderr)
+        print(_repair_hint(Path(args.cache), report), file=sys.stderr)
     return 1
 
 
-def _repair_hint(cache_dir: Path) -> str:
+def _repair_hint(cache_dir: Path, report: VerifyReport) -> str:
     """How to repair a local cache: a re-run of its harvest rewrites what is missing; a folder of a Hub
-    cache download is downloaded again instead."""
+    cache download is downloaded again instead. Shards written holding inf or NaN are intact: a re-run
+    or a download writes the same bytes again, so only a new harvest with other dtypes mends them."""
     from shared.cache_format import Manifest
     from shared.hub_spec import rewrite_advice
 
     from harvest.rank_manifests import RANK_MANIFEST_GLOB
+
+    if report.nonfinite_shards:  # the cache must be made again: mending the damaged shards gains nothing
+        n, others = len(report.nonfinite_shards), len(report.problems) - len(report.nonfinite_shards)
+        return (f"to repair: {n} shard(s) above are not damaged but were written holding inf or NaN, and re-running "
+                "the harvest (or downloading the cache again) writes the same values: harvest again into a new folder "
+                "with the dtype flags named above" + (f"; that also replaces what the other {others} problem(s) name"
+                                                      if others else ""))
 
     if hub_fix := rewrite_advice(cache_dir, local=None):
         return f"to repair: {hub_fix}"

@@ -140,12 +140,15 @@ def planned_rows_unlisted(manifest: Manifest) -> int | None:
 
 @dataclass
 class VerifyReport:
-    """Outcome of :func:`verify_cache`: ``problems`` names each missing or corrupted file."""
+    """Outcome of :func:`verify_cache`: ``problems`` names each missing or corrupted file.
+    ``nonfinite_shards`` lists the shards among them that are intact but were written holding inf
+    or NaN: no re-run or re-download repairs those, only a harvest with other dtypes."""
 
     cache_dir: Path
     n_shards: int = 0
     n_rows: int = 0
     problems: list[str] = field(default_factory=list)
+    nonfinite_shards: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -224,6 +227,8 @@ def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: boo
             continue
         if mismatch or nonfinite:
             report.problems.append(f"{rec.file}: {mismatch or nonfinite}")
+            if nonfinite and not mismatch:
+                report.nonfinite_shards.append(rec.file)
             continue
         report.n_rows += rec.n_rows
     tokenizer_problem = tokenizer_file_problem(cache_dir, manifest.tokenizer, checksum=checksums, sha256=sha256)

@@ -507,7 +507,7 @@ def test_verify_cross_checks_rows_against_the_token_table(tmp_path):
     assert any("seq values outside the tokens.arrow sequences 0..0" in p for p in verify_cache(cache).problems)
 
 
-def test_verify_names_inf_and_nan_activations(tmp_path):
+def test_verify_names_inf_and_nan_activations(tmp_path, capsys):
     """A shard written with inf or NaN (float16 storage past 65,504, a model that overflowed) has the right
     sha256: verify said OK, while training stopped on it and told the user to run verify. It is named now,
     with its slot; --no-checksums, which reads no activations, does not look."""
@@ -531,7 +531,21 @@ def test_verify_names_inf_and_nan_activations(tmp_path):
                                "storage float16): written so when the cache was made, not damaged since, and training stops "
                                "on them. Harvest again into a new folder with --dtype bfloat16 (float16 stores values past "
                                "65,504 as inf), or --model-dtype bfloat16 or float32 if the models overflowed"]
-    assert verify_cache(cache, checksums=False).ok
+    assert verify_cache(cache, checksums=False).ok and report.nonfinite_shards == [rec["file"]]
+
+    # The CLI's advice: a re-run or a download writes the same values, so it is not offered for them.
+    import run_harvest
+
+    assert run_harvest._verify([str(cache)]) == 1
+    err = capsys.readouterr().err
+    assert "to repair: 1 shard(s) above are not damaged but were written holding inf or NaN" in err
+    assert "re-run the harvest command" not in err and "other" not in err
+    damaged = cache / man["shards"][0]["file"]
+    damaged.write_bytes(damaged.read_bytes()[:-8])  # truncated too: the new harvest mends both
+    assert run_harvest._verify([str(cache)]) == 1
+    err = capsys.readouterr().err
+    assert "harvest again into a new folder with the dtype flags named above; that also replaces what the other 1 " \
+           "problem(s) name" in err and "delete each shard" not in err
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
