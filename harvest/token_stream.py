@@ -283,6 +283,8 @@ def _pretokenized_ids(doc: dict[str, Any], n_vocab: int) -> list[int]:
         ids = np.asarray(raw) if not isinstance(raw, (str, bytes, dict)) else None
     except ValueError:  # numpy refuses ragged nested lists
         ids = np.empty((0, 0))
+    if ids is not None and ids.dtype.kind in "iuf" and isinstance(raw, list) and bool in set(map(type, raw)):
+        ids = np.asarray(raw, dtype=object)  # JSON true/false among numbers: numpy made them 1/0 ids
     if ids is None or ids.ndim != 1 or ids.dtype.kind not in "iuf":
         what = ("a nested list (one row per document: flatten it)" if ids is not None and ids.ndim > 1
                 else _KIND_NAMES.get(ids.dtype.kind, f"{ids.dtype} values") if ids is not None and ids.ndim == 1

@@ -331,6 +331,10 @@ def test_pretokenized_values_are_checked_not_cast(tokenizer, tmp_path):
     good = [{"input_ids": list(range(5, 40))} for _ in range(10)]
     with pytest.raises(HarvestInputError, match=r"hold 377\.5, not a whole number"):
         plan_of(good + [{"input_ids": [5, 377.5, 6]}] * 300, n_rows=5000)
+    with pytest.raises(HarvestInputError, match=r"a row holds nulls or mixed values: \[5, True, 6\]"):
+        plan_of(good + [{"input_ids": [5, True, 6]}] * 300, n_rows=5000)  # not id 1
+    with pytest.raises(HarvestInputError, match=r"a row holds bools"):
+        plan_of([{"input_ids": [True, False]}] * 5, n_rows=5)
     with pytest.raises(HarvestInputError, match=r"a row holds a nested list \(one row per document: flatten it\)"):
         plan_of([{"input_ids": [[5, 6, 7], [8, 9]]}] * 5, n_rows=5)
     plan = plan_of(good + [{"input_ids": None}] * 4 + [{"input_ids": []}] * 3, n_rows=10**6, read_all=True)
