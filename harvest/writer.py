@@ -6,8 +6,9 @@ cast to the storage dtype). Each row is copied straight to its place in the curr
 seeded by ``(seed, chunk)``): the buffer fills already shuffled, and each shard is a contiguous
 slice of it. When the chunk is full, ``write_threads`` threads check its shards for inf/NaN and
 write them atomically (sha256, write, fsync) while the next chunk fills; the chunk's shards are
-then listed in the manifest in order, and it is saved. Two chunk buffers alternate. The permutation depends only on
-the seed and the chunk index, so a resumed harvest rewrites byte-identical shards.
+then listed in the manifest in order, and it is saved. Two chunk buffers alternate. The
+permutation depends only on the seed and the chunk index, so a resumed harvest rewrites
+byte-identical shards.
 
 CPU rows are copied in the forward loop's own thread (:class:`ShardWriter`). CUDA rows start
 their copy into pinned host memory at once, on a side stream (the forward's stream never waits

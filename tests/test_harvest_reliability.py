@@ -669,8 +669,9 @@ def test_writer_refuses_nan_rows_and_names_the_model_dtype(tmp_path, threaded):
 
     # Two bad rows in one shard: the earliest token is named, whatever the shuffle put first.
     acts[13, 1, 0, 2], acts[10, 0, 0, 0] = float("nan"), float("inf")
-    w = ShardWriter(cache, chunk_rows=[8], shard_rows=8, shuffle_shards=1, seed=3, row_shape=(2, 1, 4),
-                    dtype=torch.bfloat16, write_threads=1)
+    manifest.shards, manifest.n_rows = [], 0
+    w = ShardWriter(CacheWriter(tmp_path / "cache2", manifest), chunk_rows=[8], shard_rows=8, shuffle_shards=1, seed=3,
+                    row_shape=(2, 1, 4), dtype=torch.bfloat16, write_threads=1)
     with pytest.raises(HarvestInputError, match=r"2 of the 8 rows .*hold inf and NaN in a/h, b/h .* the first at "
                        r"sequence 10 position 10"):
         w.write_all([(0, acts[8:16], ids[8:16], ids[8:16], ids[8:16])], w.put_rows)
