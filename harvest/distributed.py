@@ -410,6 +410,7 @@ def _run(cfg: HarvestConfig, group: Group, local_rank: int, made: list[tuple[Pat
     shard_writer = shard_writer_for(
         device, log, chunk_rows=chunk_rows, shard_rows=layout.shard_rows, shuffle_shards=layout.shuffle_shards,
         seed=cfg.seed, row_shape=(m, p, d), dtype=storage, rank=rank, write_threads=cfg.write_threads,
+        model_names=[r.name for r in models.resolved], hooks=list(cfg.hooks), model_dtype=cfg.model_dtype,
     )
     norm_dev = norm.to(device)  # the factors move once, not per batch
     # What the ranks that finish first watch while they wait at the merge (see harvest.rank_progress).

@@ -573,7 +573,8 @@ def _harvest_one_process(cfg: HarvestConfig) -> Manifest:
     shard_writer = shard_writer_for(
         device, writer, chunk_rows=layout.chunk_rows(), shard_rows=layout.shard_rows,
         shuffle_shards=layout.shuffle_shards, seed=cfg.seed, row_shape=(m, p, d), dtype=storage,
-        write_threads=cfg.write_threads,
+        write_threads=cfg.write_threads, model_names=[r.name for r in models.resolved], hooks=list(cfg.hooks),
+        model_dtype=cfg.model_dtype,
     )
     norm_dev = norm.to(device)  # the factors move once, not per batch
 

@@ -83,6 +83,7 @@ class RankShardLog:
     def __init__(self, out: Path, rank: int, world: int, *, signature: dict, dtype: torch.dtype,
                  row_shape: tuple[int, int, int], records: list[ShardRecord]) -> None:
         self.out, self.rank, self.world = out, rank, world
+        self.dir = out  # the cache folder, by the name CacheWriter gives it (the shard writer uses it)
         self.signature, self.dtype, self.row_shape = signature, dtype, row_shape
         self.records = list(records)
 

@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -152,6 +151,9 @@ class ShardWriter:
         dtype: torch.dtype,
         rank: int | None = None,
         write_threads: int | None = None,
+        model_names: list[str] | None = None,
+        hooks: list[str] | None = None,
+        model_dtype: str | None = None,
     ) -> None:
         self.writer = writer
         self.chunk_rows = chunk_rows  # rows in each chunk (the last may be short)
@@ -161,6 +163,8 @@ class ShardWriter:
         self.row_shape = row_shape
         self.dtype = dtype
         self.rank = rank
+        # What an inf/NaN refusal names: the slots, and --model-dtype as a cause when it is float16.
+        self.model_names, self.hooks, self.model_dtype = model_names, hooks, model_dtype
         self.bytes_written = 0
         self.rows_written = 0
         self.flush_seconds = 0.0  # write_all: from the last rows sent to the last shard listed
@@ -258,30 +262,26 @@ class ShardWriter:
         n = int(bad_N.sum())
         rows = bad_N.nonzero().flatten().tolist()
         first = min(rows, key=lambda r: (int(seq_N[r]), int(pos_N[r])))  # the shard is shuffled: the earliest token
-        manifest = getattr(self.writer, "manifest", None)
-        names = getattr(manifest, "model_names", None)
-        hooks = getattr(manifest, "hooks", None)
+        names, hooks = self.model_names, self.hooks
         slots = [f"{names[m]}/{hooks[p]}" if names and hooks else f"models[{m}]/hooks[{p}]"
                  for m, p in bad_NMP.any(dim=0).nonzero().tolist()]
         kinds = " and ".join(k for k, f in (("inf", torch.isinf), ("NaN", torch.isnan)) if bool(f(x_NMPD).any()))
-        config = (getattr(manifest, "extra", None) or {}).get("harvest", {}).get("config", {})
         storage = str(self.dtype).removeprefix("torch.")
         causes = []
         if self.dtype == torch.float16 and "NaN" not in kinds:
             causes.append("float16 storage holds magnitudes up to 65,504 and stores a larger normalized activation as "
                           "inf: use --dtype bfloat16 (the same size, float32's range) or float32")
-        flag = config.get("model_dtype") == "float16"
+        flag = self.model_dtype == "float16"
         causes.append("the models' own activations are inf or NaN at these tokens"
                       + (" (--model-dtype float16 overflows): use --model-dtype bfloat16 or float32" if flag
                          else ": check the model's weights"))
-        where = getattr(self.writer, "dir", None)
         return HarvestInputError(
             f"{n} of the {len(bad_N):,} rows of shard {rel_file} hold {kinds} in {', '.join(slots)} as stored "
             f"({storage}), the first at sequence {int(seq_N[first])} position {int(pos_N[first])} (token "
             f"{int(token_N[first])}); the harvest stops and keeps no shard of their chunk (training would stop on "
             "them). "
             + ("Either " + "; or ".join(causes) if len(causes) > 1 else causes[0][0].upper() + causes[0][1:])
-            + (". Harvest again with that flag into a new --out" + (f" (or delete {where})" if where is not None else "")
+            + (f". Harvest again with that flag into a new --out (or delete {self.writer.dir})"
                if flag or len(causes) > 1 else ""))
 
     def _chunk_buffer(self, chunk: int) -> dict:
@@ -338,9 +338,9 @@ class ShardWriter:
         error = next((e for e in (f.exception() for f in futures) if e is not None), None)
         if error is not None:
             if self._refused.is_set():  # rows with inf/NaN: remove the chunk's shards already written
-                for f in futures:
-                    if f.exception() is None and f.result() is not None:
-                        (Path(self.writer.dir) / f.result().file).unlink(missing_ok=True)
+                for record in (f.result() for f in futures if f.exception() is None):
+                    if record is not None:
+                        (self.writer.dir / record.file).unlink(missing_ok=True)
             raise error
         records = [f.result() for f in futures]
         if any(r is None for r in records):  # aborted: the chunk is rewritten on resume

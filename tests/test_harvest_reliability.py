@@ -650,11 +650,11 @@ def test_writer_refuses_nan_rows_and_names_the_model_dtype(tmp_path, threaded):
     manifest = make_cache(tmp_path / "src", n_shards=1, rows_per_shard=8, d_model=4, tag=False, model_names=["a", "b"],
                           hook_names=["h"])
     manifest.shards, manifest.n_rows, manifest.complete = [], 0, False
-    manifest.extra["harvest"] = {"config": {"model_dtype": "float16"}}
     cache = CacheWriter(tmp_path / "cache", manifest)
     kind = ShardWriterThread if threaded else ShardWriter
+    names = dict(model_names=["a", "b"], hooks=["h"], model_dtype="float16")
     w = kind(cache, chunk_rows=[16, 8], shard_rows=4, shuffle_shards=4, seed=0, row_shape=(2, 1, 4),
-             dtype=torch.bfloat16, write_threads=2)
+             dtype=torch.bfloat16, write_threads=2, **names)
     acts = torch.zeros(24, 2, 1, 4, dtype=torch.bfloat16)
     acts[19, 1, 0, 2] = float("nan")
     ids = torch.arange(24)
@@ -671,10 +671,29 @@ def test_writer_refuses_nan_rows_and_names_the_model_dtype(tmp_path, threaded):
     acts[13, 1, 0, 2], acts[10, 0, 0, 0] = float("nan"), float("inf")
     manifest.shards, manifest.n_rows = [], 0
     w = ShardWriter(CacheWriter(tmp_path / "cache2", manifest), chunk_rows=[8], shard_rows=8, shuffle_shards=1, seed=3,
-                    row_shape=(2, 1, 4), dtype=torch.bfloat16, write_threads=1)
+                    row_shape=(2, 1, 4), dtype=torch.bfloat16, write_threads=1, **names)
     with pytest.raises(HarvestInputError, match=r"2 of the 8 rows .*hold inf and NaN in a/h, b/h .* the first at "
                        r"sequence 10 position 10"):
         w.write_all([(0, acts[8:16], ids[8:16], ids[8:16], ids[8:16])], w.put_rows)
+
+
+def test_a_ranks_writer_refuses_nan_rows_too(tmp_path):
+    """Under torchrun each rank's shards go through a RankShardLog, not a CacheWriter: a refused chunk raised an
+    AttributeError there (no ``dir``) while removing the chunk's other shards, instead of the inf/NaN error."""
+    from harvest.rank_manifests import RankShardLog
+    from harvest.writer import ShardWriter
+
+    log = RankShardLog(tmp_path, 1, 2, signature={}, dtype=torch.bfloat16, row_shape=(2, 1, 4), records=[])
+    w = ShardWriter(log, chunk_rows=[16], shard_rows=4, shuffle_shards=4, seed=0, row_shape=(2, 1, 4),
+                    dtype=torch.bfloat16, rank=1, write_threads=2, model_names=["a", "b"], hooks=["h"],
+                    model_dtype="bfloat16")
+    acts = torch.zeros(16, 2, 1, 4, dtype=torch.bfloat16)
+    acts[5, 1, 0, 0] = float("nan")
+    ids = torch.arange(16)
+    with pytest.raises(HarvestInputError, match=r"1 of the 4 rows of shard shards/acts-rank1-\d+\.safetensors hold NaN "
+                       r"in b/h .* the first at sequence 5 position 5"):
+        w.write_all([(0, acts, ids, ids, ids)], w.put_rows)
+    assert not list((tmp_path / "shards").glob("*.safetensors")) and log.records == []
 
 
 def test_writer_that_died_does_not_hang_close(tmp_path):
