@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from harvest.models import HarvestInputError
-from shared.cache import CacheWriter
+from shared.cache import CacheWriter, nonfinite_rows
 from shared.cache_format import ShardRecord, shard_file_name
 from shared.shard_io import nonfinite_count
 
@@ -256,16 +256,11 @@ class ShardWriter:
     def _nonfinite_error(self, rel_file: str, acts_NMPD: torch.Tensor, seq_N: torch.Tensor, pos_N: torch.Tensor,
                          token_N: torch.Tensor) -> HarvestInputError:
         """The error for a shard's rows holding inf or NaN: which slots, the first such token, the likely cause."""
-        x_NMPD = acts_NMPD.float()
-        bad_NMP = ~torch.isfinite(x_NMPD).all(dim=-1)
-        bad_N = bad_NMP.flatten(1).any(dim=1)
+        bad_N, slots = nonfinite_rows(acts_NMPD, self.model_names, self.hooks)
         n = int(bad_N.sum())
         rows = bad_N.nonzero().flatten().tolist()
         first = min(rows, key=lambda r: (int(seq_N[r]), int(pos_N[r])))  # the shard is shuffled: the earliest token
-        names, hooks = self.model_names, self.hooks
-        slots = [f"{names[m]}/{hooks[p]}" if names and hooks else f"models[{m}]/hooks[{p}]"
-                 for m, p in bad_NMP.any(dim=0).nonzero().tolist()]
-        kinds = " and ".join(k for k, f in (("inf", torch.isinf), ("NaN", torch.isnan)) if bool(f(x_NMPD).any()))
+        kinds = " and ".join(k for k, f in (("inf", torch.isinf), ("NaN", torch.isnan)) if bool(f(acts_NMPD).any()))
         storage = str(self.dtype).removeprefix("torch.")
         causes = []
         if self.dtype == torch.float16 and "NaN" not in kinds:

@@ -261,16 +261,26 @@ def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: boo
     return report
 
 
+def nonfinite_rows(acts_NMPD: torch.Tensor, model_names: list[str] | None,
+                   hooks: list[str] | None) -> tuple[torch.Tensor, list[str]]:
+    """Which rows of activations hold inf or NaN (``bad_N``, bool) and in which slots, as ``model/hook``
+    (``models[m]/hooks[p]`` without names), in slot order. For messages: every value is converted to
+    float32; :func:`shared.shard_io.nonfinite_count` is the fast test."""
+    bad_NMP = ~torch.isfinite(acts_NMPD.float()).all(dim=-1)
+    slots = [f"{model_names[m]}/{hooks[p]}" if model_names and hooks else f"models[{m}]/hooks[{p}]"
+             for m, p in bad_NMP.any(dim=0).nonzero().tolist()]
+    return bad_NMP.flatten(1).any(dim=1), slots
+
+
 def _nonfinite_problem(acts_NMPD: torch.Tensor, manifest: Manifest) -> str | None:
     """What :func:`verify_cache` says of a shard whose activations hold inf or NaN (None if none do)."""
     n = nonfinite_count(acts_NMPD)
     if not n:
         return None
-    bad_NMP = ~torch.isfinite(acts_NMPD.float()).all(dim=-1)
-    slots = [f"{manifest.model_names[m]}/{manifest.hooks[p]}" for m, p in bad_NMP.any(dim=0).nonzero().tolist()]
+    bad_N, slots = nonfinite_rows(acts_NMPD, manifest.model_names, manifest.hooks)
     storage = ("--dtype bfloat16 (float16 stores values past 65,504 as inf), or "
                if manifest.dtype == "float16" else "")
-    return (f"{n} activation value(s) in {int(bad_NMP.flatten(1).any(dim=1).sum())} row(s) are inf or NaN (in "
+    return (f"{n} activation value(s) in {int(bad_N.sum())} row(s) are inf or NaN (in "
             f"{', '.join(slots)}; storage {manifest.dtype}): written so when the cache was made, not damaged since, and "
             f"training stops on them. Harvest again into a new folder with {storage}--model-dtype bfloat16 or float32 "
             "if the models overflowed")
