@@ -216,7 +216,7 @@ def test_sweep_bad_members_fail_before_training(toy_cache, tmp_path):
 def _torchrun(args: list[str], nproc: int, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                           "--master-port", str(29500 + os.getpid() % 1000), str(ROOT / "run_train.py"), *args],
+                           "--standalone", str(ROOT / "run_train.py"), *args],
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -314,7 +314,7 @@ def test_ddp_resume_after_a_lost_rank(toy_cache, tmp_path):
     assert _metrics(tmp_path / "res") == _metrics(tmp_path / "ref")
 
 
-def _long_ddp_run(toy_cache: Path, run: Path, *, dist_timeout: int, port: int) -> tuple[subprocess.Popen, list]:
+def _long_ddp_run(toy_cache: Path, run: Path, *, dist_timeout: int) -> tuple[subprocess.Popen, list]:
     """A 2-rank torchrun training that would run for ages, once its first checkpoint is on disk: the
     torchrun process and its two workers (psutil processes, rank order)."""
     import time as _time
@@ -322,8 +322,8 @@ def _long_ddp_run(toy_cache: Path, run: Path, *, dist_timeout: int, port: int) -
     import psutil
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                             str(port), str(ROOT / "run_train.py"), "--cache", str(toy_cache),
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                             str(ROOT / "run_train.py"), "--cache", str(toy_cache),
                              "--out", str(run), "--batch-size", "64", "--latents", "64", "--steps", "100000",
                              "--checkpoint-every", "5", "--dist-timeout", str(dist_timeout), "--device", "cpu",
                              "--no-progress"],
@@ -343,7 +343,7 @@ def test_ddp_a_dead_rank_stops_the_others(toy_cache, tmp_path):
     import time as _time
 
     run = tmp_path / "run"
-    proc, workers = _long_ddp_run(toy_cache, run, dist_timeout=30, port=29600 + os.getpid() % 300)
+    proc, workers = _long_ddp_run(toy_cache, run, dist_timeout=30)
     workers[1].kill()
     t = _time.time()
     out, err = proc.communicate(timeout=180)
@@ -358,7 +358,7 @@ def test_ddp_a_hung_rank_stops_the_others_with_a_clear_error(toy_cache, tmp_path
     the step, the cause and the fix, not the backend's traceback."""
     import signal
 
-    proc, (rank0, hung) = _long_ddp_run(toy_cache, tmp_path / "run", dist_timeout=10, port=29300 + os.getpid() % 200)
+    proc, (rank0, hung) = _long_ddp_run(toy_cache, tmp_path / "run", dist_timeout=10)
     hung.send_signal(signal.SIGSTOP)
     try:
         rank0.wait(timeout=120)  # the collective's timeout, then the error
@@ -401,8 +401,8 @@ def test_ddp_rank0_saving_or_evaluating_longer_than_the_timeout_is_no_failure(to
     script.write_text(SLOW_RANK0.format(root=str(ROOT), sleep=7, setup_sleep=7))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     run = tmp_path / "run"
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(29900 + os.getpid() % 90), str(script), "--cache", str(toy_cache), "--out", str(run),
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                          str(script), "--cache", str(toy_cache), "--out", str(run),
                           "--batch-size", "64", "--latents", "64", "--steps", "2", "--eval-every", "1",
                           "--checkpoint-every", "1000", "--dist-timeout", "4", "--device", "cpu", "--no-progress"],
                          env=env, capture_output=True, text=True, timeout=300)
@@ -453,8 +453,8 @@ def test_sigterm_reaches_a_rank_waiting_for_rank0(toy_cache, tmp_path):
     script.write_text(SLOW_RANK0.format(root=str(ROOT), sleep=120, setup_sleep=0).replace('("save_checkpoint", "evaluate")',
                                                                            '("evaluate",)'))
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                             str(29800 + os.getpid() % 90), str(script), "--cache", str(toy_cache), "--out", str(run),
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                             str(script), "--cache", str(toy_cache), "--out", str(run),
                              "--batch-size", "64", "--latents", "64", "--steps", "2", "--checkpoint-every", "1000",
                              "--dist-timeout", "30", "--device", "cpu", "--no-progress"],
                             env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
