@@ -615,7 +615,7 @@ def progress_bar(total: int, *, initial: int, desc: str, disable: bool, started:
     exists, reach it all at once; with the clock started at the bar and tqdm's smoothed rate, that
     showed a burst of hundreds of thousands of tokens/s. The rate shown is the average since
     ``started``."""
-    from tqdm import tqdm
+    from shared.progress import tqdm
 
     bar = tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc=desc, disable=disable,
                dynamic_ncols=True, smoothing=0)

@@ -238,7 +238,7 @@ def _lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
 
 def _train(model, data: torch.Tensor, hp: dict, *, seed: int, desc: str, progress: bool) -> dict:
     """Train on ``data`` rows in order, ``BATCH`` rows a step, with AdamW and the LR schedule."""
-    from tqdm.auto import tqdm
+    from shared.progress import tqdm
 
     torch.manual_seed(seed)
     decay = [p for p in model.parameters() if p.dim() >= 2]  # no decay on biases / norms
@@ -262,7 +262,7 @@ def _train(model, data: torch.Tensor, hp: dict, *, seed: int, desc: str, progres
             opt.step()
             loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
             bar.update(BATCH * SEQ_LEN)
-            bar.set_postfix(loss=f"{loss_ema:.3f}")
+            bar.set_postfix(loss=f"{loss_ema:.3f}", refresh=False)
     model.eval()
     return {"tokens": hp["steps"] * BATCH * SEQ_LEN, "seconds": time.perf_counter() - start,
             "final_train_loss": loss_ema}

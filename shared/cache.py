@@ -201,7 +201,7 @@ def verify_cache(cache_dir: str | Path, *, checksums: bool = True, progress: boo
                                "(harvest.planned_rows): shard entries were removed or added by hand")
     shards = manifest.shards
     if progress:
-        from tqdm import tqdm
+        from shared.progress import tqdm
 
         shards = tqdm(shards, desc="verify", unit="shard")
     for rec in shards:

@@ -110,7 +110,7 @@ def _sha256_files(paths: list[Path], desc: str) -> Iterator[str | None]:
     bar once it takes over 2 s. Yields each as it is ready, so an interrupted check keeps those."""
     if not paths:
         return
-    from tqdm import tqdm
+    from shared.progress import tqdm
 
     total = 0
     for p in paths:

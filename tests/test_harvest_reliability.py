@@ -276,6 +276,8 @@ def test_verify_cli_names_a_flipped_byte(toy_cache, tmp_path):
     shutil.copytree(toy_cache, copy)
     ok = _run_cli(["verify", str(copy)])
     assert ok.returncode == 0 and "OK" in ok.stdout
+    # Its stderr is a pipe, as a job's log file is: the bar's last state as a line, no redraws joined by "\r".
+    assert "\r" not in ok.stderr and any(line.startswith("verify: 100%") for line in ok.stderr.splitlines())
     victim = Manifest.load(copy).shards[3]
     data = bytearray((copy / victim.file).read_bytes())
     data[len(data) // 2] ^= 0x01

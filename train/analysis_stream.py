@@ -220,7 +220,7 @@ def stream_eval(run: RunData, cache: Any, cfg: AnalysisConfig, meta: dict[str, t
     lengths_S = sequence_lengths(cache.token_table() if tokens is None else tokens)
     in_idx = torch.tensor(model.cfg.in_slots, device=device)
     out_idx = torch.tensor(model.cfg.out_slots, device=device)
-    from tqdm import tqdm
+    from shared.progress import tqdm
 
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"analyze ({split} split)", disable=not cfg.progress,
                dynamic_ncols=True)

@@ -378,7 +378,7 @@ def evaluate_lm(cfg: LMEvalConfig) -> dict[str, Any]:
                 "the models the cache was harvested from")
         return error
 
-    from tqdm import tqdm
+    from shared.progress import tqdm
 
     bar = tqdm(total=len(seqs) * man.context_size, unit="tok", unit_scale=True, desc="lm-eval",
                disable=not cfg.progress, dynamic_ncols=True)

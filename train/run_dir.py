@@ -116,7 +116,7 @@ def check_moved_cache(manifest: Manifest, cache_dir: Path, moved: dict[str, str]
     folder -> the cache's old folder), against the manifest: a copy is matched to the run by the checksums
     its manifest lists, so the files themselves must hold them. Raises :class:`CacheError` naming the
     shards that do not, before anything is trained."""
-    from tqdm import tqdm
+    from shared.progress import tqdm
 
     total = sum(s.bytes for s in manifest.shards)
     bad = []

@@ -544,7 +544,7 @@ def _train_many(cfgs: list[TrainConfig], cache: Cache, device: torch.device, dis
         dist.wait_for_main()
         return paths
 
-    from tqdm import tqdm
+    from shared.progress import tqdm
 
     bar = tqdm(total=first.steps, initial=step, unit="step", desc="train" if len(members) == 1 else
                f"sweep x{len(members)}", disable=not (first.progress and dist.is_main), dynamic_ncols=True)
