@@ -10,11 +10,12 @@ when it ends), so a job's log reads as a timeline of tokens, tokens/s and ETA.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Any, TextIO
 
-__all__ = ["LOG_INTERVAL_S", "log_interval_s", "tqdm", "writes_to_terminal"]
+__all__ = ["INTERVAL_ENV", "LOG_INTERVAL_S", "log_interval_s", "tqdm", "writes_to_terminal"]
 
 # A line every 30 s: a two-hour job logs ~240 lines of progress, and a stalled one shows within half a minute.
 LOG_INTERVAL_S = 30.0
@@ -29,8 +30,8 @@ def log_interval_s() -> float:
     try:
         value = float(raw)
     except ValueError:
-        value = -1.0
-    if not value >= 0 or value == float("inf"):
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{INTERVAL_ENV}={raw!r}: expected a number of seconds >= 0 (the default is "
                          f"{LOG_INTERVAL_S:g})")
     return value
