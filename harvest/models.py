@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from shared.progress import transformers_bars_as_ours
+
 __all__ = ["ResolvedModel", "resolve_model", "load_models", "LoadedModels", "stop_layer_for", "HarvestInputError",
            "hook_value", "weights_fingerprint", "check_same_weights"]
 
@@ -408,9 +410,10 @@ def load_models(
         if not progress:
             hf_logging.disable_progress_bar()
         try:
-            bridge = TransformerBridge.boot_transformers(
-                r.load_from, device=device, dtype=model_dtype, revision=r.revision
-            )
+            with transformers_bars_as_ours():
+                bridge = TransformerBridge.boot_transformers(
+                    r.load_from, device=device, dtype=model_dtype, revision=r.revision
+                )
         except OSError as e:
             raise HarvestInputError(
                 f"cannot load model {r.name!r}: {str(e).rstrip('. ')}. Give a toy name (toy-base, toy-code, "

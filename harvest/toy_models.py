@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from harvest.corpora import builtin_documents
+from shared.progress import transformers_bars_as_ours
 from shared.shard_io import atomic_write_bytes
 
 __all__ = ["TOY_NAMES", "build_toy_models", "ensure_toy_model", "is_toy_name", "toy_models_dir"]
@@ -323,7 +324,8 @@ def _build_into(out: Path, *, progress: bool) -> None:
     # Both fine-tunes start from the same weights and see the same number of tokens and steps.
     for name, corpus, ids in (("toy-code", "builtin:mixed", mixed_ids),
                               ("toy-prose", "builtin:docs", prose_ids)):
-        model = GPTNeoXForCausalLM.from_pretrained(out / "toy-base")
+        with transformers_bars_as_ours():
+            model = GPTNeoXForCausalLM.from_pretrained(out / "toy-base")
         data = _pack(ids, FINETUNE["steps"] * BATCH, seed=SEED + 1)
         stats = _train(model, data, FINETUNE, seed=SEED + 1, desc=name, progress=progress)
         infos[name] = finish(name, model, stats, "toy-base", corpus, FINETUNE)

@@ -13,9 +13,12 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, TextIO
 
-__all__ = ["INTERVAL_ENV", "LOG_INTERVAL_S", "log_interval_s", "tqdm", "writes_to_terminal"]
+__all__ = ["INTERVAL_ENV", "LOG_INTERVAL_S", "log_interval_s", "tqdm", "transformers_bars_as_ours",
+           "writes_to_terminal"]
 
 # A line every 30 s: a two-hour job logs ~240 lines of progress, and a stalled one shows within half a minute.
 LOG_INTERVAL_S = 30.0
@@ -85,3 +88,31 @@ def tqdm(iterable: Any = None, **kwargs: Any) -> Any:
         kwargs["dynamic_ncols"] = False
         kwargs.setdefault("ncols", 100)
     return tqdm_bar(iterable, **kwargs)
+
+
+@contextmanager
+def transformers_bars_as_ours() -> Iterator[None]:
+    """While inside, transformers' own bars (its "Loading weights" bar, one per model load) follow
+    :func:`tqdm`'s rule: whole lines in a log file, drawn as before in a terminal or a notebook. Left as
+    they are where transformers has no ``set_tqdm_hook`` or a hook is set already (the caller's own)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)
+    if set_hook is None or getattr(hf_logging, "_tqdm_hook", None) is not None:
+        yield
+        return
+
+    def hook(factory: Any, args: tuple, kwargs: dict) -> Any:
+        stream = kwargs.get("file") or sys.stderr
+        if not hf_logging.is_progress_bar_enabled() or len(args) > 1 or writes_to_terminal(stream):
+            return factory(*args, **kwargs)  # disabled (an empty shim), or drawn as transformers draws it
+        return tqdm(*args, **kwargs)
+
+    previous = set_hook(hook)
+    try:
+        yield
+    finally:
+        set_hook(previous)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from shared.progress import INTERVAL_ENV, tqdm
+from shared.progress import INTERVAL_ENV, tqdm, transformers_bars_as_ours
 
 
 class Terminal(io.StringIO):
@@ -66,3 +66,57 @@ def test_a_bad_interval_is_refused_by_name(monkeypatch, value):
     monkeypatch.setenv(INTERVAL_ENV, value)
     with pytest.raises(ValueError, match=f"{INTERVAL_ENV}=.*seconds >= 0"):
         run_bar(io.StringIO())
+
+
+def run_transformers_bar(stream, n: int = 50) -> str:
+    """A bar as transformers makes one when it loads weights (its own default interval)."""
+    from transformers.utils.logging import tqdm as transformers_tqdm
+
+    for _ in transformers_tqdm(range(n), file=stream, desc="Loading weights"):
+        pass
+    return stream.getvalue()
+
+
+def test_transformers_bars_follow_ours_inside_the_context_only(monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setenv(INTERVAL_ENV, "1000")
+    assert "\r" in run_transformers_bar(io.StringIO())  # transformers' own: redraws, even in a file
+    with transformers_bars_as_ours():
+        lines = run_transformers_bar(io.StringIO()).splitlines()
+        assert "\r" in run_transformers_bar(Terminal())  # a terminal keeps its redraws
+    assert len(lines) == 2 and lines[-1].startswith("Loading weights: 100%")
+    assert hf_logging._tqdm_hook is None  # restored
+    assert "\r" in run_transformers_bar(io.StringIO())
+
+
+def test_transformers_bars_left_disabled_and_a_callers_hook_kept(monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        with transformers_bars_as_ours():
+            assert run_transformers_bar(io.StringIO()) == ""
+    finally:
+        hf_logging.enable_progress_bar()
+    mine = []
+    previous = hf_logging.set_tqdm_hook(lambda factory, args, kwargs: mine.append(1) or factory(*args, **kwargs))
+    try:
+        with transformers_bars_as_ours():
+            assert "\r" in run_transformers_bar(io.StringIO()) and mine == [1]
+    finally:
+        hf_logging.set_tqdm_hook(previous)
+
+
+def test_loading_a_model_writes_whole_lines_to_a_log(toy_dirs, monkeypatch):
+    import torch
+
+    from harvest.models import load_models
+
+    monkeypatch.setenv(INTERVAL_ENV, "1000")
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    load_models(["toy-base"], ["blocks.0.hook_resid_post"], context_size=32, device=torch.device("cpu"),
+                model_dtype=torch.float32)
+    out = log.getvalue()
+    assert "\r" not in out and "Loading weights: 100%" in out
