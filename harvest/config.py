@@ -38,8 +38,8 @@ class HarvestConfig:
         default_factory=lambda: ["blocks.2.hook_resid_post"],
     )
     dataset: str = field_help(
-        "builtin:docs | builtin:code | builtin:mixed, a local .txt/.jsonl/.parquet file, or an "
-        "HF dataset id (streamed).",
+        "builtin:docs | builtin:code | builtin:mixed, a local .txt/.jsonl/.json/.csv/.tsv/.parquet file or a "
+        "folder of them (text kinds may be .gz/.bz2/.xz/.zst), or an HF dataset id (streamed).",
         default="builtin:mixed", metadata={"path": True},
     )
     split: str = field_help("Dataset split (built-ins: train, eval, all).", default="train")

@@ -3,9 +3,9 @@
 Sources (``--dataset``):
 - ``builtin:docs`` / ``builtin:code`` / ``builtin:mixed``: corpora every CPython carries
   (see :mod:`harvest.corpora`), with a ``source`` column;
-- a local ``.txt`` (documents separated by blank lines), ``.jsonl``/``.json`` or ``.parquet``
-  file; a folder of them, split by file names as ``datasets.load_dataset(folder)`` splits it;
-  a folder written by ``save_to_disk``;
+- a local ``.txt`` (documents separated by blank lines), ``.jsonl``/``.json``, ``.csv``/``.tsv`` or
+  ``.parquet`` file, the text ones also compressed (``.gz``, ``.bz2``, ``.xz``, ``.zst``); a folder of them,
+  split by file names as ``datasets.load_dataset(folder)`` splits it; a folder written by ``save_to_disk``;
 - a Hugging Face dataset id, streamed (``--split``, ``--text-column``).
 A row with an ``input_ids`` column is taken as pre-tokenized (ids of the models' tokenizer).
 
@@ -19,6 +19,7 @@ so the stream keeps its order).
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -29,9 +30,24 @@ import numpy as np
 
 from harvest.models import HarvestInputError
 
-__all__ = ["TokenPlan", "iter_documents", "build_token_plan", "empty_documents_note"]
+__all__ = ["TokenPlan", "iter_documents", "build_token_plan", "empty_documents_note", "local_file_format"]
 
-LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
+                  ".tsv": "tsv"}
+"""Local dataset files by name: suffix -> format (a ``datasets`` builder, but ``tsv``: csv with tabs)."""
+COMPRESSED_SUFFIXES = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
+"""Compression a local text file (not parquet) may carry, as corpora ship (the Pile: ``.jsonl.zst``); datasets
+decompresses it as it streams."""
+_BUILDER_ARGS: dict[str, tuple[str, dict[str, Any]]] = {
+    # utf-8-sig: a byte-order mark at a file's start (Excel writes one in CSV) is not text; plain utf-8 kept it
+    # as U+FEFF, and in CSV it would rename the first column.
+    "text": ("text", {"sample_by": "paragraph", "encoding": "utf-8-sig"}),
+    "json": ("json", {}),
+    "parquet": ("parquet", {}),
+    "csv": ("csv", {"encoding": "utf-8-sig"}),
+    "tsv": ("csv", {"encoding": "utf-8-sig", "sep": "\t"}),
+}
+LOCAL_FILE_KINDS = "/".join(LOCAL_SUFFIXES) + " (the text ones also compressed: " + "/".join(COMPRESSED_SUFFIXES) + ")"
 SHUFFLE_BUFFER = 10_000
 """Documents held by the seeded streaming shuffle of file and Hub datasets."""
 TOKENIZE_BATCH = 256
@@ -75,16 +91,55 @@ SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 """Files ``datasets.Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` leave in their folder."""
 
 
+def local_file_format(path: str | Path) -> str | None:
+    """The format of a local dataset file by its name (``a.jsonl``, ``a.jsonl.zst``, ``a.csv.gz``): a value of
+    :data:`LOCAL_SUFFIXES`, or None for a name of no such file (a compressed parquet file among them)."""
+    name = _uncompressed_name(path)
+    kind = LOCAL_SUFFIXES.get(Path(name).suffix)
+    return None if kind == "parquet" and name != Path(path).name else kind
+
+
+def _uncompressed_name(path: str | Path) -> str:
+    """A file's name without a compression suffix (``a.jsonl.gz`` -> ``a.jsonl``)."""
+    name = Path(path).name
+    return name.removesuffix(Path(name).suffix) if Path(name).suffix in COMPRESSED_SUFFIXES else name
+
+
+def _open_bytes(file: str) -> Any:
+    """A local dataset file opened for reading its bytes, decompressed as its name says."""
+    compression = COMPRESSED_SUFFIXES.get(Path(file).suffix)
+    if compression == "gzip":
+        import gzip
+
+        return gzip.open(file, "rb")
+    if compression == "bz2":
+        import bz2
+
+        return bz2.open(file, "rb")
+    if compression == "xz":
+        import lzma
+
+        return lzma.open(file, "rb")
+    if compression == "zstd":
+        try:
+            import zstandard
+        except ImportError:
+            raise HarvestInputError(f"dataset file {file} is zstd-compressed, which needs the zstandard package "
+                                    "(pip install zstandard; it is in requirements.txt)") from None
+        return io.BufferedReader(zstandard.open(file, "rb"))  # its reader alone cannot be read by lines
+    return open(file, "rb")
+
+
 def _local_files(path: Path, split: str) -> tuple[str, list[str]]:
-    """The builder and files of one split of a local file or folder.
+    """The format (see :data:`LOCAL_SUFFIXES`) and files of one split of a local file or folder.
 
     A folder is read as ``datasets.load_dataset(folder)`` reads it: files in subfolders too, and split
     by their names (``train.jsonl``/``test.jsonl``, ``data/train-00000-of-00001.parquet``), so a
     folder holding a test split never leaks it into ``train``. Files of other kinds (README.md,
     .gitattributes of a Hub snapshot) are left out."""
     if path.is_file():
-        if path.suffix not in LOCAL_SUFFIXES:  # a .csv, a .jsonl.gz, no suffix: a bare KeyError below, else
-            raise HarvestInputError(f"dataset file {path}: not a {'/'.join(LOCAL_SUFFIXES)} file (by its name); "
+        if local_file_format(path) is None:  # no suffix, an .xml: a bare KeyError below, else
+            raise HarvestInputError(f"dataset file {path}: not a {LOCAL_FILE_KINDS} file (by its name); "
                                     "convert it, or rename it if it is one of them")
         splits = {"train": [path]}
     else:
@@ -95,11 +150,11 @@ def _local_files(path: Path, split: str) -> tuple[str, list[str]]:
         except Exception:  # noqa: BLE001 - datasets raises EmptyDatasetError for a folder of no files
             patterns = {}
         found = DataFilesDict.from_patterns(patterns, base_path=str(path)) if patterns else {}
-        splits = {str(name): [Path(f) for f in files if Path(f).suffix in LOCAL_SUFFIXES]
+        splits = {str(name): [Path(f) for f in files if local_file_format(f) is not None]
                   for name, files in found.items()}
         splits = {name: sorted(files) for name, files in splits.items() if files}
         if not splits:
-            raise HarvestInputError(f"dataset folder {path} holds no {'/'.join(LOCAL_SUFFIXES)} files")
+            raise HarvestInputError(f"dataset folder {path} holds no {LOCAL_FILE_KINDS} files")
     if split not in splits and len(splits) == 1 and split == "train":
         split = next(iter(splits))  # the folder's only files, named like another split (eval.jsonl): all there is
     if split not in splits:
@@ -110,11 +165,12 @@ def _local_files(path: Path, split: str) -> tuple[str, list[str]]:
         raise HarvestInputError(f"--split {split!r}: dataset folder {path} has the splits {sorted(splits)} "
                                 "(by file name); pass one of them")
     files = splits[split]
-    kinds = {LOCAL_SUFFIXES[p.suffix] for p in files}
+    kinds = {local_file_format(p) for p in files}
     if len(kinds) > 1:
         raise HarvestInputError(
             f"dataset {path}: expected files of one kind among {', '.join(LOCAL_SUFFIXES)}, got "
-            + ", ".join(sorted({p.suffix for p in files}))
+            + ", ".join(sorted({"".join(p.suffixes[-2:]) if p.suffix in COMPRESSED_SUFFIXES else p.suffix
+                                for p in files}))
         )
     return kinds.pop(), [str(p) for p in files]
 
@@ -173,17 +229,16 @@ def iter_documents(dataset: str, split: str = "train", seed: int = 0) -> Iterato
         if ds is None:
             return  # no documents: the caller says so
     elif path.exists():
-        builder, files = _local_files(path, split)
-        files = [f for f in files if not _holds_no_rows(f, builder)]  # datasets fails on them, unclearly
+        kind, files = _local_files(path, split)
+        files = [f for f in files if not _holds_no_rows(f, kind)]  # datasets fails on them, unclearly
         if not files:
             return  # no documents: the caller says so
-        # utf-8-sig: a byte-order mark at a file's start is not text (plain utf-8 kept it as U+FEFF).
-        kwargs: dict[str, Any] = {"sample_by": "paragraph", "encoding": "utf-8-sig"} if builder == "text" else {}
+        builder, kwargs = _BUILDER_ARGS[kind]
         ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
-        if builder == "text":  # paragraphs split on blank lines keep any extra newline; spaces-only lines are none
+        if kind == "text":  # paragraphs split on blank lines keep any extra newline; spaces-only lines are none
             ds = ds.map(_tidy_paragraph)
-        json_lines = files if builder == "json" else []
-    elif path.suffix in LOCAL_SUFFIXES or dataset.startswith((".", "/", "~")):
+        json_lines = files if kind == "json" else []
+    elif local_file_format(path) is not None or dataset.startswith((".", "/", "~")):
         raise HarvestInputError(f"dataset file {dataset} does not exist")
     else:
         try:
@@ -191,7 +246,7 @@ def iter_documents(dataset: str, split: str = "train", seed: int = 0) -> Iterato
         except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean "cannot open"
             raise HarvestInputError(
                 f"cannot open Hugging Face dataset {dataset!r} (split {split!r}): {e}. Check the id "
-                "and split, or pass a local .txt/.jsonl/.parquet file or builtin:mixed"
+                f"and split, or pass a local {'/'.join(LOCAL_SUFFIXES)} file or builtin:mixed"
             ) from e
     try:
         yield from ds.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
@@ -217,8 +272,8 @@ def _bad_json_line(file: str) -> str | None:
     first line is not an object (one JSON document, not JSON Lines: its lines are no rows)."""
     import json
 
-    lines_only = file.endswith(".jsonl")  # a .json file may be either
-    with open(file, "rb") as f:
+    lines_only = _uncompressed_name(file).endswith(".jsonl")  # a .json file may be either
+    with _open_bytes(file) as f:
         for number, raw in enumerate(f, 1):
             line = raw.strip()
             if not line:
@@ -251,21 +306,28 @@ def _short(value: Any, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
 
 
-def _holds_no_rows(file: str, builder: str) -> bool:
-    """Whether a local dataset file is empty: no bytes but whitespace, or a parquet file of 0 rows."""
+def _holds_no_rows(file: str, kind: str) -> bool:
+    """Whether a local dataset file is empty: no bytes but whitespace (once decompressed), or a parquet file of
+    0 rows."""
     if os.path.getsize(file) == 0:
         return True
-    if builder == "parquet":
+    if kind == "parquet":
         import pyarrow.parquet as pq
 
         try:
             return pq.ParquetFile(file).metadata.num_rows == 0
         except Exception as e:  # noqa: BLE001 - pyarrow's errors for a file that is not parquet
             raise HarvestInputError(f"dataset file {file} is not a readable parquet file ({e})") from None
-    with open(file, "rb") as f:
-        while chunk := f.read(1 << 16):
-            if chunk.strip():
-                return False
+    try:
+        with _open_bytes(file) as f:
+            while chunk := f.read(1 << 16):
+                if chunk.strip():
+                    return False
+    except (FileNotFoundError, PermissionError, HarvestInputError):
+        raise
+    except Exception as e:  # noqa: BLE001 - each decompressor has its own errors (BadGzipFile, LZMAError, ZstdError)
+        raise HarvestInputError(f"dataset file {file} does not decompress as its name says "
+                                f"({type(e).__name__}: {e}); check the file, or rename it") from None
     return True
 
 

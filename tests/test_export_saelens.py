@@ -263,6 +263,7 @@ def test_cli(runs, tmp_path, capsys):
 
 @pytest.mark.parametrize("name,local", [("~/data/corpus.txt", True), ("/data/shards", True), ("./x", True),
                                         ("<user>/data.jsonl", True), ("corpus.parquet", True),
+                                        ("pile/00.jsonl.zst", True), ("corpus.csv", True),
                                         ("HuggingFaceFW/fineweb", False), ("monology/pile-uncopyrighted", False)])
 def test_dataset_path_is_a_hub_id_or_null(name, local, tmp_path, monkeypatch):
     """SAELens hands dataset_path to datasets.load_dataset: a path on the harvesting machine is not written.

@@ -101,6 +101,79 @@ def test_local_text_jsonl_parquet_and_pretokenized(tokenizer, tmp_path):
     assert all(len(x) == 32 and x[0] == 0 for x in p_short.input_ids)
 
 
+def _compressed(path, data: bytes):
+    """``data`` written to ``path``, compressed as its suffix says."""
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    pack = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
+            ".zst": zstandard.ZstdCompressor().compress}.get(path.suffix, lambda b: b)
+    path.write_bytes(pack(data))
+    return str(path)
+
+
+def _same_plan(a, b) -> bool:
+    return (a.n_rows == b.n_rows and a.metadata == b.metadata
+            and all(np.array_equal(x, y) for x, y in zip(a.input_ids, b.input_ids, strict=True)))
+
+
+def test_csv_tsv_and_compressed_files_give_the_plan_of_the_plain_file(tokenizer, tmp_path):
+    """The same documents as .jsonl, compressed four ways, as .csv (with Excel's byte-order mark, gzipped) and
+    .tsv, and as .txt gzipped: the same sequences and metadata as the plain file gives."""
+    import csv
+    import io
+
+    docs = [{"text": t + ", with a comma and a \"quote\"", "source": "x" if i % 3 else "y"}
+            for i, t in enumerate(_texts())]
+    jsonl = "\n".join(json.dumps(d) for d in docs).encode()
+    ref = _plan(tokenizer, _compressed(tmp_path / "ref.jsonl", jsonl), n_rows=250)
+    for name in ("a.jsonl.gz", "a.jsonl.bz2", "a.jsonl.xz", "a.jsonl.zst", "a.json.gz"):
+        assert _same_plan(_plan(tokenizer, _compressed(tmp_path / name, jsonl), n_rows=250), ref), name
+
+    def table(sep: str) -> str:
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=["text", "source"], delimiter=sep)
+        writer.writeheader()
+        writer.writerows(docs)
+        return out.getvalue()
+
+    for name, data in (("b.csv", table(",").encode()), ("b.tsv", table("\t").encode()),
+                       ("bom.csv.gz", table(",").encode("utf-8-sig"))):
+        assert _same_plan(_plan(tokenizer, _compressed(tmp_path / name, data), n_rows=250), ref), name
+
+    paragraphs = "\n\n".join(_texts()).encode()
+    assert _same_plan(_plan(tokenizer, _compressed(tmp_path / "c.txt.gz", paragraphs), n_rows=200),
+                      _plan(tokenizer, _compressed(tmp_path / "c.txt", paragraphs), n_rows=200))
+
+    # A folder of compressed files is split by their names, as datasets splits it.
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    _compressed(folder / "train.jsonl.zst", jsonl)
+    _compressed(folder / "test.jsonl.gz", "\n".join(json.dumps({"text": "test " + t}) for t in _texts()).encode())
+    assert _same_plan(_plan(tokenizer, str(folder), n_rows=250), ref)
+    assert "test" in tokenizer.decode(_plan(tokenizer, str(folder), n_rows=100, split="test").input_ids[0])
+
+
+def test_compressed_files_that_are_empty_damaged_or_of_no_kind_get_clear_errors(tokenizer, tmp_path):
+    with pytest.raises(HarvestInputError, match="yielded no documents"):
+        _plan(tokenizer, _compressed(tmp_path / "empty.jsonl.gz", b"\n  \n"))
+    for compression in (".gz", ".bz2", ".xz", ".zst"):  # each decompressor fails with an error of its own
+        (tmp_path / f"noise.jsonl{compression}").write_bytes(b"not compressed at all" * 100)
+        with pytest.raises(HarvestInputError, match=rf"noise.jsonl{compression} does not decompress as its name says"):
+            _plan(tokenizer, str(tmp_path / f"noise.jsonl{compression}"))
+    pq.write_table(pa.table({"text": _texts()}), tmp_path / "d.parquet")
+    _compressed(tmp_path / "d.parquet.gz", (tmp_path / "d.parquet").read_bytes())
+    with pytest.raises(HarvestInputError, match=r"d.parquet.gz: not a .*parquet.* file \(by its name\)"):
+        _plan(tokenizer, str(tmp_path / "d.parquet.gz"))
+    lines = [json.dumps({"text": t}) for t in _texts()]
+    lines[41] = '{"text": "cut'
+    with pytest.raises(HarvestInputError, match=r"bad.jsonl.zst line 42 is not valid JSON"):
+        _plan(tokenizer, _compressed(tmp_path / "bad.jsonl.zst", "\n".join(lines).encode()))
+
+
 @pytest.mark.parametrize("bad_id", [-5, 4096, 10**6, 2**70])
 def test_pretokenized_ids_outside_the_vocabulary_are_refused(tokenizer, tmp_path, bad_id):
     # 2**70 (read from JSON as a float) was named as id -9223372036854775808: the check came after a cast to int64.
@@ -174,10 +247,11 @@ def test_local_files_that_are_empty_odd_or_inconsistent_get_clear_errors(tokeniz
     with pytest.raises(HarvestInputError, match="has one split, .train.; drop --split"):
         _plan(tokenizer, str(mixed), split="validation")
 
-    # A file of another kind (by its name) was a bare KeyError: '.csv'.
-    for name in ("x.csv", "a.jsonl.gz", "noext"):
+    # A file of another kind (by its name) was a bare KeyError: '.csv' (now read, as .jsonl.gz is).
+    for name in ("x.xml", "a.jsonl.7z", "noext"):
         (tmp_path / name).write_text("text\nhello\n")
-        with pytest.raises(HarvestInputError, match=r"not a \.txt/\.jsonl/\.json/\.parquet file \(by its name\)"):
+        with pytest.raises(HarvestInputError, match=r"not a \.txt/\.jsonl/\.json/\.parquet/\.csv/\.tsv \(the text "
+                                                    r"ones also compressed: \.gz/\.bz2/\.xz/\.zst\) file \(by its name\)"):
             _plan(tokenizer, str(tmp_path / name))
 
 

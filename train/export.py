@@ -37,7 +37,7 @@ from einops import einsum
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from harvest.token_stream import LOCAL_SUFFIXES
+from harvest.token_stream import local_file_format
 from shared.config import config_to_json, read_json_object
 from shared.hub_spec import is_hub_spec
 from shared.normalization import Normalization
@@ -259,7 +259,7 @@ def names_local_path(name: str) -> bool:
     (absolute, ./relative, ~/..., <user> as published, or a data file's suffix), not a Hub id. By its text
     alone: what exists in this process's folder says nothing of the harvest's (a folder named gpt2 here is no
     sign). The exports write a Hub id as the model or dataset other tools load; a path they cannot."""
-    return name.startswith((".", "/", "~", "<")) or Path(name).suffix in LOCAL_SUFFIXES
+    return name.startswith((".", "/", "~", "<")) or local_file_format(name) is not None
 
 
 def parallel_attn_mlp(entry: dict[str, Any] | None) -> bool:
