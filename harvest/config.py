@@ -49,7 +49,8 @@ class HarvestConfig:
     )
     meta_columns: list[str] | None = field_help(
         "Per-document columns copied into tokens.arrow per sequence (default: 'source' when the "
-        "dataset has it; the flag alone: none). Sequences never mix documents with different metadata, "
+        "dataset has it; the flag alone: none; meta.pile_set_name: a field of a nested column). Sequences never "
+        "mix documents with different metadata, "
         "so a column needs few values (source, language), not one per document.",
         default=None, metadata={"nargs": "*"},
     )

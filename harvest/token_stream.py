@@ -461,8 +461,7 @@ def build_token_plan(
             plan.pretokenized = "input_ids" in batch[0]
             meta_names = meta_columns if meta_columns is not None else (["source"] if "source" in batch[0] else [])
             for name in meta_names:
-                if name not in batch[0]:
-                    raise HarvestInputError(f"meta column {name!r} not in dataset columns {sorted(batch[0])}")
+                _check_meta_column(batch, name)
             plan.metadata = {n: [] for n in meta_names}
         for doc, ids in zip(batch, _doc_tokens(batch, tokenizer, text_column, n_vocab)):
             n_docs += 1
@@ -474,14 +473,17 @@ def build_token_plan(
                     and (run := _padding_run(ids, special, bos_id))):
                 padded.append((n_docs, *run))
             # NaN != NaN, so each document's NaN opened a buffer of its own (its tail never packed): one NaN.
-            key = tuple(_NAN if isinstance(doc[n], float) and doc[n] != doc[n] else doc[n] for n in meta_names)
+            values = [_meta_value(doc, n) for n in meta_names]
+            key = tuple(_NAN if isinstance(v, float) and v != v else v for v in values)
             try:
                 hash(key)  # documents are packed per metadata value
             except TypeError:
-                odd = next(n for n, v in zip(meta_names, key) if not isinstance(v, Hashable))
+                odd, value = next((n, v) for n, v in zip(meta_names, key) if not isinstance(v, Hashable))
+                fields = (f"; name one of its fields, as in --meta-columns {odd}.{next(iter(value), 'FIELD')}"
+                          if isinstance(value, dict) else "")
                 raise HarvestInputError(
-                    f"meta column {odd!r} holds {type(doc[odd]).__name__} values; a meta column must hold one "
-                    "string or number per document. Leave it out with --meta-columns NAME ..."
+                    f"meta column {odd!r} holds {type(value).__name__} values; a meta column must hold one "
+                    f"string or number per document{fields}. Leave it out with --meta-columns NAME ..."
                 ) from None
             if prepacked and not buffers.get(key):
                 done = emit(ids, key, meta_names)  # already a packed sequence (none waits before it)
@@ -582,6 +584,44 @@ def empty_documents_note(plan: TokenPlan, text_column: str) -> str | None:
         return f"note: skipped {plan.empty_docs:,} rows with null or empty input_ids"
     return (f"note: skipped {plan.empty_docs:,} documents with no text in column {text_column!r} (null, missing "
             "or empty); if that is most of them, check --text-column")
+
+
+def _meta_value(doc: dict[str, Any], name: str) -> Any:
+    """A document's value of meta column ``name``: its column of that name, else, for a dotted name, the field
+    of a nested column (``meta.pile_set_name``: the Pile's ``{"meta": {"pile_set_name": ...}}``), None where a
+    document lacks that field."""
+    if name in doc:
+        return doc[name]
+    value: Any = doc
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _check_meta_column(batch: list[dict[str, Any]], name: str) -> None:
+    """Refuse a meta column that the dataset's first documents have neither as a column nor, for a dotted name,
+    as a field of a nested column (a field some documents lack is null there), naming what there is."""
+    if name in batch[0]:
+        return
+    parts = name.split(".")
+    if len(parts) == 1 or parts[0] not in batch[0]:
+        raise HarvestInputError(f"meta column {name!r} not in dataset columns {sorted(batch[0])}"
+                                + (" (a nested column's field is named COLUMN.FIELD)" if len(parts) > 1 else ""))
+    fields: set[str] = set()
+    for doc in batch:
+        value: Any = doc
+        for part in parts[:-1]:
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, dict):
+            if parts[-1] in value:
+                return
+            fields |= set(value)
+    parent = ".".join(parts[:-1])
+    raise HarvestInputError(f"meta column {name!r}: none of the first {len(batch)} documents has it; "
+                            + (f"column {parent!r} has the fields {sorted(fields)}" if fields
+                               else f"{parent!r} holds no nested fields there"))
 
 
 def _too_many_values_message(meta_names: list[str], buffers: dict[tuple, list[int]], n_docs: int,

@@ -174,6 +174,37 @@ def test_compressed_files_that_are_empty_damaged_or_of_no_kind_get_clear_errors(
         _plan(tokenizer, _compressed(tmp_path / "bad.jsonl.zst", "\n".join(lines).encode()))
 
 
+def test_a_field_of_a_nested_column_is_a_meta_column(tokenizer, tmp_path):
+    """The Pile's subset sits in {"meta": {"pile_set_name": ...}}: --meta-columns meta.pile_set_name takes it,
+    sequences never mix subsets, and a document without the field has null. A column named with a dot is
+    taken whole; a wrong field or column is named with what there is."""
+    words = {"Pile-CC": "alpha", "Github": "omega", "ArXiv": "import", None: "assert"}
+    rows = [{"text": " ".join([words[subset]] * (20 + i % 7)), "meta": {"pile_set_name": subset, "n": i}}
+            for i, subset in zip(range(90), ["Pile-CC", "Github", "ArXiv"] * 30)]
+    rows += [{"text": " ".join(["assert"] * 25), "meta": {}} for _ in range(30)]
+    path = tmp_path / "pile.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    plan = _plan_of_every_document(tokenizer, str(path), meta_columns=["meta.pile_set_name"])
+    assert set(plan.metadata) == {"meta.pile_set_name"}
+    assert set(plan.metadata["meta.pile_set_name"]) == set(words)
+    for ids, subset in zip(plan.input_ids, plan.metadata["meta.pile_set_name"]):
+        text = tokenizer.decode(ids[1:]).replace(tokenizer.eos_token, " ")  # EOS ends a document
+        inner = text.split()[1:-1]  # the ends may be cut words
+        assert set(inner) == {words[subset]}, subset
+
+    with pytest.raises(HarvestInputError, match=r"meta column 'meta' holds dict values.*--meta-columns meta\."):
+        _plan(tokenizer, str(path), meta_columns=["meta"])
+    with pytest.raises(HarvestInputError, match=r"'meta.subset': none of the first 120 documents has it; "
+                                                r"column 'meta' has the fields \['n', 'pile_set_name'\]"):
+        _plan(tokenizer, str(path), meta_columns=["meta.subset"])
+    with pytest.raises(HarvestInputError, match=r"'info.x' not in dataset columns \['meta', 'text'\]"):
+        _plan(tokenizer, str(path), meta_columns=["info.x"])
+
+    dotted = tmp_path / "dotted.jsonl"
+    dotted.write_text("\n".join(json.dumps({"text": t * 3, "a.b": "whole", "a": {"b": "nested"}}) for t in _texts()))
+    assert set(_plan(tokenizer, str(dotted), meta_columns=["a.b"]).metadata["a.b"]) == {"whole"}
+
+
 @pytest.mark.parametrize("bad_id", [-5, 4096, 10**6, 2**70])
 def test_pretokenized_ids_outside_the_vocabulary_are_refused(tokenizer, tmp_path, bad_id):
     # 2**70 (read from JSON as a float) was named as id -9223372036854775808: the check came after a cast to int64.
