@@ -609,16 +609,13 @@ def _check_meta_column(batch: list[dict[str, Any]], name: str) -> None:
     if len(parts) == 1 or parts[0] not in batch[0]:
         raise HarvestInputError(f"meta column {name!r} not in dataset columns {sorted(batch[0])}"
                                 + (" (a nested column's field is named COLUMN.FIELD)" if len(parts) > 1 else ""))
+    parent = ".".join(parts[:-1])
     fields: set[str] = set()
     for doc in batch:
-        value: Any = doc
-        for part in parts[:-1]:
-            value = value.get(part) if isinstance(value, dict) else None
-        if isinstance(value, dict):
+        if isinstance(value := _meta_value(doc, parent), dict):
             if parts[-1] in value:
                 return
             fields |= set(value)
-    parent = ".".join(parts[:-1])
     raise HarvestInputError(f"meta column {name!r}: none of the first {len(batch)} documents has it; "
                             + (f"column {parent!r} has the fields {sorted(fields)}" if fields
                                else f"{parent!r} holds no nested fields there"))
