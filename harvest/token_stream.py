@@ -130,6 +130,23 @@ def _open_bytes(file: str) -> Any:
     return open(file, "rb")
 
 
+def _csv_string_features(file: str, sep: str) -> Any:
+    """Every column of a CSV file's header as a string column. CSV cells are untyped, and pandas guesses a type per
+    block of rows: a column of numbers was no text, and a column read as int in one block and str in the next
+    mixed types. Empty cells stay null."""
+    import csv
+
+    import datasets
+
+    try:
+        with _open_bytes(file) as raw:
+            header = next(csv.reader(io.TextIOWrapper(raw, encoding="utf-8-sig", newline=""), delimiter=sep), [])
+    except UnicodeDecodeError as e:
+        raise HarvestInputError(f"reading dataset file {file} failed: it is not UTF-8 text ({e}); convert it, e.g. "
+                                "iconv -f latin1 -t utf-8 FILE > FILE.utf8.csv") from e
+    return datasets.Features({name: datasets.Value("string") for name in header})
+
+
 def _local_files(path: Path, split: str) -> tuple[str, list[str]]:
     """The format (see :data:`LOCAL_SUFFIXES`) and files of one split of a local file or folder.
 
@@ -234,6 +251,8 @@ def iter_documents(dataset: str, split: str = "train", seed: int = 0) -> Iterato
         if not files:
             return  # no documents: the caller says so
         builder, kwargs = _BUILDER_ARGS[kind]
+        if builder == "csv":
+            kwargs = {**kwargs, "features": _csv_string_features(files[0], kwargs.get("sep", ","))}
         ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
         if kind == "text":  # paragraphs split on blank lines keep any extra newline; spaces-only lines are none
             ds = ds.map(_tidy_paragraph)

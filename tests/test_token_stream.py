@@ -144,6 +144,16 @@ def test_csv_tsv_and_compressed_files_give_the_plan_of_the_plain_file(tokenizer,
                        ("bom.csv.gz", table(",").encode("utf-8-sig"))):
         assert _same_plan(_plan(tokenizer, _compressed(tmp_path / name, data), n_rows=250), ref), name
 
+    # CSV cells are strings, however pandas would guess them: numbers are text, and a year column is not an int.
+    numbers = tmp_path / "numbers.csv"
+    numbers.write_text("text,year\n" + "".join(f"{i * 7919},{2000 + i % 3}\n" for i in range(400)) + '"",\n')
+    plan = _plan_of_every_document(tokenizer, str(numbers), meta_columns=["year"])
+    assert set(plan.metadata["year"]) == {"2000", "2001", "2002"} and plan.empty_docs == 1
+    assert tokenizer.decode(plan.input_ids[0][1:]).replace(tokenizer.eos_token, " ").split()[1].isdigit()
+    (tmp_path / "latin1.csv").write_bytes("text\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(HarvestInputError, match=r"latin1.csv failed: it is not UTF-8 text"):
+        _plan(tokenizer, str(tmp_path / "latin1.csv"))
+
     paragraphs = "\n\n".join(_texts()).encode()
     assert _same_plan(_plan(tokenizer, _compressed(tmp_path / "c.txt.gz", paragraphs), n_rows=200),
                       _plan(tokenizer, _compressed(tmp_path / "c.txt", paragraphs), n_rows=200))
