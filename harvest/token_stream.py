@@ -19,7 +19,10 @@ so the stream keeps its order).
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
 import os
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -108,18 +111,6 @@ def _uncompressed_name(path: str | Path) -> str:
 def _open_bytes(file: str) -> Any:
     """A local dataset file opened for reading its bytes, decompressed as its name says."""
     compression = COMPRESSED_SUFFIXES.get(Path(file).suffix)
-    if compression == "gzip":
-        import gzip
-
-        return gzip.open(file, "rb")
-    if compression == "bz2":
-        import bz2
-
-        return bz2.open(file, "rb")
-    if compression == "xz":
-        import lzma
-
-        return lzma.open(file, "rb")
     if compression == "zstd":
         try:
             import zstandard
@@ -127,7 +118,8 @@ def _open_bytes(file: str) -> Any:
             raise HarvestInputError(f"dataset file {file} is zstd-compressed, which needs the zstandard package "
                                     "(pip install zstandard; it is in requirements.txt)") from None
         return io.BufferedReader(zstandard.open(file, "rb"))  # its reader alone cannot be read by lines
-    return open(file, "rb")
+    opener = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}.get(compression or "", open)
+    return opener(file, "rb")
 
 
 def _csv_string_features(file: str, sep: str) -> Any:

@@ -101,7 +101,7 @@ def transformers_bars_as_ours() -> Iterator[None]:
         yield
         return
     set_hook = getattr(hf_logging, "set_tqdm_hook", None)
-    if set_hook is None or getattr(hf_logging, "_tqdm_hook", None) is not None:
+    if set_hook is None:
         yield
         return
 
@@ -112,6 +112,8 @@ def transformers_bars_as_ours() -> Iterator[None]:
         return tqdm(*args, **kwargs)
 
     previous = set_hook(hook)
+    if previous is not None:  # the caller's own hook: theirs stays
+        set_hook(previous)
     try:
         yield
     finally:
